@@ -1,0 +1,1 @@
+"""Alembic migration scripts of the service's SQL schema (run with ``rsae-service migrate``)."""

@@ -1,0 +1,52 @@
+"""rsae: Rational Sparse Autoencoders (Yin & Yu 2026, arXiv 2606.14990) as a library.
+
+Upgrade a pretrained SAE's fixed gate (ReLU, ...) to a trainable rational function P(t)/Q(t), initialised
+by a relaxed Remez fit, calibrated on real pre-activations, then fine-tuned. Load an upgraded SAE with
+``rsae.load(folder)`` and call ``encode`` / ``decode`` / ``forward``.
+
+Heavy modules (torch, transformers) are imported lazily so that ``rsae.config`` and ``rsae.errors`` stay
+cheap for the HTTP service.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "load": ("rsae.sae", "load_sae"),
+    "load_sae": ("rsae.sae", "load_sae"),
+    "SAE": ("rsae.sae", "SAE"),
+    "ReLUSAE": ("rsae.sae", "ReLUSAE"),
+    "RationalSAE": ("rsae.rational", "RationalSAE"),
+    "RationalGate": ("rsae.rational", "RationalGate"),
+    "UpgradeConfig": ("rsae.config", "UpgradeConfig"),
+    "run_upgrade": ("rsae.pipeline", "run_upgrade"),
+    "remez_fit": ("rsae.remez", "remez_fit"),
+    "train_teacher_from_text": ("rsae.teacher", "train_teacher_from_text"),
+}
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .config import UpgradeConfig
+    from .pipeline import run_upgrade
+    from .rational import RationalGate, RationalSAE
+    from .remez import remez_fit
+    from .sae import SAE, ReLUSAE, load_sae
+    from .sae import load_sae as load
+    from .teacher import train_teacher_from_text
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        mod, attr = _LAZY[name]
+        module = importlib.import_module(mod)
+        if mod == "rsae.sae":
+            importlib.import_module("rsae.rational")  # registers the "rational" architecture
+        return getattr(module, attr)
+    raise AttributeError(f"module 'rsae' has no attribute {name!r}")
+
+
+__all__ = sorted(_LAZY)

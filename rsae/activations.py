@@ -1,0 +1,270 @@
+"""Residual-stream activation extraction to safetensors shards, and a bounded-memory reader.
+
+Extraction runs the host model only up to block L: a forward hook on block L captures its output (the
+residual stream ``blocks.L.hook_resid_post`` = ``hidden_states[L + 1]`` of the full model) and raises
+:class:`_StopForward`, so later blocks, the final norm and the LM head never run. (Truncating the model and
+reading ``output_hidden_states`` instead is wrong: transformers applies the final norm to the last entry.)
+
+Position 0 of every sequence is dropped: on SmolLM2 it is an attention sink whose residual norm is
+~10-30x the median, and SAE work conventionally excludes it. The manifest records this.
+
+Shard ``shard_NNNNN.safetensors`` holds whole sequences: ``acts`` [k * (ctx_len - 1), d_in] float32,
+``input_ids`` [k, ctx_len] int64 and ``label`` [k] int64 (category index or -1). Row
+``i * (ctx_len - 1) + (pos - 1)`` of ``acts`` is position ``pos`` of sequence ``i``. Memory during
+extraction is one shard plus one batch, independent of the token count.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .data import BBC_CATEGORIES, iter_sequences
+from .errors import DataError
+from .models import check_layer, decoder_layers
+
+MANIFEST = "manifest.json"
+
+
+class _StopForward(Exception):
+    """Raised by the capture hook to end the forward pass after block L."""
+
+
+class ResidualCapture:
+    """Context manager: forward hook on block ``layer`` of ``model`` that stores its output.
+
+    Args:
+        model: a transformers causal LM.
+        layer: block index L (0-based).
+        stop: raise after capturing so that later blocks do not run (truncated forward).
+    """
+
+    def __init__(self, model, layer: int, *, stop: bool = True) -> None:
+        check_layer(model, layer)
+        self.block = decoder_layers(model)[layer]
+        self.stop = stop
+        self.value: torch.Tensor | None = None
+        self._handle = None
+
+    def _hook(self, module, args, output):
+        hidden = output[0] if isinstance(output, tuple) else output
+        self.value = hidden.detach()
+        if self.stop:
+            raise _StopForward
+
+    def __enter__(self) -> "ResidualCapture":
+        self._handle = self.block.register_forward_hook(self._hook)
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        self._handle.remove()
+        return False
+
+    @torch.no_grad()
+    def run(self, model, input_ids: torch.Tensor) -> torch.Tensor:
+        """Residual after block L for ``input_ids`` [b, T] -> [b, T, d_in] float32."""
+        self.value = None
+        try:
+            model(input_ids=input_ids, use_cache=False)
+        except _StopForward:
+            pass
+        assert self.value is not None, "hook did not fire"
+        return self.value.float()
+
+
+def _label_index(label: str | None) -> int:
+    return BBC_CATEGORIES.index(label) if label in BBC_CATEGORIES else -1
+
+
+def extract_activations(model, tokenizer, *, layer: int, dataset: str, split: str, n_tokens: int,
+                        out_dir: str | Path, ctx_len: int = 128, eval_fraction: float = 0.2,
+                        seed: int = 0, batch_size: int = 8, shard_tokens: int = 16_384,
+                        device: str = "cpu", meta: dict | None = None,
+                        on_progress: Callable[[float], None] | None = None) -> dict:
+    """Stream residual activations of ``split`` to shards in ``out_dir`` and write ``manifest.json``.
+
+    Args:
+        model, tokenizer: from :func:`rsae.models.load_model`.
+        layer: block index L; activations are ``blocks.L.hook_resid_post``.
+        dataset, split, ctx_len, eval_fraction, seed: see :func:`rsae.data.iter_sequences`.
+        n_tokens: activation rows wanted (positions 1..ctx_len-1 of whole sequences; rounded up to a
+            whole sequence, then cut to exactly ``n_tokens``).
+        shard_tokens: rows per shard (rounded to whole sequences).
+        on_progress: called with the fraction of ``n_tokens`` done.
+
+    Returns:
+        The manifest dict.
+
+    Raises:
+        DataError: the split has fewer tokens than ``n_tokens``.
+        ModelError: ``layer`` out of range.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows_per_seq = ctx_len - 1
+    seqs_per_shard = max(1, shard_tokens // rows_per_seq)
+    need_seqs = math.ceil(n_tokens / rows_per_seq)
+    shards: list[dict] = []
+    buf_acts: list[torch.Tensor] = []
+    buf_ids: list[torch.Tensor] = []
+    buf_lab: list[int] = []
+    done_rows = 0
+    d_in = None
+    sum_norm = 0.0
+    norms_sample: list[torch.Tensor] = []
+
+    def flush() -> None:
+        nonlocal buf_acts, buf_ids, buf_lab, done_rows
+        if not buf_acts:
+            return
+        acts = torch.cat(buf_acts)
+        keep = min(acts.shape[0], n_tokens - done_rows)
+        acts = acts[:keep].contiguous()
+        name = f"shard_{len(shards):05d}.safetensors"
+        tmp = out_dir / f".{name}.tmp"
+        save_file({"acts": acts, "input_ids": torch.stack(buf_ids), "label": torch.tensor(buf_lab)},
+                  str(tmp))
+        os.replace(tmp, out_dir / name)
+        shards.append({"file": name, "rows": keep, "sequences": len(buf_ids)})
+        done_rows += keep
+        buf_acts, buf_ids, buf_lab = [], [], []
+        if on_progress:
+            on_progress(done_rows / n_tokens)
+
+    it = iter_sequences(tokenizer, dataset, split, ctx_len=ctx_len, eval_fraction=eval_fraction, seed=seed)
+    n_seq = 0
+    with ResidualCapture(model, layer) as cap:
+        while n_seq < need_seqs:
+            batch = []
+            for ids, doc in it:
+                batch.append((ids, doc))
+                if len(batch) == min(batch_size, need_seqs - n_seq):
+                    break
+            if not batch:
+                break
+            ids = torch.tensor([b[0] for b in batch], dtype=torch.long)
+            resid = cap.run(model, ids.to(device)).cpu()[:, 1:, :]  # drop position 0 (attention sink)
+            d_in = resid.shape[-1]
+            flat = resid.reshape(-1, d_in)
+            norms = flat.norm(dim=-1)
+            sum_norm += norms.sum().item()
+            if len(norms_sample) < 64:
+                norms_sample.append(norms)
+            for i, (row_ids, doc) in enumerate(batch):
+                buf_acts.append(resid[i])
+                buf_ids.append(ids[i])
+                buf_lab.append(_label_index(doc.label))
+            n_seq += len(batch)
+            if len(buf_ids) >= seqs_per_shard:
+                flush()
+        flush()
+    if done_rows < n_tokens:
+        raise DataError(f"split '{split}' of {dataset!r} yields only {done_rows} tokens at ctx_len={ctx_len}; "
+                        f"{n_tokens} requested", field=f"data.{'eval' if split == 'eval' else 'train'}_tokens")
+    ns = torch.cat(norms_sample)
+    median = ns.median().item()
+    manifest = {
+        "format": "rsae-activations/1",
+        "layer": layer,
+        "hook": f"blocks.{layer}.hook_resid_post",
+        "d_in": d_in,
+        "ctx_len": ctx_len,
+        "position_0_dropped": True,
+        "rows": done_rows,
+        "dataset": dataset,
+        "split": split,
+        "eval_fraction": eval_fraction,
+        "seed": seed,
+        "labels": list(BBC_CATEGORIES),
+        "shards": shards,
+        "stats": {
+            "mean_norm": sum_norm / max(1, n_seq * rows_per_seq),
+            "median_norm_sample": median,
+            "frac_norm_above_3x_median_sample": (ns > 3 * median).float().mean().item(),
+        },
+        **(meta or {}),
+    }
+    (out_dir / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    return manifest
+
+
+class ActivationStore:
+    """Read-only view of an extracted activation folder (``manifest.json`` + shards).
+
+    Memory: at most two shards at a time while iterating batches.
+    """
+
+    def __init__(self, folder: str | Path) -> None:
+        self.folder = Path(folder)
+        f = self.folder / MANIFEST
+        if not f.is_file():
+            raise DataError(f"no activation manifest at {f}", field="activations")
+        self.manifest = json.loads(f.read_text())
+        self.d_in: int = self.manifest["d_in"]
+        self.rows: int = self.manifest["rows"]
+        self.ctx_len: int = self.manifest["ctx_len"]
+
+    def shard(self, i: int) -> dict[str, torch.Tensor]:
+        """Tensors of shard ``i`` (``acts`` cut to the manifest's row count)."""
+        info = self.manifest["shards"][i]
+        t = load_file(str(self.folder / info["file"]))
+        t["acts"] = t["acts"][: info["rows"]]
+        return t
+
+    def iter_shards(self) -> Iterator[dict[str, torch.Tensor]]:
+        """Shards in order."""
+        for i in range(len(self.manifest["shards"])):
+            yield self.shard(i)
+
+    def load(self, max_rows: int | None = None) -> torch.Tensor:
+        """The first ``max_rows`` rows (all by default) as one tensor [n, d_in]."""
+        out, n = [], 0
+        for s in self.iter_shards():
+            a = s["acts"]
+            if max_rows is not None:
+                a = a[: max_rows - n]
+            out.append(a)
+            n += a.shape[0]
+            if max_rows is not None and n >= max_rows:
+                break
+        return torch.cat(out)
+
+    def sequences(self, max_sequences: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(input_ids [s, ctx_len], label [s])`` of the first ``max_sequences`` sequences."""
+        ids, labs, n = [], [], 0
+        for s in self.iter_shards():
+            ids.append(s["input_ids"])
+            labs.append(s["label"])
+            n += s["input_ids"].shape[0]
+            if max_sequences is not None and n >= max_sequences:
+                break
+        ids_t, lab_t = torch.cat(ids), torch.cat(labs)
+        if max_sequences is not None:
+            ids_t, lab_t = ids_t[:max_sequences], lab_t[:max_sequences]
+        return ids_t, lab_t
+
+    def iter_batches(self, batch_size: int, *, seed: int = 0, epochs: int | None = None,
+                     device: str = "cpu") -> Iterator[torch.Tensor]:
+        """Shuffled batches [batch_size, d_in], forever (``epochs=None``) or for ``epochs`` passes.
+
+        Shards are visited in a seeded random order and rows shuffled within a shard; a partial batch at a
+        shard boundary is carried into the next shard.
+        """
+        g = torch.Generator().manual_seed(seed)
+        epoch = 0
+        carry = torch.empty(0, self.d_in)
+        while epochs is None or epoch < epochs:
+            for i in torch.randperm(len(self.manifest["shards"]), generator=g).tolist():
+                a = self.shard(i)["acts"]
+                a = torch.cat([carry, a[torch.randperm(a.shape[0], generator=g)]])
+                n_full = a.shape[0] // batch_size
+                for b in range(n_full):
+                    yield a[b * batch_size:(b + 1) * batch_size].to(device)
+                carry = a[n_full * batch_size:]
+            epoch += 1

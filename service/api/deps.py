@@ -1,0 +1,46 @@
+"""FastAPI ``Annotated`` dependencies: settings, Celery app and page size of the running application."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from celery import Celery
+from fastapi import Depends, Query, Request
+
+from service.config import Settings
+from service.db import SessionDep
+from service.problems import ProblemError
+
+__all__ = ["CeleryDep", "LimitDep", "SessionDep", "SettingsDep"]
+
+
+def get_app_settings(request: Request) -> Settings:
+    """The settings the application was created with."""
+    return request.app.state.settings
+
+
+def get_celery(request: Request) -> Celery:
+    """The application's Celery app (used only to publish messages)."""
+    return request.app.state.celery
+
+
+SettingsDep = Annotated[Settings, Depends(get_app_settings)]
+"""The application's :class:`~service.config.Settings`."""
+CeleryDep = Annotated[Celery, Depends(get_celery)]
+"""The application's Celery app."""
+
+
+def page_limit(settings: SettingsDep,
+               limit: int | None = Query(None, ge=1, description="Page size (default "
+                                         "RSAE_PAGE_SIZE_DEFAULT, at most RSAE_PAGE_SIZE_MAX).")) -> int:
+    """The requested page size; 422 naming ``limit`` above the server's maximum."""
+    if limit is None:
+        return min(settings.page_size_default, settings.page_size_max)
+    if limit > settings.page_size_max:
+        raise ProblemError(422, "validation_error", f"limit must be at most {settings.page_size_max}",
+                           field="limit")
+    return limit
+
+
+LimitDep = Annotated[int, Depends(page_limit)]
+"""The page size of a list request."""

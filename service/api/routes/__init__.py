@@ -1,0 +1,1 @@
+"""Route modules: ``saes``, ``jobs``, ``health``."""

@@ -1,0 +1,49 @@
+"""The FastAPI application factory."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from sqlalchemy.orm import sessionmaker
+
+from worker.celery_app import create_celery
+
+from .api.routes import health, jobs, saes
+from .config import Settings, get_settings
+from .db import make_engine
+from .problems import PROBLEM_JSON, install_problem_handlers
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """Build the API for ``settings`` (default: read from the environment).
+
+    The app owns one SQL engine (disposed at shutdown) and one Celery app used only to publish task
+    messages. It never creates the schema: run ``rsae-service migrate`` (``serve`` does it first).
+    """
+    settings = settings or get_settings()
+    settings.ensure_dirs()
+    engine = make_engine(settings.database_url)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        """Release the SQL pool and the broker connections at shutdown."""
+        yield
+        engine.dispose()
+        app.state.celery.close()
+
+    app = FastAPI(
+        title="RSAE upgrade service",
+        version="0.1.0",
+        summary="Upgrade a pretrained sparse autoencoder's gate to a trainable rational function.",
+        lifespan=lifespan,
+        responses={422: {"description": "invalid input", "content": {PROBLEM_JSON: {}}}},
+    )
+    app.state.settings = settings
+    app.state.sessionmaker = sessionmaker(engine, expire_on_commit=False)
+    app.state.celery = create_celery(settings)
+    install_problem_handlers(app)
+    for module in (health, saes, jobs):
+        app.include_router(module.router)
+    return app

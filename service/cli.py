@@ -1,0 +1,144 @@
+"""rsae-service: migrate, serve, worker, up (embedded stack), demo.
+
+Examples:
+
+    rsae-service migrate                      # alembic upgrade head on RSAE_DATABASE_URL
+    rsae-service serve --host 0.0.0.0         # migrate, then uvicorn (needs RSAE_BROKER_URL)
+    rsae-service worker                       # Celery worker on queue 'gpu', concurrency 1, prefork
+    rsae-service up                           # one machine: own Redis (if RSAE_BROKER_URL unset), SQLite
+                                              # (if RSAE_DATABASE_URL unset), worker and API; Ctrl-C stops
+    rsae-service demo                         # train a teacher, upgrade it over HTTP, print the metrics
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+from typing import Any
+
+from .config import ConfigError, get_settings
+
+
+def _interrupt_on_sigterm() -> None:
+    """Treat SIGTERM like Ctrl-C, so the embedded stack's children are stopped on the way out."""
+
+    def handler(signum: int, frame: Any) -> None:
+        """Raise KeyboardInterrupt in the main thread."""
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, handler)
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    """Bring the database schema to the newest Alembic revision."""
+    from .migrate import upgrade
+
+    upgrade(get_settings().database_url, wait_seconds=args.wait)
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Run the API with uvicorn (after migrating, unless ``--no-migrate``)."""
+    import uvicorn
+
+    settings = get_settings()
+    settings.require_broker()
+    if not args.no_migrate:
+        cmd_migrate(args)
+    uvicorn.run("service.app:create_app", factory=True, host=args.host, port=args.port,
+                workers=args.workers, log_level=settings.log_level.lower(), proxy_headers=True)
+    return 0
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    """Run a Celery worker on the job queue (concurrency 1, prefork); extra arguments pass through."""
+    from worker.celery_app import create_celery
+
+    settings = get_settings()
+    extra = args.celery_args[1:] if args.celery_args[:1] == ["--"] else args.celery_args
+    create_celery(settings).worker_main(["worker", "-Q", settings.queue_name, "-c", "1", "-P", "prefork",
+                                         "--loglevel", settings.log_level, *extra])
+    return 0
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    """Run the embedded stack until Ctrl-C."""
+    from .embedded import Stack
+
+    _interrupt_on_sigterm()
+    with Stack(get_settings(), host=args.host, port=args.port) as stack:
+        print(f"RSAE service ready at {stack.base_url}  (docs: {stack.base_url}/docs; Ctrl-C stops)",
+              flush=True)
+        try:
+            stack.wait()
+        except KeyboardInterrupt:
+            print("\nstopping ...", flush=True)
+        except RuntimeError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """The README's first command: a whole upgrade over HTTP on the bundled model and text."""
+    from .demo import run_demo
+
+    _interrupt_on_sigterm()
+    return run_demo(port=args.port, timeout=args.timeout)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``rsae-service``."""
+    p = argparse.ArgumentParser(prog="rsae-service", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    m = sub.add_parser("migrate", help="alembic upgrade head (waits for the database first)")
+    m.add_argument("--wait", type=float, default=60.0, help="seconds to wait for the database")
+    m.set_defaults(func=cmd_migrate)
+
+    s = sub.add_parser("serve", help="run the API (uvicorn), migrating first")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--workers", type=int, default=1, help="uvicorn worker processes")
+    s.add_argument("--no-migrate", action="store_true", help="skip the prestart migration")
+    s.add_argument("--wait", type=float, default=60.0, help="seconds to wait for the database")
+    s.set_defaults(func=cmd_serve)
+
+    w = sub.add_parser("worker", help="run a Celery worker on the job queue",
+                       description="Extra arguments after the subcommand go to 'celery worker'.")
+    w.add_argument("celery_args", nargs=argparse.REMAINDER, help="passed to celery worker")
+    w.set_defaults(func=cmd_worker)
+
+    u = sub.add_parser("up", help="one machine: own Redis if needed, migrate, worker + API")
+    u.add_argument("--host", default="127.0.0.1")
+    u.add_argument("--port", type=int, default=8000)
+    u.set_defaults(func=cmd_up)
+
+    d = sub.add_parser("demo", help="train a teacher, upgrade it over HTTP, print before/after metrics")
+    d.add_argument("--port", type=int, default=0, help="API port (0: a free one)")
+    d.add_argument("--timeout", type=float, default=3 * 3600, help="seconds to wait for the job")
+    d.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``rsae-service``; returns the process exit code."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=get_settings().log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("httpx", "alembic.runtime.plugins"):  # one line per request/plugin drowns the output
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        return args.func(args)
+    except ConfigError as e:
+        print(f"configuration error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,80 @@
+"""Service settings (pydantic-settings, environment prefix ``RSAE_``), shared by the API, worker and CLI."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class ConfigError(RuntimeError):
+    """The deployment is misconfigured (e.g. no broker URL outside the embedded stack)."""
+
+
+class Settings(BaseSettings):
+    """Deployment settings. Every field reads ``RSAE_<FIELD>`` from the environment.
+
+    Paths are made absolute at load time so that child processes started from another working directory
+    see the same folders. The derived folders default to sub-folders of ``data_dir``; set them
+    explicitly when the API and worker mount shared storage elsewhere.
+    """
+
+    model_config = SettingsConfigDict(env_prefix="RSAE_", extra="ignore")
+
+    data_dir: Path = Field(Path("var"), description="Root folder for the SQLite file, uploads, artifacts.")
+    database_url: str | None = Field(
+        None, description="SQLAlchemy URL. Default: SQLite file '<data_dir>/rsae.db' (single machine). "
+        "Postgres: 'postgresql+psycopg://user:pass@host/db'.")
+    broker_url: str | None = Field(
+        None, description="Celery broker (Redis) URL. Unset: 'rsae-service up'/'demo' start their own "
+        "redis-server and export this variable to their children; 'serve' and 'worker' require it.")
+    artifacts_dir: Path | None = Field(None, description="Job outputs. Default '<data_dir>/artifacts'.")
+    uploads_dir: Path | None = Field(None, description="Uploaded teacher SAEs. Default '<data_dir>/saes'.")
+    work_dir: Path | None = Field(None, description="Per-job scratch (activation shards). Default "
+                                  "'<data_dir>/work'; deleted when a job ends.")
+    max_upload_bytes: int = Field(2 * 1024**3, ge=1, description="Largest accepted POST /saes body.")
+    max_cfg_bytes: int = Field(1024**2, ge=1, description="Largest accepted cfg.json part of an upload.")
+    page_size_default: int = Field(20, ge=1, description="GET /jobs page size when 'limit' is absent.")
+    page_size_max: int = Field(100, ge=1, description="Largest accepted 'limit' of a list request.")
+    queue_name: str = Field("gpu", min_length=1, description="Celery queue the upgrade tasks go to.")
+    allow_local_paths: bool = Field(
+        False, description="Accept server-side paths in job requests (teacher.path, a local model folder, "
+        "a local dataset). Off by default (a client must not read the server's disk); "
+        "'rsae-service up' and 'demo' turn it on for their children unless it is set.")
+    enqueue_retries: int = Field(2, ge=0, le=10, description="Broker publish retries before giving up.")
+    log_level: str = Field("INFO", description="Logging level of the CLI processes.")
+
+    @model_validator(mode="after")
+    def _derive_paths(self) -> "Settings":
+        self.data_dir = self.data_dir.expanduser().resolve()
+        self.artifacts_dir = (self.artifacts_dir or self.data_dir / "artifacts").expanduser().resolve()
+        self.uploads_dir = (self.uploads_dir or self.data_dir / "saes").expanduser().resolve()
+        self.work_dir = (self.work_dir or self.data_dir / "work").expanduser().resolve()
+        if self.database_url is None:
+            self.database_url = f"sqlite:///{self.data_dir / 'rsae.db'}"
+        return self
+
+    @property
+    def is_sqlite(self) -> bool:
+        """True when the database is a SQLite file (single-machine mode)."""
+        return self.database_url.startswith("sqlite")
+
+    def require_broker(self) -> str:
+        """The broker URL, or a :class:`ConfigError` explaining how to get one."""
+        if not self.broker_url:
+            raise ConfigError("RSAE_BROKER_URL is not set: point it at Redis (redis://host:6379/0), or use "
+                              "'rsae-service up', which starts its own redis-server")
+        return self.broker_url
+
+    def ensure_dirs(self) -> None:
+        """Create the data, uploads, artifacts and work folders if missing."""
+        for d in (self.data_dir, self.uploads_dir, self.artifacts_dir, self.work_dir):
+            d.mkdir(parents=True, exist_ok=True)
+
+
+@lru_cache
+def get_settings() -> Settings:
+    """The process-wide settings, read once from the environment (``get_settings.cache_clear()`` re-reads)."""
+    return Settings()

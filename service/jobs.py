@@ -1,0 +1,86 @@
+"""Job state machine and job-request resolution, shared by the API and the worker.
+
+Every status change is a conditional UPDATE from the expected states (:func:`transition`), so two actors
+racing on one job (a cancel and a worker start, two workers) cannot both win.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+from pydantic import ValidationError
+from sqlalchemy import update
+from sqlalchemy.orm import Session
+
+from rsae.config import UpgradeConfig
+from rsae.errors import TeacherError
+
+from .config import Settings
+from .models import TERMINAL_STATUSES, Job, JobEvent, Sae, is_uuid, utcnow
+from .problems import validation_errors
+from .schemas import SETTINGS_FIELDS, JobCreate, TeacherRef
+
+
+def add_event(session: Session, job_id: str, type_: str, data: dict[str, Any]) -> None:
+    """Append an event (``status``, ``progress``, ``metrics`` or ``log``) to the job's history."""
+    session.add(JobEvent(job_id=job_id, type=type_, data=data, created_at=utcnow()))
+
+
+def transition(session: Session, job_id: str, from_states: Iterable[str], to: str, **values: Any) -> bool:
+    """Move job ``job_id`` to status ``to`` if it is in one of ``from_states``; record a status event.
+
+    ``values`` are further columns to set (e.g. ``error``, ``started_at``, ``attempt=Job.attempt + 1``).
+    ``updated_at`` is always set, ``finished_at`` too when ``to`` is terminal. Does not commit, and does not
+    refresh a loaded ``Job`` object (call ``session.refresh``).
+
+    Returns:
+        True if this call changed the row, False if the job was not in ``from_states`` (or is unknown).
+    """
+    now = utcnow()
+    values["updated_at"] = now
+    if to in TERMINAL_STATUSES:
+        values.setdefault("finished_at", now)
+    result = session.execute(
+        update(Job).where(Job.id == job_id, Job.status.in_(tuple(from_states))).values(status=to, **values),
+        execution_options={"synchronize_session": False})
+    if result.rowcount != 1:
+        return False
+    data: dict[str, Any] = {"status": to}
+    if values.get("error") is not None:
+        data["error"] = values["error"]
+    add_event(session, job_id, "status", data)
+    return True
+
+
+def resolve_teacher(session: Session, settings: Settings, ref: TeacherRef) -> str:
+    """The teacher folder a job reads: the uploaded SAE's folder, or the given server-side path.
+
+    Raises:
+        rsae.errors.TeacherError: ``teacher.sae_id`` names no uploaded SAE.
+    """
+    if ref.path is not None:
+        return ref.path
+    sae = session.get(Sae, ref.sae_id) if is_uuid(ref.sae_id) else None
+    if sae is None:
+        raise TeacherError(f"no uploaded SAE with id {ref.sae_id!r} (POST /saes first)", field="teacher.sae_id")
+    return str(settings.uploads_dir / sae.path)
+
+
+def build_upgrade_config(req: JobCreate, teacher_path: str) -> UpgradeConfig:
+    """The core's :class:`UpgradeConfig` for a job request.
+
+    Raises:
+        pydantic.ValidationError: the combination is invalid (see :func:`upgrade_config_errors`).
+    """
+    return UpgradeConfig(model=req.model, layer=req.layer, teacher=teacher_path,
+                         **req.settings.model_dump())
+
+
+def upgrade_config_errors(exc: ValidationError) -> list[dict[str, Any]]:
+    """Errors of :func:`build_upgrade_config` with fields named as in the job request (``settings.*``)."""
+    errors = validation_errors(exc.errors())
+    for e in errors:
+        if e["field"].split(".", 1)[0] in SETTINGS_FIELDS:
+            e["field"] = f"settings.{e['field']}"
+    return errors

@@ -1,0 +1,138 @@
+"""RFC 9457 problem details: every error response is ``application/problem+json``.
+
+Body: ``{type, title, status, detail, code, field, instance}`` plus, for validation errors, ``errors``: a
+list of ``{field, code, detail}`` with dotted field paths (``settings.finetune.steps``).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from http import HTTPStatus
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from sqlalchemy.exc import DataError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from rsae.errors import RSAEError
+
+log = logging.getLogger(__name__)
+
+PROBLEM_JSON = "application/problem+json"
+_LOCATIONS = {"body", "query", "path", "header", "cookie"}
+
+
+class ProblemError(Exception):
+    """Raise anywhere in a request to answer with a problem+json response.
+
+    Args:
+        status: HTTP status code.
+        code: machine-readable error code (snake_case), also the tail of ``type``.
+        detail: human explanation of this occurrence.
+        field: dotted path of the offending input, if any.
+        headers: extra response headers (e.g. ``Retry-After``).
+        extra: extra members of the problem object.
+    """
+
+    def __init__(self, status: int, code: str, detail: str, *, field: str | None = None,
+                 headers: dict[str, str] | None = None, **extra: Any) -> None:
+        super().__init__(detail)
+        self.status, self.code, self.detail, self.field = status, code, detail, field
+        self.headers = headers
+        self.extra = extra
+
+
+class NotFound(ProblemError):
+    """404 for a resource that does not exist (``code`` = ``<what>_not_found``)."""
+
+    def __init__(self, what: str, ident: str, *, field: str = "id") -> None:
+        super().__init__(404, f"{what}_not_found", f"no {what.replace('_', ' ')} with id {ident!r}",
+                         field=field)
+
+
+def problem_response(status: int, code: str, detail: str, *, field: str | None = None,
+                     instance: str | None = None, headers: dict[str, str] | None = None,
+                     **extra: Any) -> JSONResponse:
+    """Build a problem+json response."""
+    body: dict[str, Any] = {
+        "type": f"urn:rsae:problem:{code}",
+        "title": HTTPStatus(status).phrase,
+        "status": status,
+        "detail": detail,
+        "code": code,
+        "field": field,
+    }
+    if instance is not None:
+        body["instance"] = instance
+    body.update(extra)
+    return JSONResponse(body, status_code=status, headers=headers, media_type=PROBLEM_JSON)
+
+
+def field_path(loc: Sequence[str | int]) -> str:
+    """Dotted field path of a pydantic error location, without FastAPI's leading ``body``/``query``/...
+
+    ``("body", "settings", "finetune", "steps")`` -> ``settings.finetune.steps``; list indexes are kept as
+    path segments; an empty remainder is the location itself (``body``).
+    """
+    parts = list(loc)
+    head = parts.pop(0) if parts and parts[0] in _LOCATIONS else None
+    return ".".join(str(p) for p in parts) or (head or "")
+
+
+def validation_errors(errors: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``[{field, code, detail}]`` of pydantic errors (``field`` a dotted path, see :func:`field_path`)."""
+    return [{"field": "body" if e.get("type") == "json_invalid" else field_path(e.get("loc", ())),
+             "code": e.get("type", "invalid"), "detail": e.get("msg", "invalid value")} for e in errors]
+
+
+def validation_error(errors: list[dict[str, Any]]) -> ProblemError:
+    """A 422 :class:`ProblemError` listing ``errors`` (from :func:`validation_errors`); ``field`` is the first."""
+    detail = "; ".join(f"{e['field']}: {e['detail']}" for e in errors) or "invalid request"
+    return ProblemError(422, "validation_error", detail, field=errors[0]["field"] if errors else None,
+                        errors=errors)
+
+
+async def _problem_error(request: Request, exc: ProblemError) -> JSONResponse:
+    return problem_response(exc.status, exc.code, exc.detail, field=exc.field, instance=request.url.path,
+                            headers=exc.headers, **exc.extra)
+
+
+async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    phrase = HTTPStatus(exc.status_code).phrase
+    detail = exc.detail if isinstance(exc.detail, str) else phrase
+    code = phrase.lower().replace(" ", "_").replace("-", "_")
+    return problem_response(exc.status_code, code, detail, instance=request.url.path,
+                            headers=getattr(exc, "headers", None))
+
+
+async def _request_validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    return await _problem_error(request, validation_error(validation_errors(exc.errors())))
+
+
+async def _rsae_error(request: Request, exc: RSAEError) -> JSONResponse:
+    return problem_response(422, exc.code, exc.message, field=exc.field, instance=request.url.path)
+
+
+async def _data_error(request: Request, exc: DataError) -> JSONResponse:
+    log.warning("database refused a value on %s %s: %s", request.method, request.url.path, exc.orig)
+    return problem_response(422, "invalid_value", "a value cannot be stored (e.g. a NUL character or a "
+                            "number out of range)", instance=request.url.path)
+
+
+async def _unhandled(request: Request, exc: Exception) -> JSONResponse:
+    log.exception("unhandled error on %s %s", request.method, request.url.path)
+    return problem_response(500, "internal_error", "internal server error; see the server log",
+                            instance=request.url.path)
+
+
+def install_problem_handlers(app: FastAPI) -> None:
+    """Register the problem+json exception handlers on ``app``."""
+    app.add_exception_handler(ProblemError, _problem_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(RequestValidationError, _request_validation_error)
+    app.add_exception_handler(RSAEError, _rsae_error)
+    app.add_exception_handler(DataError, _data_error)
+    app.add_exception_handler(Exception, _unhandled)

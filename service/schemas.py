@@ -1,0 +1,156 @@
+"""Request and response bodies of the HTTP API (pydantic v2).
+
+The job ``settings`` object is built from the fields of :class:`rsae.config.UpgradeConfig` itself (same
+types, defaults, bounds and descriptions), so the API and the core cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import copy
+from datetime import datetime
+from typing import Any, Literal
+from urllib.parse import quote
+
+from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
+from pydantic.fields import FieldInfo
+
+from rsae.config import UpgradeConfig
+
+from .models import JOB_STATUSES, Artifact, Job, JobEvent, Sae
+
+SETTINGS_FIELDS: tuple[str, ...] = ("data", "remez", "calibrate", "finetune", "eval", "seed")
+"""The :class:`UpgradeConfig` fields a client sets under ``settings`` (model, layer, teacher are top-level;
+family is read from the teacher; device is the worker's choice)."""
+
+JobStatus = Literal[JOB_STATUSES]  # type: ignore[valid-type]
+
+
+def _core_field(name: str) -> FieldInfo:
+    """A copy of :class:`UpgradeConfig`'s field ``name`` (type, default, bounds, description)."""
+    return copy.copy(UpgradeConfig.model_fields[name])
+
+
+JobSettings = create_model(
+    "JobSettings",
+    __config__=ConfigDict(extra="forbid"),
+    __doc__="Optional settings of each pipeline stage; every field defaults to the core's default.",
+    **{name: (UpgradeConfig.model_fields[name].annotation, _core_field(name)) for name in SETTINGS_FIELDS},
+)
+
+
+class TeacherRef(BaseModel):
+    """The teacher SAE: exactly one of an uploaded SAE id or a server-side folder."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    sae_id: str | None = Field(None, max_length=64, description="Id returned by POST /saes.")
+    path: str | None = Field(None, min_length=1, max_length=4096,
+                             description="Absolute server-side folder (SAELens layout); only when the "
+                             "server sets RSAE_ALLOW_LOCAL_PATHS=true.")
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> "TeacherRef":
+        if (self.sae_id is None) == (self.path is None):
+            raise ValueError("give exactly one of 'sae_id' or 'path'")
+        return self
+
+
+class JobCreate(BaseModel):
+    """Body of ``POST /jobs``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = _core_field("model")
+    layer: int = _core_field("layer")
+    teacher: TeacherRef
+    settings: JobSettings = Field(default_factory=JobSettings)  # type: ignore[valid-type]
+
+
+class SaeOut(BaseModel):
+    """An uploaded teacher SAE."""
+
+    id: str
+    name: str | None
+    family: str
+    architecture: str
+    d_in: int
+    d_sae: int
+    sha256: str
+    created_at: datetime
+
+    @classmethod
+    def from_row(cls, row: Sae) -> "SaeOut":
+        """From a ``saes`` row."""
+        return cls.model_validate(row, from_attributes=True)
+
+
+class ArtifactOut(BaseModel):
+    """One downloadable file of a job."""
+
+    name: str
+    kind: str
+    content_type: str
+    size: int
+    sha256: str
+    url: str = Field(description="Download path, relative to the API root.")
+
+    @classmethod
+    def from_row(cls, row: Artifact) -> "ArtifactOut":
+        """From an ``artifacts`` row."""
+        return cls(name=row.name, kind=row.kind, content_type=row.content_type, size=row.size,
+                   sha256=row.sha256, url=f"/jobs/{row.job_id}/artifacts/{quote(row.name)}")
+
+
+class JobError(BaseModel):
+    """Why a job failed."""
+
+    code: str
+    detail: str
+    field: str | None = None
+
+
+class JobOut(BaseModel):
+    """One job as the API shows it (the SQL row; never Celery's view)."""
+
+    id: str
+    status: JobStatus  # type: ignore[valid-type]
+    stage: str | None
+    progress: float
+    attempt: int
+    created_at: datetime
+    updated_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    request: dict[str, Any]
+    metrics: dict[str, Any] | None
+    error: JobError | None
+    artifacts: list[ArtifactOut]
+
+    @classmethod
+    def from_row(cls, row: Job) -> "JobOut":
+        """From a ``jobs`` row (its artifacts are loaded)."""
+        return cls(id=row.id, status=row.status, stage=row.stage, progress=row.progress, attempt=row.attempt,
+                   created_at=row.created_at, updated_at=row.updated_at, started_at=row.started_at,
+                   finished_at=row.finished_at, request=row.request, metrics=row.metrics, error=row.error,
+                   artifacts=[ArtifactOut.from_row(a) for a in row.artifacts])
+
+
+class JobPage(BaseModel):
+    """A page of jobs, newest first. Pass ``next_cursor`` as ``after`` to get the next page."""
+
+    items: list[JobOut]
+    next_cursor: str | None
+
+
+class EventOut(BaseModel):
+    """One job event."""
+
+    id: int
+    type: str
+    created_at: datetime
+    data: dict[str, Any]
+
+    @classmethod
+    def from_row(cls, row: JobEvent) -> "EventOut":
+        """From a ``job_events`` row."""
+        return cls.model_validate(row, from_attributes=True)

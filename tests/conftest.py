@@ -1,0 +1,147 @@
+"""Shared fixtures: a fresh Postgres database migrated by Alembic, Redis db 15, the API under TestClient.
+
+Nothing is mocked: Postgres at 127.0.0.1:5432 and Redis at 127.0.0.1:6379 must be running (override with
+``RSAE_TEST_POSTGRES`` = a libpq DSN of a database the test user may connect to, and
+``RSAE_TEST_REDIS`` = a Redis URL without the db number). Unreachable servers fail the run.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+import redis
+from fastapi.testclient import TestClient
+from sqlalchemy import text
+from sqlalchemy.engine import make_url
+from sqlalchemy.orm import Session
+
+from service.app import create_app
+from service.config import Settings, get_settings
+from service.db import get_sessionmaker
+from service.migrate import upgrade
+
+PG_ADMIN_DSN = os.environ.get("RSAE_TEST_POSTGRES", "host=127.0.0.1 port=5432 user=postgres dbname=test")
+REDIS_URL = os.environ.get("RSAE_TEST_REDIS", "redis://127.0.0.1:6379").rstrip("/")
+API_REDIS_DB = 15
+"""Redis database of the API tests (flushed around each test)."""
+E2E_REDIS_DB = 14
+"""Redis database of the end-to-end tests."""
+
+
+def redis_client(db: int) -> redis.Redis:
+    """A client for Redis database ``db``; fails the test run if Redis is unreachable."""
+    r = redis.Redis.from_url(f"{REDIS_URL}/{db}", socket_connect_timeout=3)
+    try:
+        r.ping()
+    except redis.RedisError as e:
+        pytest.fail(f"Redis at {REDIS_URL} is unreachable ({e}); the tests need a real Redis "
+                    "(redis-server) running", pytrace=False)
+    return r
+
+
+@pytest.fixture(scope="session")
+def database_url() -> Iterator[str]:
+    """A fresh Postgres database ``rsae_test_<random>``, migrated to head by Alembic; dropped afterwards."""
+    try:
+        admin = psycopg.connect(PG_ADMIN_DSN, autocommit=True, connect_timeout=5)
+    except psycopg.OperationalError as e:
+        pytest.fail(f"PostgreSQL is unreachable with DSN {PG_ADMIN_DSN!r} ({e}); the tests need a real "
+                    "Postgres (set RSAE_TEST_POSTGRES to another DSN)", pytrace=False)
+    info = admin.info
+    name = f"rsae_test_{secrets.token_hex(4)}"
+    admin.execute(f'CREATE DATABASE "{name}"')
+    url = make_url("postgresql+psycopg://").set(username=info.user, password=info.password or None,
+                                                host=info.host, port=info.port, database=name)
+    url_str = url.render_as_string(hide_password=False)
+    try:
+        upgrade(url_str, wait_seconds=10)
+        yield url_str
+    finally:
+        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        admin.close()
+
+
+@pytest.fixture
+def db(database_url: str) -> Iterator[Session]:
+    """A session on the test database, for arranging and inspecting rows directly."""
+    with get_sessionmaker(database_url)() as session:
+        yield session
+
+
+@pytest.fixture
+def clean_db(database_url: str) -> None:
+    """Empty every table (the schema stays)."""
+    with get_sessionmaker(database_url).begin() as s:
+        s.execute(text("TRUNCATE job_events, artifacts, jobs, saes RESTART IDENTITY CASCADE"))
+
+
+def _flushed_redis(db: int) -> Iterator[redis.Redis]:
+    r = redis_client(db)
+    r.flushdb()
+    yield r
+    r.flushdb()
+
+
+@pytest.fixture
+def broker() -> Iterator[redis.Redis]:
+    """Redis db 15, the API tests' broker, flushed before and after the test."""
+    yield from _flushed_redis(API_REDIS_DB)
+
+
+@pytest.fixture
+def e2e_broker_url() -> Iterator[str]:
+    """URL of Redis db 14, the end-to-end tests' broker, flushed before and after the test."""
+    for _ in _flushed_redis(E2E_REDIS_DB):
+        yield f"{REDIS_URL}/{E2E_REDIS_DB}"
+
+
+@pytest.fixture
+def settings(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, database_url: str) -> Iterator[Settings]:
+    """Service settings of one test: the test database, Redis db 15, a temp data dir (via ``RSAE_*``)."""
+    monkeypatch.setenv("RSAE_DATABASE_URL", database_url)
+    monkeypatch.setenv("RSAE_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setenv("RSAE_BROKER_URL", f"{REDIS_URL}/{API_REDIS_DB}")
+    for var in ("RSAE_ARTIFACTS_DIR", "RSAE_UPLOADS_DIR", "RSAE_WORK_DIR", "RSAE_ALLOW_LOCAL_PATHS",
+                "RSAE_MAX_UPLOAD_BYTES", "RSAE_PAGE_SIZE_MAX"):
+        monkeypatch.delenv(var, raising=False)
+    get_settings.cache_clear()
+    yield get_settings()
+    get_settings.cache_clear()
+
+
+@pytest.fixture
+def client(settings: Settings, clean_db: None, broker: redis.Redis) -> Iterator[TestClient]:
+    """The API (``create_app()`` from the environment) on an empty database and an empty broker."""
+    with TestClient(create_app()) as c:
+        yield c
+
+
+@pytest.fixture
+def make_teacher(tmp_path: Path) -> Callable[..., Path]:
+    """``make_teacher(name="teacher", d_in=576, d_sae=64, seed=0)``: write a small valid ReLU teacher SAE
+    (SAELens layout) to ``tmp_path/name`` and return the folder."""
+    import torch
+
+    from rsae.sae import ReLUSAE
+
+    def make(name: str = "teacher", *, d_in: int = 576, d_sae: int = 64, seed: int = 0) -> Path:
+        sae = ReLUSAE(d_in=d_in, d_sae=d_sae)
+        sae.init_weights(torch.Generator().manual_seed(seed))
+        return sae.save(tmp_path / name)
+
+    return make
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> pytest.TestReport:
+    """Attach the tails of the e2e stack's subprocess logs to a failing test's report."""
+    rep = yield
+    stack = getattr(item, "funcargs", {}).get("stack")
+    if rep.failed and stack is not None:
+        rep.sections.append(("subprocess logs (last lines)", stack.log_tails()))
+    return rep

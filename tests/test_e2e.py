@@ -1,0 +1,162 @@
+"""End to end over HTTP: a real uvicorn subprocess, a real Celery worker subprocess (prefork, queue
+``gpu``), Redis db 14 and the test Postgres database. Nothing is mocked.
+
+Run: ``pytest -m e2e tests/test_e2e.py``. The full upgrade test trains a tiny teacher on the bundled
+SmolLM2-135M and takes a few minutes on 2 CPU cores.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import torch
+from sqlalchemy.orm import Session
+
+from service.client import download_artifacts, submit_job, upload_sae, wait_for_job
+from service.config import Settings
+from service.embedded import Stack, wait_until
+from service.models import Job, utcnow
+from worker.celery_app import create_celery, enqueue_upgrade
+
+pytestmark = pytest.mark.e2e
+
+JOB_TIMEOUT = 8 * 60
+SMALL_SETTINGS = {"data": {"train_tokens": 8192, "eval_tokens": 2048, "ctx_len": 64},
+                  "calibrate": {"steps": 50, "tokens": 2048},
+                  "finetune": {"steps": 60, "batch_size": 512, "eval_every": 30},
+                  "eval": {"ce_sequences": 4}}
+
+
+@pytest.fixture
+def e2e_settings(database_url: str, clean_db: None, e2e_broker_url: str, tmp_path: Path) -> Settings:
+    """The stack's settings: test Postgres, Redis db 14, a temp data dir."""
+    return Settings(database_url=database_url, broker_url=e2e_broker_url, data_dir=tmp_path / "data")
+
+
+@pytest.fixture
+def stack(e2e_settings: Settings, tmp_path: Path) -> Iterator[Stack]:
+    """uvicorn + Celery worker subprocesses (logs in ``tmp_path/logs``, tails shown on failure)."""
+    with Stack(e2e_settings, port=0, log_dir=tmp_path / "logs", ready_timeout=120) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny ReLU teacher trained on real SmolLM2 layer-3 activations (once per module)."""
+    from rsae.teacher import train_teacher_from_text
+
+    return Path(train_teacher_from_text(model="smollm2-135m", layer=3, out=tmp_path_factory.mktemp("teacher"),
+                                        d_sae=1152, train_tokens=8192, steps=300, seed=0))
+
+
+@pytest.fixture
+def http(stack: Stack) -> Iterator[httpx.Client]:
+    """An HTTP client for the stack's API."""
+    with httpx.Client(base_url=stack.base_url, timeout=60) as c:
+        yield c
+
+
+def test_worker_records_failure_and_ignores_duplicate_messages(stack: Stack, http: httpx.Client,
+                                                                db: Session) -> None:
+    """The real worker claims the row, fails it with the core's error (no numerical work needed: the
+    teacher id resolves to nothing), and a redelivered message for a finished job is a no-op."""
+    job = Job(status="queued", progress=0.0, attempt=0, created_at=utcnow(), updated_at=utcnow(),
+              request={"model": "smollm2-135m", "layer": 3, "teacher": {"sae_id": "deleted-sae"}})
+    db.add(job)
+    db.commit()
+    celery = create_celery(stack.settings)
+    try:
+        enqueue_upgrade(celery, job.id)
+        done = wait_for_job(http, job.id, timeout=120, interval=0.5)
+        assert done["status"] == "failed" and done["attempt"] == 1
+        assert done["error"] == {"code": "invalid_teacher", "field": "teacher.sae_id",
+                                 "detail": done["error"]["detail"]}
+        assert done["started_at"] and done["finished_at"] >= done["started_at"]
+        events = http.get(f"/jobs/{job.id}/events").json()
+        assert [e["data"].get("status") for e in events if e["type"] == "status"] == ["running", "failed"]
+        enqueue_upgrade(celery, job.id)  # duplicate delivery
+        worker = next(c for c in stack.children if c.name == "worker")
+        wait_until(lambda: f"job {job.id} is not queued" in worker.tail(200), 60, "duplicate skipped")
+        again = http.get(f"/jobs/{job.id}").json()
+        assert (again["status"], again["attempt"], again["updated_at"]) == ("failed", 1, done["updated_at"])
+    finally:
+        celery.close()
+
+
+def _recompute_heldout_mse(sae_folder: Path, report: dict[str, Any]) -> float:
+    """Held-out MSE of the downloaded SAE on fresh held-out activations described by ``report["eval_split"]``.
+
+    TODO(core): extract the held-out activations again (same model, layer, dataset, split and seed as
+    ``report["eval_split"]``) with :mod:`rsae.activations`, run ``rsae.load(sae_folder)`` on them and
+    return the mean squared error per token, in the report's units.
+    """
+    raise NotImplementedError("filled in together with rsae.activations / report['eval_split']")
+
+
+def _submit_small_job(http: httpx.Client, teacher_dir: Path) -> dict[str, Any]:
+    sae = upload_sae(http, teacher_dir, name="e2e-teacher")
+    assert (sae["family"], sae["d_in"], sae["d_sae"]) == ("relu", 576, 1152)
+    return submit_job(http, {"model": "smollm2-135m", "layer": 3, "teacher": {"sae_id": sae["id"]},
+                             "settings": SMALL_SETTINGS})
+
+
+@pytest.mark.slow
+def test_cancel_a_running_job(stack: Stack, http: httpx.Client, teacher_dir: Path) -> None:
+    """A running job stops at the worker's next cancellation check and ends cancelled, without artifacts."""
+    job = _submit_small_job(http, teacher_dir)
+    deadline = time.monotonic() + 120
+    while (j := http.get(f"/jobs/{job['id']}").json())["status"] != "running" or j["stage"] is None:
+        assert j["status"] in ("queued", "running") and time.monotonic() < deadline, j
+        time.sleep(0.2)
+    assert http.post(f"/jobs/{job['id']}/cancel").json()["status"] in ("cancelling", "cancelled")
+    done = wait_for_job(http, job["id"], timeout=JOB_TIMEOUT, interval=0.5)
+    assert done["status"] == "cancelled" and done["artifacts"] == [] and done["error"] is None
+    assert not (stack.settings.work_dir / job["id"]).exists()
+    assert not (stack.settings.artifacts_dir / job["id"]).exists()
+    statuses = [e["data"]["status"] for e in http.get(f"/jobs/{job['id']}/events", params={"limit": 100}).json()
+                if e["type"] == "status"]
+    assert statuses == ["queued", "running", "cancelling", "cancelled"]
+
+
+@pytest.mark.slow
+def test_full_upgrade_over_http(stack: Stack, http: httpx.Client, teacher_dir: Path, tmp_path: Path) -> None:
+    """Upload the teacher, run a small upgrade through the worker, download the result and check it."""
+    import rsae
+
+    job = _submit_small_job(http, teacher_dir)
+    seen: list[tuple[str | None, float]] = []
+    done = wait_for_job(http, job["id"], timeout=JOB_TIMEOUT, interval=0.5,
+                        on_update=lambda j: seen.append((j["stage"], j["progress"])))
+    assert done["status"] == "succeeded", done["error"]
+    assert done["progress"] == 1.0 and done["attempt"] == 1
+    assert len({stage for stage, _ in seen if stage}) >= 2, seen  # the stage moved while we polled
+    assert len({p for _, p in seen}) >= 3, seen  # and so did the progress
+    assert not (stack.settings.work_dir / job["id"]).exists()  # scratch deleted
+
+    events = http.get(f"/jobs/{job['id']}/events", params={"limit": 100}).json()
+    assert {"status", "progress", "metrics"} <= {e["type"] for e in events}
+
+    listing = http.get(f"/jobs/{job['id']}/artifacts").json()
+    assert {"sae_weights.safetensors", "cfg.json", "report.json"} <= {a["name"] for a in listing}
+    folder = tmp_path / "download"
+    paths = download_artifacts(http, done, folder)  # checks size and sha256 against the listing
+    for art in listing:
+        assert hashlib.sha256(paths[art["name"]].read_bytes()).hexdigest() == art["sha256"]
+
+    report = json.loads(paths["report.json"].read_text())
+    assert done["metrics"]["rsae_mse"] == pytest.approx(report["headline"]["rsae_mse"])
+    model = rsae.load(folder)
+    assert type(model).__name__ == "RationalSAE"
+    x = torch.randn(4, 576)
+    z = model.encode(x)
+    assert z.shape == (4, 1152) and torch.isfinite(model.decode(z)).all()
+    assert torch.allclose(model(x), model.decode(z))
+    mse = _recompute_heldout_mse(folder, report)
+    assert mse == pytest.approx(report["metrics"]["rsae"]["mse"], rel=1e-3)
