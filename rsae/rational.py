@@ -3,20 +3,23 @@
 Source: N. Yin and Y. Yu, "Rational Sparse Autoencoder", arXiv 2606.14990 (2026), as read in
 ``docs/method.md``; safe denominator from Molina, Schramowski & Kersting 2020, "Padé Activation Units".
 
-    phi(h) = C_out * r(h / C_in),   r(t) = P(t) / Q(t),
+    phi_j(h) = C_out * s_j * r(h / (C_in * s_j)),   r(t) = P(t) / Q(t),
     P(t) = a_0 + a_1 t + ... + a_p t^p,   Q(t) = 1 + |b_1 t + ... + b_q t^q|   (Q >= 1: no poles)
 
 ``a`` [p + 1], ``b`` [q], ``log C_in`` and ``log C_out`` are shared by all latents (a handful of scalars),
-the scales kept positive by their log parametrisation.
+the scales kept positive by their log parametrisation. ``s`` [d_sae] are per-latent scales that put each
+latent's jump at the fitted jump position c: for a JumpReLU teacher s_j = theta_j / c, so that
+s_j * g(h / s_j) = h * H(h - theta_j) exactly for the target g(t) = t * H(t - c); they replace the teacher's
+per-latent thresholds (and are trained like them). For a ReLU teacher s = 1 and is not trained.
 
 Exact sparsity. A rational is not exactly zero where the teacher's gate is; the encoder therefore outputs
 
-    z = phi(h)  where phi(h) > floor,  else exactly 0,
+    z_j = phi_j(h)  where r(t) > floor,  else exactly 0,
 
-with ``floor`` >= 0 a buffer set at calibration to the 99.99th percentile of phi(h) over the real
-(token, latent) pairs the teacher leaves inactive (so at most 0.01% of them leak through), i.e. the
-fit's residual error on the off side of the gate measured on real data. L0 then counts real non-zeros.
-Gradients flow through active entries only (like ReLU's).
+with ``floor`` a scalar in the units of r (the unit-interval gate), set at calibration so that the RSAE's
+L0 on the calibration tokens equals the teacher's (see :func:`rsae.train.set_floor`); the report compares
+it with the Remez fit's maximum error. L0 then counts real non-zeros. Gradients flow through active
+entries only (like ReLU's).
 """
 
 from __future__ import annotations
@@ -39,19 +42,55 @@ def horner(coeffs: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def rational_unit(a: torch.Tensor, b: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """r(t) = P(t) / (1 + |B(t)|) element-wise (eager torch ops). a: [p + 1], b: [q], t: any shape."""
+    P = horner(a, t)
+    if b.shape[0] == 0:
+        return P
+    return P / (1.0 + horner(torch.cat([b.new_zeros(1), b]), t).abs())
+
+
+def eager_raw(h, a, b, c_in, c_out, s=None):
+    """Reference ``C_out * s * r(h / (C_in * s))`` in eager torch ops. h: [..., d_sae]; s: [d_sae] or None."""
+    s = torch.ones((), dtype=h.dtype, device=h.device) if s is None else s
+    return c_out * s * rational_unit(a, b, h / (c_in * s))
+
+
+def eager_gate(h, a, b, c_in, c_out, s=None, floor=0.0):
+    """Reference gate with exact zeros where ``r(t) <= floor`` (eager). Shapes as :func:`eager_raw`."""
+    s = torch.ones((), dtype=h.dtype, device=h.device) if s is None else s
+    r = rational_unit(a, b, h / (c_in * s))
+    return torch.where(r > floor, c_out * s * r, torch.zeros((), dtype=h.dtype, device=h.device))
+
+
+def _impl():
+    try:
+        from .kernels import rational_gate, rational_raw
+    except ImportError:
+        return eager_gate, eager_raw
+    return rational_gate, rational_raw
+
+
 class RationalGate(nn.Module):
-    """Element-wise gate ``phi(h) = C_out * P(h / C_in) / (1 + |B(h / C_in)|)`` with exact-zero floor.
+    """Element-wise gate ``phi_j(h) = C_out s_j P(t) / (1 + |B(t)|)``, ``t = h / (C_in s_j)``, with exact zeros
+    where ``r(t) <= floor``.
 
     Args:
         p, q: degrees of P and B (B has no constant term).
         a: initial numerator coefficients [p + 1] (ascending); default zeros.
         b: initial denominator coefficients [q] for t^1..t^q; default zeros.
-        c_in, c_out: initial positive scales.
-        floor: exact-zero threshold on phi (see module docstring).
+        c_in, c_out: initial positive scales (units of h and of z).
+        floor: exact-zero threshold in units of r (see module docstring).
+        d_sae: number of latents, for the per-latent scales ``s`` (stored as ``log_scale``).
+        scale: initial per-latent scales [d_sae] (> 0); default ones.
+        train_scale: whether ``log_scale`` is trained (jump families) or a fixed buffer (ReLU).
+
+    Raises:
+        ValueError: coefficient shapes do not match the degrees, or a scale is not positive.
     """
 
     def __init__(self, p: int, q: int, *, a=None, b=None, c_in: float = 1.0, c_out: float = 1.0,
-                 floor: float = 0.0) -> None:
+                 floor: float = 0.0, d_sae: int | None = None, scale=None, train_scale: bool = False) -> None:
         super().__init__()
         self.p, self.q = int(p), int(q)
         self.a = nn.Parameter(torch.as_tensor(a if a is not None else [0.0] * (p + 1), dtype=torch.float32).clone())
@@ -64,6 +103,14 @@ class RationalGate(nn.Module):
         self.log_c_in = nn.Parameter(torch.tensor(math.log(c_in), dtype=torch.float32))
         self.log_c_out = nn.Parameter(torch.tensor(math.log(c_out), dtype=torch.float32))
         self.register_buffer("floor", torch.tensor(float(floor), dtype=torch.float32))
+        s = torch.ones(d_sae or 1) if scale is None else torch.as_tensor(scale, dtype=torch.float32).clone()
+        if (s <= 0).any() or not torch.isfinite(s).all():
+            raise ValueError("per-latent scales must be finite and > 0")
+        self.train_scale = bool(train_scale)
+        if self.train_scale:
+            self.log_scale = nn.Parameter(s.log())
+        else:
+            self.register_buffer("log_scale", s.log())
 
     @property
     def c_in(self) -> torch.Tensor:
@@ -75,30 +122,33 @@ class RationalGate(nn.Module):
         """C_out = exp(log_c_out) > 0 (units of z)."""
         return self.log_c_out.exp()
 
+    @property
+    def scale(self) -> torch.Tensor:
+        """Per-latent scales s = exp(log_scale), [d_sae] (or [1] when shared)."""
+        return self.log_scale.exp()
+
     def raw(self, h: torch.Tensor) -> torch.Tensor:
-        """phi(h) without the floor, any shape -> same shape."""
-        t = h / self.c_in
-        P = horner(self.a, t)
-        if self.q > 0:
-            B = horner(torch.cat([self.b.new_zeros(1), self.b]), t)
-            return self.c_out * P / (1.0 + B.abs())
-        return self.c_out * P
+        """phi(h) without the floor, [..., d_sae] -> [..., d_sae]."""
+        return _impl()[1](h, self.a, self.b, self.c_in, self.c_out, self.scale)
+
+    def unit(self, h: torch.Tensor) -> torch.Tensor:
+        """r(t) at t = h / (C_in s), [..., d_sae] -> [..., d_sae] (the quantity the floor applies to)."""
+        return rational_unit(self.a, self.b, h / (self.c_in * self.scale))
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        """z = phi(h) where phi(h) > floor else 0; any shape -> same shape."""
-        y = self.raw(h)
-        return torch.where(y > self.floor, y, torch.zeros((), dtype=y.dtype, device=y.device))
+        """z = phi(h) where r(t) > floor else exactly 0; [..., d_sae] -> [..., d_sae]."""
+        return _impl()[0](h, self.a, self.b, self.c_in, self.c_out, self.scale, self.floor)
 
     def extra_repr(self) -> str:
-        return f"p={self.p}, q={self.q}"
+        return f"p={self.p}, q={self.q}, train_scale={self.train_scale}"
 
 
 class RationalSAE(SAE):
     """SAE whose gate is a :class:`RationalGate`; cfg ``architecture: "rational"``.
 
     Weights file adds ``rational_a`` [p + 1], ``rational_b`` [q], ``log_c_in`` [], ``log_c_out`` [],
-    ``gate_floor`` [] to W_enc, b_enc, W_dec, b_dec. cfg adds ``rational: {p, q, teacher_architecture,
-    teacher_family, jump}``.
+    ``gate_floor`` [] (r-units) and ``latent_scale`` [d_sae] to W_enc, b_enc, W_dec, b_dec. cfg adds
+    ``rational: {p, q, train_scale, teacher_architecture, teacher_family, jump, ...}``.
     """
 
     architecture: ClassVar[str] = "rational"
@@ -107,8 +157,8 @@ class RationalSAE(SAE):
     def __init__(self, d_in: int, d_sae: int, *, p: int = 3, q: int = 2, apply_b_dec_to_input: bool = True,
                  metadata: dict[str, Any] | None = None, rational: dict[str, Any] | None = None) -> None:
         super().__init__(d_in, d_sae, apply_b_dec_to_input=apply_b_dec_to_input, metadata=metadata)
-        self.rational_cfg: dict[str, Any] = {"p": p, "q": q, **(rational or {})}
-        self.gate_fn = RationalGate(p, q)
+        self.rational_cfg: dict[str, Any] = {"p": p, "q": q, "train_scale": False, **(rational or {})}
+        self.gate_fn = RationalGate(p, q, d_sae=self.d_sae, train_scale=bool(self.rational_cfg["train_scale"]))
 
     def gate(self, h: torch.Tensor) -> torch.Tensor:
         """Rational gate with exact zeros, [..., d_sae] -> [..., d_sae]."""
@@ -116,18 +166,31 @@ class RationalSAE(SAE):
 
     @classmethod
     def from_teacher(cls, teacher: SAE, *, a, b, c_in: float, c_out: float, floor: float = 0.0,
-                     rational: dict[str, Any] | None = None) -> "RationalSAE":
-        """Copy W_enc, b_enc, W_dec, b_dec (and conventions) from ``teacher`` exactly; set the gate."""
+                     scale: torch.Tensor | None = None, rational: dict[str, Any] | None = None) -> "RationalSAE":
+        """Copy W_enc, b_enc, W_dec, b_dec (and conventions) from ``teacher`` exactly; set the gate.
+
+        Args:
+            a, b: rational coefficients (monomial, ascending; b without the constant term).
+            c_in, c_out: initial global scales. floor: exact-zero floor in r-units.
+            scale: per-latent scales s [d_sae] (jump families: theta / c); None keeps ones, not trained.
+        """
         p, q = len(a) - 1, len(b)
+        train_scale = scale is not None
         sae = cls(teacher.d_in, teacher.d_sae, p=p, q=q, apply_b_dec_to_input=teacher.apply_b_dec_to_input,
                   metadata=dict(teacher.metadata),
                   rational={"teacher_architecture": teacher.architecture, "teacher_family": teacher.family,
-                            **(rational or {})})
+                            "train_scale": train_scale, **(rational or {})})
         with torch.no_grad():
             for n in ("W_enc", "b_enc", "W_dec", "b_dec"):
                 getattr(sae, n).copy_(getattr(teacher, n))
-        sae.gate_fn = RationalGate(p, q, a=a, b=b, c_in=c_in, c_out=c_out, floor=floor)
+        sae.gate_fn = RationalGate(p, q, a=a, b=b, c_in=c_in, c_out=c_out, floor=floor, d_sae=teacher.d_sae,
+                                   scale=None if scale is None else scale.detach().cpu(), train_scale=train_scale)
         return sae
+
+    def gate_parameters(self) -> list[nn.Parameter]:
+        """The gate's trainable scalars (a, b, log C_in, log C_out) and, when trained, the per-latent scales."""
+        g = self.gate_fn
+        return [g.a, g.b, g.log_c_in, g.log_c_out] + ([g.log_scale] if g.train_scale else [])
 
     def cfg_dict(self) -> dict[str, Any]:
         """SAELens cfg plus the ``rational`` block."""
@@ -139,7 +202,7 @@ class RationalSAE(SAE):
         """Gate scalars saved beside the SAE weights."""
         g = self.gate_fn
         return {"rational_a": g.a, "rational_b": g.b, "log_c_in": g.log_c_in, "log_c_out": g.log_c_out,
-                "gate_floor": g.floor}
+                "gate_floor": g.floor, "latent_scale": g.scale}
 
     @classmethod
     def from_parts(cls, cfg: dict[str, Any], tensors: dict[str, torch.Tensor]) -> "RationalSAE":
@@ -156,7 +219,8 @@ class RationalSAE(SAE):
             if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= 32:
                 raise TeacherError(f"cfg.json rational.{k} must be an integer in [0, 32]",
                                    field=f"cfg.json.rational.{k}")
-        shapes = {"rational_a": (p + 1,), "rational_b": (q,), "log_c_in": (), "log_c_out": (), "gate_floor": ()}
+        shapes = {"rational_a": (p + 1,), "rational_b": (q,), "log_c_in": (), "log_c_out": (), "gate_floor": (),
+                  "latent_scale": (cfg["d_sae"],)}
         for n, s in shapes.items():
             if n not in tensors or tuple(tensors[n].shape) != s or not torch.isfinite(tensors[n]).all():
                 raise TeacherError(f"tensor '{n}' missing, non-finite or not of shape {list(s)}",
@@ -172,6 +236,9 @@ class RationalSAE(SAE):
             sae.gate_fn.log_c_in.copy_(tensors["log_c_in"])
             sae.gate_fn.log_c_out.copy_(tensors["log_c_out"])
             sae.gate_fn.floor.copy_(tensors["gate_floor"])
+            if (tensors["latent_scale"] <= 0).any():
+                raise TeacherError("tensor 'latent_scale' must be > 0", field="sae_weights.safetensors.latent_scale")
+            sae.gate_fn.log_scale.copy_(tensors["latent_scale"].log())
         return sae
 
 

@@ -6,7 +6,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-REPORT_SCHEMA_VERSION = "rsae-report/1"
+REPORT_SCHEMA_VERSION = "rsae-report/2"
 
 
 class SAEMetrics(BaseModel):
@@ -30,11 +30,15 @@ class SAEMetrics(BaseModel):
     loss_recovered: float | None = None
     kl: float | None = None
     ce_tokens: int | None = None
+    probe_accuracy: dict[str, float] | None = Field(
+        None, description="k -> mean balanced accuracy of k-sparse one-vs-rest probes on the BBC categories.")
 
 
 class Report(BaseModel):
     """Content of ``report.json``. ``metrics`` keys: ``teacher``, ``rsae_init`` (after calibration),
-    ``rsae`` (after fine-tuning). ``headline`` flattens the numbers a job listing shows."""
+    ``rsae`` (after fine-tuning) and ``control`` (the teacher fine-tuned with its own gate on the same data,
+    steps and objective). ``headline`` flattens the numbers a job listing shows. ``plots`` holds the data
+    of the HTML report's figures (gate curves, pre-activation histogram)."""
 
     model_config = ConfigDict(extra="forbid")
     schema_version: str = Field(REPORT_SCHEMA_VERSION)
@@ -46,6 +50,9 @@ class Report(BaseModel):
     remez: dict[str, Any]
     calibration: dict[str, Any]
     finetune: dict[str, Any]
+    control: dict[str, Any] | None = None
+    probing: dict[str, Any] | None = None
+    plots: dict[str, Any] | None = None
     metrics: dict[str, SAEMetrics]
     headline: dict[str, float | None]
     eval_split: dict[str, Any]
@@ -58,6 +65,6 @@ def headline(metrics: dict[str, SAEMetrics]) -> dict[str, float | None]:
     """Flat ``{<sae>_<metric>: value}`` for the job object (mse, fvu, l0, delta_ce, loss_recovered)."""
     out: dict[str, float | None] = {}
     for name, m in metrics.items():
-        for k in ("mse", "fvu", "l0", "alive_fraction", "delta_ce", "loss_recovered"):
+        for k in ("mse", "fvu", "l0", "alive_fraction", "delta_ce", "loss_recovered", "kl"):
             out[f"{name}_{k}"] = getattr(m, k)
     return out

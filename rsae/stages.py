@@ -3,15 +3,26 @@
 Stages (``rsae.config.STAGES``): extract -> init -> calibrate -> finetune -> evaluate -> package.
 Extracted activation folders are reused when their manifest matches the request, so a restarted job
 does not extract twice.
+
+Per-family initialisation (``docs/method.md`` gives the reasoning and the measurements):
+
+- ReLU: the gate is shared by all latents (s = 1, not trained); C_in = C_out = a high quantile of |h|.
+- JumpReLU: one rational cannot have a jump at every latent's own theta_j, so each latent gets the scale
+  s_j = theta_j / c (c = the fitted jump position), which makes s_j * g(h / s_j) = h * H(h - theta_j)
+  exactly for the target g(t) = t * H(t - c). C_in = C_out = 1. The scales are trained like the teacher's
+  thresholds.
+- TopK: the per-token top-k selection is replaced by one threshold tau, the (1 - k / d_sae) quantile of
+  the teacher's real pre-activations on the calibration tokens (so the mean number of h above tau is k, as
+  BatchTopK SAEs do at inference; Bussmann et al. 2024), then handled as JumpReLU with theta_j = tau.
 """
 
 from __future__ import annotations
 
+import copy
 import datetime as dt
 import importlib.metadata
 import json
 import logging
-import copy
 import time
 from pathlib import Path
 from typing import Any
@@ -26,14 +37,14 @@ from .evaluate import downstream_metrics, reconstruction_metrics
 from .models import check_layer, load_model
 from .pipeline import _Progress, write_json_atomic
 from .rational import RationalSAE
-from .remez import cached_remez_fit
+from .remez import cached_remez_fit, default_fit_params
 from .report import Report, SAEMetrics, headline
-from .sae import WEIGHTS_NAME, SAE, load_sae, sha256_file
+from .sae import FAMILIES, WEIGHTS_NAME, JumpReLUSAE, SAE, TopKSAE, decoder_norm_l1, load_sae, sha256_file
 from .train import calibrate_gate, sample_pre_acts, set_floor, train_sae
 
 log = logging.getLogger(__name__)
 
-SUPPORTED_FAMILIES = ("relu",)
+SUPPORTED_FAMILIES = FAMILIES
 
 
 def _versions() -> dict[str, str]:
@@ -95,9 +106,73 @@ def _load_teacher(cfg: UpgradeConfig) -> SAE:
         raise TeacherError(f"family {cfg.family!r} requested but the teacher's cfg says {teacher.family!r}",
                            field="family")
     if teacher.family not in SUPPORTED_FAMILIES:
-        raise TeacherError(f"teacher family {teacher.family!r} not supported yet; supported: "
+        raise TeacherError(f"teacher family {teacher.family!r} not supported; supported: "
                            f"{SUPPORTED_FAMILIES}", field="teacher")
     return teacher
+
+
+def fit_params(cfg: UpgradeConfig, family: str) -> dict[str, Any]:
+    """Remez settings for ``family``: the documented defaults overridden by the request's ``remez`` fields."""
+    params = dict(default_fit_params(family))
+    for key in ("p", "q", "c", "margin"):
+        v = getattr(cfg.remez, key)
+        if v is not None:
+            params[key] = v
+    if family == "relu":
+        params["c"] = 0.0
+    return params
+
+
+def jump_thresholds(teacher: SAE, h: torch.Tensor) -> tuple[torch.Tensor | None, dict[str, Any]]:
+    """Per-latent jump positions theta [d_sae] of the teacher's gate (None for ReLU) and how they were set.
+
+    TopK: tau = the (1 - k / d_sae) quantile of the real pre-activations ``h`` [n, d_sae], for every latent.
+    """
+    if isinstance(teacher, JumpReLUSAE):
+        return teacher.threshold.detach().clone(), {"rule": "teacher's per-latent thresholds"}
+    if isinstance(teacher, TopKSAE):
+        tau = max(_quantile(h, 1.0 - teacher.k / teacher.d_sae), 1e-6)
+        return (torch.full((teacher.d_sae,), tau, device=h.device),
+                {"rule": "tau = (1 - k/d_sae) quantile of real pre-activations (mean count above tau = k)",
+                 "tau": tau, "k": teacher.k})
+    return None, {"rule": "ReLU: jump at 0"}
+
+
+def _gate_plot(teacher: SAE, rsae_init: RationalSAE, rsae: RationalSAE, h: torch.Tensor,
+               theta: torch.Tensor | None, bins: int = 120) -> dict[str, Any]:
+    """Data of the gate figure: teacher vs RSAE gates over the real pre-activation range, plus a histogram.
+
+    ReLU: the shared gate over pooled h. Jump families: the latent with the median threshold among latents
+    active on the calibration tokens, over its own h range (the curve differs per latent only by its scale).
+    """
+    with torch.no_grad():
+        if theta is None:
+            j, vals = 0, h.reshape(-1)
+        else:
+            cand = torch.nonzero((teacher.gate(h) != 0).any(0)).flatten()
+            if cand.numel() == 0:
+                cand = torch.arange(h.shape[1], device=h.device)
+            order = theta[cand].argsort()
+            j = int(cand[order[order.numel() // 2]])
+            vals = h[:, j]
+        lo, hi = _quantile(vals, 0.0005), _quantile(vals, 0.9995)
+        if theta is not None:
+            hi = max(hi, 2.5 * float(theta[j]))
+        grid = torch.linspace(lo, hi, 400, device=h.device)
+        cols = grid[:, None].expand(-1, h.shape[1])
+
+        def curve(sae: RationalSAE) -> list[float]:
+            return sae.gate(cols)[:, j].tolist()
+
+        teacher_curve = torch.relu(grid) if theta is None else grid * (grid > theta[j])
+        counts, edges = torch.histogram(vals.float().cpu().clamp(lo, hi), bins=bins)
+    return {"h": grid.tolist(), "teacher": teacher_curve.tolist(), "rsae_init": curve(rsae_init),
+            "rsae": curve(rsae), "latent": None if theta is None else j,
+            "theta": None if theta is None else float(theta[j]),
+            "note": ("shared gate, all latents" if theta is None else
+                     f"latent {j} (median threshold among active latents); other latents differ by their scale"),
+            "hist": {"edges": edges.tolist(), "counts": counts.long().tolist(), "log": True,
+                     "of": "all (token, latent) pre-activations" if theta is None else f"latent {j}"}}
 
 
 def run(cfg: UpgradeConfig, out_dir: Path, work_dir: Path | None, prog: _Progress) -> dict[str, Any]:
@@ -109,6 +184,7 @@ def run(cfg: UpgradeConfig, out_dir: Path, work_dir: Path | None, prog: _Progres
     work = work_dir or out_dir.parent / "work"
     work.mkdir(parents=True, exist_ok=True)
     teacher = _load_teacher(cfg).to(dev)
+    family = teacher.family
     notes: list[str] = []
 
     # -- extract -------------------------------------------------------------------------------------
@@ -130,27 +206,42 @@ def run(cfg: UpgradeConfig, out_dir: Path, work_dir: Path | None, prog: _Progres
     # -- init: Remez fit + copy of the teacher --------------------------------------------------------
     t0 = time.time()
     prog.enter("init")
+    fp = fit_params(cfg, family)
     r = cfg.remez
-    fit = cached_remez_fit(teacher.family, c=0.0, p=r.p, q=r.q, grid_points=r.grid_points, margin=r.margin,
-                           tol=r.tol, max_iter=r.max_iter)
+    fit = cached_remez_fit(family, c=fp["c"], p=fp["p"], q=fp["q"], grid_points=r.grid_points,
+                           margin=fp["margin"], tol=r.tol, max_iter=r.max_iter)
     x_cal = train.load(cfg.calibrate.tokens).to(dev)
     h = sample_pre_acts(teacher, x_cal)
-    c_in = max(_quantile(h.abs(), cfg.calibrate.c_in_quantile, seed=cfg.seed), 1e-6)
-    rsae = RationalSAE.from_teacher(teacher, a=fit.a, b=fit.b, c_in=c_in, c_out=c_in,
-                                    rational={"jump": 0.0, "fit_max_error": fit.max_error}).to(dev)
+    theta, theta_info = jump_thresholds(teacher, h)
+    if theta is None:
+        c_in = c_out = max(_quantile(h.abs(), cfg.calibrate.c_in_quantile, seed=cfg.seed), 1e-6)
+        scale = None
+    else:
+        c_in = c_out = 1.0
+        scale = theta / fp["c"]
+    rsae = RationalSAE.from_teacher(teacher, a=fit.a, b=fit.b, c_in=c_in, c_out=c_out, scale=scale,
+                                    rational={"jump": fp["c"], "margin": fp["margin"],
+                                              "fit_max_error": fit.max_error, "thresholds": theta_info}).to(dev)
     timings["init"] = time.time() - t0
     prog.report(1.0)
 
     # -- calibrate: gate scalars only, weights frozen ---------------------------------------------------
     t0 = time.time()
     prog.enter("calibrate")
-    target = teacher.gate(h).detach()
     with torch.no_grad():
+        target = teacher.gate(h).detach()
+        teacher_active = target != 0
+        teacher_l0_cal = teacher_active.sum(-1).float().mean().item()
         pre_loss = (rsae.gate_fn.raw(h) - target).pow(2).mean().item()
     cal_losses = calibrate_gate(rsae, h, target, steps=cfg.calibrate.steps, lr=cfg.calibrate.lr, seed=cfg.seed,
                                 on_step=lambda s, l: prog.report(s / max(1, cfg.calibrate.steps)))
-    floor = set_floor(rsae, h, target != 0)
-    del h, target
+    floor = set_floor(rsae, h, teacher_l0_cal)
+    with torch.no_grad():
+        rsae_active = rsae.encode(x_cal) != 0
+        agreement = {
+            "teacher_active_kept": (rsae_active & teacher_active).sum().item() / max(1, teacher_active.sum().item()),
+            "teacher_inactive_leaked": (rsae_active & ~teacher_active).sum().item()
+            / max(1, (~teacher_active).sum().item())}
     m_teacher = reconstruction_metrics(teacher, _batches(evals, 2048))
     m_init = reconstruction_metrics(rsae, _batches(evals, 2048))
     rsae_init = copy.deepcopy(rsae).eval()
@@ -158,58 +249,94 @@ def run(cfg: UpgradeConfig, out_dir: Path, work_dir: Path | None, prog: _Progres
                       "rsae_init_mse": m_init["mse"], "rsae_init_l0": m_init["l0"]})
     timings["calibrate"] = time.time() - t0
 
-    # -- finetune: all parameters -----------------------------------------------------------------------
+    # -- finetune: all parameters; then the compute-matched control -------------------------------------
     t0 = time.time()
     prog.enter("finetune")
     ft = cfg.finetune
     lam = ft.l1_coefficient
     lam_source = "request"
-    if lam is None and isinstance(teacher.metadata.get("l1_coefficient"), (int, float)):
+    if lam is None and family == "relu" and isinstance(teacher.metadata.get("l1_coefficient"), (int, float)):
         lam, lam_source = float(teacher.metadata["l1_coefficient"]), "teacher cfg metadata.l1_coefficient"
     if lam is None:
         with torch.no_grad():
             z = teacher.encode(x_cal)
             mse0 = (x_cal - teacher.decode(z)).pow(2).sum(-1).mean().item()
-            l1_0 = (z.abs() * teacher.W_dec.norm(dim=1)).sum(-1).mean().item()
-        lam, lam_source = 0.1 * mse0 / max(l1_0, 1e-12), "auto: L1 term = 10% of teacher MSE"
-    del x_cal
-    gate_params = [rsae.gate_fn.a, rsae.gate_fn.b, rsae.gate_fn.log_c_in, rsae.gate_fn.log_c_out]
-    gate_ids = {id(p) for p in gate_params}
-    groups = [{"params": [p for p in rsae.parameters() if id(p) not in gate_ids], "lr": ft.lr},
-              {"params": gate_params, "lr": ft.gate_lr}]
-    curve: list[dict[str, float]] = []
+            l1_0 = decoder_norm_l1(z, teacher.W_dec).item()
+        lam, lam_source = 0.1 * mse0 / max(l1_0, 1e-12), "auto: L1 term = 10% of the teacher's MSE"
+    l0_target = None if ft.l0_target_ratio is None else ft.l0_target_ratio * teacher_l0_cal
+    del x_cal, h, target, teacher_active, rsae_active
     eval_rows = min(evals.rows, 4096)
+    n_runs = 2 if ft.control else 1
 
-    def on_step(step: int, parts: dict[str, float]) -> None:
-        if step % ft.eval_every == 0 or step == ft.steps:
-            rsae.eval()
-            m = reconstruction_metrics(rsae, _batches(evals, 2048, eval_rows))
-            rsae.train()
-            point = {"step": step, "train_mse": parts["mse"], "train_l0": parts["l0"],
-                     "eval_mse": m["mse"], "eval_l0": m["l0"], "eval_fvu": m["fvu"]}
-            curve.append(point)
-            prog.report(step / ft.steps, point)
-        else:
-            prog.report(step / ft.steps)
+    def make_on_step(sae: SAE, curve: list[dict[str, float]], run_index: int):
+        def on_step(step: int, parts: dict[str, float]) -> None:
+            frac = (run_index + step / max(1, ft.steps)) / n_runs
+            if step % ft.eval_every == 0 or step == ft.steps:
+                sae.eval()
+                m = reconstruction_metrics(sae, _batches(evals, 2048, eval_rows))
+                sae.train()
+                point = {"step": step, "train_mse": parts["mse"], "train_l0": parts["l0"],
+                         "lambda": parts["lambda"], "eval_mse": m["mse"], "eval_l0": m["l0"],
+                         "eval_fvu": m["fvu"]}
+                curve.append(point)
+                prog.report(frac, {"run": "rsae" if run_index == 0 else "control", **point})
+            else:
+                prog.report(frac)
+        return on_step
 
+    gate_params = rsae.gate_parameters()
+    gate_ids = {id(p) for p in gate_params}
+    groups = [{"params": [p for p in rsae.parameters() if id(p) not in gate_ids and p.requires_grad],
+               "lr": ft.lr}, {"params": gate_params, "lr": ft.gate_lr}]
+    curve: list[dict[str, float]] = []
     hist = train_sae(rsae, train, steps=ft.steps, batch_size=ft.batch_size, lr=ft.lr, l1_coefficient=lam,
-                     seed=cfg.seed + 1, device=dev, param_groups=groups, on_step=on_step)
+                     seed=cfg.seed + 1, device=dev, param_groups=groups, l0_target=l0_target,
+                     on_step=make_on_step(rsae, curve, 0))
+    control = None
+    control_info: dict[str, Any] | None = None
+    if ft.control:
+        control = copy.deepcopy(teacher).to(dev)
+        ctrl_gate = [control.log_threshold] if isinstance(control, JumpReLUSAE) else []
+        ctrl_ids = {id(p) for p in ctrl_gate}
+        ctrl_groups = [{"params": [p for p in control.parameters() if id(p) not in ctrl_ids], "lr": ft.lr}]
+        if ctrl_gate:
+            ctrl_groups.append({"params": ctrl_gate, "lr": ft.gate_lr})
+        ctrl_curve: list[dict[str, float]] = []
+        ctrl_hist = train_sae(control, train, steps=ft.steps, batch_size=ft.batch_size, lr=ft.lr,
+                              l1_coefficient=lam, seed=cfg.seed + 1, device=dev, param_groups=ctrl_groups,
+                              l0_target=l0_target, on_step=make_on_step(control, ctrl_curve, 1))
+        control_info = {"what": "the teacher fine-tuned with its own gate: same training tokens, batches, steps, "
+                                "optimiser, learning rates and objective (incl. the L0 controller)",
+                        "curve": ctrl_curve, "final_train": ctrl_hist[-1] if ctrl_hist else None}
     timings["finetune"] = time.time() - t0
 
     # -- evaluate ------------------------------------------------------------------------------------------
     t0 = time.time()
     prog.enter("evaluate")
-    m_rsae = reconstruction_metrics(rsae, _batches(evals, 2048))
-    metrics = {"teacher": m_teacher, "rsae_init": m_init, "rsae": m_rsae}
+    saes: dict[str, SAE] = {"teacher": teacher, "rsae_init": rsae_init, "rsae": rsae}
+    if control is not None:
+        control.eval()
+        saes["control"] = control
+    metrics: dict[str, dict[str, Any]] = {"teacher": m_teacher, "rsae_init": m_init}
+    for k in saes:
+        if k not in metrics:
+            metrics[k] = reconstruction_metrics(saes[k], _batches(evals, 2048))
     if cfg.eval.ce_sequences > 0:
         ids, _ = evals.sequences(cfg.eval.ce_sequences)
-        ds = downstream_metrics(model, cfg.layer, {"teacher": teacher, "rsae_init": rsae_init, "rsae": rsae}, ids,
-                                batch_size=cfg.eval.batch_size, device=dev,
-                                on_progress=lambda f: prog.report(f))
-        for k in ("teacher", "rsae_init", "rsae"):
+        ds = downstream_metrics(model, cfg.layer, saes, ids, batch_size=cfg.eval.batch_size, device=dev,
+                                on_progress=lambda f: prog.report(0.8 * f))
+        for k in saes:
             metrics[k].update(ce_clean=ds["clean"]["ce"], ce_zero=ds["zero"]["ce"], ce_spliced=ds[k]["ce_spliced"],
                               delta_ce=ds[k]["delta_ce"], loss_recovered=ds[k]["loss_recovered"],
                               kl=ds[k]["kl"], ce_tokens=ds["clean"]["tokens"])
+    probing = _probe(cfg, saes, train, evals, notes)
+    if probing is not None:
+        for k in saes:
+            metrics[k]["probe_accuracy"] = probing["by_sae"][k]["k"]
+    x_plot = train.load(min(cfg.calibrate.tokens, 2048)).to(dev)
+    with torch.no_grad():
+        plots = {"gate": _gate_plot(teacher, rsae_init, rsae, sample_pre_acts(teacher, x_plot), theta)}
+    del x_plot
     timings["evaluate"] = time.time() - t0
 
     # -- package -------------------------------------------------------------------------------------------
@@ -217,8 +344,9 @@ def run(cfg: UpgradeConfig, out_dir: Path, work_dir: Path | None, prog: _Progres
     prog.enter("package")
     teacher_w = Path(cfg.teacher) / WEIGHTS_NAME
     provenance = {"source": str(cfg.teacher), "sha256": sha256_file(teacher_w),
-                  "architecture": teacher.architecture, "family": teacher.family, "d_in": teacher.d_in,
-                  "d_sae": teacher.d_sae, "l1_coefficient": teacher.metadata.get("l1_coefficient")}
+                  "architecture": teacher.architecture, "family": family, "d_in": teacher.d_in,
+                  "d_sae": teacher.d_sae, "l1_coefficient": teacher.metadata.get("l1_coefficient"),
+                  "k": getattr(teacher, "k", None)}
     rsae.metadata = {**teacher.metadata, "model_name": cfg.model, "hook_name": cfg.hook, "hook_layer": cfg.layer,
                      "teacher": provenance, "method": "rsae (Yin & Yu 2026, arXiv 2606.14990)",
                      "upgrade_config": cfg.model_dump(mode="json"), "versions": _versions()}
@@ -229,7 +357,12 @@ def run(cfg: UpgradeConfig, out_dir: Path, work_dir: Path | None, prog: _Progres
         "FVU is pooled about the per-dimension mean; fvu_about_zero divides by sum x^2.",
         f"{evals.manifest['stats']['frac_norm_above_3x_median_sample']:.2%} of held-out tokens (sample) have "
         "residual norm > 3x the median; they are kept and weigh heavily in MSE and FVU.",
+        "L0 counts exactly non-zero latents; the RSAE's exact zeros come from its floor (r-units), set so its L0 "
+        "on the calibration tokens equals the teacher's.",
     ]
+    if family == "topk":
+        notes.append(f"TopK teacher: the RSAE replaces per-token top-{teacher.k} by the threshold tau = "
+                     f"{theta_info['tau']:.4g}; its L0 varies per token (mean reported).")
     g = rsae.gate_fn
     report = Report(
         created_at=dt.datetime.now(dt.timezone.utc).isoformat(),
@@ -239,27 +372,70 @@ def run(cfg: UpgradeConfig, out_dir: Path, work_dir: Path | None, prog: _Progres
         teacher=provenance,
         data={"train": {k: train.manifest[k] for k in ("rows", "ctx_len", "dataset", "split", "stats")},
               "eval": {k: evals.manifest[k] for k in ("rows", "ctx_len", "dataset", "split", "stats")}},
-        remez={k: v for k, v in fit.__dict__.items()},
+        remez={**{k: v for k, v in fit.__dict__.items()}, "params": fp},
         calibration={"steps": cfg.calibrate.steps, "tokens": cfg.calibrate.tokens, "loss_before": pre_loss,
                      "loss_after": cal_losses[-1] if cal_losses else pre_loss, "c_in_init": c_in,
-                     "floor": floor, "floor_rule": "99.99th percentile of phi(h) on teacher-inactive entries"},
+                     "thresholds": theta_info, "teacher_l0_calibration_tokens": teacher_l0_cal,
+                     "floor": floor, "floor_over_fit_max_error": floor / fit.max_error if fit.max_error else None,
+                     "floor_rule": "r-units; L0 on the calibration tokens equals the teacher's",
+                     "agreement": agreement},
         finetune={"steps": ft.steps, "batch_size": ft.batch_size, "lr": ft.lr, "gate_lr": ft.gate_lr,
-                  "l1_coefficient": lam, "l1_source": lam_source, "curve": curve,
+                  "l1_coefficient": lam, "l1_source": lam_source, "l0_target": l0_target,
+                  "final_lambda": hist[-1]["lambda"] if hist else lam, "curve": curve,
                   "final_train": hist[-1] if hist else None,
                   "gate": {"a": g.a.tolist(), "b": g.b.tolist(), "c_in": g.c_in.item(), "c_out": g.c_out.item(),
-                           "floor": g.floor.item()}},
+                           "floor": g.floor.item(), "train_scale": g.train_scale,
+                           "scale_median": g.scale.median().item()}},
+        control=control_info,
+        probing=probing,
+        plots=plots,
         metrics=sm,
         headline=headline(sm),
         eval_split={"model": cfg.model, "layer": cfg.layer, "dataset": cfg.data.dataset, "split": "eval",
                     "eval_fraction": cfg.data.eval_fraction, "seed": cfg.seed, "ctx_len": cfg.data.ctx_len,
                     "eval_tokens": cfg.data.eval_tokens},
         notes=notes,
-        timings_s={**{k: round(v, 2) for k, v in timings.items()}, "package": round(time.time() - t0, 2)},
+        timings_s={**{k: round(v, 2) for k, v in timings.items()}, "package": 0.0},
         versions=_versions(),
     )
     data = json.loads(report.model_dump_json())
+    _write_html(data, out_dir, notes)
     data["timings_s"]["package"] = round(time.time() - t0, 2)
     write_json_atomic(out_dir / "report.json", data)
     prog.report(1.0, {"stage": "package", **{k: v for k, v in data["headline"].items() if v is not None}},
                 force=True)
     return data
+
+
+def _probe(cfg: UpgradeConfig, saes: dict[str, SAE], train: ActivationStore, evals: ActivationStore,
+           notes: list[str]) -> dict[str, Any] | None:
+    """k-sparse probing of every SAE on the data set's labels (None when unlabelled or disabled)."""
+    if not cfg.eval.probe_ks or cfg.eval.probe_train_sequences == 0:
+        return None
+    _, tr_labels = train.sequences(cfg.eval.probe_train_sequences)
+    _, ev_labels = evals.sequences()
+    if (tr_labels >= 0).sum() < 10 or len(set((ev_labels[ev_labels >= 0]).tolist())) < 2:
+        notes.append("sparse probing skipped: the data set has too few labelled sequences")
+        return None
+    from .probing import dense_probe_accuracy, probe_sae
+
+    out: dict[str, Any] = {"ks": cfg.eval.probe_ks, "by_sae": {}}
+    for name, sae in saes.items():
+        out["by_sae"][name] = probe_sae(sae, train, evals, ks=cfg.eval.probe_ks,
+                                        max_sequences=cfg.eval.probe_train_sequences, seed=cfg.seed)
+    out["dense_baseline"] = dense_probe_accuracy(train, evals, max_sequences=cfg.eval.probe_train_sequences,
+                                                 seed=cfg.seed)
+    return out
+
+
+def _write_html(data: dict[str, Any], out_dir: Path, notes: list[str]) -> None:
+    """Write ``report.html`` beside ``report.json`` (a failure to render is noted, never fatal)."""
+    try:
+        from .report_html import write_report_html
+    except ImportError:  # pragma: no cover - the renderer ships with the package
+        return
+    try:
+        write_report_html(data, out_dir / "report.html")
+    except Exception as e:  # noqa: BLE001 - a plotting failure must not lose the upgraded SAE
+        log.exception("report.html could not be rendered")
+        notes.append(f"report.html could not be rendered: {type(e).__name__}: {e}")

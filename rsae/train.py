@@ -33,10 +33,15 @@ def sae_loss(sae: SAE, x: torch.Tensor, l1_coefficient: float) -> tuple[torch.Te
                   "l0": (z != 0).sum(-1).float().mean().item()}
 
 
+LossFn = Callable[[SAE, torch.Tensor, float], tuple[torch.Tensor, dict[str, float]]]
+"""``loss_fn(sae, x, coefficient) -> (loss, parts)``: a training objective; :func:`sae_loss` is the default."""
+
+
 def train_sae(sae: SAE, store: ActivationStore, *, steps: int, batch_size: int, lr: float,
               l1_coefficient: float, seed: int = 0, device: str = "cpu",
               param_groups: Iterable[dict[str, Any]] | None = None, warmup_steps: int = 0,
-              l1_warmup_steps: int = 0, lr_decay_frac: float = 0.2,
+              l1_warmup_steps: int = 0, lr_decay_frac: float = 0.2, loss_fn: LossFn | None = None,
+              l0_target: float | None = None, l0_adapt_every: int = 10, grad_clip: float | None = 1e4,
               on_step: Callable[[int, dict[str, float]], None] | None = None) -> list[dict[str, float]]:
     """Adam on :func:`sae_loss` over shuffled batches of ``store``.
 
@@ -48,10 +53,17 @@ def train_sae(sae: SAE, store: ActivationStore, *, steps: int, batch_size: int, 
         param_groups: optional explicit Adam groups (e.g. a higher lr for the gate scalars).
         warmup_steps: linear lr warm-up; ``lr_decay_frac``: final fraction of steps with linear decay to 0.
         l1_warmup_steps: lambda ramps linearly from 0 (helps a freshly initialised SAE avoid dead latents).
+        loss_fn: the objective (default :func:`sae_loss`, MSE + lambda * decoder-norm-weighted L1).
+        l0_target: if given, lambda is adapted to hold the training L0 at or below this value: every
+            ``l0_adapt_every`` steps, lambda *= exp(0.5 * (mean L0 / l0_target - 1)) clipped to [0.8, 1.25]
+            (a multiplicative integral controller on the sparsity constraint, in the spirit of the
+            Lagrangian sparsity control of Rajamanoharan et al. 2024 / Gao et al. 2024's fixed-L0 training).
+            The final lambda is recorded in the last history entry as ``lambda``.
+        grad_clip: clip the global gradient norm (None disables).
         on_step: called with (step, parts) after every step (step counts from 1).
 
     Returns:
-        Per-step history of the loss parts.
+        Per-step history of the loss parts (each with the ``lambda`` used).
     """
     sae.to(device).train()
     groups = list(param_groups) if param_groups is not None else [{"params": list(sae.parameters())}]
@@ -69,16 +81,29 @@ def train_sae(sae: SAE, store: ActivationStore, *, steps: int, batch_size: int, 
 
     history: list[dict[str, float]] = []
     batches = store.iter_batches(batch_size, seed=seed, device=device)
+    loss_fn = loss_fn or sae_loss
+    lam_base = float(l1_coefficient)
+    l0_window: list[float] = []
+    params = [p for g in opt.param_groups for p in g["params"]]
     for step in range(steps):
         x = next(batches)
         for g, base in zip(opt.param_groups, base_lrs):
             g["lr"] = base * lr_scale(step)
-        lam = l1_coefficient * (min(1.0, (step + 1) / l1_warmup_steps) if l1_warmup_steps else 1.0)
-        loss, parts = sae_loss(sae, x, lam)
+        lam = lam_base * (min(1.0, (step + 1) / l1_warmup_steps) if l1_warmup_steps else 1.0)
+        loss, parts = loss_fn(sae, x, lam)
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        if grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(params, grad_clip)
         opt.step()
+        parts["lambda"] = lam
         history.append(parts)
+        if l0_target is not None:
+            l0_window.append(parts["l0"])
+            if len(l0_window) == l0_adapt_every:
+                ratio = sum(l0_window) / len(l0_window) / max(l0_target, 1e-9)
+                lam_base *= min(1.25, max(0.8, math.exp(0.5 * (ratio - 1.0))))
+                l0_window.clear()
         if on_step is not None:
             on_step(step + 1, parts)
     sae.eval()
@@ -124,23 +149,21 @@ def calibrate_gate(rsae: RationalSAE, h: torch.Tensor, target: torch.Tensor, *, 
 
 
 @torch.no_grad()
-def set_floor(rsae: RationalSAE, h: torch.Tensor, teacher_active: torch.Tensor, *,
-              leak: float = 1e-4) -> float:
-    """Set the exact-zero floor to the (1 - leak) quantile of phi_raw(h) over teacher-inactive entries.
+def set_floor(rsae: RationalSAE, h: torch.Tensor, teacher_l0: float, *, max_entries: int = 16_000_000) -> float:
+    """Set the exact-zero floor (units of r) so that the RSAE's mean L0 on ``h`` equals ``teacher_l0``.
 
-    Args:
-        h: real pre-activations [n, d_sae]; teacher_active: bool mask of the teacher's non-zeros.
-        leak: share of teacher-inactive entries allowed through.
+    The floor is the (1 - teacher_l0 / d_sae) quantile of r(t) over the (token, latent) entries of the real
+    pre-activations ``h`` [n, d_sae]: exactly as many entries pass as the teacher activates, so L0 is
+    matched by construction on these tokens (held-out L0 is measured and reported). Clipped below at 0.
 
     Returns:
-        The floor (>= 0), in units of z.
+        The floor, in units of r (the unit-interval gate).
     """
-    y = rsae.gate_fn.raw(h)[~teacher_active]
-    if y.numel() == 0:
-        floor = 0.0
-    else:
-        k = max(1, int(math.ceil((1 - leak) * y.numel())))
-        floor = max(0.0, y.float().kthvalue(k).values.item() if y.numel() < 16_000_000
-                    else torch.quantile(y[torch.randperm(y.numel())[:16_000_000]], 1 - leak).item())
+    r = rsae.gate_fn.unit(h).reshape(-1).float()
+    if r.numel() > max_entries:
+        r = r[torch.randperm(r.numel(), device=r.device)[:max_entries]]
+    frac_active = min(1.0, max(0.0, teacher_l0 / h.shape[-1]))
+    k = max(1, min(r.numel(), int(round((1.0 - frac_active) * r.numel()))))
+    floor = max(0.0, r.kthvalue(k).values.item())
     rsae.gate_fn.floor.fill_(floor)
     return floor

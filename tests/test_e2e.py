@@ -90,14 +90,25 @@ def test_worker_records_failure_and_ignores_duplicate_messages(stack: Stack, htt
         celery.close()
 
 
-def _recompute_heldout_mse(sae_folder: Path, report: dict[str, Any]) -> float:
-    """Held-out MSE of the downloaded SAE on fresh held-out activations described by ``report["eval_split"]``.
+def _recompute_heldout_mse(sae_folder: Path, report: dict[str, Any], work: Path) -> float:
+    """Held-out MSE of the downloaded SAE, recomputed from scratch in this process.
 
-    TODO(core): extract the held-out activations again (same model, layer, dataset, split and seed as
-    ``report["eval_split"]``) with :mod:`rsae.activations`, run ``rsae.load(sae_folder)`` on them and
-    return the mean squared error per token, in the report's units.
+    The held-out activations are extracted again with :mod:`rsae.activations` from the split described by
+    ``report["eval_split"]`` (same model, layer, dataset, eval fraction, seed, context length, token
+    count), independently of the worker's scratch files, and the SAE is loaded with ``rsae.load``.
     """
-    raise NotImplementedError("filled in together with rsae.activations / report['eval_split']")
+    import rsae
+    from rsae.activations import ActivationStore, extract_activations
+    from rsae.evaluate import reconstruction_metrics
+    from rsae.models import load_model
+
+    split = report["eval_split"]
+    model, tok = load_model(split["model"])
+    extract_activations(model, tok, layer=split["layer"], dataset=split["dataset"], split="eval",
+                        n_tokens=split["eval_tokens"], out_dir=work, ctx_len=split["ctx_len"],
+                        eval_fraction=split["eval_fraction"], seed=split["seed"])
+    store = ActivationStore(work)
+    return reconstruction_metrics(rsae.load(sae_folder), [store.load()])["mse"]
 
 
 def _submit_small_job(http: httpx.Client, teacher_dir: Path) -> dict[str, Any]:
@@ -158,5 +169,5 @@ def test_full_upgrade_over_http(stack: Stack, http: httpx.Client, teacher_dir: P
     z = model.encode(x)
     assert z.shape == (4, 1152) and torch.isfinite(model.decode(z)).all()
     assert torch.allclose(model(x), model.decode(z))
-    mse = _recompute_heldout_mse(folder, report)
+    mse = _recompute_heldout_mse(folder, report, tmp_path / "heldout")
     assert mse == pytest.approx(report["metrics"]["rsae"]["mse"], rel=1e-3)

@@ -1,0 +1,110 @@
+"""SAE families (ReLU, JumpReLU, TopK): gates, straight-through gradients, SAELens-layout round trips,
+validation, and the per-latent scales of the rational gate that reproduce a JumpReLU exactly."""
+
+import json
+
+import pytest
+import torch
+
+from rsae.errors import TeacherError
+from rsae.rational import RationalSAE
+from rsae.remez import remez_fit
+from rsae.sae import JumpReLUSAE, TopKSAE, load_sae
+
+
+def _fill(sae, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    sae.init_weights(g)
+    with torch.no_grad():
+        sae.b_enc.normal_(generator=g)
+    return sae
+
+
+def test_jumprelu_gate_and_straight_through_gradient():
+    sae = _fill(JumpReLUSAE(8, 5, bandwidth=0.2))
+    with torch.no_grad():
+        sae.log_threshold.copy_(torch.tensor([0.5, 1.0, 1.5, 2.0, 0.1]).log())
+    h = torch.tensor([[0.45, 1.05, 1.0, 3.0, -1.0]], requires_grad=True)
+    z = sae.gate(h)
+    assert torch.equal(z.detach(), torch.tensor([[0.0, 1.05, 0.0, 3.0, 0.0]]))  # h > theta strictly
+    z.sum().backward()
+    assert torch.equal(h.grad, torch.tensor([[0.0, 1.0, 0.0, 1.0, 0.0]]))  # dz/dh = H(h - theta)
+    # d z / d theta = -(theta / eps) K((h - theta) / eps): non-zero only within eps/2 of theta
+    g = sae.log_threshold.grad / sae.threshold  # chain rule through log
+    expected = torch.tensor([-(0.5 / 0.2), -(1.0 / 0.2), -(1.5 / 0.2) * 0, 0.0, 0.0])
+    expected[2] = 0.0  # |1.0 - 1.5| > 0.1
+    torch.testing.assert_close(g.detach(), expected)
+
+
+def test_jumprelu_l0_step_gradient():
+    sae = _fill(JumpReLUSAE(4, 3, bandwidth=1.0))
+    h = torch.tensor([[0.9, 3.0, 1.2]])  # theta = 1 for all
+    l0 = sae.step(h).sum()
+    assert l0.item() == 2.0
+    l0.backward()
+    torch.testing.assert_close(sae.log_threshold.grad, torch.tensor([-1.0, 0.0, -1.0]))
+
+
+def test_topk_gate_keeps_k_largest_then_relu():
+    sae = _fill(TopKSAE(4, 6, k=2))
+    h = torch.tensor([[3.0, -1.0, 2.0, 0.5, 1.0, -2.0], [-3.0, -1.0, -2.0, -0.5, -1.5, -2.0]])
+    z = sae.gate(h)
+    assert torch.equal(z, torch.tensor([[3.0, 0, 2.0, 0, 0, 0], [0, 0, 0, 0, 0, 0.0]]))
+
+
+@pytest.mark.parametrize("make", [lambda: JumpReLUSAE(16, 32, bandwidth=0.3), lambda: TopKSAE(16, 32, k=4)])
+def test_roundtrip_saelens_layout(tmp_path, make):
+    sae = _fill(make())
+    if isinstance(sae, JumpReLUSAE):
+        with torch.no_grad():
+            sae.log_threshold.uniform_(-1, 0.5)
+    sae.save(tmp_path)
+    cfg = json.loads((tmp_path / "cfg.json").read_text())
+    assert cfg["architecture"] == sae.architecture
+    loaded = load_sae(tmp_path)
+    assert type(loaded) is type(sae)
+    x = torch.randn(10, 16)
+    torch.testing.assert_close(loaded(x), sae(x))
+    if isinstance(sae, TopKSAE):
+        assert cfg["k"] == 4 and ((loaded.encode(x) != 0).sum(-1) <= 4).all()
+
+
+def test_family_specific_validation(tmp_path):
+    _fill(TopKSAE(8, 16, k=3)).save(tmp_path / "t")
+    cfg = json.loads((tmp_path / "t" / "cfg.json").read_text())
+    cfg["k"] = 99
+    (tmp_path / "t" / "cfg.json").write_text(json.dumps(cfg))
+    with pytest.raises(TeacherError) as e:
+        load_sae(tmp_path / "t")
+    assert e.value.field == "cfg.json.k"
+    from safetensors.torch import load_file, save_file
+
+    sae = _fill(JumpReLUSAE(8, 16))
+    sae.save(tmp_path / "j")
+    d = load_file(str(tmp_path / "j" / "sae_weights.safetensors"))
+    d["threshold"] = -d["threshold"]
+    save_file(d, str(tmp_path / "j" / "sae_weights.safetensors"))
+    with pytest.raises(TeacherError) as e:
+        load_sae(tmp_path / "j")
+    assert e.value.field == "sae_weights.safetensors.threshold"
+
+
+def test_per_latent_scales_put_every_jump_at_its_own_threshold():
+    """s_j = theta_j / c makes s_j * g(h / s_j) = h * H(h - theta_j): a rational fitted to g(t) = t H(t - c)
+    reproduces a JumpReLU teacher latent by latent, up to the fit's error and the margin around the jump."""
+    c, margin = 0.25, 0.05
+    fit = remez_fit("jumprelu", c=c, p=9, q=8, margin=margin)
+    teacher = _fill(JumpReLUSAE(8, 3))
+    theta = torch.tensor([0.5, 2.0, 8.0])
+    with torch.no_grad():
+        teacher.log_threshold.copy_(theta.log())
+    rsae = RationalSAE.from_teacher(teacher, a=fit.a, b=fit.b, c_in=1.0, c_out=1.0, scale=theta / c,
+                                    floor=c / 2)
+    assert rsae.gate_fn.train_scale and rsae.gate_fn.log_scale.requires_grad
+    u = torch.linspace(-1.0, 1.0, 2001)  # t-units: h_j = u * theta_j / c
+    h = u[:, None] * (theta / c)[None, :]
+    outside = ((u - c).abs() >= margin)[:, None].expand_as(h)
+    diff = (rsae.gate_fn.raw(h) - teacher.gate(h)).abs() / (theta / c)  # error in t-units
+    assert diff[outside].max() <= fit.max_error * 1.01
+    z = rsae.gate(h)
+    assert torch.equal((z != 0)[outside], (teacher.gate(h) != 0)[outside])  # exact zeros off the jump
