@@ -10,6 +10,8 @@ if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
 stamp=".venv/.rsae-install-$(cat pyproject.toml scripts/install.sh | sha256sum | cut -c1-16)"
+# Headless Chromium (Debian package) renders report.html in the tests; installed once, when missing.
+command -v chromium >/dev/null || bash scripts/install_chromium.sh
 if [ -f "$stamp" ]; then
   exit 0
 fi

@@ -1,0 +1,251 @@
+"""The self-contained HTML report (:mod:`rsae.report_html`), checked statically and in headless Chromium.
+
+``tests/data/report_example.json`` is a hand-made synthetic report (all numbers made up, no corpus text).
+Chromium (Debian package ``chromium``) is required: if it is missing, the tests try
+``scripts/install_chromium.sh`` once and FAIL (not skip) when it still is not available. The example's
+screenshot is copied to ``docs/img/report_example.png`` for people to look at when
+``RSAE_UPDATE_DOCS_IMG=1``.
+"""
+
+from __future__ import annotations
+
+import base64
+import copy
+import json
+import re
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from html.parser import HTMLParser
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from rsae.report_html import render_report_html, write_report_html
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLE = ROOT / "tests" / "data" / "report_example.json"
+INSTALL_SCRIPT = ROOT / "scripts" / "install_chromium.sh"
+DOCS_SHOT = ROOT / "docs" / "img" / "report_example.png"
+WINDOW = (1280, 2400)
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                  "--hide-scrollbars", "--virtual-time-budget=10000"]
+EXPECTED_ROWS = ["mse", "fvu", "fvu_about_zero", "l0", "alive_fraction", "ce_clean", "ce_spliced", "ce_zero",
+                 "delta_ce", "loss_recovered", "kl", "probe_accuracy_1", "probe_accuracy_5"]
+
+
+# -- helpers ----------------------------------------------------------------------------------------------
+
+class _Collect(HTMLParser):
+    """Collects the metrics table (columns, rows, best cells) and the plot images of a page."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.in_metrics = False
+        self.columns: list[str] = []
+        self.rows: list[str] = []
+        self.best: dict[str, list[str]] = {}
+        self.imgs: list[dict[str, str]] = []
+        self.resource_urls: list[str] = []
+
+    def handle_starttag(self, tag, attrs):
+        a = {k: (v or "") for k, v in attrs}
+        for k in ("src", "href", "action", "poster", "data"):
+            if k in a:
+                self.resource_urls.append(a[k])
+        if tag == "table" and a.get("id") == "metrics":
+            self.in_metrics = True
+        elif tag == "img" and "plot" in a.get("class", "").split():
+            self.imgs.append(a)
+        elif self.in_metrics and tag == "th" and "data-sae" in a:
+            self.columns.append(a["data-sae"])
+        elif self.in_metrics and tag == "tr" and "data-metric" in a:
+            self.rows.append(a["data-metric"])
+        elif self.in_metrics and tag == "td" and "best" in a.get("class", "").split():
+            self.best.setdefault(self.rows[-1], []).append(a["data-sae"])
+
+    def handle_endtag(self, tag):
+        if tag == "table":
+            self.in_metrics = False
+
+
+def _parse(page: str) -> _Collect:
+    c = _Collect()
+    c.feed(page)
+    return c
+
+
+def _example() -> dict:
+    return json.loads(EXAMPLE.read_text())
+
+
+def _chromium() -> str:
+    """Path of the chromium binary; installs it with scripts/install_chromium.sh or FAILS the test."""
+    exe = shutil.which("chromium")
+    if exe:
+        return exe
+    proc = subprocess.run(["bash", str(INSTALL_SCRIPT)], capture_output=True, text=True, timeout=900)
+    exe = shutil.which("chromium")
+    if not exe:
+        pytest.fail("headless Chromium is required for the HTML report tests but `chromium` is not on PATH "
+                    f"and {INSTALL_SCRIPT.relative_to(ROOT)} could not install it (exit {proc.returncode}): "
+                    f"{proc.stderr.strip()[-800:]}", pytrace=False)
+    return exe
+
+
+def _run_chromium(args: list[str], tmp: Path, timeout: float = 90) -> subprocess.CompletedProcess:
+    profile = Path(tempfile.mkdtemp(prefix="chromium-profile-", dir=tmp))
+    cmd = [_chromium(), *CHROMIUM_FLAGS, f"--user-data-dir={profile}", *args]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    finally:
+        shutil.rmtree(profile, ignore_errors=True)
+    assert proc.returncode == 0, f"chromium failed ({proc.returncode}): {proc.stderr[-1500:]}"
+    return proc
+
+
+@pytest.fixture(scope="module")
+def example_page(tmp_path_factory) -> Path:
+    """The example report rendered to ``<tmp>/report.html``."""
+    out = tmp_path_factory.mktemp("report") / "report.html"
+    assert write_report_html(_example(), out) == out
+    return out
+
+
+# -- static checks ------------------------------------------------------------------------------------------
+
+def test_example_is_self_contained_with_full_table(example_page: Path) -> None:
+    page = example_page.read_text(encoding="utf-8")
+    assert page.startswith("<!DOCTYPE html>")
+    # no network resource anywhere: attributes, CSS url(), @import
+    assert not re.search(r"""(?:src|href|action|poster)\s*=\s*["']?\s*(?:https?:)?//""", page, re.I)
+    assert not re.search(r"url\(\s*['\"]?\s*(?:https?:)?//|@import", page, re.I)
+    c = _parse(page)
+    for u in c.resource_urls:
+        assert u.startswith("data:") or u.startswith("#"), u
+    assert "Content-Security-Policy" in page
+
+    assert c.columns == ["teacher", "rsae_init", "rsae", "control"]
+    assert c.rows == EXPECTED_ROWS
+    assert "FVU (about the mean)" in page
+    # best per row: fine-tuned RSAE wins every ranked row of the example; L0 / alive / CE clean not ranked
+    for row in ("mse", "fvu", "ce_spliced", "delta_ce", "loss_recovered", "kl", "probe_accuracy_1",
+                "probe_accuracy_5"):
+        assert c.best.get(row) == ["rsae"], (row, c.best.get(row))
+    for row in ("l0", "alive_fraction", "ce_clean", "ce_zero"):
+        assert row not in c.best
+
+    # three plots, all valid PNG data URIs with alt text
+    assert [i["data-plot"] for i in c.imgs] == ["gate", "curves", "bars"]
+    for img in c.imgs:
+        assert img["alt"]
+        assert img["src"].startswith("data:image/png;base64,")
+        assert base64.b64decode(img["src"].split(",", 1)[1])[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # strings are escaped; the config is in a collapsed <details>
+    assert "<script>alert" not in page
+    assert "&lt;script&gt;alert(&#x27;x&#x27;)&lt;/script&gt;" in page
+    assert re.search(r'<details id="config"><summary>[^<]*</summary><pre>', page)
+    assert "&quot;l1_coefficient&quot;" in page
+    assert "not available" not in page
+
+
+def test_render_does_not_touch_pyplot() -> None:
+    code = ("import json, sys; from rsae.report_html import render_report_html; "
+            f"render_report_html(json.load(open({str(EXAMPLE)!r}))); "
+            "print('matplotlib.pyplot' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False"
+
+
+def test_missing_optional_parts_say_not_available(tmp_path: Path) -> None:
+    full = _example()
+    minimal = {"metrics": {k: dict(full["metrics"][k]) for k in ("teacher", "rsae")}}
+    for m in minimal["metrics"].values():  # CE evaluation disabled, no probes
+        for k in ("ce_clean", "ce_spliced", "ce_zero", "delta_ce", "loss_recovered", "kl", "ce_tokens"):
+            m[k] = None
+        m.pop("probe_accuracy")
+    out = write_report_html(minimal, tmp_path / "sub" / "minimal.html")
+    page = out.read_text(encoding="utf-8")
+    assert list(tmp_path.joinpath("sub").iterdir()) == [out]  # atomic write leaves no temp file behind
+    c = _parse(page)
+    assert c.columns == ["teacher", "rsae"]
+    assert c.rows == EXPECTED_ROWS[:11]
+    assert c.best.get("mse") == ["rsae"] and "delta_ce" not in c.best
+    for what in ("gate plot", "pre-activation histogram", "training curves", "notes", "teacher", "host model",
+                 "remez", "calibration", "finetune", "control", "probing", "timings", "job configuration"):
+        assert f'data-na="{what}"' in page, what
+    assert page.count("not available") >= 12
+    assert [i["data-plot"] for i in c.imgs] == ["bars"]  # MSE bars still drawn, Δ CE marked missing
+    assert 'data-na="Δ CE (CE evaluation disabled?)"' in page
+
+    # a malformed optional part degrades to a marker with the reason instead of failing
+    broken = copy.deepcopy(full)
+    broken["plots"]["gate"]["rsae"] = broken["plots"]["gate"]["rsae"][:-3]
+    del broken["control"]
+    c2 = _parse(page2 := render_report_html(broken))
+    assert 'data-na="gate curves"' in page2 and "values for" in page2
+    assert 'data-na="RSAE (fine-tuning) curve"' not in page2
+    assert 'data-na="control (teacher fine-tuned) curve"' in page2
+    assert [i["data-plot"] for i in c2.imgs] == ["gate", "curves", "bars"]
+
+
+def test_jump_gate_with_nested_histogram() -> None:
+    """The pipeline's layout: histogram under plots.gate.hist, a JumpReLU threshold theta, a named latent."""
+    r = _example()
+    hist = r["plots"].pop("preact_hist")
+    r["plots"]["gate"].update(latent=123, theta=0.75, note="latent 123 (median threshold)",
+                              hist={**hist, "of": "latent 123"})
+    page = render_report_html(r)
+    c = _parse(page)
+    assert [i["data-plot"] for i in c.imgs] == ["gate", "curves", "bars"]
+    assert "histogram of real pre-activations" in c.imgs[0]["alt"]
+    assert "(latent 123)" in c.imgs[0]["alt"] and "latent 123 (median threshold)" in page
+    assert "not available" not in page
+
+
+def test_bad_input_raises(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="metrics"):
+        render_report_html({"notes": ["x"]})
+    with pytest.raises(ValueError, match="metrics"):
+        render_report_html({"metrics": {"teacher": 3}})
+    with pytest.raises(TypeError):
+        render_report_html(["metrics"])  # type: ignore[arg-type]
+    with pytest.raises(ValueError):
+        write_report_html({}, tmp_path / "r.html")
+    assert not list(tmp_path.iterdir())
+
+
+# -- headless Chromium ------------------------------------------------------------------------------------------
+
+def test_chromium_decodes_plots_and_renders(example_page: Path, tmp_path: Path) -> None:
+    url = example_page.resolve().as_uri()
+    dom = _run_chromium(["--dump-dom", url], tmp_path).stdout
+    assert 'data-plots-ok="true"' in dom, dom[:500]
+    assert 'data-plots-count="3"' in dom
+    assert '<table id="metrics"' in dom
+    assert 'data-metric="loss_recovered"' in dom
+
+    shot = tmp_path / "report.png"
+    _run_chromium([f"--screenshot={shot}", f"--window-size={WINDOW[0]},{WINDOW[1]}", url], tmp_path)
+    assert shot.is_file() and shot.stat().st_size > 10_000
+    import matplotlib.image as mpimg
+
+    img = mpimg.imread(shot)
+    assert img.shape[:2] == (WINDOW[1], WINDOW[0]), img.shape
+    gray = np.asarray(img[..., :3], dtype=float).mean(-1)
+    assert gray.std() > 0.05, "screenshot looks blank"
+    assert (gray < 0.3).mean() > 0.005, "screenshot has almost no dark (text/line) pixels"
+    # the plots are drawn: the blue of the fine-tuned RSAE curve appears
+    rgb = np.asarray(img[..., :3], dtype=float)
+    blue = (abs(rgb[..., 0] - 0x1f / 255) < 0.08) & (abs(rgb[..., 1] - 0x5f / 255) < 0.08) \
+        & (abs(rgb[..., 2] - 0xbf / 255) < 0.08)
+    assert blue.sum() > 500
+    if os.environ.get("RSAE_UPDATE_DOCS_IMG") == "1":  # refresh the picture in docs/ on request only
+        DOCS_SHOT.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(shot, DOCS_SHOT)
