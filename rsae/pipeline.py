@@ -24,6 +24,7 @@ ARTIFACT_FILES: dict[str, tuple[str, str]] = {
     "sae_weights.safetensors": ("weights", "application/octet-stream"),
     "cfg.json": ("config", "application/json"),
     "report.json": ("report", "application/json"),
+    "report.html": ("report", "text/html"),
 }
 """Files of an upgraded SAE's artifact folder (SAELens layout plus the evaluation report)."""
 
@@ -85,7 +86,7 @@ def run_upgrade(
     Args:
         cfg: the upgrade request.
         out_dir: folder that receives ``sae_weights.safetensors``, ``cfg.json`` (SAELens layout,
-            ``architecture: "rational"``) and ``report.json``. Created if missing. Each file is written to
+            ``architecture: "rational"``), ``report.json`` and ``report.html``. Created if missing. Each file is written to
             a temporary name and renamed, so a reader never sees a half-written file.
         work_dir: scratch folder for activation shards (default: ``out_dir/../work``).
         on_progress: see :class:`ProgressCallback`.

@@ -417,14 +417,17 @@ def _probe(cfg: UpgradeConfig, saes: dict[str, SAE], train: ActivationStore, eva
     if (tr_labels >= 0).sum() < 10 or len(set((ev_labels[ev_labels >= 0]).tolist())) < 2:
         notes.append("sparse probing skipped: the data set has too few labelled sequences")
         return None
-    from .probing import dense_probe_accuracy, probe_sae
+    from .probing import probe_sae
 
-    out: dict[str, Any] = {"ks": cfg.eval.probe_ks, "by_sae": {}}
-    for name, sae in saes.items():
-        out["by_sae"][name] = probe_sae(sae, train, evals, ks=cfg.eval.probe_ks,
-                                        max_sequences=cfg.eval.probe_train_sequences, seed=cfg.seed)
-    out["dense_baseline"] = dense_probe_accuracy(train, evals, max_sequences=cfg.eval.probe_train_sequences,
-                                                 seed=cfg.seed)
+    out: dict[str, Any] = {"ks": cfg.eval.probe_ks, "train_sequences": cfg.eval.probe_train_sequences,
+                           "by_sae": {}}
+    for i, (name, sae) in enumerate(saes.items()):
+        res = probe_sae(sae, train, evals, ks=cfg.eval.probe_ks, max_sequences=cfg.eval.probe_train_sequences,
+                        seed=cfg.seed, dense=(i == 0))
+        out["by_sae"][name] = res["sae"]
+        if i == 0:
+            out["dense_baseline"] = res["dense"]
+            out["activations_top_k"] = res["activations_top_k"]
     return out
 
 

@@ -119,26 +119,27 @@ def sample_pre_acts(teacher: SAE, x: torch.Tensor, batch: int = 2048) -> torch.T
 def calibrate_gate(rsae: RationalSAE, h: torch.Tensor, target: torch.Tensor, *, steps: int, lr: float,
                    seed: int = 0, sample: int = 1 << 20,
                    on_step: Callable[[int, float], None] | None = None) -> list[float]:
-    """Calibrate (a, b, C_in, C_out) with SAE weights frozen: Adam on mean (phi_raw(h) - g(h))^2.
+    """Calibrate (a, b, C_in, C_out) with all SAE weights (and per-latent scales) frozen.
 
-    The l2 objective over the teacher's real pre-activations (RSAE summary, "calibration"); each step uses
-    a random subsample of ``sample`` (token, latent) entries of ``h`` [n, d_sae].
+    Adam on the l2 objective mean (phi_raw(h) - g(h))^2 over the teacher's real pre-activations (RSAE
+    summary, "calibration"); each step uses ``sample`` (token, latent) entries: random whole token rows of
+    ``h``, so every entry keeps its latent's scale.
 
     Args:
-        h: real pre-activations [n, d_sae]; target: teacher gate values g(h), same shape.
+        h: real pre-activations [n, d_sae]; target: the teacher's gate output g(h), same shape.
 
     Returns:
-        Loss per step.
+        Loss per step (squared units of z).
     """
     g = rsae.gate_fn
     params = [g.a, g.b, g.log_c_in, g.log_c_out]
     opt = torch.optim.Adam(params, lr=lr)
-    hf, tf = h.reshape(-1), target.reshape(-1)
     gen = torch.Generator().manual_seed(seed)
+    rows = max(1, min(h.shape[0], sample // max(1, h.shape[-1])))
     losses = []
     for step in range(steps):
-        idx = torch.randint(0, hf.numel(), (min(sample, hf.numel()),), generator=gen).to(hf.device)
-        loss = (g.raw(hf[idx]) - tf[idx]).pow(2).mean()
+        idx = torch.randint(0, h.shape[0], (rows,), generator=gen).to(h.device)
+        loss = (g.raw(h[idx]) - target[idx]).pow(2).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
