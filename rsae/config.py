@@ -65,8 +65,14 @@ class RemezConfig(_Strict):
     p: int | None = Field(None, ge=1, le=16, description="Numerator degree of P(t). None: family default.")
     q: int | None = Field(None, ge=0, le=16, description="Denominator degree of Q(t) = 1 + |b_1 t + ... + "
                           "b_q t^q|. None: family default.")
-    c: float | None = Field(None, ge=0.0, lt=1.0, description="Jump position on the unit interval "
-                            "(jump families); each latent j gets the scale s_j = theta_j / c. None: default.")
+    c: float | None = Field(None, ge=0.01, lt=1.0, description="Jump position on the unit interval "
+                            "(jump families); each latent j gets the scale s_j = theta_j / c. None: chosen from "
+                            "data, c = 1 / (99.9th percentile of h / theta over the teacher's active entries), "
+                            "clipped to [0.04, 0.5], so that almost all active pre-activations fall in [-1, 1].")
+    topk_threshold: Literal["per_token", "global"] = Field(
+        "per_token", description="TopK teachers: 'per_token' uses each token's separating threshold (midpoint "
+        "of its k-th and (k+1)-th pre-activation; reproduces the teacher at init); 'global' one threshold tau "
+        "with a mean of k pre-activations above it (BatchTopK-style; L0 then varies per token).")
     grid_points: int = Field(4001, ge=101, le=100_001, description="Points of the dense grid on [-1, 1].")
     margin: float | None = Field(
         None, ge=0.0, le=0.5, description="Half-width delta of the excluded interval (c - delta, c + delta) "
@@ -100,7 +106,7 @@ class FinetuneConfig(_Strict):
     )
     eval_every: int = Field(100, ge=1, description="Steps between held-out evaluations (training curve).")
     l0_target_ratio: float | None = Field(
-        0.98, gt=0.0, le=2.0, description="Adapt lambda during training to hold the training L0 at this "
+        0.95, gt=0.0, le=2.0, description="Adapt lambda during training to hold the training L0 at this "
         "fraction of the teacher's L0 (so the upgraded SAE does not buy lower MSE with a higher L0). None: "
         "fixed lambda.")
     control: bool = Field(True, description="Also fine-tune the teacher itself with its own gate on the same "

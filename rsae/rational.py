@@ -160,9 +160,31 @@ class RationalSAE(SAE):
         self.rational_cfg: dict[str, Any] = {"p": p, "q": q, "train_scale": False, **(rational or {})}
         self.gate_fn = RationalGate(p, q, d_sae=self.d_sae, train_scale=bool(self.rational_cfg["train_scale"]))
 
+    @property
+    def topk_k(self) -> int | None:
+        """k of a TopK teacher upgraded with the per-token separating threshold, else None."""
+        k = self.rational_cfg.get("topk_k")
+        return int(k) if k else None
+
+    def token_thresholds(self, h: torch.Tensor) -> torch.Tensor:
+        """Per-token separating threshold tau_i of a TopK upgrade, [..., 1]: the midpoint of the k-th and
+        (k+1)-th largest pre-activation of each token (detached: supplied to the gate, not learned)."""
+        k = self.topk_k
+        top = h.detach().topk(min(k + 1, h.shape[-1]), dim=-1).values
+        tau = 0.5 * (top[..., k - 1:k] + top[..., -1:]) if top.shape[-1] > k else top[..., -1:]
+        return tau.clamp_min(1e-6)
+
     def gate(self, h: torch.Tensor) -> torch.Tensor:
-        """Rational gate with exact zeros, [..., d_sae] -> [..., d_sae]."""
-        return self.gate_fn(h)
+        """Rational gate with exact zeros, [..., d_sae] -> [..., d_sae].
+
+        TopK upgrades (``rational.topk_k`` set): each token i gets the scale s_i = tau_i / c with tau_i its
+        separating threshold (:meth:`token_thresholds`), i.e. z = s_i * G(h / s_i) with G the gate at unit
+        scale, which equals C_out s_i r(h / (C_in s_i)) and puts the jump at tau_i for every token.
+        """
+        if self.topk_k is None:
+            return self.gate_fn(h)
+        s = self.token_thresholds(h) / float(self.rational_cfg["jump"])
+        return s * self.gate_fn(h / s)
 
     @classmethod
     def from_teacher(cls, teacher: SAE, *, a, b, c_in: float, c_out: float, floor: float = 0.0,

@@ -111,41 +111,85 @@ def _load_teacher(cfg: UpgradeConfig) -> SAE:
     return teacher
 
 
-def fit_params(cfg: UpgradeConfig, family: str) -> dict[str, Any]:
-    """Remez settings for ``family``: the documented defaults overridden by the request's ``remez`` fields."""
-    params = dict(default_fit_params(family))
-    for key in ("p", "q", "c", "margin"):
+def fit_params(cfg: UpgradeConfig, family: str, c: float | None = None) -> dict[str, Any]:
+    """Remez settings for ``family``: the documented defaults (:func:`rsae.remez.default_fit_params`; the
+    margin follows ``c`` by its relative rule) overridden by the request's ``remez`` fields.
+
+    ``c``: the jump position chosen from data (:func:`choose_c`); the request's ``remez.c`` wins.
+    """
+    if family != "relu":
+        c = cfg.remez.c if cfg.remez.c is not None else c
+    params = dict(default_fit_params(family, c=None if family == "relu" else c))
+    for key in ("p", "q", "margin"):
         v = getattr(cfg.remez, key)
         if v is not None:
             params[key] = v
-    if family == "relu":
-        params["c"] = 0.0
     return params
 
 
-def jump_thresholds(teacher: SAE, h: torch.Tensor) -> tuple[torch.Tensor | None, dict[str, Any]]:
-    """Per-latent jump positions theta [d_sae] of the teacher's gate (None for ReLU) and how they were set.
+def choose_c(u_active: torch.Tensor, quantile: float = 0.999, lo: float = 0.04, hi: float = 0.5) -> float:
+    """Jump position c on the unit interval from real data: 1 / (``quantile`` of h / theta over the teacher's
+    active entries ``u_active``), clipped to [lo, hi] and rounded to 2 significant digits (so fits cache).
 
-    TopK: tau = the (1 - k / d_sae) quantile of the real pre-activations ``h`` [n, d_sae], for every latent.
+    With s = theta / c, t = c h / theta: this puts all but 0.1% of the active pre-activations in [-1, 1],
+    where the Remez fit is accurate, instead of extrapolating the rational beyond it.
+    """
+    if u_active.numel() == 0:
+        return hi
+    c = 1.0 / max(_quantile(u_active, quantile), 1e-6)
+    c = min(hi, max(lo, c))
+    return float(f"{c:.2g}")
+
+
+def jump_thresholds(teacher: SAE, h: torch.Tensor, topk_mode: str = "per_token"
+                    ) -> tuple[torch.Tensor | None, dict[str, Any]]:
+    """Jump positions of the teacher's gate for the real pre-activations ``h`` [n, d_sae], and the rule used.
+
+    Returns ``theta`` broadcastable against ``h``: [d_sae] per latent (JumpReLU: the teacher's thresholds;
+    TopK 'global': tau, the (1 - k / d_sae) quantile of h, for every latent), [n, 1] per token (TopK
+    'per_token': the midpoint of each token's k-th and (k+1)-th pre-activation), or None (ReLU).
     """
     if isinstance(teacher, JumpReLUSAE):
         return teacher.threshold.detach().clone(), {"rule": "teacher's per-latent thresholds"}
     if isinstance(teacher, TopKSAE):
+        if topk_mode == "per_token":
+            top = h.topk(min(teacher.k + 1, h.shape[-1]), dim=-1).values
+            tau = (0.5 * (top[:, teacher.k - 1:teacher.k] + top[:, -1:])).clamp_min(1e-6)
+            return tau, {"rule": "per token: tau_i = midpoint of the token's k-th and (k+1)-th pre-activation",
+                         "mode": "per_token", "k": teacher.k, "tau_median": tau.median().item()}
         tau = max(_quantile(h, 1.0 - teacher.k / teacher.d_sae), 1e-6)
         return (torch.full((teacher.d_sae,), tau, device=h.device),
                 {"rule": "tau = (1 - k/d_sae) quantile of real pre-activations (mean count above tau = k)",
-                 "tau": tau, "k": teacher.k})
+                 "mode": "global", "tau": tau, "k": teacher.k})
     return None, {"rule": "ReLU: jump at 0"}
 
 
 def _gate_plot(teacher: SAE, rsae_init: RationalSAE, rsae: RationalSAE, h: torch.Tensor,
-               theta: torch.Tensor | None, bins: int = 120) -> dict[str, Any]:
+               topk_mode: str, bins: int = 120) -> dict[str, Any]:
     """Data of the gate figure: teacher vs RSAE gates over the real pre-activation range, plus a histogram.
 
-    ReLU: the shared gate over pooled h. Jump families: the latent with the median threshold among latents
-    active on the calibration tokens, over its own h range (the curve differs per latent only by its scale).
+    ReLU: the shared gate over pooled h. JumpReLU (and TopK 'global'): the latent with the median threshold
+    among latents active on these tokens, over its own h range (other latents differ only by their scale).
+    TopK 'per_token': pooled h / tau_i (each token's separating threshold), where both gates are
+    u * H(u - 1) and G(c u) / c.
     """
+    theta, _ = jump_thresholds(teacher, h, topk_mode)
     with torch.no_grad():
+        if theta is not None and theta.dim() == 2:  # per-token TopK: normalised units
+            u_all = (h / theta).reshape(-1)
+            lo, hi = _quantile(u_all, 0.0005), max(_quantile(u_all, 0.99995), 2.5)
+            grid = torch.linspace(lo, hi, 400, device=h.device)
+            c = float(rsae.rational_cfg["jump"])
+
+            def curve(sae: RationalSAE) -> list[float]:
+                return (sae.gate_fn(c * grid[:, None].expand(-1, h.shape[1]))[:, 0] / c).tolist()
+
+            counts, edges = torch.histogram(u_all.float().cpu().clamp(lo, hi), bins=bins)
+            return {"h": grid.tolist(), "teacher": (grid * (grid > 1.0)).tolist(), "rsae_init": curve(rsae_init),
+                    "rsae": curve(rsae), "latent": None, "theta": 1.0, "x_label": "h / tau_i (per-token threshold)",
+                    "note": "TopK, per-token threshold: x = h / tau_i, gates divided by tau_i (same for all tokens)",
+                    "hist": {"edges": edges.tolist(), "counts": counts.long().tolist(), "log": True,
+                             "of": "all (token, latent) pre-activations / tau_i"}}
         if theta is None:
             j, vals = 0, h.reshape(-1)
         else:
@@ -206,22 +250,36 @@ def run(cfg: UpgradeConfig, out_dir: Path, work_dir: Path | None, prog: _Progres
     # -- init: Remez fit + copy of the teacher --------------------------------------------------------
     t0 = time.time()
     prog.enter("init")
-    fp = fit_params(cfg, family)
+    x_cal = train.load(cfg.calibrate.tokens).to(dev)
+    h = sample_pre_acts(teacher, x_cal)
+    theta, theta_info = jump_thresholds(teacher, h, cfg.remez.topk_threshold)
+    per_token = theta is not None and theta.dim() == 2
+    with torch.no_grad():
+        target = teacher.gate(h).detach()
+        teacher_active = target != 0
+    c_data = None if theta is None else choose_c((h / theta)[teacher_active])
+    fp = fit_params(cfg, family, c_data)
+    theta_info["c_rule"] = "request" if cfg.remez.c is not None else "data: 1 / q99.9(h / theta | active)"
     r = cfg.remez
     fit = cached_remez_fit(family, c=fp["c"], p=fp["p"], q=fp["q"], grid_points=r.grid_points,
                            margin=fp["margin"], tol=r.tol, max_iter=r.max_iter)
-    x_cal = train.load(cfg.calibrate.tokens).to(dev)
-    h = sample_pre_acts(teacher, x_cal)
-    theta, theta_info = jump_thresholds(teacher, h)
+    rational_cfg = {"jump": fp["c"], "margin": fp["margin"], "fit_max_error": fit.max_error,
+                    "thresholds": theta_info}
     if theta is None:
         c_in = c_out = max(_quantile(h.abs(), cfg.calibrate.c_in_quantile, seed=cfg.seed), 1e-6)
         scale = None
     else:
         c_in = c_out = 1.0
-        scale = theta / fp["c"]
+        scale = None if per_token else theta / fp["c"]
+        if per_token:
+            rational_cfg["topk_k"] = teacher.k
     rsae = RationalSAE.from_teacher(teacher, a=fit.a, b=fit.b, c_in=c_in, c_out=c_out, scale=scale,
-                                    rational={"jump": fp["c"], "margin": fp["margin"],
-                                              "fit_max_error": fit.max_error, "thresholds": theta_info}).to(dev)
+                                    rational=rational_cfg).to(dev)
+    # The gate is calibrated at unit scale: per-token TopK upgrades see h / s_i (s_i = tau_i / c) and
+    # targets / s_i, since z = s_i * G(h / s_i).
+    s_tok = theta / fp["c"] if per_token else None
+    h_fit = h if s_tok is None else h / s_tok
+    target_fit = target if s_tok is None else target / s_tok
     timings["init"] = time.time() - t0
     prog.report(1.0)
 
@@ -229,13 +287,11 @@ def run(cfg: UpgradeConfig, out_dir: Path, work_dir: Path | None, prog: _Progres
     t0 = time.time()
     prog.enter("calibrate")
     with torch.no_grad():
-        target = teacher.gate(h).detach()
-        teacher_active = target != 0
         teacher_l0_cal = teacher_active.sum(-1).float().mean().item()
-        pre_loss = (rsae.gate_fn.raw(h) - target).pow(2).mean().item()
-    cal_losses = calibrate_gate(rsae, h, target, steps=cfg.calibrate.steps, lr=cfg.calibrate.lr, seed=cfg.seed,
-                                on_step=lambda s, l: prog.report(s / max(1, cfg.calibrate.steps)))
-    floor = set_floor(rsae, h, teacher_l0_cal)
+        pre_loss = (rsae.gate_fn.raw(h_fit) - target_fit).pow(2).mean().item()
+    cal_losses = calibrate_gate(rsae, h_fit, target_fit, steps=cfg.calibrate.steps, lr=cfg.calibrate.lr,
+                                seed=cfg.seed, on_step=lambda s, l: prog.report(s / max(1, cfg.calibrate.steps)))
+    floor = set_floor(rsae, h_fit, teacher_l0_cal)
     with torch.no_grad():
         rsae_active = rsae.encode(x_cal) != 0
         agreement = {
@@ -264,7 +320,7 @@ def run(cfg: UpgradeConfig, out_dir: Path, work_dir: Path | None, prog: _Progres
             l1_0 = decoder_norm_l1(z, teacher.W_dec).item()
         lam, lam_source = 0.1 * mse0 / max(l1_0, 1e-12), "auto: L1 term = 10% of the teacher's MSE"
     l0_target = None if ft.l0_target_ratio is None else ft.l0_target_ratio * teacher_l0_cal
-    del x_cal, h, target, teacher_active, rsae_active
+    del x_cal, h, h_fit, target, target_fit, teacher_active, rsae_active
     eval_rows = min(evals.rows, 4096)
     n_runs = 2 if ft.control else 1
 
@@ -335,7 +391,8 @@ def run(cfg: UpgradeConfig, out_dir: Path, work_dir: Path | None, prog: _Progres
             metrics[k]["probe_accuracy"] = probing["by_sae"][k]["k"]
     x_plot = train.load(min(cfg.calibrate.tokens, 2048)).to(dev)
     with torch.no_grad():
-        plots = {"gate": _gate_plot(teacher, rsae_init, rsae, sample_pre_acts(teacher, x_plot), theta)}
+        plots = {"gate": _gate_plot(teacher, rsae_init, rsae, sample_pre_acts(teacher, x_plot),
+                                    cfg.remez.topk_threshold)}
     del x_plot
     timings["evaluate"] = time.time() - t0
 
@@ -360,9 +417,13 @@ def run(cfg: UpgradeConfig, out_dir: Path, work_dir: Path | None, prog: _Progres
         "L0 counts exactly non-zero latents; the RSAE's exact zeros come from its floor (r-units), set so its L0 "
         "on the calibration tokens equals the teacher's.",
     ]
-    if family == "topk":
+    if family == "topk" and theta_info.get("mode") == "global":
         notes.append(f"TopK teacher: the RSAE replaces per-token top-{teacher.k} by the threshold tau = "
                      f"{theta_info['tau']:.4g}; its L0 varies per token (mean reported).")
+    elif family == "topk":
+        notes.append(f"TopK teacher: the RSAE's jump sits at each token's separating threshold (midpoint of its "
+                     f"{teacher.k}-th and {teacher.k + 1}-th pre-activation); the rational shapes the values and "
+                     "the floor decides the entries inside the margin around the jump.")
     g = rsae.gate_fn
     report = Report(
         created_at=dt.datetime.now(dt.timezone.utc).isoformat(),

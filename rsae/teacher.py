@@ -29,9 +29,11 @@ from .models import load_model
 from .sae import JumpReLUSAE, ReLUSAE, SAE, TopKSAE, decoder_norm_l1
 from .train import train_sae
 
-DEFAULT_COEFFICIENT = {"relu": 10.0, "jumprelu": 0.5, "topk": 0.0}
+DEFAULT_COEFFICIENT = {"relu": 10.0, "jumprelu": 5.0, "topk": 0.0}
 """Default sparsity coefficient per family for raw SmolLM2 residuals (norm ~95): lambda of the L1 term
-(relu), of the L0 term (jumprelu); unused for topk (k sets the sparsity)."""
+(relu), of the L0 term (jumprelu); unused for topk (k sets the sparsity). Measured at layer 3, d_sae 2304,
+600 steps of 1024 rows on 32,768 BBC train tokens (held-out, 8,192 tokens): relu L0 71 / FVU 0.125;
+jumprelu (5.0) L0 74 / FVU 0.078 (0.5 gave L0 360); topk (k = 32) FVU 0.088."""
 DEFAULT_K = 32
 """Default k of a TopK teacher."""
 JUMPRELU_INIT_THRESHOLD = 1.0

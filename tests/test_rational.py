@@ -39,7 +39,7 @@ def test_gate_has_no_poles():
 
 def test_remez_initialised_gate_approximates_relu():
     fit = remez_fit("relu", p=3, q=2)
-    g = RationalGate(3, 2, a=fit.a, b=fit.b, c_in=5.0, c_out=5.0, floor=fit.max_error)
+    g = RationalGate(3, 2, a=fit.a, b=fit.b, c_in=5.0, c_out=5.0, floor=fit.max_error_float32)
     h = torch.linspace(-5, 5, 1001)
     assert (g.raw(h) - torch.relu(h)).abs().max() <= 5.0 * fit.max_error * 1.001
     assert torch.all(g(h)[h <= 0] == 0)
