@@ -146,28 +146,29 @@ def test_full_upgrade_over_http(stack: Stack, http: httpx.Client, teacher_dir: P
     done = wait_for_job(http, job["id"], timeout=JOB_TIMEOUT, interval=0.5,
                         on_update=lambda j: seen.append((j["stage"], j["progress"])))
     assert done["status"] == "succeeded", done["error"]
-    assert done["progress"] == 1.0 and done["attempt"] == 1
+    assert done["progress"] == 1.0 and done["attempt"] == 1, done
     assert len({stage for stage, _ in seen if stage}) >= 2, seen  # the stage moved while we polled
     assert len({p for _, p in seen}) >= 3, seen  # and so did the progress
     assert not (stack.settings.work_dir / job["id"]).exists()  # scratch deleted
 
     events = http.get(f"/jobs/{job['id']}/events", params={"limit": 100}).json()
-    assert {"status", "progress", "metrics"} <= {e["type"] for e in events}
+    assert {"status", "progress", "metrics"} <= {e["type"] for e in events}, events
 
     listing = http.get(f"/jobs/{job['id']}/artifacts").json()
-    assert {"sae_weights.safetensors", "cfg.json", "report.json"} <= {a["name"] for a in listing}
+    assert {"sae_weights.safetensors", "cfg.json", "report.json", "report.html"} <= {a["name"] for a in listing}, listing
     folder = tmp_path / "download"
     paths = download_artifacts(http, done, folder)  # checks size and sha256 against the listing
     for art in listing:
         assert hashlib.sha256(paths[art["name"]].read_bytes()).hexdigest() == art["sha256"]
 
     report = json.loads(paths["report.json"].read_text())
-    assert done["metrics"]["rsae_mse"] == pytest.approx(report["headline"]["rsae_mse"])
+    assert done["metrics"]["rsae_mse"] == pytest.approx(report["headline"]["rsae_mse"]), done["metrics"]
+    assert {"teacher", "rsae_init", "rsae", "control"} <= report["metrics"].keys()
     model = rsae.load(folder)
-    assert type(model).__name__ == "RationalSAE"
+    assert type(model).__name__ == "RationalSAE", type(model)
     x = torch.randn(4, 576)
     z = model.encode(x)
     assert z.shape == (4, 1152) and torch.isfinite(model.decode(z)).all()
     assert torch.allclose(model(x), model.decode(z))
     mse = _recompute_heldout_mse(folder, report, tmp_path / "heldout")
-    assert mse == pytest.approx(report["metrics"]["rsae"]["mse"], rel=1e-3)
+    assert mse == pytest.approx(report["metrics"]["rsae"]["mse"], rel=1e-3), (mse, report["metrics"]["rsae"])
