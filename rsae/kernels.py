@@ -24,8 +24,8 @@ Element-wise, for pre-activations ``h`` [..., d_sae] and per-latent scales ``s``
   :data:`AUTO_COMPILE_MIN_ELEMS` elements, ``"fused"`` for smaller ones (no compile for tests and tiny calls).
 
 Nothing is compiled at import time. The first compiled call per (p, q, variant) pays inductor's compile of
-the forward and of the backward kernel: at (9, 8) about 26 s together on a cold cache and 10 s with
-inductor's on-disk cache warm (2-core CPU, measured by ``bench/gate_step.py``); logged at INFO.
+the forward and of the backward kernel: at (9, 8) about 26 s together on a cold cache and 3-6 s with
+inductor's on-disk cache warm (2-core CPU, ``bench/gate_step.py``); logged at INFO.
 """
 
 from __future__ import annotations
@@ -46,8 +46,11 @@ log = logging.getLogger(__name__)
 IMPLS = ("auto", "compiled", "fused", "eager")
 """Accepted values of ``impl`` / ``$RSAE_GATE_IMPL``."""
 ENV_VAR = "RSAE_GATE_IMPL"
-CHUNK_ELEMS = 1 << 18
-"""Elements per row chunk of the fused eager path (1 MiB of float32: its ~6 temporaries stay in L3)."""
+CHUNK_ELEMS = 1 << 20
+"""Elements per row chunk of the fused eager path (4 MiB of float32; its ~7 temporaries stay in L3). Each
+chunk runs ~2 (p + q) torch ops forward and ~7 (p + q) backward, each an OpenMP parallel region. 2^18 and
+2^20 cost the same on one thread; fewer regions suffer less from OpenMP spin-waiting on a loaded machine
+(``docs/performance.md``)."""
 AUTO_COMPILE_MIN_ELEMS = 1 << 20
 """"auto" compiles only for inputs of at least this many elements (a training batch is 4096 x 4608 = 18.9M);
 smaller calls (tests, tiny evaluations) run the fused path and never trigger a compile."""
