@@ -142,6 +142,12 @@ def _fail(make_session: sessionmaker[Session], job_id: str, code: str, detail: s
     _finish(make_session, job_id, "failed", error={"code": code, "detail": detail, "field": field})
 
 
+def _discard(settings: Settings, job_id: str, work_dir: Path) -> None:
+    """Delete a job's scratch folder and partial artifacts (before it is marked failed or cancelled)."""
+    shutil.rmtree(work_dir, ignore_errors=True)
+    shutil.rmtree(settings.artifacts_dir / job_id, ignore_errors=True)
+
+
 def run_job(job_id: str, settings: Settings) -> str | None:
     """Run job ``job_id`` to a terminal status; returns that status (None if the job was not queued).
 
@@ -168,19 +174,24 @@ def run_job(job_id: str, settings: Settings) -> str | None:
             cfg = build_upgrade_config(req, resolve_teacher(s, settings, req.teacher))
         report = run_upgrade(cfg, out_dir, work_dir=work_dir, on_progress=reporter,
                              should_cancel=reporter.should_cancel)
+        shutil.rmtree(work_dir, ignore_errors=True)  # scratch gone before anyone can see 'succeeded'
         with make_session.begin() as s:
             if transition(s, job_id, ACTIVE, "succeeded", stage=STAGES[-1], progress=1.0,
                           metrics=_headline_metrics(report)):
                 _register_artifacts(s, settings, job_id, out_dir)
                 status = "succeeded"
     except Cancelled:
+        _discard(settings, job_id, work_dir)  # before the terminal status, so no one sees leftovers
         status = "cancelled" if _finish(make_session, job_id, "cancelled") else status
     except RSAEError as e:
+        _discard(settings, job_id, work_dir)
         _fail(make_session, job_id, e.code, e.message, e.field)
     except ValidationError as e:
+        _discard(settings, job_id, work_dir)
         _fail(make_session, job_id, "invalid_request", f"stored request no longer validates: {e}")
     except Exception as e:  # noqa: BLE001 - any other failure is recorded on the row
         log.exception("job %s failed", job_id)
+        _discard(settings, job_id, work_dir)
         _fail(make_session, job_id, "internal_error", f"{type(e).__name__}: {e}")
     finally:
         shutil.rmtree(work_dir, ignore_errors=True)
