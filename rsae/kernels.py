@@ -68,17 +68,22 @@ _compile_failed: str | None = None  # reason, once compilation failed; then "com
 
 
 # -- reference -----------------------------------------------------------------------------------------
-def _horner(coeffs: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+def horner(coeffs: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """sum_k coeffs[k] t^k by Horner's rule. coeffs: [K] ascending; t: any shape -> same shape."""
     out = torch.zeros_like(t) + coeffs[-1]
     for k in range(coeffs.shape[0] - 2, -1, -1):
         out = out * t + coeffs[k]
     return out
 
 
+def rational_unit(a: torch.Tensor, b: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """r(t) = P(t) / (1 + |B(t)|) element-wise in eager torch ops. a: [p + 1], b: [q], t: any shape."""
+    P = horner(a, t)
+    return P / (1.0 + horner(torch.cat([b.new_zeros(1), b]), t).abs()) if b.numel() else P
+
+
 def _eager_r(h, a, b, c_in, s):
-    t = h / (c_in if s is None else c_in * s)
-    P = _horner(a, t)
-    return P / (1.0 + _horner(torch.cat([b.new_zeros(1), b]), t).abs()) if b.numel() else P
+    return rational_unit(a, b, h / (c_in if s is None else c_in * s))
 
 
 def rational_raw_eager(h: torch.Tensor, a: torch.Tensor, b: torch.Tensor, c_in: torch.Tensor,

@@ -31,44 +31,17 @@ import torch
 from torch import nn
 
 from .errors import TeacherError
+from .kernels import horner, rational_gate, rational_raw, rational_unit  # noqa: F401 (horner re-exported)
 from .sae import SAE, register_architecture
 
 
-def horner(coeffs: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """sum_k coeffs[k] t^k by Horner's rule. coeffs: [K] ascending; t: any shape -> same shape."""
-    out = torch.zeros_like(t) + coeffs[-1]
-    for k in range(coeffs.shape[0] - 2, -1, -1):
-        out = out * t + coeffs[k]
-    return out
-
-
-def rational_unit(a: torch.Tensor, b: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """r(t) = P(t) / (1 + |B(t)|) element-wise (eager torch ops). a: [p + 1], b: [q], t: any shape."""
-    P = horner(a, t)
-    if b.shape[0] == 0:
-        return P
-    return P / (1.0 + horner(torch.cat([b.new_zeros(1), b]), t).abs())
-
-
-def eager_raw(h, a, b, c_in, c_out, s=None):
-    """Reference ``C_out * s * r(h / (C_in * s))`` in eager torch ops. h: [..., d_sae]; s: [d_sae] or None."""
-    s = torch.ones((), dtype=h.dtype, device=h.device) if s is None else s
-    return c_out * s * rational_unit(a, b, h / (c_in * s))
-
-
-def eager_gate(h, a, b, c_in, c_out, s=None, floor=0.0):
-    """Reference gate with exact zeros where ``r(t) <= floor`` (eager). Shapes as :func:`eager_raw`."""
-    s = torch.ones((), dtype=h.dtype, device=h.device) if s is None else s
-    r = rational_unit(a, b, h / (c_in * s))
-    return torch.where(r > floor, c_out * s * r, torch.zeros((), dtype=h.dtype, device=h.device))
-
-
-def _impl():
-    try:
-        from .kernels import rational_gate, rational_raw
-    except ImportError:
-        return eager_gate, eager_raw
-    return rational_gate, rational_raw
+def topk_separating_threshold(h: torch.Tensor, k: int) -> torch.Tensor:
+    """Per-token separating threshold of a TopK gate, [..., 1]: the midpoint of each token's k-th and
+    (k+1)-th largest pre-activation (the k-th itself when d_sae == k), clamped to >= 1e-6. h: [..., d_sae].
+    Detached: it is supplied to the rational gate, not learned."""
+    top = h.detach().topk(min(k + 1, h.shape[-1]), dim=-1).values
+    tau = 0.5 * (top[..., k - 1:k] + top[..., -1:]) if top.shape[-1] > k else top[..., -1:]
+    return tau.clamp_min(1e-6)
 
 
 class RationalGate(nn.Module):
@@ -129,7 +102,7 @@ class RationalGate(nn.Module):
 
     def raw(self, h: torch.Tensor) -> torch.Tensor:
         """phi(h) without the floor, [..., d_sae] -> [..., d_sae]."""
-        return _impl()[1](h, self.a, self.b, self.c_in, self.c_out, self.scale)
+        return rational_raw(h, self.a, self.b, self.c_in, self.c_out, self.scale)
 
     def unit(self, h: torch.Tensor) -> torch.Tensor:
         """r(t) at t = h / (C_in s), [..., d_sae] -> [..., d_sae] (the quantity the floor applies to)."""
@@ -137,7 +110,7 @@ class RationalGate(nn.Module):
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         """z = phi(h) where r(t) > floor else exactly 0; [..., d_sae] -> [..., d_sae]."""
-        return _impl()[0](h, self.a, self.b, self.c_in, self.c_out, self.scale, self.floor)
+        return rational_gate(h, self.a, self.b, self.c_in, self.c_out, self.scale, self.floor)
 
     def extra_repr(self) -> str:
         return f"p={self.p}, q={self.q}, train_scale={self.train_scale}"
@@ -166,24 +139,16 @@ class RationalSAE(SAE):
         k = self.rational_cfg.get("topk_k")
         return int(k) if k else None
 
-    def token_thresholds(self, h: torch.Tensor) -> torch.Tensor:
-        """Per-token separating threshold tau_i of a TopK upgrade, [..., 1]: the midpoint of the k-th and
-        (k+1)-th largest pre-activation of each token (detached: supplied to the gate, not learned)."""
-        k = self.topk_k
-        top = h.detach().topk(min(k + 1, h.shape[-1]), dim=-1).values
-        tau = 0.5 * (top[..., k - 1:k] + top[..., -1:]) if top.shape[-1] > k else top[..., -1:]
-        return tau.clamp_min(1e-6)
-
     def gate(self, h: torch.Tensor) -> torch.Tensor:
         """Rational gate with exact zeros, [..., d_sae] -> [..., d_sae].
 
         TopK upgrades (``rational.topk_k`` set): each token i gets the scale s_i = tau_i / c with tau_i its
-        separating threshold (:meth:`token_thresholds`), i.e. z = s_i * G(h / s_i) with G the gate at unit
+        separating threshold (:func:`topk_separating_threshold`), i.e. z = s_i * G(h / s_i) with G the gate at unit
         scale, which equals C_out s_i r(h / (C_in s_i)) and puts the jump at tau_i for every token.
         """
         if self.topk_k is None:
             return self.gate_fn(h)
-        s = self.token_thresholds(h) / float(self.rational_cfg["jump"])
+        s = topk_separating_threshold(h, self.topk_k) / float(self.rational_cfg["jump"])
         return s * self.gate_fn(h / s)
 
     @classmethod

@@ -36,7 +36,7 @@ from .errors import TeacherError
 from .evaluate import downstream_metrics, reconstruction_metrics
 from .models import check_layer, load_model
 from .pipeline import _Progress, write_json_atomic
-from .rational import RationalSAE
+from .rational import RationalSAE, topk_separating_threshold
 from .remez import cached_remez_fit, default_fit_params
 from .report import Report, SAEMetrics, headline
 from .sae import FAMILIES, WEIGHTS_NAME, JumpReLUSAE, SAE, TopKSAE, decoder_norm_l1, load_sae, sha256_file
@@ -153,8 +153,7 @@ def jump_thresholds(teacher: SAE, h: torch.Tensor, topk_mode: str = "per_token"
         return teacher.threshold.detach().clone(), {"rule": "teacher's per-latent thresholds"}
     if isinstance(teacher, TopKSAE):
         if topk_mode == "per_token":
-            top = h.topk(min(teacher.k + 1, h.shape[-1]), dim=-1).values
-            tau = (0.5 * (top[:, teacher.k - 1:teacher.k] + top[:, -1:])).clamp_min(1e-6)
+            tau = topk_separating_threshold(h, teacher.k)
             return tau, {"rule": "per token: tau_i = midpoint of the token's k-th and (k+1)-th pre-activation",
                          "mode": "per_token", "k": teacher.k, "tau_median": tau.median().item()}
         tau = max(_quantile(h, 1.0 - teacher.k / teacher.d_sae), 1e-6)
