@@ -73,12 +73,45 @@ class Base(DeclarativeBase):
     """Declarative base of the service's tables."""
 
 
+class User(Base):
+    """A person or service account. Owns jobs, uploaded SAEs and API tokens."""
+
+    __tablename__ = "users"
+    __table_args__ = (UniqueConstraint("name", name="uq_users_name"),)
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
+    name: Mapped[str] = mapped_column(String(100))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class ApiToken(Base):
+    """A bearer token of a user. Only its SHA-256 is stored; ``prefix`` (first characters) identifies it
+    in listings. Revoked tokens stay for the record and are refused."""
+
+    __tablename__ = "api_tokens"
+    __table_args__ = (UniqueConstraint("token_hash", name="uq_api_tokens_token_hash"),
+                      Index("ix_api_tokens_user_id", "user_id"))
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
+    user_id: Mapped[str] = mapped_column(String(36), ForeignKey("users.id", ondelete="CASCADE"))
+    name: Mapped[str | None] = mapped_column(String(100))
+    prefix: Mapped[str] = mapped_column(String(16))
+    token_hash: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    last_used_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+    user: Mapped[User] = relationship()
+
+
 class Sae(Base):
     """An uploaded teacher SAE. Its files live in ``<uploads_dir>/<path>``."""
 
     __tablename__ = "saes"
+    __table_args__ = (Index("ix_saes_owner_id_created_at", "owner_id", "created_at"),)
 
     id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
+    owner_id: Mapped[str | None] = mapped_column(String(36), ForeignKey("users.id", ondelete="CASCADE"))
     name: Mapped[str | None] = mapped_column(String(200))
     family: Mapped[str] = mapped_column(String(32))
     architecture: Mapped[str] = mapped_column(String(32))
@@ -99,9 +132,14 @@ class Job(Base):
         CheckConstraint("progress >= 0 AND progress <= 1", name="ck_jobs_progress"),
         Index("ix_jobs_created_at_id", "created_at", "id"),
         Index("ix_jobs_status_created_at", "status", "created_at"),
+        Index("ix_jobs_owner_id_created_at", "owner_id", "created_at"),
+        UniqueConstraint("owner_id", "idempotency_key", name="uq_jobs_owner_id_idempotency_key"),
     )
 
     id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
+    owner_id: Mapped[str | None] = mapped_column(String(36), ForeignKey("users.id", ondelete="CASCADE"))
+    idempotency_key: Mapped[str | None] = mapped_column(String(255), doc="Client's Idempotency-Key header.")
+    request_sha256: Mapped[str | None] = mapped_column(String(64), doc="Hash of the canonical request body.")
     status: Mapped[str] = mapped_column(String(16), default="queued")
     # One of rsae.config.STAGES; checked in code, not by a constraint, so the core can add a stage
     # without a migration.
