@@ -13,6 +13,7 @@ from worker.celery_app import create_celery
 from .api.routes import health, jobs, saes
 from .config import Settings, get_settings
 from .db import make_engine
+from .limits import BodyLimitMiddleware
 from .problems import PROBLEM_JSON, install_problem_handlers
 
 
@@ -44,6 +45,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.sessionmaker = sessionmaker(engine, expire_on_commit=False)
     app.state.celery = create_celery(settings)
     install_problem_handlers(app)
+    app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes,
+                       max_upload_bytes=settings.max_upload_bytes)
     for module in (health, saes, jobs):
         app.include_router(module.router)
     return app

@@ -8,6 +8,9 @@ Examples:
     rsae-service up                           # one machine: own Redis (if RSAE_BROKER_URL unset), SQLite
                                               # (if RSAE_DATABASE_URL unset), worker and API; Ctrl-C stops
     rsae-service demo                         # train a teacher, upgrade it over HTTP, print the metrics
+    rsae-service token create --user alice    # print a new API token for alice (shown once)
+    rsae-service token list                   # tokens: prefix, user, label, created, last used, revoked
+    rsae-service token revoke --prefix rsae_AbC1234
 """
 
 from __future__ import annotations
@@ -89,6 +92,45 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(port=args.port, timeout=args.timeout)
 
 
+def cmd_token(args: argparse.Namespace) -> int:
+    """Create, list or revoke API tokens, directly in the database (run where the database is reachable)."""
+    from sqlalchemy import select
+
+    from .auth import issue_token, revoke_tokens
+    from .db import get_sessionmaker
+    from .models import ApiToken, User
+
+    make_session = get_sessionmaker(get_settings().database_url)
+    if args.action == "create":
+        try:
+            with make_session.begin() as s:
+                issued = issue_token(s, args.user, args.name)
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        print(f"# token for user {issued.user_name!r} (prefix {issued.prefix}); it is shown only now",
+              file=sys.stderr)
+        print(issued.token)
+        return 0
+    if args.action == "list":
+        with make_session() as s:
+            rows = s.execute(select(ApiToken, User.name).join(User, User.id == ApiToken.user_id)
+                             .order_by(ApiToken.created_at))
+            print(f"{'prefix':<13} {'user':<20} {'label':<16} {'created':<20} {'last used':<20} revoked")
+            for tok, user in rows:
+                fmt = (lambda t: t.strftime("%Y-%m-%d %H:%M:%S") if t else "-")
+                print(f"{tok.prefix:<13} {user:<20} {tok.name or '-':<16} {fmt(tok.created_at):<20} "
+                      f"{fmt(tok.last_used_at):<20} {fmt(tok.revoked_at)}")
+        return 0
+    if args.prefix is None and args.user is None:
+        print("error: give --prefix or --user", file=sys.stderr)
+        return 2
+    with make_session.begin() as s:
+        n = revoke_tokens(s, prefix=args.prefix, user_name=args.user)
+    print(f"revoked {n} token(s)")
+    return 0 if n else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``rsae-service``."""
     p = argparse.ArgumentParser(prog="rsae-service", description=__doc__,
@@ -121,6 +163,17 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--port", type=int, default=0, help="API port (0: a free one)")
     d.add_argument("--timeout", type=float, default=3 * 3600, help="seconds to wait for the job")
     d.set_defaults(func=cmd_demo)
+
+    t = sub.add_parser("token", help="create, list or revoke API tokens")
+    tsub = t.add_subparsers(dest="action", required=True)
+    tc = tsub.add_parser("create", help="print a new token for a user (created if missing)")
+    tc.add_argument("--user", required=True, help="user name (letters, digits, '._@-')")
+    tc.add_argument("--name", help="label of the token, e.g. the machine it is for")
+    tsub.add_parser("list", help="list tokens (prefixes only; secrets are never stored)")
+    tr = tsub.add_parser("revoke", help="revoke tokens by prefix and/or user")
+    tr.add_argument("--prefix", help="the token's first 12 characters (as listed)")
+    tr.add_argument("--user", help="revoke every token of this user")
+    t.set_defaults(func=cmd_token)
     return p
 
 

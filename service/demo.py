@@ -20,7 +20,9 @@ import httpx
 from rsae.config import DEFAULT_MODEL
 
 from .client import ApiError, download_artifacts, submit_job, upload_sae, wait_for_job
+from .auth import issue_token
 from .config import Settings
+from .db import get_sessionmaker
 from .embedded import Stack
 
 DEMO_LAYER = 3
@@ -71,15 +73,17 @@ def metrics_table(report: dict[str, Any]) -> str:
 
 
 def curl_commands(base: str, teacher: Path, body: dict[str, Any], job_id: str) -> str:
-    """The curl equivalents of what the demo did over HTTP."""
+    """The curl equivalents of what the demo did over HTTP (token in ``$RSAE_TOKEN``)."""
     q = shlex.quote
+    auth = '-H "Authorization: Bearer $RSAE_TOKEN"'
     return "\n".join([
-        f"curl -sS -F cfg=@{q(str(teacher / 'cfg.json'))} "
+        "export RSAE_TOKEN=$(rsae-service token create --user $USER)",
+        f"curl -sS {auth} -F cfg=@{q(str(teacher / 'cfg.json'))} "
         f"-F weights=@{q(str(teacher / 'sae_weights.safetensors'))} -F name=demo-teacher {base}/saes",
-        f"curl -sS -X POST -H 'Content-Type: application/json' -d {q(json.dumps(body))} {base}/jobs",
-        f"curl -sS {base}/jobs/{job_id}",
-        f"curl -sS {base}/jobs/{job_id}/artifacts",
-        f"curl -sS -OJ {base}/jobs/{job_id}/artifacts/sae_weights.safetensors",
+        f"curl -sS {auth} -X POST -H 'Content-Type: application/json' -d {q(json.dumps(body))} {base}/jobs",
+        f"curl -sS {auth} {base}/jobs/{job_id}",
+        f"curl -sS {auth} {base}/jobs/{job_id}/artifacts",
+        f"curl -sS {auth} -OJ {base}/jobs/{job_id}/artifacts/sae_weights.safetensors",
     ])
 
 
@@ -98,7 +102,10 @@ def run_demo(port: int = 0, timeout: float = 3 * 3600) -> int:
              f"{settings.data_dir / 'logs'})")
         try:
             teacher = ensure_teacher(settings.data_dir / "teacher")
-            with httpx.Client(base_url=base, timeout=120) as client:
+            with get_sessionmaker(settings.database_url).begin() as s:
+                token = issue_token(s, "demo", "rsae-service demo").token
+            with httpx.Client(base_url=base, timeout=120,
+                              headers={"Authorization": f"Bearer {token}"}) as client:
                 sae = upload_sae(client, teacher, name="demo-teacher")
                 _say(f"uploaded teacher: sae id {sae['id']} ({sae['family']}, {sae['d_in']} -> {sae['d_sae']})")
                 body = {"model": DEFAULT_MODEL, "layer": DEMO_LAYER, "teacher": {"sae_id": sae["id"]}}

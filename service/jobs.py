@@ -27,10 +27,12 @@ def add_event(session: Session, job_id: str, type_: str, data: dict[str, Any]) -
     session.add(JobEvent(job_id=job_id, type=type_, data=data, created_at=utcnow()))
 
 
-def transition(session: Session, job_id: str, from_states: Iterable[str], to: str, **values: Any) -> bool:
+def transition(session: Session, job_id: str, from_states: Iterable[str], to: str, *,
+               where: Iterable[Any] = (), **values: Any) -> bool:
     """Move job ``job_id`` to status ``to`` if it is in one of ``from_states``; record a status event.
 
-    ``values`` are further columns to set (e.g. ``error``, ``started_at``, ``attempt=Job.attempt + 1``).
+    ``where`` are further conditions (e.g. ``Job.lease_owner == me``: only the lease holder may finish a
+    job). ``values`` are further columns to set (e.g. ``error``, ``started_at``, ``attempt=Job.attempt + 1``).
     ``updated_at`` is always set, ``finished_at`` too when ``to`` is terminal. Does not commit, and does not
     refresh a loaded ``Job`` object (call ``session.refresh``).
 
@@ -42,7 +44,8 @@ def transition(session: Session, job_id: str, from_states: Iterable[str], to: st
     if to in TERMINAL_STATUSES:
         values.setdefault("finished_at", now)
     result = session.execute(
-        update(Job).where(Job.id == job_id, Job.status.in_(tuple(from_states))).values(status=to, **values),
+        update(Job).where(Job.id == job_id, Job.status.in_(tuple(from_states)), *where)
+        .values(status=to, **values),
         execution_options={"synchronize_session": False})
     if result.rowcount != 1:
         return False
@@ -53,16 +56,20 @@ def transition(session: Session, job_id: str, from_states: Iterable[str], to: st
     return True
 
 
-def resolve_teacher(session: Session, settings: Settings, ref: TeacherRef) -> str:
+def resolve_teacher(session: Session, settings: Settings, ref: TeacherRef, owner_id: str | None = None) -> str:
     """The teacher folder a job reads: the uploaded SAE's folder, or the given server-side path.
 
+    Args:
+        owner_id: when given (the API), the SAE must belong to this user; another user's SAE is reported
+            exactly like a missing one. The worker passes None (the job was checked when it was accepted).
+
     Raises:
-        rsae.errors.TeacherError: ``teacher.sae_id`` names no uploaded SAE.
+        rsae.errors.TeacherError: ``teacher.sae_id`` names no uploaded SAE (of ``owner_id``).
     """
     if ref.path is not None:
         return ref.path
     sae = session.get(Sae, ref.sae_id) if is_uuid(ref.sae_id) else None
-    if sae is None:
+    if sae is None or (owner_id is not None and sae.owner_id != owner_id):
         raise TeacherError(f"no uploaded SAE with id {ref.sae_id!r} (POST /saes first)", field="teacher.sae_id")
     return str(settings.uploads_dir / sae.path)
 

@@ -103,9 +103,9 @@ async def _problem_error(request: Request, exc: ProblemError) -> JSONResponse:
 async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
     phrase = HTTPStatus(exc.status_code).phrase
     detail = exc.detail if isinstance(exc.detail, str) else phrase
-    code = phrase.lower().replace(" ", "_").replace("-", "_")
-    return problem_response(exc.status_code, code, detail, instance=request.url.path,
-                            headers=getattr(exc, "headers", None))
+    code = getattr(exc, "code", None) or phrase.lower().replace(" ", "_").replace("-", "_")
+    return problem_response(exc.status_code, code, detail, field=getattr(exc, "field", None),
+                            instance=request.url.path, headers=getattr(exc, "headers", None))
 
 
 async def _request_validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:

@@ -77,7 +77,7 @@ def db(database_url: str) -> Iterator[Session]:
 def clean_db(database_url: str) -> None:
     """Empty every table (the schema stays)."""
     with get_sessionmaker(database_url).begin() as s:
-        s.execute(text("TRUNCATE job_events, artifacts, jobs, saes RESTART IDENTITY CASCADE"))
+        s.execute(text("TRUNCATE job_events, artifacts, jobs, saes, api_tokens, users RESTART IDENTITY CASCADE"))
 
 
 def _flushed_redis(db: int) -> Iterator[redis.Redis]:
@@ -114,10 +114,37 @@ def settings(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, database_url: str)
     get_settings.cache_clear()
 
 
+def make_token(database_url: str, user: str = "alice") -> str:
+    """A new API token of ``user`` (created if missing), straight in the database as the CLI does."""
+    from service.auth import issue_token
+
+    with get_sessionmaker(database_url).begin() as s:
+        return issue_token(s, user, "tests").token
+
+
+def bearer(token: str) -> dict[str, str]:
+    """The ``Authorization`` header for ``token``."""
+    return {"Authorization": f"Bearer {token}"}
+
+
 @pytest.fixture
-def client(settings: Settings, clean_db: None, broker: redis.Redis) -> Iterator[TestClient]:
-    """The API (``create_app()`` from the environment) on an empty database and an empty broker."""
-    with TestClient(create_app()) as c:
+def api_token(database_url: str, clean_db: None) -> str:
+    """A bearer token of user ``alice`` on the (emptied) test database."""
+    return make_token(database_url, "alice")
+
+
+@pytest.fixture
+def client(settings: Settings, api_token: str, broker: redis.Redis) -> Iterator[TestClient]:
+    """The API (``create_app()`` from the environment) on an empty database and an empty broker,
+    authenticated as ``alice`` (the ``Authorization`` header is sent with every request)."""
+    with TestClient(create_app(), headers=bearer(api_token)) as c:
+        yield c
+
+
+@pytest.fixture
+def other_client(settings: Settings, client: TestClient, database_url: str) -> Iterator[TestClient]:
+    """The same API as ``client``, authenticated as another user, ``mallory``."""
+    with TestClient(client.app, headers=bearer(make_token(database_url, "mallory"))) as c:
         yield c
 
 

@@ -33,6 +33,8 @@ from service.migrate import alembic_config, upgrade
 from service.models import Artifact, Base, Job, JobEvent, utcnow
 from worker.tasks import JobReporter
 
+from conftest import bearer, make_token
+
 PROBLEM = "application/problem+json"
 
 
@@ -78,7 +80,7 @@ def fresh_app(monkeypatch: pytest.MonkeyPatch, **env: str) -> TestClient:
     for k, v in env.items():
         monkeypatch.setenv(f"RSAE_{k.upper()}", v)
     get_settings.cache_clear()
-    return TestClient(create_app())
+    return TestClient(create_app(), headers=bearer(make_token(get_settings().database_url)))
 
 
 @pytest.fixture
@@ -440,7 +442,7 @@ def test_sqlite_mode(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, broker: re
     url = get_settings().database_url
     assert url == f"sqlite:///{tmp_path / 'data' / 'rsae.db'}"
     upgrade(url)
-    with TestClient(create_app()) as c:
+    with TestClient(create_app(), headers=bearer(make_token(url))) as c:
         sae_id = upload_sae(c, make_teacher())["id"]
         ids = [c.post("/jobs", json=job_body(sae_id)).json()["id"] for _ in range(3)]
         first = c.get("/jobs", params={"limit": 2}).json()

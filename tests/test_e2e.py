@@ -17,13 +17,16 @@ from typing import Any
 import httpx
 import pytest
 import torch
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from service.client import download_artifacts, submit_job, upload_sae, wait_for_job
 from service.config import Settings
 from service.embedded import Stack, wait_until
-from service.models import Job, utcnow
+from service.models import Job, User, utcnow
 from worker.celery_app import create_celery, enqueue_upgrade
+
+from conftest import bearer
 
 pytestmark = pytest.mark.e2e
 
@@ -57,9 +60,9 @@ def teacher_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture
-def http(stack: Stack) -> Iterator[httpx.Client]:
-    """An HTTP client for the stack's API."""
-    with httpx.Client(base_url=stack.base_url, timeout=60) as c:
+def http(stack: Stack, api_token: str) -> Iterator[httpx.Client]:
+    """An HTTP client for the stack's API, authenticated as ``alice``."""
+    with httpx.Client(base_url=stack.base_url, timeout=60, headers=bearer(api_token)) as c:
         yield c
 
 
@@ -67,7 +70,8 @@ def test_worker_records_failure_and_ignores_duplicate_messages(stack: Stack, htt
                                                                 db: Session) -> None:
     """The real worker claims the row, fails it with the core's error (no numerical work needed: the
     teacher id resolves to nothing), and a redelivered message for a finished job is a no-op."""
-    job = Job(status="queued", progress=0.0, attempt=0, created_at=utcnow(), updated_at=utcnow(),
+    alice = db.scalar(select(User.id).where(User.name == "alice"))
+    job = Job(status="queued", progress=0.0, attempt=0, created_at=utcnow(), updated_at=utcnow(), owner_id=alice,
               request={"model": "smollm2-135m", "layer": 3, "teacher": {"sae_id": "deleted-sae"}})
     db.add(job)
     db.commit()

@@ -4,22 +4,25 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import json
 import logging
 import os
 from datetime import datetime
 
-from fastapi import APIRouter, Query, Request, Response
+from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.responses import FileResponse
 from pydantic import ValidationError
-from sqlalchemy import and_, or_, select
+from sqlalchemy import and_, func, or_, select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, selectinload
 
 from rsae.config import DEFAULT_DATASET
 from service.api.deps import CeleryDep, LimitDep, SessionDep, SettingsDep
+from service.auth import UserDep
 from service.config import Settings
 from service.jobs import add_event, build_upgrade_config, resolve_teacher, transition, upgrade_config_errors
-from service.models import Job, JobEvent, is_uuid
+from service.models import TERMINAL_STATUSES, Job, JobEvent, User, is_uuid
 from service.problems import NotFound, ProblemError, validation_error
 from service.schemas import ArtifactOut, EventOut, JobCreate, JobOut, JobPage, JobStatus
 from worker.celery_app import enqueue_upgrade
@@ -27,15 +30,62 @@ from worker.celery_app import enqueue_upgrade
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/jobs", tags=["jobs"])
 
-_NOT_FOUND = {404: {"description": "unknown job (problem+json)"}}
+_NOT_FOUND = {404: {"description": "unknown job, or another user's (problem+json)"}}
+MAX_IDEMPOTENCY_KEY_CHARS = 255
 
 
 # -- helpers ---------------------------------------------------------------------------------------
-def _job_or_404(session: Session, job_id: str) -> Job:
+def _job_or_404(session: Session, job_id: str, user: User) -> Job:
+    """The job ``job_id`` of ``user``; another user's job is a 404 exactly like an unknown id."""
     job = session.get(Job, job_id, options=[selectinload(Job.artifacts)]) if is_uuid(job_id) else None
-    if job is None:
+    if job is None or job.owner_id != user.id:
         raise NotFound("job", job_id)
     return job
+
+
+def _request_sha256(body: JobCreate) -> str:
+    """SHA-256 of the request in canonical JSON (defaults filled in, keys sorted): equal bodies, equal hash."""
+    canonical = json.dumps(body.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def _check_idempotency_key(key: str | None) -> str | None:
+    if key is None:
+        return None
+    if not 1 <= len(key) <= MAX_IDEMPOTENCY_KEY_CHARS or not key.isprintable() or not key.isascii():
+        raise ProblemError(422, "validation_error", f"Idempotency-Key must be 1-{MAX_IDEMPOTENCY_KEY_CHARS} "
+                           "printable ASCII characters", field="Idempotency-Key")
+    return key
+
+
+def _replay(session: Session, user: User, key: str, digest: str, response: Response) -> JobOut | None:
+    """The job created earlier with Idempotency-Key ``key`` (same body), or None if the key is new.
+
+    Raises:
+        ProblemError: 422 ``idempotency_key_reused`` when the key was used with a different body.
+    """
+    job = session.scalar(select(Job).options(selectinload(Job.artifacts))
+                         .where(Job.owner_id == user.id, Job.idempotency_key == key))
+    if job is None:
+        return None
+    if job.request_sha256 != digest:
+        raise ProblemError(422, "idempotency_key_reused", "this Idempotency-Key was already used with a "
+                           f"different request body (job {job.id}); use a new key for a new job",
+                           field="Idempotency-Key", job_id=job.id)
+    response.status_code = 200
+    response.headers["Location"] = f"/jobs/{job.id}"
+    response.headers["Idempotent-Replayed"] = "true"
+    return JobOut.from_row(job)
+
+
+def _check_quota(session: Session, user: User, settings: Settings) -> None:
+    """429 with Retry-After when ``user`` already has ``max_active_jobs_per_user`` unfinished jobs."""
+    active = session.scalar(select(func.count()).select_from(Job).where(
+        Job.owner_id == user.id, Job.status.not_in(tuple(TERMINAL_STATUSES))))
+    if active >= settings.max_active_jobs_per_user:
+        raise ProblemError(429, "too_many_jobs", f"you have {active} unfinished jobs, the limit is "
+                           f"{settings.max_active_jobs_per_user}; wait for some to finish or cancel them",
+                           headers={"Retry-After": "60"})
 
 
 def _is_local_path(value: str) -> bool:
@@ -80,25 +130,47 @@ def _decode_cursor(cursor: str) -> tuple[datetime, str]:
 
 # -- routes ----------------------------------------------------------------------------------------
 @router.post("", status_code=202, responses={
-    422: {"description": "invalid request (problem+json naming the field)"},
+    200: {"description": "replay: a job was already created with this Idempotency-Key and body"},
+    401: {"description": "missing or bad bearer token"},
+    422: {"description": "invalid request (problem+json naming the field), or Idempotency-Key reused "
+          "with another body"},
+    429: {"description": "too many unfinished jobs (Retry-After)"},
     503: {"description": "job recorded as failed: the broker is unreachable (code enqueue_failed)"}})
 def create_job(body: JobCreate, response: Response, session: SessionDep, settings: SettingsDep,
-               celery: CeleryDep) -> JobOut:
+               celery: CeleryDep, user: UserDep,
+               idempotency_key: str | None = Header(
+                   None, alias="Idempotency-Key", description="Client-chosen key (1-255 printable ASCII "
+                   "characters): the same key with the same body returns the same job (200) instead of "
+                   "creating another; the same key with another body is a 422.")) -> JobOut:
     """Create an upgrade job: validate it fully, commit the row (status ``queued``), then enqueue its id.
 
     If publishing to the broker fails after the commit, the job is marked ``failed`` with error code
     ``enqueue_failed`` (so it never lingers as ``queued``) and the answer is a 503 problem carrying
-    ``job_id``.
+    ``job_id``. The user's row is locked for the duration, so one user's concurrent submissions are
+    serialised (the quota and the idempotency check cannot be raced).
     """
+    key = _check_idempotency_key(idempotency_key)
+    digest = _request_sha256(body)
+    session.scalar(select(User.id).where(User.id == user.id).with_for_update())  # no-op lock on SQLite
+    if key is not None and (replay := _replay(session, user, key, digest, response)) is not None:
+        return replay
+    _check_quota(session, user, settings)
     _check_local_paths(body, settings)
-    teacher = resolve_teacher(session, settings, body.teacher)
+    teacher = resolve_teacher(session, settings, body.teacher, owner_id=user.id)
     try:
         build_upgrade_config(body, teacher)
     except ValidationError as e:
         raise validation_error(upgrade_config_errors(e)) from None
-    job = Job(status="queued", stage=None, progress=0.0, attempt=0, request=body.model_dump(mode="json"))
+    job = Job(status="queued", stage=None, progress=0.0, attempt=0, request=body.model_dump(mode="json"),
+              owner_id=user.id, idempotency_key=key, request_sha256=digest)
     session.add(job)
-    session.flush()
+    try:
+        session.flush()
+    except IntegrityError:  # the same key committed by a concurrent request (only without the row lock)
+        session.rollback()
+        if key is not None and (replay := _replay(session, user, key, digest, response)) is not None:
+            return replay
+        raise
     add_event(session, job.id, "status", {"status": "queued"})
     session.commit()
     try:
@@ -117,12 +189,13 @@ def create_job(body: JobCreate, response: Response, session: SessionDep, setting
 
 
 @router.get("")
-def list_jobs(session: SessionDep, limit: LimitDep,
+def list_jobs(session: SessionDep, limit: LimitDep, user: UserDep,
               after: str | None = Query(None, description="next_cursor of the previous page."),
               status: JobStatus | None = Query(None, description="Only jobs in this status.")  # type: ignore[valid-type]
               ) -> JobPage:
-    """Jobs, newest first, ``limit`` per page; follow ``next_cursor`` (null on the last page)."""
-    q = select(Job).options(selectinload(Job.artifacts)).order_by(Job.created_at.desc(), Job.id.desc())
+    """Your jobs, newest first, ``limit`` per page; follow ``next_cursor`` (null on the last page)."""
+    q = (select(Job).options(selectinload(Job.artifacts)).where(Job.owner_id == user.id)
+         .order_by(Job.created_at.desc(), Job.id.desc()))
     if status is not None:
         q = q.where(Job.status == status)
     if after is not None:
@@ -136,16 +209,16 @@ def list_jobs(session: SessionDep, limit: LimitDep,
 
 
 @router.get("/{job_id}", responses=_NOT_FOUND)
-def get_job(job_id: str, session: SessionDep) -> JobOut:
+def get_job(job_id: str, session: SessionDep, user: UserDep) -> JobOut:
     """One job: status, stage, progress, timestamps, request echo, metrics, error, artifacts."""
-    return JobOut.from_row(_job_or_404(session, job_id))
+    return JobOut.from_row(_job_or_404(session, job_id, user))
 
 
 @router.post("/{job_id}/cancel", responses=_NOT_FOUND)
-def cancel_job(job_id: str, session: SessionDep) -> JobOut:
+def cancel_job(job_id: str, session: SessionDep, user: UserDep) -> JobOut:
     """Cooperative cancel, safe to repeat: queued -> cancelled; running -> cancelling (the worker stops
     at its next check and sets cancelled); any other status is left as it is."""
-    job = _job_or_404(session, job_id)
+    job = _job_or_404(session, job_id, user)
     if not transition(session, job_id, {"queued"}, "cancelled"):
         transition(session, job_id, {"running"}, "cancelling")
     session.commit()
@@ -154,12 +227,12 @@ def cancel_job(job_id: str, session: SessionDep) -> JobOut:
 
 
 @router.get("/{job_id}/events", responses=_NOT_FOUND)
-def list_events(job_id: str, session: SessionDep, limit: LimitDep,
+def list_events(job_id: str, session: SessionDep, limit: LimitDep, user: UserDep,
                 after: int | None = Query(None, ge=0, le=2**63 - 1,
                                          description="Id of the last event already seen.")
                 ) -> list[EventOut]:
     """The job's events in order (status, progress, metrics, log), after event id ``after``."""
-    _job_or_404(session, job_id)
+    _job_or_404(session, job_id, user)
     q = select(JobEvent).where(JobEvent.job_id == job_id).order_by(JobEvent.id).limit(limit)
     if after is not None:
         q = q.where(JobEvent.id > after)
@@ -167,18 +240,18 @@ def list_events(job_id: str, session: SessionDep, limit: LimitDep,
 
 
 @router.get("/{job_id}/artifacts", responses=_NOT_FOUND)
-def list_artifacts(job_id: str, session: SessionDep) -> list[ArtifactOut]:
+def list_artifacts(job_id: str, session: SessionDep, user: UserDep) -> list[ArtifactOut]:
     """The job's files: name, kind, content type, size, sha256, download url."""
-    return [ArtifactOut.from_row(a) for a in _job_or_404(session, job_id).artifacts]
+    return [ArtifactOut.from_row(a) for a in _job_or_404(session, job_id, user).artifacts]
 
 
 @router.get("/{job_id}/artifacts/{name}", response_class=FileResponse, responses={
     200: {"description": "the file; ETag is its sha256; byte ranges supported"},
     206: {"description": "partial content"}, 304: {"description": "not modified"}, **_NOT_FOUND})
 def download_artifact(job_id: str, name: str, request: Request, session: SessionDep,
-                      settings: SettingsDep) -> Response:
+                      settings: SettingsDep, user: UserDep) -> Response:
     """Download one file. The name is looked up in the artifacts table, never joined into a path."""
-    art = next((a for a in _job_or_404(session, job_id).artifacts if a.name == name), None)
+    art = next((a for a in _job_or_404(session, job_id, user).artifacts if a.name == name), None)
     if art is None:
         raise ProblemError(404, "artifact_not_found", f"job {job_id} has no artifact {name!r}", field="name")
     root = settings.artifacts_dir

@@ -16,6 +16,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from rsae.errors import TeacherError
 from rsae.sae import CFG_NAME, WEIGHTS_NAME, SAE, load_sae
 from service.api.deps import LimitDep, SessionDep, SettingsDep
+from service.auth import UserDep
 from service.config import Settings
 from service.models import Sae, is_uuid, new_id, utcnow
 from service.problems import NotFound, ProblemError
@@ -62,9 +63,9 @@ def _validate_teacher(folder: Path) -> SAE:
 
 
 def _register(make_session: sessionmaker[Session], settings: Settings, tmp: Path, form: ReceivedForm,
-              sae: SAE) -> Sae:
+              sae: SAE, owner_id: str) -> Sae:
     """Move the validated upload to ``<uploads>/<id>/`` and insert its row (folder removed on failure)."""
-    row = Sae(id=new_id(), name=form.text.get("name") or None, family=sae.family,
+    row = Sae(id=new_id(), owner_id=owner_id, name=form.text.get("name") or None, family=sae.family,
               architecture=sae.architecture, d_in=sae.d_in, d_sae=sae.d_sae, sha256=form.sha256["weights"],
               cfg=json.loads((tmp / CFG_NAME).read_text(encoding="utf-8")), created_at=utcnow())
     row.path = row.id
@@ -82,7 +83,7 @@ def _register(make_session: sessionmaker[Session], settings: Settings, tmp: Path
 @router.post("", status_code=201, openapi_extra={"requestBody": _UPLOAD_BODY},
              responses={413: {"description": "upload too large"}, 415: {"description": "not multipart"},
                         422: {"description": "invalid teacher (field named)"}})
-async def upload_sae(request: Request, response: Response, settings: SettingsDep) -> SaeOut:
+async def upload_sae(request: Request, response: Response, settings: SettingsDep, user: UserDep) -> SaeOut:
     """Upload a teacher SAE (multipart fields ``cfg``, ``weights``, optional ``name``).
 
     The body is streamed to a temporary folder under the uploads dir (413 past ``max_upload_bytes``),
@@ -102,7 +103,8 @@ async def upload_sae(request: Request, response: Response, settings: SettingsDep
             raise ProblemError(422, "validation_error", f"name must be at most {MAX_NAME_CHARS} printable "
                                "characters", field="name")
         sae = await run_in_threadpool(_validate_teacher, tmp)
-        row = await run_in_threadpool(_register, request.app.state.sessionmaker, settings, tmp, form, sae)
+        row = await run_in_threadpool(_register, request.app.state.sessionmaker, settings, tmp, form, sae,
+                                     user.id)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # gone already after a successful move
     response.headers["Location"] = f"/saes/{row.id}"
@@ -110,16 +112,16 @@ async def upload_sae(request: Request, response: Response, settings: SettingsDep
 
 
 @router.get("")
-def list_saes(session: SessionDep, limit: LimitDep) -> list[SaeOut]:
-    """The ``limit`` most recently uploaded teacher SAEs, newest first."""
-    rows = session.scalars(select(Sae).order_by(Sae.created_at.desc(), Sae.id.desc()).limit(limit))
+def list_saes(session: SessionDep, limit: LimitDep, user: UserDep) -> list[SaeOut]:
+    """Your ``limit`` most recently uploaded teacher SAEs, newest first."""
+    rows = session.scalars(select(Sae).where(Sae.owner_id == user.id).order_by(Sae.created_at.desc(), Sae.id.desc()).limit(limit))
     return [SaeOut.from_row(r) for r in rows]
 
 
 @router.get("/{sae_id}", responses={404: {"description": "unknown id"}})
-def get_sae(sae_id: str, session: SessionDep) -> SaeOut:
-    """One uploaded teacher SAE."""
+def get_sae(sae_id: str, session: SessionDep, user: UserDep) -> SaeOut:
+    """One of your uploaded teacher SAEs (another user's id is a 404, like an unknown one)."""
     row = session.get(Sae, sae_id) if is_uuid(sae_id) else None
-    if row is None:
+    if row is None or row.owner_id != user.id:
         raise NotFound("sae", sae_id)
     return SaeOut.from_row(row)

@@ -1,0 +1,159 @@
+"""Bearer API tokens: creation (CLI), hashed storage, and the FastAPI dependency that authenticates a request.
+
+A token is ``rsae_`` + 43 URL-safe base64 characters (32 random bytes from :mod:`secrets`). Only its SHA-256
+is stored (``api_tokens.token_hash``): a token has 256 bits of entropy, so a fast hash is enough (a slow
+password hash such as bcrypt defends low-entropy secrets, which these are not), and lookup by hash is one
+indexed query. The first characters (``prefix``) identify a token in listings and revocation. The scheme
+follows RFC 6750 (``Authorization: Bearer <token>``; a missing or bad token answers 401 with
+``WWW-Authenticate: Bearer``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import re
+import secrets
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Annotated
+
+from fastapi import Depends, Request
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from .db import SessionDep
+from .models import ApiToken, User, utcnow
+from .problems import ProblemError
+
+TOKEN_PREFIX = "rsae_"
+"""Every token starts with this (lets secret scanners recognise leaked tokens)."""
+PREFIX_CHARS = 12
+"""Characters of a token kept in clear (``prefix``) to name it in listings: ``rsae_`` + 7."""
+USER_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,99}$")
+"""Allowed user names: 1-100 characters, letters, digits and ``._@-``, not starting with punctuation."""
+_TOKEN_RE = re.compile(rf"^{TOKEN_PREFIX}[A-Za-z0-9_-]{{43}}$")
+LAST_USED_RESOLUTION = timedelta(minutes=1)
+"""``last_used_at`` is rewritten at most this often per token (saves a write per request)."""
+
+
+class AuthError(ProblemError):
+    """401 problem with ``WWW-Authenticate: Bearer`` (RFC 6750 section 3)."""
+
+    def __init__(self, detail: str, error: str = "invalid_token") -> None:
+        super().__init__(401, "unauthorized", detail, field="Authorization",
+                         headers={"WWW-Authenticate": f'Bearer realm="rsae", error="{error}"'})
+
+
+def hash_token(token: str) -> str:
+    """SHA-256 hex digest (64 characters) of ``token``: the only form in which tokens are stored."""
+    return hashlib.sha256(token.encode("utf-8")).hexdigest()
+
+
+def generate_token() -> str:
+    """A new random token: ``rsae_`` + 43 URL-safe base64 characters (32 bytes from :func:`secrets.token_urlsafe`)."""
+    return TOKEN_PREFIX + secrets.token_urlsafe(32)
+
+
+@dataclass(frozen=True)
+class IssuedToken:
+    """A token just created: the secret (shown once, never stored) and its row's id, prefix and user."""
+
+    token: str
+    token_id: str
+    prefix: str
+    user_id: str
+    user_name: str
+
+
+def get_or_create_user(session: Session, name: str) -> User:
+    """The user called ``name``, created if missing (flushes, does not commit).
+
+    Raises:
+        ValueError: ``name`` does not match :data:`USER_NAME_RE`.
+    """
+    if not USER_NAME_RE.match(name):
+        raise ValueError(f"invalid user name {name!r}: 1-100 letters, digits or '._@-', starting with a "
+                         "letter or digit")
+    user = session.scalar(select(User).where(User.name == name))
+    if user is None:
+        user = User(name=name, created_at=utcnow())
+        session.add(user)
+        session.flush()
+    return user
+
+
+def issue_token(session: Session, user_name: str, label: str | None = None) -> IssuedToken:
+    """Create a token for ``user_name`` (creating the user if needed). Flushes; the caller commits.
+
+    Raises:
+        ValueError: invalid user name, or a label longer than 100 characters.
+    """
+    if label is not None and len(label) > 100:
+        raise ValueError("token label must be at most 100 characters")
+    user = get_or_create_user(session, user_name)
+    token = generate_token()
+    row = ApiToken(user_id=user.id, name=label, prefix=token[:PREFIX_CHARS], token_hash=hash_token(token),
+                   created_at=utcnow())
+    session.add(row)
+    session.flush()
+    return IssuedToken(token=token, token_id=row.id, prefix=row.prefix, user_id=user.id, user_name=user.name)
+
+
+def revoke_tokens(session: Session, *, prefix: str | None = None, user_name: str | None = None) -> int:
+    """Revoke the live tokens matching ``prefix`` (a token's first characters) and/or ``user_name``.
+
+    Returns:
+        How many tokens were revoked (0 if none matched). Flushes; the caller commits.
+
+    Raises:
+        ValueError: neither filter given.
+    """
+    if prefix is None and user_name is None:
+        raise ValueError("give a token prefix or a user name")
+    q = update(ApiToken).where(ApiToken.revoked_at.is_(None)).values(revoked_at=utcnow())
+    if prefix is not None:
+        q = q.where(ApiToken.prefix == prefix[:PREFIX_CHARS])
+    if user_name is not None:
+        q = q.where(ApiToken.user_id.in_(select(User.id).where(User.name == user_name)))
+    return session.execute(q, execution_options={"synchronize_session": False}).rowcount
+
+
+def authenticate(session: Session, authorization: str | None) -> User:
+    """The user owning the bearer token in the ``Authorization`` header value.
+
+    Raises:
+        AuthError: header missing, not ``Bearer <token>``, malformed token, unknown or revoked token.
+    """
+    if not authorization:
+        raise AuthError("missing 'Authorization: Bearer <token>' header (create a token with "
+                        "'rsae-service token create --user NAME')", error="invalid_request")
+    scheme, _, token = authorization.strip().partition(" ")
+    token = token.strip()
+    if scheme.lower() != "bearer" or not token:
+        raise AuthError("the Authorization header must be 'Bearer <token>'", error="invalid_request")
+    if not _TOKEN_RE.match(token):
+        raise AuthError("malformed API token")
+    digest = hash_token(token)
+    row = session.scalar(select(ApiToken).where(ApiToken.token_hash == digest))
+    # compare_digest: the lookup is by hash already; this keeps the final check constant-time.
+    if row is None or not hmac.compare_digest(row.token_hash, digest):
+        raise AuthError("unknown API token")
+    if row.revoked_at is not None:
+        raise AuthError("this API token was revoked")
+    now = utcnow()
+    if row.last_used_at is None or now - row.last_used_at > LAST_USED_RESOLUTION:
+        session.execute(update(ApiToken).where(ApiToken.id == row.id).values(last_used_at=now))
+        session.commit()
+    user = session.get(User, row.user_id)
+    assert user is not None  # FK with ON DELETE CASCADE: a token never outlives its user
+    return user
+
+
+def current_user(request: Request, session: SessionDep) -> User:
+    """FastAPI dependency: the authenticated user of the request (401 problem otherwise)."""
+    return authenticate(session, request.headers.get("authorization"))
+
+
+UserDep = Annotated[User, Depends(current_user)]
+"""The authenticated :class:`~service.models.User` of a request."""
