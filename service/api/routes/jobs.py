@@ -18,11 +18,12 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, selectinload
 
 from rsae.config import DEFAULT_DATASET
+from rsae.models import model_shape
 from service.api.deps import CeleryDep, LimitDep, SessionDep, SettingsDep
 from service.auth import UserDep
 from service.config import Settings
 from service.jobs import add_event, build_upgrade_config, resolve_teacher, transition, upgrade_config_errors
-from service.models import TERMINAL_STATUSES, Job, JobEvent, User, is_uuid
+from service.models import TERMINAL_STATUSES, Job, JobEvent, Sae, User, is_uuid
 from service.problems import NotFound, ProblemError, validation_error
 from service.schemas import ArtifactOut, EventOut, JobCreate, JobOut, JobPage, JobStatus
 from worker.celery_app import enqueue_upgrade
@@ -111,6 +112,29 @@ def _check_local_paths(req: JobCreate, settings: Settings) -> None:
                            "existing folder", field="teacher.path")
 
 
+def _check_model_fit(session: Session, req: JobCreate) -> None:
+    """Reject, at submission, a layer the model does not have or a teacher of another width.
+
+    Only when the model's shape is known without loading it (:func:`rsae.models.model_shape`: bundled
+    models, local folders, hub ids already cached); otherwise the worker checks it when the model loads.
+
+    Raises:
+        rsae.errors.ModelError: malformed model spec (422, field ``model``).
+        ProblemError: 422 naming ``layer`` or ``teacher.sae_id``.
+    """
+    shape = model_shape(req.model)
+    if shape is None:
+        return
+    n_layers, d_model = shape
+    if req.layer >= n_layers:
+        raise ProblemError(422, "invalid_layer", f"layer {req.layer} out of range: {req.model} has {n_layers} "
+                           f"blocks (0..{n_layers - 1})", field="layer")
+    sae = session.get(Sae, req.teacher.sae_id) if req.teacher.sae_id is not None else None
+    if sae is not None and sae.d_in != d_model:
+        raise ProblemError(422, "invalid_teacher", f"the teacher's d_in is {sae.d_in} but {req.model}'s "
+                           f"residual stream has d_model {d_model}", field="teacher.sae_id")
+
+
 def _encode_cursor(job: Job) -> str:
     raw = json.dumps([job.created_at.isoformat(), job.id]).encode()
     return base64.urlsafe_b64encode(raw).decode().rstrip("=")
@@ -157,6 +181,7 @@ def create_job(body: JobCreate, response: Response, session: SessionDep, setting
     _check_quota(session, user, settings)
     _check_local_paths(body, settings)
     teacher = resolve_teacher(session, settings, body.teacher, owner_id=user.id)
+    _check_model_fit(session, body)
     try:
         build_upgrade_config(body, teacher)
     except ValidationError as e:
