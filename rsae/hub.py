@@ -1,0 +1,169 @@
+"""Teacher SAEs named by a hub reference, resolved to a local folder with the real ``huggingface_hub`` client.
+
+Two kinds of reference:
+
+- a SAELens release and SAE id (``release="gemma-scope-2b-pt-res", sae_id="layer_12/width_16k/average_l0_82"``):
+  looked up in the ``pretrained_saes.yaml`` directory shipped inside the installed ``sae-lens`` package
+  (repo id + folder), read without importing ``sae_lens`` (whose import takes ~12 s);
+- a hub repo id ``org/name`` with an optional ``subfolder`` and ``revision``.
+
+The folder is fetched with ``huggingface_hub.snapshot_download`` restricted to ``<subfolder>/*``. Offline mode
+(``HF_HUB_OFFLINE=1``, read at call time) passes ``local_files_only=True`` so only the local cache is used;
+the cache is ``cache_dir``, else ``$HF_HUB_CACHE``, else the hub client's default. Only repo ids matching
+:data:`REPO_ID` are accepted: never a URL. The resolved folder is then read by :func:`rsae.formats.load_teacher`
+(any of its four formats).
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import TeacherError
+
+REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
+"""Accepted hub repo ids: ``org/name`` (the hub's own rules: letters, digits, ``._-``, at most 96 each)."""
+_SUBFOLDER = re.compile(r"^[A-Za-z0-9_.\-]+(/[A-Za-z0-9_.\-]+)*$")
+_REVISION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,99}$")
+_RELEASE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-]{0,199}$")
+
+
+@dataclass(frozen=True)
+class HubTeacher:
+    """A resolved hub reference: the local ``path`` to load, and where it came from."""
+
+    path: Path
+    repo_id: str
+    subfolder: str | None
+    revision: str | None
+    release: str | None = None
+    sae_id: str | None = None
+    conversion_func: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict (path as str)."""
+        return {"path": str(self.path), "repo_id": self.repo_id, "subfolder": self.subfolder,
+                "revision": self.revision, "release": self.release, "sae_id": self.sae_id,
+                "conversion_func": self.conversion_func}
+
+
+def offline() -> bool:
+    """True when ``HF_HUB_OFFLINE`` (or ``TRANSFORMERS_OFFLINE``) is set to 1/true/yes/on, read now."""
+    v = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE") or ""
+    return v.strip().lower() in {"1", "true", "yes", "on"}
+
+
+def _check_subfolder(sub: str | None, field: str) -> str | None:
+    if sub is None or sub in ("", "."):
+        return None
+    sub = sub.strip("/")
+    if not _SUBFOLDER.match(sub) or ".." in sub.split("/"):
+        raise TeacherError(f"subfolder {sub!r} must be a relative path of plain names", field=field)
+    return sub
+
+
+@functools.lru_cache(maxsize=1)
+def saelens_directory() -> dict[str, dict[str, Any]]:
+    """SAELens's pretrained SAE directory: release -> ``{"repo_id", "model", "conversion_func", "saes": {id:
+    path}}``, parsed from ``sae_lens/pretrained_saes.yaml`` of the installed ``sae-lens`` (without importing it).
+
+    Raises:
+        TeacherError: ``sae-lens`` is not installed (field ``teacher.release``).
+    """
+    spec = importlib.util.find_spec("sae_lens")
+    if spec is None or not spec.submodule_search_locations:
+        raise TeacherError("SAELens release names need the 'sae-lens' package (pip install sae-lens)",
+                           field="teacher.release")
+    import yaml
+
+    f = Path(list(spec.submodule_search_locations)[0]) / "pretrained_saes.yaml"
+    with open(f, encoding="utf-8") as fh:
+        data = yaml.load(fh, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+    out: dict[str, dict[str, Any]] = {}
+    for release, v in data.items():
+        saes = {str(s["id"]): str(s["path"]) for s in v.get("saes", [])}
+        out[release] = {"repo_id": v["repo_id"], "model": v.get("model"),
+                        "conversion_func": v.get("conversion_func"), "saes": saes}
+    return out
+
+
+def resolve_hub_teacher(*, repo_id: str | None = None, subfolder: str | None = None, revision: str | None = None,
+                        release: str | None = None, sae_id: str | None = None,
+                        cache_dir: str | Path | None = None) -> HubTeacher:
+    """Resolve a hub reference to a local teacher folder (download it unless offline).
+
+    Args:
+        repo_id, subfolder, revision: a hub repo ``org/name``, the SAE's folder in it, a branch/tag/commit.
+        release, sae_id: a SAELens release and SAE id (instead of ``repo_id``; ``revision`` still applies).
+        cache_dir: hub cache folder; default ``$HF_HUB_CACHE`` or the hub client's default.
+
+    Returns:
+        :class:`HubTeacher` with ``path`` = the snapshot folder joined with the subfolder.
+
+    Raises:
+        TeacherError: malformed or URL-like ids (``field`` ``teacher.repo_id`` / ``teacher.subfolder`` /
+            ``teacher.revision`` / ``teacher.release`` / ``teacher.sae_id``), an unknown release or SAE id, or the
+            files are neither cached nor downloadable (offline, not found, no network): ``field="teacher"``.
+    """
+    conversion = None
+    if release is not None:
+        if repo_id is not None:
+            raise TeacherError("give either a SAELens release + sae_id or a repo_id, not both", field="teacher")
+        if not isinstance(release, str) or not _RELEASE.match(release):
+            raise TeacherError(f"release {release!r} is not a SAELens release name", field="teacher.release")
+        directory = saelens_directory()
+        if release not in directory:
+            raise TeacherError(f"unknown SAELens release {release!r}", field="teacher.release")
+        entry = directory[release]
+        if not isinstance(sae_id, str) or sae_id not in entry["saes"]:
+            some = list(entry["saes"])[:5]
+            raise TeacherError(f"sae_id {sae_id!r} is not in release {release!r} (e.g. {some})",
+                               field="teacher.sae_id")
+        repo_id, subfolder, conversion = entry["repo_id"], entry["saes"][sae_id], entry["conversion_func"]
+        subfolder = _check_subfolder(subfolder, "teacher.sae_id")
+    else:
+        if not isinstance(repo_id, str) or "://" in repo_id or not REPO_ID.match(repo_id):
+            raise TeacherError(f"repo id {repo_id!r} must look like 'org/name' (URLs are not fetched)",
+                               field="teacher.repo_id")
+        subfolder = _check_subfolder(subfolder, "teacher.subfolder")
+    if revision is not None and (not _REVISION.match(revision) or ".." in revision):
+        raise TeacherError(f"revision {revision!r} is not a branch, tag or commit name", field="teacher.revision")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled
+
+    cache = cache_dir or os.environ.get("HF_HUB_CACHE") or None
+    patterns = [f"{subfolder}/*"] if subfolder else None
+    try:
+        root = snapshot_download(repo_id, revision=revision, cache_dir=cache, allow_patterns=patterns,
+                                 local_files_only=offline())
+    except (LocalEntryNotFoundError, OfflineModeIsEnabled) as e:
+        raise TeacherError(f"{repo_id}{'/' + subfolder if subfolder else ''} is not in the local hub cache "
+                           f"{cache or '(default)'} and the hub is {'offline' if offline() else 'unreachable'}: "
+                           f"{e}", field="teacher") from None
+    except (HfHubHTTPError, OSError, ValueError) as e:
+        raise TeacherError(f"could not fetch {repo_id}: {type(e).__name__}: {e}", field="teacher") from None
+    path = Path(root) / subfolder if subfolder else Path(root)
+    if not path.is_dir():
+        raise TeacherError(f"{repo_id} has no folder {subfolder!r} (revision {revision or 'main'})",
+                           field="teacher.subfolder" if release is None else "teacher.sae_id")
+    return HubTeacher(path, repo_id, subfolder, revision, release, sae_id, conversion)
+
+
+def load_hub_teacher(**ref: Any):
+    """:func:`resolve_hub_teacher` then :func:`rsae.formats.load_teacher` on the folder.
+
+    Returns:
+        ``(LoadedTeacher, HubTeacher)``.
+
+    Raises:
+        TeacherError: from either step.
+    """
+    from .formats import load_teacher
+
+    resolved = resolve_hub_teacher(**ref)
+    return load_teacher(resolved.path), resolved
