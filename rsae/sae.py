@@ -349,7 +349,7 @@ def _read_cfg(path: Path) -> dict[str, Any]:
             raise TeacherError(f"cfg.json '{key}' must be an integer in [1, {MAX_DIM}], got {v!r}",
                                field=f"cfg.json.{key}")
     arch = cfg.get("architecture", "standard")
-    if arch not in SAE_REGISTRY:
+    if not isinstance(arch, str) or arch not in SAE_REGISTRY:
         raise TeacherError(f"unknown architecture {arch!r}; known: {sorted(SAE_REGISTRY)}",
                            field="cfg.json.architecture")
     if not isinstance(cfg.get("apply_b_dec_to_input", True), bool):

@@ -101,6 +101,11 @@ async def _problem_error(request: Request, exc: ProblemError) -> JSONResponse:
 
 
 async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    if exc.status_code == 400 and isinstance(exc.__cause__, RecursionError):
+        # FastAPI's body parser turns any parse failure into a bare 400; JSON nested past Python's recursion
+        # limit is the client's malformed body, reported like any other invalid JSON.
+        return await _problem_error(request, validation_error(
+            [{"field": "body", "code": "json_too_deep", "detail": "JSON nested too deeply"}]))
     phrase = HTTPStatus(exc.status_code).phrase
     detail = exc.detail if isinstance(exc.detail, str) else phrase
     code = getattr(exc, "code", None) or phrase.lower().replace(" ", "_").replace("-", "_")

@@ -152,6 +152,14 @@ def other_client(settings: Settings, client: TestClient, database_url: str) -> I
 
 
 @pytest.fixture
+def sae_id(client: TestClient, make_teacher: Callable[..., Path]) -> str:
+    """Id of a small teacher uploaded by ``alice`` through the API."""
+    from service.client import upload_sae
+
+    return upload_sae(client, make_teacher())["id"]
+
+
+@pytest.fixture
 def make_teacher(tmp_path: Path) -> Callable[..., Path]:
     """``make_teacher(name="teacher", d_in=576, d_sae=64, seed=0)``: write a small valid ReLU teacher SAE
     (SAELens layout) to ``tmp_path/name`` and return the folder."""
