@@ -14,7 +14,7 @@ from .api.routes import health, jobs, saes
 from .config import Settings, get_settings
 from .db import make_engine
 from .limits import BodyLimitMiddleware
-from .problems import PROBLEM_JSON, install_problem_handlers
+from .problems import install_problem_handlers
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -39,7 +39,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version="0.1.0",
         summary="Upgrade a pretrained sparse autoencoder's gate to a trainable rational function.",
         lifespan=lifespan,
-        responses={422: {"description": "invalid input", "content": {PROBLEM_JSON: {}}}},
     )
     app.state.settings = settings
     app.state.sessionmaker = sessionmaker(engine, expire_on_commit=False)

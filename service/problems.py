@@ -14,6 +14,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict
 from sqlalchemy.exc import DataError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -23,6 +24,51 @@ log = logging.getLogger(__name__)
 
 PROBLEM_JSON = "application/problem+json"
 _LOCATIONS = {"body", "query", "path", "header", "cookie"}
+
+
+class ProblemItem(BaseModel):
+    """One invalid input of a ``validation_error`` problem."""
+
+    field: str
+    code: str
+    detail: str
+
+
+class Problem(BaseModel):
+    """RFC 9457 problem details, the body of every error response (``application/problem+json``)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    type: str
+    title: str
+    status: int
+    detail: str
+    code: str
+    field: str | None = None
+    instance: str | None = None
+    errors: list[ProblemItem] | None = None
+
+
+_STATUS_DESCRIPTIONS = {
+    400: "malformed request (problem+json)",
+    401: "missing, malformed, unknown or revoked bearer token (problem+json; WWW-Authenticate: Bearer)",
+    404: "unknown id, or another user's (problem+json)",
+    413: "request body too large (problem+json)",
+    415: "unsupported media type (problem+json)",
+    422: "invalid input; 'field' names it (problem+json)",
+    429: "too many unfinished jobs (problem+json; Retry-After)",
+    503: "a dependency is unavailable (problem+json; Retry-After)",
+}
+
+
+def problem_responses(*statuses: int, **descriptions: str) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI ``responses`` entries documenting problem+json answers with the given status codes.
+
+    ``descriptions`` overrides a status's default description, keyed ``s404="..."``.
+    """
+    ref = {"schema": {"$ref": "#/components/schemas/Problem"}}
+    return {s: {"model": Problem, "content": {PROBLEM_JSON: ref},
+                "description": descriptions.get(f"s{s}", _STATUS_DESCRIPTIONS[s])} for s in statuses}
 
 
 class ProblemError(Exception):

@@ -8,7 +8,7 @@ from fastapi import APIRouter
 from sqlalchemy import text
 
 from service.api.deps import CeleryDep, SessionDep
-from service.problems import ProblemError
+from service.problems import ProblemError, problem_responses
 from worker.celery_app import broker_ping
 
 log = logging.getLogger(__name__)
@@ -21,7 +21,7 @@ def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@router.get("/readyz", responses={503: {"description": "a dependency is down (problem+json)"}})
+@router.get("/readyz", responses=problem_responses(503, s503="a dependency is down (problem+json)"))
 def readyz(session: SessionDep, celery: CeleryDep) -> dict[str, object]:
     """Readiness: ``SELECT 1`` on the database and a connection to the broker both succeed."""
     checks: dict[str, str] = {}

@@ -24,14 +24,14 @@ from service.auth import UserDep
 from service.config import Settings
 from service.jobs import add_event, build_upgrade_config, resolve_teacher, transition, upgrade_config_errors
 from service.models import TERMINAL_STATUSES, Job, JobEvent, Sae, User, is_uuid
-from service.problems import NotFound, ProblemError, validation_error
+from service.problems import NotFound, ProblemError, problem_responses, validation_error
 from service.schemas import ArtifactOut, EventOut, JobCreate, JobOut, JobPage, JobStatus
 from worker.celery_app import enqueue_upgrade
 
 log = logging.getLogger(__name__)
-router = APIRouter(prefix="/jobs", tags=["jobs"])
+router = APIRouter(prefix="/jobs", tags=["jobs"], responses=problem_responses(400, 401, 413, 422))
 
-_NOT_FOUND = {404: {"description": "unknown job, or another user's (problem+json)"}}
+_NOT_FOUND = problem_responses(404, s404="unknown job, or another user's (problem+json)")
 MAX_IDEMPOTENCY_KEY_CHARS = 255
 
 
@@ -154,12 +154,10 @@ def _decode_cursor(cursor: str) -> tuple[datetime, str]:
 
 # -- routes ----------------------------------------------------------------------------------------
 @router.post("", status_code=202, responses={
-    200: {"description": "replay: a job was already created with this Idempotency-Key and body"},
-    401: {"description": "missing or bad bearer token"},
-    422: {"description": "invalid request (problem+json naming the field), or Idempotency-Key reused "
-          "with another body"},
-    429: {"description": "too many unfinished jobs (Retry-After)"},
-    503: {"description": "job recorded as failed: the broker is unreachable (code enqueue_failed)"}})
+    200: {"description": "replay: a job was already created with this Idempotency-Key and body",
+          "model": JobOut},
+    **problem_responses(429, 503, s503="job recorded as failed: the broker is unreachable (code "
+                        "enqueue_failed; problem+json)")})
 def create_job(body: JobCreate, response: Response, session: SessionDep, settings: SettingsDep,
                celery: CeleryDep, user: UserDep,
                idempotency_key: str | None = Header(

@@ -19,11 +19,11 @@ from service.api.deps import LimitDep, SessionDep, SettingsDep
 from service.auth import UserDep
 from service.config import Settings
 from service.models import Sae, is_uuid, new_id, utcnow
-from service.problems import NotFound, ProblemError
+from service.problems import NotFound, ProblemError, problem_responses
 from service.schemas import SaeOut
 from service.uploads import ReceivedForm, receive_multipart
 
-router = APIRouter(prefix="/saes", tags=["saes"])
+router = APIRouter(prefix="/saes", tags=["saes"], responses=problem_responses(400, 401, 413, 422))
 
 MAX_NAME_CHARS = 200
 # Form field <- file name inside the SAE folder, to name upload fields in TeacherError messages.
@@ -81,8 +81,8 @@ def _register(make_session: sessionmaker[Session], settings: Settings, tmp: Path
 
 
 @router.post("", status_code=201, openapi_extra={"requestBody": _UPLOAD_BODY},
-             responses={413: {"description": "upload too large"}, 415: {"description": "not multipart"},
-                        422: {"description": "invalid teacher (field named)"}})
+             responses=problem_responses(415, 422, s422="invalid teacher: 'field' names the form field "
+                                         "and key, e.g. cfg.d_in or weights.W_enc (problem+json)"))
 async def upload_sae(request: Request, response: Response, settings: SettingsDep, user: UserDep) -> SaeOut:
     """Upload a teacher SAE (multipart fields ``cfg``, ``weights``, optional ``name``).
 
@@ -118,7 +118,7 @@ def list_saes(session: SessionDep, limit: LimitDep, user: UserDep) -> list[SaeOu
     return [SaeOut.from_row(r) for r in rows]
 
 
-@router.get("/{sae_id}", responses={404: {"description": "unknown id"}})
+@router.get("/{sae_id}", responses=problem_responses(404))
 def get_sae(sae_id: str, session: SessionDep, user: UserDep) -> SaeOut:
     """One of your uploaded teacher SAEs (another user's id is a 404, like an unknown one)."""
     row = session.get(Sae, sae_id) if is_uuid(sae_id) else None
