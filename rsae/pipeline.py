@@ -7,8 +7,10 @@ of it is ``docs/method.md``. This module knows nothing of HTTP, SQL or Celery: t
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,12 +49,121 @@ _STAGE_WEIGHTS = {"extract": 0.25, "init": 0.02, "calibrate": 0.05, "finetune": 
                   "package": 0.01}
 
 
+CheckpointCallback = Callable[[str, dict[str, Any]], None]
+"""``on_checkpoint(kind, info)``: ``kind`` is ``"saved"`` or ``"resumed"``; ``info`` names the checkpoint
+(``name``, ``stage``, ``step``; ``"resumed"`` also ``reused``: stages whose outputs were found on disk)."""
+
+
+class Checkpoints:
+    """Resumable state of one upgrade, kept in ``folder`` (the job's work dir / ``checkpoints``).
+
+    Each checkpoint is one file ``<name>.pt`` written by ``torch.save`` to a temporary name in the same
+    folder, fsynced and renamed over the old one (``os.replace``, atomic on POSIX), so a worker killed at
+    any instant leaves either the previous or the new checkpoint, never a torn one. Files are read with
+    ``torch.load(weights_only=True)``: tensors and plain Python values only. A checkpoint written for a
+    different request (``key``: sha256 of the config) or unreadable is ignored (training restarts).
+
+    What resumes how (``docs/reliability.md``): extract — the activation folders in the work dir are
+    reused when their manifests match; init and calibrate — recomputed (seeded, a few percent of the job,
+    the Remez fit comes from its disk cache); finetune — the RSAE and the control each resume at their
+    last checkpoint (model, Adam, L0 controller, step, eval curve; every ``every`` steps and at the end);
+    evaluate and package — rerun from the fine-tuned weights.
+
+    Args:
+        folder: where the files live (created on first save).
+        every: optimizer steps between two fine-tuning checkpoints.
+        key: identity of the request; checkpoints with another key are not loaded.
+        on_event: see :data:`CheckpointCallback`.
+    """
+
+    def __init__(self, folder: Path, every: int = 50, key: str = "", on_event: CheckpointCallback | None = None
+                 ) -> None:
+        self.folder, self.every, self.key, self.on_event = Path(folder), max(1, int(every)), key, on_event
+
+    def path(self, name: str) -> Path:
+        """File of checkpoint ``name``."""
+        return self.folder / f"{name}.pt"
+
+    def load(self, name: str) -> dict[str, Any] | None:
+        """The state saved under ``name``, or None (missing, unreadable, or for another request)."""
+        import torch
+
+        f = self.path(name)
+        if not f.is_file():
+            return None
+        try:
+            state = torch.load(f, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 - a bad checkpoint costs recomputation, never the job
+            log.warning("ignoring unreadable checkpoint %s: %s: %s", f, type(e).__name__, e)
+            return None
+        if not isinstance(state, dict) or state.get("key") != self.key:
+            log.warning("ignoring checkpoint %s written for another request", f)
+            return None
+        return state
+
+    def save(self, name: str, state: dict[str, Any], stage: str = "finetune") -> None:
+        """Write ``state`` under ``name`` atomically (temp file + fsync + ``os.replace``)."""
+        import torch
+
+        self.folder.mkdir(parents=True, exist_ok=True)
+        tmp = self.folder / f".{name}.{os.getpid()}.tmp"
+        try:
+            with open(tmp, "wb") as fh:
+                torch.save({**state, "key": self.key}, fh)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, self.path(name))
+        finally:
+            tmp.unlink(missing_ok=True)
+        if self.on_event is not None:
+            self.on_event("saved", {"name": name, "stage": stage, "step": state.get("step")})
+
+    def train(self, name: str, extra: list[Any] | None = None) -> "_TrainCheckpoint":
+        """A :class:`rsae.train.TrainCheckpoint` for the training run ``name``; ``extra`` (e.g. the eval
+        curve the caller appends to) is saved with it and restored in place."""
+        return _TrainCheckpoint(self, name, extra)
+
+
+@dataclass
+class _TrainCheckpoint:
+    ckpts: Checkpoints
+    name: str
+    extra: list[Any] | None
+
+    @property
+    def every(self) -> int:
+        return self.ckpts.every
+
+    def load(self) -> dict[str, Any] | None:
+        state = self.ckpts.load(self.name)
+        if state is None:
+            return None
+        if self.extra is not None:
+            self.extra[:] = list(state.get("extra") or [])
+        reused = [s for s in ("extract",) if (self.ckpts.folder.parent / "acts-train" / "manifest.json").is_file()]
+        log.info("resuming %s at step %s", self.name, state["step"])
+        if self.ckpts.on_event is not None:
+            self.ckpts.on_event("resumed", {"name": self.name, "stage": "finetune", "step": int(state["step"]),
+                                            "reused": reused})
+        return state
+
+    def save(self, state: dict[str, Any]) -> None:
+        if self.extra is not None:
+            state = {**state, "extra": list(self.extra)}
+        self.ckpts.save(self.name, state)
+
+
 @dataclass
 class _Progress:
     callback: ProgressCallback | None
     should_cancel: Callable[[], bool] | None
     stage: str = "extract"
     _last: float = field(default=0.0)
+    ckpts: Checkpoints | None = None
+
+    def train_checkpoint(self, name: str, extra: list[Any] | None = None) -> "_TrainCheckpoint | None":
+        """The fine-tuning checkpoint of run ``name`` (None when checkpointing is off)."""
+        return None if self.ckpts is None else self.ckpts.train(name, extra)
 
     def enter(self, stage: str) -> None:
         self.stage = stage
@@ -80,6 +191,8 @@ def run_upgrade(
     work_dir: str | Path | None = None,
     on_progress: ProgressCallback | None = None,
     should_cancel: Callable[[], bool] | None = None,
+    checkpoint_every: int | None = None,
+    on_checkpoint: CheckpointCallback | None = None,
 ) -> dict[str, Any]:
     """Run the whole upgrade and write the artifact folder.
 
@@ -91,6 +204,10 @@ def run_upgrade(
         work_dir: scratch folder for activation shards (default: ``out_dir/../work``).
         on_progress: see :class:`ProgressCallback`.
         should_cancel: polled between steps; when it returns True, :class:`rsae.errors.Cancelled` is raised.
+        checkpoint_every: if set, keep resumable state in ``work_dir/checkpoints`` (fine-tuning every this
+            many steps; see :class:`Checkpoints`) and resume from it: rerunning with the same ``cfg`` and
+            ``work_dir`` after a crash continues where the crash left off. None: no checkpoints.
+        on_checkpoint: see :data:`CheckpointCallback`.
 
     Returns:
         The report as a dict (same content as ``report.json``), including ``metrics`` per SAE.
@@ -101,12 +218,23 @@ def run_upgrade(
     """
     from . import stages  # heavy imports (torch, transformers) only when a job runs
 
-    return stages.run(cfg, Path(out_dir), Path(work_dir) if work_dir else None,
-                      _Progress(on_progress, should_cancel))
+    out_dir = Path(out_dir)
+    work = Path(work_dir) if work_dir else out_dir.parent / "work"
+    ckpts = None
+    if checkpoint_every is not None:
+        key = hashlib.sha256(cfg.model_dump_json().encode()).hexdigest()
+        ckpts = Checkpoints(work / "checkpoints", checkpoint_every, key, on_checkpoint)
+    return stages.run(cfg, out_dir, work, _Progress(on_progress, should_cancel, ckpts=ckpts))
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:
-    """Write ``obj`` as JSON to ``path`` via a temporary file and ``os.replace`` (atomic on POSIX)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=False))
-    tmp.replace(path)
+    """Write ``obj`` as JSON to ``path`` via a temporary file, fsync and ``os.replace`` (atomic on POSIX)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "w") as fh:
+            fh.write(json.dumps(obj, indent=2, sort_keys=False))
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)

@@ -346,7 +346,8 @@ def run(cfg: UpgradeConfig, out_dir: Path, work_dir: Path | None, prog: _Progres
     curve: list[dict[str, float]] = []
     hist = train_sae(rsae, train, steps=ft.steps, batch_size=ft.batch_size, lr=ft.lr, l1_coefficient=lam,
                      seed=cfg.seed + 1, device=dev, param_groups=groups, l0_target=l0_target,
-                     on_step=make_on_step(rsae, curve, 0))
+                     on_step=make_on_step(rsae, curve, 0),
+                     checkpoint=prog.train_checkpoint("finetune-rsae", curve))
     control = None
     control_info: dict[str, Any] | None = None
     if ft.control:
@@ -359,7 +360,8 @@ def run(cfg: UpgradeConfig, out_dir: Path, work_dir: Path | None, prog: _Progres
         ctrl_curve: list[dict[str, float]] = []
         ctrl_hist = train_sae(control, train, steps=ft.steps, batch_size=ft.batch_size, lr=ft.lr,
                               l1_coefficient=lam, seed=cfg.seed + 1, device=dev, param_groups=ctrl_groups,
-                              l0_target=l0_target, on_step=make_on_step(control, ctrl_curve, 1))
+                              l0_target=l0_target, on_step=make_on_step(control, ctrl_curve, 1),
+                              checkpoint=prog.train_checkpoint("finetune-control", ctrl_curve))
         control_info = {"what": "the teacher fine-tuned with its own gate: same training tokens, batches, steps, "
                                 "optimiser, learning rates and objective (incl. the L0 controller)",
                         "curve": ctrl_curve, "final_train": ctrl_hist[-1] if ctrl_hist else None}

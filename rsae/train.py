@@ -13,7 +13,7 @@ in squared residual units per token.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Protocol
 
 import torch
 
@@ -42,7 +42,8 @@ def train_sae(sae: SAE, store: ActivationStore, *, steps: int, batch_size: int, 
               param_groups: Iterable[dict[str, Any]] | None = None, warmup_steps: int = 0,
               l1_warmup_steps: int = 0, lr_decay_frac: float = 0.2, loss_fn: LossFn | None = None,
               l0_target: float | None = None, l0_adapt_every: int = 10, grad_clip: float | None = 1e4,
-              on_step: Callable[[int, dict[str, float]], None] | None = None) -> list[dict[str, float]]:
+              on_step: Callable[[int, dict[str, float]], None] | None = None,
+              checkpoint: TrainCheckpoint | None = None) -> list[dict[str, float]]:
     """Adam on :func:`sae_loss` over shuffled batches of ``store``.
 
     Args:
@@ -61,6 +62,9 @@ def train_sae(sae: SAE, store: ActivationStore, *, steps: int, batch_size: int, 
             The final lambda is recorded in the last history entry as ``lambda``.
         grad_clip: clip the global gradient norm (None disables).
         on_step: called with (step, parts) after every step (step counts from 1).
+        checkpoint: if given, training resumes from ``checkpoint.load()`` (model, Adam, lambda controller,
+            history, step; the batch stream is advanced to the same position) and the state is passed to
+            ``checkpoint.save`` every ``checkpoint.every`` steps and after the last step (after ``on_step``).
 
     Returns:
         Per-step history of the loss parts (each with the ``lambda`` used).
@@ -85,7 +89,12 @@ def train_sae(sae: SAE, store: ActivationStore, *, steps: int, batch_size: int, 
     lam_base = float(l1_coefficient)
     l0_window: list[float] = []
     params = [p for g in opt.param_groups for p in g["params"]]
-    for step in range(steps):
+    start = 0
+    if checkpoint is not None and (state := checkpoint.load()) is not None:
+        start, history, lam_base, l0_window = _restore_train_state(sae, opt, state)
+        for _ in range(start):  # the batches an uninterrupted run would have consumed
+            next(batches)
+    for step in range(start, steps):
         x = next(batches)
         for g, base in zip(opt.param_groups, base_lrs):
             g["lr"] = base * lr_scale(step)
@@ -106,8 +115,41 @@ def train_sae(sae: SAE, store: ActivationStore, *, steps: int, batch_size: int, 
                 l0_window.clear()
         if on_step is not None:
             on_step(step + 1, parts)
+        if checkpoint is not None and ((step + 1) % checkpoint.every == 0 or step + 1 == steps):
+            checkpoint.save({"step": step + 1, "model": sae.state_dict(), "optimizer": opt.state_dict(),
+                             "lam_base": lam_base, "l0_window": list(l0_window), "history": history,
+                             "rng": torch.get_rng_state()})
     sae.eval()
     return history
+
+
+class TrainCheckpoint(Protocol):
+    """Where :func:`train_sae` keeps its resumable state (see :class:`rsae.pipeline.Checkpoints`).
+
+    The state is a dict of tensors and plain Python values (``torch.load(weights_only=True)``-safe):
+    ``step`` (optimizer steps done), ``model`` / ``optimizer`` (state dicts), ``lam_base`` and
+    ``l0_window`` (the L0 controller), ``history`` (per-step loss parts), ``rng`` (torch CPU RNG state).
+    """
+
+    every: int
+    """Save every this many steps (and after the last one)."""
+
+    def load(self) -> dict[str, Any] | None:
+        """The saved state, or None to start from step 0."""
+
+    def save(self, state: dict[str, Any]) -> None:
+        """Persist ``state`` (atomically)."""
+
+
+def _restore_train_state(sae: SAE, opt: torch.optim.Optimizer, state: dict[str, Any]
+                         ) -> tuple[int, list[dict[str, float]], float, list[float]]:
+    """Load a :class:`TrainCheckpoint` state into ``sae`` and ``opt``; returns (step, history, lam_base,
+    l0_window)."""
+    sae.load_state_dict(state["model"])
+    opt.load_state_dict(state["optimizer"])
+    torch.set_rng_state(state["rng"])
+    return (int(state["step"]), list(state["history"]), float(state["lam_base"]),
+            [float(v) for v in state["l0_window"]])
 
 
 @torch.no_grad()

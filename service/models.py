@@ -134,6 +134,7 @@ class Job(Base):
         Index("ix_jobs_status_created_at", "status", "created_at"),
         Index("ix_jobs_owner_id_created_at", "owner_id", "created_at"),
         UniqueConstraint("owner_id", "idempotency_key", name="uq_jobs_owner_id_idempotency_key"),
+        Index("ix_jobs_status_lease_expires_at", "status", "lease_expires_at"),
     )
 
     id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
@@ -153,9 +154,18 @@ class Job(Base):
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
-    # Worker leases (heartbeat + reaper) arrive in a later issue; the columns exist already.
-    lease_owner: Mapped[str | None] = mapped_column(String(200))
+    # Worker lease (worker/lease.py): the worker that runs the job renews lease_expires_at by heartbeat;
+    # the reaper re-queues running jobs whose lease expired. ``attempt`` counts the starts (claims).
+    lease_owner: Mapped[str | None] = mapped_column(String(200), doc="'<host>:<pid>:<random>' of the runner.")
     lease_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    deadline_at: Mapped[datetime | None] = mapped_column(
+        UTCDateTime, doc="Wall-clock limit; set at the first start (RSAE_JOB_DEADLINE_SECONDS) unless preset.")
+    enqueued_at: Mapped[datetime | None] = mapped_column(
+        UTCDateTime, doc="Last time the reaper published a message for this row (None: at creation only).")
+    checkpoint: Mapped[dict[str, Any] | None] = mapped_column(
+        JSONType, doc="Last checkpoint the worker saved: {'stage', 'step', 'at'}.")
+    resumed_from: Mapped[dict[str, Any] | None] = mapped_column(
+        JSONType, doc="Where the latest attempt resumed: {'attempt', 'stage', 'step', 'reused'}.")
 
     artifacts: Mapped[list["Artifact"]] = relationship(
         back_populates="job", order_by="Artifact.name", cascade="all, delete-orphan", passive_deletes=True)

@@ -1,9 +1,10 @@
-"""The Celery task ``rsae.upgrade``: run one job through :func:`rsae.pipeline.run_upgrade`.
+"""The Celery task ``rsae.upgrade``: run one job through :func:`rsae.pipeline.run_upgrade` under a lease.
 
-Thin on purpose: it moves the job row through its states, feeds the pipeline's progress and metrics into
-SQL, answers the pipeline's cancellation polls from SQL, and registers the artifacts. Heavy modules
-(torch) are imported inside the task only, so the prefork parent never initialises torch or CUDA; the
-SQL engine is likewise created lazily in the child, so no connection crosses a fork.
+Thin on purpose: it claims the job row (:mod:`worker.lease`), keeps the lease alive by heartbeat, feeds the
+pipeline's progress, metrics and checkpoints into SQL, answers the pipeline's stop polls (cancel, lease
+lost, deadline) and publishes the artifacts. Heavy modules (torch) are imported inside the task only, so
+the prefork parent never initialises torch or CUDA; the SQL engine is likewise created lazily in the child,
+so no connection crosses a fork. Every worker process also runs the reaper thread.
 """
 
 from __future__ import annotations
@@ -11,17 +12,17 @@ from __future__ import annotations
 import logging
 import math
 import mimetypes
-import os
 import shutil
-import socket
 import time
 from collections.abc import Callable
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from celery import shared_task
+from celery.signals import worker_process_init
 from pydantic import ValidationError
-from sqlalchemy import select, update
+from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from rsae.config import STAGES
@@ -33,12 +34,11 @@ from service.jobs import add_event, build_upgrade_config, resolve_teacher, trans
 from service.models import Artifact, Job, utcnow
 from service.schemas import JobCreate
 
-from .celery_app import TASK_UPGRADE
+from .celery_app import TASK_UPGRADE, enqueue_upgrade
+from .lease import (ACTIVE, Heartbeat, Reaper, claim, db_retry, describe, is_transient_db_error, new_owner)
 
 log = logging.getLogger(__name__)
 
-ACTIVE = ("running", "cancelling")
-"""Statuses in which the worker owns the job."""
 PROGRESS_WRITE_SECONDS = 0.5
 """Least time between two progress writes to the job row (stage changes and metrics always write)."""
 PROGRESS_EVENT_STEP = 0.05
@@ -61,21 +61,34 @@ def json_safe(value: Any) -> Any:
 
 
 class JobReporter:
-    """The pipeline's ``on_progress`` and ``should_cancel`` for one job, writing to and reading from SQL.
+    """The pipeline's ``on_progress``, ``should_cancel`` and ``on_checkpoint`` for one leased job.
+
+    Writes go to the row only while ``owner`` holds the lease. A progress write that fails on a transient
+    database error is retried briefly, then skipped (the next one carries the news).
 
     Args:
         make_session: session factory.
         job_id: the job.
+        owner: the lease owner id of this run (None: no lease checks, e.g. tools).
+        heartbeat: its ``lost`` event stops the job.
+        deadline_at: the job stops (reason ``deadline``) after this instant.
+        attempt: the attempt number, recorded with a resume.
         clock: monotonic clock in seconds (injectable for tests).
     """
 
-    def __init__(self, make_session: sessionmaker[Session], job_id: str,
+    def __init__(self, make_session: sessionmaker[Session], job_id: str, *, owner: str | None = None,
+                 heartbeat: Heartbeat | None = None, deadline_at: datetime | None = None, attempt: int = 1,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.make_session, self.job_id, self.clock = make_session, job_id, clock
+        self.owner, self.heartbeat, self.deadline_at, self.attempt = owner, heartbeat, deadline_at, attempt
         self._stage: str | None = None
         self._last_write = self._last_poll = -math.inf
         self._event_progress = -math.inf
-        self._cancel = False
+        self.stop_reason: str | None = None
+        """Why the job must stop: "cancel", "lease_lost" or "deadline" (None: keep going)."""
+
+    def _mine(self) -> tuple[Any, ...]:
+        return (Job.status.in_(ACTIVE),) + (() if self.owner is None else (Job.lease_owner == self.owner,))
 
     def __call__(self, stage: str, progress: float, metrics: dict[str, Any] | None = None) -> None:
         """Record ``stage``/``progress`` on the job row (throttled) and ``metrics`` as an event."""
@@ -86,25 +99,89 @@ class JobReporter:
         if stage_changed and stage not in STAGES:
             log.warning("job %s: pipeline reported unknown stage %r", self.job_id, stage)
         progress = min(1.0, max(0.0, float(progress)))
-        with self.make_session.begin() as s:
-            s.execute(update(Job).where(Job.id == self.job_id, Job.status.in_(ACTIVE))
-                      .values(stage=stage, progress=progress, updated_at=utcnow()))
-            if stage_changed or progress - self._event_progress >= PROGRESS_EVENT_STEP:
-                add_event(s, self.job_id, "progress", {"stage": stage, "progress": progress})
-                self._event_progress = progress
-            if metrics is not None:
-                add_event(s, self.job_id, "metrics", {"stage": stage, **json_safe(metrics)})
+
+        def tx() -> None:
+            with self.make_session.begin() as s:
+                res = s.execute(update(Job).where(Job.id == self.job_id, *self._mine())
+                                .values(stage=stage, progress=progress, updated_at=utcnow()),
+                                execution_options={"synchronize_session": False})
+                if res.rowcount != 1:
+                    return
+                if stage_changed or progress - self._event_progress >= PROGRESS_EVENT_STEP:
+                    add_event(s, self.job_id, "progress", {"stage": stage, "progress": progress})
+                    self._event_progress = progress
+                if metrics is not None:
+                    add_event(s, self.job_id, "metrics", {"stage": stage, **json_safe(metrics)})
+
+        try:
+            db_retry(tx, attempts=3, max_wait=1.0)
+        except Exception as e:  # noqa: BLE001 - progress is best effort; the lease decides ownership
+            if not is_transient_db_error(e):
+                raise
+            log.warning("job %s: progress not recorded (database unreachable: %s)", self.job_id, e)
+            return
         self._stage, self._last_write = stage, now
 
+    def on_checkpoint(self, kind: str, info: dict[str, Any]) -> None:
+        """Record a saved checkpoint on ``jobs.checkpoint``, a resume on ``jobs.resumed_from`` plus a log
+        event ("resumed from stage finetune (finetune-rsae) at step N; reused: extract")."""
+        info = json_safe({**info, "at": utcnow().isoformat()})
+
+        def tx() -> None:
+            with self.make_session.begin() as s:
+                if kind == "saved":
+                    s.execute(update(Job).where(Job.id == self.job_id, *self._mine()).values(checkpoint=info),
+                              execution_options={"synchronize_session": False})
+                    return
+                resumed = {**info, "attempt": self.attempt}
+                s.execute(update(Job).where(Job.id == self.job_id, *self._mine()).values(resumed_from=resumed),
+                          execution_options={"synchronize_session": False})
+                reused = ", ".join(info.get("reused") or []) or "nothing"
+                add_event(s, self.job_id, "log", {
+                    "message": f"attempt {self.attempt} resumed from stage {info.get('stage')} "
+                               f"({info.get('name')}) at step {info.get('step')}; reused: {reused}",
+                    "resumed_from": resumed})
+
+        try:
+            db_retry(tx, attempts=3, max_wait=1.0)
+        except Exception as e:  # noqa: BLE001 - bookkeeping only; the checkpoint file is what matters
+            if not is_transient_db_error(e):
+                raise
+            log.warning("job %s: checkpoint record not written: %s", self.job_id, e)
+
+    def check_stop(self) -> None:
+        """Raise ``_Stop`` if the lease is lost or the deadline passed (no database read)."""
+        if self.heartbeat is not None and self.heartbeat.lost.is_set():
+            self.stop_reason = "lease_lost"
+        elif self.deadline_at is not None and utcnow() >= self.deadline_at:
+            self.stop_reason = "deadline"
+        if self.stop_reason in ("lease_lost", "deadline"):
+            raise _Stop(self.stop_reason)
+
     def should_cancel(self) -> bool:
-        """True once the job is ``cancelling`` (or no longer ours); reads SQL at most every 2 s."""
-        now = self.clock()
-        if not self._cancel and now - self._last_poll >= CANCEL_POLL_SECONDS:
+        """True once the job must stop (see ``stop_reason``): the heartbeat lost the lease, the deadline
+        passed, or the row is no longer ``running`` under this lease (read from SQL at most every 2 s)."""
+        if self.stop_reason is not None:
+            return True
+        if self.heartbeat is not None and self.heartbeat.lost.is_set():
+            self.stop_reason = "lease_lost"
+        elif self.deadline_at is not None and utcnow() >= self.deadline_at:
+            self.stop_reason = "deadline"
+        elif (now := self.clock()) - self._last_poll >= CANCEL_POLL_SECONDS:
             self._last_poll = now
-            with self.make_session() as s:
-                status = s.scalar(select(Job.status).where(Job.id == self.job_id))
-            self._cancel = status != "running"
-        return self._cancel
+            try:
+                with self.make_session() as s:
+                    row = s.execute(select(Job.status, Job.lease_owner).where(Job.id == self.job_id)).first()
+            except Exception as e:  # noqa: BLE001 - a blip: ask again at the next poll
+                if not is_transient_db_error(e):
+                    raise
+                log.warning("job %s: status poll failed: %s", self.job_id, e)
+                return False
+            if row is None or (self.owner is not None and row.lease_owner != self.owner):
+                self.stop_reason = "lease_lost"
+            elif row.status != "running":
+                self.stop_reason = "cancel"
+        return self.stop_reason is not None
 
 
 def _headline_metrics(report: dict[str, Any]) -> dict[str, Any]:
@@ -129,75 +206,159 @@ def _register_artifacts(session: Session, settings: Settings, job_id: str, out_d
                              path=str(f.relative_to(settings.artifacts_dir)), created_at=utcnow()))
 
 
-def _finish(make_session: sessionmaker[Session], job_id: str, status: str, **values: Any) -> bool:
-    with make_session.begin() as s:
-        ok = transition(s, job_id, ACTIVE, status, **values)
+class _Stop(Exception):
+    """Internal: the job must stop for ``reason`` ("lease_lost" or "deadline")."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+def _oom_types() -> tuple[type[BaseException], ...]:
+    import torch
+
+    types: list[type[BaseException]] = [MemoryError]
+    for name in ("OutOfMemoryError",):
+        t = getattr(torch, name, None) or getattr(torch.cuda, name, None)
+        if isinstance(t, type):
+            types.append(t)
+    return tuple(types)
+
+
+def _oom_detail(req: dict[str, Any], exc: BaseException) -> str:
+    s = (req or {}).get("settings") or {}
+    ft, data, cal = s.get("finetune") or {}, s.get("data") or {}, s.get("calibrate") or {}
+    return (f"out of memory ({type(exc).__name__}) at the requested sizes (finetune.batch_size="
+            f"{ft.get('batch_size', 'default')}, data.batch_size={data.get('batch_size', 'default')}, "
+            f"calibrate.tokens={cal.get('tokens', 'default')}): submit again with smaller values, or run on "
+            "a worker with more memory. Not retried: the same sizes would fail again")
+
+
+def _finish(make_session: sessionmaker[Session], settings: Settings, job_id: str, owner: str, status: str,
+            **values: Any) -> bool:
+    """Move the job to terminal ``status`` if ``owner`` still holds its lease; delete its scratch (and, unless
+    succeeded, its artifacts) inside the same transaction, so no one sees a finished job with leftovers and
+    no one else's files are deleted (the row lock blocks the reaper and other workers meanwhile)."""
+
+    def tx() -> bool:
+        with make_session.begin() as s:
+            if not transition(s, job_id, ACTIVE, status, where=(Job.lease_owner == owner,),
+                              lease_owner=None, lease_expires_at=None, **values):
+                return False
+            shutil.rmtree(settings.work_dir / job_id, ignore_errors=True)
+            shutil.rmtree(settings.artifacts_dir / job_id, ignore_errors=True)
+            return True
+
+    ok = db_retry(tx)
     if not ok:
-        log.warning("job %s: could not move to %s (status changed under us)", job_id, status)
+        log.warning("job %s: could not move to %s (lease lost or status changed under us)", job_id, status)
     return ok
 
 
-def _fail(make_session: sessionmaker[Session], job_id: str, code: str, detail: str,
-          field: str | None = None) -> None:
-    _finish(make_session, job_id, "failed", error={"code": code, "detail": detail, "field": field})
+def _succeed(make_session: sessionmaker[Session], settings: Settings, job_id: str, owner: str, staging: Path,
+             report: dict[str, Any]) -> bool:
+    """Publish the staged artifacts as the job's only artifact set and mark it succeeded, if ``owner`` still
+    holds the lease: status update (row locked), then ``staging`` renamed to ``<artifacts>/<job>/sae``
+    (replacing any older set), artifact rows, scratch deleted, commit. Safe to repeat after a failure."""
+    final = settings.artifacts_dir / job_id / "sae"
+
+    def tx() -> bool:
+        with make_session.begin() as s:
+            if not transition(s, job_id, ACTIVE, "succeeded", where=(Job.lease_owner == owner,),
+                              lease_owner=None, lease_expires_at=None, stage=STAGES[-1], progress=1.0,
+                              metrics=_headline_metrics(report)):
+                return False
+            s.execute(delete(Artifact).where(Artifact.job_id == job_id))
+            if staging.is_dir():
+                if final.exists():
+                    shutil.rmtree(final)
+                staging.rename(final)
+            _register_artifacts(s, settings, job_id, final)
+            shutil.rmtree(settings.work_dir / job_id, ignore_errors=True)
+            for other in final.parent.glob(".staging-*"):  # leftovers of dead attempts
+                shutil.rmtree(other, ignore_errors=True)
+            return True
+
+    return db_retry(tx)
 
 
-def _discard(settings: Settings, job_id: str, work_dir: Path) -> None:
-    """Delete a job's scratch folder and partial artifacts (before it is marked failed or cancelled)."""
-    shutil.rmtree(work_dir, ignore_errors=True)
-    shutil.rmtree(settings.artifacts_dir / job_id, ignore_errors=True)
+def _fail(make_session: sessionmaker[Session], settings: Settings, job_id: str, owner: str, code: str,
+          detail: str, field: str | None = None) -> bool:
+    return _finish(make_session, settings, job_id, owner, "failed",
+                   error={"code": code, "detail": detail, "field": field})
 
 
 def run_job(job_id: str, settings: Settings) -> str | None:
-    """Run job ``job_id`` to a terminal status; returns that status (None if the job was not queued).
+    """Run job ``job_id`` under a lease until it ends; returns the terminal status this call set, or None
+    (the job was not queued — a duplicate message — or the lease was lost and the job left to the reaper).
 
-    The queued -> running claim is a conditional UPDATE, so a duplicate message, a cancelled job or an
-    unknown id is a no-op.
+    Steps: :func:`worker.lease.claim` (conditional UPDATE from ``queued``); a :class:`worker.lease.Heartbeat`
+    renews the lease; the pipeline runs with checkpoints in ``<work_dir>/<job id>`` (kept across attempts,
+    so a re-queued job resumes) and writes artifacts to a per-attempt staging folder, published by
+    :func:`_succeed`. Cancellation, lease loss and the deadline are checked between steps. Errors:
+    ``RSAEError`` (bad teacher, model, data) and out-of-memory fail at once with an actionable message;
+    transient database errors are retried (tenacity) and, if they persist, leave the job to the reaper.
     """
     make_session = get_sessionmaker(settings.database_url)
-    with make_session.begin() as s:
-        claimed = transition(s, job_id, {"queued"}, "running", started_at=utcnow(), attempt=Job.attempt + 1,
-                             stage=None, progress=0.0, error=None)
-        if claimed:
-            add_event(s, job_id, "log", {"message": f"started on {socket.gethostname()} pid {os.getpid()}"})
-    if not claimed:
-        log.info("job %s is not queued (taken, cancelled or unknown): skipped", job_id)
+    owner = new_owner()
+    c = claim(make_session, job_id, owner, settings)
+    if c is None:
+        log.info("job %s is not queued (%s): duplicate or stale message, skipped", job_id,
+                 describe(make_session, job_id))
         return None
 
-    out_dir = settings.artifacts_dir / job_id / "sae"
+    staging = settings.artifacts_dir / job_id / f".staging-{c.attempt}-{owner.rsplit(':', 1)[-1]}"
     work_dir = settings.work_dir / job_id
-    reporter = JobReporter(make_session, job_id)
-    status = "failed"
+    heartbeat = Heartbeat(make_session, job_id, owner, settings)
+    heartbeat.start()
+    reporter = JobReporter(make_session, job_id, owner=owner, heartbeat=heartbeat, deadline_at=c.deadline_at,
+                           attempt=c.attempt)
+    status: str | None = None
     try:
+        reporter.check_stop()
         with make_session() as s:
-            req = JobCreate.model_validate(s.get(Job, job_id).request)
+            req = JobCreate.model_validate(c.request)
             cfg = build_upgrade_config(req, resolve_teacher(s, settings, req.teacher))
-        report = run_upgrade(cfg, out_dir, work_dir=work_dir, on_progress=reporter,
-                             should_cancel=reporter.should_cancel)
-        shutil.rmtree(work_dir, ignore_errors=True)  # scratch gone before anyone can see 'succeeded'
-        with make_session.begin() as s:
-            if transition(s, job_id, ACTIVE, "succeeded", stage=STAGES[-1], progress=1.0,
-                          metrics=_headline_metrics(report)):
-                _register_artifacts(s, settings, job_id, out_dir)
-                status = "succeeded"
-    except Cancelled:
-        _discard(settings, job_id, work_dir)  # before the terminal status, so no one sees leftovers
-        status = "cancelled" if _finish(make_session, job_id, "cancelled") else status
+        shutil.rmtree(staging, ignore_errors=True)
+        report = run_upgrade(cfg, staging, work_dir=work_dir, on_progress=reporter,
+                             should_cancel=reporter.should_cancel,
+                             checkpoint_every=settings.checkpoint_every_steps, on_checkpoint=reporter.on_checkpoint)
+        reporter.check_stop()
+        status = "succeeded" if _succeed(make_session, settings, job_id, owner, staging, report) else None
+    except (Cancelled, _Stop) as e:
+        reason = e.reason if isinstance(e, _Stop) else reporter.stop_reason
+        if reason == "lease_lost":
+            log.warning("job %s: lease lost; this copy stops and leaves the job to its new owner", job_id)
+        elif reason == "deadline":
+            status = "failed" if _fail(make_session, settings, job_id, owner, "deadline_exceeded",
+                                       f"the job passed its deadline ({c.deadline_at:%Y-%m-%d %H:%M:%S} UTC, "
+                                       f"RSAE_JOB_DEADLINE_SECONDS={settings.job_deadline_seconds:g}); "
+                                       "use smaller settings or raise the deadline") else None
+        else:
+            status = "cancelled" if _finish(make_session, settings, job_id, owner, "cancelled") else None
     except RSAEError as e:
-        _discard(settings, job_id, work_dir)
-        _fail(make_session, job_id, e.code, e.message, e.field)
+        status = "failed" if _fail(make_session, settings, job_id, owner, e.code, e.message, e.field) else None
     except ValidationError as e:
-        _discard(settings, job_id, work_dir)
-        _fail(make_session, job_id, "invalid_request", f"stored request no longer validates: {e}")
-    except Exception as e:  # noqa: BLE001 - any other failure is recorded on the row
-        log.exception("job %s failed", job_id)
-        _discard(settings, job_id, work_dir)
-        _fail(make_session, job_id, "internal_error", f"{type(e).__name__}: {e}")
+        status = "failed" if _fail(make_session, settings, job_id, owner, "invalid_request",
+                                   f"stored request no longer validates: {e}") else None
+    except Exception as e:  # noqa: BLE001 - classify, then record on the row
+        if isinstance(e, _oom_types()):
+            log.error("job %s: out of memory: %s", job_id, e)
+            status = "failed" if _fail(make_session, settings, job_id, owner, "out_of_memory",
+                                       _oom_detail(c.request, e)) else None
+        elif is_transient_db_error(e):
+            log.error("job %s: database unreachable (%s); leaving the job to the reaper (lease expires in "
+                      "%.0f s, then it is re-queued and resumes from its checkpoint)", job_id, e,
+                      settings.lease_seconds)
+        else:
+            log.exception("job %s failed", job_id)
+            status = "failed" if _fail(make_session, settings, job_id, owner, "internal_error",
+                                       f"{type(e).__name__}: {e}") else None
     finally:
-        shutil.rmtree(work_dir, ignore_errors=True)
-        if status != "succeeded":
-            shutil.rmtree(settings.artifacts_dir / job_id, ignore_errors=True)
-    log.info("job %s %s", job_id, status)
+        heartbeat.stop()
+        if status is None:
+            shutil.rmtree(staging, ignore_errors=True)  # our partial output only; the work dir stays
+    log.info("job %s: %s", job_id, status or "left to its new owner / the reaper")
     return status
 
 
@@ -205,3 +366,25 @@ def run_job(job_id: str, settings: Settings) -> str | None:
 def upgrade(job_id: str) -> None:
     """Celery entry point: run job ``job_id`` (the message carries nothing else)."""
     run_job(job_id, get_settings())
+
+
+@worker_process_init.connect
+def _start_reaper(**_: Any) -> None:
+    """Start this worker process's reaper thread (every worker reaps; all changes are conditional)."""
+    start_reaper(get_settings())
+
+
+_reaper: Reaper | None = None
+
+
+def start_reaper(settings: Settings) -> Reaper:
+    """Start (once per process) a :class:`worker.lease.Reaper` publishing with this process's Celery app."""
+    global _reaper
+    if _reaper is None or not _reaper.is_alive():
+        from .celery_app import create_celery
+
+        app = create_celery(settings)
+        _reaper = Reaper(settings, get_sessionmaker(settings.database_url),
+                         lambda job_id: enqueue_upgrade(app, job_id, retries=settings.enqueue_retries))
+        _reaper.start()
+    return _reaper
