@@ -1,4 +1,5 @@
-"""``rsae`` command line: train a teacher, run an upgrade locally, inspect an SAE folder."""
+"""``rsae`` command line: train a teacher, run an upgrade locally, inspect an SAE folder, and drive jobs on a
+running service (``rsae jobs ...``, see :mod:`service.jobs_cli`)."""
 
 from __future__ import annotations
 
@@ -128,6 +129,10 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("info", help=cmd_info.__doc__)
     i.add_argument("path")
     i.set_defaults(func=cmd_info)
+
+    from service.jobs_cli import add_jobs_parser  # the HTTP client side lives with the service
+
+    add_jobs_parser(sub)
     return p
 
 
@@ -137,6 +142,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
+        if args.cmd == "jobs":
+            from service.jobs_cli import run
+
+            return run(args.func, args)
         return args.func(args)
     except RSAEError as e:
         print(f"error{f' in {e.field}' if e.field else ''}: {e.message}", file=sys.stderr)

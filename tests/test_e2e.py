@@ -9,6 +9,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import shlex
+import subprocess
+import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -176,3 +181,119 @@ def test_full_upgrade_over_http(stack: Stack, http: httpx.Client, teacher_dir: P
     assert torch.allclose(model(x), model.decode(z))
     mse = _recompute_heldout_mse(folder, report, tmp_path / "heldout")
     assert mse == pytest.approx(report["metrics"]["rsae"]["mse"], rel=1e-3), (mse, report["metrics"]["rsae"])
+
+
+# -- clients: README flows, the CLI and the SSE stream ------------------------------------------------
+TINY_SETTINGS = {"data": {"train_tokens": 4096, "eval_tokens": 1024, "ctx_len": 64},
+                 "calibrate": {"steps": 20, "tokens": 1024},
+                 "finetune": {"steps": 20, "batch_size": 256, "eval_every": 10, "control": False},
+                 "eval": {"ce_sequences": 2, "probe_ks": []}}
+"""The smallest useful job (about half a minute here): for testing the clients, not the method."""
+README = Path(__file__).resolve().parents[1] / "README.md"
+VENV_BIN = Path(sys.executable).parent
+
+
+def readme_block(kind: str) -> str:
+    """The fenced code block right after ``<!-- readme-test: kind -->`` in README.md."""
+    text = README.read_text()
+    start = text.index(f"<!-- readme-test: {kind} -->")
+    body = text[text.index("\n", text.index("```", start)) + 1:]
+    return body[:body.index("```")]
+
+
+def _client_env(stack: Stack, **extra: str) -> dict[str, str]:
+    return {**os.environ, "PATH": f"{VENV_BIN}{os.pathsep}{os.environ['PATH']}", "RSAE_URL": stack.base_url,
+            "RSAE_DATABASE_URL": stack.settings.database_url, **extra}
+
+
+@pytest.mark.slow
+def test_readme_curl_flow(stack: Stack, teacher_dir: Path, tmp_path: Path) -> None:
+    """README's curl block, verbatim except the server address and a smaller job body, succeeds."""
+    block = readme_block("curl").replace("http://127.0.0.1:8000", stack.base_url)
+    body_line = next(line for line in block.splitlines() if line.startswith("BODY="))
+    block = block.replace(body_line, "BODY=" + shlex.quote(json.dumps(
+        {"model": "smollm2-135m", "layer": 3, "settings": TINY_SETTINGS})))
+    (tmp_path / "teacher").symlink_to(teacher_dir)
+    run = subprocess.run(["bash", "-euo", "pipefail", "-c", block], cwd=tmp_path, capture_output=True, text=True,
+                         env=_client_env(stack, USER="readme-curl"), timeout=JOB_TIMEOUT)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "event: status" in run.stdout and '"status":"succeeded"' in run.stdout, run.stdout[-2000:]
+    assert run.stdout.rstrip().endswith("succeeded")  # cancel of a finished job leaves it as it is
+    cfg = json.loads((tmp_path / "upgraded" / "cfg.json").read_text())
+    assert cfg["architecture"] == "rational"
+    assert (tmp_path / "upgraded" / "report.html").read_text().lstrip().lower().startswith("<!doctype html")
+
+
+@pytest.mark.slow
+def test_readme_python_flow(stack: Stack, teacher_dir: Path, tmp_path: Path, api_token: str,
+                            monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """README's Python block, verbatim except the server address and a smaller job body, succeeds."""
+    block = readme_block("python").replace("http://127.0.0.1:8000", stack.base_url)
+    body_line = next(line for line in block.splitlines() if line.strip().startswith("body = "))
+    block = block.replace(body_line.strip(), "body = " + repr(
+        {"model": "smollm2-135m", "layer": 3, "settings": TINY_SETTINGS}))
+    (tmp_path / "teacher").symlink_to(teacher_dir)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("RSAE_TOKEN", api_token)
+    namespace: dict[str, Any] = {}
+    exec(compile(block, "README.md[python]", "exec"), namespace)  # noqa: S102 - the README's own code
+    assert namespace["job"]["status"] == "succeeded", namespace["job"]
+    printed = capsys.readouterr().out
+    assert "status {'status': 'succeeded'}" in printed and "progress {" in printed, printed[-2000:]
+    model = namespace["upgraded"]
+    assert type(model).__name__ == "RationalSAE"
+    x = torch.randn(3, 576)
+    assert torch.allclose(model(x), model.decode(model.encode(x)))
+
+
+@pytest.mark.slow
+def test_cli_and_server_sent_events(stack: Stack, http: httpx.Client, teacher_dir: Path, tmp_path: Path,
+                                    api_token: str) -> None:
+    """``rsae jobs`` submit / wait / status / download / cancel against the stack, while a second client
+    follows the same job's SSE stream; the stream resumes exactly after ``Last-Event-ID``."""
+    from service.client import stream_events
+
+    env = _client_env(stack, RSAE_TOKEN=api_token)
+    rsae_cli = [str(VENV_BIN / "rsae"), "jobs"]
+    out = subprocess.run([*rsae_cli, "submit", "--teacher", str(teacher_dir), "--layer", "3",
+                          "--settings", json.dumps(TINY_SETTINGS), "--idempotency-key", "cli-1"],
+                         env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    job_id = json.loads(out.stdout)["id"]
+
+    streamed: list[dict[str, Any]] = []
+    follower = threading.Thread(target=lambda: streamed.extend(stream_events(http, job_id, timeout=JOB_TIMEOUT)))
+    follower.start()
+    waited = subprocess.run([*rsae_cli, "wait", job_id], env=env, capture_output=True, text=True,
+                            timeout=JOB_TIMEOUT)
+    follower.join(timeout=60)
+    assert waited.returncode == 0, waited.stderr
+    assert f"job {job_id} succeeded" in waited.stderr and "100%" in waited.stderr, waited.stderr[-2000:]
+
+    # The stream delivered every event once, in order, from 'queued' to 'succeeded', then closed.
+    listed = http.get(f"/jobs/{job_id}/events", params={"limit": 100}).json()
+    assert [e["id"] for e in streamed] == [e["id"] for e in listed]
+    assert streamed[0]["data"] == {"status": "queued"} and streamed[-1]["data"]["status"] == "succeeded"
+    progress = [e["data"]["progress"] for e in streamed if e["type"] == "progress"]
+    assert progress == sorted(progress) and len(progress) >= 3
+    # Resumption: Last-Event-ID = a middle event -> exactly the later ones.
+    middle = listed[len(listed) // 2]["id"]
+    with http.stream("GET", f"/jobs/{job_id}/events", headers={"Accept": "text/event-stream",
+                                                               "Last-Event-ID": str(middle)}) as r:
+        assert r.headers["content-type"].startswith("text/event-stream")
+        ids = [int(line[3:].strip()) for line in r.iter_lines() if line.startswith("id:")]
+    assert ids == [e["id"] for e in listed if e["id"] > middle]
+
+    status = subprocess.run([*rsae_cli, "status", job_id], env=env, capture_output=True, text=True, timeout=60)
+    assert json.loads(status.stdout)["status"] == "succeeded"
+    down = subprocess.run([*rsae_cli, "download", job_id, "--out", str(tmp_path / "out")], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert down.returncode == 0 and (tmp_path / "out" / "sae_weights.safetensors").is_file(), down.stderr
+    again = subprocess.run([*rsae_cli, "submit", "--sae-id", json.loads(status.stdout)["request"]["teacher"]
+                            ["sae_id"], "--layer", "3", "--settings", json.dumps(TINY_SETTINGS),
+                            "--idempotency-key", "cli-1"], env=env, capture_output=True, text=True, timeout=60)
+    assert json.loads(again.stdout)["id"] == job_id  # same key, same body: the same job
+    cancel = subprocess.run([*rsae_cli, "cancel", job_id], env=env, capture_output=True, text=True, timeout=60)
+    assert cancel.stdout.strip() == f"job {job_id} succeeded"
+    bad = subprocess.run([*rsae_cli, "status", "no-such-job"], env=env, capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "job_not_found" in bad.stderr

@@ -11,7 +11,7 @@ import os
 from datetime import datetime
 
 from fastapi import APIRouter, Header, Query, Request, Response
-from fastapi.responses import FileResponse
+from fastapi.responses import FileResponse, StreamingResponse
 from pydantic import ValidationError
 from sqlalchemy import and_, func, or_, select
 from sqlalchemy.exc import IntegrityError
@@ -22,6 +22,7 @@ from rsae.models import model_shape
 from service.api.deps import CeleryDep, LimitDep, SessionDep, SettingsDep
 from service.auth import UserDep
 from service.config import Settings
+from service.events import job_event_stream
 from service.jobs import add_event, build_upgrade_config, resolve_teacher, transition, upgrade_config_errors
 from service.models import TERMINAL_STATUSES, Job, JobEvent, Sae, User, is_uuid
 from service.problems import NotFound, ProblemError, problem_responses, validation_error
@@ -249,13 +250,36 @@ def cancel_job(job_id: str, session: SessionDep, user: UserDep) -> JobOut:
     return JobOut.from_row(job)
 
 
-@router.get("/{job_id}/events", responses=_NOT_FOUND)
-def list_events(job_id: str, session: SessionDep, limit: LimitDep, user: UserDep,
+@router.get("/{job_id}/events", response_model=list[EventOut], responses={
+    200: {"description": "the events as a JSON list, or, with 'Accept: text/event-stream', as a live "
+          "server-sent event stream that ends when the job is terminal",
+          "content": {"text/event-stream": {"schema": {"type": "string"}, "example":
+                      'id: 12\nevent: progress\ndata: {"id":12,"type":"progress","created_at":'
+                      '"2026-11-23T10:00:00Z","data":{"stage":"finetune","progress":0.52}}\n\n'}}},
+    **_NOT_FOUND})
+def list_events(job_id: str, request: Request, session: SessionDep, limit: LimitDep, user: UserDep,
                 after: int | None = Query(None, ge=0, le=2**63 - 1,
-                                         description="Id of the last event already seen.")
-                ) -> list[EventOut]:
-    """The job's events in order (status, progress, metrics, log), after event id ``after``."""
+                                         description="Id of the last event already seen."),
+                last_event_id: str | None = Header(
+                    None, alias="Last-Event-ID", description="SSE resumption: id of the last event received "
+                    "(takes precedence over 'after').")) -> list[EventOut] | Response:
+    """The job's events in order (status, progress, metrics, log), after event id ``after``.
+
+    With ``Accept: text/event-stream`` the answer is a server-sent event stream instead
+    (:mod:`service.events`): past events after ``after`` / ``Last-Event-ID`` first, then new ones as they
+    happen, ending after the job's terminal status event.
+    """
     _job_or_404(session, job_id, user)
+    if "text/event-stream" in request.headers.get("accept", ""):
+        start = after or 0
+        if last_event_id is not None:
+            if not last_event_id.isdigit() or int(last_event_id) >= 2**63:
+                raise ProblemError(422, "validation_error", "Last-Event-ID must be an event id",
+                                   field="Last-Event-ID")
+            start = int(last_event_id)
+        return StreamingResponse(job_event_stream(request, request.app.state.sessionmaker, job_id, start),
+                                 media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     q = select(JobEvent).where(JobEvent.job_id == job_id).order_by(JobEvent.id).limit(limit)
     if after is not None:
         q = q.where(JobEvent.id > after)

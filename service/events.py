@@ -1,0 +1,72 @@
+"""Server-sent events (SSE) for a job's event log: the live view of ``GET /jobs/{id}/events``.
+
+Wire format: the WHATWG HTML "Server-sent events" event stream (``text/event-stream``). Each job event
+becomes one SSE event with ``id`` = the event's id, ``event`` = its type (``status``, ``progress``,
+``metrics``, ``log``) and ``data`` = the JSON of :class:`service.schemas.EventOut`. A client resumes after
+a dropped connection with the standard ``Last-Event-ID`` header (or ``?after=``). The stream ends after
+the event that puts the job in a terminal status; while nothing happens, a comment line is sent every
+:data:`KEEPALIVE_SECONDS` so proxies keep the connection open. New events are found by polling SQL (the
+job row is the source of truth; no second channel can disagree with it).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+
+import anyio
+from fastapi import Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.sse import format_sse_event
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from .models import TERMINAL_STATUSES, Job, JobEvent
+from .schemas import EventOut
+
+POLL_SECONDS = 0.5
+"""Time between two reads of new events."""
+KEEPALIVE_SECONDS = 15.0
+"""Longest silence before a ``: keepalive`` comment."""
+RETRY_MS = 2000
+"""Reconnection delay suggested to clients (SSE ``retry`` field), milliseconds."""
+BATCH = 500
+"""Most events read per poll."""
+
+
+def _read(make_session: sessionmaker[Session], job_id: str, after: int) -> tuple[list[EventOut], str | None]:
+    """Events of ``job_id`` with id > ``after`` (at most :data:`BATCH`) and the job's current status."""
+    with make_session() as s:
+        rows = s.scalars(select(JobEvent).where(JobEvent.job_id == job_id, JobEvent.id > after)
+                         .order_by(JobEvent.id).limit(BATCH))
+        events = [EventOut.from_row(e) for e in rows]
+        status = s.scalar(select(Job.status).where(Job.id == job_id))
+    return events, status
+
+
+async def job_event_stream(request: Request, make_session: sessionmaker[Session], job_id: str,
+                           after: int) -> AsyncIterator[bytes]:
+    """Yield SSE-encoded events of ``job_id`` after event id ``after`` until the job is terminal.
+
+    Stops early when the client disconnects. The caller has checked that the job exists and is the
+    requesting user's.
+    """
+    yield format_sse_event(comment="rsae job events", retry=RETRY_MS)
+    last_sent = time.monotonic()
+    while True:
+        events, status = await run_in_threadpool(_read, make_session, job_id, after)
+        for e in events:
+            after = e.id
+            yield format_sse_event(data_str=e.model_dump_json(), event=e.type, id=str(e.id))
+            last_sent = time.monotonic()
+        if len(events) == BATCH:
+            continue
+        if status is None or status in TERMINAL_STATUSES:
+            # The terminal status event is written in the same transaction as the status, so it was read.
+            return
+        if await request.is_disconnected():
+            return
+        if time.monotonic() - last_sent >= KEEPALIVE_SECONDS:
+            yield format_sse_event(comment="keepalive")
+            last_sent = time.monotonic()
+        await anyio.sleep(POLL_SECONDS)

@@ -1,0 +1,198 @@
+"""``rsae jobs ...``: submit, follow, download and cancel upgrade jobs on a running service.
+
+Examples (``RSAE_URL`` and ``RSAE_TOKEN`` from the environment, or ``--url`` / ``--token``)::
+
+    rsae jobs submit --teacher teacher/ --layer 3 --wait          # upload, submit, follow with a progress bar
+    rsae jobs submit --sae-id 6f1c... --layer 3 --settings '{"finetune": {"steps": 200}}'
+    rsae jobs status <job id>                                     # the job object as JSON
+    rsae jobs wait <job id>                                       # progress bar until terminal; exit 0 if succeeded
+    rsae jobs download <job id> --out upgraded/                   # sha256-checked artifacts
+    rsae jobs cancel <job id>
+    rsae jobs list [--status running]
+
+Exit codes: 0 success (for ``wait``: the job succeeded), 1 the job failed or was cancelled, 2 bad input or
+an API error (the problem's code, detail and field are printed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from .client import TERMINAL, ApiError, RSAEClient
+
+
+def _client(args: argparse.Namespace) -> RSAEClient:
+    return RSAEClient(args.url, args.token)
+
+
+def _print(obj: Any) -> None:
+    print(json.dumps(obj, indent=2))
+
+
+class _ProgressBar:
+    """A tqdm bar driven by job events: ``progress`` events move it, ``status``/``metrics`` annotate it."""
+
+    def __init__(self, job_id: str) -> None:
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=100, desc=f"job {job_id[:8]}", unit="%", file=sys.stderr,
+                        bar_format="{desc} {l_bar}{bar}| {n:.0f}/{total:.0f}% [{elapsed}<{remaining}]")
+
+    def __call__(self, event: dict[str, Any]) -> None:
+        """Apply one event."""
+        data = event["data"]
+        if event["type"] == "progress":
+            self.bar.n = 100 * float(data.get("progress", 0.0))
+            self.bar.set_postfix_str(str(data.get("stage", "")), refresh=False)
+            self.bar.refresh()
+        elif event["type"] == "status":
+            self.bar.set_postfix_str(data["status"])
+        elif event["type"] == "metrics" and "mse" in data:
+            self.bar.set_postfix_str(f"{data.get('stage', '')} step {data.get('step', '?')} mse {data['mse']:.4g}")
+
+    def close(self) -> None:
+        """Close the bar."""
+        self.bar.close()
+
+
+def _wait(c: RSAEClient, job_id: str, quiet: bool, timeout: float | None) -> int:
+    bar = None if quiet else _ProgressBar(job_id)
+    try:
+        job = c.wait(job_id, timeout=timeout, on_event=bar)
+    finally:
+        if bar is not None:
+            bar.close()
+    _summary(job)
+    return 0 if job["status"] == "succeeded" else 1
+
+
+def _summary(job: dict[str, Any]) -> None:
+    print(f"job {job['id']} {job['status']}", file=sys.stderr)
+    if job.get("error"):
+        err = job["error"]
+        print(f"  {err['code']}: {err['detail']}" + (f" [field {err['field']}]" if err.get("field") else ""),
+              file=sys.stderr)
+    m = job.get("metrics") or {}
+    if m:
+        print("  " + ", ".join(f"{k} {v:.4g}" for k, v in m.items() if isinstance(v, (int, float))),
+              file=sys.stderr)
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    """Upload the teacher (unless --sae-id) and create a job; prints the job (or follows it with --wait)."""
+    try:
+        settings = json.loads(args.settings) if args.settings else {}
+    except json.JSONDecodeError as e:
+        print(f"error: --settings is not JSON: {e}", file=sys.stderr)
+        return 2
+    with _client(args) as c:
+        sae_id = args.sae_id or c.upload_sae(args.teacher, name=args.name)["id"]
+        job = c.submit({"model": args.model, "layer": args.layer, "teacher": {"sae_id": sae_id},
+                        "settings": settings}, idempotency_key=args.idempotency_key)
+        if not args.wait:
+            _print(job)
+            return 0
+        print(f"submitted job {job['id']}", file=sys.stderr)
+        return _wait(c, job["id"], args.quiet, args.timeout)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    """Print the job object as JSON."""
+    with _client(args) as c:
+        _print(c.get(args.job_id))
+    return 0
+
+
+def cmd_wait(args: argparse.Namespace) -> int:
+    """Follow the job's events with a progress bar until it is terminal; exit 0 only if it succeeded."""
+    with _client(args) as c:
+        return _wait(c, args.job_id, args.quiet, args.timeout)
+
+
+def cmd_download(args: argparse.Namespace) -> int:
+    """Download the job's artifacts (sha256-checked) into --out."""
+    with _client(args) as c:
+        job = c.get(args.job_id)
+        if job["status"] != "succeeded":
+            print(f"error: job {job['id']} is {job['status']}; only succeeded jobs have artifacts",
+                  file=sys.stderr)
+            return 1
+        for name, path in c.download(args.job_id, args.out).items():
+            print(f"{name}\t{path}")
+    return 0
+
+
+def cmd_cancel(args: argparse.Namespace) -> int:
+    """Request cancellation (idempotent); prints the job's status."""
+    with _client(args) as c:
+        job = c.cancel(args.job_id)
+    print(f"job {job['id']} {job['status']}")
+    return 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    """List your jobs: id, status, stage, progress, created."""
+    with _client(args) as c:
+        for j in c.list(status=args.status):
+            print(f"{j['id']}  {j['status']:<10} {j['stage'] or '-':<10} {100 * j['progress']:5.1f}%  "
+                  f"{j['created_at']}")
+    return 0
+
+
+def add_jobs_parser(sub: Any) -> None:
+    """Add the ``jobs`` command group to an argparse sub-parser collection."""
+    j = sub.add_parser("jobs", help="submit, follow, download and cancel jobs on a running service",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--url", default=None, help="API root (default $RSAE_URL or http://127.0.0.1:8000)")
+    common.add_argument("--token", default=None, help="bearer token (default $RSAE_TOKEN)")
+    js = j.add_subparsers(dest="jobs_cmd", required=True)
+
+    s = js.add_parser("submit", help=cmd_submit.__doc__, parents=[common])
+    src = s.add_mutually_exclusive_group(required=True)
+    src.add_argument("--teacher", help="teacher SAE folder (cfg.json + sae_weights.safetensors) to upload")
+    src.add_argument("--sae-id", help="id of an SAE uploaded earlier")
+    s.add_argument("--name", default=None, help="label of the uploaded teacher")
+    s.add_argument("--model", default="smollm2-135m")
+    s.add_argument("--layer", type=int, required=True)
+    s.add_argument("--settings", default=None, help="JSON object of job settings (see POST /jobs)")
+    s.add_argument("--idempotency-key", default=None, help="resubmitting with the same key returns the same job")
+    s.add_argument("--wait", action="store_true", help="follow the job until it ends")
+    s.add_argument("--quiet", action="store_true", help="no progress bar")
+    s.add_argument("--timeout", type=float, default=None, help="seconds to wait at most")
+    s.set_defaults(func=cmd_submit)
+
+    for name, func in (("status", cmd_status), ("wait", cmd_wait), ("cancel", cmd_cancel)):
+        p = js.add_parser(name, help=func.__doc__, parents=[common])
+        p.add_argument("job_id")
+        if name == "wait":
+            p.add_argument("--quiet", action="store_true", help="no progress bar")
+            p.add_argument("--timeout", type=float, default=None, help="seconds to wait at most")
+        p.set_defaults(func=func)
+    d = js.add_parser("download", help=cmd_download.__doc__, parents=[common])
+    d.add_argument("job_id")
+    d.add_argument("--out", required=True, help="destination folder")
+    d.set_defaults(func=cmd_download)
+    ls = js.add_parser("list", help=cmd_list.__doc__, parents=[common])
+    ls.add_argument("--status", default=None, choices=sorted(TERMINAL | {"queued", "running", "cancelling"}))
+    ls.set_defaults(func=cmd_list)
+
+
+def run(func: Any, args: argparse.Namespace) -> int:
+    """Run a ``jobs`` command, turning API and connection errors into messages and exit code 2."""
+    import httpx
+
+    try:
+        return func(args)
+    except ApiError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except httpx.TransportError as e:
+        print(f"error: cannot reach the service: {e}", file=sys.stderr)
+        return 2
+    except TimeoutError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
