@@ -20,6 +20,10 @@ with ``floor`` a scalar in the units of r (the unit-interval gate), set at calib
 L0 on the calibration tokens equals the teacher's (see :func:`rsae.train.set_floor`); the report compares
 it with the Remez fit's maximum error. L0 then counts real non-zeros. Gradients flow through active
 entries only (like ReLU's).
+
+TopK teachers (``rational.topk_k``): the jump sits at each token's separating threshold (per-token scale),
+and with ``rational.topk_cap`` only the token's k largest pre-activations may be non-zero (L0 <= k), see
+:meth:`RationalSAE.gate`.
 """
 
 from __future__ import annotations
@@ -35,13 +39,21 @@ from .kernels import horner, rational_gate, rational_raw, rational_unit  # noqa:
 from .sae import SAE, register_architecture
 
 
+def _topk_values(h: torch.Tensor, k: int) -> torch.Tensor:
+    """The min(k + 1, d_sae) largest pre-activations of each token, descending, detached. [..., min(k+1, d)]."""
+    return h.detach().topk(min(k + 1, h.shape[-1]), dim=-1).values
+
+
+def _separating_from_top(top: torch.Tensor, k: int) -> torch.Tensor:
+    tau = 0.5 * (top[..., k - 1:k] + top[..., -1:]) if top.shape[-1] > k else top[..., -1:]
+    return tau.clamp_min(1e-6)
+
+
 def topk_separating_threshold(h: torch.Tensor, k: int) -> torch.Tensor:
     """Per-token separating threshold of a TopK gate, [..., 1]: the midpoint of each token's k-th and
     (k+1)-th largest pre-activation (the k-th itself when d_sae == k), clamped to >= 1e-6. h: [..., d_sae].
     Detached: it is supplied to the rational gate, not learned."""
-    top = h.detach().topk(min(k + 1, h.shape[-1]), dim=-1).values
-    tau = 0.5 * (top[..., k - 1:k] + top[..., -1:]) if top.shape[-1] > k else top[..., -1:]
-    return tau.clamp_min(1e-6)
+    return _separating_from_top(_topk_values(h, k), k)
 
 
 class RationalGate(nn.Module):
@@ -144,12 +156,21 @@ class RationalSAE(SAE):
 
         TopK upgrades (``rational.topk_k`` set): each token i gets the scale s_i = tau_i / c with tau_i its
         separating threshold (:func:`topk_separating_threshold`), i.e. z = s_i * G(h / s_i) with G the gate at unit
-        scale, which equals C_out s_i r(h / (C_in s_i)) and puts the jump at tau_i for every token.
+        scale, which equals C_out s_i r(h / (C_in s_i)) and puts the jump at tau_i for every token. With
+        ``rational.topk_cap`` (the default for new TopK upgrades) only the token's k largest pre-activations
+        can be non-zero (z = 0 where h < the token's k-th largest h), so L0 <= k exactly, as for the teacher:
+        the rational shapes the values, the teacher's own top-k rule bounds the active set. Ties at the k-th
+        value can let more than k through (measure zero for real activations).
         """
         if self.topk_k is None:
             return self.gate_fn(h)
-        s = topk_separating_threshold(h, self.topk_k) / float(self.rational_cfg["jump"])
-        return s * self.gate_fn(h / s)
+        k = self.topk_k
+        top = _topk_values(h, k)
+        s = _separating_from_top(top, k) / float(self.rational_cfg["jump"])
+        z = s * self.gate_fn(h / s)
+        if self.rational_cfg.get("topk_cap", False):
+            z = torch.where(h >= top[..., k - 1:k], z, torch.zeros((), dtype=z.dtype, device=z.device))
+        return z
 
     @classmethod
     def from_teacher(cls, teacher: SAE, *, a, b, c_in: float, c_out: float, floor: float = 0.0,

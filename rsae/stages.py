@@ -11,9 +11,15 @@ Per-family initialisation (``docs/method.md`` gives the reasoning and the measur
   s_j = theta_j / c (c = the fitted jump position), which makes s_j * g(h / s_j) = h * H(h - theta_j)
   exactly for the target g(t) = t * H(t - c). C_in = C_out = 1. The scales are trained like the teacher's
   thresholds.
-- TopK: the per-token top-k selection is replaced by one threshold tau, the (1 - k / d_sae) quantile of
-  the teacher's real pre-activations on the calibration tokens (so the mean number of h above tau is k, as
-  BatchTopK SAEs do at inference; Bussmann et al. 2024), then handled as JumpReLU with theta_j = tau.
+- TopK (default ``remez.topk_threshold = "per_token"``): each token's jump sits at its separating threshold
+  tau_i (midpoint of its k-th and (k+1)-th pre-activation), via the per-token scale s_i = tau_i / c; with
+  ``remez.topk_cap`` (default) only the token's k largest pre-activations can be non-zero, so L0 <= k, and
+  fine-tuning uses no L1 term (:func:`finetune_sparsity`). ``"global"``: one threshold tau, the
+  (1 - k / d_sae) quantile of the teacher's real pre-activations (BatchTopK-style; Bussmann et al. 2024),
+  handled as JumpReLU with theta_j = tau.
+
+Compute-matched control (:func:`control_objective`): the teacher with its own gate, same data, batches,
+steps, optimiser and L0 target; JumpReLU's control uses its own L0 penalty so its L0 can be held.
 """
 
 from __future__ import annotations
@@ -163,6 +169,67 @@ def jump_thresholds(teacher: SAE, h: torch.Tensor, topk_mode: str = "per_token"
     return None, {"rule": "ReLU: jump at 0"}
 
 
+def finetune_sparsity(cfg: UpgradeConfig, teacher: SAE, x_cal: torch.Tensor, teacher_l0: float,
+                      topk_capped: bool) -> tuple[float, str, float | None]:
+    """Sparsity settings of the RSAE's fine-tuning: (lambda, where it came from, L0 target or None).
+
+    - The request's ``finetune.l1_coefficient`` wins.
+    - TopK with the top-k cap (``remez.topk_cap``): lambda = 0 and no L0 target. The cap already keeps
+      L0 <= k per token, whatever lambda is, so an L1 term could only shrink the values (measured: the
+      controller chasing 0.95 k pushed lambda to 7.5 and the held-out MSE rose 10% above the teacher's);
+      the TopK teacher itself was trained without L1 (Gao et al. 2024).
+    - ReLU: the teacher's training lambda from its cfg (``metadata.l1_coefficient``) when recorded.
+    - Otherwise: lambda such that the decoder-norm-weighted L1 term is 10% of the teacher's MSE on
+      ``x_cal`` [n, d_in].
+    The L0 target (except capped TopK) is ``finetune.l0_target_ratio`` x ``teacher_l0`` (the teacher's
+    mean L0 on the calibration tokens; latents per token).
+    """
+    ft = cfg.finetune
+    l0_target = None if ft.l0_target_ratio is None else ft.l0_target_ratio * teacher_l0
+    if topk_capped:
+        l0_target = None
+    if ft.l1_coefficient is not None:
+        return float(ft.l1_coefficient), "request", l0_target
+    if topk_capped:
+        return 0.0, "TopK with the top-k cap: no L1 (L0 <= k is enforced by the cap)", None
+    if teacher.family == "relu" and isinstance(teacher.metadata.get("l1_coefficient"), (int, float)):
+        return float(teacher.metadata["l1_coefficient"]), "teacher cfg metadata.l1_coefficient", l0_target
+    with torch.no_grad():
+        z = teacher.encode(x_cal)
+        mse0 = (x_cal - teacher.decode(z)).pow(2).sum(-1).mean().item()
+        l1_0 = decoder_norm_l1(z, teacher.W_dec).item()
+    return 0.1 * mse0 / max(l1_0, 1e-12), "auto: L1 term = 10% of the teacher's MSE", l0_target
+
+
+def control_objective(teacher: SAE, lam: float, lam_source: str) -> dict[str, Any]:
+    """Objective of the compute-matched control (the teacher fine-tuned with its own gate).
+
+    ReLU and TopK: the RSAE's objective (MSE + lambda * decoder-norm-weighted L1, same lambda, same L0
+    controller; lambda = 0 for capped TopK, whose L0 stays at k). JumpReLU: MSE + mu * L0 with the
+    straight-through kernel estimator for the thresholds (:func:`rsae.teacher.jumprelu_l0_loss`, the
+    family's own sparsity penalty, Rajamanoharan et al. 2024), mu starting at the teacher's training
+    coefficient (``metadata.l0_coefficient``; else the RSAE's lambda, which the controller then rescales)
+    and adapted by the same L0 controller as the RSAE's lambda (``lam``, ``lam_source``: the RSAE's).
+    Reason: a JumpReLU's L0 is set by its thresholds, which an L1 term barely moves; with the L1 objective the
+    control ended at held-out L0 76.8 against the RSAE's 70.2 (target 69.9), so the two were not compared at
+    equal L0.
+
+    Returns:
+        ``{"loss_fn": callable or None (train_sae's default), "coefficient": float, "objective": str}``.
+    """
+    if isinstance(teacher, JumpReLUSAE):
+        from .teacher import jumprelu_l0_loss
+
+        mu = teacher.metadata.get("l0_coefficient")
+        mu = float(mu) if isinstance(mu, (int, float)) and mu > 0 else float(lam)
+        return {"loss_fn": jumprelu_l0_loss, "coefficient": mu,
+                "objective": "MSE + mu * L0 (straight-through kernel estimator for the thresholds; the JumpReLU "
+                             "family's own penalty), mu from the teacher's l0_coefficient, adapted to the same L0 "
+                             "target as the RSAE"}
+    return {"loss_fn": None, "coefficient": float(lam),
+            "objective": f"MSE + lambda * sum_j |z_j| ||W_dec[j]|| (as the RSAE; lambda: {lam_source})"}
+
+
 def _gate_plot(teacher: SAE, rsae_init: RationalSAE, rsae: RationalSAE, h: torch.Tensor,
                topk_mode: str, bins: int = 120) -> dict[str, Any]:
     """Data of the gate figure: teacher vs RSAE gates over the real pre-activation range, plus a histogram.
@@ -272,6 +339,7 @@ def run(cfg: UpgradeConfig, out_dir: Path, work_dir: Path | None, prog: _Progres
         scale = None if per_token else theta / fp["c"]
         if per_token:
             rational_cfg["topk_k"] = teacher.k
+            rational_cfg["topk_cap"] = bool(cfg.remez.topk_cap)
     rsae = RationalSAE.from_teacher(teacher, a=fit.a, b=fit.b, c_in=c_in, c_out=c_out, scale=scale,
                                     rational=rational_cfg).to(dev)
     # The gate is calibrated at unit scale: per-token TopK upgrades see h / s_i (s_i = tau_i / c) and
@@ -289,8 +357,15 @@ def run(cfg: UpgradeConfig, out_dir: Path, work_dir: Path | None, prog: _Progres
         teacher_l0_cal = teacher_active.sum(-1).float().mean().item()
         pre_loss = (rsae.gate_fn.raw(h_fit) - target_fit).pow(2).mean().item()
     cal_losses = calibrate_gate(rsae, h_fit, target_fit, steps=cfg.calibrate.steps, lr=cfg.calibrate.lr,
-                                seed=cfg.seed, on_step=lambda s, l: prog.report(s / max(1, cfg.calibrate.steps)))
-    floor = set_floor(rsae, h_fit, teacher_l0_cal)
+                                seed=cfg.seed, sample=cfg.calibrate.sample,
+                                on_step=lambda s, l: prog.report(s / max(1, cfg.calibrate.steps)))
+    topk_capped = per_token and bool(cfg.remez.topk_cap)
+    if topk_capped:  # the cap selects (L0 <= k); the floor only drops kept entries whose r is not positive
+        rsae.gate_fn.floor.fill_(0.0)
+        floor, floor_rule = 0.0, "0 (TopK cap: the top-k rule selects; z != 0 where r > 0 among the k largest h)"
+    else:
+        floor = set_floor(rsae, h_fit, teacher_l0_cal)
+        floor_rule = "r-units; L0 on the calibration tokens equals the teacher's"
     with torch.no_grad():
         rsae_active = rsae.encode(x_cal) != 0
         agreement = {
@@ -308,17 +383,7 @@ def run(cfg: UpgradeConfig, out_dir: Path, work_dir: Path | None, prog: _Progres
     t0 = time.time()
     prog.enter("finetune")
     ft = cfg.finetune
-    lam = ft.l1_coefficient
-    lam_source = "request"
-    if lam is None and family == "relu" and isinstance(teacher.metadata.get("l1_coefficient"), (int, float)):
-        lam, lam_source = float(teacher.metadata["l1_coefficient"]), "teacher cfg metadata.l1_coefficient"
-    if lam is None:
-        with torch.no_grad():
-            z = teacher.encode(x_cal)
-            mse0 = (x_cal - teacher.decode(z)).pow(2).sum(-1).mean().item()
-            l1_0 = decoder_norm_l1(z, teacher.W_dec).item()
-        lam, lam_source = 0.1 * mse0 / max(l1_0, 1e-12), "auto: L1 term = 10% of the teacher's MSE"
-    l0_target = None if ft.l0_target_ratio is None else ft.l0_target_ratio * teacher_l0_cal
+    lam, lam_source, l0_target = finetune_sparsity(cfg, teacher, x_cal, teacher_l0_cal, topk_capped)
     del x_cal, h, h_fit, target, target_fit, teacher_active, rsae_active
     eval_rows = min(evals.rows, 4096)
     n_runs = 2 if ft.control else 1
@@ -357,13 +422,17 @@ def run(cfg: UpgradeConfig, out_dir: Path, work_dir: Path | None, prog: _Progres
         ctrl_groups = [{"params": [p for p in control.parameters() if id(p) not in ctrl_ids], "lr": ft.lr}]
         if ctrl_gate:
             ctrl_groups.append({"params": ctrl_gate, "lr": ft.gate_lr})
+        ctrl = control_objective(teacher, lam, lam_source)
         ctrl_curve: list[dict[str, float]] = []
         ctrl_hist = train_sae(control, train, steps=ft.steps, batch_size=ft.batch_size, lr=ft.lr,
-                              l1_coefficient=lam, seed=cfg.seed + 1, device=dev, param_groups=ctrl_groups,
-                              l0_target=l0_target, on_step=make_on_step(control, ctrl_curve, 1),
+                              l1_coefficient=ctrl["coefficient"], loss_fn=ctrl["loss_fn"], seed=cfg.seed + 1,
+                              device=dev, param_groups=ctrl_groups, l0_target=l0_target,
+                              on_step=make_on_step(control, ctrl_curve, 1),
                               checkpoint=prog.train_checkpoint("finetune-control", ctrl_curve))
         control_info = {"what": "the teacher fine-tuned with its own gate: same training tokens, batches, steps, "
-                                "optimiser, learning rates and objective (incl. the L0 controller)",
+                                "optimiser, learning rates and L0 target (controller) as the RSAE",
+                        "objective": ctrl["objective"], "initial_coefficient": ctrl["coefficient"],
+                        "final_coefficient": ctrl_hist[-1]["lambda"] if ctrl_hist else ctrl["coefficient"],
                         "curve": ctrl_curve, "final_train": ctrl_hist[-1] if ctrl_hist else None}
     timings["finetune"] = time.time() - t0
 
@@ -415,8 +484,9 @@ def run(cfg: UpgradeConfig, out_dir: Path, work_dir: Path | None, prog: _Progres
         "FVU is pooled about the per-dimension mean; fvu_about_zero divides by sum x^2.",
         f"{evals.manifest['stats']['frac_norm_above_3x_median_sample']:.2%} of held-out tokens (sample) have "
         "residual norm > 3x the median; they are kept and weigh heavily in MSE and FVU.",
-        "L0 counts exactly non-zero latents; the RSAE's exact zeros come from its floor (r-units), set so its L0 "
-        "on the calibration tokens equals the teacher's.",
+        "L0 counts exactly non-zero latents; the RSAE's exact zeros come from "
+        + ("the top-k cap (only each token's k largest pre-activations can be non-zero) and a floor of 0 on r."
+           if topk_capped else "its floor (r-units), set so its L0 on the calibration tokens equals the teacher's."),
     ]
     if family == "topk" and theta_info.get("mode") == "global":
         notes.append(f"TopK teacher: the RSAE replaces per-token top-{teacher.k} by the threshold tau = "
@@ -439,7 +509,7 @@ def run(cfg: UpgradeConfig, out_dir: Path, work_dir: Path | None, prog: _Progres
                      "loss_after": cal_losses[-1] if cal_losses else pre_loss, "c_in_init": c_in,
                      "thresholds": theta_info, "teacher_l0_calibration_tokens": teacher_l0_cal,
                      "floor": floor, "floor_over_fit_max_error": floor / fit.max_error if fit.max_error else None,
-                     "floor_rule": "r-units; L0 on the calibration tokens equals the teacher's",
+                     "floor_rule": floor_rule,
                      "agreement": agreement},
         finetune={"steps": ft.steps, "batch_size": ft.batch_size, "lr": ft.lr, "gate_lr": ft.gate_lr,
                   "l1_coefficient": lam, "l1_source": lam_source, "l0_target": l0_target,

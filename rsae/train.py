@@ -159,16 +159,23 @@ def sample_pre_acts(teacher: SAE, x: torch.Tensor, batch: int = 2048) -> torch.T
 
 
 def calibrate_gate(rsae: RationalSAE, h: torch.Tensor, target: torch.Tensor, *, steps: int, lr: float,
-                   seed: int = 0, sample: int = 1 << 20,
+                   seed: int = 0, sample: int = 1 << 17, decay_frac: float = 0.5,
                    on_step: Callable[[int, float], None] | None = None) -> list[float]:
     """Calibrate (a, b, C_in, C_out) with all SAE weights (and per-latent scales) frozen.
 
     Adam on the l2 objective mean (phi_raw(h) - g(h))^2 over the teacher's real pre-activations (RSAE
     summary, "calibration"); each step uses ``sample`` (token, latent) entries: random whole token rows of
-    ``h``, so every entry keeps its latent's scale.
+    ``h``, so every entry keeps its latent's scale. The learning rate decays linearly to 0 over the last
+    ``decay_frac`` of the steps, so the final scalars are not left at the noise level of one sample. Only the
+    gate scalars require gradients meanwhile (the weights and per-latent scales are frozen for the loop).
+
+    Cost: one fused gate forward + backward over ``sample`` entries per step. The earlier default of 2^20
+    entries took 350 s for 300 steps at (5, 4) and 510 s at (9, 8) on the loaded 2-core CPU; 2^17 with the
+    decay reaches the same calibrated held-out MSE (``docs/method.md``).
 
     Args:
         h: real pre-activations [n, d_sae]; target: the teacher's gate output g(h), same shape.
+        steps, lr: Adam steps and peak learning rate. sample: entries per step (rounded to whole rows).
 
     Returns:
         Loss per step (squared units of z).
@@ -179,15 +186,25 @@ def calibrate_gate(rsae: RationalSAE, h: torch.Tensor, target: torch.Tensor, *, 
     gen = torch.Generator().manual_seed(seed)
     rows = max(1, min(h.shape[0], sample // max(1, h.shape[-1])))
     losses = []
-    for step in range(steps):
-        idx = torch.randint(0, h.shape[0], (rows,), generator=gen).to(h.device)
-        loss = (g.raw(h[idx]) - target[idx]).pow(2).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-        if on_step is not None:
-            on_step(step + 1, losses[-1])
+    frozen = [p for p in rsae.parameters() if p.requires_grad and all(p is not q for q in params)]
+    for p in frozen:  # no gradient work for the frozen weights / per-latent scales
+        p.requires_grad_(False)
+    decay_start = int(steps * (1.0 - decay_frac))
+    try:
+        for step in range(steps):
+            if step >= decay_start and steps > decay_start:
+                opt.param_groups[0]["lr"] = lr * (steps - step) / (steps - decay_start)
+            idx = torch.randint(0, h.shape[0], (rows,), generator=gen).to(h.device)
+            loss = (g.raw(h[idx]) - target[idx]).pow(2).mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+            if on_step is not None:
+                on_step(step + 1, losses[-1])
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)
     return losses
 
 

@@ -108,3 +108,65 @@ def test_per_latent_scales_put_every_jump_at_its_own_threshold():
     assert diff[outside].max() <= fit.max_error * 1.01
     z = rsae.gate(h)
     assert torch.equal((z != 0)[outside], (teacher.gate(h) != 0)[outside])  # exact zeros off the jump
+
+
+def _topk_rsae(k, cap, d_in=8, d_sae=24, c=0.25, margin=0.025):
+    fit = remez_fit("topk", c=c, p=9, q=8, margin=margin)
+    teacher = _fill(TopKSAE(d_in, d_sae, k=k))
+    rsae = RationalSAE.from_teacher(teacher, a=fit.a, b=fit.b, c_in=1.0, c_out=1.0,
+                                    rational={"jump": c, "topk_k": k, "topk_cap": cap})
+    return teacher, rsae
+
+
+def test_topk_cap_keeps_l0_at_most_k_and_only_the_teachers_entries():
+    """With ``topk_cap`` the RSAE can only activate each token's k largest pre-activations: L0 <= k exactly,
+    even with a floor of 0 (which lets every entry with r > 0 through, including those in the margin band
+    below the token's separating threshold)."""
+    k = 4
+    teacher, capped = _topk_rsae(k, cap=True)
+    _, free = _topk_rsae(k, cap=False)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(256, 8, generator=g) * 3
+    for sae in (capped, free):
+        sae.gate_fn.floor.fill_(-1.0)  # below every r: selection left to the cap alone
+    z_cap, z_free, z_t = capped.encode(x), free.encode(x), teacher.encode(x)
+    assert (z_free != 0).sum(-1).float().mean() > k  # without the cap the floor lets more through
+    assert ((z_cap != 0).sum(-1) <= k).all()
+    assert not ((z_cap != 0) & (z_t == 0)).any()  # never an entry the teacher keeps inactive
+    # the capped values are the rational's values on the kept entries
+    keep = z_cap != 0
+    torch.testing.assert_close(z_cap[keep], z_free[keep])
+
+
+def test_topk_cap_passes_gradients_to_kept_entries_only_and_roundtrips(tmp_path):
+    teacher, rsae = _topk_rsae(3, cap=True)
+    x = torch.randn(32, 8, generator=torch.Generator().manual_seed(2)) * 3
+    h = rsae.pre_acts(x).detach().requires_grad_(True)
+    z = rsae.gate(h)
+    z.sum().backward()
+    assert torch.all(h.grad[z == 0] == 0)
+    rsae.save(tmp_path / "r")
+    back = load_sae(tmp_path / "r")
+    assert back.rational_cfg["topk_cap"] is True
+    torch.testing.assert_close(back.encode(x), rsae.encode(x))
+
+
+def test_jumprelu_control_uses_its_own_l0_penalty_and_topk_cap_drops_l1():
+    """The compute-matched control of a JumpReLU teacher trains with MSE + mu * L0 (straight-through), mu from
+    the teacher's l0_coefficient; capped TopK fine-tuning uses lambda = 0 and no L0 target."""
+    from rsae.config import UpgradeConfig
+    from rsae.stages import control_objective, finetune_sparsity
+    from rsae.teacher import jumprelu_l0_loss
+
+    jt = _fill(JumpReLUSAE(8, 16))
+    jt.metadata["l0_coefficient"] = 5.0
+    ctrl = control_objective(jt, 0.3, "auto")
+    assert ctrl["loss_fn"] is jumprelu_l0_loss and ctrl["coefficient"] == 5.0
+    rt = _fill(TopKSAE(8, 16, k=4))
+    assert control_objective(rt, 0.0, "x")["loss_fn"] is None
+    cfg = UpgradeConfig(layer=3, teacher="t")
+    x = torch.randn(64, 8, generator=torch.Generator().manual_seed(3))
+    assert finetune_sparsity(cfg, rt, x, 4.0, topk_capped=True)[0] == 0.0
+    assert finetune_sparsity(cfg, rt, x, 4.0, topk_capped=True)[2] is None
+    lam, src, target = finetune_sparsity(cfg, jt, x, 10.0, topk_capped=False)
+    assert lam > 0 and src.startswith("auto") and target == pytest.approx(9.5)

@@ -101,7 +101,7 @@ def test_bad_inputs():
 # --- jump targets (JumpReLU / TopK) -------------------------------------------------------------------
 
 def test_default_fit_params():
-    assert default_fit_params("relu") == dict(c=0.0, margin=0.0, p=3, q=2)
+    assert default_fit_params("relu") == dict(c=0.0, margin=0.0, p=5, q=4)
     assert default_fit_params("jumprelu") == dict(c=0.25, margin=pytest.approx(0.025), p=9, q=8)
     assert default_fit_params("topk") == default_fit_params("jumprelu")
     # the relative margin rule for a caller-chosen c
