@@ -304,6 +304,8 @@ def load_saelens(path: str | Path) -> LoadedTeacher:
         else:
             raise TeacherError(f"SAELens activation_fn {act!r} is not supported (relu or topk)",
                                field="cfg.json.activation_fn_str")
+    if not isinstance(arch, str):
+        raise TeacherError(f"cfg.json 'architecture' must be a string, got {arch!r}", field="cfg.json.architecture")
     if arch == "rational":
         raise TeacherError("this folder holds a rational SAE (already upgraded), not a teacher",
                            field="cfg.json.architecture")

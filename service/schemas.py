@@ -75,13 +75,22 @@ class SaeOut(BaseModel):
     architecture: str
     d_in: int
     d_sae: int
-    sha256: str
+    sha256: str = Field(description="SHA-256 of the uploaded weights file.")
     created_at: datetime
+    source: dict[str, Any] | None = Field(
+        None, description="How the upload was read: format (saelens, gemma_scope, sparsify, "
+        "dictionary_learning), source architecture, conventions detected and applied (transposes, b_dec "
+        "handling, where k was found, folded normalisation), hook and model when the files name them.")
 
     @classmethod
     def from_row(cls, row: Sae) -> "SaeOut":
-        """From a ``saes`` row."""
-        return cls.model_validate(row, from_attributes=True)
+        """From a ``saes`` row (``source`` from the stored cfg's ``metadata.source``)."""
+        meta = (row.cfg or {}).get("metadata") or {}
+        source = meta.get("source") if isinstance(meta, dict) else None
+        return cls(id=row.id, name=row.name, family=row.family, architecture=row.architecture, d_in=row.d_in,
+                   d_sae=row.d_sae, sha256=row.sha256, created_at=row.created_at,
+                   source={k: v for k, v in source.items() if k != "path"}  # a server path: not shown
+                   if isinstance(source, dict) else None)
 
 
 class ArtifactOut(BaseModel):

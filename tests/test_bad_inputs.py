@@ -109,10 +109,9 @@ BAD_UPLOADS: dict[str, tuple[Callable[[Path], Files], str]] = {
     "topk without k": (_cfg_with(architecture="topk"), "cfg.k"),
     "topk k larger than d_sae": (_cfg_with(architecture="topk", k=10_000), "cfg.k"),
     "jumprelu without threshold": (_cfg_with(architecture="jumprelu"), "weights.threshold"),
-    "jumprelu negative threshold": (_tensors_with(lambda t: t.update(threshold=-torch.ones(64)),
-                                                  architecture="jumprelu"), "weights.threshold"),
-    "folded normalisation": (_cfg_with(normalize_activations="expected_average_only_in"),
-                             "cfg.normalize_activations"),
+    "jumprelu threshold of the wrong length": (_tensors_with(lambda t: t.update(threshold=torch.ones(63)),
+                                                             architecture="jumprelu"), "weights.threshold"),
+    "per-token normalisation": (_cfg_with(normalize_activations="layer_norm"), "cfg.normalize_activations"),
     "apply_b_dec_to_input not a bool": (_cfg_with(apply_b_dec_to_input="yes"), "cfg.apply_b_dec_to_input"),
     # weights file problems
     "weights empty": (_raw_weights(lambda w: b""), "weights"),

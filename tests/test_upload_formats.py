@@ -1,0 +1,108 @@
+"""POST /saes in each supported teacher format (real API, Postgres, Redis; files written by the real
+libraries where one writes them): the upload is detected, converted, stored, reported back in ``source``,
+and the stored teacher computes exactly what :func:`rsae.formats.load_teacher` reads from the original files
+(whose equivalence with each library's own forward is ``tests/test_formats.py``)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from fastapi.testclient import TestClient
+
+from rsae.formats import load_teacher
+from rsae.sae import load_sae
+from service.config import Settings
+
+from conftest import assert_problem, job_body
+
+D_IN, D_SAE, K = 576, 96, 8
+
+
+def _weights(seed: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {"W_enc": torch.randn(D_IN, D_SAE, generator=g) / 24, "b_enc": torch.randn(D_SAE, generator=g) / 10,
+            "W_dec": torch.randn(D_SAE, D_IN, generator=g) / 10, "b_dec": torch.randn(D_IN, generator=g) / 10}
+
+
+def _files(folder: Path) -> dict[str, tuple[str, bytes]]:
+    field = {"cfg.json": "cfg", "sae_weights.safetensors": "weights", "sae.safetensors": "sae",
+             "params.npz": "params", "ae.pt": "ae", "config.json": "config"}
+    return {field[p.name]: (p.name, p.read_bytes()) for p in folder.iterdir() if p.name in field}
+
+
+def _gemma_scope(folder: Path) -> None:
+    d = {k: v.numpy() for k, v in _weights(1).items()}
+    d["threshold"] = np.full(D_SAE, 0.05, dtype=np.float32)
+    np.savez(folder / "params.npz", **d)
+
+
+def _sparsify(folder: Path) -> None:
+    from sparsify import SparseCoder, SparseCoderConfig
+
+    w = _weights(2)
+    coder = SparseCoder(D_IN, SparseCoderConfig(num_latents=D_SAE, k=K))
+    with torch.no_grad():
+        coder.encoder.weight.copy_(w["W_enc"].T)
+        coder.encoder.bias.copy_(w["b_enc"])
+        coder.W_dec.copy_(w["W_dec"])
+        coder.b_dec.copy_(w["b_dec"])
+    coder.save_to_disk(folder)
+
+
+def _dictionary_learning(folder: Path) -> None:
+    w = _weights(3)
+    state = {"encoder.weight": w["W_enc"].T.contiguous(), "encoder.bias": w["b_enc"],
+             "decoder.weight": w["W_dec"].T.contiguous(), "bias": w["b_dec"]}
+    torch.save(state, folder / "ae.pt")
+    (folder / "config.json").write_text(json.dumps({"trainer": {
+        "dict_class": "AutoEncoder", "activation_dim": D_IN, "dict_size": D_SAE, "layer": 3,
+        "lm_name": "HuggingFaceTB/SmolLM2-135M-Instruct"}}))
+
+
+@pytest.mark.parametrize("fmt,make,family", [("gemma_scope", _gemma_scope, "jumprelu"),
+                                            ("sparsify", _sparsify, "topk"),
+                                            ("dictionary_learning", _dictionary_learning, "relu")])
+def test_upload_each_format(fmt: str, make, family: str, client: TestClient, settings: Settings,
+                            tmp_path: Path) -> None:
+    src = tmp_path / fmt
+    src.mkdir()
+    make(src)
+    r = client.post("/saes", files=_files(src), data={"name": fmt})
+    assert r.status_code == 201, r.text
+    sae = r.json()
+    assert (sae["family"], sae["d_in"], sae["d_sae"]) == (family, D_IN, D_SAE)
+    assert sae["source"]["format"] == fmt and sae["source"]["conventions"], sae["source"]
+    assert "path" not in sae["source"]  # no server path leaks
+    stored = load_sae(settings.uploads_dir / sae["id"])
+    reference = load_teacher(src).sae
+    x = torch.randn(16, D_IN, generator=torch.Generator().manual_seed(0)) * 3
+    with torch.no_grad():
+        torch.testing.assert_close(stored.encode(x), reference.encode(x))
+        torch.testing.assert_close(stored(x), reference(x))
+    assert client.post("/jobs", json=job_body(sae["id"])).status_code == 202
+
+
+def test_upload_format_errors(client: TestClient, tmp_path: Path) -> None:
+    # A pickle carrying an object, not tensors: torch.load(weights_only=True) refuses it.
+    class Evil:
+        def __reduce__(self):  # noqa: D105 - the classic pickle payload
+            return (print, ("pwned",))
+
+    torch.save({"encoder.weight": Evil()}, tmp_path / "ae.pt")
+    (tmp_path / "config.json").write_text(json.dumps({"trainer": {"dict_class": "AutoEncoder",
+                                                                  "activation_dim": D_IN, "dict_size": D_SAE}}))
+    assert_problem(client.post("/saes", files=_files(tmp_path)), 422, field="ae", code="invalid_teacher")
+    # Two weights files at once, and none at all.
+    both = {"weights": ("a", b"x"), "params": ("b", b"y")}
+    assert_problem(client.post("/saes", files=both), 422, field="params")
+    assert_problem(client.post("/saes", files={"cfg": ("cfg.json", b"{}")}), 422, field="weights",
+                   code="missing_field")
+    # An npz whose arrays are pickled objects is refused (allow_pickle=False).
+    np.savez(tmp_path / "params.npz", W_enc=np.array([{"x": 1}], dtype=object))
+    assert_problem(client.post("/saes", files={"params": ("params.npz", (tmp_path / "params.npz").read_bytes())}),
+                   422, code="invalid_teacher")
+    assert client.get("/saes").json() == []
