@@ -41,6 +41,10 @@ class Settings(BaseSettings):
     max_active_jobs_per_user: int = Field(
         20, ge=1, description="Unfinished (queued, running or cancelling) jobs one user may have; POST /jobs "
         "beyond it answers 429 with Retry-After.")
+    webhook_allowed_hosts: list[str] = Field(
+        default_factory=list, description="Hosts a job's webhook may call: exact names or '*.suffix' globs, "
+        "as JSON (RSAE_WEBHOOK_ALLOWED_HOSTS='[\"hooks.example.org\"]'). Empty: webhooks are refused.")
+    webhook_attempts: int = Field(5, ge=1, le=20, description="Delivery attempts of a webhook notice.")
     page_size_default: int = Field(20, ge=1, description="GET /jobs page size when 'limit' is absent.")
     page_size_max: int = Field(100, ge=1, description="Largest accepted 'limit' of a list request.")
     queue_name: str = Field("gpu", min_length=1, description="Celery queue the upgrade tasks go to.")

@@ -55,15 +55,33 @@ class TeacherRef(BaseModel):
         return self
 
 
+class WebhookSpec(BaseModel):
+    """Where to POST a signed notice when the job ends (see :mod:`service.webhooks`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    url: str = Field(..., min_length=8, max_length=2048, pattern=r"^https?://",
+                     description="http(s) URL; its host must be in the server's RSAE_WEBHOOK_ALLOWED_HOSTS.")
+    secret: str = Field(..., min_length=16, max_length=256,
+                        description="Shared secret of the HMAC-SHA256 signature (never echoed back).")
+
+
 class JobCreate(BaseModel):
     """Body of ``POST /jobs``."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
+        {"model": "smollm2-135m", "layer": 3, "teacher": {"sae_id": "6f1c2a9e-3b4d-4c5e-8f70-1a2b3c4d5e6f"},
+         "settings": {"finetune": {"steps": 600}}},
+        {"model": "smollm2-135m", "layer": 3, "teacher": {"sae_id": "6f1c2a9e-3b4d-4c5e-8f70-1a2b3c4d5e6f"},
+         "settings": {"data": {"train_tokens": 65536}, "remez": {"p": 5, "q": 4}},
+         "webhook": {"url": "https://hooks.example.org/rsae", "secret": "a-long-random-shared-secret"}},
+    ]})
 
     model: str = _core_field("model")
     layer: int = _core_field("layer")
     teacher: TeacherRef
     settings: JobSettings = Field(default_factory=JobSettings)  # type: ignore[valid-type]
+    webhook: WebhookSpec | None = Field(None, description="Optional signed notice when the job ends.")
 
 
 class SaeOut(BaseModel):
@@ -138,9 +156,12 @@ class JobOut(BaseModel):
     @classmethod
     def from_row(cls, row: Job) -> "JobOut":
         """From a ``jobs`` row (its artifacts are loaded)."""
+        request = dict(row.request)
+        if isinstance(request.get("webhook"), dict):  # the shared secret is never echoed
+            request["webhook"] = {**request["webhook"], "secret": "***"}
         return cls(id=row.id, status=row.status, stage=row.stage, progress=row.progress, attempt=row.attempt,
                    created_at=row.created_at, updated_at=row.updated_at, started_at=row.started_at,
-                   finished_at=row.finished_at, request=row.request, metrics=row.metrics, error=row.error,
+                   finished_at=row.finished_at, request=request, metrics=row.metrics, error=row.error,
                    artifacts=[ArtifactOut.from_row(a) for a in row.artifacts])
 
 

@@ -23,6 +23,7 @@ from service.api.deps import CeleryDep, LimitDep, SessionDep, SettingsDep
 from service.auth import UserDep
 from service.config import Settings
 from service.events import job_event_stream
+from service.webhooks import host_allowed
 from service.jobs import add_event, build_upgrade_config, resolve_teacher, transition, upgrade_config_errors
 from service.models import TERMINAL_STATUSES, Job, JobEvent, Sae, User, is_uuid
 from service.problems import NotFound, ProblemError, problem_responses, validation_error
@@ -179,6 +180,10 @@ def create_job(body: JobCreate, response: Response, session: SessionDep, setting
         return replay
     _check_quota(session, user, settings)
     _check_local_paths(body, settings)
+    if body.webhook is not None and not host_allowed(body.webhook.url, settings.webhook_allowed_hosts):
+        raise ProblemError(422, "webhook_not_allowed", "webhook.url: its host is not in this server's "
+                           "RSAE_WEBHOOK_ALLOWED_HOSTS" + ("" if settings.webhook_allowed_hosts else
+                                                           " (webhooks are disabled here)"), field="webhook.url")
     teacher = resolve_teacher(session, settings, body.teacher, owner_id=user.id)
     _check_model_fit(session, body)
     try:

@@ -1,0 +1,110 @@
+"""Completion webhooks: allow-listed hosts only, secrets never echoed, HMAC-signed and timestamped notices,
+retries on transient failures, against a real local HTTP receiver."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+import redis
+from fastapi.testclient import TestClient
+
+from service.app import create_app
+from service.client import upload_sae
+from service.config import Settings, get_settings
+from service.webhooks import WebhookRefused, deliver, host_allowed, sign, verify
+
+from conftest import assert_problem, bearer, job_body, make_token
+
+SECRET = "s3cret-s3cret-s3cret"
+
+
+class Receiver:
+    """A real HTTP server on 127.0.0.1 answering with the queued statuses (then 200), recording requests."""
+
+    def __init__(self) -> None:
+        self.statuses: list[int] = []
+        self.received: list[tuple[dict[str, str], bytes]] = []
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802 - http.server's naming
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                outer.received.append(({k: v for k, v in self.headers.items()}, body))
+                self.send_response(outer.statuses.pop(0) if outer.statuses else 200)
+                self.end_headers()
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+
+@pytest.fixture
+def receiver() -> Iterator[Receiver]:
+    r = Receiver()
+    yield r
+    r.server.shutdown()
+
+
+def test_delivery_is_signed_and_retried(receiver: Receiver) -> None:
+    receiver.statuses = [503, 500]
+    payload = {"type": "job.finished", "job": {"id": "j1", "status": "succeeded"}}
+    assert deliver(receiver.url, SECRET, payload, attempts=4, backoff_max=0.2) == 200
+    assert len(receiver.received) == 3
+    ids = {h["RSAE-Webhook-Id"] for h, _ in receiver.received}
+    assert len(ids) == 1  # one notice, retried: receivers can de-duplicate
+    headers, body = receiver.received[-1]
+    assert json.loads(body) == payload and verify(SECRET, headers, body)
+    assert not verify("another-secret-value", headers, body)
+    assert not verify(SECRET, headers, body + b" ")
+    assert not verify(SECRET, headers, body, now=time.time() + 3600)  # replayed an hour later
+
+
+def test_final_4xx_is_not_retried_and_exhaustion_raises(receiver: Receiver) -> None:
+    receiver.statuses = [400]
+    with pytest.raises(WebhookRefused):
+        deliver(receiver.url, SECRET, {"x": 1}, attempts=4, backoff_max=0.1)
+    assert len(receiver.received) == 1
+    receiver.statuses = [502, 502, 502]
+    with pytest.raises(Exception):
+        deliver(receiver.url, SECRET, {"x": 1}, attempts=3, backoff_max=0.1)
+    assert len(receiver.received) == 4
+
+
+def test_signature_format() -> None:
+    assert sign("k" * 16, 1700000000, b"{}").startswith("v1=") and len(sign("k" * 16, 1, b"")) == 67
+
+
+@pytest.mark.parametrize("url,ok", [("https://hooks.example.org/x", True), ("https://a.internal.example.org/", True),
+                                    ("https://example.org/x", False), ("ftp://hooks.example.org/", False),
+                                    ("https://user:pw@hooks.example.org/", False), ("http://169.254.169.254/", False)])
+def test_host_allow_list(url: str, ok: bool) -> None:
+    assert host_allowed(url, ["hooks.example.org", "*.internal.example.org"]) is ok
+
+
+def test_api_accepts_only_allowed_webhooks_and_never_echoes_the_secret(
+        settings: Settings, clean_db: None, broker: redis.Redis, monkeypatch: pytest.MonkeyPatch,
+        database_url: str, make_teacher: Callable[..., Path]) -> None:
+    hook = {"url": "https://hooks.example.org/rsae", "secret": SECRET}
+    with TestClient(create_app(), headers=bearer(make_token(database_url))) as c:
+        sae_id = upload_sae(c, make_teacher())["id"]
+        assert_problem(c.post("/jobs", json={**job_body(sae_id), "webhook": hook}), 422, field="webhook.url",
+                       code="webhook_not_allowed")
+    monkeypatch.setenv("RSAE_WEBHOOK_ALLOWED_HOSTS", '["hooks.example.org"]')
+    get_settings.cache_clear()
+    with TestClient(create_app(), headers=bearer(make_token(database_url))) as c:
+        r = c.post("/jobs", json={**job_body(sae_id), "webhook": hook})
+        assert r.status_code == 202, r.text
+        assert r.json()["request"]["webhook"] == {"url": hook["url"], "secret": "***"}
+        assert SECRET not in c.get(f"/jobs/{r.json()['id']}").text and SECRET not in c.get("/jobs").text
+        for bad in ({**hook, "url": "https://evil.example.net/"}, {**hook, "url": "file:///etc/passwd"},
+                    {**hook, "secret": "short"}, {"url": hook["url"]}):
+            assert_problem(c.post("/jobs", json={**job_body(sae_id), "webhook": bad}), 422)
