@@ -125,3 +125,26 @@ def test_corrupt_files(tmp_path):
     with pytest.raises(TeacherError) as e:
         load_sae(tmp_path)
     assert e.value.field == "cfg.json"
+
+
+def test_calibrate_gate_fits_the_scalars_only_and_restores_requires_grad():
+    """calibrate_gate lowers the l2 gate error, leaves the SAE weights and per-latent scales untouched, and
+    hands them back still trainable (they are frozen only during its loop)."""
+    from rsae.train import calibrate_gate
+
+    fit = remez_fit("relu", p=5, q=4)
+    teacher = _teacher(d_in=16, d_sae=64)
+    rsae_ = RationalSAE.from_teacher(teacher, a=fit.a, b=fit.b, c_in=2.0, c_out=2.0,
+                                     scale=torch.full((64,), 1.5))
+    h = torch.randn(512, 64, generator=torch.Generator().manual_seed(0)) * 3
+    target = torch.relu(h)
+    w_before = rsae_.W_enc.detach().clone()
+    s_before = rsae_.gate_fn.scale.detach().clone()
+    with torch.no_grad():
+        before = (rsae_.gate_fn.raw(h) - target).pow(2).mean().item()
+    losses = calibrate_gate(rsae_, h, target, steps=60, lr=1e-2, sample=4096)
+    with torch.no_grad():
+        after = (rsae_.gate_fn.raw(h) - target).pow(2).mean().item()
+    assert len(losses) == 60 and after < 0.5 * before
+    assert torch.equal(rsae_.W_enc, w_before) and torch.equal(rsae_.gate_fn.scale, s_before)
+    assert all(p.requires_grad for p in rsae_.parameters())
