@@ -126,15 +126,19 @@ class Checkpoints:
 
 @dataclass
 class _TrainCheckpoint:
+    """:class:`rsae.train.TrainCheckpoint` of one training run, stored by :class:`Checkpoints`."""
+
     ckpts: Checkpoints
     name: str
     extra: list[Any] | None
 
     @property
     def every(self) -> int:
+        """Steps between two saves."""
         return self.ckpts.every
 
     def load(self) -> dict[str, Any] | None:
+        """The saved state (``extra`` restored in place; a ``"resumed"`` event emitted), or None."""
         state = self.ckpts.load(self.name)
         if state is None:
             return None
@@ -148,6 +152,7 @@ class _TrainCheckpoint:
         return state
 
     def save(self, state: dict[str, Any]) -> None:
+        """Save ``state`` plus a copy of ``extra``."""
         if self.extra is not None:
             state = {**state, "extra": list(self.extra)}
         self.ckpts.save(self.name, state)

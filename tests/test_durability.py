@@ -305,6 +305,58 @@ def test_out_of_memory_fails_fast_with_an_actionable_message(dsettings: Settings
     assert "finetune.batch_size" in j.error["detail"] and "Not retried" in j.error["detail"]
 
 
+def test_transient_database_errors_are_retried_and_deterministic_ones_are_not(database_url: str) -> None:
+    """``db_retry``: a dropped connection (a real one: Postgres terminates our backend) is retried with
+    backoff; a constraint violation raises at once."""
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.exc import IntegrityError
+
+    from worker.lease import db_retry
+
+    engine = create_engine(database_url, pool_size=1, max_overflow=0)  # no pre-ping: the blip reaches us
+    try:
+        with engine.connect() as conn:
+            pid = conn.scalar(text("SELECT pg_backend_pid()"))
+        killer = create_engine(database_url)
+        with killer.connect() as k:
+            k.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})
+        killer.dispose()
+        calls: list[int] = []
+
+        def tx() -> int:
+            calls.append(1)
+            with engine.connect() as conn:
+                return conn.scalar(text("SELECT 1"))
+
+        assert db_retry(tx) == 1 and len(calls) == 2, calls  # first call hit the dead connection
+
+        def bad() -> None:
+            calls.append(1)
+            raise IntegrityError("INSERT", {}, Exception("duplicate key"))
+
+        calls.clear()
+        with pytest.raises(IntegrityError):
+            db_retry(bad)
+        assert len(calls) == 1
+    finally:
+        engine.dispose()
+
+
+def test_broker_publish_is_retried_with_backoff_then_raises(dsettings: Settings) -> None:
+    """``enqueue_upgrade`` against a broker that refuses connections: retried ``retries`` times with
+    exponential backoff, then the error surfaces (the API answers 503, the reaper retries next pass)."""
+    dead = dsettings.model_copy(update={"broker_url": f"redis://127.0.0.1:{free_port()}/0"})
+    celery = create_celery(dead)
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(Exception) as e:
+            enqueue_upgrade(celery, "00000000-0000-0000-0000-000000000000", retries=2)
+        assert time.monotonic() - t0 >= 1.0  # 0.5 s + 1 s of backoff between the three attempts
+        assert "111" in str(e.value) or "refused" in str(e.value).lower(), e.value
+    finally:
+        celery.close()
+
+
 # -- the real pipeline, in this process -------------------------------------------------------------------
 def _run_in_thread(job_id: str, settings: Settings) -> tuple[threading.Thread, list[Any]]:
     from worker.tasks import run_job
@@ -405,6 +457,7 @@ def test_redis_restart_while_a_job_runs_and_others_are_queued(database_url: str,
         pytest.skip("redis-server not on PATH")
     port, rdir, logs = free_port(), tmp_path / "redis", tmp_path / "logs"
     rdir.mkdir()
+    logs.mkdir()
     settings = Settings(database_url=database_url, broker_url=f"redis://127.0.0.1:{port}/0",
                         data_dir=tmp_path / "data", lease_seconds=LEASE, heartbeat_seconds=0.5,
                         reaper_interval_seconds=1.0, checkpoint_every_steps=10, broker_visibility_timeout=30)
