@@ -77,7 +77,10 @@ def make_session(database_url: str) -> sessionmaker[Session]:
 def worker_env(settings: Settings) -> dict[str, str]:
     """Environment of a worker subprocess for ``settings`` (one torch thread: the CPU is shared)."""
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", RSAE_GATE_IMPL="fused")
-    for name, value in settings.model_dump().items():
+    for name in ("database_url", "broker_url", "data_dir", "lease_seconds", "heartbeat_seconds",
+                 "reaper_interval_seconds", "checkpoint_every_steps", "max_attempts", "broker_visibility_timeout",
+                 "job_deadline_seconds", "republish_after_seconds"):
+        value = getattr(settings, name)
         if value is not None:
             env[f"RSAE_{name.upper()}"] = str(value)
     return env
@@ -460,7 +463,8 @@ def test_redis_restart_while_a_job_runs_and_others_are_queued(database_url: str,
     logs.mkdir()
     settings = Settings(database_url=database_url, broker_url=f"redis://127.0.0.1:{port}/0",
                         data_dir=tmp_path / "data", lease_seconds=LEASE, heartbeat_seconds=0.5,
-                        reaper_interval_seconds=1.0, checkpoint_every_steps=10, broker_visibility_timeout=30)
+                        reaper_interval_seconds=1.0, checkpoint_every_steps=10,
+                        broker_visibility_timeout=5)  # shorter than job 1: its message comes back while it runs
     settings.ensure_dirs()
     server = _start_redis(port, rdir, logs)
     w = Workers(settings, logs)
