@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import Any
 
@@ -83,6 +84,9 @@ def _summary(job: dict[str, Any]) -> None:
 
 def cmd_submit(args: argparse.Namespace) -> int:
     """Upload the teacher (unless --sae-id) and create a job; prints the job (or follows it with --wait)."""
+    if args.webhook_url and not args.webhook_secret:
+        print("error: --webhook-url needs --webhook-secret (or $RSAE_WEBHOOK_SECRET)", file=sys.stderr)
+        return 2
     try:
         settings = json.loads(args.settings) if args.settings else {}
     except json.JSONDecodeError as e:
@@ -90,8 +94,10 @@ def cmd_submit(args: argparse.Namespace) -> int:
         return 2
     with _client(args) as c:
         sae_id = args.sae_id or c.upload_sae(args.teacher, name=args.name)["id"]
-        job = c.submit({"model": args.model, "layer": args.layer, "teacher": {"sae_id": sae_id},
-                        "settings": settings}, idempotency_key=args.idempotency_key)
+        body = {"model": args.model, "layer": args.layer, "teacher": {"sae_id": sae_id}, "settings": settings}
+        if args.webhook_url:
+            body["webhook"] = {"url": args.webhook_url, "secret": args.webhook_secret}
+        job = c.submit(body, idempotency_key=args.idempotency_key)
         if not args.wait:
             _print(job)
             return 0
@@ -160,6 +166,9 @@ def add_jobs_parser(sub: Any) -> None:
     s.add_argument("--layer", type=int, required=True)
     s.add_argument("--settings", default=None, help="JSON object of job settings (see POST /jobs)")
     s.add_argument("--idempotency-key", default=None, help="resubmitting with the same key returns the same job")
+    s.add_argument("--webhook-url", default=None, help="POST a signed notice here when the job ends")
+    s.add_argument("--webhook-secret", default=os.environ.get("RSAE_WEBHOOK_SECRET"),
+                   help="HMAC secret of the notice (default $RSAE_WEBHOOK_SECRET)")
     s.add_argument("--wait", action="store_true", help="follow the job until it ends")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
     s.add_argument("--timeout", type=float, default=None, help="seconds to wait at most")

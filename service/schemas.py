@@ -148,6 +148,11 @@ class JobOut(BaseModel):
     updated_at: datetime
     started_at: datetime | None
     finished_at: datetime | None
+    deadline_at: datetime | None = Field(None, description="The job fails with deadline_exceeded after this.")
+    checkpoint: dict[str, Any] | None = Field(None, description="Last checkpoint saved: {stage, step, at}.")
+    resumed_from: dict[str, Any] | None = Field(
+        None, description="Set when a later attempt resumed the job (after a worker died): from which stage "
+        "and step, and what it reused.")
     request: dict[str, Any]
     metrics: dict[str, Any] | None
     error: JobError | None
@@ -161,7 +166,8 @@ class JobOut(BaseModel):
             request["webhook"] = {**request["webhook"], "secret": "***"}
         return cls(id=row.id, status=row.status, stage=row.stage, progress=row.progress, attempt=row.attempt,
                    created_at=row.created_at, updated_at=row.updated_at, started_at=row.started_at,
-                   finished_at=row.finished_at, request=request, metrics=row.metrics, error=row.error,
+                   finished_at=row.finished_at, deadline_at=row.deadline_at, checkpoint=row.checkpoint,
+                   resumed_from=row.resumed_from, request=request, metrics=row.metrics, error=row.error,
                    artifacts=[ArtifactOut.from_row(a) for a in row.artifacts])
 
 

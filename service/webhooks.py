@@ -111,3 +111,46 @@ def deliver(url: str, secret: str, payload: dict[str, Any], *, attempts: int = 5
         return r.status_code
 
     return attempt()
+
+
+def notify_job_finished(make_session: Any, settings: Any, job_id: str) -> str | None:
+    """Deliver the webhook of job ``job_id`` if its request asked for one and the job is terminal.
+
+    Records the outcome as a ``log`` event of the job (``webhook delivered`` / ``webhook failed``).
+    Delivery is at most once per terminal transition that calls this (a worker that dies between the
+    status change and the delivery sends nothing; the job's events and ``GET /jobs/{id}`` remain the
+    source of truth).
+
+    Returns:
+        ``"delivered"``, ``"failed"``, or None when no webhook was due.
+    """
+    from .jobs import add_event
+    from .models import TERMINAL_STATUSES, Job
+    from .schemas import JobOut
+
+    with make_session() as s:
+        job = s.get(Job, job_id)
+        hook = (job.request or {}).get("webhook") if job is not None else None
+        if not hook or job.status not in TERMINAL_STATUSES:
+            return None
+        payload = notice(JobOut.from_row(job).model_dump(mode="json"))
+    if not host_allowed(hook["url"], settings.webhook_allowed_hosts):  # the allow-list may have shrunk
+        outcome, message = "failed", f"webhook to {hook['url']} not sent: host no longer allowed"
+    else:
+        try:
+            code = deliver(hook["url"], hook["secret"], payload, attempts=settings.webhook_attempts)
+            outcome, message = "delivered", f"webhook delivered to {hook['url']} ({code})"
+        except Exception as e:  # noqa: BLE001 - any delivery failure is recorded, never raised
+            outcome, message = "failed", f"webhook to {hook['url']} failed: {type(e).__name__}: {e}"
+    log.info("job %s: %s", job_id, message)
+    with make_session.begin() as s:
+        add_event(s, job_id, "log", {"message": message, "webhook": outcome})
+    return outcome
+
+
+def notify_in_background(make_session: Any, settings: Any, job_id: str) -> None:
+    """Run :func:`notify_job_finished` in a daemon thread (retries must not hold up a worker or a request)."""
+    import threading
+
+    threading.Thread(target=notify_job_finished, args=(make_session, settings, job_id),
+                     name=f"webhook-{job_id[:8]}", daemon=True).start()

@@ -43,8 +43,11 @@ SMALL_SETTINGS = {"data": {"train_tokens": 8192, "eval_tokens": 2048, "ctx_len":
 
 
 @pytest.fixture
-def e2e_settings(database_url: str, clean_db: None, e2e_broker_url: str, tmp_path: Path) -> Settings:
-    """The stack's settings: test Postgres, Redis db 14, a temp data dir."""
+def e2e_settings(database_url: str, clean_db: None, e2e_broker_url: str, tmp_path: Path,
+                 monkeypatch: pytest.MonkeyPatch) -> Settings:
+    """The stack's settings: test Postgres, Redis db 14, a temp data dir; webhooks to 127.0.0.1 allowed
+    (through the environment the stack's processes inherit)."""
+    monkeypatch.setenv("RSAE_WEBHOOK_ALLOWED_HOSTS", '["127.0.0.1"]')
     return Settings(database_url=database_url, broker_url=e2e_broker_url, data_dir=tmp_path / "data")
 
 
@@ -190,6 +193,7 @@ TINY_SETTINGS = {"data": {"train_tokens": 4096, "eval_tokens": 1024, "ctx_len": 
                  "eval": {"ce_sequences": 2, "probe_ks": []}}
 """The smallest useful job (about half a minute here): for testing the clients, not the method."""
 README = Path(__file__).resolve().parents[1] / "README.md"
+WEBHOOK_SECRET = "e2e-webhook-secret-value"
 VENV_BIN = Path(sys.executable).parent
 
 
@@ -250,13 +254,18 @@ def test_readme_python_flow(stack: Stack, teacher_dir: Path, tmp_path: Path, api
 def test_cli_and_server_sent_events(stack: Stack, http: httpx.Client, teacher_dir: Path, tmp_path: Path,
                                     api_token: str) -> None:
     """``rsae jobs`` submit / wait / status / download / cancel against the stack, while a second client
-    follows the same job's SSE stream; the stream resumes exactly after ``Last-Event-ID``."""
+    follows the same job's SSE stream; the stream resumes exactly after ``Last-Event-ID``; the worker
+    sends the job's signed webhook to a real local receiver."""
     from service.client import stream_events
+    from service.webhooks import verify
+    from test_webhooks import Receiver
 
     env = _client_env(stack, RSAE_TOKEN=api_token)
     rsae_cli = [str(VENV_BIN / "rsae"), "jobs"]
+    hook = Receiver()
     out = subprocess.run([*rsae_cli, "submit", "--teacher", str(teacher_dir), "--layer", "3",
-                          "--settings", json.dumps(TINY_SETTINGS), "--idempotency-key", "cli-1"],
+                          "--settings", json.dumps(TINY_SETTINGS), "--idempotency-key", "cli-1",
+                          "--webhook-url", hook.url, "--webhook-secret", WEBHOOK_SECRET],
                          env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     job_id = json.loads(out.stdout)["id"]
@@ -271,9 +280,12 @@ def test_cli_and_server_sent_events(stack: Stack, http: httpx.Client, teacher_di
     assert f"job {job_id} succeeded" in waited.stderr and "100%" in waited.stderr, waited.stderr[-2000:]
 
     # The stream delivered every event once, in order, from 'queued' to 'succeeded', then closed.
+    # (After the terminal status only 'log' events can follow: the webhook's delivery record.)
     listed = http.get(f"/jobs/{job_id}/events", params={"limit": 100}).json()
-    assert [e["id"] for e in streamed] == [e["id"] for e in listed]
-    assert streamed[0]["data"] == {"status": "queued"} and streamed[-1]["data"]["status"] == "succeeded"
+    end = next(i for i, e in enumerate(listed) if e["data"].get("status") == "succeeded")
+    assert [e["id"] for e in streamed][:end + 1] == [e["id"] for e in listed][:end + 1]
+    assert all(e["type"] == "log" for e in streamed[end + 1:] + listed[end + 1:])
+    assert streamed[0]["data"] == {"status": "queued"}
     progress = [e["data"]["progress"] for e in streamed if e["type"] == "progress"]
     assert progress == sorted(progress) and len(progress) >= 3
     # Resumption: Last-Event-ID = a middle event -> exactly the later ones.
@@ -291,8 +303,16 @@ def test_cli_and_server_sent_events(stack: Stack, http: httpx.Client, teacher_di
     assert down.returncode == 0 and (tmp_path / "out" / "sae_weights.safetensors").is_file(), down.stderr
     again = subprocess.run([*rsae_cli, "submit", "--sae-id", json.loads(status.stdout)["request"]["teacher"]
                             ["sae_id"], "--layer", "3", "--settings", json.dumps(TINY_SETTINGS),
-                            "--idempotency-key", "cli-1"], env=env, capture_output=True, text=True, timeout=60)
+                            "--idempotency-key", "cli-1", "--webhook-url", hook.url, "--webhook-secret",
+                            WEBHOOK_SECRET], env=env, capture_output=True, text=True, timeout=60)
     assert json.loads(again.stdout)["id"] == job_id  # same key, same body: the same job
+
+    # The worker delivered one signed completion notice to the webhook receiver.
+    wait_until(lambda: len(hook.received) == 1, 60, "webhook delivered")
+    headers, body = hook.received[0]
+    assert verify(WEBHOOK_SECRET, headers, body)
+    assert json.loads(body)["job"]["id"] == job_id and json.loads(body)["job"]["status"] == "succeeded"
+    hook.server.shutdown()
     cancel = subprocess.run([*rsae_cli, "cancel", job_id], env=env, capture_output=True, text=True, timeout=60)
     assert cancel.stdout.strip() == f"job {job_id} succeeded"
     bad = subprocess.run([*rsae_cli, "status", "no-such-job"], env=env, capture_output=True, text=True, timeout=60)

@@ -108,3 +108,28 @@ def test_api_accepts_only_allowed_webhooks_and_never_echoes_the_secret(
         for bad in ({**hook, "url": "https://evil.example.net/"}, {**hook, "url": "file:///etc/passwd"},
                     {**hook, "secret": "short"}, {"url": hook["url"]}):
             assert_problem(c.post("/jobs", json={**job_body(sae_id), "webhook": bad}), 422)
+
+
+def test_cancelling_a_queued_job_sends_its_webhook(settings: Settings, clean_db: None, broker: redis.Redis,
+                                                   monkeypatch: pytest.MonkeyPatch, database_url: str,
+                                                   make_teacher: Callable[..., Path], receiver: Receiver) -> None:
+    monkeypatch.setenv("RSAE_WEBHOOK_ALLOWED_HOSTS", '["127.0.0.1"]')
+    get_settings.cache_clear()
+    with TestClient(create_app(), headers=bearer(make_token(database_url))) as c:
+        sae_id = upload_sae(c, make_teacher())["id"]
+        job = c.post("/jobs", json={**job_body(sae_id), "webhook": {"url": receiver.url, "secret": SECRET}}).json()
+        assert c.post(f"/jobs/{job['id']}/cancel").json()["status"] == "cancelled"
+        deadline = time.monotonic() + 30
+        while not receiver.received and time.monotonic() < deadline:
+            time.sleep(0.1)
+        headers, body = receiver.received[0]
+        assert verify(SECRET, headers, body)
+        notice = json.loads(body)
+        assert notice["type"] == "job.finished" and notice["job"]["status"] == "cancelled"
+        assert SECRET.encode() not in body
+        while time.monotonic() < deadline:
+            logs = [e["data"] for e in c.get(f"/jobs/{job['id']}/events").json() if e["type"] == "log"]
+            if logs:
+                break
+            time.sleep(0.1)
+        assert logs and logs[-1]["webhook"] == "delivered", logs

@@ -42,6 +42,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from service.config import Settings
 from service.jobs import add_event, transition
 from service.models import TERMINAL_STATUSES, Job, utcnow
+from service.webhooks import notify_in_background
 
 log = logging.getLogger(__name__)
 
@@ -282,6 +283,8 @@ def reap_once(settings: Settings, make_session: sessionmaker[Session],
         out.published.append(job_id)
         db_retry(lambda: _mark_published(make_session, job_id))
 
+    for job_id in out.cancelled + out.failed:  # terminal here: their webhooks are due
+        notify_in_background(make_session, settings, job_id)
     out.swept = sweep_dirs(settings, make_session)
     if out.requeued or out.cancelled or out.failed or out.published:
         log.info("reaper: requeued %s, cancelled %s, failed %s, published %s", out.requeued, out.cancelled,

@@ -33,6 +33,7 @@ from service.db import get_sessionmaker
 from service.jobs import add_event, build_upgrade_config, resolve_teacher, transition
 from service.models import Artifact, Job, utcnow
 from service.schemas import JobCreate
+from service.webhooks import notify_in_background
 
 from .celery_app import TASK_UPGRADE, enqueue_upgrade
 from .lease import (ACTIVE, Heartbeat, Reaper, claim, db_retry, describe, is_transient_db_error, new_owner)
@@ -359,6 +360,8 @@ def run_job(job_id: str, settings: Settings) -> str | None:
         if status is None:
             shutil.rmtree(staging, ignore_errors=True)  # our partial output only; the work dir stays
     log.info("job %s: %s", job_id, status or "left to its new owner / the reaper")
+    if status is not None:
+        notify_in_background(make_session, settings, job_id)  # no-op unless the job asked for a webhook
     return status
 
 

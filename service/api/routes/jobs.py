@@ -23,7 +23,7 @@ from service.api.deps import CeleryDep, LimitDep, SessionDep, SettingsDep
 from service.auth import UserDep
 from service.config import Settings
 from service.events import job_event_stream
-from service.webhooks import host_allowed
+from service.webhooks import host_allowed, notify_in_background
 from service.jobs import add_event, build_upgrade_config, resolve_teacher, transition, upgrade_config_errors
 from service.models import TERMINAL_STATUSES, Job, JobEvent, Sae, User, is_uuid
 from service.problems import NotFound, ProblemError, problem_responses, validation_error
@@ -244,13 +244,17 @@ def get_job(job_id: str, session: SessionDep, user: UserDep) -> JobOut:
 
 
 @router.post("/{job_id}/cancel", responses=_NOT_FOUND)
-def cancel_job(job_id: str, session: SessionDep, user: UserDep) -> JobOut:
+def cancel_job(job_id: str, request: Request, session: SessionDep, settings: SettingsDep,
+               user: UserDep) -> JobOut:
     """Cooperative cancel, safe to repeat: queued -> cancelled; running -> cancelling (the worker stops
     at its next check and sets cancelled); any other status is left as it is."""
     job = _job_or_404(session, job_id, user)
-    if not transition(session, job_id, {"queued"}, "cancelled"):
+    cancelled_now = transition(session, job_id, {"queued"}, "cancelled")
+    if not cancelled_now:
         transition(session, job_id, {"running"}, "cancelling")
     session.commit()
+    if cancelled_now:
+        notify_in_background(request.app.state.sessionmaker, settings, job_id)
     session.refresh(job)
     return JobOut.from_row(job)
 
