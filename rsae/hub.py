@@ -92,23 +92,15 @@ def saelens_directory() -> dict[str, dict[str, Any]]:
     return out
 
 
-def resolve_hub_teacher(*, repo_id: str | None = None, subfolder: str | None = None, revision: str | None = None,
-                        release: str | None = None, sae_id: str | None = None,
-                        cache_dir: str | Path | None = None) -> HubTeacher:
-    """Resolve a hub reference to a local teacher folder (download it unless offline).
-
-    Args:
-        repo_id, subfolder, revision: a hub repo ``org/name``, the SAE's folder in it, a branch/tag/commit.
-        release, sae_id: a SAELens release and SAE id (instead of ``repo_id``; ``revision`` still applies).
-        cache_dir: hub cache folder; default ``$HF_HUB_CACHE`` or the hub client's default.
+def check_hub_ref(*, repo_id: str | None = None, subfolder: str | None = None, revision: str | None = None,
+                  release: str | None = None, sae_id: str | None = None) -> tuple[str, str | None, str | None]:
+    """Validate a hub reference without any network access (what a service checks at submission).
 
     Returns:
-        :class:`HubTeacher` with ``path`` = the snapshot folder joined with the subfolder.
+        ``(repo_id, subfolder, conversion_func)``: a SAELens release is looked up in the bundled directory.
 
     Raises:
-        TeacherError: malformed or URL-like ids (``field`` ``teacher.repo_id`` / ``teacher.subfolder`` /
-            ``teacher.revision`` / ``teacher.release`` / ``teacher.sae_id``), an unknown release or SAE id, or the
-            files are neither cached nor downloadable (offline, not found, no network): ``field="teacher"``.
+        TeacherError: as :func:`resolve_hub_teacher` for malformed or unknown ids.
     """
     conversion = None
     if release is not None:
@@ -133,6 +125,29 @@ def resolve_hub_teacher(*, repo_id: str | None = None, subfolder: str | None = N
         subfolder = _check_subfolder(subfolder, "teacher.subfolder")
     if revision is not None and (not _REVISION.match(revision) or ".." in revision):
         raise TeacherError(f"revision {revision!r} is not a branch, tag or commit name", field="teacher.revision")
+    return repo_id, subfolder, conversion
+
+
+def resolve_hub_teacher(*, repo_id: str | None = None, subfolder: str | None = None, revision: str | None = None,
+                        release: str | None = None, sae_id: str | None = None,
+                        cache_dir: str | Path | None = None) -> HubTeacher:
+    """Resolve a hub reference to a local teacher folder (download it unless offline).
+
+    Args:
+        repo_id, subfolder, revision: a hub repo ``org/name``, the SAE's folder in it, a branch/tag/commit.
+        release, sae_id: a SAELens release and SAE id (instead of ``repo_id``; ``revision`` still applies).
+        cache_dir: hub cache folder; default ``$HF_HUB_CACHE`` or the hub client's default.
+
+    Returns:
+        :class:`HubTeacher` with ``path`` = the snapshot folder joined with the subfolder.
+
+    Raises:
+        TeacherError: malformed or URL-like ids (``field`` ``teacher.repo_id`` / ``teacher.subfolder`` /
+            ``teacher.revision`` / ``teacher.release`` / ``teacher.sae_id``), an unknown release or SAE id, or the
+            files are neither cached nor downloadable (offline, not found, no network): ``field="teacher"``.
+    """
+    repo_id, subfolder, conversion = check_hub_ref(repo_id=repo_id, subfolder=subfolder, revision=revision,
+                                                   release=release, sae_id=sae_id)
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled
 

@@ -7,6 +7,7 @@ racing on one job (a cancel and a worker start, two workers) cannot both win.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
@@ -56,18 +57,38 @@ def transition(session: Session, job_id: str, from_states: Iterable[str], to: st
     return True
 
 
-def resolve_teacher(session: Session, settings: Settings, ref: TeacherRef, owner_id: str | None = None) -> str:
-    """The teacher folder a job reads: the uploaded SAE's folder, or the given server-side path.
+def resolve_teacher(session: Session, settings: Settings, ref: TeacherRef, owner_id: str | None = None,
+                    dest: Path | None = None) -> str:
+    """The teacher folder a job reads: the uploaded SAE's folder, the given server-side path, or a hub
+    reference fetched and converted to ``dest``.
 
     Args:
         owner_id: when given (the API), the SAE must belong to this user; another user's SAE is reported
             exactly like a missing one. The worker passes None (the job was checked when it was accepted).
+        dest: where a hub teacher is imported (the worker passes ``<work dir>/<job>/teacher``). None (the
+            API): a hub reference is only validated, without network, and ``""`` is returned.
 
     Raises:
-        rsae.errors.TeacherError: ``teacher.sae_id`` names no uploaded SAE (of ``owner_id``).
+        rsae.errors.TeacherError: ``teacher.sae_id`` names no uploaded SAE (of ``owner_id``); a malformed or
+            unknown hub reference (fields ``teacher.hub.*``); hub files neither cached nor downloadable.
     """
     if ref.path is not None:
         return ref.path
+    if ref.hub is not None:
+        from rsae.formats import import_teacher
+        from rsae.hub import check_hub_ref, resolve_hub_teacher
+
+        hub = ref.hub.model_dump()
+        try:
+            if dest is None:
+                check_hub_ref(**hub)
+                return ""
+            if not (dest / "cfg.json").is_file():  # imported by an earlier attempt: reuse
+                import_teacher(resolve_hub_teacher(**hub).path, dest)
+            return str(dest)
+        except TeacherError as e:
+            field = e.field.replace("teacher.", "teacher.hub.", 1) if e.field else "teacher.hub"
+            raise TeacherError(e.message, field="teacher.hub" if field == "teacher" else field) from None
     sae = session.get(Sae, ref.sae_id) if is_uuid(ref.sae_id) else None
     if sae is None or (owner_id is not None and sae.owner_id != owner_id):
         raise TeacherError(f"no uploaded SAE with id {ref.sae_id!r} (POST /saes first)", field="teacher.sae_id")

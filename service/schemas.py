@@ -38,20 +38,37 @@ JobSettings = create_model(
 )
 
 
+class HubRef(BaseModel):
+    """A teacher on the Hugging Face hub: a SAELens ``release`` + ``sae_id``, or a ``repo_id`` (+ folder).
+
+    Only ids are accepted (never URLs); the worker fetches them with the hub client (honouring
+    ``HF_HUB_OFFLINE`` and the local cache) and reads any of the four supported formats.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    repo_id: str | None = Field(None, max_length=200, description="'org/name'.")
+    subfolder: str | None = Field(None, max_length=500, description="Folder of the SAE inside the repo.")
+    revision: str | None = Field(None, max_length=100, description="Branch, tag or commit (default main).")
+    release: str | None = Field(None, max_length=200, description="SAELens release name.")
+    sae_id: str | None = Field(None, max_length=500, description="SAE id within the SAELens release.")
+
+
 class TeacherRef(BaseModel):
-    """The teacher SAE: exactly one of an uploaded SAE id or a server-side folder."""
+    """The teacher SAE: exactly one of an uploaded SAE id, a hub reference or a server-side folder."""
 
     model_config = ConfigDict(extra="forbid")
 
     sae_id: str | None = Field(None, max_length=64, description="Id returned by POST /saes.")
+    hub: HubRef | None = Field(None, description="A hub reference, resolved by the worker.")
     path: str | None = Field(None, min_length=1, max_length=4096,
                              description="Absolute server-side folder (SAELens layout); only when the "
                              "server sets RSAE_ALLOW_LOCAL_PATHS=true.")
 
     @model_validator(mode="after")
     def _exactly_one(self) -> "TeacherRef":
-        if (self.sae_id is None) == (self.path is None):
-            raise ValueError("give exactly one of 'sae_id' or 'path'")
+        if sum(v is not None for v in (self.sae_id, self.hub, self.path)) != 1:
+            raise ValueError("give exactly one of 'sae_id', 'hub' or 'path'")
         return self
 
 

@@ -106,3 +106,41 @@ def test_upload_format_errors(client: TestClient, tmp_path: Path) -> None:
     assert_problem(client.post("/saes", files={"params": ("params.npz", (tmp_path / "params.npz").read_bytes())}),
                    422, code="invalid_teacher")
     assert client.get("/saes").json() == []
+
+
+def test_hub_teacher_reference(client: TestClient, settings: Settings, tmp_path: Path,
+                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """``teacher.hub`` is validated at submission without network, and the worker's resolution reads a
+    prepared offline hub cache (``HF_HUB_OFFLINE=1``) and imports the teacher in any format."""
+    from rsae.errors import TeacherError
+    from service.db import get_sessionmaker
+    from service.jobs import resolve_teacher
+    from service.schemas import TeacherRef
+    from test_formats import _hub_cache
+
+    ref = {"repo_id": "some-org/smollm2-saes", "subfolder": "layer_3"}
+    assert client.post("/jobs", json={"layer": 3, "teacher": {"hub": ref}}).status_code == 202
+    for bad, field in ((({"repo_id": "https://evil.example/x"}), "teacher.hub.repo_id"),
+                       ({"repo_id": "a/b", "subfolder": "../../etc"}, "teacher.hub.subfolder"),
+                       ({"release": "no-such-release", "sae_id": "x"}, "teacher.hub.release"),
+                       ({"repo_id": "a/b", "revision": "../x"}, "teacher.hub.revision")):
+        assert_problem(client.post("/jobs", json={"layer": 3, "teacher": {"hub": bad}}), 422, field=field)
+    assert_problem(client.post("/jobs", json={"layer": 3, "teacher": {"hub": ref, "sae_id": "x"}}), 422,
+                   field="teacher")
+
+    src = tmp_path / "src"
+    src.mkdir()
+    _gemma_scope(src)
+    cache = tmp_path / "hub"
+    _hub_cache(cache, ref["repo_id"], {"layer_3/params.npz": src / "params.npz"})
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    with get_sessionmaker(settings.database_url)() as s:
+        folder = resolve_teacher(s, settings, TeacherRef(hub=ref), dest=tmp_path / "work" / "teacher")
+        stored, reference = load_sae(folder), load_teacher(src).sae
+        x = torch.randn(8, D_IN, generator=torch.Generator().manual_seed(1)) * 3
+        with torch.no_grad():
+            torch.testing.assert_close(stored(x), reference(x))
+        with pytest.raises(TeacherError) as e:  # not cached, and the hub is offline
+            resolve_teacher(s, settings, TeacherRef(hub={"repo_id": "other-org/missing"}), dest=tmp_path / "t2")
+        assert e.value.field == "teacher.hub" and "offline" in e.value.message

@@ -319,7 +319,7 @@ def run_job(job_id: str, settings: Settings) -> str | None:
         reporter.check_stop()
         with make_session() as s:
             req = JobCreate.model_validate(c.request)
-            cfg = build_upgrade_config(req, resolve_teacher(s, settings, req.teacher))
+            cfg = build_upgrade_config(req, resolve_teacher(s, settings, req.teacher, dest=work_dir / "teacher"))
         shutil.rmtree(staging, ignore_errors=True)
         report = run_upgrade(cfg, staging, work_dir=work_dir, on_progress=reporter,
                              should_cancel=reporter.should_cancel,
