@@ -72,6 +72,23 @@ class TeacherRef(BaseModel):
         return self
 
 
+JOB_EXAMPLE: dict[str, Any] = {"id": "3d0c8a57-1f0e-4f0b-9a43-8e2f7c9d6b11", "status": "succeeded", "stage": "package", "progress": 1.0,
+         "attempt": 1, "created_at": "2026-11-23T10:00:00Z", "updated_at": "2026-11-23T10:04:41Z",
+         "started_at": "2026-11-23T10:00:01Z", "finished_at": "2026-11-23T10:04:41Z",
+         "deadline_at": "2026-11-23T16:00:00Z", "checkpoint": {"stage": "finetune", "step": 600},
+         "resumed_from": None,
+         "request": {"model": "smollm2-135m", "layer": 3, "teacher": {"sae_id": "6f1c2a9e-3b4d-4c5e-8f70-1a2b3c4d5e6f"},
+                     "settings": {"finetune": {"steps": 600}}},
+         "metrics": {"teacher_mse": 1328.4, "rsae_mse": 1128.6, "teacher_l0": 70.8, "rsae_l0": 65.8,
+                     "teacher_delta_ce": 0.946, "rsae_delta_ce": 0.635},
+         "error": None,
+         "artifacts": [{"name": "sae_weights.safetensors", "kind": "weights",
+                        "content_type": "application/octet-stream", "size": 10637600,
+                        "sha256": "9f2c0e1b7a4d3c6e8f5a2b1c0d9e8f7a6b5c4d3e2f1a0b9c8d7e6f5a4b3c2d1e",
+                        "url": "/jobs/3d0c8a57-1f0e-4f0b-9a43-8e2f7c9d6b11/artifacts/sae_weights.safetensors"}]}
+"""An example job object (OpenAPI examples)."""
+
+
 class WebhookSpec(BaseModel):
     """Where to POST a signed notice when the job ends (see :mod:`service.webhooks`)."""
 
@@ -104,6 +121,17 @@ class JobCreate(BaseModel):
 class SaeOut(BaseModel):
     """An uploaded teacher SAE."""
 
+    model_config = ConfigDict(json_schema_extra={"examples": [{
+        "id": "6f1c2a9e-3b4d-4c5e-8f70-1a2b3c4d5e6f", "name": "layer-3-relu", "family": "relu",
+        "architecture": "standard", "d_in": 576, "d_sae": 2304,
+        "sha256": "a79fae84b2422520a5dfce0ffc2da66119eec038c3297cc4e24449d71ed48bbb",
+        "created_at": "2026-11-23T09:58:12Z",
+        "source": {"format": "saelens", "family": "relu", "source_architecture": "standard", "d_in": 576,
+                   "d_sae": 2304, "apply_b_dec_to_input": True, "k": None,
+                   "conventions": ["apply_b_dec_to_input=True (from cfg.json)"],
+                   "hook_name": "blocks.3.hook_resid_post", "hook_layer": 3, "model_name": "smollm2-135m",
+                   "files": {"cfg.json": "b2a7...", "sae_weights.safetensors": "a79f..."}}}]})
+
     id: str
     name: str | None
     family: str
@@ -131,6 +159,8 @@ class SaeOut(BaseModel):
 class ArtifactOut(BaseModel):
     """One downloadable file of a job."""
 
+    model_config = ConfigDict(json_schema_extra={"examples": [JOB_EXAMPLE["artifacts"][0]]})
+
     name: str
     kind: str
     content_type: str
@@ -155,6 +185,8 @@ class JobError(BaseModel):
 
 class JobOut(BaseModel):
     """One job as the API shows it (the SQL row; never Celery's view)."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [JOB_EXAMPLE]})
 
     id: str
     status: JobStatus  # type: ignore[valid-type]
@@ -191,12 +223,21 @@ class JobOut(BaseModel):
 class JobPage(BaseModel):
     """A page of jobs, newest first. Pass ``next_cursor`` as ``after`` to get the next page."""
 
+    model_config = ConfigDict(json_schema_extra={"examples": [
+        {"items": [JOB_EXAMPLE], "next_cursor": "WyIyMDI2LTExLTIzVDEwOjAwOjAwWiIsICIzZDBjIl0"}]})
+
     items: list[JobOut]
     next_cursor: str | None
 
 
 class EventOut(BaseModel):
     """One job event."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [
+        {"id": 12, "type": "progress", "created_at": "2026-11-23T10:02:10Z",
+         "data": {"stage": "finetune", "progress": 0.52}},
+        {"id": 13, "type": "metrics", "created_at": "2026-11-23T10:02:12Z",
+         "data": {"stage": "finetune", "step": 300, "mse": 1180.2, "l0": 66.1}}]})
 
     id: int
     type: str

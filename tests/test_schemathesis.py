@@ -42,3 +42,36 @@ def test_api_conforms_to_its_openapi_schema(client: TestClient, api_token: str, 
         except Exception as e:  # noqa: BLE001 - collect every operation's failure, then report all
             failures[op.label] = f"{type(e).__name__}: {e}"[:3000]
     assert not failures, "\n\n".join(f"{k}:\n{v}" for k, v in failures.items())
+
+
+def _has_example(node: object, schemas: dict) -> bool:
+    if isinstance(node, dict):
+        if "example" in node or "examples" in node:
+            return True
+        ref = node.get("$ref")
+        if isinstance(ref, str) and ref.startswith("#/components/schemas/"):
+            return _has_example(schemas[ref.rsplit("/", 1)[-1]], schemas)
+        if "content" in node or "schema" not in node and all(isinstance(v, dict) for v in node.values()):
+            node = node.get("content", node)  # a media-type map: any media type with an example will do
+            return any(_has_example(v, schemas) for v in node.values())
+        return any(_has_example(node[k], schemas) for k in ("schema", "items", "anyOf") if k in node)
+    if isinstance(node, list):
+        return any(_has_example(v, schemas) for v in node)
+    return False
+
+
+def test_every_operation_documents_an_example(client: TestClient) -> None:
+    """Each operation's success response (and each request body) shows an example in the OpenAPI schema."""
+    spec = client.app.openapi()
+    schemas = spec["components"]["schemas"]
+    missing = []
+    for path, ops in spec["paths"].items():
+        for method, op in ops.items():
+            ok = [r for code, r in op["responses"].items() if code.startswith("2")]
+            if not any(_has_example(r.get("content", {}), schemas) for r in ok):
+                missing.append(f"{method.upper()} {path} response")
+            body = op.get("requestBody")
+            if body is not None and not _has_example(body["content"], schemas) and not any(
+                    "examples" in c for c in body["content"].values()):
+                missing.append(f"{method.upper()} {path} request body")
+    assert not missing, missing

@@ -15,13 +15,16 @@ log = logging.getLogger(__name__)
 router = APIRouter(tags=["health"])
 
 
-@router.get("/healthz")
+@router.get("/healthz", responses={200: {"content": {"application/json": {"example": {"status": "ok"}}}}})
 def healthz() -> dict[str, str]:
     """Liveness: the process answers. Touches no dependency."""
     return {"status": "ok"}
 
 
-@router.get("/readyz", responses=problem_responses(503, s503="a dependency is down (problem+json)"))
+@router.get("/readyz", responses={
+    200: {"content": {"application/json": {"example": {"status": "ready",
+                                                       "checks": {"database": "ok", "broker": "ok"}}}}},
+    **problem_responses(503, s503="a dependency is down (problem+json)")})
 def readyz(session: SessionDep, celery: CeleryDep) -> dict[str, object]:
     """Readiness: ``SELECT 1`` on the database and a connection to the broker both succeed."""
     checks: dict[str, str] = {}

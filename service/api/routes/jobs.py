@@ -302,8 +302,13 @@ def list_artifacts(job_id: str, session: SessionDep, user: UserDep) -> list[Arti
 
 
 @router.get("/{job_id}/artifacts/{name}", response_class=FileResponse, responses={
-    200: {"description": "the file; ETag is its sha256; byte ranges supported"},
-    206: {"description": "partial content"}, 304: {"description": "not modified"}, **_NOT_FOUND})
+    200: {"description": "the file; ETag is its sha256; byte ranges supported",
+          "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"},
+                                                   "example": "<the file's bytes>"}}},
+    206: {"description": "partial content (Range: bytes=0-1023)",
+          "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"},
+                                                   "example": "<bytes 0-1023>"}}},
+    304: {"description": "not modified (If-None-Match: the ETag)"}, **_NOT_FOUND})
 def download_artifact(job_id: str, name: str, request: Request, session: SessionDep,
                       settings: SettingsDep, user: UserDep) -> Response:
     """Download one file. The name is looked up in the artifacts table, never joined into a path."""
