@@ -40,6 +40,7 @@ from .config import UpgradeConfig
 from .device import pick_device
 from .errors import TeacherError
 from .evaluate import downstream_metrics, reconstruction_metrics
+from .formats import provenance as teacher_provenance
 from .models import check_layer, load_model
 from .pipeline import _Progress, write_json_atomic
 from .rational import RationalSAE, topk_separating_threshold
@@ -474,7 +475,10 @@ def run(cfg: UpgradeConfig, out_dir: Path, work_dir: Path | None, prog: _Progres
                   "architecture": teacher.architecture, "family": family, "d_in": teacher.d_in,
                   "d_sae": teacher.d_sae, "l1_coefficient": teacher.metadata.get("l1_coefficient"),
                   "k": getattr(teacher, "k", None)}
+    provenance["original"] = teacher_provenance(cfg.teacher).get("original")  # format it was imported from
     rsae.metadata = {**teacher.metadata, "model_name": cfg.model, "hook_name": cfg.hook, "hook_layer": cfg.layer,
+                     # the cfg follows the SAELens 6 schema; with this key SAELens keeps the metadata on load
+                     "sae_lens_version": "6.0.0",
                      "teacher": provenance, "method": "rsae (Yin & Yu 2026, arXiv 2606.14990)",
                      "upgrade_config": cfg.model_dump(mode="json"), "versions": _versions()}
     rsae.cpu().save(out_dir)

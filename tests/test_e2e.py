@@ -301,6 +301,19 @@ def test_cli_and_server_sent_events(stack: Stack, http: httpx.Client, teacher_di
     down = subprocess.run([*rsae_cli, "download", job_id, "--out", str(tmp_path / "out")], env=env,
                           capture_output=True, text=True, timeout=120)
     assert down.returncode == 0 and (tmp_path / "out" / "sae_weights.safetensors").is_file(), down.stderr
+    # The job's RSAE loads through SAELens's own loader ("rational" architecture registered by rsae).
+    import rsae
+    import rsae.saelens_arch  # noqa: F401 - registers the architecture
+    from sae_lens import SAE as SAELensSAE
+
+    ours, theirs = rsae.load(tmp_path / "out"), SAELensSAE.load_from_disk(str(tmp_path / "out"))
+    assert theirs.cfg.metadata.hook_name == "blocks.3.hook_resid_post"
+    x = torch.randn(5, 576)
+    with torch.no_grad():
+        torch.testing.assert_close(theirs.encode(x), ours.encode(x))
+        torch.testing.assert_close(theirs.decode(theirs.encode(x)), ours(x))
+    cfg = json.loads((tmp_path / "out" / "cfg.json").read_text())
+    assert cfg["metadata"]["teacher"]["sha256"] and cfg["metadata"]["versions"]["torch"]
     again = subprocess.run([*rsae_cli, "submit", "--sae-id", json.loads(status.stdout)["request"]["teacher"]
                             ["sae_id"], "--layer", "3", "--settings", json.dumps(TINY_SETTINGS),
                             "--idempotency-key", "cli-1", "--webhook-url", hook.url, "--webhook-secret",
