@@ -36,3 +36,10 @@ class Cancelled(RSAEError):
     """Raised inside the pipeline when the caller's ``should_cancel`` returns True."""
 
     code = "cancelled"
+
+
+class NumericalError(RSAEError):
+    """The upgrade produced non-finite weights (NaN/Inf); nothing is written. Deterministic for the same
+    inputs and settings: retrying does not help, other settings (e.g. a lower learning rate) may."""
+
+    code = "non_finite_weights"

@@ -44,14 +44,22 @@ def _topk_values(h: torch.Tensor, k: int) -> torch.Tensor:
     return h.detach().topk(min(k + 1, h.shape[-1]), dim=-1).values
 
 
+TAU_MIN_RATIO = 1e-3
+"""Lower bound of a token's separating threshold relative to its largest pre-activation. A token with fewer
+than k + 1 positive pre-activations has a midpoint <= 0; its scale s = tau / c would then be ~0, t = h / s
+would leave the fitted domain by orders of magnitude and P(t) would overflow float32 (the (9,8) coefficients
+are ~1e6). With tau >= 1e-3 max(h), t <= 1e3 c; only entries below 0.1% of the token's largest are cut."""
+
+
 def _separating_from_top(top: torch.Tensor, k: int) -> torch.Tensor:
     tau = 0.5 * (top[..., k - 1:k] + top[..., -1:]) if top.shape[-1] > k else top[..., -1:]
-    return tau.clamp_min(1e-6)
+    return torch.maximum(tau, TAU_MIN_RATIO * top[..., :1]).clamp_min(1e-6)
 
 
 def topk_separating_threshold(h: torch.Tensor, k: int) -> torch.Tensor:
     """Per-token separating threshold of a TopK gate, [..., 1]: the midpoint of each token's k-th and
-    (k+1)-th largest pre-activation (the k-th itself when d_sae == k), clamped to >= 1e-6. h: [..., d_sae].
+    (k+1)-th largest pre-activation (the k-th itself when d_sae == k), at least :data:`TAU_MIN_RATIO` times
+    the token's largest pre-activation and 1e-6. h: [..., d_sae].
     Detached: it is supplied to the rational gate, not learned."""
     return _separating_from_top(_topk_values(h, k), k)
 

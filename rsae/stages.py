@@ -38,7 +38,7 @@ import torch
 from .activations import MANIFEST, ActivationStore, extract_activations
 from .config import UpgradeConfig
 from .device import pick_device
-from .errors import TeacherError
+from .errors import NumericalError, TeacherError
 from .evaluate import downstream_metrics, reconstruction_metrics
 from .formats import provenance as teacher_provenance
 from .models import check_layer, load_model
@@ -481,6 +481,10 @@ def run(cfg: UpgradeConfig, out_dir: Path, work_dir: Path | None, prog: _Progres
                      "sae_lens_version": "6.0.0",
                      "teacher": provenance, "method": "rsae (Yin & Yu 2026, arXiv 2606.14990)",
                      "upgrade_config": cfg.model_dump(mode="json"), "versions": _versions()}
+    bad = [n for n, t in rsae.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    if bad:  # never publish a broken SAE as a success
+        raise NumericalError(f"the upgraded SAE has non-finite values in {bad}; try a lower finetune.lr or "
+                             "calibrate.lr, or report the teacher", field="settings.finetune.lr")
     rsae.cpu().save(out_dir)
     sm = {k: SAEMetrics(**v) for k, v in metrics.items()}
     notes += [

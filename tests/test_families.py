@@ -170,3 +170,23 @@ def test_jumprelu_control_uses_its_own_l0_penalty_and_topk_cap_drops_l1():
     assert finetune_sparsity(cfg, rt, x, 4.0, topk_capped=True)[2] is None
     lam, src, target = finetune_sparsity(cfg, jt, x, 10.0, topk_capped=False)
     assert lam > 0 and src.startswith("auto") and target == pytest.approx(9.5)
+
+
+def test_topk_gate_stays_finite_on_tokens_with_few_positive_pre_activations():
+    """A token whose (k+1)-th pre-activation is <= 0 (seen on SmolLM2's ~900-norm outlier tokens) has a
+    midpoint threshold <= 0; the gate's per-token scale then used to collapse to ~1e-6 / c and P(t) overflowed
+    to inf. The threshold is now at least 1e-3 of the token's largest pre-activation: outputs stay finite and
+    the token's clearly positive entries stay active."""
+    from rsae.rational import TAU_MIN_RATIO, topk_separating_threshold
+
+    k = 4
+    teacher, rsae = _topk_rsae(k, cap=True)
+    h = torch.full((2, teacher.d_sae), -5.0)
+    h[0, :2] = torch.tensor([900.0, 3.0])      # only two positive pre-activations, k = 4
+    h[1, :6] = torch.tensor([8.0, 7.0, 6.0, 5.0, 4.0, 3.0])  # an ordinary token
+    tau = topk_separating_threshold(h, k)
+    assert tau[0, 0] == pytest.approx(TAU_MIN_RATIO * 900.0) and tau[1, 0] == pytest.approx(4.5)
+    with torch.no_grad():
+        z = rsae.gate(h)
+    assert torch.isfinite(z).all()
+    assert z[0, 0] > 0 and z[0, 1] > 0 and (z[0, 2:] == 0).all()

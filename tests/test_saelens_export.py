@@ -57,7 +57,8 @@ def _teacher(family: str, acts: torch.Tensor) -> SAE:
         t.W_dec.copy_(rows * 0.2)
         t.W_enc.copy_(rows.T / 10)
         # TopK: positive biases keep each token's (k+1)-th pre-activation > 0 even on the ~900-norm outlier
-        # tokens (see the report: with it <= 0 the per-token scale clamps to 1e-6 / c and P(t) overflows)
+        # tokens, so every token has an ordinary separating threshold (the degenerate case, which used to
+        # overflow, is tests/test_families.py::test_topk_gate_stays_finite_on_tokens_with_few_positive_...)
         t.b_enc.copy_((0.5 if family == "topk" else -0.3) * torch.rand(D_SAE, generator=g) + (5.0 if family == "topk" else 0.0))
         t.b_dec.copy_(mean)
         if family == "jumprelu":
