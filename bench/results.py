@@ -104,6 +104,40 @@ def compose(out: Path) -> tuple[str, list[int]]:
     return "\n".join(t for *_, t in found), sorted({sd for _, _, sd, _ in found})
 
 
+def summary(out: Path) -> str:
+    """One row per (family, seed) with a saved ``summary-<family>-seed<seed>.json`` (held-out metrics): init vs
+    teacher, fine-tuned RSAE vs teacher and vs control (relative MSE, delta CE, L0), and whether the paper's
+    claim (better MSE and delta CE than the teacher at equal or lower L0) holds."""
+    rows = []
+    for f in out.glob("summary-*-seed*.json"):
+        fam, seed = f.stem[len("summary-"):].rsplit("-seed", 1)
+        order = FAMILY_ORDER.index(fam) if fam in FAMILY_ORDER else len(FAMILY_ORDER)
+        rows.append((order, int(seed), fam, json.loads(f.read_text())))
+    if not rows:
+        return ""
+    lines = ["## Summary: where the paper's claim holds here", "",
+             "MSE changes relative to the teacher (or control); delta CE in nats/token; L0 in latents per token. "
+             "`claim` = fine-tuned RSAE has lower MSE and lower delta CE than its teacher at equal or lower L0.", "",
+             "| family | seed | init MSE | init L0 | RSAE vs teacher: MSE | delta CE | L0 | claim | "
+             "RSAE vs control: MSE | delta CE | L0 |", "|---|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|"]
+    for _, seed, fam, m in sorted(rows):
+        t, i, r, c = m["teacher"], m["rsae_init"], m["rsae"], m.get("control")
+        dce = r.get("delta_ce") is not None and t.get("delta_ce") is not None
+        claim = r["mse"] < t["mse"] and r["l0"] <= t["l0"] and (not dce or r["delta_ce"] < t["delta_ce"])
+        cells = [fam, str(seed), f"{i['mse'] / t['mse'] - 1:+.1%}", f"{i['l0'] / t['l0'] - 1:+.1%}",
+                 f"{r['mse'] / t['mse'] - 1:+.1%}",
+                 f"{_fmt(r.get('delta_ce'), '{:.4f}')} vs {_fmt(t.get('delta_ce'), '{:.4f}')}",
+                 f"{r['l0']:.1f} vs {t['l0']:.1f}", "holds" if claim else "**does not hold**"]
+        if c is not None:
+            cells += [f"{r['mse'] / c['mse'] - 1:+.1%}",
+                      f"{_fmt(r.get('delta_ce'), '{:.4f}')} vs {_fmt(c.get('delta_ce'), '{:.4f}')}",
+                      f"{r['l0']:.1f} vs {c['l0']:.1f}"]
+        else:
+            cells += ["-", "-", "-"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the families and write ``docs/results.md``."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -111,6 +145,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=ROOT / "var" / "results")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--doc", type=Path, default=ROOT / "docs" / "results.md")
+    ap.add_argument("--compose-only", action="store_true",
+                    help="rebuild the doc from the saved sections and summaries in --out, running nothing")
     args = ap.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     import torch
@@ -136,6 +172,15 @@ def main(argv: list[str] | None = None) -> int:
         "logistic probes on the five BBC categories (mean-pooled latents per sequence).",
         "",
     ])
+    def write_doc() -> None:
+        body, seeds = compose(args.out)
+        args.doc.write_text(header.replace("{seeds}", ", ".join(map(str, seeds))) + "\n" + summary(args.out)
+                            + "\n" + body)
+
+    if args.compose_only:
+        write_doc()
+        print(f"wrote {args.doc}")
+        return 0
     for family in args.families:
         report, secs = run_family(family, args.out, args.seed)
         (args.out / f"summary-{family}-seed{args.seed}.json").write_text(json.dumps(report["metrics"], indent=2))
@@ -163,8 +208,7 @@ def main(argv: list[str] | None = None) -> int:
             "",
         ])
         (args.out / f"section-{family}-seed{args.seed}.md").write_text(section)
-        body, seeds = compose(args.out)  # after each family: partial results survive
-        args.doc.write_text(header.replace("{seeds}", ", ".join(map(str, seeds))) + "\n" + body)
+        write_doc()  # after each family: partial results survive
     print(f"wrote {args.doc}")
     return 0
 

@@ -95,7 +95,7 @@ class CalibrateConfig(_Strict):
     tokens: int = Field(4096, ge=64, le=1_000_000, description="Real activation rows used.")
     sample: int = Field(
         1 << 17, ge=1024, le=1 << 26, description="(token, latent) entries per Adam step (whole token rows drawn "
-        "at random). 2^17 fits the gate as well as 2^20 at 1/8 of the cost (measured; docs/method.md).")
+        "at random). 2^17 calibrated the gate as well as 2^20 in 28% of the time (measured; docs/method.md).")
     c_in_quantile: float = Field(
         0.999, gt=0.5, lt=1.0, description="C_in starts at this quantile of |h| so most h fall in [-1, 1]."
     )
