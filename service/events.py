@@ -35,12 +35,18 @@ BATCH = 500
 
 
 def _read(make_session: sessionmaker[Session], job_id: str, after: int) -> tuple[list[EventOut], str | None]:
-    """Events of ``job_id`` with id > ``after`` (at most :data:`BATCH`) and the job's current status."""
+    """Events of ``job_id`` with id > ``after`` (at most :data:`BATCH`) and the job's status.
+
+    The status is read first: a terminal status and its event are committed together, so when the status
+    read sees it, the events read after it (a later statement, READ COMMITTED) includes the event. Read the
+    other way round, a job finishing between the two reads would end the stream without its last event.
+    """
     with make_session() as s:
+        status = s.scalar(select(Job.status).where(Job.id == job_id))
+        s.commit()  # end the snapshot (SQLite/REPEATABLE READ safe): the next read sees newer commits
         rows = s.scalars(select(JobEvent).where(JobEvent.job_id == job_id, JobEvent.id > after)
                          .order_by(JobEvent.id).limit(BATCH))
         events = [EventOut.from_row(e) for e in rows]
-        status = s.scalar(select(Job.status).where(Job.id == job_id))
     return events, status
 
 
@@ -62,8 +68,7 @@ async def job_event_stream(request: Request, make_session: sessionmaker[Session]
         if len(events) == BATCH:
             continue
         if status is None or status in TERMINAL_STATUSES:
-            # The terminal status event is written in the same transaction as the status, so it was read.
-            return
+            return  # the terminal status event was among the events just read (see _read)
         if await request.is_disconnected():
             return
         if time.monotonic() - last_sent >= KEEPALIVE_SECONDS:

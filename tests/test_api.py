@@ -330,3 +330,23 @@ def test_sqlite_mode(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, broker: re
         assert first["items"][0]["created_at"].endswith("Z")
     assert len(queued_messages(broker)) == 3
     get_settings.cache_clear()
+
+
+def test_event_stream_of_a_finished_job_replays_and_ends(client: TestClient, sae_id: str) -> None:
+    """``Accept: text/event-stream`` on a terminal job: every event as SSE (id, event type, JSON data), then
+    the stream closes; ``Last-Event-ID`` resumes after the given event; a bad one is a 422."""
+    job_id = client.post("/jobs", json=job_body(sae_id)).json()["id"]
+    assert client.post(f"/jobs/{job_id}/cancel").json()["status"] == "cancelled"
+    listed = client.get(f"/jobs/{job_id}/events").json()
+    sse = {"Accept": "text/event-stream"}
+    r = client.get(f"/jobs/{job_id}/events", headers=sse)
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+    ids = [int(line[3:]) for line in r.text.splitlines() if line.startswith("id:")]
+    types = [line[6:].strip() for line in r.text.splitlines() if line.startswith("event:")]
+    data = [json.loads(line[5:]) for line in r.text.splitlines() if line.startswith("data:")]
+    assert ids == [e["id"] for e in listed] and types == ["status", "status"]
+    assert [d["data"]["status"] for d in data] == ["queued", "cancelled"]
+    r = client.get(f"/jobs/{job_id}/events", headers={**sse, "Last-Event-ID": str(ids[0])})
+    assert [int(line[3:]) for line in r.text.splitlines() if line.startswith("id:")] == ids[1:]
+    assert_problem(client.get(f"/jobs/{job_id}/events", headers={**sse, "Last-Event-ID": "x"}), 422,
+                   field="Last-Event-ID")
