@@ -13,7 +13,6 @@ import hashlib
 import os
 import shutil
 import signal
-import subprocess
 import sys
 import threading
 import time
