@@ -10,8 +10,9 @@ if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
 stamp=".venv/.rsae-install-$(cat pyproject.toml scripts/install.sh | sha256sum | cut -c1-16)"
-# Headless Chromium (Debian package) renders report.html in the tests; installed once, when missing.
-command -v chromium >/dev/null || bash scripts/install_chromium.sh
+# Debian packages the tests use (headless Chromium renders report.html; jq runs in the README's curl
+# flow); installed once, when missing.
+bash scripts/install_debian.sh
 if [ -f "$stamp" ]; then
   exit 0
 fi

@@ -2,7 +2,7 @@
 
 ``tests/data/report_example.json`` is a hand-made synthetic report (all numbers made up, no corpus text).
 Chromium (Debian package ``chromium``) is required: if it is missing, the tests try
-``scripts/install_chromium.sh`` once and FAIL (not skip) when it still is not available. The example's
+``scripts/install_debian.sh`` once and FAIL (not skip) when it still is not available. The example's
 screenshot is copied to ``docs/img/report_example.png`` for people to look at when
 ``RSAE_UPDATE_DOCS_IMG=1``.
 """
@@ -28,7 +28,7 @@ from rsae.report_html import render_report_html, write_report_html
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "tests" / "data" / "report_example.json"
-INSTALL_SCRIPT = ROOT / "scripts" / "install_chromium.sh"
+INSTALL_SCRIPT = ROOT / "scripts" / "install_debian.sh"
 DOCS_SHOT = ROOT / "docs" / "img" / "report_example.png"
 WINDOW = (1280, 2400)
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -84,7 +84,7 @@ def _example() -> dict:
 
 
 def _chromium() -> str:
-    """Path of the chromium binary; installs it with scripts/install_chromium.sh or FAILS the test."""
+    """Path of the chromium binary; installs it with scripts/install_debian.sh or FAILS the test."""
     exe = shutil.which("chromium")
     if exe:
         return exe
