@@ -87,8 +87,9 @@ def resolve_teacher(session: Session, settings: Settings, ref: TeacherRef, owner
                 import_teacher(resolve_hub_teacher(**hub).path, dest)
             return str(dest)
         except TeacherError as e:
-            field = e.field.replace("teacher.", "teacher.hub.", 1) if e.field else "teacher.hub"
-            raise TeacherError(e.message, field="teacher.hub" if field == "teacher" else field) from None
+            # rsae.hub names fields teacher / teacher.<key>; here they sit under teacher.hub
+            tail = e.field[len("teacher"):] if e.field and e.field.startswith("teacher") else ""
+            raise TeacherError(e.message, field="teacher.hub" + tail) from None
     sae = session.get(Sae, ref.sae_id) if is_uuid(ref.sae_id) else None
     if sae is None or (owner_id is not None and sae.owner_id != owner_id):
         raise TeacherError(f"no uploaded SAE with id {ref.sae_id!r} (POST /saes first)", field="teacher.sae_id")

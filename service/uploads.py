@@ -139,7 +139,8 @@ async def receive_multipart(request: Request, dest: Path, *, files: dict[str, st
         files: file field name -> file name to write under ``dest``.
         text_fields: accepted text field names (each at most :data:`MAX_TEXT_FIELD_BYTES`).
         required: field names that must be present.
-        max_bytes: limit on the whole body.
+        max_bytes: limit on the whole body, counted as it streams (a declared ``Content-Length`` above it
+            is refused earlier, by :class:`service.limits.BodyLimitMiddleware`).
         part_limits: per-field byte limits.
 
     Raises:
@@ -151,10 +152,6 @@ async def receive_multipart(request: Request, dest: Path, *, files: dict[str, st
         raise ProblemError(415, "unsupported_media_type",
                            "send multipart/form-data (e.g. curl -F cfg=@cfg.json -F weights=@...)",
                            field="body")
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > max_bytes:
-        raise ProblemError(413, "payload_too_large", f"request body of {declared} bytes exceeds the limit "
-                           f"of {max_bytes} bytes", field="body")
     sink = _Sink(dest, files, text_fields, part_limits or {})
     try:
         parser = MultipartParser(params[b"boundary"], sink.callbacks())

@@ -6,6 +6,7 @@ exactly like an unknown id; tokens are stored only as SHA-256.
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from collections.abc import Callable
@@ -17,6 +18,7 @@ from fastapi.testclient import TestClient
 from sqlalchemy import func, select, text
 from sqlalchemy.orm import Session
 
+from service.app import create_app
 from service.auth import hash_token
 from service.client import upload_sae
 from service.config import Settings
@@ -44,7 +46,7 @@ def test_every_route_but_health_requires_a_token(client: TestClient, database_ur
             ("GET", f"/jobs/{ZERO_ID}/artifacts/cfg.json")} <= set(routes)
     revoked = make_token(database_url, "carol")
     assert subprocess.run([sys.executable, "-m", "service.cli", "token", "revoke", "--prefix", revoked[:12]],
-                          env={**__import__("os").environ, "RSAE_DATABASE_URL": database_url},
+                          env={**os.environ, "RSAE_DATABASE_URL": database_url},
                           capture_output=True, text=True, check=True).stdout.startswith("revoked 1")
     bad_headers = {
         "missing": {},
@@ -67,7 +69,7 @@ def test_every_route_but_health_requires_a_token(client: TestClient, database_ur
 
 def test_tokens_are_stored_hashed_and_cli_prints_them_once(settings: Settings, clean_db: None, db: Session,
                                                            database_url: str) -> None:
-    env = {**__import__("os").environ, "RSAE_DATABASE_URL": database_url}
+    env = {**os.environ, "RSAE_DATABASE_URL": database_url}
     out = subprocess.run([sys.executable, "-m", "service.cli", "token", "create", "--user", "dave",
                           "--name", "laptop"], env=env, capture_output=True, text=True, check=True)
     token = out.stdout.strip()
@@ -80,8 +82,7 @@ def test_tokens_are_stored_hashed_and_cli_prints_them_once(settings: Settings, c
     bad = subprocess.run([sys.executable, "-m", "service.cli", "token", "create", "--user", "../evil"],
                          env=env, capture_output=True, text=True)
     assert bad.returncode == 2 and "invalid user name" in bad.stderr
-    with TestClient(__import__("service.app", fromlist=["create_app"]).create_app(),
-                    headers=bearer(token)) as c:
+    with TestClient(create_app(), headers=bearer(token)) as c:
         assert c.get("/jobs").json() == {"items": [], "next_cursor": None}
 
 
@@ -152,7 +153,6 @@ def test_idempotency_key(client: TestClient, other_client: TestClient, make_teac
 def test_active_job_quota_is_429_with_retry_after(settings: Settings, clean_db: None, broker: redis.Redis,
                                                   monkeypatch: pytest.MonkeyPatch, database_url: str,
                                                   make_teacher: Callable[..., Path]) -> None:
-    from service.app import create_app
     from service.config import get_settings
 
     monkeypatch.setenv("RSAE_MAX_ACTIVE_JOBS_PER_USER", "2")

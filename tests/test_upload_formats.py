@@ -15,6 +15,7 @@ from fastapi.testclient import TestClient
 
 from rsae.formats import load_teacher
 from rsae.sae import load_sae
+from service.api.routes.saes import UPLOAD_FILES
 from service.config import Settings
 
 from conftest import assert_problem, job_body
@@ -29,8 +30,8 @@ def _weights(seed: int) -> dict[str, torch.Tensor]:
 
 
 def _files(folder: Path) -> dict[str, tuple[str, bytes]]:
-    field = {"cfg.json": "cfg", "sae_weights.safetensors": "weights", "sae.safetensors": "sae",
-             "params.npz": "params", "ae.pt": "ae", "config.json": "config"}
+    """The multipart files of POST /saes for the format files in ``folder`` (form field per file name)."""
+    field = {name: form for form, name in UPLOAD_FILES.items()}
     return {field[p.name]: (p.name, p.read_bytes()) for p in folder.iterdir() if p.name in field}
 
 

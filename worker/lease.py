@@ -200,7 +200,7 @@ class ReapResult:
     swept: list[str] = field(default_factory=list)
 
 
-def _discard_dirs(settings: Settings, job_id: str, *, keep_artifacts: bool = False) -> None:
+def discard_dirs(settings: Settings, job_id: str, *, keep_artifacts: bool = False) -> None:
     """Delete a job's scratch folder (and its artifacts folder unless ``keep_artifacts``)."""
     shutil.rmtree(settings.work_dir / job_id, ignore_errors=True)
     if not keep_artifacts:
@@ -254,7 +254,7 @@ def reap_once(settings: Settings, make_session: sessionmaker[Session],
 
     db_retry(expire)
     for job_id in out.cancelled + out.failed:
-        _discard_dirs(settings, job_id)
+        discard_dirs(settings, job_id)
 
     def overdue_queued() -> None:
         with make_session.begin() as s:
@@ -264,7 +264,7 @@ def reap_once(settings: Settings, make_session: sessionmaker[Session],
                         "detail": "the job passed its deadline while waiting to be resumed; raise "
                                   "RSAE_JOB_DEADLINE_SECONDS or add workers"}):
                     out.failed.append(job_id)
-                    _discard_dirs(settings, job_id)
+                    discard_dirs(settings, job_id)
 
     db_retry(overdue_queued)
 
@@ -312,9 +312,7 @@ def sweep_dirs(settings: Settings, make_session: sessionmaker[Session], min_age:
         status = dict(s.execute(select(Job.id, Job.status).where(Job.id.in_(names))).all())
     swept = [n for n in names if status.get(n, "gone") in TERMINAL_STATUSES | {"gone"}]
     for n in swept:
-        shutil.rmtree(root / n, ignore_errors=True)
-        if status.get(n) != "succeeded":
-            shutil.rmtree(settings.artifacts_dir / n, ignore_errors=True)
+        discard_dirs(settings, n, keep_artifacts=status.get(n) == "succeeded")
     return swept
 
 

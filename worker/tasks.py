@@ -36,7 +36,8 @@ from service.schemas import JobCreate
 from service.webhooks import notify_in_background
 
 from .celery_app import TASK_UPGRADE, enqueue_upgrade
-from .lease import (ACTIVE, Heartbeat, Reaper, claim, db_retry, describe, is_transient_db_error, new_owner)
+from .lease import (ACTIVE, Heartbeat, Reaper, claim, db_retry, describe, discard_dirs, is_transient_db_error,
+                    new_owner)
 
 log = logging.getLogger(__name__)
 
@@ -246,8 +247,7 @@ def _finish(make_session: sessionmaker[Session], settings: Settings, job_id: str
             if not transition(s, job_id, ACTIVE, status, where=(Job.lease_owner == owner,),
                               lease_owner=None, lease_expires_at=None, **values):
                 return False
-            shutil.rmtree(settings.work_dir / job_id, ignore_errors=True)
-            shutil.rmtree(settings.artifacts_dir / job_id, ignore_errors=True)
+            discard_dirs(settings, job_id)
             return True
 
     ok = db_retry(tx)

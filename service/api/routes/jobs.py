@@ -23,11 +23,11 @@ from service.api.deps import CeleryDep, LimitDep, SessionDep, SettingsDep
 from service.auth import UserDep
 from service.config import Settings
 from service.events import job_event_stream
-from service.webhooks import host_allowed, notify_in_background
 from service.jobs import add_event, build_upgrade_config, resolve_teacher, transition, upgrade_config_errors
 from service.models import TERMINAL_STATUSES, Job, JobEvent, Sae, User, is_uuid
 from service.problems import NotFound, ProblemError, problem_responses, validation_error
 from service.schemas import ArtifactOut, EventOut, JobCreate, JobOut, JobPage, JobStatus
+from service.webhooks import host_allowed, notify_in_background
 from worker.celery_app import enqueue_upgrade
 
 log = logging.getLogger(__name__)

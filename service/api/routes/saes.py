@@ -102,11 +102,10 @@ def _register(make_session: sessionmaker[Session], settings: Settings, folder: P
               detected: DetectedFormat, owner_id: str) -> Sae:
     """Move the imported teacher to ``<uploads>/<id>/`` and insert its row (folder removed on failure)."""
     weights_field = next(f for f in WEIGHT_FIELDS if f in form.sha256)
+    cfg = json.loads((folder / CFG_NAME).read_text(encoding="utf-8"))
     row = Sae(id=new_id(), owner_id=owner_id, name=form.text.get("name") or None, family=detected.family,
-              architecture=json.loads((folder / CFG_NAME).read_text(encoding="utf-8")).get("architecture",
-                                                                                         "standard"),
-              d_in=detected.d_in, d_sae=detected.d_sae, sha256=form.sha256[weights_field],
-              cfg=json.loads((folder / CFG_NAME).read_text(encoding="utf-8")), created_at=utcnow())
+              architecture=cfg.get("architecture", "standard"), d_in=detected.d_in, d_sae=detected.d_sae,
+              sha256=form.sha256[weights_field], cfg=cfg, created_at=utcnow())
     row.path = row.id
     final = settings.uploads_dir / row.path
     os.replace(folder, final)
