@@ -1,6 +1,7 @@
 """Regenerate ``docs/results.md``: teacher / RSAE at init / RSAE fine-tuned / control, per teacher family.
 
     .venv/bin/python bench/results.py [--families relu jumprelu topk] [--out var/results] [--seed 0]
+    .venv/bin/python bench/results.py --compose-only      # rebuild docs/results.md from the saved records
 
 Seed 0's teachers live in ``<out>/teacher-<family>``, other seeds' in ``<out>/teacher-<family>-seed<seed>``.
 
@@ -142,13 +143,18 @@ def main(argv: list[str] | None = None) -> int:
     """Run the families and write ``docs/results.md``."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--families", nargs="+", default=["relu", "jumprelu", "topk"])
-    ap.add_argument("--out", type=Path, default=ROOT / "var" / "results")
+    ap.add_argument("--out", type=Path, default=ROOT / "var" / "results",
+                    help="teachers, activations and every run's report.{json,html} (not committed)")
+    ap.add_argument("--records", type=Path, default=ROOT / "docs" / "results-data",
+                    help="per-run records (section-<family>-seed<seed>.md, summary-...json) that docs/results.md "
+                         "is composed from; committed, so a run of one family keeps the others' tables")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--doc", type=Path, default=ROOT / "docs" / "results.md")
     ap.add_argument("--compose-only", action="store_true",
-                    help="rebuild the doc from the saved sections and summaries in --out, running nothing")
+                    help="rebuild the doc from the saved records, running nothing")
     args = ap.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
+    args.records.mkdir(parents=True, exist_ok=True)
     import torch
 
     header = "\n".join([
@@ -160,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
         "dropped; seeds: {seeds} (a seed sets the teacher's training, the train/held-out split, shuffling and "
         f"init; each seed has its own teacher); {platform.processor() or platform.machine()}, torch "
         f"{torch.__version__}, {torch.get_num_threads()} threads. Each family's section is written when its run "
-        "ends (`--families` re-runs some, keeping the others' sections from `var/results/section-*.md`).",
+        "ends (`--families` re-runs some, keeping the others' sections from `docs/results-data/`).",
         "",
         "Columns: `teacher`; `rsae_init` = RSAE after Remez init and calibration (weights = teacher's); `rsae` = "
         "after fine-tuning all parameters; `control` = the teacher fine-tuned with its own gate on the same data, "
@@ -173,8 +179,8 @@ def main(argv: list[str] | None = None) -> int:
         "",
     ])
     def write_doc() -> None:
-        body, seeds = compose(args.out)
-        args.doc.write_text(header.replace("{seeds}", ", ".join(map(str, seeds))) + "\n" + summary(args.out)
+        body, seeds = compose(args.records)
+        args.doc.write_text(header.replace("{seeds}", ", ".join(map(str, seeds))) + "\n" + summary(args.records)
                             + "\n" + body)
 
     if args.compose_only:
@@ -183,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     for family in args.families:
         report, secs = run_family(family, args.out, args.seed)
-        (args.out / f"summary-{family}-seed{args.seed}.json").write_text(json.dumps(report["metrics"], indent=2))
+        (args.records / f"summary-{family}-seed{args.seed}.json").write_text(json.dumps(report["metrics"], indent=2))
         cfg = report["config"]
         tinfo = report["teacher"]
         section = "\n".join([
@@ -195,7 +201,11 @@ def main(argv: list[str] | None = None) -> int:
             f"({TEACHER['steps']} steps of {TEACHER['batch_size']}). Upgrade: {cfg['data']['train_tokens']:,} training "
             f"tokens, {cfg['data']['eval_tokens']:,} held-out tokens, {cfg['finetune']['steps']} fine-tuning steps of "
             f"{cfg['finetune']['batch_size']}; Remez (p, q) = ({report['remez']['p']}, {report['remez']['q']}), "
-            f"c = {report['remez']['c']}, margin = {report['remez']['margin']}; final lambda "
+            f"c = {report['remez']['c']}, margin = {report['remez']['margin']:.3g}"
+            + (f", teacher's jump at t = {report['remez']['params']['anchor']:.3g} "
+               f"({report['remez']['params']['jump_placement']})"
+               if report['remez'].get('params', {}).get('anchor') else "")
+            + "; final lambda "
             f"{report['finetune']['final_lambda']:.4g} ({report['finetune']['l1_source']}); L0 target "
             f"{_fmt(report['finetune'].get('l0_target'), '{:.1f}')}; control objective: "
             f"{(report.get('control') or {}).get('objective', '-')}, final coefficient "
@@ -207,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
             *[f"- {v}" for v in verdict(report)],
             "",
         ])
-        (args.out / f"section-{family}-seed{args.seed}.md").write_text(section)
+        (args.records / f"section-{family}-seed{args.seed}.md").write_text(section)
         write_doc()  # after each family: partial results survive
     print(f"wrote {args.doc}")
     return 0

@@ -159,10 +159,17 @@ class RationalSAE(SAE):
         k = self.rational_cfg.get("topk_k")
         return int(k) if k else None
 
+    @property
+    def jump_anchor(self) -> float:
+        """Unit-interval position of the teacher's jump (``rational.anchor``; upgrades made before the
+        'upper_edge' placement stored only ``rational.jump`` = c, which is then the anchor)."""
+        return float(self.rational_cfg.get("anchor", self.rational_cfg["jump"]))
+
     def gate(self, h: torch.Tensor) -> torch.Tensor:
         """Rational gate with exact zeros, [..., d_sae] -> [..., d_sae].
 
-        TopK upgrades (``rational.topk_k`` set): each token i gets the scale s_i = tau_i / c with tau_i its
+        TopK upgrades (``rational.topk_k`` set): each token i gets the scale s_i = tau_i / a (a =
+        :attr:`jump_anchor`, the unit-interval position of the jump) with tau_i its
         separating threshold (:func:`topk_separating_threshold`), i.e. z = s_i * G(h / s_i) with G the gate at unit
         scale, which equals C_out s_i r(h / (C_in s_i)) and puts the jump at tau_i for every token. With
         ``rational.topk_cap`` (the default for new TopK upgrades) only the token's k largest pre-activations
@@ -174,7 +181,7 @@ class RationalSAE(SAE):
             return self.gate_fn(h)
         k = self.topk_k
         top = _topk_values(h, k)
-        s = _separating_from_top(top, k) / float(self.rational_cfg["jump"])
+        s = _separating_from_top(top, k) / self.jump_anchor
         z = s * self.gate_fn(h / s)
         if self.rational_cfg.get("topk_cap", False):
             z = torch.where(h >= top[..., k - 1:k], z, torch.zeros((), dtype=z.dtype, device=z.device))

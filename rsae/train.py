@@ -158,8 +158,23 @@ def sample_pre_acts(teacher: SAE, x: torch.Tensor, batch: int = 2048) -> torch.T
     return torch.cat([teacher.pre_acts(x[i:i + batch]) for i in range(0, x.shape[0], batch)])
 
 
+def calibration_loss(gate, h: torch.Tensor, target: torch.Tensor,
+                     selected: torch.Tensor | None = None) -> torch.Tensor:
+    """The calibration objective of :func:`calibrate_gate` on one sample (0-dim tensor, squared units of z).
+
+    ``mean (phi_raw(h) - g(h))^2`` over all entries of ``h`` [n, d_sae] (``target`` = g(h), same shape); with
+    ``selected`` [n, d_sae] (bool), entries outside it count as exact zeros (the RSAE's selection zeroes
+    them), i.e. ``phi_raw`` is replaced by 0 there. ``gate``: a :class:`rsae.rational.RationalGate`.
+    """
+    out = gate.raw(h)
+    if selected is not None:
+        out = torch.where(selected, out, torch.zeros((), dtype=out.dtype, device=out.device))
+    return (out - target).pow(2).mean()
+
+
 def calibrate_gate(rsae: RationalSAE, h: torch.Tensor, target: torch.Tensor, *, steps: int, lr: float,
                    seed: int = 0, sample: int = 1 << 17, decay_frac: float = 0.5,
+                   selected: torch.Tensor | None = None,
                    on_step: Callable[[int, float], None] | None = None) -> list[float]:
     """Calibrate (a, b, C_in, C_out) with all SAE weights (and per-latent scales) frozen.
 
@@ -175,6 +190,9 @@ def calibrate_gate(rsae: RationalSAE, h: torch.Tensor, target: torch.Tensor, *, 
 
     Args:
         h: real pre-activations [n, d_sae]; target: the teacher's gate output g(h), same shape.
+        selected: optional bool mask [n, d_sae] of the entries the RSAE's selection keeps (the teacher's
+            active entries): the objective becomes mean (selected * phi_raw(h) - g(h))^2, i.e. entries outside
+            it count as exact zeros (``CalibrateConfig.objective = "selected"``).
         steps, lr: Adam steps and peak learning rate. sample: entries per step (rounded to whole rows).
 
     Returns:
@@ -195,7 +213,7 @@ def calibrate_gate(rsae: RationalSAE, h: torch.Tensor, target: torch.Tensor, *, 
             if step >= decay_start and steps > decay_start:
                 opt.param_groups[0]["lr"] = lr * (steps - step) / (steps - decay_start)
             idx = torch.randint(0, h.shape[0], (rows,), generator=gen).to(h.device)
-            loss = (g.raw(h[idx]) - target[idx]).pow(2).mean()
+            loss = calibration_loss(g, h[idx], target[idx], None if selected is None else selected[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

@@ -89,15 +89,21 @@ def test_family_specific_validation(tmp_path):
     assert e.value.field == "sae_weights.safetensors.threshold"
 
 
+def _jump_fit_and_teacher(c, margin, theta=(0.5, 2.0, 8.0)):
+    """(9, 8) JumpReLU Remez fit at (c, margin), and a JumpReLU teacher 8 -> 3 with thresholds ``theta``."""
+    fit = remez_fit("jumprelu", c=c, p=9, q=8, margin=margin)
+    teacher = _fill(JumpReLUSAE(8, len(theta)))
+    theta = torch.tensor(theta)
+    with torch.no_grad():
+        teacher.log_threshold.copy_(theta.log())
+    return fit, teacher, theta
+
+
 def test_per_latent_scales_put_every_jump_at_its_own_threshold():
     """s_j = theta_j / c makes s_j * g(h / s_j) = h * H(h - theta_j): a rational fitted to g(t) = t H(t - c)
     reproduces a JumpReLU teacher latent by latent, up to the fit's error and the margin around the jump."""
     c, margin = 0.25, 0.05
-    fit = remez_fit("jumprelu", c=c, p=9, q=8, margin=margin)
-    teacher = _fill(JumpReLUSAE(8, 3))
-    theta = torch.tensor([0.5, 2.0, 8.0])
-    with torch.no_grad():
-        teacher.log_threshold.copy_(theta.log())
+    fit, teacher, theta = _jump_fit_and_teacher(c, margin)
     rsae = RationalSAE.from_teacher(teacher, a=fit.a, b=fit.b, c_in=1.0, c_out=1.0, scale=theta / c,
                                     floor=c / 2)
     assert rsae.gate_fn.train_scale and rsae.gate_fn.log_scale.requires_grad
@@ -190,3 +196,50 @@ def test_topk_gate_stays_finite_on_tokens_with_few_positive_pre_activations():
         z = rsae.gate(h)
     assert torch.isfinite(z).all()
     assert z[0, 0] > 0 and z[0, 1] > 0 and (z[0, 2:] == 0).all()
+
+
+def test_upper_edge_anchor_puts_every_kept_entry_in_the_fitted_set():
+    """With the default 'upper_edge' placement, s_j = theta_j / (c + delta): every entry a JumpReLU teacher
+    keeps (theta_j < h <= s_j) has t in [c + delta, 1], the fitted set, so the RSAE's value is within the fit's
+    max error (x s_j) of h; the band (c - delta, c + delta) maps below theta_j, where the teacher is 0. With
+    the 'center' placement (s_j = theta_j / c) the smallest kept entries fall in the band and get
+    transitional values, up to ~half the jump."""
+    from rsae.stages import jump_anchor
+
+    c, margin = 0.25, 0.025
+    fit, teacher, theta = _jump_fit_and_teacher(c, margin)
+    errs = {}
+    for placement in ("upper_edge", "center"):
+        a = jump_anchor(c, margin, placement)
+        rsae = RationalSAE.from_teacher(teacher, a=fit.a, b=fit.b, c_in=1.0, c_out=1.0, scale=theta / a,
+                                        rational={"jump": c, "anchor": a})
+        h = torch.linspace(0.0, 1.0, 4001)[:, None] * (theta / a)[None, :]  # t in [0, 1]
+        kept = teacher.gate(h) != 0
+        err = (rsae.gate_fn.raw(h) - h).abs() / (theta / a)  # t-units
+        errs[placement] = err[kept].max().item()
+    assert jump_anchor(c, margin, "upper_edge") == pytest.approx(0.275)
+    assert errs["upper_edge"] <= fit.max_error * 1.01
+    assert errs["center"] > 10 * fit.max_error
+    with pytest.raises(ValueError):
+        jump_anchor(c, margin, "lower_edge")
+
+
+def test_topk_anchor_gives_the_kth_entry_its_own_value():
+    """Per-token TopK with the anchor at c + delta: the token's k-th largest pre-activation (just above its
+    separating threshold tau_i) is reproduced within the fit's error, where the centre placement (anchor c)
+    under-estimates it (it lies in the band)."""
+    k, c, margin = 4, 0.25, 0.025
+    fit = remez_fit("topk", c=c, p=9, q=8, margin=margin)
+    teacher = _fill(TopKSAE(8, 24, k=k))
+    h = torch.full((1, 24), -1.0)
+    h[0, :6] = torch.tensor([10.0, 9.0, 8.0, 5.1, 4.9, 1.0])  # tau = 5.0, k-th = 5.1
+    rel = {}
+    for a in (c + margin, c):
+        rsae = RationalSAE.from_teacher(teacher, a=fit.a, b=fit.b, c_in=1.0, c_out=1.0,
+                                        rational={"jump": c, "anchor": a, "topk_k": k, "topk_cap": True})
+        with torch.no_grad():
+            z = rsae.gate(h)
+        assert ((z != 0).sum(-1) <= k).all()
+        rel[a] = abs(z[0, 3].item() - 5.1) / (5.0 / a)  # t-units
+    assert rel[c + margin] <= fit.max_error * 1.01
+    assert rel[c] > 10 * fit.max_error

@@ -148,3 +148,30 @@ def test_calibrate_gate_fits_the_scalars_only_and_restores_requires_grad():
     assert len(losses) == 60 and after < 0.5 * before
     assert torch.equal(rsae_.W_enc, w_before) and torch.equal(rsae_.gate_fn.scale, s_before)
     assert all(p.requires_grad for p in rsae_.parameters())
+
+
+def test_selected_calibration_fits_the_kept_entries_better_than_the_all_entries_objective():
+    """objective 'selected' (capped TopK): entries outside the selection count as exact zeros, so the scalars
+    fit the kept values only; on those entries its error ends below the 'all' objective's, while the 'all'
+    objective spends its fit on the (far more numerous) zeroed entries."""
+    from rsae.train import calibrate_gate, calibration_loss
+
+    fit = remez_fit("topk", c=0.25, p=9, q=8, margin=0.025)
+    teacher = _teacher(d_in=16, d_sae=64)
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(512, 64, generator=g).abs() * 0.5  # unit-scale pre-activations in [0, ~1.5]
+    kept = h > 0.275  # a teacher that keeps h above its jump (anchor c + delta)
+    target = torch.where(kept, h, torch.zeros(()))
+    errs = {}
+    for objective in ("all", "selected"):
+        rsae_ = RationalSAE.from_teacher(teacher, a=fit.a, b=fit.b, c_in=1.0, c_out=1.0)
+        sel = kept if objective == "selected" else None
+        with torch.no_grad():
+            raw = rsae_.gate_fn.raw(h)
+            manual = (torch.where(kept, raw, torch.zeros(())) - target).pow(2).mean() if sel is not None else \
+                (raw - target).pow(2).mean()
+            assert calibration_loss(rsae_.gate_fn, h, target, sel).item() == pytest.approx(manual.item())
+        calibrate_gate(rsae_, h, target, steps=150, lr=1e-2, sample=8192, selected=sel)
+        with torch.no_grad():
+            errs[objective] = (rsae_.gate_fn.raw(h) - target)[kept].pow(2).mean().item()
+    assert errs["selected"] < errs["all"]
