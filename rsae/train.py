@@ -41,7 +41,8 @@ def train_sae(sae: SAE, store: ActivationStore, *, steps: int, batch_size: int, 
               l1_coefficient: float, seed: int = 0, device: str = "cpu",
               param_groups: Iterable[dict[str, Any]] | None = None, warmup_steps: int = 0,
               l1_warmup_steps: int = 0, lr_decay_frac: float = 0.2, loss_fn: LossFn | None = None,
-              l0_target: float | None = None, l0_adapt_every: int = 10, grad_clip: float | None = 1e4,
+              l0_target: float | None = None, l0_adapt_every: int = 10, l0_gain: float = 2.0,
+              grad_clip: float | None = 1e4,
               on_step: Callable[[int, dict[str, float]], None] | None = None,
               checkpoint: TrainCheckpoint | None = None) -> list[dict[str, float]]:
     """Adam on :func:`sae_loss` over shuffled batches of ``store``.
@@ -56,10 +57,12 @@ def train_sae(sae: SAE, store: ActivationStore, *, steps: int, batch_size: int, 
         l1_warmup_steps: lambda ramps linearly from 0 (helps a freshly initialised SAE avoid dead latents).
         loss_fn: the objective (default :func:`sae_loss`, MSE + lambda * decoder-norm-weighted L1).
         l0_target: if given, lambda is adapted to hold the training L0 at or below this value: every
-            ``l0_adapt_every`` steps, lambda *= exp(0.5 * (mean L0 / l0_target - 1)) clipped to [0.8, 1.25]
-            (a multiplicative integral controller on the sparsity constraint, in the spirit of the
+            ``l0_adapt_every`` steps, lambda *= exp(``l0_gain`` * (mean L0 / l0_target - 1)) clipped to
+            [0.8, 1.25] (a multiplicative integral controller on the sparsity constraint, in the spirit of the
             Lagrangian sparsity control of Rajamanoharan et al. 2024 / Gao et al. 2024's fixed-L0 training).
-            The final lambda is recorded in the last history entry as ``lambda``.
+            The final lambda is recorded in the last history entry as ``lambda``. Gain 2 (was 0.5): a JumpReLU
+            RSAE starting from the auto lambda needed ~5x its start value and, at gain 0.5 (2.5% per update
+            at 5% over target), was still above target and still raising lambda at step 600.
         grad_clip: clip the global gradient norm (None disables).
         on_step: called with (step, parts) after every step (step counts from 1).
         checkpoint: if given, training resumes from ``checkpoint.load()`` (model, Adam, lambda controller,
@@ -111,7 +114,7 @@ def train_sae(sae: SAE, store: ActivationStore, *, steps: int, batch_size: int, 
             l0_window.append(parts["l0"])
             if len(l0_window) == l0_adapt_every:
                 ratio = sum(l0_window) / len(l0_window) / max(l0_target, 1e-9)
-                lam_base *= min(1.25, max(0.8, math.exp(0.5 * (ratio - 1.0))))
+                lam_base *= min(1.25, max(0.8, math.exp(l0_gain * (ratio - 1.0))))
                 l0_window.clear()
         if on_step is not None:
             on_step(step + 1, parts)
