@@ -27,7 +27,8 @@ TEACHER = {"d_sae": 2304, "train_tokens": 32768, "steps": 600, "batch_size": 102
 COLS = ("teacher", "rsae_init", "rsae", "control")
 ROWS = [("MSE", "mse", "{:.1f}"), ("FVU (about the mean)", "fvu", "{:.4f}"), ("L0", "l0", "{:.1f}"),
         ("alive fraction", "alive_fraction", "{:.3f}"), ("CE spliced", "ce_spliced", "{:.4f}"),
-        ("delta CE", "delta_ce", "{:.4f}"), ("loss recovered", "loss_recovered", "{:.2%}"), ("KL", "kl", "{:.4f}")]
+        ("delta CE", "delta_ce", "{:.4f}"),
+        ("delta CE std. error (by sequence)", "delta_ce_se", "{:.4f}"), ("loss recovered", "loss_recovered", "{:.2%}"), ("KL", "kl", "{:.4f}")]
 
 
 def _fmt(v: Any, fmt: str) -> str:
@@ -57,13 +58,16 @@ def verdict(report: dict[str, Any]) -> list[str]:
     out.append(f"L0: RSAE {r['l0']:.1f} vs teacher {t['l0']:.1f} ({'not higher' if l0_ok else 'HIGHER'}).")
     out.append(f"MSE: RSAE {r['mse']:.1f} vs teacher {t['mse']:.1f} "
                f"({(r['mse'] / t['mse'] - 1):+.1%}): {'better' if r['mse'] < t['mse'] else 'NOT better'}.")
+    comp = report.get("comparisons") or {}
     if r.get("delta_ce") is not None:
-        out.append(f"delta CE: RSAE {r['delta_ce']:.4f} vs teacher {t['delta_ce']:.4f}: "
+        out.append(f"delta CE: RSAE {r['delta_ce']:.4f} vs teacher {t['delta_ce']:.4f}"
+                   f"{_diff_se(comp.get('rsae-teacher'))}: "
                    f"{'better' if r['delta_ce'] < t['delta_ce'] else 'NOT better'}.")
     if c is not None:
         out.append(f"vs compute-matched control: MSE {r['mse']:.1f} vs {c['mse']:.1f} "
                    f"({'better' if r['mse'] < c['mse'] else 'NOT better'}), delta CE "
-                   f"{_fmt(r.get('delta_ce'), '{:.4f}')} vs {_fmt(c.get('delta_ce'), '{:.4f}')}, L0 {r['l0']:.1f} vs "
+                   f"{_fmt(r.get('delta_ce'), '{:.4f}')} vs {_fmt(c.get('delta_ce'), '{:.4f}')}"
+                   f"{_diff_se(comp.get('rsae-control'))}, L0 {r['l0']:.1f} vs "
                    f"{c['l0']:.1f}.")
     init_mse = m["rsae_init"]["mse"] / t["mse"] - 1
     init_l0 = m["rsae_init"]["l0"] / t["l0"] - 1
@@ -105,6 +109,13 @@ def compose(out: Path) -> tuple[str, list[int]]:
     return "\n".join(t for *_, t in found), sorted({sd for _, _, sd, _ in found})
 
 
+def _diff_se(row: dict[str, Any] | None) -> str:
+    """" (diff -0.0272 +- 0.0041)" from a ``Report.comparisons`` row with a delta CE difference, else ""."""
+    if not row or row.get("delta_ce_diff") is None or row.get("delta_ce_diff_se") is None:
+        return ""
+    return f" ({row['delta_ce_diff']:+.4f} ± {row['delta_ce_diff_se']:.4f})"
+
+
 def summary(out: Path) -> str:
     """One row per (family, seed) with a saved ``summary-<family>-seed<seed>.json`` (held-out metrics): init vs
     teacher, fine-tuned RSAE vs teacher and vs control (relative MSE, delta CE, L0), and whether the paper's
@@ -118,20 +129,26 @@ def summary(out: Path) -> str:
         return ""
     lines = ["## Summary: where the paper's claim holds here", "",
              "MSE changes relative to the teacher (or control); delta CE in nats/token; L0 in latents per token. "
-             "`claim` = fine-tuned RSAE has lower MSE and lower delta CE than its teacher at equal or lower L0.", "",
+             "`claim` = fine-tuned RSAE has lower MSE and lower delta CE than its teacher at equal or lower L0. "
+             "In brackets: the delta CE difference on the same held-out tokens ± its standard error, clustered by "
+             "sequence (`report.json` `comparisons`); a difference within about 2 standard errors is not resolved "
+             "by these tokens.", "",
              "| family | seed | init MSE | init L0 | RSAE vs teacher: MSE | delta CE | L0 | claim | "
              "RSAE vs control: MSE | delta CE | L0 |", "|---|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|"]
     for _, seed, fam, m in sorted(rows):
         t, i, r, c = m["teacher"], m["rsae_init"], m["rsae"], m.get("control")
+        comp = m.get("comparisons") or {}
         dce = r.get("delta_ce") is not None and t.get("delta_ce") is not None
         claim = r["mse"] < t["mse"] and r["l0"] <= t["l0"] and (not dce or r["delta_ce"] < t["delta_ce"])
         cells = [fam, str(seed), f"{i['mse'] / t['mse'] - 1:+.1%}", f"{i['l0'] / t['l0'] - 1:+.1%}",
                  f"{r['mse'] / t['mse'] - 1:+.1%}",
-                 f"{_fmt(r.get('delta_ce'), '{:.4f}')} vs {_fmt(t.get('delta_ce'), '{:.4f}')}",
+                 f"{_fmt(r.get('delta_ce'), '{:.4f}')} vs {_fmt(t.get('delta_ce'), '{:.4f}')}"
+                 + _diff_se(comp.get("rsae-teacher")),
                  f"{r['l0']:.1f} vs {t['l0']:.1f}", "holds" if claim else "**does not hold**"]
         if c is not None:
             cells += [f"{r['mse'] / c['mse'] - 1:+.1%}",
-                      f"{_fmt(r.get('delta_ce'), '{:.4f}')} vs {_fmt(c.get('delta_ce'), '{:.4f}')}",
+                      f"{_fmt(r.get('delta_ce'), '{:.4f}')} vs {_fmt(c.get('delta_ce'), '{:.4f}')}"
+                      + _diff_se(comp.get("rsae-control")),
                       f"{r['l0']:.1f} vs {c['l0']:.1f}"]
         else:
             cells += ["-", "-", "-"]
@@ -189,7 +206,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     for family in args.families:
         report, secs = run_family(family, args.out, args.seed)
-        (args.records / f"summary-{family}-seed{args.seed}.json").write_text(json.dumps(report["metrics"], indent=2))
+        (args.records / f"summary-{family}-seed{args.seed}.json").write_text(
+            json.dumps({**report["metrics"], "comparisons": report.get("comparisons")}, indent=2))
         cfg = report["config"]
         tinfo = report["teacher"]
         section = "\n".join([

@@ -95,12 +95,17 @@ def downstream_metrics(model, layer: int, saes: dict[str, SAE], input_ids: torch
         input_ids: held-out sequences [s, T].
 
     Returns:
-        ``{"clean": {"ce": ...}, "zero": {"ce": ...}, name: {"ce_spliced", "delta_ce", "loss_recovered",
-        "kl"}, ...}`` (nats/token).
+        ``{"clean": {"ce": ..., "tokens": n}, "zero": {"ce": ...}, name: {"ce_spliced", "delta_ce",
+        "delta_ce_se", "loss_recovered", "kl"}, ..., "paired": {"a-b": {"diff", "se"}}}`` (nats/token).
+        ``delta_ce_se`` is the standard error of delta CE clustered by sequence (tokens of one sequence are
+        correlated): std over sequences of the per-sequence mean of CE spliced - CE clean, / sqrt(#sequences).
+        ``paired["a-b"]`` is delta CE of a minus delta CE of b on the same tokens, with the same clustered SE
+        of the per-sequence differences, for every ordered pair of ``saes`` (a before b in ``saes``).
     """
     splice = _Splice(model, layer)
     names = ["clean", "zero", *saes]
     sums = {k: 0.0 for k in names}
+    per_seq: dict[str, list[torch.Tensor]] = {k: [] for k in names}  # mean CE of each sequence
     kls = {k: 0.0 for k in saes}
     count = 0
     n_batches = (input_ids.shape[0] + batch_size - 1) // batch_size
@@ -120,6 +125,7 @@ def downstream_metrics(model, layer: int, saes: dict[str, SAE], input_ids: torch
                 logp = F.log_softmax(logits, dim=-1)
                 ce = -logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
                 sums[k] += ce.sum().item()
+                per_seq[k].append(ce.double().mean(-1).cpu())
                 if k == "clean":
                     clean_logp = logp
                 elif k != "zero":
@@ -137,4 +143,16 @@ def downstream_metrics(model, layer: int, saes: dict[str, SAE], input_ids: torch
                   "loss_recovered": (ce_zero - ce_s) / (ce_zero - ce_clean) if ce_zero != ce_clean else float("nan"),
                   "kl": kls[k] / count}
     out["clean"]["tokens"] = count
+    seq = {k: torch.cat(v) for k, v in per_seq.items()}
+    for k in saes:
+        out[k]["delta_ce_se"] = _clustered_se(seq[k] - seq["clean"])
+    names_sae = list(saes)
+    out["paired"] = {f"{a}-{b}": {"diff": (seq[a] - seq[b]).mean().item(), "se": _clustered_se(seq[a] - seq[b])}
+                     for i, a in enumerate(names_sae) for b in names_sae[i + 1:]}
     return out
+
+
+def _clustered_se(per_sequence: torch.Tensor) -> float | None:
+    """Standard error of the mean of per-sequence values [s] (None for fewer than 2 sequences)."""
+    n = per_sequence.numel()
+    return None if n < 2 else (per_sequence.std(unbiased=True) / n ** 0.5).item()

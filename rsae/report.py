@@ -6,7 +6,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-REPORT_SCHEMA_VERSION = "rsae-report/2"
+REPORT_SCHEMA_VERSION = "rsae-report/3"
+"""3: ``SAEMetrics.delta_ce_se`` and ``Report.comparisons`` (paired delta CE differences with standard errors)."""
 
 
 class SAEMetrics(BaseModel):
@@ -27,6 +28,8 @@ class SAEMetrics(BaseModel):
     ce_spliced: float | None = None
     ce_zero: float | None = None
     delta_ce: float | None = None
+    delta_ce_se: float | None = Field(
+        None, description="Standard error of delta CE, clustered by held-out sequence (nats/token).")
     loss_recovered: float | None = None
     kl: float | None = None
     ce_tokens: int | None = None
@@ -54,6 +57,10 @@ class Report(BaseModel):
     probing: dict[str, Any] | None = None
     plots: dict[str, Any] | None = None
     metrics: dict[str, SAEMetrics]
+    comparisons: dict[str, dict[str, float | None]] | None = Field(
+        None, description="'a-b' -> {'delta_ce_diff', 'delta_ce_diff_se'}: delta CE of SAE a minus that of b on the "
+        "same held-out tokens, with the standard error of the per-sequence differences (nats/token); and "
+        "'mse_rel' = MSE_a / MSE_b - 1. Pairs: rsae_init-teacher, rsae-teacher, rsae-control, control-teacher.")
     headline: dict[str, float | None]
     eval_split: dict[str, Any]
     notes: list[str]

@@ -70,6 +70,8 @@ _BASE_ROWS: list[_Row] = [
     ("ce_spliced", "CE spliced", _get("ce_spliced"), "lower", "CE with the SAE reconstruction spliced in"),
     ("ce_zero", "CE zero-ablated", _get("ce_zero"), None, "CE with the hooked activation set to zero"),
     ("delta_ce", "Δ CE", _get("delta_ce"), "lower", "CE spliced − CE clean, nats/token"),
+    ("delta_ce_se", "Δ CE std. error", _get("delta_ce_se"), None,
+     "standard error of Δ CE, clustered by held-out sequence (not ranked)"),
     ("loss_recovered", "Loss recovered", _get("loss_recovered"), "higher",
      "(CE zero − CE spliced) / (CE zero − CE clean)"),
     ("kl", "KL", _get("kl"), "lower", "KL(clean ‖ spliced) of next-token distributions, nats/token"),
@@ -454,6 +456,35 @@ def _kv_table(d: Mapping[str, Any] | None, what: str, *, keys: Sequence[str] | N
     return f'<table class="kv" data-section="{_e(what)}">{rows}</table>'
 
 
+def _comparisons_table(comparisons: Mapping[str, Any] | None) -> str:
+    """Paired differences between SAEs on the same held-out tokens (``Report.comparisons``)."""
+    comparisons = _mapping(comparisons)
+    if not comparisons:
+        return _na("paired comparisons", "not in this report (schema before rsae-report/3)")
+    rows = []
+    for pair, row in comparisons.items():
+        row = _mapping(row) or {}
+        a, _, b = str(pair).partition("-")
+        rel, diff, se = _num(row.get("mse_rel")), _num(row.get("delta_ce_diff")), _num(row.get("delta_ce_diff_se"))
+        if diff is None:
+            verdict = NA
+        elif se is None or se == 0:
+            verdict = "lower" if diff < 0 else "higher"
+        elif abs(diff) < 2 * se:
+            verdict = "within 2 s.e. (not resolved)"
+        else:
+            verdict = f"{'lower' if diff < 0 else 'higher'} by {abs(diff) / se:.1f} s.e."
+        rows.append(f'<tr data-pair="{_e(pair)}"><th scope="row">{_e(_label(a))} vs {_e(_label(b))}</th>'
+                    f'<td>{_e(f"{rel:+.2%}" if rel is not None else NA)}</td>'
+                    f'<td>{_e(f"{diff:+.4f}" if diff is not None else NA)}</td>'
+                    f'<td>{_e(f"{se:.4f}" if se is not None else NA)}</td><td>{_e(verdict)}</td></tr>')
+    return ('<table id="comparisons" class="metrics"><caption>Paired differences on the same held-out tokens: '
+            'MSE ratio − 1, and Δ CE of the first minus the second (nats/token) with its standard error '
+            'clustered by sequence.</caption><thead><tr><th scope="col">Pair</th><th scope="col">MSE</th>'
+            '<th scope="col">Δ CE difference</th><th scope="col">std. error</th><th scope="col">Δ CE</th>'
+            f'</tr></thead><tbody>{"".join(rows)}</tbody></table>')
+
+
 def _summary(metrics: Mapping[str, Any]) -> str:
     t, r = _mapping(metrics.get("teacher")), _mapping(metrics.get("rsae"))
     if t is None or r is None:
@@ -636,6 +667,8 @@ def render_report_html(report: Mapping[str, Any]) -> str:
         _summary(metrics),
         '<h2 id="sec-metrics">Metrics</h2>',
         _metrics_table(metrics, names),
+        '<h2 id="sec-comparisons">Paired comparisons</h2>',
+        _comparisons_table(report.get("comparisons")),
         '<h2 id="sec-gate">Gate fit</h2>',
         _gate_plot(report),
         '<h2 id="sec-curves">Training curves</h2>',

@@ -269,6 +269,28 @@ def control_objective(teacher: SAE, lam: float, lam_source: str) -> dict[str, An
             "objective": f"MSE + lambda * sum_j |z_j| ||W_dec[j]|| (as the RSAE; lambda: {lam_source})"}
 
 
+COMPARISONS = (("rsae_init", "teacher"), ("rsae", "teacher"), ("rsae", "control"), ("control", "teacher"))
+
+
+def comparison_table(metrics: dict[str, dict[str, Any]], paired: dict[str, dict[str, float | None]]
+                     ) -> dict[str, dict[str, float | None]]:
+    """``Report.comparisons``: for each pair (a, b) of :data:`COMPARISONS` present in ``metrics``,
+    ``mse_rel`` = MSE_a / MSE_b - 1 and, when CE was evaluated, ``delta_ce_diff`` (nats/token) and its
+    sequence-clustered standard error ``delta_ce_diff_se`` from ``paired``
+    (:func:`rsae.evaluate.downstream_metrics`, keyed "a-b" or "b-a", the latter negated)."""
+    out: dict[str, dict[str, float | None]] = {}
+    for a, b in COMPARISONS:
+        if a not in metrics or b not in metrics:
+            continue
+        row: dict[str, float | None] = {"mse_rel": metrics[a]["mse"] / metrics[b]["mse"] - 1.0}
+        if f"{a}-{b}" in paired:
+            row["delta_ce_diff"], row["delta_ce_diff_se"] = paired[f"{a}-{b}"]["diff"], paired[f"{a}-{b}"]["se"]
+        elif f"{b}-{a}" in paired:
+            row["delta_ce_diff"], row["delta_ce_diff_se"] = -paired[f"{b}-{a}"]["diff"], paired[f"{b}-{a}"]["se"]
+        out[f"{a}-{b}"] = row
+    return out
+
+
 def _gate_plot(teacher: SAE, rsae_init: RationalSAE, rsae: RationalSAE, h: torch.Tensor,
                topk_mode: str, bins: int = 120) -> dict[str, Any]:
     """Data of the gate figure: teacher vs RSAE gates over the real pre-activation range, plus a histogram.
@@ -503,14 +525,16 @@ def run(cfg: UpgradeConfig, out_dir: Path, work_dir: Path | None, prog: _Progres
     for k in saes:
         if k not in metrics:
             metrics[k] = reconstruction_metrics(saes[k], _batches(evals, 2048))
+    ds: dict[str, Any] = {"paired": {}}
     if cfg.eval.ce_sequences > 0:
         ids, _ = evals.sequences(cfg.eval.ce_sequences)
         ds = downstream_metrics(model, cfg.layer, saes, ids, batch_size=cfg.eval.batch_size, device=dev,
                                 on_progress=lambda f: prog.report(0.8 * f))
         for k in saes:
             metrics[k].update(ce_clean=ds["clean"]["ce"], ce_zero=ds["zero"]["ce"], ce_spliced=ds[k]["ce_spliced"],
-                              delta_ce=ds[k]["delta_ce"], loss_recovered=ds[k]["loss_recovered"],
-                              kl=ds[k]["kl"], ce_tokens=ds["clean"]["tokens"])
+                              delta_ce=ds[k]["delta_ce"], delta_ce_se=ds[k]["delta_ce_se"],
+                              loss_recovered=ds[k]["loss_recovered"], kl=ds[k]["kl"], ce_tokens=ds["clean"]["tokens"])
+    comparisons = comparison_table(metrics, ds["paired"])
     probing = _probe(cfg, saes, train, evals, notes)
     if probing is not None:
         for k in saes:
@@ -587,6 +611,7 @@ def run(cfg: UpgradeConfig, out_dir: Path, work_dir: Path | None, prog: _Progres
         probing=probing,
         plots=plots,
         metrics=sm,
+        comparisons=comparisons,
         headline=headline(sm),
         eval_split={"model": cfg.model, "layer": cfg.layer, "dataset": cfg.data.dataset, "split": "eval",
                     "eval_fraction": cfg.data.eval_fraction, "seed": cfg.seed, "ctx_len": cfg.data.ctx_len,

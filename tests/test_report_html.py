@@ -35,7 +35,7 @@ CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic
                   "--disable-background-networking", "--disable-component-update", "--disable-sync",
                   "--hide-scrollbars", "--virtual-time-budget=10000"]
 EXPECTED_ROWS = ["mse", "fvu", "fvu_about_zero", "l0", "alive_fraction", "ce_clean", "ce_spliced", "ce_zero",
-                 "delta_ce", "loss_recovered", "kl", "probe_accuracy_1", "probe_accuracy_5"]
+                 "delta_ce", "delta_ce_se", "loss_recovered", "kl", "probe_accuracy_1", "probe_accuracy_5"]
 
 
 # -- helpers ----------------------------------------------------------------------------------------------
@@ -136,8 +136,9 @@ def test_example_is_self_contained_with_full_table(example_page: Path) -> None:
     for row in ("mse", "fvu", "ce_spliced", "delta_ce", "loss_recovered", "kl", "probe_accuracy_1",
                 "probe_accuracy_5"):
         assert c.best.get(row) == ["rsae"], (row, c.best.get(row))
-    for row in ("l0", "alive_fraction", "ce_clean", "ce_zero"):
+    for row in ("l0", "alive_fraction", "ce_clean", "ce_zero", "delta_ce_se"):
         assert row not in c.best
+
 
     # three plots, all valid PNG data URIs with alt text
     assert [i["data-plot"] for i in c.imgs] == ["gate", "curves", "bars"]
@@ -154,6 +155,25 @@ def test_example_is_self_contained_with_full_table(example_page: Path) -> None:
     assert "not available" not in page
 
 
+def test_paired_comparisons_table_says_which_differences_are_resolved(example_page: Path) -> None:
+    """Report schema 3: every pair of ``comparisons`` gets a row; a delta CE difference beyond 2 standard
+    errors is called lower/higher with its size in s.e., one within 2 s.e. 'not resolved'."""
+    page = example_page.read_text(encoding="utf-8")
+    rows = dict(re.findall(r'<tr data-pair="([^"]+)">(.*?)</tr>', page))
+    assert set(rows) == {"rsae_init-teacher", "rsae-teacher", "rsae-control", "control-teacher"}
+    assert "lower by 9.7 s.e." in rows["rsae-teacher"] and "-12.31%" in rows["rsae-teacher"]
+    assert "higher by 5.2 s.e." in rows["rsae_init-teacher"]
+    report = _example()
+    report["comparisons"]["rsae-control"]["delta_ce_diff_se"] = 0.03
+    from rsae.report_html import render_report_html
+
+    page = render_report_html(report)
+    assert "within 2 s.e. (not resolved)" in dict(re.findall(r'<tr data-pair="([^"]+)">(.*?)</tr>', page))[
+        "rsae-control"]
+    del report["comparisons"]
+    assert 'id="comparisons"' not in render_report_html(report)
+
+
 def test_render_does_not_touch_pyplot() -> None:
     code = ("import json, sys; from rsae.report_html import render_report_html; "
             f"render_report_html(json.load(open({str(EXAMPLE)!r}))); "
@@ -167,7 +187,8 @@ def test_missing_optional_parts_say_not_available(tmp_path: Path) -> None:
     full = _example()
     minimal = {"metrics": {k: dict(full["metrics"][k]) for k in ("teacher", "rsae")}}
     for m in minimal["metrics"].values():  # CE evaluation disabled, no probes
-        for k in ("ce_clean", "ce_spliced", "ce_zero", "delta_ce", "loss_recovered", "kl", "ce_tokens"):
+        for k in ("ce_clean", "ce_spliced", "ce_zero", "delta_ce", "delta_ce_se", "loss_recovered", "kl",
+                  "ce_tokens"):
             m[k] = None
         m.pop("probe_accuracy")
     out = write_report_html(minimal, tmp_path / "sub" / "minimal.html")
@@ -175,10 +196,11 @@ def test_missing_optional_parts_say_not_available(tmp_path: Path) -> None:
     assert list(tmp_path.joinpath("sub").iterdir()) == [out]  # atomic write leaves no temp file behind
     c = _parse(page)
     assert c.columns == ["teacher", "rsae"]
-    assert c.rows == EXPECTED_ROWS[:11]
+    assert c.rows == EXPECTED_ROWS[:12]
     assert c.best.get("mse") == ["rsae"] and "delta_ce" not in c.best
     for what in ("gate plot", "pre-activation histogram", "training curves", "notes", "teacher", "host model",
-                 "remez", "calibration", "finetune", "control", "probing", "timings", "job configuration"):
+                 "remez", "calibration", "finetune", "control", "probing", "timings", "job configuration",
+                 "paired comparisons"):
         assert f'data-na="{what}"' in page, what
     assert page.count("not available") >= 12
     assert [i["data-plot"] for i in c.imgs] == ["bars"]  # MSE bars still drawn, Δ CE marked missing
