@@ -44,7 +44,7 @@ _RENAME = {"rational_a": "gate_fn.a", "rational_b": "gate_fn.b", "log_c_in": "ga
 @dataclass
 class RationalSAELensConfig(SAEConfig):
     """SAELens config of a Rational SAE: SAELens's ``SAEConfig`` fields plus ``rational``, the cfg.json block
-    written by :meth:`rsae.rational.RationalSAE.cfg_dict` (``p``, ``q``, ``train_scale``, ``topk_k``, ``jump``,
+    written by :meth:`rsae.rational.RationalSAE.cfg_dict` (``p``, ``q``, ``train_scale``, ``topk_k``, ``jump``, ``anchor``,
     ``topk_cap``, teacher architecture, ...)."""
 
     rational: dict[str, Any] = field(default_factory=dict)
@@ -75,6 +75,7 @@ class RationalSAELens(SAE[RationalSAELensConfig]):
         return self.cfg.rational
 
     topk_k = RationalSAE.topk_k
+    jump_anchor = RationalSAE.jump_anchor
     gate = RationalSAE.gate
 
     def initialize_weights(self) -> None:

@@ -71,13 +71,16 @@ def _rsae(family: str, teacher: SAE) -> RationalSAE:
     if family == "relu":
         fit = remez_fit("relu", p=5, q=4)
         return RationalSAE.from_teacher(teacher, a=fit.a, b=fit.b, c_in=3.0, c_out=3.0, floor=fit.max_error)
+    from rsae.stages import jump_anchor
+
     c = 0.25
     fit = remez_fit(family, c=c, p=5, q=4, margin=0.1 * c)
+    a = jump_anchor(c, 0.1 * c, "upper_edge")  # the teacher's threshold at the band's upper edge
     if family == "jumprelu":
         return RationalSAE.from_teacher(teacher, a=fit.a, b=fit.b, c_in=1.0, c_out=1.0, floor=fit.max_error,
-                                        scale=teacher.threshold / c, rational={"jump": c})
+                                        scale=teacher.threshold / a, rational={"jump": c, "anchor": a})
     return RationalSAE.from_teacher(teacher, a=fit.a, b=fit.b, c_in=1.0, c_out=1.0, floor=fit.max_error,
-                                    rational={"jump": c, "topk_k": teacher.k, "topk_cap": True})
+                                    rational={"jump": c, "anchor": a, "topk_k": teacher.k, "topk_cap": True})
 
 
 def _same(a, b, x: torch.Tensor) -> None:
