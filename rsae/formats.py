@@ -39,7 +39,6 @@ import importlib.metadata
 import json
 import pickle
 import re
-import zipfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -400,7 +399,8 @@ def load_gemma_scope(path: str | Path) -> LoadedTeacher:
     try:
         with np.load(fpath, allow_pickle=False) as data:
             arrays = {("W_" + key[2:] if key.startswith("w_") else key): data[key] for key in data.files}
-    except (ValueError, OSError, EOFError, zipfile.BadZipFile, KeyError) as e:
+    except Exception as e:  # noqa: BLE001 - untrusted bytes: zipfile / numpy raise ValueError, OSError,
+        # BadZipFile, KeyError, NotImplementedError ("compressed patched data", found by fuzzing), ...
         raise TeacherError(f"{GEMMA_SCOPE_PARAMS} is not a readable numpy .npz of plain arrays: {e}",
                            field=GEMMA_SCOPE_PARAMS) from None
     f = GEMMA_SCOPE_PARAMS + "."
@@ -579,8 +579,9 @@ def load_dictionary_learning(path: str | Path) -> LoadedTeacher:
     except pickle.UnpicklingError as e:
         raise TeacherError("ae.pt refused: it holds pickled Python objects beyond tensors and plain containers "
                            f"(torch.load weights_only=True): {str(e).splitlines()[0]}", field=DL_WEIGHTS) from None
-    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as e:
-        raise TeacherError(f"ae.pt is not a readable torch file: {e}", field=DL_WEIGHTS) from None
+    except Exception as e:  # noqa: BLE001 - untrusted bytes: the weights-only unpickler raises IndexError,
+        # KeyError, TypeError, ... on garbage (seen: "pop from empty list"), besides the usual file errors
+        raise TeacherError(f"ae.pt is not a readable torch file: {type(e).__name__}: {e}", field=DL_WEIGHTS) from None
     if not isinstance(sd, dict) or not all(isinstance(k_, str) and isinstance(v, torch.Tensor) for k_, v in sd.items()):
         raise TeacherError("ae.pt must hold a state dict (names -> tensors)", field=DL_WEIGHTS)
     conf: dict[str, Any] = {}

@@ -489,3 +489,64 @@ def test_hub_saelens_release_resolves_offline_from_the_cache(acts, tmp_path, off
     with pytest.raises(TeacherError) as e:
         resolve_hub_teacher(release="gemma-scope-2b-pt-res", sae_id=sae_id)
     assert e.value.field == "teacher"
+
+
+def test_mutated_binary_files_give_a_teacher_error_and_nothing_else(tmp_path):
+    """Untrusted uploads: known-bad inputs and 400 seeded mutations each (bytes flipped, cut, inserted,
+    truncated) of a valid Gemma Scope params.npz, dictionary_learning ae.pt and SAELens
+    sae_weights.safetensors. Every one loads or raises TeacherError. Before the fix, numpy's zip reader
+    leaked NotImplementedError and torch's weights-only unpickler IndexError (the latter found by the
+    Schemathesis run as an HTTP 500 on POST /saes)."""
+    import io
+    import random
+
+    buf = io.BytesIO()
+    np.savez(buf, W_enc=np.zeros((4, 8), np.float32), W_dec=np.zeros((8, 4), np.float32),
+             b_enc=np.zeros(8, np.float32), b_dec=np.zeros(4, np.float32), threshold=np.ones(8, np.float32))
+    npz = buf.getvalue()
+    buf = io.BytesIO()
+    torch.save({"encoder.weight": torch.zeros(8, 4), "encoder.bias": torch.zeros(8),
+                "decoder.weight": torch.zeros(4, 8), "bias": torch.zeros(4)}, buf)
+    pt = buf.getvalue()
+    ReLUSAE(4, 8).save(tmp_path / "saelens")
+    st = (tmp_path / "saelens" / "sae_weights.safetensors").read_bytes()
+    cfg = (tmp_path / "saelens" / "cfg.json").read_bytes()
+    # Known escapes: central-directory flag bit 5 ("compressed patched data", NotImplementedError from
+    # zipfile), and pickle opcodes that pop an empty stack in torch's weights-only unpickler (IndexError).
+    patched = bytearray(npz)
+    for at in range(len(patched) - 4):
+        if patched[at:at + 4] == b"PK\x01\x02":
+            patched[at + 8] |= 0x20
+    rng = random.Random(0)
+
+    def mutants(seed: bytes, n: int):
+        for _ in range(n):
+            b = bytearray(seed)
+            for _ in range(rng.randint(1, 20)):
+                j, op = rng.randrange(len(b)), rng.random()
+                if op < 0.5:
+                    b[j] = rng.randrange(256)
+                elif op < 0.75:
+                    del b[j:j + rng.randint(1, 50)]
+                else:
+                    b[j:j] = bytes(rng.randrange(256) for _ in range(rng.randint(1, 20)))
+            yield bytes(b[: rng.randrange(len(b))] if rng.random() < 0.2 else b)
+
+    escaped: dict[tuple[str, str], str] = {}
+    cases = (("npz", "params.npz", "gemma_scope", [bytes(patched), *mutants(npz, 400)]),
+             ("pt", "ae.pt", "dictionary_learning", [b"R.", b"\x80\x02t.", b"a", *mutants(pt, 400)]),
+             ("safetensors", "sae_weights.safetensors", "saelens", list(mutants(st, 400))))
+    for name, fname, fmt, inputs in cases:
+        for i, data in enumerate(inputs):
+            sub = tmp_path / f"{name}{i}"
+            sub.mkdir()
+            (sub / fname).write_bytes(data)
+            if fmt == "saelens":
+                (sub / "cfg.json").write_bytes(cfg)
+            try:
+                load_teacher(sub, format=fmt)
+            except TeacherError:
+                pass
+            except Exception as e:  # noqa: BLE001 - the point of the test
+                escaped.setdefault((name, type(e).__name__), str(e)[:200])
+    assert not escaped, escaped
