@@ -484,8 +484,12 @@ def run(cfg: UpgradeConfig, out_dir: Path, work_dir: Path | None, prog: _Progres
 
     gate_params = rsae.gate_parameters()
     gate_ids = {id(p) for p in gate_params}
-    groups = [{"params": [p for p in rsae.parameters() if id(p) not in gate_ids and p.requires_grad],
-               "lr": ft.lr}, {"params": gate_params, "lr": ft.gate_lr}]
+    threshold_lr = ft.gate_lr if ft.threshold_lr is None else ft.threshold_lr
+    scale_params = [p for p in gate_params if p is rsae.gate_fn.log_scale]
+    groups = [{"params": [p for p in rsae.parameters() if id(p) not in gate_ids and p.requires_grad], "lr": ft.lr},
+              {"params": [p for p in gate_params if p is not rsae.gate_fn.log_scale], "lr": ft.gate_lr}]
+    if scale_params:
+        groups.append({"params": scale_params, "lr": threshold_lr})
     curve: list[dict[str, float]] = []
     hist = train_sae(rsae, train, steps=ft.steps, batch_size=ft.batch_size, lr=ft.lr, l1_coefficient=lam,
                      seed=cfg.seed + 1, device=dev, param_groups=groups, l0_target=l0_target,
@@ -499,7 +503,7 @@ def run(cfg: UpgradeConfig, out_dir: Path, work_dir: Path | None, prog: _Progres
         ctrl_ids = {id(p) for p in ctrl_gate}
         ctrl_groups = [{"params": [p for p in control.parameters() if id(p) not in ctrl_ids], "lr": ft.lr}]
         if ctrl_gate:
-            ctrl_groups.append({"params": ctrl_gate, "lr": ft.gate_lr})
+            ctrl_groups.append({"params": ctrl_gate, "lr": threshold_lr})
         ctrl = control_objective(teacher, lam, lam_source)
         ctrl_curve: list[dict[str, float]] = []
         ctrl_hist = train_sae(control, train, steps=ft.steps, batch_size=ft.batch_size, lr=ft.lr,
