@@ -157,11 +157,13 @@ def summary(out: Path) -> str:
 
 
 def _resolved(row: dict[str, Any] | None) -> str:
-    """'lower' / 'higher' (beyond 2 s.e.), 'not resolved' or '' for a ``comparisons`` delta CE row."""
-    if not row or row.get("delta_ce_diff") is None or row.get("delta_ce_diff_se") is None:
+    """'lower' / 'higher' (beyond 2 s.e.), 'not resolved' or '' for a ``comparisons`` delta CE row
+    (:func:`rsae.report.difference_verdict`)."""
+    from rsae.report import difference_verdict
+
+    if not row or row.get("delta_ce_diff_se") is None:
         return ""
-    d, se = row["delta_ce_diff"], row["delta_ce_diff_se"]
-    return "not resolved" if abs(d) < 2 * se else ("lower" if d < 0 else "higher")
+    return difference_verdict(row.get("delta_ce_diff"), row["delta_ce_diff_se"]) or ""
 
 
 def in_words(rows: list[tuple[int, int, str, dict[str, Any]]]) -> list[str]:

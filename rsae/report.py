@@ -75,3 +75,18 @@ def headline(metrics: dict[str, SAEMetrics]) -> dict[str, float | None]:
         for k in ("mse", "fvu", "l0", "alive_fraction", "delta_ce", "loss_recovered", "kl"):
             out[f"{name}_{k}"] = getattr(m, k)
     return out
+
+
+#: A paired difference counts as resolved when it is at least this many standard errors from 0.
+RESOLVED_SE = 2.0
+
+
+def difference_verdict(diff: float | None, se: float | None) -> str | None:
+    """'lower' / 'higher' (|diff| >= ``RESOLVED_SE`` standard errors, or no s.e. to judge by), 'not resolved',
+    or None without a difference: the reading of a ``Report.comparisons`` delta CE row (``diff``, ``se`` in
+    nats/token; a normal approximation to the sequence-clustered mean, two-sided ~95%)."""
+    if diff is None:
+        return None
+    if se is not None and se > 0 and abs(diff) < RESOLVED_SE * se:
+        return "not resolved"
+    return "lower" if diff < 0 else "higher"

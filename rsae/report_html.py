@@ -30,6 +30,8 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from .report import RESOLVED_SE, difference_verdict
+
 __all__ = ["render_report_html", "write_report_html", "SAE_ORDER", "SAE_LABELS"]
 
 SAE_ORDER: tuple[str, ...] = ("teacher", "rsae_init", "rsae", "control")
@@ -466,14 +468,13 @@ def _comparisons_table(comparisons: Mapping[str, Any] | None) -> str:
         row = _mapping(row) or {}
         a, _, b = str(pair).partition("-")
         rel, diff, se = _num(row.get("mse_rel")), _num(row.get("delta_ce_diff")), _num(row.get("delta_ce_diff_se"))
-        if diff is None:
+        verdict = difference_verdict(diff, se)
+        if verdict is None:
             verdict = NA
-        elif se is None or se == 0:
-            verdict = "lower" if diff < 0 else "higher"
-        elif abs(diff) < 2 * se:
-            verdict = "within 2 s.e. (not resolved)"
-        else:
-            verdict = f"{'lower' if diff < 0 else 'higher'} by {abs(diff) / se:.1f} s.e."
+        elif verdict == "not resolved":
+            verdict = f"within {RESOLVED_SE:g} s.e. (not resolved)"
+        elif se:
+            verdict = f"{verdict} by {abs(diff) / se:.1f} s.e."
         rows.append(f'<tr data-pair="{_e(pair)}"><th scope="row">{_e(_label(a))} vs {_e(_label(b))}</th>'
                     f'<td>{_e(f"{rel:+.2%}" if rel is not None else NA)}</td>'
                     f'<td>{_e(f"{diff:+.4f}" if diff is not None else NA)}</td>'

@@ -92,17 +92,6 @@ def _acts(cfg: UpgradeConfig, model, tok, split: str, n: int, folder: Path, dev:
     return ActivationStore(folder)
 
 
-@torch.no_grad()
-def _mean_l0(sae: SAE, batches) -> float:
-    """Mean number of non-zero latents per row of ``sae`` over the [n, d_in] ``batches``."""
-    total, rows = 0.0, 0
-    dev = sae.W_enc.device
-    for x in batches:
-        total += (sae.encode(x.to(dev)) != 0).sum().item()
-        rows += x.shape[0]
-    return total / max(1, rows)
-
-
 def _batches(store: ActivationStore, batch: int, max_rows: int | None = None):
     n = 0
     for s in store.iter_shards():
@@ -426,13 +415,12 @@ def run(cfg: UpgradeConfig, out_dir: Path, work_dir: Path | None, prog: _Progres
     cal_objective = cfg.calibrate.objective
     if cal_objective == "auto":
         cal_objective = "selected" if topk_capped else "all"
+    selected = teacher_active if cal_objective == "selected" else None
     with torch.no_grad():
         teacher_l0_cal = teacher_active.sum(-1).float().mean().item()
-        pre_loss = calibration_loss(rsae.gate_fn, h_fit, target_fit,
-                                    teacher_active if cal_objective == "selected" else None).item()
+        pre_loss = calibration_loss(rsae.gate_fn, h_fit, target_fit, selected).item()
     cal_losses = calibrate_gate(rsae, h_fit, target_fit, steps=cfg.calibrate.steps, lr=cfg.calibrate.lr,
-                                seed=cfg.seed, sample=cfg.calibrate.sample,
-                                selected=teacher_active if cal_objective == "selected" else None,
+                                seed=cfg.seed, sample=cfg.calibrate.sample, selected=selected,
                                 on_step=lambda s, l: prog.report(s / max(1, cfg.calibrate.steps)))
     if topk_capped:  # the cap selects (L0 <= k); the floor only drops kept entries whose r is not positive
         rsae.gate_fn.floor.fill_(0.0)
@@ -460,9 +448,9 @@ def run(cfg: UpgradeConfig, out_dir: Path, work_dir: Path | None, prog: _Progres
     # The L0 target is relative to the teacher's L0 on the whole fine-tuning set, not on the calibration rows:
     # a teacher is sparser on the documents it was trained on (measured: 70.2 there vs 73.5 held out), and
     # fine-tuning rows beyond those would otherwise push the RSAE's held-out L0 above the teacher's.
-    teacher_l0_train = _mean_l0(teacher, _batches(train, 4096))
+    teacher_l0_train = reconstruction_metrics(teacher, _batches(train, 4096))["l0"]
     lam, lam_source, l0_target = finetune_sparsity(cfg, teacher, x_cal, teacher_l0_train, topk_capped)
-    del x_cal, h, h_fit, target, target_fit, teacher_active, rsae_active
+    del x_cal, h, h_fit, target, target_fit, teacher_active, rsae_active, selected
     eval_rows = min(evals.rows, 4096)
     n_runs = 2 if ft.control else 1
 
