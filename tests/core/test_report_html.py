@@ -26,7 +26,7 @@ import pytest
 
 from rsae.report_html import render_report_html, write_report_html
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "tests" / "data" / "report_example.json"
 INSTALL_SCRIPT = ROOT / "scripts" / "install_debian.sh"
 DOCS_SHOT = ROOT / "docs" / "img" / "report_example.png"

@@ -18,7 +18,7 @@ from rsae.sae import load_sae
 from service.api.routes.saes import UPLOAD_FILES
 from service.config import Settings
 
-from conftest import assert_problem, job_body
+from support.servers import assert_problem, job_body
 
 D_IN, D_SAE, K = 576, 96, 8
 

@@ -24,7 +24,7 @@ from service.client import upload_sae
 from service.config import Settings
 from service.models import Artifact, Job, utcnow
 
-from conftest import assert_problem, bearer, job_body, make_token, queued_messages
+from support.servers import assert_problem, bearer, job_body, make_token, queued_messages
 
 PUBLIC = {"/healthz", "/readyz", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"}
 ZERO_ID = "00000000-0000-4000-8000-000000000000"

@@ -27,7 +27,7 @@ from fastapi.testclient import TestClient
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from conftest import bearer, queued_messages
+from support.servers import bearer, queued_messages
 from service.config import Settings
 from service.db import get_sessionmaker
 from service.embedded import Child, Stack, free_port, wait_until

@@ -19,7 +19,7 @@ from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings
 from schemathesis.specs.openapi.checks import positive_data_acceptance
 
-from conftest import bearer
+from support.servers import bearer
 
 EXAMPLES_PER_OPERATION = 40
 

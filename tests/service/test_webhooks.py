@@ -19,7 +19,7 @@ from service.client import upload_sae
 from service.config import Settings, get_settings
 from service.webhooks import WebhookRefused, deliver, host_allowed, sign, verify
 
-from conftest import assert_problem, bearer, job_body, make_token
+from support.servers import assert_problem, bearer, job_body, make_token
 
 SECRET = "s3cret-s3cret-s3cret"
 

@@ -29,7 +29,7 @@ from service.migrate import alembic_config, upgrade
 from service.models import Artifact, Base, Job, JobEvent, utcnow
 from worker.tasks import JobReporter
 
-from conftest import assert_problem, bearer, job_body, make_token, post_sae, queued_messages
+from support.servers import assert_problem, bearer, job_body, make_token, post_sae, queued_messages
 
 # -- helpers ---------------------------------------------------------------------------------------
 def fresh_app(monkeypatch: pytest.MonkeyPatch, **env: str) -> TestClient:

@@ -32,7 +32,7 @@ from service.client import upload_sae
 from service.config import Settings
 from service.models import Job
 
-from conftest import assert_problem, job_body, post_sae
+from support.servers import assert_problem, job_body, post_sae
 
 Files = tuple[bytes, bytes]
 

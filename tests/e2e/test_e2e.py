@@ -31,7 +31,7 @@ from service.embedded import Stack, wait_until
 from service.models import Job, User, utcnow
 from worker.celery_app import create_celery, enqueue_upgrade
 
-from conftest import bearer
+from support.servers import bearer
 
 pytestmark = pytest.mark.e2e
 
@@ -192,7 +192,7 @@ TINY_SETTINGS = {"data": {"train_tokens": 4096, "eval_tokens": 1024, "ctx_len": 
                  "finetune": {"steps": 20, "batch_size": 256, "eval_every": 10, "control": False},
                  "eval": {"ce_sequences": 2, "probe_ks": []}}
 """The smallest useful job (about half a minute here): for testing the clients, not the method."""
-README = Path(__file__).resolve().parents[1] / "README.md"
+README = Path(__file__).resolve().parents[2] / "README.md"
 WEBHOOK_SECRET = "e2e-webhook-secret-value"
 VENV_BIN = Path(sys.executable).parent
 
