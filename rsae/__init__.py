@@ -15,12 +15,13 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 _LAZY = {
-    "load": ("rsae.sae", "load_sae"),
-    "load_sae": ("rsae.sae", "load_sae"),
-    "SAE": ("rsae.sae", "SAE"),
-    "ReLUSAE": ("rsae.sae", "ReLUSAE"),
-    "RationalSAE": ("rsae.rational", "RationalSAE"),
-    "RationalGate": ("rsae.rational", "RationalGate"),
+    "load": ("rsae.saes", "load_sae"),
+    "load_sae": ("rsae.saes", "load_sae"),
+    "SAE": ("rsae.saes", "SAE"),
+    "ReLUSAE": ("rsae.saes", "ReLUSAE"),
+    "RationalSAE": ("rsae.saes", "RationalSAE"),
+    "RationalGate": ("rsae.saes", "RationalGate"),
+    "register_family": ("rsae.saes", "register_family"),
     "UpgradeConfig": ("rsae.config", "UpgradeConfig"),
     "run_upgrade": ("rsae.pipeline", "run_upgrade"),
     "remez_fit": ("rsae.remez", "remez_fit"),
@@ -30,10 +31,9 @@ _LAZY = {
 if TYPE_CHECKING:  # pragma: no cover
     from .config import UpgradeConfig
     from .pipeline import run_upgrade
-    from .rational import RationalGate, RationalSAE
     from .remez import remez_fit
-    from .sae import SAE, ReLUSAE, load_sae
-    from .sae import load_sae as load
+    from .saes import SAE, RationalGate, RationalSAE, ReLUSAE, load_sae, register_family
+    from .saes import load_sae as load
     from .teacher import train_teacher_from_text
 
 
@@ -43,8 +43,6 @@ def __getattr__(name: str) -> Any:
 
         mod, attr = _LAZY[name]
         module = importlib.import_module(mod)
-        if mod == "rsae.sae":
-            importlib.import_module("rsae.rational")  # registers the "rational" architecture
         return getattr(module, attr)
     raise AttributeError(f"module 'rsae' has no attribute {name!r}")
 

@@ -235,6 +235,22 @@ class ActivationStore:
                 break
         return torch.cat(out)
 
+    def iter_ordered(self, batch_size: int, max_rows: int | None = None) -> Iterator[torch.Tensor]:
+        """Batches [<= batch_size, d_in] of the first ``max_rows`` rows (all by default) in storage order, one
+        shard in memory at a time (a shard's last batch may be smaller). For evaluation: the same rows in the
+        same order every call."""
+        n = 0
+        for s in self.iter_shards():
+            a = s["acts"]
+            for i in range(0, a.shape[0], batch_size):
+                if max_rows is not None and n >= max_rows:
+                    return
+                b = a[i:i + batch_size]
+                if max_rows is not None:
+                    b = b[: max_rows - n]
+                n += b.shape[0]
+                yield b
+
     def sequences(self, max_sequences: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """``(input_ids [s, ctx_len], label [s])`` of the first ``max_sequences`` sequences."""
         ids, labs, n = [], [], 0

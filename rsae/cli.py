@@ -78,15 +78,12 @@ def cmd_upgrade(args: argparse.Namespace) -> int:
 
 def cmd_info(args: argparse.Namespace) -> int:
     """Print the architecture, shapes and gate of an SAE folder."""
-    from .sae import load_sae
-    import rsae.rational  # noqa: F401  (registers "rational")
+    from .saes import RationalSAE, load_sae
 
     sae = load_sae(args.path)
     info = {"class": type(sae).__name__, **{k: v for k, v in sae.cfg_dict().items() if k != "metadata"}}
-    if hasattr(sae, "gate_fn"):
-        g = sae.gate_fn
-        info["gate"] = {"a": g.a.tolist(), "b": g.b.tolist(), "c_in": g.c_in.item(), "c_out": g.c_out.item(),
-                        "floor": g.floor.item()}
+    if isinstance(sae, RationalSAE):
+        info["gate"] = sae.gate_summary()
     print(json.dumps(info, indent=2))
     return 0
 

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from .models import check_layer, decoder_layers
-from .sae import SAE
+from .saes import SAE
 
 
 @torch.no_grad()

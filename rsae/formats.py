@@ -1,7 +1,7 @@
 """Teacher SAEs in the public file formats researchers bring, loaded into the project's own SAE classes.
 
 Four layouts are read (each documented in ``docs/formats.md``), and each yields a
-:class:`rsae.sae.ReLUSAE`, :class:`rsae.sae.JumpReLUSAE` or :class:`rsae.sae.TopKSAE` whose ``encode`` /
+:class:`rsae.saes.ReLUSAE`, :class:`rsae.saes.JumpReLUSAE` or :class:`rsae.saes.TopKSAE` whose ``encode`` /
 ``decode`` reproduce the original library's own forward pass on the same activations:
 
 - ``"saelens"`` (SAELens 6, ``sae_lens/saes/*.py``): ``cfg.json`` + ``sae_weights.safetensors`` holding
@@ -47,7 +47,7 @@ import numpy as np
 import torch
 
 from .errors import TeacherError
-from .sae import CFG_NAME, MAX_DIM, WEIGHTS_NAME, JumpReLUSAE, ReLUSAE, SAE, TopKSAE, sha256_file
+from .saes import CFG_NAME, MAX_DIM, SAE, WEIGHTS_NAME, get_family, sha256_file
 
 FORMATS: tuple[str, ...] = ("saelens", "gemma_scope", "sparsify", "dictionary_learning")
 """Names of the supported teacher formats (values of :attr:`DetectedFormat.format`)."""
@@ -57,7 +57,6 @@ GEMMA_SCOPE_PARAMS = "params.npz"
 DL_WEIGHTS = "ae.pt"
 DL_CONFIG = "config.json"
 
-_FAMILY_CLASS: dict[str, type[SAE]] = {"relu": ReLUSAE, "jumprelu": JumpReLUSAE, "topk": TopKSAE}
 _MIN_THRESHOLD = float(torch.finfo(torch.float32).tiny)
 """Thresholds <= 0 are raised to this (the smallest normal float32): ``relu(h) * 1[h > theta]`` with
 theta <= 0 equals ``h * 1[h > tiny]`` except for 0 < h <= 1.2e-38."""
@@ -197,7 +196,7 @@ def _build(family: str, d_in: int, d_sae: int, tensors: dict[str, torch.Tensor],
     parts = dict(tensors)
     if family == "jumprelu":
         parts["threshold"] = threshold
-    sae = _FAMILY_CLASS[family].from_parts(cfg, parts)
+    sae = get_family(family).sae_class.from_parts(cfg, parts)
     return sae.eval()
 
 
@@ -726,7 +725,7 @@ def load_teacher(path: str | Path, *, format: str | None = None, hookpoint: str 
 def import_teacher(path: str | Path, out: str | Path, *, format: str | None = None,
                    hookpoint: str | None = None) -> DetectedFormat:
     """Load a teacher in any supported format and save it in the project's SAELens layout at ``out``
-    (``cfg.json`` + ``sae_weights.safetensors``, read by :func:`rsae.sae.load_sae` and the pipeline).
+    (``cfg.json`` + ``sae_weights.safetensors``, read by :func:`rsae.saes.load_sae` and the pipeline).
 
     The saved cfg's ``metadata.source`` records the original format, conventions and file sha256s.
 

@@ -56,7 +56,7 @@ import numpy as np
 import torch
 
 from .activations import ActivationStore
-from .sae import SAE
+from .saes import SAE
 
 PROBE_KS: tuple[int, ...] = (1, 2, 5, 10, 20)
 """Default probe sizes k. SAEBench's default ``k_values`` is (1, 2, 5); 10 and 20 are added here."""
@@ -122,7 +122,7 @@ def pooled_latents(sae: SAE, store: ActivationStore, max_sequences: int | None =
     Source: SAEBench's ``get_sae_meaned_activations`` (encode each token, then mean over tokens).
 
     Args:
-        sae: any :class:`rsae.sae.SAE`; encoding runs on its parameters' device, without gradients.
+        sae: any :class:`rsae.saes.SAE`; encoding runs on its parameters' device, without gradients.
         store: extracted activations (:class:`rsae.activations.ActivationStore`) with ``d_in == sae.d_in``.
         max_sequences: keep only the first ``max_sequences`` labelled sequences (store order); None = all.
         batch_rows: about this many token rows are encoded at once (rounded down to whole sequences, at

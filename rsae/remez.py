@@ -105,72 +105,46 @@ log = logging.getLogger(__name__)
 DEFAULT_C = 0.25
 #: Default relative margin: delta = MARGIN_RHO * c.
 MARGIN_RHO = 0.1
-#: Default degrees per family. ReLU: (5, 4), not the summary's (3, 2): on SmolLM2 layer 3 the calibrated
-#: (3, 2) gate (minimax error 2.2e-2 on [-1, 1]) left the RSAE at init +6.1% (and +6.3%) above the teacher's
-#: held-out MSE, outside the 5% the method requires; (5, 4) (error 4.3e-3) gave -0.3% MSE, +0.4% L0
-#: (docs/method.md). It adds 4 scalars; the compiled gate's step cost barely depends on the degree
-#: (docs/performance.md).
-DEFAULT_DEGREES = {"relu": (5, 4), "jumprelu": (9, 8), "topk": (9, 8)}
 
 _LP_OPTS = {"primal_feasibility_tolerance": 1e-9, "dual_feasibility_tolerance": 1e-9}
 _BETA0_MIN = 1e-9  # normalisation 1e-9 <= beta_0 <= 1, |beta_j| <= 1, i.e. the cap Q(0) >= 1e-9 max|beta_j|
 _B_EPS = 1e-8  # LP asks B(s) >= _B_EPS * Q(0) * s^2 on the safe set (a hair of slack for LP tolerances)
 _B_CLUSTER = np.array([1e-6, 1e-5, 1e-4, 1e-3])  # offsets of the extra cuts around a violated minimum of B
 _B_TOL = 1e-9  # accepted violation of B >= 0, relative to Q(0) (effect on r: < 2e-9 relative)
-_COLUMN_SCALING = True  # scale LP columns by the current coefficients (step 3 of the module docstring)
 
 
 def target_gate(family: str, c: float = 0.0) -> Callable[[np.ndarray], np.ndarray]:
-    """Scalar target g(t) = t * H(t - c) of a teacher family on the unit interval.
+    """Scalar target g of a registered teacher family on the unit interval (its
+    :meth:`rsae.saes.Family.remez_target`; for the built-in families g(t) = t * H(t - c), ReLU: c = 0).
 
     Args:
-        family: ``relu`` (c ignored, kink at 0) | ``jumprelu`` | ``topk`` (jump of size c at t = c).
+        family: a registered family name (``relu`` | ``jumprelu`` | ``topk`` | one a user registered).
         c: jump position (unit-interval units).
 
     Returns:
-        Vectorised g: array of any shape -> float64 array of the same shape. H(0) = 0 convention (the
-        jump's own value is excluded from the fit anyway by the margin).
+        Vectorised g: array of any shape -> float64 array of the same shape.
 
     Raises:
-        ValueError: unknown family.
+        ValueError: unknown family; a ``c`` the family does not accept (ReLU: c != 0).
     """
-    if family not in ("relu", "jumprelu", "topk"):
-        raise ValueError(f"unknown family {family!r}")
-    cc = 0.0 if family == "relu" else float(c)
-    return lambda t: np.where(np.asarray(t, dtype=np.float64) > cc, np.asarray(t, dtype=np.float64), 0.0)
+    from .saes import get_family
+
+    return get_family(family).remez_target(c)
 
 
 def default_fit_params(family: str, c: float | None = None) -> dict:
-    """Documented default Remez inputs for a teacher family.
-
-    ReLU: c = 0, margin = 0 (continuous target), degrees (5, 4) (see ``DEFAULT_DEGREES`` for why not (3, 2)).
-    JumpReLU / TopK: c = ``DEFAULT_C`` = 0.25 unless given, margin = ``MARGIN_RHO * c`` = 0.1 c,
-    degrees (9, 8). At c = 0.25 this is delta = 0.025, which gives fit MSE 1.2e-6 (the RSAE summary reports
-    2.4e-6), max error 1.56e-3 (0.62 % of the jump), and an unfitted band h in theta (0.9, 1.1) per latent
-    (``docs/remez.md`` has the measured trade-off table and the reasons).
-
-    Args:
-        family: ``relu`` | ``jumprelu`` | ``topk``.
-        c: optional jump position chosen by the caller (e.g. from data, in [0.05, 0.6]); the margin then
-            follows the relative rule delta = 0.1 c. Ignored (must be None or 0) for ReLU.
-
-    Returns:
-        ``dict(c=float, margin=float, p=int, q=int)``, ready for ``remez_fit(family, **params)``.
+    """Documented default Remez inputs ``dict(c, margin, p, q)`` of a registered family
+    (:meth:`rsae.saes.Family.remez_defaults`): ReLU c = 0, margin 0, (5, 4); JumpReLU / TopK c =
+    ``DEFAULT_C`` unless given, margin ``MARGIN_RHO * c``, (9, 8). At c = 0.25 this is delta = 0.025, which
+    gives fit MSE 1.2e-6, max error 1.56e-3 (0.62 % of the jump), and an unfitted band h in theta (0.9, 1.1)
+    per latent (``docs/remez.md`` has the measured trade-off table and the reasons).
 
     Raises:
-        ValueError: unknown family; c outside (0, 1) for JumpReLU / TopK; c != 0 for ReLU.
+        ValueError: unknown family; c outside (0, 1) for a jump family; c != 0 for ReLU.
     """
-    if family not in DEFAULT_DEGREES:
-        raise ValueError(f"unknown family {family!r}")
-    p, q = DEFAULT_DEGREES[family]
-    if family == "relu":
-        if c not in (None, 0, 0.0):
-            raise ValueError("ReLU has its kink at t = 0; c must be 0")
-        return dict(c=0.0, margin=0.0, p=p, q=q)
-    cc = DEFAULT_C if c is None else float(c)
-    if not 0.0 < cc < 1.0:
-        raise ValueError(f"jump position c={cc} must lie in (0, 1)")
-    return dict(c=cc, margin=MARGIN_RHO * cc, p=p, q=q)
+    from .saes import get_family
+
+    return get_family(family).remez_defaults(c)
 
 
 @dataclass
@@ -198,7 +172,7 @@ class RationalFit:
         min_b: min of B(t) over the whole of [-1, 1] (margin included; grid and critical points of B),
             with Q(0) = 1. >= -1e-9 for a safe fit: P / (1 + |B|) equals P / (1 + B) everywhere on [-1, 1].
         max_error_float32: max error on the fitted grid when P and B are evaluated in float32 by Horner's
-            rule, as :mod:`rsae.rational` does in torch (a check of the monomial coefficients' conditioning);
+            rule, as :mod:`rsae.saes.rational` does in torch (a check of the monomial coefficients' conditioning);
             NaN for ``safe=False`` fits.
         safe: True for the safe-denominator class (B >= 0); False for the plain class Q = 1 + B > 0 on the
             fitted grid (then ``__call__`` evaluates P / (1 + B)).
@@ -403,8 +377,6 @@ class _SafeLP:
         return res
 
     def _scale(self, alpha, beta, z: float = 1.0) -> np.ndarray | None:
-        if not _COLUMN_SCALING:
-            return None
         ab = np.concatenate([alpha, beta])
         D = np.maximum(np.abs(ab), 1e-6 * np.max(np.abs(ab)))
         return np.concatenate([D, [z]])
@@ -531,7 +503,8 @@ def remez_fit(family: str = "relu", *, c: float = 0.0, p: int = 3, q: int = 2, g
     """Relaxed Remez fit of r = P / (1 + B) to the family's target gate on [-1, 1] (see module docstring).
 
     Args:
-        family: ``relu`` | ``jumprelu`` | ``topk``; target g(t) = t * H(t - c) (c = 0 for relu).
+        family: a registered family name (its :meth:`rsae.saes.Family.remez_target` is the target; built-in:
+            g(t) = t * H(t - c), c = 0 for relu).
         c: jump position in (-1, 1), unit-interval units (the service maps h to t = h c / theta).
             Tested for c in [0.05, 0.6].
         p, q: numerator / denominator degrees (verified up to (9, 8); (11, 10) runs but is
@@ -559,8 +532,6 @@ def remez_fit(family: str = "relu", *, c: float = 0.0, p: int = 3, q: int = 2, g
     if p + q > 17:
         log.warning("remez degrees (%d, %d) are beyond the verified range (<= (9, 8)): the LPs are "
                     "conditioning-limited there and certificates may be wrong (docs/remez.md)", p, q)
-    if family == "relu" and c != 0:
-        raise ValueError("ReLU has its kink at t = 0; c must be 0")
     if not -1.0 < c < 1.0:
         raise ValueError(f"jump position c={c} must lie in (-1, 1)")
     if p < 0 or q < 0 or margin < 0 or tol <= 0 or max_iter < 1 or grid_points < 2:

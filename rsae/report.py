@@ -1,23 +1,39 @@
-"""The evaluation report: a versioned pydantic schema (``report.json``), in the style of SAEBench's outputs."""
+"""The evaluation report ``report.json``: a versioned pydantic schema, in the style of SAEBench's outputs.
+
+Each section is a typed model that one pipeline stage (:mod:`rsae.pipeline`) produces; the JSON Schema of
+:class:`Report` is checked in as ``docs/report.schema.json`` (regenerate with
+``python -m rsae.report > docs/report.schema.json``; a test checks that the two agree). Units: MSE in
+squared activation units per token; CE, KL and their differences in nats/token.
+"""
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-REPORT_SCHEMA_VERSION = "rsae-report/3"
-"""3: ``SAEMetrics.delta_ce_se`` and ``Report.comparisons`` (paired delta CE differences with standard errors)."""
+from .config import UpgradeConfig
+
+REPORT_SCHEMA_VERSION = "rsae-report/4"
+"""4: typed sections (this module's models), ``config`` validated as :class:`rsae.config.UpgradeConfig`.
+3: ``SAEMetrics.delta_ce_se`` and ``Report.comparisons`` (paired delta CE differences with standard errors)."""
+
+Scalar = float | int | str | bool | None
+"""A JSON scalar."""
 
 
-class SAEMetrics(BaseModel):
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class SAEMetrics(_Section):
     """Held-out metrics of one SAE. Units: MSE in squared residual units per token; CE, KL in nats/token.
 
     ``fvu`` is pooled about the per-dimension mean; ``fvu_about_zero`` divides by sum x^2 instead.
     Downstream fields are None when CE evaluation was disabled.
     """
 
-    model_config = ConfigDict(extra="forbid")
     mse: float
     fvu: float
     fvu_about_zero: float
@@ -34,35 +50,262 @@ class SAEMetrics(BaseModel):
     kl: float | None = None
     ce_tokens: int | None = None
     probe_accuracy: dict[str, float] | None = Field(
-        None, description="k -> mean balanced accuracy of k-sparse one-vs-rest probes on the BBC categories.")
+        None, description="k -> mean balanced accuracy of k-sparse one-vs-rest probes on the data set's labels.")
 
 
-class Report(BaseModel):
+class HostModel(_Section):
+    """The host model and the hook the SAEs read."""
+
+    name: str
+    layer: int
+    hook: str
+    d_model: int
+    n_layers: int
+    device: str
+
+
+class TeacherInfo(_Section):
+    """Provenance of the teacher SAE: its folder, weights sha256, architecture and training settings."""
+
+    source: str
+    sha256: str
+    architecture: str
+    family: str
+    d_in: int
+    d_sae: int
+    l1_coefficient: float | None = None
+    k: int | None = None
+    original: dict[str, Any] | None = Field(None, description="The format it was imported from, if any "
+                                            "(rsae.formats provenance).")
+
+
+class ActivationStats(_Section):
+    """Residual-norm statistics of an activation split (units of the residual stream)."""
+
+    mean_norm: float
+    median_norm_sample: float
+    frac_norm_above_3x_median_sample: float
+
+
+class DataSplit(_Section):
+    """One extracted activation split."""
+
+    rows: int
+    ctx_len: int
+    dataset: str
+    split: str
+    stats: ActivationStats
+
+
+class DataSection(_Section):
+    """The training and held-out activation splits."""
+
+    train: DataSplit
+    eval: DataSplit
+
+
+class FitParams(_Section):
+    """Inputs of the Remez fit: jump ``c``, margin, degrees (p, q); for jump families the anchor a where the
+    teacher's threshold lands and the placement rule."""
+
+    c: float
+    margin: float
+    p: int
+    q: int
+    anchor: float | None = None
+    jump_placement: str | None = None
+
+
+class RemezSection(_Section):
+    """The relaxed Remez fit (:class:`rsae.remez.RationalFit`) and its inputs."""
+
+    a: list[float]
+    b: list[float]
+    max_error: float
+    ref_error: float
+    grid_mse: float
+    fit_mse: float
+    iterations: int
+    reference_size: int
+    family: str
+    c: float
+    margin: float
+    p: int
+    q: int
+    grid_points: int
+    converged: bool
+    lower_bound: float | None = None
+    min_b: float | None = None
+    max_error_float32: float | None = None
+    safe: bool = True
+    lp_solves: int = 0
+    range_capped: bool = False
+    params: FitParams
+
+
+class Agreement(_Section):
+    """Selection of the calibrated RSAE against the teacher's on the calibration tokens (fractions)."""
+
+    teacher_active_kept: float
+    teacher_inactive_leaked: float
+
+
+class CalibrationSection(_Section):
+    """Calibration of the gate scalars on real pre-activations (weights frozen) and the exact-zero floor."""
+
+    steps: int
+    tokens: int
+    objective: str
+    loss_before: float
+    loss_after: float
+    c_in_init: float
+    thresholds: dict[str, Scalar] = Field(description="The family's jump rule (rsae.saes.JumpRule.info).")
+    teacher_l0_calibration_tokens: float
+    floor: float
+    floor_over_fit_max_error: float | None = None
+    floor_rule: str
+    agreement: Agreement
+
+
+class CurvePoint(_Section):
+    """One held-out evaluation during fine-tuning."""
+
+    step: int
+    train_mse: float
+    train_l0: float
+    # "lambda" is a Python keyword: the field is ``lam``, serialised as "lambda".
+    lam: float = Field(alias="lambda")
+    eval_mse: float
+    eval_l0: float
+    eval_fvu: float
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, serialize_by_alias=True)
+
+
+class GateSummary(_Section):
+    """The fine-tuned rational gate: coefficients, scales, floor."""
+
+    a: list[float]
+    b: list[float]
+    c_in: float
+    c_out: float
+    floor: float
+    train_scale: bool
+    scale_median: float
+
+
+class FinetuneSection(_Section):
+    """Fine-tuning of all the RSAE's parameters."""
+
+    steps: int
+    batch_size: int
+    lr: float
+    gate_lr: float
+    l1_coefficient: float
+    l1_source: str
+    l0_target: float | None
+    teacher_l0_train: float
+    final_lambda: float
+    curve: list[CurvePoint]
+    final_train: dict[str, float] | None = Field(description="Loss parts of the last training step.")
+    gate: GateSummary
+
+
+class ControlSection(_Section):
+    """The compute-matched control: the teacher fine-tuned with its own gate."""
+
+    what: str
+    objective: str
+    initial_coefficient: float
+    final_coefficient: float
+    curve: list[CurvePoint]
+    final_train: dict[str, float] | None = None
+
+
+class ProbingSection(_Section):
+    """k-sparse probing of every SAE on the data set's labels (:func:`rsae.probing.probe_sae` results)."""
+
+    ks: list[int]
+    train_sequences: int
+    by_sae: dict[str, dict[str, Any]]
+    dense_baseline: dict[str, Any] | None = None
+    activations_top_k: dict[str, Any] | None = None
+
+
+class Histogram(_Section):
+    """A histogram: bin ``edges`` [bins + 1], ``counts`` [bins], drawn on a log axis when ``log``."""
+
+    edges: list[float]
+    counts: list[int]
+    log: bool
+    of: str
+
+
+class GatePlot(_Section):
+    """Data of the gate figure: teacher and RSAE gates on a grid of pre-activations, plus a histogram."""
+
+    h: list[float]
+    teacher: list[float]
+    rsae_init: list[float]
+    rsae: list[float]
+    latent: int | None
+    theta: float | None
+    note: str
+    hist: Histogram
+    x_label: str | None = None
+
+
+class Plots(_Section):
+    """Data of the HTML report's figures."""
+
+    gate: GatePlot
+
+
+class Comparison(_Section):
+    """SAE a against SAE b on the same held-out tokens."""
+
+    mse_rel: float = Field(description="MSE_a / MSE_b - 1.")
+    delta_ce_diff: float | None = Field(None, description="delta CE of a minus that of b (nats/token).")
+    delta_ce_diff_se: float | None = Field(None, description="Standard error of the per-sequence differences.")
+
+
+class EvalSplit(_Section):
+    """What defines the held-out split (to rebuild it)."""
+
+    model: str
+    layer: int
+    dataset: str
+    split: str
+    eval_fraction: float
+    seed: int
+    ctx_len: int
+    eval_tokens: int
+
+
+class Report(_Section):
     """Content of ``report.json``. ``metrics`` keys: ``teacher``, ``rsae_init`` (after calibration),
     ``rsae`` (after fine-tuning) and ``control`` (the teacher fine-tuned with its own gate on the same data,
     steps and objective). ``headline`` flattens the numbers a job listing shows. ``plots`` holds the data
     of the HTML report's figures (gate curves, pre-activation histogram)."""
 
-    model_config = ConfigDict(extra="forbid")
     schema_version: str = Field(REPORT_SCHEMA_VERSION)
     created_at: str
-    config: dict[str, Any]
-    host_model: dict[str, Any]
-    teacher: dict[str, Any]
-    data: dict[str, Any]
-    remez: dict[str, Any]
-    calibration: dict[str, Any]
-    finetune: dict[str, Any]
-    control: dict[str, Any] | None = None
-    probing: dict[str, Any] | None = None
-    plots: dict[str, Any] | None = None
+    config: UpgradeConfig
+    host_model: HostModel
+    teacher: TeacherInfo
+    data: DataSection
+    remez: RemezSection
+    calibration: CalibrationSection
+    finetune: FinetuneSection
+    control: ControlSection | None = None
+    probing: ProbingSection | None = None
+    plots: Plots | None = None
     metrics: dict[str, SAEMetrics]
-    comparisons: dict[str, dict[str, float | None]] | None = Field(
-        None, description="'a-b' -> {'delta_ce_diff', 'delta_ce_diff_se'}: delta CE of SAE a minus that of b on the "
-        "same held-out tokens, with the standard error of the per-sequence differences (nats/token); and "
-        "'mse_rel' = MSE_a / MSE_b - 1. Pairs: rsae_init-teacher, rsae-teacher, rsae-control, control-teacher.")
+    comparisons: dict[str, Comparison] | None = Field(
+        None, description="'a-b' -> the comparison of SAE a with SAE b. Pairs: rsae_init-teacher, rsae-teacher, "
+        "rsae-control, control-teacher.")
     headline: dict[str, float | None]
-    eval_split: dict[str, Any]
+    eval_split: EvalSplit
     notes: list[str]
     timings_s: dict[str, float]
     versions: dict[str, str]
@@ -90,3 +333,12 @@ def difference_verdict(diff: float | None, se: float | None) -> str | None:
     if se is not None and se > 0 and abs(diff) < RESOLVED_SE * se:
         return "not resolved"
     return "lower" if diff < 0 else "higher"
+
+
+def report_json_schema() -> dict[str, Any]:
+    """The JSON Schema of :class:`Report` (serialisation mode), as checked in at ``docs/report.schema.json``."""
+    return Report.model_json_schema(mode="serialization")
+
+
+if __name__ == "__main__":  # python -m rsae.report > docs/report.schema.json
+    print(json.dumps(report_json_schema(), indent=2))

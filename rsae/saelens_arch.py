@@ -11,9 +11,9 @@ Importing this module registers :class:`RationalSAELens` / :class:`RationalSAELe
 
 gives the same outputs as ``rsae.RationalSAE.load(path)``: the pre-activations follow SAELens's own
 ``process_sae_in`` (dtype, hooks, ``b_dec`` subtracted when ``apply_b_dec_to_input``), and the gate is
-:meth:`rsae.rational.RationalSAE.gate` itself (the rational ``C_out s P(t) / (1 + |B(t)|)``, ``t = h / (C_in s)``,
+:meth:`rsae.saes.rational.RationalSAE.gate` itself (the rational ``C_out s P(t) / (1 + |B(t)|)``, ``t = h / (C_in s)``,
 exact zeros below the floor, per-token scales for TopK upgrades; Yin & Yu 2026, arXiv 2606.14990), run on a
-:class:`rsae.rational.RationalGate` whose tensors are loaded from the file. Hook points
+:class:`rsae.saes.rational.RationalGate` whose tensors are loaded from the file. Hook points
 (``hook_sae_acts_pre`` / ``hook_sae_acts_post`` / ``hook_sae_recons``) fire as in SAELens's own classes, so
 ``HookedSAETransformer`` and SAELens's analysis tools work unchanged. Inference only (no training class).
 
@@ -33,7 +33,7 @@ from sae_lens.registry import SAE_CLASS_REGISTRY, register_sae_class
 from sae_lens.saes.sae import SAE, SAEConfig
 from torch import nn
 
-from .rational import RationalGate, RationalSAE
+from .saes import RationalGate, RationalSAE
 
 ARCHITECTURE = "rational"
 
@@ -44,7 +44,7 @@ _RENAME = {"rational_a": "gate_fn.a", "rational_b": "gate_fn.b", "log_c_in": "ga
 @dataclass
 class RationalSAELensConfig(SAEConfig):
     """SAELens config of a Rational SAE: SAELens's ``SAEConfig`` fields plus ``rational``, the cfg.json block
-    written by :meth:`rsae.rational.RationalSAE.cfg_dict` (``p``, ``q``, ``train_scale``, ``topk_k``, ``jump``, ``anchor``,
+    written by :meth:`rsae.saes.rational.RationalSAE.cfg_dict` (``p``, ``q``, ``train_scale``, ``topk_k``, ``jump``, ``anchor``,
     ``topk_cap``, teacher architecture, ...)."""
 
     rational: dict[str, Any] = field(default_factory=dict)
@@ -56,10 +56,10 @@ class RationalSAELensConfig(SAEConfig):
 
 
 class RationalSAELens(SAE[RationalSAELensConfig]):
-    """Inference-only SAELens SAE with the rational gate of :class:`rsae.rational.RationalSAE`.
+    """Inference-only SAELens SAE with the rational gate of :class:`rsae.saes.rational.RationalSAE`.
 
     Parameters: ``W_enc`` [d_in, d_sae], ``b_enc`` [d_sae], ``W_dec`` [d_sae, d_in], ``b_dec`` [d_in] and
-    ``gate_fn`` (a :class:`rsae.rational.RationalGate`: a [p + 1], b [q], log C_in, log C_out, floor,
+    ``gate_fn`` (a :class:`rsae.saes.rational.RationalGate`: a [p + 1], b [q], log C_in, log C_out, floor,
     log_scale [d_sae]). encode: x [..., d_in] -> z [..., d_sae]; decode: z -> x_hat [..., d_in].
     """
 
@@ -71,7 +71,7 @@ class RationalSAELens(SAE[RationalSAELensConfig]):
 
     @property
     def rational_cfg(self) -> dict[str, Any]:
-        """The cfg's ``rational`` block (read by :meth:`rsae.rational.RationalSAE.gate`)."""
+        """The cfg's ``rational`` block (read by :meth:`rsae.saes.rational.RationalSAE.gate`)."""
         return self.cfg.rational
 
     topk_k = RationalSAE.topk_k

@@ -1,6 +1,7 @@
 """Teacher SAE training on real activations (no pretrained SAE can be downloaded on the project's machines).
 
-All families: tied init with decoder rows of norm 0.1, b_dec initialised to the activations' mean, Adam,
+Each family's SAE, loss, default coefficient and parameter groups come from its module in
+:mod:`rsae.saes` (:class:`rsae.saes.Family`); this module runs the training. All families: tied init with decoder rows of norm 0.1, b_dec initialised to the activations' mean, Adam,
 linear warm-up and a linear decay over the last 20% of steps; saved in the SAELens layout with the
 training settings in ``metadata``.
 
@@ -26,72 +27,9 @@ import torch
 from .activations import ActivationStore, extract_activations
 from .device import pick_device
 from .models import load_model
-from .sae import JumpReLUSAE, ReLUSAE, SAE, TopKSAE, decoder_norm_l1
+from .saes import SAE, family_names, get_family
+from .saes.topk import DEFAULT_K
 from .train import train_sae
-
-DEFAULT_COEFFICIENT = {"relu": 10.0, "jumprelu": 5.0, "topk": 0.0}
-"""Default sparsity coefficient per family for raw SmolLM2 residuals (norm ~95): lambda of the L1 term
-(relu), of the L0 term (jumprelu); unused for topk (k sets the sparsity). Measured at layer 3, d_sae 2304,
-600 steps of 1024 rows on 32,768 BBC train tokens (held-out, 8,192 tokens): relu L0 71 / FVU 0.125;
-jumprelu (5.0) L0 74 / FVU 0.078 (0.5 gave L0 360); topk (k = 32) FVU 0.088."""
-DEFAULT_K = 32
-"""Default k of a TopK teacher."""
-JUMPRELU_INIT_THRESHOLD = 1.0
-"""Initial theta of a JumpReLU teacher, units of h."""
-JUMPRELU_BANDWIDTH = 0.5
-"""Kernel bandwidth of the straight-through estimator, units of h."""
-
-
-def jumprelu_l0_loss(sae: SAE, x: torch.Tensor, lam: float) -> tuple[torch.Tensor, dict[str, float]]:
-    """JumpReLU objective MSE + lam * L0 (Rajamanoharan et al. 2024, eq. 9); x: [n, d_in]."""
-    h = sae.pre_acts(x)
-    z = sae.gate(h)
-    x_hat = sae.decode(z)
-    mse = (x - x_hat).pow(2).sum(-1).mean()
-    l0 = sae.step(h).sum(-1).mean()
-    loss = mse + lam * l0
-    return loss, {"loss": loss.item(), "mse": mse.item(), "l0": (z != 0).sum(-1).float().mean().item(),
-                  "l1": decoder_norm_l1(z.detach(), sae.W_dec.detach()).item()}
-
-
-class TopKLoss:
-    """TopK objective MSE + AuxK / 32 (Gao et al. 2024, section A.2), with dead-latent tracking.
-
-    Args:
-        d_sae: latents. k_aux: latents used by AuxK (default min(512, d_sae // 2)).
-        dead_tokens: a latent not active for this many training tokens counts as dead.
-    """
-
-    def __init__(self, d_sae: int, *, k_aux: int | None = None, dead_tokens: int = 100_000,
-                 aux_coefficient: float = 1 / 32) -> None:
-        self.k_aux = k_aux or min(512, d_sae // 2)
-        self.dead_tokens = dead_tokens
-        self.aux_coefficient = aux_coefficient
-        self.since_fired = torch.zeros(d_sae)
-
-    def __call__(self, sae: SAE, x: torch.Tensor, lam: float) -> tuple[torch.Tensor, dict[str, float]]:
-        """Loss on x [n, d_in]; ``lam`` (L1 coefficient) is applied too when > 0."""
-        h = sae.pre_acts(x)
-        z = sae.gate(h)
-        x_hat = sae.decode(z)
-        err = x - x_hat
-        mse = err.pow(2).sum(-1).mean()
-        fired = (z != 0).any(0).cpu()
-        self.since_fired = torch.where(fired, torch.zeros_like(self.since_fired), self.since_fired + x.shape[0])
-        dead = (self.since_fired >= self.dead_tokens).to(h.device)
-        aux = torch.zeros((), device=x.device)
-        n_dead = int(dead.sum())
-        if n_dead > 0:
-            hd = torch.where(dead, h, torch.full_like(h, -torch.inf))
-            vals, idx = hd.topk(min(self.k_aux, n_dead), dim=-1)
-            z_aux = torch.zeros_like(h).scatter(-1, idx, torch.relu(vals))
-            e_hat = z_aux @ sae.W_dec
-            aux = (err.detach() - e_hat).pow(2).sum(-1).mean()
-        l1 = decoder_norm_l1(z, sae.W_dec)
-        loss = mse + self.aux_coefficient * aux + lam * l1
-        return loss, {"loss": loss.item(), "mse": mse.item(), "l0": (z != 0).sum(-1).float().mean().item(),
-                      "l1": l1.item(), "aux": aux.item(), "dead": n_dead}
-
 
 def train_teacher(store: ActivationStore, *, family: str = "relu", d_sae: int = 2304, steps: int = 2000,
                   batch_size: int = 1024, lr: float = 1e-3, l1_coefficient: float | None = None,
@@ -100,7 +38,8 @@ def train_teacher(store: ActivationStore, *, family: str = "relu", d_sae: int = 
     """Train a teacher SAE of ``family`` on ``store`` (activations [n, d_in]); see the module docstring.
 
     Args:
-        l1_coefficient: sparsity coefficient (L1 for relu, L0 for jumprelu); None: the family default.
+        l1_coefficient: sparsity coefficient (L1 for relu, L0 for jumprelu); None: the family's
+            ``default_coefficient`` (evidence for the defaults: ``docs/method.md``).
         k: active latents per token of a topk teacher.
 
     Returns:
@@ -110,32 +49,19 @@ def train_teacher(store: ActivationStore, *, family: str = "relu", d_sae: int = 
     Raises:
         ValueError: unknown family.
     """
-    if family not in DEFAULT_COEFFICIENT:
-        raise ValueError(f"teacher family {family!r} unknown; choose one of {sorted(DEFAULT_COEFFICIENT)}")
-    lam = DEFAULT_COEFFICIENT[family] if l1_coefficient is None else l1_coefficient
+    if family not in family_names():
+        raise ValueError(f"teacher family {family!r} unknown; choose one of {sorted(family_names())}")
+    fam = get_family(family)
+    lam = fam.default_coefficient if l1_coefficient is None else l1_coefficient
     torch.manual_seed(seed)
     meta = {**(metadata or {}), "family": family, "train_steps": steps, "train_batch_size": batch_size,
             "train_lr": lr, "train_tokens": store.rows, "seed": seed, "trained_by": "rsae.teacher.train_teacher"}
-    loss_fn = None
-    groups = None
-    if family == "relu":
-        sae: SAE = ReLUSAE(store.d_in, d_sae, metadata={**meta, "l1_coefficient": lam,
-                                                          "sparsity_penalty": "sum_j |z_j| * ||W_dec[j]||"})
-    elif family == "jumprelu":
-        sae = JumpReLUSAE(store.d_in, d_sae, bandwidth=JUMPRELU_BANDWIDTH,
-                          metadata={**meta, "l0_coefficient": lam, "sparsity_penalty": "L0 (straight-through)"})
-        loss_fn = jumprelu_l0_loss
-    else:
-        sae = TopKSAE(store.d_in, d_sae, k=k, metadata={**meta, "k": k, "sparsity_penalty": "topk + auxk/32"})
-        loss_fn = TopKLoss(d_sae, dead_tokens=max(20 * batch_size, 50_000))
+    sae = fam.new_teacher(store.d_in, d_sae, k=k, coefficient=lam, metadata=meta)
+    loss_fn = fam.train_teacher_objective(sae, batch_size)
     sae.init_weights(torch.Generator().manual_seed(seed))
     with torch.no_grad():
         sae.b_dec.copy_(store.load(min(store.rows, 16384)).mean(0))
-        if isinstance(sae, JumpReLUSAE):
-            sae.log_threshold.fill_(float(torch.tensor(JUMPRELU_INIT_THRESHOLD).log()))
-    if isinstance(sae, JumpReLUSAE):  # thresholds move in log space: a larger step size
-        groups = [{"params": [p for n, p in sae.named_parameters() if n != "log_threshold"], "lr": lr},
-                  {"params": [sae.log_threshold], "lr": 10 * lr}]
+    groups = fam.teacher_param_groups(sae, lr)
 
     def step_cb(step: int, parts: dict) -> None:
         if on_progress and (step % 20 == 0 or step == steps):

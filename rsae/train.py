@@ -1,4 +1,5 @@
-"""Training loops: SAE training / fine-tuning (Adam on MSE + lambda * L1) and gate calibration.
+"""The training loop of every SAE in this project (teachers, the RSAE, the control): Adam on a family's
+objective with an optional L0 controller and resumable checkpoints.
 
 Objective (all SAE training in this project, teacher and RSAE alike):
 
@@ -18,23 +19,7 @@ from typing import Any, Callable, Iterable, Protocol
 import torch
 
 from .activations import ActivationStore
-from .rational import RationalSAE
-from .sae import SAE, decoder_norm_l1
-
-
-def sae_loss(sae: SAE, x: torch.Tensor, l1_coefficient: float) -> tuple[torch.Tensor, dict[str, float]]:
-    """Loss on a batch x [n, d_in] and its parts (mse, l1, l0) as floats."""
-    z = sae.encode(x)
-    x_hat = sae.decode(z)
-    mse = (x - x_hat).pow(2).sum(-1).mean()
-    l1 = decoder_norm_l1(z, sae.W_dec)
-    loss = mse + l1_coefficient * l1
-    return loss, {"loss": loss.item(), "mse": mse.item(), "l1": l1.item(),
-                  "l0": (z != 0).sum(-1).float().mean().item()}
-
-
-LossFn = Callable[[SAE, torch.Tensor, float], tuple[torch.Tensor, dict[str, float]]]
-"""``loss_fn(sae, x, coefficient) -> (loss, parts)``: a training objective; :func:`sae_loss` is the default."""
+from .saes import SAE, LossFn, sae_loss
 
 
 def train_sae(sae: SAE, store: ActivationStore, *, steps: int, batch_size: int, lr: float,
@@ -127,7 +112,7 @@ def train_sae(sae: SAE, store: ActivationStore, *, steps: int, batch_size: int, 
 
 
 class TrainCheckpoint(Protocol):
-    """Where :func:`train_sae` keeps its resumable state (see :class:`rsae.pipeline.Checkpoints`).
+    """Where :func:`train_sae` keeps its resumable state (see :class:`rsae.pipeline.checkpoints.Checkpoints`).
 
     The state is a dict of tensors and plain Python values (``torch.load(weights_only=True)``-safe):
     ``step`` (optimizer steps done), ``model`` / ``optimizer`` (state dicts), ``lam_base`` and
@@ -159,92 +144,3 @@ def _restore_train_state(sae: SAE, opt: torch.optim.Optimizer, state: dict[str, 
 def sample_pre_acts(teacher: SAE, x: torch.Tensor, batch: int = 2048) -> torch.Tensor:
     """Teacher pre-activations h [n, d_sae] of x [n, d_in]."""
     return torch.cat([teacher.pre_acts(x[i:i + batch]) for i in range(0, x.shape[0], batch)])
-
-
-def calibration_loss(gate, h: torch.Tensor, target: torch.Tensor,
-                     selected: torch.Tensor | None = None) -> torch.Tensor:
-    """The calibration objective of :func:`calibrate_gate` on one sample (0-dim tensor, squared units of z).
-
-    ``mean (phi_raw(h) - g(h))^2`` over all entries of ``h`` [n, d_sae] (``target`` = g(h), same shape); with
-    ``selected`` [n, d_sae] (bool), entries outside it count as exact zeros (the RSAE's selection zeroes
-    them), i.e. ``phi_raw`` is replaced by 0 there. ``gate``: a :class:`rsae.rational.RationalGate`.
-    """
-    out = gate.raw(h)
-    if selected is not None:
-        out = torch.where(selected, out, torch.zeros((), dtype=out.dtype, device=out.device))
-    return (out - target).pow(2).mean()
-
-
-def calibrate_gate(rsae: RationalSAE, h: torch.Tensor, target: torch.Tensor, *, steps: int, lr: float,
-                   seed: int = 0, sample: int = 1 << 17, decay_frac: float = 0.5,
-                   selected: torch.Tensor | None = None,
-                   on_step: Callable[[int, float], None] | None = None) -> list[float]:
-    """Calibrate (a, b, C_in, C_out) with all SAE weights (and per-latent scales) frozen.
-
-    Adam on the l2 objective mean (phi_raw(h) - g(h))^2 over the teacher's real pre-activations (RSAE
-    summary, "calibration"); each step uses ``sample`` (token, latent) entries: random whole token rows of
-    ``h``, so every entry keeps its latent's scale. The learning rate decays linearly to 0 over the last
-    ``decay_frac`` of the steps, so the final scalars are not left at the noise level of one sample. Only the
-    gate scalars require gradients meanwhile (the weights and per-latent scales are frozen for the loop).
-
-    Cost: one fused gate forward + backward over ``sample`` entries per step. Measured (ReLU teacher, (5, 4),
-    300 steps, loaded 2-core CPU): 2^17 entries with the decay 77 s, held-out init MSE -0.49% vs the teacher;
-    the earlier default 2^20 without decay 279 s, -0.34% (``docs/method.md``).
-
-    Args:
-        h: real pre-activations [n, d_sae]; target: the teacher's gate output g(h), same shape.
-        selected: optional bool mask [n, d_sae] of the entries the RSAE's selection keeps (the teacher's
-            active entries): the objective becomes mean (selected * phi_raw(h) - g(h))^2, i.e. entries outside
-            it count as exact zeros (``CalibrateConfig.objective = "selected"``).
-        steps, lr: Adam steps and peak learning rate. sample: entries per step (rounded to whole rows).
-
-    Returns:
-        Loss per step (squared units of z).
-    """
-    g = rsae.gate_fn
-    params = [g.a, g.b, g.log_c_in, g.log_c_out]
-    opt = torch.optim.Adam(params, lr=lr)
-    gen = torch.Generator().manual_seed(seed)
-    rows = max(1, min(h.shape[0], sample // max(1, h.shape[-1])))
-    losses = []
-    frozen = [p for p in rsae.parameters() if p.requires_grad and all(p is not q for q in params)]
-    for p in frozen:  # no gradient work for the frozen weights / per-latent scales
-        p.requires_grad_(False)
-    decay_start = int(steps * (1.0 - decay_frac))
-    try:
-        for step in range(steps):
-            if step >= decay_start and steps > decay_start:
-                opt.param_groups[0]["lr"] = lr * (steps - step) / (steps - decay_start)
-            idx = torch.randint(0, h.shape[0], (rows,), generator=gen).to(h.device)
-            loss = calibration_loss(g, h[idx], target[idx], None if selected is None else selected[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            losses.append(loss.item())
-            if on_step is not None:
-                on_step(step + 1, losses[-1])
-    finally:
-        for p in frozen:
-            p.requires_grad_(True)
-    return losses
-
-
-@torch.no_grad()
-def set_floor(rsae: RationalSAE, h: torch.Tensor, teacher_l0: float, *, max_entries: int = 16_000_000) -> float:
-    """Set the exact-zero floor (units of r) so that the RSAE's mean L0 on ``h`` equals ``teacher_l0``.
-
-    The floor is the (1 - teacher_l0 / d_sae) quantile of r(t) over the (token, latent) entries of the real
-    pre-activations ``h`` [n, d_sae]: exactly as many entries pass as the teacher activates, so L0 is
-    matched by construction on these tokens (held-out L0 is measured and reported). Clipped below at 0.
-
-    Returns:
-        The floor, in units of r (the unit-interval gate).
-    """
-    r = rsae.gate_fn.unit(h).reshape(-1).float()
-    if r.numel() > max_entries:
-        r = r[torch.randperm(r.numel(), device=r.device)[:max_entries]]
-    frac_active = min(1.0, max(0.0, teacher_l0 / h.shape[-1]))
-    k = max(1, min(r.numel(), int(round((1.0 - frac_active) * r.numel()))))
-    floor = max(0.0, r.kthvalue(k).values.item())
-    rsae.gate_fn.floor.fill_(floor)
-    return floor

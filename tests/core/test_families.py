@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from rsae.errors import TeacherError
-from rsae.rational import RationalSAE
+from rsae.saes import RationalSAE
 from rsae.remez import remez_fit
-from rsae.sae import JumpReLUSAE, TopKSAE, load_sae
+from rsae.saes import JumpReLUSAE, TopKSAE, load_sae
 
 
 def _fill(sae, seed=0):
@@ -110,7 +110,7 @@ def test_per_latent_scales_put_every_jump_at_its_own_threshold():
     u = torch.linspace(-1.0, 1.0, 2001)  # t-units: h_j = u * theta_j / c
     h = u[:, None] * (theta / c)[None, :]
     outside = ((u - c).abs() >= margin)[:, None].expand_as(h)
-    diff = (rsae.gate_fn.raw(h) - teacher.gate(h)).abs() / (theta / c)  # error in t-units
+    diff = (rsae.gate_raw(h) - teacher.gate(h)).abs() / (theta / c)  # error in t-units
     assert diff[outside].max() <= fit.max_error * 1.01
     z = rsae.gate(h)
     assert torch.equal((z != 0)[outside], (teacher.gate(h) != 0)[outside])  # exact zeros off the jump
@@ -134,7 +134,7 @@ def test_topk_cap_keeps_l0_at_most_k_and_only_the_teachers_entries():
     g = torch.Generator().manual_seed(1)
     x = torch.randn(256, 8, generator=g) * 3
     for sae in (capped, free):
-        sae.gate_fn.floor.fill_(-1.0)  # below every r: selection left to the cap alone
+        sae.set_floor(-1.0)  # below every r: selection left to the cap alone
     z_cap, z_free, z_t = capped.encode(x), free.encode(x), teacher.encode(x)
     assert (z_free != 0).sum(-1).float().mean() > k  # without the cap the floor lets more through
     assert ((z_cap != 0).sum(-1) <= k).all()
@@ -161,20 +161,21 @@ def test_jumprelu_control_uses_its_own_l0_penalty_and_topk_cap_drops_l1():
     """The compute-matched control of a JumpReLU teacher trains with MSE + mu * L0 (straight-through), mu from
     the teacher's l0_coefficient; capped TopK fine-tuning uses lambda = 0 and no L0 target."""
     from rsae.config import UpgradeConfig
-    from rsae.stages import control_objective, finetune_sparsity
-    from rsae.teacher import jumprelu_l0_loss
+    from rsae.pipeline.finetune import finetune_sparsity
+    from rsae.saes import get_family, jumprelu_l0_loss
 
+    jumprelu, topk = get_family("jumprelu"), get_family("topk")
     jt = _fill(JumpReLUSAE(8, 16))
     jt.metadata["l0_coefficient"] = 5.0
-    ctrl = control_objective(jt, 0.3, "auto")
-    assert ctrl["loss_fn"] is jumprelu_l0_loss and ctrl["coefficient"] == 5.0
+    ctrl = jumprelu.control_objective(jt, 0.3, "auto")
+    assert ctrl.loss_fn is jumprelu_l0_loss and ctrl.coefficient == 5.0
     rt = _fill(TopKSAE(8, 16, k=4))
-    assert control_objective(rt, 0.0, "x")["loss_fn"] is None
+    assert topk.control_objective(rt, 0.0, "x").loss_fn is None
     cfg = UpgradeConfig(layer=3, teacher="t")
     x = torch.randn(64, 8, generator=torch.Generator().manual_seed(3))
-    assert finetune_sparsity(cfg, rt, x, 4.0, topk_capped=True)[0] == 0.0
-    assert finetune_sparsity(cfg, rt, x, 4.0, topk_capped=True)[2] is None
-    lam, src, target = finetune_sparsity(cfg, jt, x, 10.0, topk_capped=False)
+    assert finetune_sparsity(cfg, topk, rt, x, 4.0, rank_capped=True)[0] == 0.0
+    assert finetune_sparsity(cfg, topk, rt, x, 4.0, rank_capped=True)[2] is None
+    lam, src, target = finetune_sparsity(cfg, jumprelu, jt, x, 10.0, rank_capped=False)
     assert lam > 0 and src.startswith("auto") and target == pytest.approx(9.5)
 
 
@@ -183,7 +184,7 @@ def test_topk_gate_stays_finite_on_tokens_with_few_positive_pre_activations():
     midpoint threshold <= 0; the gate's per-token scale then used to collapse to ~1e-6 / c and P(t) overflowed
     to inf. The threshold is now at least 1e-3 of the token's largest pre-activation: outputs stay finite and
     the token's clearly positive entries stay active."""
-    from rsae.rational import TAU_MIN_RATIO, topk_separating_threshold
+    from rsae.saes.topk import TAU_MIN_RATIO, topk_separating_threshold
 
     k = 4
     teacher, rsae = _topk_rsae(k, cap=True)
@@ -204,7 +205,7 @@ def test_upper_edge_anchor_puts_every_kept_entry_in_the_fitted_set():
     max error (x s_j) of h; the band (c - delta, c + delta) maps below theta_j, where the teacher is 0. With
     the 'center' placement (s_j = theta_j / c) the smallest kept entries fall in the band and get
     transitional values, up to ~half the jump."""
-    from rsae.stages import jump_anchor
+    from rsae.pipeline.initialize import jump_anchor
 
     c, margin = 0.25, 0.025
     fit, teacher, theta = _jump_fit_and_teacher(c, margin)
@@ -215,7 +216,7 @@ def test_upper_edge_anchor_puts_every_kept_entry_in_the_fitted_set():
                                         rational={"jump": c, "anchor": a})
         h = torch.linspace(0.0, 1.0, 4001)[:, None] * (theta / a)[None, :]  # t in [0, 1]
         kept = teacher.gate(h) != 0
-        err = (rsae.gate_fn.raw(h) - h).abs() / (theta / a)  # t-units
+        err = (rsae.gate_raw(h) - h).abs() / (theta / a)  # t-units
         errs[placement] = err[kept].max().item()
     assert jump_anchor(c, margin, "upper_edge") == pytest.approx(0.275)
     assert errs["upper_edge"] <= fit.max_error * 1.01

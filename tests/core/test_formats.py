@@ -41,7 +41,7 @@ from rsae.errors import TeacherError
 from rsae.formats import detect_format, import_teacher, load_teacher, provenance
 from rsae.hub import resolve_hub_teacher
 from rsae.models import load_model
-from rsae.sae import JumpReLUSAE, ReLUSAE, TopKSAE, load_sae
+from rsae.saes import JumpReLUSAE, ReLUSAE, TopKSAE, load_sae
 
 LAYER = 3
 D_SAE = 768

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from rsae.evaluate import reconstruction_metrics
-from rsae.sae import SAE, decoder_norm_l1
+from rsae.saes import SAE, decoder_norm_l1
 
 
 class _Fixed(SAE):

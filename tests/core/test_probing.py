@@ -13,7 +13,7 @@ from rsae.data import BBC_CATEGORIES
 from rsae.models import load_model
 from rsae.probing import (METRIC, dense_probe_accuracy, pooled_activations, pooled_latents, probe_sae,
                           sparse_probe_accuracy, top_k_mean_diff)
-from rsae.sae import ReLUSAE
+from rsae.saes import ReLUSAE
 
 SPARSE_KEYS = {"metric", "ks", "k", "k_clipped", "per_class", "skipped_classes", "n_train", "n_test",
                "n_features", "n_classes", "not_converged", "seed"}

@@ -8,9 +8,10 @@ from safetensors.torch import load_file, save_file
 
 import rsae
 from rsae.errors import TeacherError
-from rsae.rational import RationalGate, RationalSAE, horner
+from rsae.kernels import horner
+from rsae.saes import RationalGate, RationalSAE
 from rsae.remez import remez_fit
-from rsae.sae import ReLUSAE, load_sae
+from rsae.saes import ReLUSAE, load_sae
 
 
 def test_horner_matches_powers():
@@ -130,7 +131,7 @@ def test_corrupt_files(tmp_path):
 def test_calibrate_gate_fits_the_scalars_only_and_restores_requires_grad():
     """calibrate_gate lowers the l2 gate error, leaves the SAE weights and per-latent scales untouched, and
     hands them back still trainable (they are frozen only during its loop)."""
-    from rsae.train import calibrate_gate
+    from rsae.pipeline.calibrate import calibrate_gate
 
     fit = remez_fit("relu", p=5, q=4)
     teacher = _teacher(d_in=16, d_sae=64)
@@ -141,10 +142,10 @@ def test_calibrate_gate_fits_the_scalars_only_and_restores_requires_grad():
     w_before = rsae_.W_enc.detach().clone()
     s_before = rsae_.gate_fn.scale.detach().clone()
     with torch.no_grad():
-        before = (rsae_.gate_fn.raw(h) - target).pow(2).mean().item()
+        before = (rsae_.gate_raw(h) - target).pow(2).mean().item()
     losses = calibrate_gate(rsae_, h, target, steps=60, lr=1e-2, sample=4096)
     with torch.no_grad():
-        after = (rsae_.gate_fn.raw(h) - target).pow(2).mean().item()
+        after = (rsae_.gate_raw(h) - target).pow(2).mean().item()
     assert len(losses) == 60 and after < 0.5 * before
     assert torch.equal(rsae_.W_enc, w_before) and torch.equal(rsae_.gate_fn.scale, s_before)
     assert all(p.requires_grad for p in rsae_.parameters())
@@ -154,7 +155,7 @@ def test_selected_calibration_fits_the_kept_entries_better_than_the_all_entries_
     """objective 'selected' (capped TopK): entries outside the selection count as exact zeros, so the scalars
     fit the kept values only; on those entries its error ends below the 'all' objective's, while the 'all'
     objective spends its fit on the (far more numerous) zeroed entries."""
-    from rsae.train import calibrate_gate, calibration_loss
+    from rsae.pipeline.calibrate import calibrate_gate, calibration_loss
 
     fit = remez_fit("topk", c=0.25, p=9, q=8, margin=0.025)
     teacher = _teacher(d_in=16, d_sae=64)
@@ -167,11 +168,11 @@ def test_selected_calibration_fits_the_kept_entries_better_than_the_all_entries_
         rsae_ = RationalSAE.from_teacher(teacher, a=fit.a, b=fit.b, c_in=1.0, c_out=1.0)
         sel = kept if objective == "selected" else None
         with torch.no_grad():
-            raw = rsae_.gate_fn.raw(h)
+            raw = rsae_.gate_raw(h)
             manual = (torch.where(kept, raw, torch.zeros(())) - target).pow(2).mean() if sel is not None else \
                 (raw - target).pow(2).mean()
-            assert calibration_loss(rsae_.gate_fn, h, target, sel).item() == pytest.approx(manual.item())
+            assert calibration_loss(rsae_, h, target, sel).item() == pytest.approx(manual.item())
         calibrate_gate(rsae_, h, target, steps=150, lr=1e-2, sample=8192, selected=sel)
         with torch.no_grad():
-            errs[objective] = (rsae_.gate_fn.raw(h) - target)[kept].pow(2).mean().item()
+            errs[objective] = (rsae_.gate_raw(h) - target)[kept].pow(2).mean().item()
     assert errs["selected"] < errs["all"]

@@ -18,9 +18,9 @@ import torch
 from rsae.activations import ResidualCapture
 from rsae.data import iter_documents
 from rsae.models import load_model
-from rsae.rational import RationalSAE
+from rsae.saes import RationalSAE
 from rsae.remez import remez_fit
-from rsae.sae import JumpReLUSAE, ReLUSAE, SAE, TopKSAE
+from rsae.saes import JumpReLUSAE, ReLUSAE, SAE, TopKSAE
 
 LAYER = 3
 D_SAE = 512
@@ -67,11 +67,11 @@ def _teacher(family: str, acts: torch.Tensor) -> SAE:
 
 
 def _rsae(family: str, teacher: SAE) -> RationalSAE:
-    """The pipeline's init: a Remez fit of the family's gate, copied weights, scales as rsae.stages sets them."""
+    """The pipeline's init: a Remez fit of the family's gate, copied weights, scales as rsae.pipeline.initialize sets them."""
     if family == "relu":
         fit = remez_fit("relu", p=5, q=4)
         return RationalSAE.from_teacher(teacher, a=fit.a, b=fit.b, c_in=3.0, c_out=3.0, floor=fit.max_error)
-    from rsae.stages import jump_anchor
+    from rsae.pipeline.initialize import jump_anchor
 
     c = 0.25
     fit = remez_fit(family, c=c, p=5, q=4, margin=0.1 * c)

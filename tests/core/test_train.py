@@ -7,7 +7,7 @@ import torch
 
 from rsae.activations import ActivationStore, extract_activations
 from rsae.models import load_model
-from rsae.sae import ReLUSAE
+from rsae.saes import ReLUSAE
 from rsae.teacher import train_teacher
 from rsae.train import train_sae
 

@@ -14,7 +14,7 @@ import torch
 from fastapi.testclient import TestClient
 
 from rsae.formats import load_teacher
-from rsae.sae import load_sae
+from rsae.saes import load_sae
 from service.api.routes.saes import UPLOAD_FILES
 from service.config import Settings
 

@@ -165,7 +165,7 @@ def make_teacher(tmp_path: Path) -> Callable[..., Path]:
     (SAELens layout) to ``tmp_path/name`` and return the folder."""
     import torch
 
-    from rsae.sae import ReLUSAE
+    from rsae.saes import ReLUSAE
 
     def make(name: str = "teacher", *, d_in: int = 576, d_sae: int = 64, seed: int = 0) -> Path:
         sae = ReLUSAE(d_in=d_in, d_sae=d_sae)

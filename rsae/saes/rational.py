@@ -1,4 +1,4 @@
-"""The rational gate and the Rational SAE (RSAE).
+"""The rational family: the rational gate and the Rational SAE (RSAE), the upgrade's output (never a teacher).
 
 Source: N. Yin and Y. Yu, "Rational Sparse Autoencoder", arXiv 2606.14990 (2026), as read in
 ``docs/method.md``; safe denominator from Molina, Schramowski & Kersting 2020, "Padé Activation Units".
@@ -34,34 +34,10 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from .errors import TeacherError
-from .kernels import horner, rational_gate, rational_raw, rational_unit  # noqa: F401 (horner re-exported)
-from .sae import SAE, register_architecture
-
-
-def _topk_values(h: torch.Tensor, k: int) -> torch.Tensor:
-    """The min(k + 1, d_sae) largest pre-activations of each token, descending, detached. [..., min(k+1, d)]."""
-    return h.detach().topk(min(k + 1, h.shape[-1]), dim=-1).values
-
-
-TAU_MIN_RATIO = 1e-3
-"""Lower bound of a token's separating threshold relative to its largest pre-activation. A token with fewer
-than k + 1 positive pre-activations has a midpoint <= 0; its scale s = tau / c would then be ~0, t = h / s
-would leave the fitted domain by orders of magnitude and P(t) would overflow float32 (the (9,8) coefficients
-are ~1e6). With tau >= 1e-3 max(h), t <= 1e3 c; only entries below 0.1% of the token's largest are cut."""
-
-
-def _separating_from_top(top: torch.Tensor, k: int) -> torch.Tensor:
-    tau = 0.5 * (top[..., k - 1:k] + top[..., -1:]) if top.shape[-1] > k else top[..., -1:]
-    return torch.maximum(tau, TAU_MIN_RATIO * top[..., :1]).clamp_min(1e-6)
-
-
-def topk_separating_threshold(h: torch.Tensor, k: int) -> torch.Tensor:
-    """Per-token separating threshold of a TopK gate, [..., 1]: the midpoint of each token's k-th and
-    (k+1)-th largest pre-activation (the k-th itself when d_sae == k), at least :data:`TAU_MIN_RATIO` times
-    the token's largest pre-activation and 1e-6. h: [..., d_sae].
-    Detached: it is supplied to the rational gate, not learned."""
-    return _separating_from_top(_topk_values(h, k), k)
+from ..errors import TeacherError
+from ..kernels import rational_gate, rational_raw, rational_unit
+from .base import SAE, register_architecture
+from .topk import separating_threshold_from_top, top_values
 
 
 class RationalGate(nn.Module):
@@ -170,7 +146,7 @@ class RationalSAE(SAE):
 
         TopK upgrades (``rational.topk_k`` set): each token i gets the scale s_i = tau_i / a (a =
         :attr:`jump_anchor`, the unit-interval position of the jump) with tau_i its
-        separating threshold (:func:`topk_separating_threshold`), i.e. z = s_i * G(h / s_i) with G the gate at unit
+        separating threshold (:func:`rsae.saes.topk.topk_separating_threshold`), i.e. z = s_i * G(h / s_i) with G the gate at unit
         scale, which equals C_out s_i r(h / (C_in s_i)) and puts the jump at tau_i for every token. With
         ``rational.topk_cap`` (the default for new TopK upgrades) only the token's k largest pre-activations
         can be non-zero (z = 0 where h < the token's k-th largest h), so L0 <= k exactly, as for the teacher:
@@ -180,8 +156,8 @@ class RationalSAE(SAE):
         if self.topk_k is None:
             return self.gate_fn(h)
         k = self.topk_k
-        top = _topk_values(h, k)
-        s = _separating_from_top(top, k) / self.jump_anchor
+        top = top_values(h, k)
+        s = separating_threshold_from_top(top, k) / self.jump_anchor
         z = s * self.gate_fn(h / s)
         if self.rational_cfg.get("topk_cap", False):
             z = torch.where(h >= top[..., k - 1:k], z, torch.zeros((), dtype=z.dtype, device=z.device))
@@ -203,17 +179,59 @@ class RationalSAE(SAE):
                   metadata=dict(teacher.metadata),
                   rational={"teacher_architecture": teacher.architecture, "teacher_family": teacher.family,
                             "train_scale": train_scale, **(rational or {})})
-        with torch.no_grad():
-            for n in ("W_enc", "b_enc", "W_dec", "b_dec"):
-                getattr(sae, n).copy_(getattr(teacher, n))
+        sae.copy_weights(teacher)
         sae.gate_fn = RationalGate(p, q, a=a, b=b, c_in=c_in, c_out=c_out, floor=floor, d_sae=teacher.d_sae,
                                    scale=None if scale is None else scale.detach().cpu(), train_scale=train_scale)
         return sae
 
-    def gate_parameters(self) -> list[nn.Parameter]:
-        """The gate's trainable scalars (a, b, log C_in, log C_out) and, when trained, the per-latent scales."""
+    def gate_scalars(self) -> list[nn.Parameter]:
+        """The gate's shared scalars: a [p + 1], b [q], log C_in [], log C_out [] (what calibration fits)."""
         g = self.gate_fn
-        return [g.a, g.b, g.log_c_in, g.log_c_out] + ([g.log_scale] if g.train_scale else [])
+        return [g.a, g.b, g.log_c_in, g.log_c_out]
+
+    def scale_parameters(self) -> list[nn.Parameter]:
+        """The per-latent scales ``log_scale`` [d_sae] when they are trained (jump families), else []."""
+        return [self.gate_fn.log_scale] if self.gate_fn.train_scale else []
+
+    def param_groups(self, lr: float, gate_lr: float, threshold_lr: float) -> list[dict[str, Any]]:
+        """Adam groups for fine-tuning: SAE weights at ``lr``, gate scalars at ``gate_lr``, per-latent scales
+        (when trained) at ``threshold_lr``, the rate of the teacher's thresholds in the control."""
+        special = {id(p) for p in self.gate_scalars() + self.scale_parameters()}
+        groups = [{"params": [p for p in self.parameters() if id(p) not in special and p.requires_grad], "lr": lr},
+                  {"params": self.gate_scalars(), "lr": gate_lr}]
+        if self.scale_parameters():
+            groups.append({"params": self.scale_parameters(), "lr": threshold_lr})
+        return groups
+
+    def gate_raw(self, h: torch.Tensor) -> torch.Tensor:
+        """The gate without its floor, phi(h), [..., d_sae] -> [..., d_sae] (what calibration compares)."""
+        return self.gate_fn.raw(h)
+
+    def elementwise_gate(self, h: torch.Tensor) -> torch.Tensor:
+        """The rational gate with its floor at the stored scales, without the per-token TopK rule of
+        :meth:`gate`, [..., d_sae] -> [..., d_sae] (for plots of the gate's shape)."""
+        return self.gate_fn(h)
+
+    def gate_unit(self, h: torch.Tensor) -> torch.Tensor:
+        """r(t) at t = h / (C_in s), [..., d_sae] -> [..., d_sae] (the quantity the floor applies to)."""
+        return self.gate_fn.unit(h)
+
+    @property
+    def floor(self) -> float:
+        """The exact-zero floor, in units of r."""
+        return float(self.gate_fn.floor)
+
+    @torch.no_grad()
+    def set_floor(self, value: float) -> None:
+        """Set the exact-zero floor (units of r): z = 0 where r(t) <= ``value``."""
+        self.gate_fn.floor.fill_(float(value))
+
+    def gate_summary(self) -> dict[str, Any]:
+        """The fitted gate for the report: coefficients a, b, C_in, C_out, floor, whether scales train and
+        their median."""
+        g = self.gate_fn
+        return {"a": g.a.tolist(), "b": g.b.tolist(), "c_in": g.c_in.item(), "c_out": g.c_out.item(),
+                "floor": g.floor.item(), "train_scale": g.train_scale, "scale_median": g.scale.median().item()}
 
     def cfg_dict(self) -> dict[str, Any]:
         """SAELens cfg plus the ``rational`` block."""
@@ -248,12 +266,8 @@ class RationalSAE(SAE):
             if n not in tensors or tuple(tensors[n].shape) != s or not torch.isfinite(tensors[n]).all():
                 raise TeacherError(f"tensor '{n}' missing, non-finite or not of shape {list(s)}",
                                    field=f"sae_weights.safetensors.{n}")
-        sae = cls(cfg["d_in"], cfg["d_sae"], p=p, q=q,
-                  apply_b_dec_to_input=cfg.get("apply_b_dec_to_input", True),
-                  metadata=cfg.get("metadata") or {}, rational=rc)
+        sae = super().from_parts(cfg, tensors, p=p, q=q, rational=rc)
         with torch.no_grad():
-            for n in ("W_enc", "b_enc", "W_dec", "b_dec"):
-                getattr(sae, n).copy_(tensors[n])
             sae.gate_fn.a.copy_(tensors["rational_a"])
             sae.gate_fn.b.copy_(tensors["rational_b"])
             sae.gate_fn.log_c_in.copy_(tensors["log_c_in"])
@@ -265,4 +279,4 @@ class RationalSAE(SAE):
         return sae
 
 
-register_architecture("rational", RationalSAE)
+register_architecture(RationalSAE.architecture, RationalSAE)

@@ -1,4 +1,8 @@
-"""Sparse autoencoders in the SAELens layout: a small class per gate family, plus load/save.
+"""The SAE base class in the SAELens layout, plus load/save and the architecture registry.
+
+Each gate family (:mod:`rsae.saes.relu`, :mod:`~rsae.saes.jumprelu`, :mod:`~rsae.saes.topk`,
+:mod:`~rsae.saes.rational`) subclasses :class:`SAE` in its own module and registers its ``cfg.json``
+architecture name here.
 
 Layout (SAELens 6, ``sae_lens/saes/*.py``): a folder with ``cfg.json`` and ``sae_weights.safetensors``
 holding ``W_enc`` [d_in, d_sae], ``b_enc`` [d_sae], ``W_dec`` [d_sae, d_in], ``b_dec`` [d_in] (plus
@@ -26,11 +30,13 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .errors import TeacherError
+from ..errors import TeacherError
 
 CFG_NAME = "cfg.json"
 WEIGHTS_NAME = "sae_weights.safetensors"
 MAX_DIM = 1 << 20  # d_in or d_sae above this is rejected as implausible
+CORE_TENSORS: tuple[str, ...] = ("W_enc", "b_enc", "W_dec", "b_dec")
+"""The tensors every SAE has (SAELens names)."""
 
 
 class SAE(nn.Module):
@@ -117,8 +123,7 @@ class SAE(nn.Module):
         """
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        tensors = {n: getattr(self, n).detach().to("cpu", torch.float32).contiguous()
-                   for n in ("W_enc", "b_enc", "W_dec", "b_dec")}
+        tensors = {n: getattr(self, n).detach().to("cpu", torch.float32).contiguous() for n in CORE_TENSORS}
         tensors.update({k: v.detach().to("cpu", torch.float32).contiguous()
                         for k, v in self.extra_tensors().items()})
         tmp_w = path / f".{WEIGHTS_NAME}.tmp"
@@ -130,14 +135,20 @@ class SAE(nn.Module):
         return path
 
     @classmethod
-    def from_parts(cls, cfg: dict[str, Any], tensors: dict[str, torch.Tensor]) -> "SAE":
-        """Build from a validated cfg dict and tensor dict (see :func:`load_sae`)."""
+    def from_parts(cls, cfg: dict[str, Any], tensors: dict[str, torch.Tensor], **kwargs: Any) -> "SAE":
+        """Build from a validated cfg dict and tensor dict (see :func:`load_sae`); ``kwargs`` go to the
+        constructor (family options such as ``k``). Subclasses validate and copy their own extra tensors."""
         sae = cls(cfg["d_in"], cfg["d_sae"], apply_b_dec_to_input=cfg.get("apply_b_dec_to_input", True),
-                  metadata=cfg.get("metadata") or {})
-        with torch.no_grad():
-            for n in ("W_enc", "b_enc", "W_dec", "b_dec"):
-                getattr(sae, n).copy_(tensors[n])
+                  metadata=cfg.get("metadata") or {}, **kwargs)
+        sae.copy_weights(tensors)
         return sae
+
+    @torch.no_grad()
+    def copy_weights(self, tensors: Any) -> None:
+        """Copy ``W_enc``, ``b_enc``, ``W_dec``, ``b_dec`` from ``tensors`` (a dict of tensors, or another
+        :class:`SAE` of the same shapes) into this SAE, in place."""
+        for n in CORE_TENSORS:
+            getattr(self, n).copy_(tensors[n] if isinstance(tensors, dict) else getattr(tensors, n))
 
     @classmethod
     def load(cls, path: str | Path) -> "SAE":
@@ -149,183 +160,8 @@ class SAE(nn.Module):
         return sae
 
 
-class ReLUSAE(SAE):
-    """Standard ReLU SAE (SAELens ``architecture: "standard"``): ``z = relu(h)``."""
-
-    architecture = "standard"
-    family = "relu"
-
-    def gate(self, h: torch.Tensor) -> torch.Tensor:
-        """``relu(h)``, [..., d_sae] -> [..., d_sae]."""
-        return torch.relu(h)
-
-    def jump_positions(self) -> torch.Tensor:
-        """Per-latent jump position of the gate, [d_sae]: zeros (ReLU is continuous at 0)."""
-        return torch.zeros(self.d_sae, device=self.W_enc.device)
-
-
-class _JumpReLUFn(torch.autograd.Function):
-    """z = h * H(h - theta) with the straight-through kernel estimator for theta.
-
-    Rajamanoharan et al. 2024, "Jumping Ahead: Improving Reconstruction Fidelity with JumpReLU Sparse
-    Autoencoders", eq. 11: dz/dh = H(h - theta); dz/dtheta = -(theta / eps) K((h - theta) / eps) with the
-    rectangle kernel K(u) = 1[|u| < 1/2]. h: [..., d_sae], theta: [d_sae], eps: bandwidth in units of h.
-    """
-
-    @staticmethod
-    def forward(ctx, h, theta, eps: float):
-        ctx.save_for_backward(h, theta)
-        ctx.eps = eps
-        return h * (h > theta)
-
-    @staticmethod
-    def backward(ctx, g):
-        h, theta = ctx.saved_tensors
-        eps = ctx.eps
-        gh = g * (h > theta)
-        kern = ((h - theta).abs() < eps / 2).to(g.dtype)
-        gt = -(theta / eps) * (g * kern)
-        return gh, gt.reshape(-1, theta.shape[-1]).sum(0), None
-
-
-class _StepFn(torch.autograd.Function):
-    """H(h - theta) with the straight-through kernel estimator (Rajamanoharan et al. 2024, eq. 12):
-    d/dh = 0; d/dtheta = -(1 / eps) K((h - theta) / eps). Used for the L0 penalty of JumpReLU training."""
-
-    @staticmethod
-    def forward(ctx, h, theta, eps: float):
-        ctx.save_for_backward(h, theta)
-        ctx.eps = eps
-        return (h > theta).to(h.dtype)
-
-    @staticmethod
-    def backward(ctx, g):
-        h, theta = ctx.saved_tensors
-        eps = ctx.eps
-        kern = ((h - theta).abs() < eps / 2).to(g.dtype)
-        gt = -(1.0 / eps) * (g * kern)
-        return None, gt.reshape(-1, theta.shape[-1]).sum(0), None
-
-
-class JumpReLUSAE(SAE):
-    """JumpReLU SAE (SAELens ``architecture: "jumprelu"``; Rajamanoharan et al. 2024; Gemma Scope):
-    ``z_j = h_j * H(h_j - theta_j)`` with a per-latent threshold ``theta`` [d_sae] > 0.
-
-    ``theta`` is stored as ``threshold`` in the weights file (SAELens layout) and trained as
-    ``log_threshold`` so it stays positive. ``bandwidth`` (cfg ``jumprelu_bandwidth``, units of h) is the
-    kernel width of the straight-through estimator used when training (:class:`_JumpReLUFn`).
-    """
-
-    architecture = "jumprelu"
-    family = "jumprelu"
-
-    def __init__(self, d_in: int, d_sae: int, *, bandwidth: float = 0.05, **kw: Any) -> None:
-        super().__init__(d_in, d_sae, **kw)
-        self.bandwidth = float(bandwidth)
-        self.log_threshold = nn.Parameter(torch.zeros(self.d_sae))
-
-    @property
-    def threshold(self) -> torch.Tensor:
-        """theta = exp(log_threshold), [d_sae], units of h."""
-        return self.log_threshold.exp()
-
-    def gate(self, h: torch.Tensor) -> torch.Tensor:
-        """``h * H(h - theta)`` [..., d_sae] -> [..., d_sae]; straight-through gradient for theta."""
-        return _JumpReLUFn.apply(h, self.threshold, self.bandwidth)
-
-    def step(self, h: torch.Tensor) -> torch.Tensor:
-        """``H(h - theta)`` [..., d_sae] with the straight-through gradient for theta (L0 penalty)."""
-        return _StepFn.apply(h, self.threshold, self.bandwidth)
-
-    def jump_positions(self) -> torch.Tensor:
-        """Per-latent jump position of the gate, [d_sae] (= theta)."""
-        return self.threshold.detach()
-
-    def cfg_dict(self) -> dict[str, Any]:
-        """SAELens cfg plus ``jumprelu_bandwidth``."""
-        return {**super().cfg_dict(), "jumprelu_bandwidth": self.bandwidth}
-
-    def extra_tensors(self) -> dict[str, torch.Tensor]:
-        """``threshold`` [d_sae] (SAELens name)."""
-        return {"threshold": self.threshold}
-
-    @classmethod
-    def from_parts(cls, cfg: dict[str, Any], tensors: dict[str, torch.Tensor]) -> "JumpReLUSAE":
-        """Build from cfg + tensors; requires a finite, positive ``threshold`` [d_sae].
-
-        Raises:
-            TeacherError: missing, misshapen, non-finite or non-positive threshold; bad bandwidth.
-        """
-        th = tensors.get("threshold")
-        if th is None or tuple(th.shape) != (cfg["d_sae"],) or not th.is_floating_point():
-            raise TeacherError(f"a jumprelu SAE needs a float tensor 'threshold' of shape [{cfg['d_sae']}]",
-                               field=f"{WEIGHTS_NAME}.threshold")
-        if not torch.isfinite(th).all() or (th <= 0).any():
-            raise TeacherError("tensor 'threshold' must be finite and > 0", field=f"{WEIGHTS_NAME}.threshold")
-        bw = cfg.get("jumprelu_bandwidth", 0.05)
-        if not is_finite_number(bw) or bw <= 0:
-            raise TeacherError("cfg.json 'jumprelu_bandwidth' must be a positive number",
-                               field="cfg.json.jumprelu_bandwidth")
-        sae = cls(cfg["d_in"], cfg["d_sae"], bandwidth=float(bw),
-                  apply_b_dec_to_input=cfg.get("apply_b_dec_to_input", True), metadata=cfg.get("metadata") or {})
-        with torch.no_grad():
-            for n in ("W_enc", "b_enc", "W_dec", "b_dec"):
-                getattr(sae, n).copy_(tensors[n])
-            sae.log_threshold.copy_(th.float().log())
-        return sae
-
-
-class TopKSAE(SAE):
-    """TopK SAE (SAELens ``architecture: "topk"``; Gao et al. 2024, "Scaling and evaluating sparse
-    autoencoders"): per token keep the ``k`` largest pre-activations, then ReLU; all others exactly 0.
-
-    The gate is not element-wise; :meth:`jump_positions` needs the separating threshold supplied by the
-    caller (see :func:`rsae.stages` for how the upgrade chooses it).
-    """
-
-    architecture = "topk"
-    family = "topk"
-
-    def __init__(self, d_in: int, d_sae: int, *, k: int = 32, **kw: Any) -> None:
-        super().__init__(d_in, d_sae, **kw)
-        if not 1 <= int(k) <= self.d_sae:
-            raise ValueError(f"k={k} must be in [1, d_sae={self.d_sae}]")
-        self.k = int(k)
-
-    def gate(self, h: torch.Tensor) -> torch.Tensor:
-        """ReLU of the per-token top-``k`` of ``h`` [..., d_sae]; exact zeros elsewhere."""
-        vals, idx = h.topk(self.k, dim=-1)
-        return torch.zeros_like(h).scatter(-1, idx, torch.relu(vals))
-
-    def cfg_dict(self) -> dict[str, Any]:
-        """SAELens cfg plus ``k``."""
-        return {**super().cfg_dict(), "k": self.k}
-
-    @classmethod
-    def from_parts(cls, cfg: dict[str, Any], tensors: dict[str, torch.Tensor]) -> "TopKSAE":
-        """Build from cfg + tensors; ``k`` must be an integer in [1, d_sae].
-
-        Raises:
-            TeacherError: missing or out-of-range ``k``.
-        """
-        k = cfg.get("k")
-        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= cfg["d_sae"]:
-            raise TeacherError(f"cfg.json 'k' of a topk SAE must be an integer in [1, d_sae={cfg['d_sae']}], "
-                               f"got {k!r}", field="cfg.json.k")
-        sae = cls(cfg["d_in"], cfg["d_sae"], k=k, apply_b_dec_to_input=cfg.get("apply_b_dec_to_input", True),
-                  metadata=cfg.get("metadata") or {})
-        with torch.no_grad():
-            for n in ("W_enc", "b_enc", "W_dec", "b_dec"):
-                getattr(sae, n).copy_(tensors[n])
-        return sae
-
-
-FAMILIES: tuple[str, ...] = ("relu", "jumprelu", "topk")
-"""Teacher gate families the upgrade supports."""
-
-SAE_REGISTRY: dict[str, type[SAE]] = {"standard": ReLUSAE, "relu": ReLUSAE, "jumprelu": JumpReLUSAE,
-                                      "topk": TopKSAE}
-"""``cfg.json`` ``architecture`` -> class. :mod:`rsae.rational` registers ``"rational"``."""
+SAE_REGISTRY: dict[str, type[SAE]] = {}
+"""``cfg.json`` ``architecture`` -> class; each module of :mod:`rsae.saes` registers its own."""
 
 
 def register_architecture(name: str, cls: type[SAE]) -> None:

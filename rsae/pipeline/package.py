@@ -1,0 +1,118 @@
+"""Stage 6, package: write the upgraded SAE (SAELens layout, ``architecture: "rational"``) and its report.
+
+Files (:data:`ARTIFACT_FILES`) are written to temporary names and renamed, so a reader never sees a
+half-written file. An SAE with non-finite weights is never published.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import NumericalError
+from ..formats import provenance as teacher_provenance
+from ..report import EvalSplit, RemezSection, Report, TeacherInfo, headline
+from ..saes import WEIGHTS_NAME, sha256_file
+from ..versions import package_versions
+from .checkpoints import write_json_atomic
+from .evaluate import comparison_table
+from .progress import RunContext
+from .state import UpgradeState
+
+log = logging.getLogger(__name__)
+
+ARTIFACT_FILES: dict[str, tuple[str, str]] = {
+    # name -> (kind, content type)
+    "sae_weights.safetensors": ("weights", "application/octet-stream"),
+    "cfg.json": ("config", "application/json"),
+    "report.json": ("report", "application/json"),
+    "report.html": ("report", "text/html"),
+}
+"""Files of an upgraded SAE's artifact folder (SAELens layout plus the evaluation report)."""
+
+
+def teacher_info(state: UpgradeState) -> TeacherInfo:
+    """The teacher's provenance: folder, weights sha256, architecture, family, sizes, training settings."""
+    teacher, cfg = state.teacher, state.cfg
+    return TeacherInfo(source=str(cfg.teacher), sha256=sha256_file(Path(cfg.teacher) / WEIGHTS_NAME),
+                       architecture=teacher.architecture, family=teacher.family, d_in=teacher.d_in,
+                       d_sae=teacher.d_sae, l1_coefficient=teacher.metadata.get("l1_coefficient"),
+                       k=getattr(teacher, "k", None), original=teacher_provenance(cfg.teacher).get("original"))
+
+
+def _notes(state: UpgradeState) -> list[str]:
+    """The report's closing notes (conventions, outliers, where exact zeros come from, the family's own)."""
+    capped = state.init.rank_capped
+    stats = state.evals.manifest["stats"]
+    return [
+        "Position 0 of every sequence (attention sink) is excluded from activations and metrics.",
+        "FVU is pooled about the per-dimension mean; fvu_about_zero divides by sum x^2.",
+        f"{stats['frac_norm_above_3x_median_sample']:.2%} of held-out tokens (sample) have "
+        "residual norm > 3x the median; they are kept and weigh heavily in MSE and FVU.",
+        "L0 counts exactly non-zero latents; the RSAE's exact zeros come from "
+        + ("the top-k cap (only each token's k largest pre-activations can be non-zero) and a floor of 0 on r."
+           if capped else "its floor (r-units), set so its L0 on the calibration tokens equals the teacher's."),
+    ] + state.family.notes(state.teacher, state.init.thresholds)
+
+
+def _write_html(data: dict[str, Any], out_dir: Path) -> None:
+    """Write ``report.html`` beside ``report.json`` (a failure to render is noted in ``data``, never fatal)."""
+    from ..report_html import write_report_html
+
+    try:
+        write_report_html(data, out_dir / "report.html")
+    except Exception as e:  # noqa: BLE001 - a plotting failure must not lose the upgraded SAE
+        log.exception("report.html could not be rendered")
+        data["notes"].append(f"report.html could not be rendered: {type(e).__name__}: {e}")
+
+
+def build_report(state: UpgradeState) -> Report:
+    """The :class:`rsae.report.Report` of a state that went through evaluate."""
+    cfg, fit = state.cfg, state.init.fit
+    return Report(
+        created_at=dt.datetime.now(dt.timezone.utc).isoformat(), config=cfg, host_model=state.host,
+        teacher=state.rsae.metadata["teacher"], data=state.data_section,
+        remez=RemezSection(**fit.__dict__, params=state.init.params), calibration=state.calibration,
+        finetune=state.finetune, control=state.control_section, probing=state.probing, plots=state.plots,
+        metrics=state.metrics, comparisons=comparison_table(state.metrics, state.paired or {}),
+        headline=headline(state.metrics),
+        eval_split=EvalSplit(model=cfg.model, layer=cfg.layer, dataset=cfg.data.dataset, split="eval",
+                             eval_fraction=cfg.data.eval_fraction, seed=cfg.seed, ctx_len=cfg.data.ctx_len,
+                             eval_tokens=cfg.data.eval_tokens),
+        notes=state.notes, timings_s={**{k: round(v, 2) for k, v in state.timings.items()}, "package": 0.0},
+        versions=package_versions())
+
+
+def package(state: UpgradeState, ctx: RunContext) -> None:
+    """Write the RSAE and ``report.json`` / ``report.html`` to ``state.out_dir``; fill ``state.report``.
+
+    Raises:
+        NumericalError: the RSAE has non-finite weights (it is not written).
+    """
+    t0 = time.time()
+    cfg, teacher, rsae = state.cfg, state.teacher, state.rsae
+    rsae.metadata = {**teacher.metadata, "model_name": cfg.model, "hook_name": cfg.hook, "hook_layer": cfg.layer,
+                     # the cfg follows the SAELens 6 schema; with this key SAELens keeps the metadata on load
+                     "sae_lens_version": "6.0.0",
+                     "teacher": teacher_info(state).model_dump(mode="json"),
+                     "method": "rsae (Yin & Yu 2026, arXiv 2606.14990)",
+                     "upgrade_config": cfg.model_dump(mode="json"), "versions": package_versions()}
+    bad = [n for n, t in rsae.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    if bad:  # never publish a broken SAE as a success
+        raise NumericalError(f"the upgraded SAE has non-finite values in {bad}; try a lower finetune.lr or "
+                             "calibrate.lr, or report the teacher", field="settings.finetune.lr")
+    rsae.cpu().save(state.out_dir)
+    state.notes += _notes(state)
+    data = build_report(state).model_dump(mode="json", by_alias=True)
+    _write_html(data, state.out_dir)
+    data["timings_s"]["package"] = round(time.time() - t0, 2)
+    write_json_atomic(state.out_dir / "report.json", data)
+    state.report = data
+    ctx.progress.report(1.0, {"stage": "package", **{k: v for k, v in data["headline"].items() if v is not None}},
+                        force=True)
