@@ -82,6 +82,43 @@ def _label_index(label: str | None) -> int:
     return BBC_CATEGORIES.index(label) if label in BBC_CATEGORIES else -1
 
 
+def _manifest(*, layer: int, d_in: int, ctx_len: int, rows: int, dataset: str, split: str, eval_fraction: float,
+              seed: int, shards: list[dict], mean_norm: float, norms_sample: torch.Tensor) -> dict:
+    """The ``manifest.json`` of an extracted split (format ``rsae-activations/1``); ``norms_sample``: residual
+    norms [m] of a sample of rows, for the outlier statistics."""
+    median = norms_sample.median().item()
+    return {
+        "format": "rsae-activations/1",
+        "layer": layer,
+        "hook": f"blocks.{layer}.hook_resid_post",
+        "d_in": d_in,
+        "ctx_len": ctx_len,
+        "position_0_dropped": True,
+        "rows": rows,
+        "dataset": dataset,
+        "split": split,
+        "eval_fraction": eval_fraction,
+        "seed": seed,
+        "labels": list(BBC_CATEGORIES),
+        "shards": shards,
+        "stats": {
+            "mean_norm": mean_norm,
+            "median_norm_sample": median,
+            "frac_norm_above_3x_median_sample": (norms_sample > 3 * median).float().mean().item(),
+        },
+    }
+
+
+def _next_batch(it, size: int) -> list:
+    """Up to ``size`` items of iterator ``it`` (fewer at its end)."""
+    batch = []
+    for item in it:
+        batch.append(item)
+        if len(batch) == size:
+            break
+    return batch
+
+
 def extract_activations(model, tokenizer, *, layer: int, dataset: str, split: str, n_tokens: int,
                         out_dir: str | Path, ctx_len: int = 128, eval_fraction: float = 0.2,
                         seed: int = 0, batch_size: int = 8, shard_tokens: int = 16_384,
@@ -141,11 +178,7 @@ def extract_activations(model, tokenizer, *, layer: int, dataset: str, split: st
     n_seq = 0
     with ResidualCapture(model, layer) as cap:
         while n_seq < need_seqs:
-            batch = []
-            for ids, doc in it:
-                batch.append((ids, doc))
-                if len(batch) == min(batch_size, need_seqs - n_seq):
-                    break
+            batch = _next_batch(it, min(batch_size, need_seqs - n_seq))
             if not batch:
                 break
             ids = torch.tensor([b[0] for b in batch], dtype=torch.long)
@@ -167,29 +200,10 @@ def extract_activations(model, tokenizer, *, layer: int, dataset: str, split: st
     if done_rows < n_tokens:
         raise DataError(f"split '{split}' of {dataset!r} yields only {done_rows} tokens at ctx_len={ctx_len}; "
                         f"{n_tokens} requested", field=f"data.{'eval' if split == 'eval' else 'train'}_tokens")
-    ns = torch.cat(norms_sample)
-    median = ns.median().item()
-    manifest = {
-        "format": "rsae-activations/1",
-        "layer": layer,
-        "hook": f"blocks.{layer}.hook_resid_post",
-        "d_in": d_in,
-        "ctx_len": ctx_len,
-        "position_0_dropped": True,
-        "rows": done_rows,
-        "dataset": dataset,
-        "split": split,
-        "eval_fraction": eval_fraction,
-        "seed": seed,
-        "labels": list(BBC_CATEGORIES),
-        "shards": shards,
-        "stats": {
-            "mean_norm": sum_norm / max(1, n_seq * rows_per_seq),
-            "median_norm_sample": median,
-            "frac_norm_above_3x_median_sample": (ns > 3 * median).float().mean().item(),
-        },
-        **(meta or {}),
-    }
+    manifest = {**_manifest(layer=layer, d_in=d_in, ctx_len=ctx_len, rows=done_rows, dataset=dataset, split=split,
+                            eval_fraction=eval_fraction, seed=seed, shards=shards,
+                            mean_norm=sum_norm / max(1, n_seq * rows_per_seq), norms_sample=torch.cat(norms_sample)),
+                **(meta or {})}
     (out_dir / MANIFEST).write_text(json.dumps(manifest, indent=2))
     return manifest
 

@@ -502,6 +502,9 @@ def remez_fit(family: str = "relu", *, c: float = 0.0, p: int = 3, q: int = 2, g
               margin: float = 0.0, tol: float = 1e-3, max_iter: int = 50, safe: bool = True) -> RationalFit:
     """Relaxed Remez fit of r = P / (1 + B) to the family's target gate on [-1, 1] (see module docstring).
 
+    One long function on purpose: its body is the numbered algorithm of the module docstring (steps 2-6, marked
+    in the code), which reads as a specification only in one piece.
+
     Args:
         family: a registered family name (its :meth:`rsae.saes.Family.remez_target` is the target; built-in:
             g(t) = t * H(t - c), c = 0 for relu).

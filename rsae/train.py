@@ -63,14 +63,6 @@ def train_sae(sae: SAE, store: ActivationStore, *, steps: int, batch_size: int, 
     base_lrs = [g.get("lr", lr) for g in opt.param_groups]
     decay_start = int(steps * (1 - lr_decay_frac))
 
-    def lr_scale(step: int) -> float:
-        s = 1.0
-        if warmup_steps and step < warmup_steps:
-            s = (step + 1) / warmup_steps
-        if step >= decay_start and steps > decay_start:
-            s *= max(0.0, (steps - step) / (steps - decay_start))
-        return s
-
     history: list[dict[str, float]] = []
     batches = store.iter_batches(batch_size, seed=seed, device=device)
     loss_fn = loss_fn or sae_loss
@@ -85,7 +77,7 @@ def train_sae(sae: SAE, store: ActivationStore, *, steps: int, batch_size: int, 
     for step in range(start, steps):
         x = next(batches)
         for g, base in zip(opt.param_groups, base_lrs):
-            g["lr"] = base * lr_scale(step)
+            g["lr"] = base * lr_scale(step, steps, warmup_steps, decay_start)
         lam = lam_base * (min(1.0, (step + 1) / l1_warmup_steps) if l1_warmup_steps else 1.0)
         loss, parts = loss_fn(sae, x, lam)
         opt.zero_grad(set_to_none=True)
@@ -109,6 +101,17 @@ def train_sae(sae: SAE, store: ActivationStore, *, steps: int, batch_size: int, 
                              "rng": torch.get_rng_state()})
     sae.eval()
     return history
+
+
+def lr_scale(step: int, steps: int, warmup_steps: int, decay_start: int) -> float:
+    """Learning-rate multiplier at ``step`` (0-based) of ``steps``: linear warm-up over ``warmup_steps``, then
+    1, then a linear decay to 0 from step ``decay_start``."""
+    s = 1.0
+    if warmup_steps and step < warmup_steps:
+        s = (step + 1) / warmup_steps
+    if step >= decay_start and steps > decay_start:
+        s *= max(0.0, (steps - step) / (steps - decay_start))
+    return s
 
 
 class TrainCheckpoint(Protocol):
