@@ -429,7 +429,7 @@ def test_sigkill_mid_finetune_resumes_from_the_checkpoint(dsettings: Settings, m
     resumed = done.resumed_from
     assert resumed["stage"] == "finetune" and resumed["name"] == "finetune-rsae", resumed
     assert resumed["step"] >= step_at_kill >= 20 and resumed["step"] < 400 and resumed["attempt"] == 2
-    assert resumed["reused"] == ["extract"]
+    assert resumed["reused"] == ["extract", "init", "calibrate"]  # the state saved after each stage
     assert "reusing train activations" in survivor.tail(400)  # extract was not rerun
     msgs = log_messages(make_session, job_id)
     assert any(m.startswith(f"attempt 2 resumed from stage finetune (finetune-rsae) at step {resumed['step']}")
