@@ -385,7 +385,7 @@ def test_deadline_and_lost_lease_stop_a_running_job(dsettings: Settings, make_se
 
     stolen = insert_job(make_session, teacher, _with_steps(100_000))
     t, result = _run_in_thread(stolen, dsettings)
-    wait_until(lambda: (get_job(make_session, stolen).checkpoint or {}).get("step") or 0 >= 10, 300,
+    wait_until(lambda: ((get_job(make_session, stolen).checkpoint or {}).get("step") or 0) >= 10, 300,
                "first checkpoint")
     with make_session.begin() as s:
         s.execute(update(Job).where(Job.id == stolen).values(lease_owner="other:1:x"))
@@ -410,7 +410,7 @@ def test_sigkill_mid_finetune_resumes_from_the_checkpoint(dsettings: Settings, m
     celery = create_celery(dsettings)
     try:
         enqueue_upgrade(celery, job_id)
-        wait_until(lambda: (get_job(make_session, job_id).checkpoint or {}).get("step") or 0 >= 20, 300,
+        wait_until(lambda: ((get_job(make_session, job_id).checkpoint or {}).get("step") or 0) >= 20, 300,
                    "a fine-tuning checkpoint at step >= 20", alive=lambda: [w.check() for w in (w1, w2)])
         running = get_job(make_session, job_id)
         victim = workers.owner_of(running.lease_owner)
@@ -474,7 +474,7 @@ def test_redis_restart_while_a_job_runs_and_others_are_queued(database_url: str,
                [insert_job(make_session, teacher) for _ in range(2)]
         for job_id in jobs:
             enqueue_upgrade(celery, job_id)
-        wait_until(lambda: (get_job(make_session, jobs[0]).checkpoint or {}).get("step") or 0 >= 10, 300,
+        wait_until(lambda: ((get_job(make_session, jobs[0]).checkpoint or {}).get("step") or 0) >= 10, 300,
                    "job 1 fine-tuning", alive=worker.check)
         assert [get_job(make_session, j).status for j in jobs[1:]] == ["queued", "queued"]
         server.stop(timeout=10)  # SIGTERM: Redis writes its AOF and exits
