@@ -29,7 +29,7 @@ from service.client import download_artifacts, submit_job, upload_sae, wait_for_
 from service.config import Settings
 from service.embedded import Stack, wait_until
 from service.models import Job, User, utcnow
-from worker.celery_app import create_celery, enqueue_upgrade
+from service.queue import create_celery, enqueue_upgrade
 
 from support.servers import bearer
 

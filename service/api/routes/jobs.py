@@ -28,7 +28,7 @@ from service.models import TERMINAL_STATUSES, Job, JobEvent, Sae, User, is_uuid
 from service.problems import NotFound, ProblemError, problem_responses, validation_error
 from service.schemas import ArtifactOut, EventOut, JobCreate, JobOut, JobPage, JobStatus
 from service.webhooks import host_allowed, notify_in_background
-from worker.celery_app import enqueue_upgrade
+from service.queue import enqueue_upgrade
 
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/jobs", tags=["jobs"], responses=problem_responses(400, 401, 413, 422))
