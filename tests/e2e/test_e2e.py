@@ -258,7 +258,7 @@ def test_cli_and_server_sent_events(stack: Stack, http: httpx.Client, teacher_di
     sends the job's signed webhook to a real local receiver."""
     from service.client import stream_events
     from service.webhooks import verify
-    from test_webhooks import Receiver
+    from support.webhooks import Receiver
 
     env = _client_env(stack, RSAE_TOKEN=api_token)
     rsae_cli = [str(VENV_BIN / "rsae"), "jobs"]
