@@ -1,5 +1,6 @@
 """``rsae`` command line: train a teacher, run an upgrade locally, inspect an SAE folder, and drive jobs on a
-running service (``rsae jobs ...``, see :mod:`service.jobs_cli`)."""
+running service (``rsae jobs ...``: a plugin the service package registers under the ``rsae.cli`` entry-point
+group, so the core never imports the service)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import argparse
 import json
 import logging
 import sys
+from importlib.metadata import entry_points
 from pathlib import Path
 
 from .config import UpgradeConfig
@@ -127,9 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("path")
     i.set_defaults(func=cmd_info)
 
-    from service.jobs_cli import add_jobs_parser  # the HTTP client side lives with the service
-
-    add_jobs_parser(sub)
+    for ep in entry_points(group="rsae.cli"):  # plugins, e.g. `rsae jobs ...` from the service package
+        ep.load()(sub)
     return p
 
 
@@ -139,10 +140,6 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        if args.cmd == "jobs":
-            from service.jobs_cli import run
-
-            return run(args.func, args)
         return args.func(args)
     except RSAEError as e:
         print(f"error{f' in {e.field}' if e.field else ''}: {e.message}", file=sys.stderr)

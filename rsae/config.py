@@ -29,9 +29,9 @@ class DataConfig(_Strict):
     """Text and token budget for activation extraction.
 
     Documents are split into train and held-out eval sets *by document* (a document's sequences never
-    appear in both). Sequences are ``ctx_len`` tokens; position 0 of each sequence (the attention sink,
-    norm up to ~30x the median on SmolLM2) is dropped from the activations, so each sequence yields
-    ``ctx_len - 1`` activation rows.
+    appear in both). Sequences are ``ctx_len`` tokens; position 0 of each sequence (the attention sink;
+    docs/method.md#defaults) is dropped from the activations, so each sequence yields ``ctx_len - 1``
+    activation rows.
     """
 
     dataset: str = Field(
@@ -41,9 +41,8 @@ class DataConfig(_Strict):
     )
     ctx_len: int = Field(128, ge=8, le=4096, description="Tokens per sequence, including position 0.")
     train_tokens: int = Field(
-        131_072, ge=256, le=200_000_000, description="Activation rows for calibration and fine-tuning (600 "
-        "steps of 1,024 rows pass over 131,072 rows ~4.7 times; on 32,768 rows, ~19 times, the fine-tuned SAEs "
-        "over-fitted: JumpReLU held-out delta CE no better than the teacher's, docs/method.md)."
+        131_072, ge=256, le=200_000_000, description="Training activation rows used for calibration and "
+        "fine-tuning. Why this default: docs/method.md#defaults."
     )
     eval_tokens: int = Field(
         8_192, ge=128, le=50_000_000, description="Held-out activation rows for evaluation."
@@ -67,30 +66,29 @@ class RemezConfig(_Strict):
     p: int | None = Field(None, ge=1, le=16, description="Numerator degree of P(t). None: family default.")
     q: int | None = Field(None, ge=0, le=16, description="Denominator degree of Q(t) = 1 + |b_1 t + ... + "
                           "b_q t^q|. None: family default.")
-    c: float | None = Field(None, ge=0.01, lt=1.0, description="Jump position on the unit interval "
-                            "(jump families); each latent j gets the scale s_j = theta_j / a with a = c + margin "
-                            "('upper_edge' placement) or c ('center'). None: chosen from data so that a = 1 / (99.9th "
-                            "percentile of h / theta over the teacher's active entries), c clipped to [0.04, 0.5]: "
-                            "almost all active pre-activations fall in [-1, 1].")
+    c: float | None = Field(None, ge=0.01, lt=1.0, description="Jump position on the unit interval (jump "
+                            "families); latent j gets the scale s_j = theta_j / a, with a = c + margin "
+                            "('upper_edge') or c ('center'). None: chosen from the data so that almost all of the "
+                            "teacher's active pre-activations fall in [-1, 1], clipped to [0.04, 0.5]. Why this "
+                            "default: docs/method.md#defaults.")
     jump_placement: Literal["upper_edge", "center"] = Field(
         "upper_edge", description="Jump families: where the teacher's threshold lands on the unit interval. "
-        "'upper_edge' (default): at c + delta, the upper edge of the unfitted band, so every pre-activation the "
-        "teacher keeps (h > theta) lies in the fitted set (error <= the fit's max error) and the band, where the "
-        "rational rises, holds only entries the teacher zeroes (the exact-zero floor drops them): a one-sided "
-        "margin below the jump. 'center': at c, the band straddles the threshold, h in theta (1 - rho, 1 + rho).")
+        "'upper_edge': at c + margin, the top of the unfitted band, so every entry the teacher keeps lies in the "
+        "fitted set; 'center': at c, so the band straddles the threshold. Why this default: "
+        "docs/method.md#defaults.")
     topk_threshold: Literal["per_token", "global"] = Field(
         "per_token", description="TopK teachers: 'per_token' uses each token's separating threshold (midpoint "
         "of its k-th and (k+1)-th pre-activation; reproduces the teacher at init); 'global' one threshold tau "
         "with a mean of k pre-activations above it (BatchTopK-style; L0 then varies per token).")
     topk_cap: bool = Field(
-        True, description="TopK teachers, 'per_token' threshold: only each token's k largest pre-activations can be "
-        "non-zero (the teacher's own top-k rule bounds the active set, so L0 <= k exactly; the rational shapes the "
-        "values). Fine-tuning then uses no L1 term and no L0 controller (lambda = 0 unless the request sets one), "
-        "like the TopK teacher's own training. False: the floor alone decides (L0 can drift above k).")
+        True, description="TopK teachers with the 'per_token' threshold: only each token's k largest "
+        "pre-activations may be non-zero (L0 <= k), and fine-tuning uses no L1 term and no L0 controller "
+        "(lambda = 0 unless the request sets one). False: the floor alone selects, and L0 can drift above k. "
+        "Why this default: docs/method.md#defaults.")
     grid_points: int = Field(4001, ge=101, le=100_001, description="Points of the dense grid on [-1, 1].")
     margin: float | None = Field(
         None, ge=0.0, le=0.5, description="Half-width delta of the excluded interval (c - delta, c + delta) "
-        "around a jump at c. 0 for ReLU (continuous target). None: family default."
+        "around a jump at c (0 for ReLU, whose target is continuous). None: family default."
     )
     tol: float = Field(1e-3, gt=0, le=1.0, description="Stop when grid error <= (1 + tol) * levelled error.")
     max_iter: int = Field(50, ge=1, le=1000, description="Maximum exchange iterations.")
@@ -102,17 +100,14 @@ class CalibrateConfig(_Strict):
     steps: int = Field(300, ge=0, le=100_000, description="Adam steps.")
     lr: float = Field(1e-2, gt=0, le=1.0, description="Adam learning rate.")
     objective: Literal["auto", "all", "selected"] = Field(
-        "auto", description="Entries the l2 objective compares. 'all': every (token, latent) entry, "
-        "mean (phi_raw(h) - g(h))^2. 'selected': the entries the teacher keeps carry phi_raw(h), all others count "
-        "as 0, as the RSAE's selection zeroes them; the scalars then fit the values that reach the decoder instead "
-        "of the rational's shape on entries that are zeroed anyway. Exact for TopK with the top-k cap (the cap "
-        "selects); for a floor-selected gate (ReLU, JumpReLU) nothing then holds the entries the teacher zeroes "
-        "below the floor, and fine-tuning lost L0 (measured, docs/method.md). 'auto': 'selected' for capped TopK, "
-        "else 'all'.")
+        "auto", description="Which (token, latent) entries the calibration's l2 objective compares: 'all' every "
+        "entry, 'selected' the teacher's active entries with all others counted as 0 (as the RSAE's selection "
+        "zeroes them). 'auto' means 'selected' for TopK with the top-k cap, else 'all'. Why this default: "
+        "docs/method.md#defaults.")
     tokens: int = Field(4096, ge=64, le=1_000_000, description="Real activation rows used.")
     sample: int = Field(
-        1 << 17, ge=1024, le=1 << 26, description="(token, latent) entries per Adam step (whole token rows drawn "
-        "at random). 2^17 calibrated the gate as well as 2^20 in 28% of the time (measured; docs/method.md).")
+        1 << 17, ge=1024, le=1 << 26, description="(token, latent) entries per Adam step, drawn as whole token "
+        "rows at random. Why this default: docs/method.md#defaults.")
     c_in_quantile: float = Field(
         0.999, gt=0.5, lt=1.0, description="C_in starts at this quantile of |h| so most h fall in [-1, 1]."
     )
@@ -126,14 +121,13 @@ class FinetuneConfig(_Strict):
     lr: float = Field(1e-4, gt=0, le=1.0, description="Adam learning rate for the SAE weights.")
     gate_lr: float = Field(1e-3, gt=0, le=1.0, description="Adam learning rate for the gate scalars.")
     threshold_lr: float | None = Field(
-        1e-2, gt=0, le=1.0, description="Adam learning rate for the per-latent thresholds: the RSAE's scales s_j "
-        "(jump families) and the JumpReLU control's thresholds, the same for both (compute-matched). None: "
-        "gate_lr. 1e-2, not gate_lr's 1e-3: on our JumpReLU teacher it took the control from held-out MSE 760.8 "
-        "/ delta CE 0.228 to 689.0 / 0.188 and the RSAE from 745.0 / 0.232 to 738.1 / 0.232 (docs/method.md); "
-        "a control held back by a slow threshold rate would flatter the RSAE.")
+        1e-2, gt=0, le=1.0, description="Adam learning rate for the per-latent thresholds, the same for the "
+        "RSAE's scales s_j (jump families) and the JumpReLU control's thresholds. None: gate_lr. Why this "
+        "default: docs/method.md#defaults.")
     l1_coefficient: float | None = Field(
-        None, ge=0, description="lambda. None: the teacher's own training lambda if its cfg records one, "
-        "else chosen so the L1 term equals 10% of the MSE term on the teacher at the start.",
+        None, ge=0, description="lambda, the weight of the decoder-norm-weighted L1 term. None: the teacher's "
+        "own training lambda if its cfg records one, else the value making the L1 term 10% of the MSE term on the "
+        "teacher at the start.",
     )
     eval_every: int = Field(100, ge=1, description="Steps between held-out evaluations (training curve).")
     l0_target_ratio: float | None = Field(

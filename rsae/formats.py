@@ -35,7 +35,6 @@ SAELens layout, which the pipeline reads), :func:`detect_format`, :func:`provena
 
 from __future__ import annotations
 
-import importlib.metadata
 import json
 import pickle
 import re
@@ -48,14 +47,19 @@ import torch
 
 from .errors import TeacherError
 from .saes import CFG_NAME, MAX_DIM, SAE, WEIGHTS_NAME, get_family, sha256_file
+from .versions import package_versions
 
 FORMATS: tuple[str, ...] = ("saelens", "gemma_scope", "sparsify", "dictionary_learning")
 """Names of the supported teacher formats (values of :attr:`DetectedFormat.format`)."""
 
 SPARSIFY_WEIGHTS = "sae.safetensors"
+"""EleutherAI sparsify weights file (beside :data:`rsae.saes.CFG_NAME`)."""
 GEMMA_SCOPE_PARAMS = "params.npz"
+"""Gemma Scope parameters file."""
 DL_WEIGHTS = "ae.pt"
+"""dictionary_learning state dict."""
 DL_CONFIG = "config.json"
+"""dictionary_learning training config."""
 
 _MIN_THRESHOLD = float(torch.finfo(torch.float32).tiny)
 """Thresholds <= 0 are raised to this (the smallest normal float32): ``relu(h) * 1[h > theta]`` with
@@ -740,18 +744,6 @@ def import_teacher(path: str | Path, out: str | Path, *, format: str | None = No
     return t.detected
 
 
-def _versions() -> dict[str, str]:
-    out: dict[str, str] = {}
-    for dist in ("rsae-service", "torch", "transformers", "safetensors", "numpy", "huggingface-hub",
-                 "sae-lens", "eai-sparsify", "dictionary-learning"):
-        try:
-            out[dist] = importlib.metadata.version(dist)
-        except importlib.metadata.PackageNotFoundError:
-            if dist in ("rsae-service", "torch", "transformers", "safetensors", "numpy"):
-                out[dist] = "unknown"
-    return out
-
-
 def provenance(teacher_path: str | Path) -> dict[str, Any]:
     """Teacher provenance for an upgraded SAE's cfg and report (cheap: no tensors are loaded).
 
@@ -761,8 +753,7 @@ def provenance(teacher_path: str | Path) -> dict[str, Any]:
     Returns:
         ``{"source": str(path), "format": ..., "files": {name: sha256}, "original": <the detection report
         of the file the teacher was imported from, when it was converted by import_teacher, else None>,
-        "versions": {"rsae-service", "torch", "transformers", "safetensors", "numpy", and "huggingface-hub",
-        "sae-lens", "eai-sparsify", "dictionary-learning" when installed}}``.
+        "versions": :func:`rsae.versions.package_versions`}``.
 
     Raises:
         TeacherError: the path holds no recognised teacher files.
@@ -778,5 +769,5 @@ def provenance(teacher_path: str | Path) -> dict[str, Any]:
         except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
             original = None
     return {"source": str(teacher_path), "format": fmt, "files": _files(folder, names), "original": original,
-            "versions": _versions()}
+            "versions": package_versions()}
 

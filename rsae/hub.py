@@ -27,7 +27,8 @@ from typing import Any
 from .errors import TeacherError
 
 REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
-"""Accepted hub repo ids: ``org/name`` (the hub's own rules: letters, digits, ``._-``, at most 96 each)."""
+"""Accepted hub repo ids: ``org/name`` (the hub's own rules: letters, digits, ``._-``, at most 96 each). The one
+definition, also used for model hub ids by :func:`rsae.models.resolve_model`."""
 _SUBFOLDER = re.compile(r"^[A-Za-z0-9_.\-]+(/[A-Za-z0-9_.\-]+)*$")
 _REVISION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,99}$")
 _RELEASE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-]{0,199}$")
@@ -167,18 +168,3 @@ def resolve_hub_teacher(*, repo_id: str | None = None, subfolder: str | None = N
         raise TeacherError(f"{repo_id} has no folder {subfolder!r} (revision {revision or 'main'})",
                            field="teacher.subfolder" if release is None else "teacher.sae_id")
     return HubTeacher(path, repo_id, subfolder, revision, release, sae_id, conversion)
-
-
-def load_hub_teacher(**ref: Any):
-    """:func:`resolve_hub_teacher` then :func:`rsae.formats.load_teacher` on the folder.
-
-    Returns:
-        ``(LoadedTeacher, HubTeacher)``.
-
-    Raises:
-        TeacherError: from either step.
-    """
-    from .formats import load_teacher
-
-    resolved = resolve_hub_teacher(**ref)
-    return load_teacher(resolved.path), resolved

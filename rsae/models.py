@@ -17,12 +17,12 @@ import importlib.metadata
 import importlib.util
 import logging
 import os
-import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import ModelError
+from .hub import REPO_ID
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +31,6 @@ BUNDLED = {
 }
 BUNDLED_SHAPES = {"smollm2-135m": (30, 576)}
 """(number of blocks, d_model) of each bundled model, known without loading it (checked by a test)."""
-_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
 
 
 def cache_dir() -> Path:
@@ -97,7 +96,7 @@ def resolve_model(spec: str) -> ResolvedModel:
         return ResolvedModel(spec, str(p.resolve()))
     if spec.startswith(("/", ".", "~")) or "://" in spec:
         raise ModelError(f"model {spec!r}: local folder not found (URLs are not fetched)", field="model")
-    if not _HUB_ID.match(spec):
+    if not REPO_ID.match(spec):
         raise ModelError(f"model {spec!r} is not a bundled name {sorted(BUNDLED)}, a folder or a hub id "
                          "'org/name'", field="model")
     return ResolvedModel(spec, spec)

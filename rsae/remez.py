@@ -99,12 +99,10 @@ from numpy.polynomial import chebyshev as npc
 from numpy.polynomial import polynomial as npp
 from scipy.optimize import linprog
 
-log = logging.getLogger(__name__)
+# The jump families' defaults (jump position c, relative margin rho) live with the families; re-exported here.
+from .saes.family import DEFAULT_C, MARGIN_RHO, get_family  # noqa: F401 (defaults re-exported)
 
-#: Default jump position c for JumpReLU / TopK (t = 1 is h = theta / c = 4 theta).
-DEFAULT_C = 0.25
-#: Default relative margin: delta = MARGIN_RHO * c.
-MARGIN_RHO = 0.1
+log = logging.getLogger(__name__)
 
 _LP_OPTS = {"primal_feasibility_tolerance": 1e-9, "dual_feasibility_tolerance": 1e-9}
 _BETA0_MIN = 1e-9  # normalisation 1e-9 <= beta_0 <= 1, |beta_j| <= 1, i.e. the cap Q(0) >= 1e-9 max|beta_j|
@@ -127,8 +125,6 @@ def target_gate(family: str, c: float = 0.0) -> Callable[[np.ndarray], np.ndarra
     Raises:
         ValueError: unknown family; a ``c`` the family does not accept (ReLU: c != 0).
     """
-    from .saes import get_family
-
     return get_family(family).remez_target(c)
 
 
@@ -142,8 +138,6 @@ def default_fit_params(family: str, c: float | None = None) -> dict:
     Raises:
         ValueError: unknown family; c outside (0, 1) for a jump family; c != 0 for ReLU.
     """
-    from .saes import get_family
-
     return get_family(family).remez_defaults(c)
 
 

@@ -8,13 +8,12 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from sqlalchemy.orm import sessionmaker
 
-from worker.celery_app import create_celery
-
 from .api.routes import health, jobs, saes
 from .config import Settings, get_settings
 from .db import make_engine
 from .limits import BodyLimitMiddleware
 from .problems import install_problem_handlers
+from .queue import create_celery
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:

@@ -57,12 +57,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_worker(args: argparse.Namespace) -> int:
     """Run a Celery worker on the job queue (concurrency 1, prefork); extra arguments pass through."""
-    from worker.celery_app import create_celery
+    from .queue import run_worker
 
-    settings = get_settings()
     extra = args.celery_args[1:] if args.celery_args[:1] == ["--"] else args.celery_args
-    create_celery(settings).worker_main(["worker", "-Q", settings.queue_name, "-c", "1", "-P", "prefork",
-                                         "--loglevel", settings.log_level, *extra])
+    run_worker(get_settings(), extra)
     return 0
 
 

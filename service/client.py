@@ -26,7 +26,7 @@ from typing import Any
 import httpx
 from httpx_sse import SSEError, connect_sse
 
-from rsae.sae import CFG_NAME, WEIGHTS_NAME
+from rsae.saes import CFG_NAME, WEIGHTS_NAME
 
 TERMINAL = frozenset({"succeeded", "failed", "cancelled"})
 

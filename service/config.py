@@ -25,7 +25,7 @@ class Settings(BaseSettings):
 
     data_dir: Path = Field(Path("var"), description="Root folder for the SQLite file, uploads, artifacts.")
     database_url: str | None = Field(
-        None, description="SQLAlchemy URL. Default: SQLite file '<data_dir>/rsae.db' (single machine). "
+        None, description="SQLAlchemy URL; default a SQLite file '<data_dir>/rsae.db' (single machine). "
         "Postgres: 'postgresql+psycopg://user:pass@host/db'.")
     broker_url: str | None = Field(
         None, description="Celery broker (Redis) URL. Unset: 'rsae-service up'/'demo' start their own "

@@ -77,13 +77,14 @@ def resolve_teacher(session: Session, settings: Settings, ref: TeacherRef, owner
     if ref.hub is not None:
         from rsae.formats import import_teacher
         from rsae.hub import check_hub_ref, resolve_hub_teacher
+        from rsae.saes import CFG_NAME
 
         hub = ref.hub.model_dump()
         try:
             if dest is None:
                 check_hub_ref(**hub)
                 return ""
-            if not (dest / "cfg.json").is_file():  # imported by an earlier attempt: reuse
+            if not (dest / CFG_NAME).is_file():  # imported by an earlier attempt: reuse
                 import_teacher(resolve_hub_teacher(**hub).path, dest)
             return str(dest)
         except TeacherError as e:

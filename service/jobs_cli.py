@@ -17,6 +17,7 @@ an API error (the problem's code, detail and field are printed).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -188,6 +189,15 @@ def add_jobs_parser(sub: Any) -> None:
     ls = js.add_parser("list", help=cmd_list.__doc__, parents=[common])
     ls.add_argument("--status", default=None, choices=sorted(TERMINAL | {"queued", "running", "cancelling"}))
     ls.set_defaults(func=cmd_list)
+    for parser in (s, d, ls, *(js.choices[n] for n in ("status", "wait", "cancel"))):
+        cmd = parser.get_default("func")
+        parser.set_defaults(func=functools.partial(run, cmd))
+
+
+def register(sub: Any) -> None:
+    """The ``rsae.cli`` plugin entry point (``pyproject.toml`` ``[project.entry-points."rsae.cli"]``): adds
+    ``rsae jobs ...``, whose commands turn API and connection errors into messages and exit code 2."""
+    add_jobs_parser(sub)
 
 
 def run(func: Any, args: argparse.Namespace) -> int:

@@ -212,7 +212,7 @@ def reap_once(settings: Settings, make_session: sessionmaker[Session],
     """One reaper pass (safe to run in many processes at once: every change is conditional).
 
     Args:
-        publish: sends the upgrade message for a job id (e.g. :func:`worker.celery_app.enqueue_upgrade`);
+        publish: sends the upgrade message for a job id (e.g. :func:`service.queue.enqueue_upgrade`);
             failures are logged and retried at the next pass.
 
     Returns:

@@ -32,10 +32,10 @@ from service.config import Settings, get_settings
 from service.db import get_sessionmaker
 from service.jobs import add_event, build_upgrade_config, resolve_teacher, transition
 from service.models import Artifact, Job, utcnow
+from service.queue import TASK_UPGRADE, create_celery, enqueue_upgrade
 from service.schemas import JobCreate
 from service.webhooks import notify_in_background
 
-from .celery_app import TASK_UPGRADE, enqueue_upgrade
 from .lease import (ACTIVE, Heartbeat, Reaper, claim, db_retry, describe, discard_dirs, is_transient_db_error,
                     new_owner)
 
@@ -196,7 +196,7 @@ def _headline_metrics(report: dict[str, Any]) -> dict[str, Any]:
 
 def _register_artifacts(session: Session, settings: Settings, job_id: str, out_dir: Path) -> None:
     """Insert one ``artifacts`` row per file of ``out_dir`` (temporary dot-files skipped)."""
-    from rsae.sae import sha256_file  # imports torch: only inside the task
+    from rsae.saes import sha256_file  # imports torch: only inside the task
 
     for f in sorted(out_dir.iterdir()):
         if not f.is_file() or f.name.startswith("."):
@@ -381,12 +381,10 @@ _reaper: Reaper | None = None
 
 
 def start_reaper(settings: Settings) -> Reaper:
-    """Start (once per process) a :class:`worker.lease.Reaper` publishing with this process's Celery app."""
+    """Start (once per process) a :class:`worker.lease.Reaper` publishing through a Celery client of its own."""
     global _reaper
     if _reaper is None or not _reaper.is_alive():
-        from .celery_app import create_celery
-
-        app = create_celery(settings)
+        app = create_celery(settings)  # publishes only: the reaper sends messages, it runs no tasks
         _reaper = Reaper(settings, get_sessionmaker(settings.database_url),
                          lambda job_id: enqueue_upgrade(app, job_id, retries=settings.enqueue_retries))
         _reaper.start()

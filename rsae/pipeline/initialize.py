@@ -20,9 +20,10 @@ from typing import Any
 import torch
 
 from ..config import UpgradeConfig
-from ..remez import MARGIN_RHO, cached_remez_fit
+from ..remez import cached_remez_fit
 from ..report import FitParams
 from ..saes import Family, RationalSAE
+from ..saes.family import MARGIN_RHO
 from ..stats import quantile
 from .progress import RunContext
 from .state import InitResult, UpgradeState

@@ -23,6 +23,11 @@ import torch
 from ..errors import TeacherError
 from .base import SAE, decoder_norm_l1, register_architecture
 
+DEFAULT_C = 0.25
+"""Default jump position c of a jump family's Remez target on the unit interval (t = 1 is h = theta / c = 4 theta)."""
+MARGIN_RHO = 0.1
+"""Default relative margin of the Remez fit around a jump at c: delta = MARGIN_RHO * c (``docs/remez.md``)."""
+
 LossFn = Callable[[SAE, torch.Tensor, float], tuple[torch.Tensor, dict[str, float]]]
 """``loss_fn(sae, x, coefficient) -> (loss, parts)``: a training objective on a batch x [n, d_in]; ``parts``
 holds floats (at least ``loss``, ``mse``, ``l0``)."""
@@ -108,14 +113,12 @@ class Family:
 
     def remez_defaults(self, c: float | None = None) -> dict[str, Any]:
         """Default Remez inputs ``dict(c, margin, p, q)``: jump at ``c`` (default
-        :data:`rsae.remez.DEFAULT_C`), margin ``MARGIN_RHO * c``, degrees :attr:`degrees`
+        :data:`DEFAULT_C`), margin :data:`MARGIN_RHO` ``* c``, degrees :attr:`degrees`
         (``docs/remez.md`` has the measured trade-offs).
 
         Raises:
             ValueError: c outside (0, 1).
         """
-        from ..remez import DEFAULT_C, MARGIN_RHO
-
         cc = DEFAULT_C if c is None else float(c)
         if not 0.0 < cc < 1.0:
             raise ValueError(f"jump position c={cc} must lie in (0, 1)")

@@ -189,7 +189,7 @@ def test_jump_safe_denominator_holds_on_the_whole_interval(jump_default):
 
 def test_jump_default_survives_float32_evaluation(jump_default):
     fit, _ = jump_default
-    # rsae.rational evaluates P and B by Horner in float32: at the default the monomial coefficients lose
+    # rsae.saes.rational evaluates P and B by Horner in float32: at the default the monomial coefficients lose
     # < 1 % of accuracy (at c >= 0.35 and small margins they lose much more, docs/remez.md)
     assert fit.max_error_float32 <= 1.02 * fit.max_error
 

@@ -32,7 +32,7 @@ from service.config import Settings
 from service.db import get_sessionmaker
 from service.embedded import Child, Stack, free_port, wait_until
 from service.models import Artifact, Job, JobEvent, User, utcnow
-from worker.celery_app import create_celery, enqueue_upgrade
+from service.queue import create_celery, enqueue_upgrade
 from worker.lease import Heartbeat, claim, new_owner, reap_once
 
 pytestmark = pytest.mark.e2e

@@ -29,7 +29,7 @@ from service.client import download_artifacts, submit_job, upload_sae, wait_for_
 from service.config import Settings
 from service.embedded import Stack, wait_until
 from service.models import Job, User, utcnow
-from worker.celery_app import create_celery, enqueue_upgrade
+from service.queue import create_celery, enqueue_upgrade
 
 from support.servers import bearer
 
@@ -258,7 +258,7 @@ def test_cli_and_server_sent_events(stack: Stack, http: httpx.Client, teacher_di
     sends the job's signed webhook to a real local receiver."""
     from service.client import stream_events
     from service.webhooks import verify
-    from test_webhooks import Receiver
+    from support.webhooks import Receiver
 
     env = _client_env(stack, RSAE_TOKEN=api_token)
     rsae_cli = [str(VENV_BIN / "rsae"), "jobs"]

@@ -1,7 +1,7 @@
 """POST /saes in each supported teacher format (real API, Postgres, Redis; files written by the real
 libraries where one writes them): the upload is detected, converted, stored, reported back in ``source``,
 and the stored teacher computes exactly what :func:`rsae.formats.load_teacher` reads from the original files
-(whose equivalence with each library's own forward is ``tests/test_formats.py``)."""
+(whose equivalence with each library's own forward is ``tests/core/test_formats.py``)."""
 
 from __future__ import annotations
 
@@ -15,9 +15,10 @@ from fastapi.testclient import TestClient
 
 from rsae.formats import load_teacher
 from rsae.saes import load_sae
-from service.api.routes.saes import UPLOAD_FILES
+from service.teachers import UPLOAD_FILES
 from service.config import Settings
 
+from support.hub import hub_cache
 from support.servers import assert_problem, job_body
 
 D_IN, D_SAE, K = 576, 96, 8
@@ -122,7 +123,6 @@ def test_hub_teacher_reference(client: TestClient, settings: Settings, tmp_path:
     from service.db import get_sessionmaker
     from service.jobs import resolve_teacher
     from service.schemas import TeacherRef
-    from test_formats import _hub_cache
 
     ref = {"repo_id": "some-org/smollm2-saes", "subfolder": "layer_3"}
     assert client.post("/jobs", json={"layer": 3, "teacher": {"hub": ref}}).status_code == 202
@@ -138,7 +138,7 @@ def test_hub_teacher_reference(client: TestClient, settings: Settings, tmp_path:
     src.mkdir()
     _gemma_scope(src)
     cache = tmp_path / "hub"
-    _hub_cache(cache, ref["repo_id"], {"layer_3/params.npz": src / "params.npz"})
+    hub_cache(cache, ref["repo_id"], {"layer_3/params.npz": src / "params.npz"})
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_CACHE", str(cache))
     with get_sessionmaker(settings.database_url)() as s:

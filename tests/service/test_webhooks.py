@@ -4,11 +4,9 @@ retries on transient failures, against a real local HTTP receiver."""
 from __future__ import annotations
 
 import json
-import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import redis
@@ -20,31 +18,9 @@ from service.config import Settings, get_settings
 from service.webhooks import WebhookRefused, deliver, host_allowed, sign, verify
 
 from support.servers import assert_problem, bearer, job_body, make_token
+from support.webhooks import Receiver
 
 SECRET = "s3cret-s3cret-s3cret"
-
-
-class Receiver:
-    """A real HTTP server on 127.0.0.1 answering with the queued statuses (then 200), recording requests."""
-
-    def __init__(self) -> None:
-        self.statuses: list[int] = []
-        self.received: list[tuple[dict[str, str], bytes]] = []
-        outer = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802 - http.server's naming
-                body = self.rfile.read(int(self.headers["Content-Length"]))
-                outer.received.append(({k: v for k, v in self.headers.items()}, body))
-                self.send_response(outer.statuses.pop(0) if outer.statuses else 200)
-                self.end_headers()
-
-            def log_message(self, *args: object) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
 
 @pytest.fixture

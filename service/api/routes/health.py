@@ -9,7 +9,7 @@ from sqlalchemy import text
 
 from service.api.deps import CeleryDep, SessionDep
 from service.problems import ProblemError, problem_responses
-from worker.celery_app import broker_ping
+from service.queue import broker_ping
 
 log = logging.getLogger(__name__)
 router = APIRouter(tags=["health"])

@@ -1,44 +1,27 @@
-"""Teacher SAE uploads: ``POST /saes``, ``GET /saes``, ``GET /saes/{id}``."""
+"""Teacher SAE uploads: ``POST /saes``, ``GET /saes``, ``GET /saes/{id}``.
+
+Routes only: the form fields, their checks, the import and the registration are :mod:`service.teachers`.
+"""
 
 from __future__ import annotations
 
-import json
-import os
 import shutil
 import uuid
-from pathlib import Path
 
 from fastapi import APIRouter, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from sqlalchemy import select
-from sqlalchemy.orm import Session, sessionmaker
 
-from rsae.errors import TeacherError
-from rsae.formats import FORMATS, DetectedFormat, import_teacher
-from rsae.sae import CFG_NAME, load_sae
 from service.api.deps import LimitDep, SessionDep, SettingsDep
 from service.auth import UserDep
-from service.config import Settings
-from service.models import Sae, is_uuid, new_id, utcnow
-from service.problems import NotFound, ProblemError, problem_responses
+from service.models import Sae
+from service.problems import problem_responses
 from service.schemas import SaeOut
-from service.uploads import ReceivedForm, receive_multipart
+from service.teachers import (MAX_NAME_CHARS, UPLOAD_FILES, check_upload_form, import_upload, register_upload,
+                              sae_or_404)
+from service.uploads import receive_multipart
 
 router = APIRouter(prefix="/saes", tags=["saes"], responses=problem_responses(400, 401, 413, 422))
-
-MAX_NAME_CHARS = 200
-UPLOAD_FILES: dict[str, str] = {
-    "cfg": "cfg.json",                    # SAELens, sparsify
-    "weights": "sae_weights.safetensors",  # SAELens
-    "sae": "sae.safetensors",             # EleutherAI sparsify
-    "params": "params.npz",               # Gemma Scope
-    "ae": "ae.pt",                        # dictionary_learning (read with torch.load(weights_only=True))
-    "config": "config.json",              # dictionary_learning
-}
-"""Multipart file field -> the file name it is stored under (the formats' own names; see docs/formats.md)."""
-WEIGHT_FIELDS = ("weights", "sae", "params", "ae")
-"""Fields of which exactly one must be present: the teacher's tensors."""
-_FORM_FIELDS = {fname: form for form, fname in UPLOAD_FILES.items()}
 
 _UPLOAD_BODY = {
     "required": True,
@@ -77,47 +60,6 @@ _UPLOAD_BODY = {
 }
 
 
-def _form_field(field: str | None) -> str | None:
-    """``cfg.json.d_in`` -> ``cfg.d_in``; ``sae_weights.safetensors.W_enc`` -> ``weights.W_enc``; ..."""
-    for fname, form in _FORM_FIELDS.items():
-        if field is not None and (field == fname or field.startswith(fname + ".")):
-            return form + field[len(fname):]
-    return field
-
-
-def _import_teacher(src: Path, out: Path, fmt: str | None) -> DetectedFormat:
-    """Read the uploaded files in whichever format they are (:func:`rsae.formats.import_teacher`), write the
-    teacher in the project's SAELens layout at ``out`` and validate that folder with the pipeline's own
-    loader. Errors name the upload's form fields."""
-    try:
-        detected = import_teacher(src, out, format=fmt)
-        load_sae(out)
-        return detected
-    except TeacherError as e:
-        message = e.message.replace(str(src), "the upload").replace(str(out), "the upload")
-        raise TeacherError(message, field=_form_field(e.field)) from None
-
-
-def _register(make_session: sessionmaker[Session], settings: Settings, folder: Path, form: ReceivedForm,
-              detected: DetectedFormat, owner_id: str) -> Sae:
-    """Move the imported teacher to ``<uploads>/<id>/`` and insert its row (folder removed on failure)."""
-    weights_field = next(f for f in WEIGHT_FIELDS if f in form.sha256)
-    cfg = json.loads((folder / CFG_NAME).read_text(encoding="utf-8"))
-    row = Sae(id=new_id(), owner_id=owner_id, name=form.text.get("name") or None, family=detected.family,
-              architecture=cfg.get("architecture", "standard"), d_in=detected.d_in, d_sae=detected.d_sae,
-              sha256=form.sha256[weights_field], cfg=cfg, created_at=utcnow())
-    row.path = row.id
-    final = settings.uploads_dir / row.path
-    os.replace(folder, final)
-    try:
-        with make_session() as session, session.begin():
-            session.add(row)
-    except BaseException:
-        shutil.rmtree(final, ignore_errors=True)
-        raise
-    return row
-
-
 @router.post("", status_code=201, openapi_extra={"requestBody": _UPLOAD_BODY},
              responses=problem_responses(415, 422, s422="invalid teacher: 'field' names the form field "
                                          "and key, e.g. cfg.d_in or weights.W_enc (problem+json)"))
@@ -130,7 +72,7 @@ async def upload_sae(request: Request, response: Response, settings: SettingsDep
     - dictionary_learning: ``ae`` (ae.pt) + ``config``.
 
     The body is streamed to a temporary folder under the uploads dir (413 past ``max_upload_bytes``), read
-    with :func:`rsae.formats.import_teacher` (format and conventions detected, reported back in
+    with :func:`rsae.formats.load_teacher` (format and conventions detected, reported back in
     ``source``), checked (shapes, dtypes, finite values, config keys: 422 naming the offending field such
     as ``cfg.d_in`` or ``weights.W_enc``), stored in the SAELens layout and moved to ``<uploads>/<id>/``.
     """
@@ -142,21 +84,10 @@ async def upload_sae(request: Request, response: Response, settings: SettingsDep
             request, tmp / "src", files=UPLOAD_FILES, text_fields={"name", "format"}, required=set(),
             max_bytes=settings.max_upload_bytes,
             part_limits={"cfg": settings.max_cfg_bytes, "config": settings.max_cfg_bytes})
-        given = [f for f in WEIGHT_FIELDS if f in form.paths]
-        if len(given) != 1:
-            raise ProblemError(422, "missing_field" if not given else "validation_error",
-                               "send exactly one weights file: 'weights' (SAELens), 'sae' (sparsify), 'params' "
-                               "(Gemma Scope) or 'ae' (dictionary_learning)", field=(given or ["weights"])[-1])
-        name = form.text.get("name", "")
-        if len(name) > MAX_NAME_CHARS or not name.isprintable():
-            raise ProblemError(422, "validation_error", f"name must be at most {MAX_NAME_CHARS} printable "
-                               "characters", field="name")
-        fmt = form.text.get("format") or None
-        if fmt is not None and fmt not in FORMATS:
-            raise ProblemError(422, "validation_error", f"format must be one of {list(FORMATS)}", field="format")
-        detected = await run_in_threadpool(_import_teacher, tmp / "src", tmp / "sae", fmt)
-        row = await run_in_threadpool(_register, request.app.state.sessionmaker, settings, tmp / "sae", form,
-                                      detected, user.id)
+        options = check_upload_form(form)
+        teacher = await run_in_threadpool(import_upload, tmp / "src", tmp / "sae", options.format)
+        row = await run_in_threadpool(register_upload, request.app.state.sessionmaker, settings, tmp / "sae",
+                                      form, options, teacher, user.id)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # the imported folder was moved out already
     response.headers["Location"] = f"/saes/{row.id}"
@@ -173,7 +104,4 @@ def list_saes(session: SessionDep, limit: LimitDep, user: UserDep) -> list[SaeOu
 @router.get("/{sae_id}", responses=problem_responses(404))
 def get_sae(sae_id: str, session: SessionDep, user: UserDep) -> SaeOut:
     """One of your uploaded teacher SAEs (another user's id is a 404, like an unknown one)."""
-    row = session.get(Sae, sae_id) if is_uuid(sae_id) else None
-    if row is None or row.owner_id != user.id:
-        raise NotFound("sae", sae_id)
-    return SaeOut.from_row(row)
+    return SaeOut.from_row(sae_or_404(session, sae_id, user.id))

@@ -1,0 +1,247 @@
+"""What the API enforces about jobs, apart from the routes that call it (:mod:`service.api.routes.jobs`).
+
+- ownership: :func:`job_or_404` (another user's job is a 404 exactly like an unknown id);
+- idempotent submission: :func:`check_idempotency_key`, :func:`request_sha256`, :func:`replay`;
+- admission: :func:`check_quota` (429), :func:`check_job_request` (server-side paths, webhook host, teacher,
+  layer and width, the core's configuration rules; 422 naming the field);
+- publishing: :func:`publish_job` (enqueue after commit; a broker failure marks the job failed, 503);
+- pagination: :func:`encode_cursor` / :func:`decode_cursor` (opaque keyset cursors of ``GET /jobs``).
+
+Every refusal is a :class:`service.problems.ProblemError` (problem+json) or an ``rsae.errors`` error that the
+problem handlers turn into one.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import json
+import logging
+import os
+from datetime import datetime
+
+from celery import Celery
+from fastapi import Response
+from pydantic import ValidationError
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session, selectinload
+
+from rsae.config import DEFAULT_DATASET
+from rsae.models import model_shape
+
+from .config import Settings
+from .jobs import build_upgrade_config, resolve_teacher, transition, upgrade_config_errors
+from .models import TERMINAL_STATUSES, Job, Sae, User, is_uuid
+from .problems import NotFound, ProblemError, validation_error
+from .queue import enqueue_upgrade
+from .schemas import JobCreate, JobOut
+from .webhooks import host_allowed
+
+log = logging.getLogger(__name__)
+
+MAX_IDEMPOTENCY_KEY_CHARS = 255
+"""Longest accepted ``Idempotency-Key`` header."""
+
+
+# -- ownership -------------------------------------------------------------------------------------
+def job_or_404(session: Session, job_id: str, user: User) -> Job:
+    """The job ``job_id`` of ``user`` (artifacts loaded).
+
+    Raises:
+        NotFound: unknown or malformed id, or another user's job (indistinguishable on purpose).
+    """
+    job = session.get(Job, job_id, options=[selectinload(Job.artifacts)]) if is_uuid(job_id) else None
+    if job is None or job.owner_id != user.id:
+        raise NotFound("job", job_id)
+    return job
+
+
+# -- idempotent submission -------------------------------------------------------------------------
+def request_sha256(body: JobCreate) -> str:
+    """SHA-256 of the request in canonical JSON (defaults filled in, keys sorted): equal bodies, equal hash."""
+    canonical = json.dumps(body.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def check_idempotency_key(key: str | None) -> str | None:
+    """The ``Idempotency-Key`` header as given (None when absent).
+
+    Raises:
+        ProblemError: 422 naming ``Idempotency-Key`` unless it is 1-255 printable ASCII characters.
+    """
+    if key is None:
+        return None
+    if not 1 <= len(key) <= MAX_IDEMPOTENCY_KEY_CHARS or not key.isprintable() or not key.isascii():
+        raise ProblemError(422, "validation_error", f"Idempotency-Key must be 1-{MAX_IDEMPOTENCY_KEY_CHARS} "
+                           "printable ASCII characters", field="Idempotency-Key")
+    return key
+
+
+def replay(session: Session, user: User, key: str, digest: str, response: Response) -> JobOut | None:
+    """The job created earlier with Idempotency-Key ``key`` (same body), or None if the key is new.
+
+    On a replay, ``response`` becomes a 200 with ``Location`` and ``Idempotent-Replayed: true``.
+
+    Raises:
+        ProblemError: 422 ``idempotency_key_reused`` when the key was used with a different body.
+    """
+    job = session.scalar(select(Job).options(selectinload(Job.artifacts))
+                         .where(Job.owner_id == user.id, Job.idempotency_key == key))
+    if job is None:
+        return None
+    if job.request_sha256 != digest:
+        raise ProblemError(422, "idempotency_key_reused", "this Idempotency-Key was already used with a "
+                           f"different request body (job {job.id}); use a new key for a new job",
+                           field="Idempotency-Key", job_id=job.id)
+    response.status_code = 200
+    response.headers["Location"] = f"/jobs/{job.id}"
+    response.headers["Idempotent-Replayed"] = "true"
+    return JobOut.from_row(job)
+
+
+# -- admission -------------------------------------------------------------------------------------
+def check_quota(session: Session, user: User, settings: Settings) -> None:
+    """Refuse a new job while ``user`` already has ``max_active_jobs_per_user`` unfinished ones.
+
+    Raises:
+        ProblemError: 429 ``too_many_jobs`` with ``Retry-After: 60``.
+    """
+    active = session.scalar(select(func.count()).select_from(Job).where(
+        Job.owner_id == user.id, Job.status.not_in(tuple(TERMINAL_STATUSES))))
+    if active >= settings.max_active_jobs_per_user:
+        raise ProblemError(429, "too_many_jobs", f"you have {active} unfinished jobs, the limit is "
+                           f"{settings.max_active_jobs_per_user}; wait for some to finish or cancel them",
+                           headers={"Retry-After": "60"})
+
+
+def is_local_path(value: str) -> bool:
+    """Whether a model or dataset spec names a server-side path (absolute, ``./``, ``../``, ``~``, ``.``)."""
+    return os.path.isabs(value) or value.startswith(("./", "../", "~")) or value in (".", "..")
+
+
+def check_local_paths(req: JobCreate, settings: Settings) -> None:
+    """Server-side paths are refused unless ``allow_local_paths``; allowed ones must be absolute folders.
+
+    Raises:
+        ProblemError: 422 ``local_paths_disabled`` naming ``teacher.path``, ``model`` or
+            ``settings.data.dataset``; 422 ``invalid_teacher`` for a ``teacher.path`` that is no folder.
+    """
+    dataset = req.settings.data.dataset
+    candidates = {"teacher.path": req.teacher.path,
+                  "model": req.model if is_local_path(req.model) else None,
+                  "settings.data.dataset": dataset if dataset != DEFAULT_DATASET and is_local_path(dataset)
+                  else None}
+    if not settings.allow_local_paths:
+        field = next((f for f, v in candidates.items() if v is not None), None)
+        if field is not None:
+            raise ProblemError(422, "local_paths_disabled", f"{field}: server-side paths are disabled on "
+                               "this server (RSAE_ALLOW_LOCAL_PATHS=false); upload teachers with POST /saes",
+                               field=field)
+    path = req.teacher.path
+    if path is not None and not (os.path.isabs(path) and os.path.isdir(path)):
+        raise ProblemError(422, "invalid_teacher", f"teacher.path {path!r} is not an absolute path to an "
+                           "existing folder", field="teacher.path")
+
+
+def check_webhook(req: JobCreate, settings: Settings) -> None:
+    """A job's webhook must go to a host in ``webhook_allowed_hosts`` (:func:`service.webhooks.host_allowed`).
+
+    Raises:
+        ProblemError: 422 ``webhook_not_allowed`` naming ``webhook.url``.
+    """
+    if req.webhook is not None and not host_allowed(req.webhook.url, settings.webhook_allowed_hosts):
+        raise ProblemError(422, "webhook_not_allowed", "webhook.url: its host is not in this server's "
+                           "RSAE_WEBHOOK_ALLOWED_HOSTS" + ("" if settings.webhook_allowed_hosts else
+                                                           " (webhooks are disabled here)"), field="webhook.url")
+
+
+def check_model_fit(session: Session, req: JobCreate) -> None:
+    """Reject, at submission, a layer the model does not have or a teacher of another width.
+
+    Only when the model's shape is known without loading it (:func:`rsae.models.model_shape`: bundled
+    models, local folders, hub ids already cached); otherwise the worker checks it when the model loads.
+
+    Raises:
+        rsae.errors.ModelError: malformed model spec (422, field ``model``).
+        ProblemError: 422 naming ``layer`` or ``teacher.sae_id``.
+    """
+    shape = model_shape(req.model)
+    if shape is None:
+        return
+    n_layers, d_model = shape
+    if req.layer >= n_layers:
+        raise ProblemError(422, "invalid_layer", f"layer {req.layer} out of range: {req.model} has {n_layers} "
+                           f"blocks (0..{n_layers - 1})", field="layer")
+    sae = session.get(Sae, req.teacher.sae_id) if req.teacher.sae_id is not None else None
+    if sae is not None and sae.d_in != d_model:
+        raise ProblemError(422, "invalid_teacher", f"the teacher's d_in is {sae.d_in} but {req.model}'s "
+                           f"residual stream has d_model {d_model}", field="teacher.sae_id")
+
+
+def check_job_request(session: Session, settings: Settings, req: JobCreate, user: User) -> None:
+    """Everything a job request must pass before its row is written, in this order: server-side paths
+    (:func:`check_local_paths`), webhook host (:func:`check_webhook`), the teacher
+    (:func:`service.jobs.resolve_teacher`, owned by ``user``; hub references checked without network),
+    layer and width (:func:`check_model_fit`) and the core's own configuration rules
+    (:func:`service.jobs.build_upgrade_config`).
+
+    Raises:
+        ProblemError: 422 naming the field (see the checks above; configuration errors name ``settings.*``).
+        rsae.errors.RSAEError: a bad teacher or model (422 naming the field).
+    """
+    check_local_paths(req, settings)
+    check_webhook(req, settings)
+    teacher = resolve_teacher(session, settings, req.teacher, owner_id=user.id)
+    check_model_fit(session, req)
+    try:
+        build_upgrade_config(req, teacher)
+    except ValidationError as e:
+        raise validation_error(upgrade_config_errors(e)) from None
+
+
+# -- publishing ------------------------------------------------------------------------------------
+def publish_job(session: Session, celery: Celery, settings: Settings, job_id: str) -> None:
+    """Publish committed job ``job_id`` to the broker (:func:`service.queue.enqueue_upgrade`, retried
+    ``enqueue_retries`` times).
+
+    If publishing fails, the job is marked ``failed`` with error code ``enqueue_failed`` (committed), so it
+    never lingers as ``queued``.
+
+    Raises:
+        ProblemError: 503 ``enqueue_failed`` carrying ``job_id``, with ``Location`` and ``Retry-After: 30``.
+    """
+    try:
+        enqueue_upgrade(celery, job_id, retries=settings.enqueue_retries)
+    except Exception as e:  # noqa: BLE001 - any publish failure: record it on the row, answer 503
+        log.exception("enqueue of job %s failed", job_id)
+        transition(session, job_id, {"queued"}, "failed",
+                   error={"code": "enqueue_failed", "detail": f"broker unreachable: {e}", "field": None})
+        session.commit()
+        raise ProblemError(503, "enqueue_failed", "the job was recorded but could not be queued (broker "
+                           "unreachable); it is marked failed, submit it again later", job_id=job_id,
+                           headers={"Location": f"/jobs/{job_id}", "Retry-After": "30"}) from None
+
+
+# -- pagination ------------------------------------------------------------------------------------
+def encode_cursor(job: Job) -> str:
+    """The opaque ``next_cursor`` after ``job``: its (created_at, id) as unpadded URL-safe base64 JSON."""
+    raw = json.dumps([job.created_at.isoformat(), job.id]).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> tuple[datetime, str]:
+    """``(created_at, id)`` of a cursor made by :func:`encode_cursor`.
+
+    Raises:
+        ProblemError: 422 ``invalid_cursor`` naming ``after``.
+    """
+    try:
+        created, job_id = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
+        when = datetime.fromisoformat(created)
+        if when.tzinfo is None:
+            raise ValueError("naive timestamp")
+        return when, str(job_id)
+    except (binascii.Error, ValueError, TypeError):
+        raise ProblemError(422, "invalid_cursor", "'after' is not a cursor returned by this API",
+                           field="after") from None
