@@ -111,8 +111,9 @@ class Model(torch.nn.Module):
         if self.impl == "relu":
             z = torch.relu(h)
         else:
-            z = kernels.rational_gate(h, self.a, self.b, self.log_c_in.exp(), self.log_c_out.exp(), self.s,
-                                      self.floor, impl=self.impl)
+            z = kernels.rational_gate(
+                h, self.a, self.b, self.log_c_in.exp(), self.log_c_out.exp(), self.s, self.floor, impl=self.impl
+            )
         return z @ self.W_dec + self.b_dec, z
 
 
@@ -166,10 +167,14 @@ def main(argv: list[str] | None = None) -> None:
             ap.error(f"unknown impl {i!r}; choose from {IMPLS}")
     names = ("relu",) + impls
 
-    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, CPU {cpu_model()} "
-          f"({os.cpu_count()} logical), load avg {os.getloadavg()[0]:.2f}")
-    print(f"d_in {args.d_in}, d_sae {args.d_sae}, batch {args.batch}, (p, q) = ({args.p}, {args.q}), "
-          f"steps {args.steps} (+{args.warmup} warm-up), lambda {args.lam}, scales {args.scales}")
+    print(
+        f"torch {torch.__version__}, threads {torch.get_num_threads()}, CPU {cpu_model()} "
+        f"({os.cpu_count()} logical), load avg {os.getloadavg()[0]:.2f}"
+    )
+    print(
+        f"d_in {args.d_in}, d_sae {args.d_sae}, batch {args.batch}, (p, q) = ({args.p}, {args.q}), "
+        f"steps {args.steps} (+{args.warmup} warm-up), lambda {args.lam}, scales {args.scales}"
+    )
 
     torch.manual_seed(0)
     x = torch.randn(args.batch, args.d_in)
@@ -217,16 +222,23 @@ def main(argv: list[str] | None = None) -> None:
     rw = statistics.median(runs["relu"]["wall"]) if args.steps else float("nan")
     rc = statistics.median(runs["relu"]["cpu"]) if args.steps else float("nan")
     print()
-    print(f"{'impl':9s} {'first s':>8s} {'wall ms':>9s} {'ratio':>6s} {'cpu ms':>9s} {'ratio':>6s} "
-          f"{'saved MiB':>10s} {'x h':>5s} {'peak MiB':>9s} {'loss':>10s}")
+    print(
+        f"{'impl':9s} {'first s':>8s} {'wall ms':>9s} {'ratio':>6s} {'cpu ms':>9s} {'ratio':>6s} "
+        f"{'saved MiB':>10s} {'x h':>5s} {'peak MiB':>9s} {'loss':>10s}"
+    )
     for n in names:
         r = runs[n]
         w = statistics.median(r["wall"]) if r["wall"] else float("nan")
         c = statistics.median(r["cpu"]) if r["cpu"] else float("nan")
-        mem = "" if args.no_memory else (f"{r['saved'] / 2**20:10.0f} {r['saved'] / h_bytes:5.1f} "
-                                         f"{r['peak'] / 2**20:9.0f}")
-        print(f"{n:9s} {r.get('first', float('nan')):8.2f} {w * 1e3:9.0f} {w / rw:6.2f} {c * 1e3:9.0f} "
-              f"{c / rc:6.2f} {mem} {r.get('loss', float('nan')):10.4g}")
+        mem = (
+            ""
+            if args.no_memory
+            else (f"{r['saved'] / 2**20:10.0f} {r['saved'] / h_bytes:5.1f} {r['peak'] / 2**20:9.0f}")
+        )
+        print(
+            f"{n:9s} {r.get('first', float('nan')):8.2f} {w * 1e3:9.0f} {w / rw:6.2f} {c * 1e3:9.0f} "
+            f"{c / rc:6.2f} {mem} {r.get('loss', float('nan')):10.4g}"
+        )
     st = kernels.compile_status()
     if st["failed"]:
         print(f"note: torch.compile failed, 'compiled' ran the fused path: {st['failed']}")

@@ -20,8 +20,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from rsae.remez import (alternation_count, default_fit_params, fit_grid, remez_fit,  # noqa: E402
-                        target_gate)
+from rsae.remez import alternation_count, default_fit_params, fit_grid, remez_fit, target_gate  # noqa: E402
 
 logging.disable(logging.WARNING)
 DEGREES = [(3, 2), (5, 4), (7, 6), (9, 8)]
@@ -35,31 +34,40 @@ def timed(*args, **kw):
 
 def table_tradeoff():
     print("## Table 1: JumpReLU target, c x delta x degree (4,001-point grid)\n")
-    print("| c | delta | rho=delta/c | (p,q) | max error | max err / c | fit MSE | iters | LPs | seconds "
-          "| certified | float32 max err / max err |")
+    print(
+        "| c | delta | rho=delta/c | (p,q) | max error | max err / c | fit MSE | iters | LPs | seconds "
+        "| certified | float32 max err / max err |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for c in (0.1, 0.25, 0.5):
         for d in (0.01, 0.025, 0.05, 0.1):
             for p, q in DEGREES:
                 f, s = timed("jumprelu", c=c, p=p, q=q, margin=d)
-                print(f"| {c} | {d} | {d / c:.2f} | ({p},{q}) | {f.max_error:.3e} | {f.max_error / c:.2e} | "
-                      f"{f.fit_mse:.2e} | {f.iterations} | {f.lp_solves} | {s:.2f} | "
-                      f"{'yes' if f.converged else 'NO'} | {f.max_error_float32 / f.max_error:.2f} |",
-                      flush=True)
+                print(
+                    f"| {c} | {d} | {d / c:.2f} | ({p},{q}) | {f.max_error:.3e} | {f.max_error / c:.2e} | "
+                    f"{f.fit_mse:.2e} | {f.iterations} | {f.lp_solves} | {s:.2f} | "
+                    f"{'yes' if f.converged else 'NO'} | {f.max_error_float32 / f.max_error:.2f} |",
+                    flush=True,
+                )
     print()
 
 
 def table_rule():
     print("## Table 2: the default rule delta = 0.1 c at (9, 8), for the c the service may choose\n")
-    print("| c | delta | band in h (x theta) | h range covered (x theta) | max error | max err / c | fit MSE "
-          "| seconds | certified | float32 max err |")
+    print(
+        "| c | delta | band in h (x theta) | h range covered (x theta) | max error | max err / c | fit MSE "
+        "| seconds | certified | float32 max err |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|")
     for c in (0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.5, 0.6):
         prm = default_fit_params("jumprelu", c=c)
         f, s = timed("jumprelu", **prm)
-        print(f"| {c} | {prm['margin']:.4f} | (0.90, 1.10) | [-{1 / c:.3g}, {1 / c:.3g}] | {f.max_error:.3e} | "
-              f"{f.max_error / c:.2e} | {f.fit_mse:.2e} | {s:.2f} | {'yes' if f.converged else 'NO'} | "
-              f"{f.max_error_float32:.3e} |", flush=True)
+        print(
+            f"| {c} | {prm['margin']:.4f} | (0.90, 1.10) | [-{1 / c:.3g}, {1 / c:.3g}] | {f.max_error:.3e} | "
+            f"{f.max_error / c:.2e} | {f.fit_mse:.2e} | {s:.2f} | {'yes' if f.converged else 'NO'} | "
+            f"{f.max_error_float32:.3e} |",
+            flush=True,
+        )
     print()
 
 
@@ -74,8 +82,7 @@ def table_fine_delta():
 
 
 def table_classes():
-    print("## Table 4: safe class (B >= 0) vs plain rationals (Q > 0 on the fitted grid), c = 0.25, "
-          "delta = 0.025\n")
+    print("## Table 4: safe class (B >= 0) vs plain rationals (Q > 0 on the fitted grid), c = 0.25, delta = 0.025\n")
     print("| (p,q) | class | max error | fit MSE | alternation (1 %) | p+q+2 | seconds |")
     print("|---|---|---|---|---|---|---|")
     t, mask = fit_grid(4001, 0.25, 0.025)
@@ -84,8 +91,11 @@ def table_classes():
         for safe in (True, False):
             f, s = timed("jumprelu", c=0.25, p=p, q=q, margin=0.025, safe=safe)
             alt = alternation_count((g - f(t))[mask], rel=0.01)
-            print(f"| ({p},{q}) | {'safe' if safe else 'plain'} | {f.max_error:.3e} | {f.fit_mse:.2e} | {alt} | "
-                  f"{p + q + 2} | {s:.2f} |", flush=True)
+            print(
+                f"| ({p},{q}) | {'safe' if safe else 'plain'} | {f.max_error:.3e} | {f.fit_mse:.2e} | {alt} | "
+                f"{p + q + 2} | {s:.2f} |",
+                flush=True,
+            )
     print()
 
 
@@ -108,8 +118,10 @@ def table_relu():
         else:
             hi = mid
     f = remez_fit("relu", p=3, q=2, margin=hi)
-    print(f"\n(3,2) fit MSE = 3.8e-7 needs a margin of {hi:.4f} around t = 0 (fitted set "
-          f"[-1, -{hi:.3f}] U [{hi:.3f}, 1]; there: max error {f.max_error:.3e}, fit MSE {f.fit_mse:.2e}).\n")
+    print(
+        f"\n(3,2) fit MSE = 3.8e-7 needs a margin of {hi:.4f} around t = 0 (fitted set "
+        f"[-1, -{hi:.3f}] U [{hi:.3f}, 1]; there: max error {f.max_error:.3e}, fit MSE {f.fit_mse:.2e}).\n"
+    )
 
 
 def table_extrapolation():
@@ -117,21 +129,34 @@ def table_extrapolation():
     f = remez_fit("jumprelu", **default_fit_params("jumprelu"))
     print("| t range | h range (x theta) | max abs(r(t) - g(t)) |")
     print("|---|---|---|")
-    for lo, hi in [(1.0, 1.05), (1.0, 1.1), (1.0, 1.25), (1.0, 1.5), (1.0, 2.0), (1.0, 5.0), (-2.0, -1.0),
-                   (-5.0, -1.0)]:
+    for lo, hi in [
+        (1.0, 1.05),
+        (1.0, 1.1),
+        (1.0, 1.25),
+        (1.0, 1.5),
+        (1.0, 2.0),
+        (1.0, 5.0),
+        (-2.0, -1.0),
+        (-5.0, -1.0),
+    ]:
         t = np.linspace(lo, hi, 4001)
         e = np.max(np.abs(f(t) - target_gate("jumprelu", f.c)(t)))
         print(f"| [{lo}, {hi}] | [{lo / f.c:g}, {hi / f.c:g}] | {e:.2e} |")
-    print(f"\nInside [-1, 1] (fitted points): {f.max_error:.2e}. Asymptotic slope a_p / abs(b_q) = "
-          f"{f.a[-1] / abs(f.b[-1]):.3f} (target: 1).\n")
+    print(
+        f"\nInside [-1, 1] (fitted points): {f.max_error:.2e}. Asymptotic slope a_p / abs(b_q) = "
+        f"{f.a[-1] / abs(f.b[-1]):.3f} (target: 1).\n"
+    )
 
 
 def sweep():
     """Robustness over the whole range the service may use (optional: ~7 minutes)."""
-    print("## Robustness sweep: c in {0.05, 0.1, 0.15, 0.25, 0.35, 0.5, 0.6} x delta in {0.005, 0.01, 0.025, "
-          "0.05, 0.1, 0.2}\n")
-    print("| (p,q) | fits | certified | error below the next-lower degree's | median s | max s "
-          "| max float32 err / err |")
+    print(
+        "## Robustness sweep: c in {0.05, 0.1, 0.15, 0.25, 0.35, 0.5, 0.6} x delta in {0.005, 0.01, 0.025, "
+        "0.05, 0.1, 0.2}\n"
+    )
+    print(
+        "| (p,q) | fits | certified | error below the next-lower degree's | median s | max s | max float32 err / err |"
+    )
     print("|---|---|---|---|---|---|---|")
     rows = {pq: [] for pq in DEGREES + [(11, 10)]}
     for c in (0.05, 0.1, 0.15, 0.25, 0.35, 0.5, 0.6):
@@ -143,8 +168,11 @@ def sweep():
                 prev = f.max_error
     for pq, r in rows.items():
         conv, mono, sec, f32 = (np.array(x) for x in zip(*r))
-        print(f"| {pq} | {len(r)} | {conv.sum()} | {mono.sum()} | {np.median(sec):.2f} | {sec.max():.1f} | "
-              f"{f32.max():.3g} |", flush=True)
+        print(
+            f"| {pq} | {len(r)} | {conv.sum()} | {mono.sum()} | {np.median(sec):.2f} | {sec.max():.1f} | "
+            f"{f32.max():.3g} |",
+            flush=True,
+        )
     print()
 
 
@@ -156,14 +184,24 @@ def timing():
         for _ in range(5):
             f, s = timed(fam, **prm)
             ts.append(s)
-        print(f"- {fam} {prm}: median {np.median(ts):.2f} s, max {max(ts):.2f} s; max error {f.max_error:.4e}, "
-              f"fit MSE {f.fit_mse:.3e}, certified {f.converged}, iterations {f.iterations}, LPs {f.lp_solves}, "
-              f"min B on [-1, 1] {f.min_b:.1e}, float32 max error {f.max_error_float32:.4e}")
+        print(
+            f"- {fam} {prm}: median {np.median(ts):.2f} s, max {max(ts):.2f} s; max error {f.max_error:.4e}, "
+            f"fit MSE {f.fit_mse:.3e}, certified {f.converged}, iterations {f.iterations}, LPs {f.lp_solves}, "
+            f"min B on [-1, 1] {f.min_b:.1e}, float32 max error {f.max_error_float32:.4e}"
+        )
     print()
 
 
 if __name__ == "__main__":
     which = sys.argv[1:] or ["timing", "rule", "fine", "classes", "relu", "extrapolation", "tradeoff"]
     for name in which:
-        {"tradeoff": table_tradeoff, "rule": table_rule, "fine": table_fine_delta, "classes": table_classes,
-         "relu": table_relu, "extrapolation": table_extrapolation, "timing": timing, "sweep": sweep}[name]()
+        {
+            "tradeoff": table_tradeoff,
+            "rule": table_rule,
+            "fine": table_fine_delta,
+            "classes": table_classes,
+            "relu": table_relu,
+            "extrapolation": table_extrapolation,
+            "timing": timing,
+            "sweep": sweep,
+        }[name]()

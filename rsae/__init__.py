@@ -47,4 +47,17 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'rsae' has no attribute {name!r}")
 
 
-__all__ = sorted(_LAZY)
+__all__ = [  # noqa: F822 - resolved lazily by __getattr__
+    "RationalGate",
+    "RationalSAE",
+    "ReLUSAE",
+    "SAE",
+    "UpgradeConfig",
+    "load",
+    "load_sae",
+    "register_family",
+    "remez_fit",
+    "run_upgrade",
+    "train_teacher_from_text",
+]
+assert set(__all__) == set(_LAZY)

@@ -82,8 +82,20 @@ def _label_index(label: str | None) -> int:
     return BBC_CATEGORIES.index(label) if label in BBC_CATEGORIES else -1
 
 
-def _manifest(*, layer: int, d_in: int, ctx_len: int, rows: int, dataset: str, split: str, eval_fraction: float,
-              seed: int, shards: list[dict], mean_norm: float, norms_sample: torch.Tensor) -> dict:
+def _manifest(
+    *,
+    layer: int,
+    d_in: int,
+    ctx_len: int,
+    rows: int,
+    dataset: str,
+    split: str,
+    eval_fraction: float,
+    seed: int,
+    shards: list[dict],
+    mean_norm: float,
+    norms_sample: torch.Tensor,
+) -> dict:
     """The ``manifest.json`` of an extracted split (format ``rsae-activations/1``); ``norms_sample``: residual
     norms [m] of a sample of rows, for the outlier statistics."""
     median = norms_sample.median().item()
@@ -119,11 +131,24 @@ def _next_batch(it, size: int) -> list:
     return batch
 
 
-def extract_activations(model, tokenizer, *, layer: int, dataset: str, split: str, n_tokens: int,
-                        out_dir: str | Path, ctx_len: int = 128, eval_fraction: float = 0.2,
-                        seed: int = 0, batch_size: int = 8, shard_tokens: int = 16_384,
-                        device: str = "cpu", meta: dict | None = None,
-                        on_progress: Callable[[float], None] | None = None) -> dict:
+def extract_activations(
+    model,
+    tokenizer,
+    *,
+    layer: int,
+    dataset: str,
+    split: str,
+    n_tokens: int,
+    out_dir: str | Path,
+    ctx_len: int = 128,
+    eval_fraction: float = 0.2,
+    seed: int = 0,
+    batch_size: int = 8,
+    shard_tokens: int = 16_384,
+    device: str = "cpu",
+    meta: dict | None = None,
+    on_progress: Callable[[float], None] | None = None,
+) -> dict:
     """Stream residual activations of ``split`` to shards in ``out_dir`` and write ``manifest.json``.
 
     Args:
@@ -165,8 +190,7 @@ def extract_activations(model, tokenizer, *, layer: int, dataset: str, split: st
         acts = acts[:keep].contiguous()
         name = f"shard_{len(shards):05d}.safetensors"
         tmp = out_dir / f".{name}.tmp"
-        save_file({"acts": acts, "input_ids": torch.stack(buf_ids), "label": torch.tensor(buf_lab)},
-                  str(tmp))
+        save_file({"acts": acts, "input_ids": torch.stack(buf_ids), "label": torch.tensor(buf_lab)}, str(tmp))
         os.replace(tmp, out_dir / name)
         shards.append({"file": name, "rows": keep, "sequences": len(buf_ids)})
         done_rows += keep
@@ -198,12 +222,26 @@ def extract_activations(model, tokenizer, *, layer: int, dataset: str, split: st
             n_seq += len(batch)
         flush()
     if done_rows < n_tokens:
-        raise DataError(f"split '{split}' of {dataset!r} yields only {done_rows} tokens at ctx_len={ctx_len}; "
-                        f"{n_tokens} requested", field=f"data.{'eval' if split == 'eval' else 'train'}_tokens")
-    manifest = {**_manifest(layer=layer, d_in=d_in, ctx_len=ctx_len, rows=done_rows, dataset=dataset, split=split,
-                            eval_fraction=eval_fraction, seed=seed, shards=shards,
-                            mean_norm=sum_norm / max(1, n_seq * rows_per_seq), norms_sample=torch.cat(norms_sample)),
-                **(meta or {})}
+        raise DataError(
+            f"split '{split}' of {dataset!r} yields only {done_rows} tokens at ctx_len={ctx_len}; {n_tokens} requested",
+            field=f"data.{'eval' if split == 'eval' else 'train'}_tokens",
+        )
+    manifest = {
+        **_manifest(
+            layer=layer,
+            d_in=d_in,
+            ctx_len=ctx_len,
+            rows=done_rows,
+            dataset=dataset,
+            split=split,
+            eval_fraction=eval_fraction,
+            seed=seed,
+            shards=shards,
+            mean_norm=sum_norm / max(1, n_seq * rows_per_seq),
+            norms_sample=torch.cat(norms_sample),
+        ),
+        **(meta or {}),
+    }
     (out_dir / MANIFEST).write_text(json.dumps(manifest, indent=2))
     return manifest
 
@@ -259,7 +297,7 @@ class ActivationStore:
             for i in range(0, a.shape[0], batch_size):
                 if max_rows is not None and n >= max_rows:
                     return
-                b = a[i:i + batch_size]
+                b = a[i : i + batch_size]
                 if max_rows is not None:
                     b = b[: max_rows - n]
                 n += b.shape[0]
@@ -279,8 +317,9 @@ class ActivationStore:
             ids_t, lab_t = ids_t[:max_sequences], lab_t[:max_sequences]
         return ids_t, lab_t
 
-    def iter_batches(self, batch_size: int, *, seed: int = 0, epochs: int | None = None,
-                     device: str = "cpu") -> Iterator[torch.Tensor]:
+    def iter_batches(
+        self, batch_size: int, *, seed: int = 0, epochs: int | None = None, device: str = "cpu"
+    ) -> Iterator[torch.Tensor]:
         """Shuffled batches [batch_size, d_in], forever (``epochs=None``) or for ``epochs`` passes.
 
         Shards are visited in a seeded random order and rows shuffled within a shard; a partial batch at a
@@ -295,6 +334,6 @@ class ActivationStore:
                 a = torch.cat([carry, a[torch.randperm(a.shape[0], generator=g)]])
                 n_full = a.shape[0] // batch_size
                 for b in range(n_full):
-                    yield a[b * batch_size:(b + 1) * batch_size].to(device)
-                carry = a[n_full * batch_size:]
+                    yield a[b * batch_size : (b + 1) * batch_size].to(device)
+                carry = a[n_full * batch_size :]
             epoch += 1

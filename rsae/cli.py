@@ -31,10 +31,22 @@ def cmd_train_teacher(args: argparse.Namespace) -> int:
         bar.n = 100 * f
         bar.refresh()
 
-    out = train_teacher_from_text(args.model, args.layer, args.out, family=args.family, dataset=args.dataset,
-                                  d_sae=args.d_sae, train_tokens=args.tokens, steps=args.steps,
-                                  batch_size=args.batch_size, l1_coefficient=args.l1, k=args.k, seed=args.seed,
-                                  device=args.device, on_progress=prog)
+    out = train_teacher_from_text(
+        args.model,
+        args.layer,
+        args.out,
+        family=args.family,
+        dataset=args.dataset,
+        d_sae=args.d_sae,
+        train_tokens=args.tokens,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        l1_coefficient=args.l1,
+        k=args.k,
+        seed=args.seed,
+        device=args.device,
+        on_progress=prog,
+    )
     bar.close()
     print(f"teacher saved to {out}")
     return 0
@@ -43,17 +55,28 @@ def cmd_train_teacher(args: argparse.Namespace) -> int:
 def print_metrics_table(report: dict, file=sys.stdout) -> None:
     """Print teacher vs upgraded metrics from a report dict as an aligned text table."""
     cols = [c for c in ("teacher", "rsae_init", "rsae", "control") if c in report["metrics"]]
-    rows = [("MSE", "mse", "{:.2f}"), ("FVU", "fvu", "{:.4f}"), ("L0", "l0", "{:.1f}"),
-            ("alive fraction", "alive_fraction", "{:.3f}"), ("CE clean", "ce_clean", "{:.4f}"),
-            ("CE spliced", "ce_spliced", "{:.4f}"), ("CE zero-abl.", "ce_zero", "{:.4f}"),
-            ("delta CE", "delta_ce", "{:.4f}"), ("loss recovered", "loss_recovered", "{:.2%}"),
-            ("KL", "kl", "{:.4f}")]
+    rows = [
+        ("MSE", "mse", "{:.2f}"),
+        ("FVU", "fvu", "{:.4f}"),
+        ("L0", "l0", "{:.1f}"),
+        ("alive fraction", "alive_fraction", "{:.3f}"),
+        ("CE clean", "ce_clean", "{:.4f}"),
+        ("CE spliced", "ce_spliced", "{:.4f}"),
+        ("CE zero-abl.", "ce_zero", "{:.4f}"),
+        ("delta CE", "delta_ce", "{:.4f}"),
+        ("loss recovered", "loss_recovered", "{:.2%}"),
+        ("KL", "kl", "{:.4f}"),
+    ]
     ks = sorted({k for c in cols for k in (report["metrics"][c].get("probe_accuracy") or {})}, key=int)
     rows += [(f"probe acc k={k}", ("probe_accuracy", k), "{:.3f}") for k in ks]
     print(f"{'metric':<16}" + "".join(f"{c:>14}" for c in cols), file=file)
     for label, key, fmt in rows:
-        vals = [(report["metrics"][c].get(key[0]) or {}).get(key[1]) if isinstance(key, tuple)
-                else report["metrics"][c].get(key) for c in cols]
+        vals = [
+            (report["metrics"][c].get(key[0]) or {}).get(key[1])
+            if isinstance(key, tuple)
+            else report["metrics"][c].get(key)
+            for c in cols
+        ]
         cells = "".join(f"{(fmt.format(v) if v is not None else '-'):>14}" for v in vals)
         print(f"{label:<16}{cells}", file=file)
 
@@ -100,16 +123,24 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--model", default="smollm2-135m")
     t.add_argument("--layer", type=int, required=True, help="block index L (hook blocks.L.hook_resid_post)")
     t.add_argument("--out", required=True, help="output folder (SAELens layout)")
-    t.add_argument("--family", default="relu", choices=["relu", "jumprelu", "topk"],
-                   help="gate family: relu (L1 penalty), jumprelu (L0 penalty, straight-through thresholds), "
-                   "topk (k largest, AuxK)")
+    t.add_argument(
+        "--family",
+        default="relu",
+        choices=["relu", "jumprelu", "topk"],
+        help="gate family: relu (L1 penalty), jumprelu (L0 penalty, straight-through thresholds), "
+        "topk (k largest, AuxK)",
+    )
     t.add_argument("--dataset", default="bbc-news")
     t.add_argument("--d-sae", type=int, default=2304)
     t.add_argument("--tokens", type=int, default=32768, help="training activation rows")
     t.add_argument("--steps", type=int, default=800)
     t.add_argument("--batch-size", type=int, default=512)
-    t.add_argument("--l1", type=float, default=None,
-                   help="sparsity coefficient: L1 lambda (relu), L0 lambda (jumprelu); default per family")
+    t.add_argument(
+        "--l1",
+        type=float,
+        default=None,
+        help="sparsity coefficient: L1 lambda (relu), L0 lambda (jumprelu); default per family",
+    )
     t.add_argument("--k", type=int, default=32, help="active latents per token (topk)")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--device", default=None)
@@ -121,8 +152,9 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--teacher", required=True, help="teacher folder (SAELens layout)")
     u.add_argument("--out", required=True)
     u.add_argument("--work-dir", default=None)
-    u.add_argument("--settings", default=None,
-                   help="JSON object of UpgradeConfig fields, e.g. '{\"finetune\": {\"steps\": 200}}'")
+    u.add_argument(
+        "--settings", default=None, help='JSON object of UpgradeConfig fields, e.g. \'{"finetune": {"steps": 200}}\''
+    )
     u.set_defaults(func=cmd_upgrade)
 
     i = sub.add_parser("info", help=cmd_info.__doc__)
@@ -137,8 +169,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``rsae`` console script. Returns the exit code (2 on bad input)."""
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
     try:
         return args.func(args)
     except RSAEError as e:

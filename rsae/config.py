@@ -41,12 +41,13 @@ class DataConfig(_Strict):
     )
     ctx_len: int = Field(128, ge=8, le=4096, description="Tokens per sequence, including position 0.")
     train_tokens: int = Field(
-        131_072, ge=256, le=200_000_000, description="Training activation rows used for calibration and "
-        "fine-tuning. Why this default: docs/method.md#defaults."
+        131_072,
+        ge=256,
+        le=200_000_000,
+        description="Training activation rows used for calibration and "
+        "fine-tuning. Why this default: docs/method.md#defaults.",
     )
-    eval_tokens: int = Field(
-        8_192, ge=128, le=50_000_000, description="Held-out activation rows for evaluation."
-    )
+    eval_tokens: int = Field(8_192, ge=128, le=50_000_000, description="Held-out activation rows for evaluation.")
     eval_fraction: float = Field(
         0.2, gt=0.0, lt=1.0, description="Fraction of documents assigned to the held-out split."
     )
@@ -64,31 +65,46 @@ class RemezConfig(_Strict):
     """
 
     p: int | None = Field(None, ge=1, le=16, description="Numerator degree of P(t). None: family default.")
-    q: int | None = Field(None, ge=0, le=16, description="Denominator degree of Q(t) = 1 + |b_1 t + ... + "
-                          "b_q t^q|. None: family default.")
-    c: float | None = Field(None, ge=0.01, lt=1.0, description="Jump position on the unit interval (jump "
-                            "families); latent j gets the scale s_j = theta_j / a, with a = c + margin "
-                            "('upper_edge') or c ('center'). None: chosen from the data so that almost all of the "
-                            "teacher's active pre-activations fall in [-1, 1], clipped to [0.04, 0.5]. Why this "
-                            "default: docs/method.md#defaults.")
+    q: int | None = Field(
+        None, ge=0, le=16, description="Denominator degree of Q(t) = 1 + |b_1 t + ... + b_q t^q|. None: family default."
+    )
+    c: float | None = Field(
+        None,
+        ge=0.01,
+        lt=1.0,
+        description="Jump position on the unit interval (jump "
+        "families); latent j gets the scale s_j = theta_j / a, with a = c + margin "
+        "('upper_edge') or c ('center'). None: chosen from the data so that almost all of the "
+        "teacher's active pre-activations fall in [-1, 1], clipped to [0.04, 0.5]. Why this "
+        "default: docs/method.md#defaults.",
+    )
     jump_placement: Literal["upper_edge", "center"] = Field(
-        "upper_edge", description="Jump families: where the teacher's threshold lands on the unit interval. "
+        "upper_edge",
+        description="Jump families: where the teacher's threshold lands on the unit interval. "
         "'upper_edge': at c + margin, the top of the unfitted band, so every entry the teacher keeps lies in the "
         "fitted set; 'center': at c, so the band straddles the threshold. Why this default: "
-        "docs/method.md#defaults.")
+        "docs/method.md#defaults.",
+    )
     topk_threshold: Literal["per_token", "global"] = Field(
-        "per_token", description="TopK teachers: 'per_token' uses each token's separating threshold (midpoint "
+        "per_token",
+        description="TopK teachers: 'per_token' uses each token's separating threshold (midpoint "
         "of its k-th and (k+1)-th pre-activation; reproduces the teacher at init); 'global' one threshold tau "
-        "with a mean of k pre-activations above it (BatchTopK-style; L0 then varies per token).")
+        "with a mean of k pre-activations above it (BatchTopK-style; L0 then varies per token).",
+    )
     topk_cap: bool = Field(
-        True, description="TopK teachers with the 'per_token' threshold: only each token's k largest "
+        True,
+        description="TopK teachers with the 'per_token' threshold: only each token's k largest "
         "pre-activations may be non-zero (L0 <= k), and fine-tuning uses no L1 term and no L0 controller "
         "(lambda = 0 unless the request sets one). False: the floor alone selects, and L0 can drift above k. "
-        "Why this default: docs/method.md#defaults.")
+        "Why this default: docs/method.md#defaults.",
+    )
     grid_points: int = Field(4001, ge=101, le=100_001, description="Points of the dense grid on [-1, 1].")
     margin: float | None = Field(
-        None, ge=0.0, le=0.5, description="Half-width delta of the excluded interval (c - delta, c + delta) "
-        "around a jump at c (0 for ReLU, whose target is continuous). None: family default."
+        None,
+        ge=0.0,
+        le=0.5,
+        description="Half-width delta of the excluded interval (c - delta, c + delta) "
+        "around a jump at c (0 for ReLU, whose target is continuous). None: family default.",
     )
     tol: float = Field(1e-3, gt=0, le=1.0, description="Stop when grid error <= (1 + tol) * levelled error.")
     max_iter: int = Field(50, ge=1, le=1000, description="Maximum exchange iterations.")
@@ -100,14 +116,20 @@ class CalibrateConfig(_Strict):
     steps: int = Field(300, ge=0, le=100_000, description="Adam steps.")
     lr: float = Field(1e-2, gt=0, le=1.0, description="Adam learning rate.")
     objective: Literal["auto", "all", "selected"] = Field(
-        "auto", description="Which (token, latent) entries the calibration's l2 objective compares: 'all' every "
+        "auto",
+        description="Which (token, latent) entries the calibration's l2 objective compares: 'all' every "
         "entry, 'selected' the teacher's active entries with all others counted as 0 (as the RSAE's selection "
         "zeroes them). 'auto' means 'selected' for TopK with the top-k cap, else 'all'. Why this default: "
-        "docs/method.md#defaults.")
+        "docs/method.md#defaults.",
+    )
     tokens: int = Field(4096, ge=64, le=1_000_000, description="Real activation rows used.")
     sample: int = Field(
-        1 << 17, ge=1024, le=1 << 26, description="(token, latent) entries per Adam step, drawn as whole token "
-        "rows at random. Why this default: docs/method.md#defaults.")
+        1 << 17,
+        ge=1024,
+        le=1 << 26,
+        description="(token, latent) entries per Adam step, drawn as whole token "
+        "rows at random. Why this default: docs/method.md#defaults.",
+    )
     c_in_quantile: float = Field(
         0.999, gt=0.5, lt=1.0, description="C_in starts at this quantile of |h| so most h fall in [-1, 1]."
     )
@@ -121,37 +143,59 @@ class FinetuneConfig(_Strict):
     lr: float = Field(1e-4, gt=0, le=1.0, description="Adam learning rate for the SAE weights.")
     gate_lr: float = Field(1e-3, gt=0, le=1.0, description="Adam learning rate for the gate scalars.")
     threshold_lr: float | None = Field(
-        1e-2, gt=0, le=1.0, description="Adam learning rate for the per-latent thresholds, the same for the "
+        1e-2,
+        gt=0,
+        le=1.0,
+        description="Adam learning rate for the per-latent thresholds, the same for the "
         "RSAE's scales s_j (jump families) and the JumpReLU control's thresholds. None: gate_lr. Why this "
-        "default: docs/method.md#defaults.")
+        "default: docs/method.md#defaults.",
+    )
     l1_coefficient: float | None = Field(
-        None, ge=0, description="lambda, the weight of the decoder-norm-weighted L1 term. None: the teacher's "
+        None,
+        ge=0,
+        description="lambda, the weight of the decoder-norm-weighted L1 term. None: the teacher's "
         "own training lambda if its cfg records one, else the value making the L1 term 10% of the MSE term on the "
         "teacher at the start.",
     )
     eval_every: int = Field(100, ge=1, description="Steps between held-out evaluations (training curve).")
     l0_target_ratio: float | None = Field(
-        0.95, gt=0.0, le=2.0, description="Adapt lambda during training to hold the training L0 at this "
+        0.95,
+        gt=0.0,
+        le=2.0,
+        description="Adapt lambda during training to hold the training L0 at this "
         "fraction of the teacher's L0 (so the upgraded SAE does not buy lower MSE with a higher L0). None: "
-        "fixed lambda.")
-    control: bool = Field(True, description="Also fine-tune the teacher itself with its own gate on the same "
-                          "data, steps and objective (the compute-matched control) and report it.")
+        "fixed lambda.",
+    )
+    control: bool = Field(
+        True,
+        description="Also fine-tune the teacher itself with its own gate on the same "
+        "data, steps and objective (the compute-matched control) and report it.",
+    )
 
 
 class EvalConfig(_Strict):
     """Held-out evaluation: reconstruction metrics on all eval rows; CE metrics on a subset of sequences."""
 
     ce_sequences: int = Field(
-        64, ge=0, le=100_000, description="Held-out sequences spliced through the full model for CE/KL "
-        "(0 disables the downstream metrics).",
+        64,
+        ge=0,
+        le=100_000,
+        description="Held-out sequences spliced through the full model for CE/KL (0 disables the downstream metrics).",
     )
     batch_size: int = Field(8, ge=1, le=1024, description="Sequences per forward pass.")
-    probe_ks: list[int] = Field([1, 2, 5, 10, 20], min_length=0, max_length=10,
-                                description="k of the k-sparse probes on the BBC categories (empty disables "
-                                "probing; only for labelled data sets).")
+    probe_ks: list[int] = Field(
+        [1, 2, 5, 10, 20],
+        min_length=0,
+        max_length=10,
+        description="k of the k-sparse probes on the BBC categories (empty disables "
+        "probing; only for labelled data sets).",
+    )
     probe_train_sequences: int = Field(
-        256, ge=0, le=1_000_000, description="Labelled training sequences for the probes (taken from the "
-        "training activations).")
+        256,
+        ge=0,
+        le=1_000_000,
+        description="Labelled training sequences for the probes (taken from the training activations).",
+    )
 
     @field_validator("probe_ks")
     @classmethod

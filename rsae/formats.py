@@ -113,6 +113,7 @@ class LoadedTeacher:
 
 # -- small helpers ---------------------------------------------------------------------------------------------
 
+
 def _tensor(t: Any, shape: tuple[int, ...], field_: str) -> torch.Tensor:
     """``t`` as a float32 CPU tensor of ``shape``; TeacherError(field=field_) if not floating, misshapen, or
     non-finite."""
@@ -183,18 +184,32 @@ def _thresholds(th: torch.Tensor, conventions: list[str]) -> torch.Tensor:
     """Raise thresholds <= 0 to the smallest normal float32 (see :data:`_MIN_THRESHOLD`), noting how many."""
     n = int((th <= 0).sum())
     if n:
-        conventions.append(f"{n} threshold(s) <= 0 raised to {_MIN_THRESHOLD:.3g}: the source gate "
-                           "relu(h) * 1[h > theta] equals h * 1[h > max(theta, 0)] there")
+        conventions.append(
+            f"{n} threshold(s) <= 0 raised to {_MIN_THRESHOLD:.3g}: the source gate "
+            "relu(h) * 1[h > theta] equals h * 1[h > max(theta, 0)] there"
+        )
         th = th.clamp_min(_MIN_THRESHOLD)
     return th
 
 
-def _build(family: str, d_in: int, d_sae: int, tensors: dict[str, torch.Tensor], *, apply_b_dec: bool,
-           k: int | None = None, threshold: torch.Tensor | None = None,
-           metadata: dict[str, Any] | None = None) -> SAE:
+def _build(
+    family: str,
+    d_in: int,
+    d_sae: int,
+    tensors: dict[str, torch.Tensor],
+    *,
+    apply_b_dec: bool,
+    k: int | None = None,
+    threshold: torch.Tensor | None = None,
+    metadata: dict[str, Any] | None = None,
+) -> SAE:
     """Instantiate the project's class for ``family`` from validated float32 tensors."""
-    cfg: dict[str, Any] = {"d_in": d_in, "d_sae": d_sae, "apply_b_dec_to_input": apply_b_dec,
-                           "metadata": metadata or {}}
+    cfg: dict[str, Any] = {
+        "d_in": d_in,
+        "d_sae": d_sae,
+        "apply_b_dec_to_input": apply_b_dec,
+        "metadata": metadata or {},
+    }
     if family == "topk":
         cfg["k"] = k
     parts = dict(tensors)
@@ -208,8 +223,9 @@ def _files(folder: Path, names: list[str]) -> dict[str, str]:
     return {n: sha256_file(folder / n) for n in names if (folder / n).is_file()}
 
 
-def _fold_decoder_norm(W_enc: torch.Tensor, b_enc: torch.Tensor, W_dec: torch.Tensor
-                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _fold_decoder_norm(
+    W_enc: torch.Tensor, b_enc: torch.Tensor, W_dec: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Fold per-latent decoder row norms n [d_sae] into the encoder: W_enc * n, b_enc * n, W_dec / n.
     SAELens ``TopKSAE`` with ``rescale_acts_by_decoder_norm`` computes h * n before top-k and divides by n
     before decoding; the folded SAE gives the same top-k set and reconstruction, latents scaled by n."""
@@ -221,9 +237,11 @@ def _fold_decoder_norm(W_enc: torch.Tensor, b_enc: torch.Tensor, W_dec: torch.Te
 
 # -- format detection ------------------------------------------------------------------------------------------
 
+
 def _sparsify_children(folder: Path) -> list[str]:
-    return sorted(p.name for p in folder.iterdir()
-                  if p.is_dir() and (p / SPARSIFY_WEIGHTS).is_file() and (p / CFG_NAME).is_file())
+    return sorted(
+        p.name for p in folder.iterdir() if p.is_dir() and (p / SPARSIFY_WEIGHTS).is_file() and (p / CFG_NAME).is_file()
+    )
 
 
 def detect_format(path: str | Path, *, hookpoint: str | None = None) -> tuple[str, Path]:
@@ -261,11 +279,17 @@ def detect_format(path: str | Path, *, hookpoint: str | None = None) -> tuple[st
         return "dictionary_learning", p
     kids = _sparsify_children(p)
     if kids:
-        raise TeacherError(f"{p} is a sparsify run folder with one coder per hookpoint; choose one with "
-                           f"hookpoint= (found: {kids[:20]})", field="hookpoint")
-    raise TeacherError(f"no SAE files recognised in {p}: expected {CFG_NAME} + {WEIGHTS_NAME} (SAELens), "
-                       f"{CFG_NAME} + {SPARSIFY_WEIGHTS} (sparsify), {GEMMA_SCOPE_PARAMS} (Gemma Scope) or "
-                       f"{DL_WEIGHTS} + {DL_CONFIG} (dictionary_learning)", field="teacher")
+        raise TeacherError(
+            f"{p} is a sparsify run folder with one coder per hookpoint; choose one with "
+            f"hookpoint= (found: {kids[:20]})",
+            field="hookpoint",
+        )
+    raise TeacherError(
+        f"no SAE files recognised in {p}: expected {CFG_NAME} + {WEIGHTS_NAME} (SAELens), "
+        f"{CFG_NAME} + {SPARSIFY_WEIGHTS} (sparsify), {GEMMA_SCOPE_PARAMS} (Gemma Scope) or "
+        f"{DL_WEIGHTS} + {DL_CONFIG} (dictionary_learning)",
+        field="teacher",
+    )
 
 
 # -- SAELens ---------------------------------------------------------------------------------------------------
@@ -304,16 +328,20 @@ def load_saelens(path: str | Path) -> LoadedTeacher:
             arch = "standard"
             conv.append("pre-6.0 SAELens cfg without 'architecture': standard (ReLU)")
         else:
-            raise TeacherError(f"SAELens activation_fn {act!r} is not supported (relu or topk)",
-                               field="cfg.json.activation_fn_str")
+            raise TeacherError(
+                f"SAELens activation_fn {act!r} is not supported (relu or topk)", field="cfg.json.activation_fn_str"
+            )
     if not isinstance(arch, str):
         raise TeacherError(f"cfg.json 'architecture' must be a string, got {arch!r}", field="cfg.json.architecture")
     if arch == "rational":
-        raise TeacherError("this folder holds a rational SAE (already upgraded), not a teacher",
-                           field="cfg.json.architecture")
+        raise TeacherError(
+            "this folder holds a rational SAE (already upgraded), not a teacher", field="cfg.json.architecture"
+        )
     if arch not in _SAELENS_FAMILY:
-        raise TeacherError(f"SAELens architecture {arch!r} is not supported as a teacher; supported: "
-                           f"{sorted(_SAELENS_FAMILY)}", field="cfg.json.architecture")
+        raise TeacherError(
+            f"SAELens architecture {arch!r} is not supported as a teacher; supported: {sorted(_SAELENS_FAMILY)}",
+            field="cfg.json.architecture",
+        )
     family = _SAELENS_FAMILY[arch]
     apply_b_dec = cfg.get("apply_b_dec_to_input", True)
     if not isinstance(apply_b_dec, bool):
@@ -323,12 +351,16 @@ def load_saelens(path: str | Path) -> LoadedTeacher:
     if isinstance(norm, bool):  # pre-6.0
         norm = "expected_average_only_in" if norm else "none"
     if norm == "expected_average_only_in":
-        conv.append("normalize_activations='expected_average_only_in': not applied at inference (SAELens 6 "
-                    "folds the scaling factor into the weights when training ends and applies nothing here)")
+        conv.append(
+            "normalize_activations='expected_average_only_in': not applied at inference (SAELens 6 "
+            "folds the scaling factor into the weights when training ends and applies nothing here)"
+        )
     elif norm not in (None, "none"):
-        raise TeacherError(f"normalize_activations={norm!r} normalises each token at run time; only 'none' "
-                           "(or the folded 'expected_average_only_in') is supported",
-                           field="cfg.json.normalize_activations")
+        raise TeacherError(
+            f"normalize_activations={norm!r} normalises each token at run time; only 'none' "
+            "(or the folded 'expected_average_only_in') is supported",
+            field="cfg.json.normalize_activations",
+        )
     if cfg.get("reshape_activations") == "hook_z":
         conv.append("reshape_activations='hook_z': inputs are the heads flattened to [..., n_heads * d_head]")
     raw = _read_safetensors(folder / WEIGHTS_NAME, WEIGHTS_NAME)
@@ -337,8 +369,9 @@ def load_saelens(path: str | Path) -> LoadedTeacher:
         if key in raw:
             sf = raw.pop(key)
             if not torch.allclose(sf.float(), torch.ones_like(sf, dtype=torch.float32)):
-                raise TeacherError(f"tensor '{key}' is not all ones; fine-tuning scaling factors are not "
-                                   "supported", field=f + key)
+                raise TeacherError(
+                    f"tensor '{key}' is not all ones; fine-tuning scaling factors are not supported", field=f + key
+                )
             conv.append(f"'{key}' of ones dropped")
     src_dtype = {str(t.dtype).replace("torch.", "") for t in raw.values() if t.is_floating_point()}
     if cfg.get("dtype", "float32") != "float32" or src_dtype - {"float32"}:
@@ -356,8 +389,10 @@ def load_saelens(path: str | Path) -> LoadedTeacher:
         conv.append(f"k={k} from cfg.json")
         if cfg.get("rescale_acts_by_decoder_norm", False):
             W_enc, b_enc, W_dec = _fold_decoder_norm(W_enc, b_enc, W_dec)
-            conv.append("rescale_acts_by_decoder_norm=True folded: W_enc, b_enc scaled by ||W_dec[j]||, W_dec "
-                        "rows normalised (same top-k set and reconstruction; latents scaled by the norms)")
+            conv.append(
+                "rescale_acts_by_decoder_norm=True folded: W_enc, b_enc scaled by ||W_dec[j]||, W_dec "
+                "rows normalised (same top-k set and reconstruction; latents scaled by the norms)"
+            )
     elif family == "jumprelu":
         if "threshold" in raw:
             threshold = _tensor(raw["threshold"], (d_sae,), f + "threshold")
@@ -372,15 +407,36 @@ def load_saelens(path: str | Path) -> LoadedTeacher:
     layer = meta.get("hook_layer", cfg.get("hook_layer"))
     layer = layer if isinstance(layer, int) and not isinstance(layer, bool) else _layer_of(hook)
     model = meta.get("model_name") or cfg.get("model_name")
-    det = DetectedFormat("saelens", family, str(arch), d_in, d_sae, apply_b_dec, conv, k,
-                         hook if isinstance(hook, str) else None, layer, model if isinstance(model, str) else None,
-                         _files(folder, [CFG_NAME, WEIGHTS_NAME]), str(folder))
-    sae = _build(family, d_in, d_sae, {"W_enc": W_enc, "b_enc": b_enc, "W_dec": W_dec, "b_dec": b_dec},
-                 apply_b_dec=apply_b_dec, k=k, threshold=threshold, metadata=_metadata(meta, det))
+    det = DetectedFormat(
+        "saelens",
+        family,
+        str(arch),
+        d_in,
+        d_sae,
+        apply_b_dec,
+        conv,
+        k,
+        hook if isinstance(hook, str) else None,
+        layer,
+        model if isinstance(model, str) else None,
+        _files(folder, [CFG_NAME, WEIGHTS_NAME]),
+        str(folder),
+    )
+    sae = _build(
+        family,
+        d_in,
+        d_sae,
+        {"W_enc": W_enc, "b_enc": b_enc, "W_dec": W_dec, "b_dec": b_dec},
+        apply_b_dec=apply_b_dec,
+        k=k,
+        threshold=threshold,
+        metadata=_metadata(meta, det),
+    )
     return LoadedTeacher(sae, det)
 
 
 # -- Gemma Scope -----------------------------------------------------------------------------------------------
+
 
 def load_gemma_scope(path: str | Path) -> LoadedTeacher:
     """Load a Gemma Scope ``params.npz`` (JumpReLU; Lieberum et al. 2024, published layout of
@@ -404,24 +460,30 @@ def load_gemma_scope(path: str | Path) -> LoadedTeacher:
             arrays = {("W_" + key[2:] if key.startswith("w_") else key): data[key] for key in data.files}
     except Exception as e:  # noqa: BLE001 - untrusted bytes: zipfile / numpy raise ValueError, OSError,
         # BadZipFile, KeyError, NotImplementedError ("compressed patched data", found by fuzzing), ...
-        raise TeacherError(f"{GEMMA_SCOPE_PARAMS} is not a readable numpy .npz of plain arrays: {e}",
-                           field=GEMMA_SCOPE_PARAMS) from None
+        raise TeacherError(
+            f"{GEMMA_SCOPE_PARAMS} is not a readable numpy .npz of plain arrays: {e}", field=GEMMA_SCOPE_PARAMS
+        ) from None
     f = GEMMA_SCOPE_PARAMS + "."
     for n in ("W_enc", "W_dec", "b_enc", "b_dec", "threshold"):
         if n not in arrays:
             raise TeacherError(f"array '{n}' missing from {GEMMA_SCOPE_PARAMS} (found {sorted(arrays)})", field=f + n)
     if arrays["W_enc"].ndim != 2:
-        raise TeacherError(f"W_enc must be 2-D [d_in, d_sae], got shape {list(arrays['W_enc'].shape)}",
-                           field=f + "W_enc")
+        raise TeacherError(
+            f"W_enc must be 2-D [d_in, d_sae], got shape {list(arrays['W_enc'].shape)}", field=f + "W_enc"
+        )
     d_in = _dim(int(arrays["W_enc"].shape[0]), f + "W_enc")
     d_sae = _dim(int(arrays["W_enc"].shape[1]), f + "W_enc")
-    t = {"W_enc": _tensor(arrays["W_enc"], (d_in, d_sae), f + "W_enc"),
-         "b_enc": _tensor(arrays["b_enc"], (d_sae,), f + "b_enc"),
-         "W_dec": _tensor(arrays["W_dec"], (d_sae, d_in), f + "W_dec"),
-         "b_dec": _tensor(arrays["b_dec"], (d_in,), f + "b_dec")}
-    conv = ["apply_b_dec_to_input=False (Gemma Scope encodes x @ W_enc + b_enc)",
-            "JumpReLU gate z = 1[h > threshold] * relu(h), thresholds from params.npz",
-            "d_in, d_sae from the shape of W_enc"]
+    t = {
+        "W_enc": _tensor(arrays["W_enc"], (d_in, d_sae), f + "W_enc"),
+        "b_enc": _tensor(arrays["b_enc"], (d_sae,), f + "b_enc"),
+        "W_dec": _tensor(arrays["W_dec"], (d_sae, d_in), f + "W_dec"),
+        "b_dec": _tensor(arrays["b_dec"], (d_in,), f + "b_dec"),
+    }
+    conv = [
+        "apply_b_dec_to_input=False (Gemma Scope encodes x @ W_enc + b_enc)",
+        "JumpReLU gate z = 1[h > threshold] * relu(h), thresholds from params.npz",
+        "d_in, d_sae from the shape of W_enc",
+    ]
     threshold = _thresholds(_tensor(arrays["threshold"], (d_sae,), f + "threshold"), conv)
     extra = sorted(set(arrays) - {"W_enc", "W_dec", "b_enc", "b_dec", "threshold"})
     if extra:
@@ -437,15 +499,30 @@ def load_gemma_scope(path: str | Path) -> LoadedTeacher:
     w = re.search(r"width_(\w+?)(?:/|$)", parts)
     l0 = re.search(r"average_l0_(\d+)", parts)
     if w or l0:
-        conv.append(f"from the folder names: width={w.group(1) if w else None}, "
-                    f"average_l0={int(l0.group(1)) if l0 else None}")
-    det = DetectedFormat("gemma_scope", "jumprelu", "gemma-scope-jumprelu", d_in, d_sae, False, conv, None,
-                         hook, layer, None, _files(folder, [GEMMA_SCOPE_PARAMS]), str(folder))
+        conv.append(
+            f"from the folder names: width={w.group(1) if w else None}, average_l0={int(l0.group(1)) if l0 else None}"
+        )
+    det = DetectedFormat(
+        "gemma_scope",
+        "jumprelu",
+        "gemma-scope-jumprelu",
+        d_in,
+        d_sae,
+        False,
+        conv,
+        None,
+        hook,
+        layer,
+        None,
+        _files(folder, [GEMMA_SCOPE_PARAMS]),
+        str(folder),
+    )
     sae = _build("jumprelu", d_in, d_sae, t, apply_b_dec=False, threshold=threshold, metadata=_metadata({}, det))
     return LoadedTeacher(sae, det)
 
 
 # -- EleutherAI sparsify ---------------------------------------------------------------------------------------
+
 
 def load_sparsify(path: str | Path) -> LoadedTeacher:
     """Load an EleutherAI sparsify coder folder (``SparseCoder.save_to_disk``: ``cfg.json`` + ``sae.safetensors``).
@@ -466,11 +543,14 @@ def load_sparsify(path: str | Path) -> LoadedTeacher:
     cfg = _read_json(folder / CFG_NAME, "cfg.json")
     d_in = _dim(cfg.get("d_in"), "cfg.json.d_in")
     if cfg.get("transcode"):
-        raise TeacherError("a sparsify transcoder predicts another module's output; only autoencoders can be "
-                           "upgraded", field="cfg.json.transcode")
+        raise TeacherError(
+            "a sparsify transcoder predicts another module's output; only autoencoders can be upgraded",
+            field="cfg.json.transcode",
+        )
     if cfg.get("skip_connection"):
-        raise TeacherError("sparsify coders with a skip connection (W_skip) are not supported",
-                           field="cfg.json.skip_connection")
+        raise TeacherError(
+            "sparsify coders with a skip connection (W_skip) are not supported", field="cfg.json.skip_connection"
+        )
     act = cfg.get("activation", "topk")
     if act != "topk":
         raise TeacherError(f"sparsify activation {act!r} is not supported (topk only)", field="cfg.json.activation")
@@ -485,9 +565,12 @@ def load_sparsify(path: str | Path) -> LoadedTeacher:
         d_sae = _dim(d_in * ef, "cfg.json.expansion_factor")
         conv = [f"d_sae = d_in * expansion_factor = {d_sae}"]
     k = _k(cfg.get("k", 32), d_sae, "cfg.json.k")
-    conv += [f"k={k} from cfg.json", "apply_b_dec_to_input=True (sparsify encodes x - b_dec)",
-             "TopK of relu(h) (sparsify) = ReLU of the top-k of h (same latents and values)",
-             "W_enc = encoder.weight.T (nn.Linear weight [d_sae, d_in])"]
+    conv += [
+        f"k={k} from cfg.json",
+        "apply_b_dec_to_input=True (sparsify encodes x - b_dec)",
+        "TopK of relu(h) (sparsify) = ReLU of the top-k of h (same latents and values)",
+        "W_enc = encoder.weight.T (nn.Linear weight [d_sae, d_in])",
+    ]
     raw = _read_safetensors(folder / SPARSIFY_WEIGHTS, SPARSIFY_WEIGHTS)
     f = SPARSIFY_WEIGHTS + "."
     if "W_skip" in raw:
@@ -506,10 +589,12 @@ def load_sparsify(path: str | Path) -> LoadedTeacher:
     src = {str(t.dtype).replace("torch.", "") for t in raw.values()}
     if src - {"float32"}:
         conv.append(f"weights converted from {sorted(src)} to float32")
-    t = {"W_enc": _tensor(raw["encoder.weight"], (d_sae, d_in), f + "encoder.weight").T.contiguous(),
-         "b_enc": _tensor(raw["encoder.bias"], (d_sae,), f + "encoder.bias"),
-         "W_dec": _tensor(W_dec, (d_sae, d_in), f + "W_dec"),
-         "b_dec": _tensor(raw["b_dec"], (d_in,), f + "b_dec")}
+    t = {
+        "W_enc": _tensor(raw["encoder.weight"], (d_sae, d_in), f + "encoder.weight").T.contiguous(),
+        "b_enc": _tensor(raw["encoder.bias"], (d_sae,), f + "encoder.bias"),
+        "W_dec": _tensor(W_dec, (d_sae, d_in), f + "W_dec"),
+        "b_dec": _tensor(raw["b_dec"], (d_in,), f + "b_dec"),
+    }
     hookpoint = folder.name
     layer = _layer_of(hookpoint)
     hook = f"blocks.{layer}.hook_resid_post" if re.fullmatch(r"(?:model\.)?layers[._]\d+", hookpoint) else None
@@ -523,16 +608,23 @@ def load_sparsify(path: str | Path) -> LoadedTeacher:
         except (UnicodeDecodeError, json.JSONDecodeError):
             conv.append("run config.json one folder up is not valid JSON; ignored")
     files = _files(folder, [CFG_NAME, SPARSIFY_WEIGHTS])
-    det = DetectedFormat("sparsify", "topk", "SparseCoder", d_in, d_sae, True, conv, k, hook, layer, model,
-                         files, str(folder))
+    det = DetectedFormat(
+        "sparsify", "topk", "SparseCoder", d_in, d_sae, True, conv, k, hook, layer, model, files, str(folder)
+    )
     sae = _build("topk", d_in, d_sae, t, apply_b_dec=True, k=k, metadata=_metadata({}, det))
     return LoadedTeacher(sae, det)
 
 
 # -- dictionary_learning ---------------------------------------------------------------------------------------
 
-_DL_CLASSES = ("AutoEncoder", "AutoEncoderNew", "JumpReluAutoEncoder", "AutoEncoderTopK", "BatchTopKSAE",
-               "MatryoshkaBatchTopKSAE")
+_DL_CLASSES = (
+    "AutoEncoder",
+    "AutoEncoderNew",
+    "JumpReluAutoEncoder",
+    "AutoEncoderTopK",
+    "BatchTopKSAE",
+    "MatryoshkaBatchTopKSAE",
+)
 
 
 def _dl_class_from_keys(keys: set[str]) -> str:
@@ -543,11 +635,15 @@ def _dl_class_from_keys(keys: set[str]) -> str:
     if {"encoder.weight", "encoder.bias", "decoder.weight", "decoder.bias"} <= keys:
         return "AutoEncoderNew"
     if "k" in keys:
-        raise TeacherError("ae.pt holds a top-k dictionary ('k' buffer) but without config.json its class is "
-                           "ambiguous: AutoEncoderTopK keeps each token's top k, BatchTopKSAE applies a global "
-                           "threshold at inference. Upload config.json (trainer.dict_class)", field=DL_CONFIG)
-    raise TeacherError(f"ae.pt keys {sorted(keys)} match no supported dictionary_learning class "
-                       f"{list(_DL_CLASSES)}", field=DL_WEIGHTS)
+        raise TeacherError(
+            "ae.pt holds a top-k dictionary ('k' buffer) but without config.json its class is "
+            "ambiguous: AutoEncoderTopK keeps each token's top k, BatchTopKSAE applies a global "
+            "threshold at inference. Upload config.json (trainer.dict_class)",
+            field=DL_CONFIG,
+        )
+    raise TeacherError(
+        f"ae.pt keys {sorted(keys)} match no supported dictionary_learning class {list(_DL_CLASSES)}", field=DL_WEIGHTS
+    )
 
 
 def load_dictionary_learning(path: str | Path) -> LoadedTeacher:
@@ -580,8 +676,11 @@ def load_dictionary_learning(path: str | Path) -> LoadedTeacher:
     try:
         sd = torch.load(fpath, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        raise TeacherError("ae.pt refused: it holds pickled Python objects beyond tensors and plain containers "
-                           f"(torch.load weights_only=True): {str(e).splitlines()[0]}", field=DL_WEIGHTS) from None
+        raise TeacherError(
+            "ae.pt refused: it holds pickled Python objects beyond tensors and plain containers "
+            f"(torch.load weights_only=True): {str(e).splitlines()[0]}",
+            field=DL_WEIGHTS,
+        ) from None
     except Exception as e:  # noqa: BLE001 - untrusted bytes: the weights-only unpickler raises IndexError,
         # KeyError, TypeError, ... on garbage (seen: "pop from empty list"), besides the usual file errors
         raise TeacherError(f"ae.pt is not a readable torch file: {type(e).__name__}: {e}", field=DL_WEIGHTS) from None
@@ -601,8 +700,10 @@ def load_dictionary_learning(path: str | Path) -> LoadedTeacher:
     else:
         conv.append(f"dict_class {cls} from config.json")
     if cls not in _DL_CLASSES:
-        raise TeacherError(f"dictionary_learning class {cls!r} is not supported; supported: {list(_DL_CLASSES)}",
-                           field=f"{DL_CONFIG}.trainer.dict_class")
+        raise TeacherError(
+            f"dictionary_learning class {cls!r} is not supported; supported: {list(_DL_CLASSES)}",
+            field=f"{DL_CONFIG}.trainer.dict_class",
+        )
     f = DL_WEIGHTS + "."
 
     def need(*names: str) -> None:
@@ -616,10 +717,12 @@ def load_dictionary_learning(path: str | Path) -> LoadedTeacher:
         if sd["W_enc"].ndim != 2:
             raise TeacherError("W_enc must be 2-D [d_in, d_sae]", field=f + "W_enc")
         d_in, d_sae = (_dim(int(s), f + "W_enc") for s in sd["W_enc"].shape)
-        t = {"W_enc": _tensor(sd["W_enc"], (d_in, d_sae), f + "W_enc"),
-             "b_enc": _tensor(sd["b_enc"], (d_sae,), f + "b_enc"),
-             "W_dec": _tensor(sd["W_dec"], (d_sae, d_in), f + "W_dec"),
-             "b_dec": _tensor(sd["b_dec"], (d_in,), f + "b_dec")}
+        t = {
+            "W_enc": _tensor(sd["W_enc"], (d_in, d_sae), f + "W_enc"),
+            "b_enc": _tensor(sd["b_enc"], (d_sae,), f + "b_enc"),
+            "W_dec": _tensor(sd["W_dec"], (d_sae, d_in), f + "W_dec"),
+            "b_dec": _tensor(sd["b_dec"], (d_in,), f + "b_dec"),
+        }
         family, apply_b_dec = "jumprelu", False
         conv.append("apply_b_dec_to_input=False (JumpReluAutoEncoder default; not stored in ae.pt)")
         threshold = _thresholds(_tensor(sd["threshold"], (d_sae,), f + "threshold"), conv)
@@ -645,8 +748,9 @@ def load_dictionary_learning(path: str | Path) -> LoadedTeacher:
             b_dec, apply_b_dec = _tensor(sd["b_dec"], (d_in,), f + "b_dec"), True
             k = _k(sd["k"], d_sae, f + "k")
             if trainer.get("k") is not None and _k(trainer["k"], d_sae, f"{DL_CONFIG}.trainer.k") != k:
-                raise TeacherError(f"config.json k={trainer['k']} disagrees with ae.pt's k buffer {k}",
-                                   field=f"{DL_CONFIG}.trainer.k")
+                raise TeacherError(
+                    f"config.json k={trainer['k']} disagrees with ae.pt's k buffer {k}", field=f"{DL_CONFIG}.trainer.k"
+                )
             conv.append(f"k={k} from the 'k' buffer in ae.pt; b_dec subtracted before encoding")
             if cls == "AutoEncoderTopK":
                 family = "topk"
@@ -655,39 +759,62 @@ def load_dictionary_learning(path: str | Path) -> LoadedTeacher:
                 th = _tensor(sd["threshold"].reshape(()), (), f + "threshold").item()
                 if th > 0:
                     family, threshold = "jumprelu", torch.full((d_sae,), th)
-                    conv.append(f"{cls} inference gate relu(h) * 1[relu(h) > {th:.6g}]: JumpReLU with that "
-                                "threshold for every latent (batch top-k is a training-time rule)")
+                    conv.append(
+                        f"{cls} inference gate relu(h) * 1[relu(h) > {th:.6g}]: JumpReLU with that "
+                        "threshold for every latent (batch top-k is a training-time rule)"
+                    )
                 else:
                     family = "relu"
                     conv.append(f"{cls} threshold {th:.6g} <= 0 (never set): its inference gate is relu(h)")
         t = {"W_enc": W_enc, "b_enc": b_enc, "W_dec": W_dec, "b_dec": b_dec}
     for key, want in (("activation_dim", d_in), ("dict_size", d_sae)):
         if trainer.get(key) is not None and trainer[key] != want:
-            raise TeacherError(f"config.json trainer.{key}={trainer[key]} disagrees with ae.pt ({want})",
-                               field=f"{DL_CONFIG}.trainer.{key}")
+            raise TeacherError(
+                f"config.json trainer.{key}={trainer[key]} disagrees with ae.pt ({want})",
+                field=f"{DL_CONFIG}.trainer.{key}",
+            )
     if "norm_factor" in trainer:
-        conv.append(f"norm_factor={trainer['norm_factor']} folded into the biases at save time "
-                    "(dictionary_learning scale_biases): ae.pt works on raw activations")
+        conv.append(
+            f"norm_factor={trainer['norm_factor']} folded into the biases at save time "
+            "(dictionary_learning scale_biases): ae.pt works on raw activations"
+        )
     layer = trainer.get("layer") if isinstance(trainer.get("layer"), int) else None
     sub = trainer.get("submodule_name")
     hook = None
     if layer is not None:
         hook = f"blocks.{layer}.hook_resid_post"
-        conv.append(f"hook {hook} from trainer.layer={layer} (submodule {sub!r}; residual stream assumed, "
-                    "as SAELens's dictionary_learning loader does)")
+        conv.append(
+            f"hook {hook} from trainer.layer={layer} (submodule {sub!r}; residual stream assumed, "
+            "as SAELens's dictionary_learning loader does)"
+        )
     model = trainer.get("lm_name") if isinstance(trainer.get("lm_name"), str) else None
-    det = DetectedFormat("dictionary_learning", family, cls, d_in, d_sae, apply_b_dec, conv, k, hook, layer, model,
-                         _files(folder, [DL_WEIGHTS, DL_CONFIG]), str(folder))
-    sae = _build(family, d_in, d_sae, t, apply_b_dec=apply_b_dec, k=k, threshold=threshold,
-                 metadata=_metadata({}, det))
+    det = DetectedFormat(
+        "dictionary_learning",
+        family,
+        cls,
+        d_in,
+        d_sae,
+        apply_b_dec,
+        conv,
+        k,
+        hook,
+        layer,
+        model,
+        _files(folder, [DL_WEIGHTS, DL_CONFIG]),
+        str(folder),
+    )
+    sae = _build(family, d_in, d_sae, t, apply_b_dec=apply_b_dec, k=k, threshold=threshold, metadata=_metadata({}, det))
     return LoadedTeacher(sae, det)
 
 
 # -- entry points ----------------------------------------------------------------------------------------------
 
 _LOADERS: dict[str, Callable[[Path], LoadedTeacher]] = {
-    "saelens": load_saelens, "gemma_scope": load_gemma_scope, "sparsify": load_sparsify,
-    "dictionary_learning": load_dictionary_learning}
+    "saelens": load_saelens,
+    "gemma_scope": load_gemma_scope,
+    "sparsify": load_sparsify,
+    "dictionary_learning": load_dictionary_learning,
+}
 
 
 def _metadata(meta: dict[str, Any], det: DetectedFormat) -> dict[str, Any]:
@@ -726,8 +853,9 @@ def load_teacher(path: str | Path, *, format: str | None = None, hookpoint: str 
     return _LOADERS[fmt](folder)
 
 
-def import_teacher(path: str | Path, out: str | Path, *, format: str | None = None,
-                   hookpoint: str | None = None) -> DetectedFormat:
+def import_teacher(
+    path: str | Path, out: str | Path, *, format: str | None = None, hookpoint: str | None = None
+) -> DetectedFormat:
     """Load a teacher in any supported format and save it in the project's SAELens layout at ``out``
     (``cfg.json`` + ``sae_weights.safetensors``, read by :func:`rsae.saes.load_sae` and the pipeline).
 
@@ -759,8 +887,12 @@ def provenance(teacher_path: str | Path) -> dict[str, Any]:
         TeacherError: the path holds no recognised teacher files.
     """
     fmt, folder = detect_format(teacher_path)
-    names = {"saelens": [CFG_NAME, WEIGHTS_NAME], "sparsify": [CFG_NAME, SPARSIFY_WEIGHTS],
-             "gemma_scope": [GEMMA_SCOPE_PARAMS], "dictionary_learning": [DL_WEIGHTS, DL_CONFIG]}[fmt]
+    names = {
+        "saelens": [CFG_NAME, WEIGHTS_NAME],
+        "sparsify": [CFG_NAME, SPARSIFY_WEIGHTS],
+        "gemma_scope": [GEMMA_SCOPE_PARAMS],
+        "dictionary_learning": [DL_WEIGHTS, DL_CONFIG],
+    }[fmt]
     original = None
     if fmt == "saelens":
         try:
@@ -768,6 +900,10 @@ def provenance(teacher_path: str | Path) -> dict[str, Any]:
             original = meta.get("source") if isinstance(meta, dict) else None
         except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
             original = None
-    return {"source": str(teacher_path), "format": fmt, "files": _files(folder, names), "original": original,
-            "versions": package_versions()}
-
+    return {
+        "source": str(teacher_path),
+        "format": fmt,
+        "files": _files(folder, names),
+        "original": original,
+        "versions": package_versions(),
+    }

@@ -48,9 +48,15 @@ class HubTeacher:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict (path as str)."""
-        return {"path": str(self.path), "repo_id": self.repo_id, "subfolder": self.subfolder,
-                "revision": self.revision, "release": self.release, "sae_id": self.sae_id,
-                "conversion_func": self.conversion_func}
+        return {
+            "path": str(self.path),
+            "repo_id": self.repo_id,
+            "subfolder": self.subfolder,
+            "revision": self.revision,
+            "release": self.release,
+            "sae_id": self.sae_id,
+            "conversion_func": self.conversion_func,
+        }
 
 
 def offline() -> bool:
@@ -78,8 +84,9 @@ def saelens_directory() -> dict[str, dict[str, Any]]:
     """
     spec = importlib.util.find_spec("sae_lens")
     if spec is None or not spec.submodule_search_locations:
-        raise TeacherError("SAELens release names need the 'sae-lens' package (pip install sae-lens)",
-                           field="teacher.release")
+        raise TeacherError(
+            "SAELens release names need the 'sae-lens' package (pip install sae-lens)", field="teacher.release"
+        )
     import yaml
 
     f = Path(list(spec.submodule_search_locations)[0]) / "pretrained_saes.yaml"
@@ -88,13 +95,23 @@ def saelens_directory() -> dict[str, dict[str, Any]]:
     out: dict[str, dict[str, Any]] = {}
     for release, v in data.items():
         saes = {str(s["id"]): str(s["path"]) for s in v.get("saes", [])}
-        out[release] = {"repo_id": v["repo_id"], "model": v.get("model"),
-                        "conversion_func": v.get("conversion_func"), "saes": saes}
+        out[release] = {
+            "repo_id": v["repo_id"],
+            "model": v.get("model"),
+            "conversion_func": v.get("conversion_func"),
+            "saes": saes,
+        }
     return out
 
 
-def check_hub_ref(*, repo_id: str | None = None, subfolder: str | None = None, revision: str | None = None,
-                  release: str | None = None, sae_id: str | None = None) -> tuple[str, str | None, str | None]:
+def check_hub_ref(
+    *,
+    repo_id: str | None = None,
+    subfolder: str | None = None,
+    revision: str | None = None,
+    release: str | None = None,
+    sae_id: str | None = None,
+) -> tuple[str, str | None, str | None]:
     """Validate a hub reference without any network access (what a service checks at submission).
 
     Returns:
@@ -115,23 +132,29 @@ def check_hub_ref(*, repo_id: str | None = None, subfolder: str | None = None, r
         entry = directory[release]
         if not isinstance(sae_id, str) or sae_id not in entry["saes"]:
             some = list(entry["saes"])[:5]
-            raise TeacherError(f"sae_id {sae_id!r} is not in release {release!r} (e.g. {some})",
-                               field="teacher.sae_id")
+            raise TeacherError(f"sae_id {sae_id!r} is not in release {release!r} (e.g. {some})", field="teacher.sae_id")
         repo_id, subfolder, conversion = entry["repo_id"], entry["saes"][sae_id], entry["conversion_func"]
         subfolder = _check_subfolder(subfolder, "teacher.sae_id")
     else:
         if not isinstance(repo_id, str) or "://" in repo_id or not REPO_ID.match(repo_id):
-            raise TeacherError(f"repo id {repo_id!r} must look like 'org/name' (URLs are not fetched)",
-                               field="teacher.repo_id")
+            raise TeacherError(
+                f"repo id {repo_id!r} must look like 'org/name' (URLs are not fetched)", field="teacher.repo_id"
+            )
         subfolder = _check_subfolder(subfolder, "teacher.subfolder")
     if revision is not None and (not _REVISION.match(revision) or ".." in revision):
         raise TeacherError(f"revision {revision!r} is not a branch, tag or commit name", field="teacher.revision")
     return repo_id, subfolder, conversion
 
 
-def resolve_hub_teacher(*, repo_id: str | None = None, subfolder: str | None = None, revision: str | None = None,
-                        release: str | None = None, sae_id: str | None = None,
-                        cache_dir: str | Path | None = None) -> HubTeacher:
+def resolve_hub_teacher(
+    *,
+    repo_id: str | None = None,
+    subfolder: str | None = None,
+    revision: str | None = None,
+    release: str | None = None,
+    sae_id: str | None = None,
+    cache_dir: str | Path | None = None,
+) -> HubTeacher:
     """Resolve a hub reference to a local teacher folder (download it unless offline).
 
     Args:
@@ -147,24 +170,31 @@ def resolve_hub_teacher(*, repo_id: str | None = None, subfolder: str | None = N
             ``teacher.revision`` / ``teacher.release`` / ``teacher.sae_id``), an unknown release or SAE id, or the
             files are neither cached nor downloadable (offline, not found, no network): ``field="teacher"``.
     """
-    repo_id, subfolder, conversion = check_hub_ref(repo_id=repo_id, subfolder=subfolder, revision=revision,
-                                                   release=release, sae_id=sae_id)
+    repo_id, subfolder, conversion = check_hub_ref(
+        repo_id=repo_id, subfolder=subfolder, revision=revision, release=release, sae_id=sae_id
+    )
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled
 
     cache = cache_dir or os.environ.get("HF_HUB_CACHE") or None
     patterns = [f"{subfolder}/*"] if subfolder else None
     try:
-        root = snapshot_download(repo_id, revision=revision, cache_dir=cache, allow_patterns=patterns,
-                                 local_files_only=offline())
+        root = snapshot_download(
+            repo_id, revision=revision, cache_dir=cache, allow_patterns=patterns, local_files_only=offline()
+        )
     except (LocalEntryNotFoundError, OfflineModeIsEnabled) as e:
-        raise TeacherError(f"{repo_id}{'/' + subfolder if subfolder else ''} is not in the local hub cache "
-                           f"{cache or '(default)'} and the hub is {'offline' if offline() else 'unreachable'}: "
-                           f"{e}", field="teacher") from None
+        raise TeacherError(
+            f"{repo_id}{'/' + subfolder if subfolder else ''} is not in the local hub cache "
+            f"{cache or '(default)'} and the hub is {'offline' if offline() else 'unreachable'}: "
+            f"{e}",
+            field="teacher",
+        ) from None
     except (HfHubHTTPError, OSError, ValueError) as e:
         raise TeacherError(f"could not fetch {repo_id}: {type(e).__name__}: {e}", field="teacher") from None
     path = Path(root) / subfolder if subfolder else Path(root)
     if not path.is_dir():
-        raise TeacherError(f"{repo_id} has no folder {subfolder!r} (revision {revision or 'main'})",
-                           field="teacher.subfolder" if release is None else "teacher.sae_id")
+        raise TeacherError(
+            f"{repo_id} has no folder {subfolder!r} (revision {revision or 'main'})",
+            field="teacher.subfolder" if release is None else "teacher.sae_id",
+        )
     return HubTeacher(path, repo_id, subfolder, revision, release, sae_id, conversion)

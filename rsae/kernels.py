@@ -55,8 +55,11 @@ AUTO_COMPILE_MIN_ELEMS = 1 << 20
 """"auto" compiles only for inputs of at least this many elements (a training batch is 4096 x 4608 = 18.9M);
 smaller calls (tests, tiny evaluations) run the fused path and never trigger a compile."""
 
-_INDUCTOR_OPTIONS = {"realize_reads_threshold": 1000, "realize_opcount_threshold": 10000,
-                      "realize_acc_reads_threshold": 1000}
+_INDUCTOR_OPTIONS = {
+    "realize_reads_threshold": 1000,
+    "realize_opcount_threshold": 10000,
+    "realize_acc_reads_threshold": 1000,
+}
 """Inductor options for the gate kernels: never materialise an intermediate [m, d] buffer. With the defaults
 inductor stores G / Q and G r sign(B) / Q (read by the p + q + 1 coefficient sums) as two extra h-sized
 buffers; inlining them keeps backward's memory at dL/dh alone and was 30% faster (275 -> 190 ms, (9, 8),
@@ -86,8 +89,14 @@ def _eager_r(h, a, b, c_in, s):
     return rational_unit(a, b, h / (c_in if s is None else c_in * s))
 
 
-def rational_raw_eager(h: torch.Tensor, a: torch.Tensor, b: torch.Tensor, c_in: torch.Tensor,
-                       c_out: torch.Tensor, s: torch.Tensor | None = None) -> torch.Tensor:
+def rational_raw_eager(
+    h: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    c_in: torch.Tensor,
+    c_out: torch.Tensor,
+    s: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Reference ``raw = C_out * s * P(t) / (1 + |B(t)|)``, ``t = h / (C_in * s)``, in eager torch ops.
 
     Shapes as :func:`rational_raw`. Plain autograd: saves O(p + q) tensors of h's size for backward.
@@ -95,9 +104,15 @@ def rational_raw_eager(h: torch.Tensor, a: torch.Tensor, b: torch.Tensor, c_in: 
     return (c_out if s is None else c_out * s) * _eager_r(h, a, b, c_in, s)
 
 
-def rational_gate_eager(h: torch.Tensor, a: torch.Tensor, b: torch.Tensor, c_in: torch.Tensor,
-                        c_out: torch.Tensor, s: torch.Tensor | None = None,
-                        floor: float | torch.Tensor = 0.0) -> torch.Tensor:
+def rational_gate_eager(
+    h: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    c_in: torch.Tensor,
+    c_out: torch.Tensor,
+    s: torch.Tensor | None = None,
+    floor: float | torch.Tensor = 0.0,
+) -> torch.Tensor:
     """Reference gate: :func:`rational_raw_eager` where r > floor, else exactly 0 (``torch.where``).
 
     Shapes as :func:`rational_gate`.
@@ -131,8 +146,7 @@ def _fwd_math(h, a, b, u, v, floor, p: int, q: int, use_floor: bool):
     return torch.where(r > floor, raw, 0.0) if use_floor else raw
 
 
-def _bwd_math(h, gz, a, b, c_in, c_out, s, floor, p: int, q: int, use_floor: bool, need_param: bool,
-              need_s: bool):
+def _bwd_math(h, gz, a, b, c_in, c_out, s, floor, p: int, q: int, use_floor: bool, need_param: bool, need_s: bool):
     """(dL/dh [m, d], [dL/da [p+1], dL/db [q], dL/dC_in, dL/dC_out] or None, dL/ds [d] or None), given
     gz = dL/dz [m, d]. dr/dt = (P' - r sign(B) B') / Q; dr/da_k = t^k / Q; dr/db_k = -r sign(B) t^k / Q."""
     u = c_in if s is None else c_in * s
@@ -151,11 +165,11 @@ def _bwd_math(h, gz, a, b, c_in, c_out, s, floor, p: int, q: int, use_floor: boo
     else:
         r, dr = P, dP
     g = torch.where(r > floor, gz, 0.0) if use_floor else gz
-    G = g * v                       # dL/dr
+    G = g * v  # dL/dr
     gh = G * dr / u
     params = gs = None
     if need_param:
-        w = G / Q if q else G       # dL/da_k = sum w t^k
+        w = G / Q if q else G  # dL/da_k = sum w t^k
         ga = [w.sum()]
         wk = w
         for _ in range(p):
@@ -163,7 +177,7 @@ def _bwd_math(h, gz, a, b, c_in, c_out, s, floor, p: int, q: int, use_floor: boo
             ga.append(wk.sum())
         gb = []
         if q:
-            wk = -(w * rs)          # dL/db_k = -sum G r sign(B) t^k / Q
+            wk = -(w * rs)  # dL/db_k = -sum G r sign(B) t^k / Q
             for _ in range(q):
                 wk = wk * t
                 gb.append(wk.sum())
@@ -231,7 +245,7 @@ def _bwd_fused(h, gz, a, b, c_in, c_out, s, floor: float, use_floor: bool, need_
     for sl in _chunks(h):
         hc, ghc = h[sl], gh[sl]
         t = hc / u
-        r = _horner_(al, t, p)                                  # P, then r
+        r = _horner_(al, t, p)  # P, then r
         dr = _horner_(dal, t, p - 1) if p else torch.zeros_like(t)  # P', then dr/dt
         if q:
             B = _b_poly_(bl, t)
@@ -239,20 +253,20 @@ def _bwd_fused(h, gz, a, b, c_in, c_out, s, floor: float, use_floor: bool, need_
             rs = torch.sign(B)
             Q = B.abs_().add_(1.0)
             r.div_(Q)
-            rs.mul_(r)                                          # r sign(B)
-            dr.sub_(dB.mul_(rs)).div_(Q)                        # (P' - r sign(B) B') / Q
-        G = gz[sl] * v                                          # dL/dr
+            rs.mul_(r)  # r sign(B)
+            dr.sub_(dB.mul_(rs)).div_(Q)  # (P' - r sign(B) B') / Q
+        G = gz[sl] * v  # dL/dr
         if use_floor:
             G.masked_fill_(r.gt(floor).logical_not_(), 0.0)
         torch.mul(G, dr, out=ghc).div_(u)
-        if need_s:                                              # sum_rows G (r - t dr), / s at the end
+        if need_s:  # sum_rows G (r - t dr), / s at the end
             x = torch.mul(t, dr)
             torch.sub(r, x, out=x).mul_(G)
             gs = x.sum(0) if gs is None else gs.add_(x.sum(0))
         if need_param:
             cs = [torch.dot(G.view(-1), r.view(-1)), torch.dot(ghc.view(-1), hc.reshape(-1))]
-            w = G.div_(Q) if q else G                           # dL/da_k = sum w t^k
-            w2 = torch.mul(w, rs) if q else None                # dL/db_k = -sum w r sign(B) t^k
+            w = G.div_(Q) if q else G  # dL/da_k = sum w t^k
+            w2 = torch.mul(w, rs) if q else None  # dL/db_k = -sum w r sign(B) t^k
             cs.append(w.sum())
             for _ in range(p):
                 cs.append(w.mul_(t).sum())
@@ -262,7 +276,7 @@ def _bwd_fused(h, gz, a, b, c_in, c_out, s, floor: float, use_floor: bool, need_
     params = None
     if need_param:
         tot = torch.stack(sums).sum(0)
-        params = [tot[2:3 + p], -tot[3 + p:], -tot[1] / c_in, tot[0] / c_out]
+        params = [tot[2 : 3 + p], -tot[3 + p :], -tot[1] / c_in, tot[0] / c_out]
     if need_s:
         gs = gs / s
     return gh, params, gs
@@ -272,8 +286,7 @@ def _bwd_fused(h, gz, a, b, c_in, c_out, s, floor: float, use_floor: bool, need_
 def _own_code(fn: Callable) -> Callable:
     """A copy of closure ``fn`` with its own code object: dynamo keys its cache (and its recompile limit) on
     the code object, so each (p, q, flags) variant gets its own instead of sharing one."""
-    return types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__,
-                              fn.__closure__)
+    return types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
 
 
 def _options() -> dict[str, Any]:
@@ -292,16 +305,18 @@ def _get_compiled(kind: str, p: int, q: int, *flags: bool) -> Callable:
             fn = _compiled.get(key)
             if fn is None:
                 if kind == "fwd":
-                    use_floor, = flags
+                    (use_floor,) = flags
 
                     def fwd(h, a, b, u, v, floor):
                         return _fwd_math(h, a, b, u, v, floor, p, q, use_floor)
+
                     fn = torch.compile(_own_code(fwd), dynamic=False, fullgraph=True, options=_options())
                 else:
                     use_floor, need_param, need_s = flags
 
                     def bwd(h, gz, a, b, c_in, c_out, s, floor):
                         return _bwd_math(h, gz, a, b, c_in, c_out, s, floor, p, q, use_floor, need_param, need_s)
+
                     fn = torch.compile(_own_code(bwd), dynamic=False, fullgraph=True, options=_options())
                 _compiled[key] = _Timed(fn, key)
                 fn = _compiled[key]
@@ -333,8 +348,9 @@ def _disable_compiled(err: BaseException) -> None:
     global _compile_failed
     if _compile_failed is None:
         _compile_failed = f"{type(err).__name__}: {err}"
-        log.warning("torch.compile of the rational gate failed; using the fused eager path from now on (%s)",
-                    _compile_failed)
+        log.warning(
+            "torch.compile of the rational gate failed; using the fused eager path from now on (%s)", _compile_failed
+        )
 
 
 def _floor_tensor(floor, like: torch.Tensor) -> torch.Tensor:
@@ -346,8 +362,7 @@ def _fwd(backend: str, h, a, b, c_in, c_out, s, floor, use_floor):
         u = c_in if s is None else c_in * s
         v = c_out if s is None else c_out * s
         try:
-            return _get_compiled("fwd", a.shape[0] - 1, b.shape[0], use_floor)(
-                h, a, b, u, v, _floor_tensor(floor, h))
+            return _get_compiled("fwd", a.shape[0] - 1, b.shape[0], use_floor)(h, a, b, u, v, _floor_tensor(floor, h))
         except Exception as e:  # noqa: BLE001 - a compiler failure: run eagerly, and for good if that works
             out = _fwd_fused(h, a, b, c_in, c_out, s, float(floor), use_floor)  # re-raises the caller's errors
             _disable_compiled(e)
@@ -360,7 +375,8 @@ def _bwd(backend: str, h, gz, a, b, c_in, c_out, s, floor, use_floor, need_param
     if backend == "compiled" and _compile_failed is None:
         try:
             return _get_compiled("bwd", a.shape[0] - 1, b.shape[0], use_floor, need_param, need_s)(
-                *args, _floor_tensor(floor, h))
+                *args, _floor_tensor(floor, h)
+            )
         except Exception as e:  # noqa: BLE001
             out = _bwd_fused(*args, float(floor), use_floor, need_param, need_s)
             _disable_compiled(e)
@@ -392,8 +408,9 @@ class RationalGateFunction(torch.autograd.Function):
         need = ctx.needs_input_grad
         need_param = any(need[1:5])
         need_s = s is not None and need[5]
-        gh, params, gs = _bwd(ctx.backend, h, gz.contiguous(), a, b, c_in, c_out, s, ctx.floor, ctx.use_floor,
-                              need_param, need_s)
+        gh, params, gs = _bwd(
+            ctx.backend, h, gz.contiguous(), a, b, c_in, c_out, s, ctx.floor, ctx.use_floor, need_param, need_s
+        )
         ga = gb = g_cin = g_cout = None
         if need_param:
             ga, gb, g_cin, g_cout = params
@@ -442,8 +459,11 @@ def _apply(h, a, b, c_in, c_out, s, floor, use_floor, impl):
     _check(h, a, b, c_in, c_out, s)
     backend = resolve_impl(impl, h.numel())
     if backend == "eager":
-        return (rational_gate_eager(h, a, b, c_in, c_out, s, floor) if use_floor
-                else rational_raw_eager(h, a, b, c_in, c_out, s))
+        return (
+            rational_gate_eager(h, a, b, c_in, c_out, s, floor)
+            if use_floor
+            else rational_raw_eager(h, a, b, c_in, c_out, s)
+        )
     dt = h.dtype
     a, b, c_in, c_out = a.to(dt), b.to(dt), c_in.reshape(()), c_out.reshape(())
     s = s.to(dt) if s is not None else None
@@ -455,16 +475,24 @@ def _apply(h, a, b, c_in, c_out, s, floor, use_floor, impl):
     return z.reshape(shape)
 
 
-def rational_gate(h: torch.Tensor, a: torch.Tensor, b: torch.Tensor, c_in: torch.Tensor, c_out: torch.Tensor,
-                  s: torch.Tensor | None = None, floor: float | torch.Tensor = 0.0,
-                  impl: str | None = None) -> torch.Tensor:
+def rational_gate(
+    h: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    c_in: torch.Tensor,
+    c_out: torch.Tensor,
+    s: torch.Tensor | None = None,
+    floor: float | torch.Tensor = 0.0,
+    impl: str | None = None,
+) -> torch.Tensor:
     """Rational gate with exact zeros: ``z = C_out * s * r(t)`` where ``r(t) > floor``, else 0.
 
     Args:
         h: pre-activations [..., d_sae] (units of h), float32 (float64 works, e.g. for gradcheck).
         a: numerator coefficients [p + 1], ascending (a_0 .. a_p).
         b: denominator coefficients [q] of t^1 .. t^q (Q = 1 + |B|, so Q >= 1: no poles).
-        c_in, c_out: positive scalars (0-dim tensors or floats; pass ``exp(log_c)``): t = h / (c_in * s), z in units of c_out * s.
+        c_in, c_out: positive scalars (0-dim tensors or floats; pass ``exp(log_c)``): t = h / (c_in * s), z in
+            units of c_out * s.
         s: per-latent positive scales [d_sae] (or [1], shared), or None (all ones).
         floor: exact-zero threshold in r units (python float or 0-dim tensor; no gradient).
         impl: "auto" | "compiled" | "fused" | "eager"; default ``$RSAE_GATE_IMPL`` or "auto".
@@ -482,8 +510,15 @@ def rational_gate(h: torch.Tensor, a: torch.Tensor, b: torch.Tensor, c_in: torch
     return _apply(h, a, b, c_in, c_out, s, floor, True, impl)
 
 
-def rational_raw(h: torch.Tensor, a: torch.Tensor, b: torch.Tensor, c_in: torch.Tensor, c_out: torch.Tensor,
-                 s: torch.Tensor | None = None, impl: str | None = None) -> torch.Tensor:
+def rational_raw(
+    h: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    c_in: torch.Tensor,
+    c_out: torch.Tensor,
+    s: torch.Tensor | None = None,
+    impl: str | None = None,
+) -> torch.Tensor:
     """The rational without the floor: ``raw = C_out * s * P(t) / (1 + |B(t)|)``, ``t = h / (C_in * s)``.
 
     Shapes, units, errors and sources as :func:`rational_gate`; returns raw [..., d_sae].

@@ -97,8 +97,9 @@ def resolve_model(spec: str) -> ResolvedModel:
     if spec.startswith(("/", ".", "~")) or "://" in spec:
         raise ModelError(f"model {spec!r}: local folder not found (URLs are not fetched)", field="model")
     if not REPO_ID.match(spec):
-        raise ModelError(f"model {spec!r} is not a bundled name {sorted(BUNDLED)}, a folder or a hub id "
-                         "'org/name'", field="model")
+        raise ModelError(
+            f"model {spec!r} is not a bundled name {sorted(BUNDLED)}, a folder or a hub id 'org/name'", field="model"
+        )
     return ResolvedModel(spec, spec)
 
 

@@ -73,12 +73,19 @@ PROBE_MAX_ITER = 1000
 
 # -- pooling ---------------------------------------------------------------------------------------------
 
+
 @torch.no_grad()
-def _pool(store: ActivationStore, encode: Callable[[torch.Tensor], torch.Tensor] | None, *,
-          device: torch.device | str, max_sequences: int | None, batch_rows: int,
-          ) -> tuple[torch.Tensor, torch.Tensor]:
-    if max_sequences is not None and (isinstance(max_sequences, bool) or not isinstance(max_sequences, int)
-                                      or max_sequences < 1):
+def _pool(
+    store: ActivationStore,
+    encode: Callable[[torch.Tensor], torch.Tensor] | None,
+    *,
+    device: torch.device | str,
+    max_sequences: int | None,
+    batch_rows: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    if max_sequences is not None and (
+        isinstance(max_sequences, bool) or not isinstance(max_sequences, int) or max_sequences < 1
+    ):
         raise ValueError(f"max_sequences must be a positive integer or None, got {max_sequences!r}")
     if isinstance(batch_rows, bool) or not isinstance(batch_rows, int) or batch_rows < 1:
         raise ValueError(f"batch_rows must be a positive integer, got {batch_rows!r}")
@@ -98,7 +105,7 @@ def _pool(store: ActivationStore, encode: Callable[[torch.Tensor], torch.Tensor]
             keep = keep[: max_sequences - n]
         seq_acts = acts[: n_full * rows_per_seq].reshape(n_full, rows_per_seq, store.d_in)
         for i in range(0, keep.shape[0], seqs_per_batch):
-            idx = keep[i:i + seqs_per_batch]
+            idx = keep[i : i + seqs_per_batch]
             x = seq_acts[idx].to(device)  # [b, T-1, d_in]
             if encode is not None:
                 x = encode(x.reshape(-1, store.d_in)).reshape(idx.shape[0], rows_per_seq, -1)
@@ -112,8 +119,9 @@ def _pool(store: ActivationStore, encode: Callable[[torch.Tensor], torch.Tensor]
     return torch.cat(feats), torch.cat(labels)
 
 
-def pooled_latents(sae: SAE, store: ActivationStore, max_sequences: int | None = None,
-                   batch_rows: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
+def pooled_latents(
+    sae: SAE, store: ActivationStore, max_sequences: int | None = None, batch_rows: int = 4096
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean-pooled SAE latents of every labelled sequence of ``store``.
 
     For sequence ``i`` with rows ``x_i`` [ctx_len - 1, d_in] (positions 1..ctx_len-1), the feature vector
@@ -144,8 +152,9 @@ def pooled_latents(sae: SAE, store: ActivationStore, max_sequences: int | None =
     return f, y
 
 
-def pooled_activations(store: ActivationStore, max_sequences: int | None = None,
-                       batch_rows: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
+def pooled_activations(
+    store: ActivationStore, max_sequences: int | None = None, batch_rows: int = 4096
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean-pooled raw residual activations of every labelled sequence of ``store`` (dense baseline input).
 
     Same sequences, order and labels as :func:`pooled_latents`; the feature of sequence ``i`` is
@@ -167,6 +176,7 @@ def pooled_activations(store: ActivationStore, max_sequences: int | None = None,
 
 
 # -- probes ----------------------------------------------------------------------------------------------
+
 
 def _as_features(x: Any, name: str) -> np.ndarray:
     a = x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
@@ -200,11 +210,15 @@ def _prepare(train_feats, train_labels, test_feats, test_labels, class_names):
     xte, yte = xte[yte >= 0], yte[yte >= 0]
     ctr, cte = np.unique(ytr), np.unique(yte)
     if ctr.size < 2:
-        raise ValueError(f"one-vs-rest probing needs at least 2 classes among the labelled train sequences; "
-                         f"found {ctr.size} ({ctr.tolist()}) in {ytr.size} sequences")
+        raise ValueError(
+            f"one-vs-rest probing needs at least 2 classes among the labelled train sequences; "
+            f"found {ctr.size} ({ctr.tolist()}) in {ytr.size} sequences"
+        )
     if cte.size < 2:
-        raise ValueError(f"one-vs-rest probing needs at least 2 classes among the labelled test sequences; "
-                         f"found {cte.size} ({cte.tolist()}) in {yte.size} sequences")
+        raise ValueError(
+            f"one-vs-rest probing needs at least 2 classes among the labelled test sequences; "
+            f"found {cte.size} ({cte.tolist()}) in {yte.size} sequences"
+        )
 
     def name(c: int) -> str:
         return class_names[c] if class_names is not None and 0 <= c < len(class_names) else str(c)
@@ -222,8 +236,13 @@ def _prepare(train_feats, train_labels, test_feats, test_labels, class_names):
     return xtr, ytr, xte, yte, classes, skipped
 
 
-def _fit_score(xtr: np.ndarray, ytr: np.ndarray, xte: np.ndarray, yte: np.ndarray, seed: int,
-               ) -> tuple[float, bool]:
+def _fit_score(
+    xtr: np.ndarray,
+    ytr: np.ndarray,
+    xte: np.ndarray,
+    yte: np.ndarray,
+    seed: int,
+) -> tuple[float, bool]:
     """Standardise + class-weighted L2 logistic regression; (balanced accuracy on test, converged)."""
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.linear_model import LogisticRegression
@@ -232,8 +251,10 @@ def _fit_score(xtr: np.ndarray, ytr: np.ndarray, xte: np.ndarray, yte: np.ndarra
     from sklearn.preprocessing import StandardScaler
 
     # default penalty is L2 in every supported sklearn (``penalty=`` is deprecated from 1.8 on)
-    clf = make_pipeline(StandardScaler(), LogisticRegression(C=PROBE_C, max_iter=PROBE_MAX_ITER,
-                                                             class_weight="balanced", random_state=seed))
+    clf = make_pipeline(
+        StandardScaler(),
+        LogisticRegression(C=PROBE_C, max_iter=PROBE_MAX_ITER, class_weight="balanced", random_state=seed),
+    )
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", ConvergenceWarning)
         clf.fit(xtr, ytr)
@@ -253,8 +274,7 @@ def _check_ks(ks: Sequence[int]) -> list[int]:
     return [int(k) for k in dict.fromkeys(ks)]
 
 
-def top_k_mean_diff(feats: np.ndarray | torch.Tensor, positive: np.ndarray | torch.Tensor,
-                    k: int) -> np.ndarray:
+def top_k_mean_diff(feats: np.ndarray | torch.Tensor, positive: np.ndarray | torch.Tensor, k: int) -> np.ndarray:
     """Indices of the ``k`` features with the largest ``|mean(positives) - mean(negatives)|``.
 
     SAEBench's selection rule (``get_top_k_mean_diff_mask``; Gurnee et al. 2023's mean-difference
@@ -283,9 +303,15 @@ def top_k_mean_diff(feats: np.ndarray | torch.Tensor, positive: np.ndarray | tor
     return np.argsort(-diff, kind="stable")[: min(k, x.shape[1])].astype(np.int64)
 
 
-def sparse_probe_accuracy(train_feats, train_labels, test_feats, test_labels,
-                          ks: Sequence[int] = PROBE_KS, seed: int = 0,
-                          class_names: Sequence[str] | None = None) -> dict[str, Any]:
+def sparse_probe_accuracy(
+    train_feats,
+    train_labels,
+    test_feats,
+    test_labels,
+    ks: Sequence[int] = PROBE_KS,
+    seed: int = 0,
+    class_names: Sequence[str] | None = None,
+) -> dict[str, Any]:
     """k-sparse one-vs-rest probes: balanced test accuracy per category and its mean, for each k.
 
     For each class ``c`` present in both splits: select the top-k features by |difference of class means|
@@ -316,8 +342,7 @@ def sparse_probe_accuracy(train_feats, train_labels, test_feats, test_labels,
             splits, mismatched shapes, non-finite features, or invalid ``ks``.
     """
     ks = _check_ks(ks)
-    xtr, ytr, xte, yte, classes, skipped = _prepare(train_feats, train_labels, test_feats, test_labels,
-                                                    class_names)
+    xtr, ytr, xte, yte, classes, skipped = _prepare(train_feats, train_labels, test_feats, test_labels, class_names)
     d = xtr.shape[1]
     eff = {k: min(k, d) for k in ks}
     per_class: dict[str, Any] = {}
@@ -334,18 +359,27 @@ def sparse_probe_accuracy(train_feats, train_labels, test_feats, test_labels,
                 not_converged += not ok
                 cache[ke] = (acc, idx.tolist())
             accs[str(k)], sel[str(k)] = cache[ke]
-        per_class[name] = {"k": accs, "latents": sel, "n_train_pos": int(pos_tr.sum()),
-                           "n_test_pos": int(pos_te.sum())}
+        per_class[name] = {"k": accs, "latents": sel, "n_train_pos": int(pos_tr.sum()), "n_test_pos": int(pos_te.sum())}
     mean = {str(k): float(np.mean([pc["k"][str(k)] for pc in per_class.values()])) for k in ks}
-    return {"metric": METRIC, "ks": ks, "k": mean,
-            "k_clipped": {str(k): eff[k] for k in ks if eff[k] != k},
-            "per_class": per_class, "skipped_classes": skipped, "n_train": int(ytr.size),
-            "n_test": int(yte.size), "n_features": d, "n_classes": len(per_class),
-            "not_converged": not_converged, "seed": seed}
+    return {
+        "metric": METRIC,
+        "ks": ks,
+        "k": mean,
+        "k_clipped": {str(k): eff[k] for k in ks if eff[k] != k},
+        "per_class": per_class,
+        "skipped_classes": skipped,
+        "n_train": int(ytr.size),
+        "n_test": int(yte.size),
+        "n_features": d,
+        "n_classes": len(per_class),
+        "not_converged": not_converged,
+        "seed": seed,
+    }
 
 
-def dense_probe_accuracy(train_feats, train_labels, test_feats, test_labels, seed: int = 0,
-                         class_names: Sequence[str] | None = None) -> dict[str, Any]:
+def dense_probe_accuracy(
+    train_feats, train_labels, test_feats, test_labels, seed: int = 0, class_names: Sequence[str] | None = None
+) -> dict[str, Any]:
     """Dense one-vs-rest probes on all ``d`` features (the upper reference SAEBench reports).
 
     Same probe, balancing, metric and degenerate-case handling as :func:`sparse_probe_accuracy`, without
@@ -365,8 +399,7 @@ def dense_probe_accuracy(train_feats, train_labels, test_feats, test_labels, see
     Raises:
         ValueError: as :func:`sparse_probe_accuracy`.
     """
-    xtr, ytr, xte, yte, classes, skipped = _prepare(train_feats, train_labels, test_feats, test_labels,
-                                                    class_names)
+    xtr, ytr, xte, yte, classes, skipped = _prepare(train_feats, train_labels, test_feats, test_labels, class_names)
     per_class: dict[str, Any] = {}
     not_converged = 0
     for c, name in classes:
@@ -374,10 +407,18 @@ def dense_probe_accuracy(train_feats, train_labels, test_feats, test_labels, see
         acc, ok = _fit_score(xtr, pos_tr, xte, pos_te, seed)
         not_converged += not ok
         per_class[name] = {"accuracy": acc, "n_train_pos": int(pos_tr.sum()), "n_test_pos": int(pos_te.sum())}
-    return {"metric": METRIC, "accuracy": float(np.mean([pc["accuracy"] for pc in per_class.values()])),
-            "per_class": per_class, "skipped_classes": skipped, "n_train": int(ytr.size),
-            "n_test": int(yte.size), "n_features": xtr.shape[1], "n_classes": len(per_class),
-            "not_converged": not_converged, "seed": seed}
+    return {
+        "metric": METRIC,
+        "accuracy": float(np.mean([pc["accuracy"] for pc in per_class.values()])),
+        "per_class": per_class,
+        "skipped_classes": skipped,
+        "n_train": int(ytr.size),
+        "n_test": int(yte.size),
+        "n_features": xtr.shape[1],
+        "n_classes": len(per_class),
+        "not_converged": not_converged,
+        "seed": seed,
+    }
 
 
 def _store_class_names(train_store: ActivationStore, eval_store: ActivationStore) -> list[str] | None:
@@ -387,9 +428,16 @@ def _store_class_names(train_store: ActivationStore, eval_store: ActivationStore
     return list(a if a is not None else b) if (a is not None or b is not None) else None
 
 
-def probe_sae(sae: SAE, train_store: ActivationStore, eval_store: ActivationStore,
-              ks: Sequence[int] = PROBE_KS, max_sequences: int | None = None, seed: int = 0,
-              dense: bool = True, batch_rows: int = 4096) -> dict[str, Any]:
+def probe_sae(
+    sae: SAE,
+    train_store: ActivationStore,
+    eval_store: ActivationStore,
+    ks: Sequence[int] = PROBE_KS,
+    max_sequences: int | None = None,
+    seed: int = 0,
+    dense: bool = True,
+    batch_rows: int = 4096,
+) -> dict[str, Any]:
     """Sparse probing of ``sae`` on the categories of ``train_store`` / ``eval_store`` (SAEBench-style).
 
     Pools the SAE latents (:func:`pooled_latents`) of both stores, runs :func:`sparse_probe_accuracy`
@@ -420,13 +468,15 @@ def probe_sae(sae: SAE, train_store: ActivationStore, eval_store: ActivationStor
     fte, yte = pooled_latents(sae, eval_store, max_sequences, batch_rows)
     out: dict[str, Any] = {
         "sae": sparse_probe_accuracy(ftr, ytr, fte, yte, ks=ks, seed=seed, class_names=names),
-        "dense": None, "activations_top_k": None, "d_sae": sae.d_sae, "d_in": sae.d_in,
+        "dense": None,
+        "activations_top_k": None,
+        "d_sae": sae.d_sae,
+        "d_in": sae.d_in,
         "max_sequences": max_sequences,
     }
     if dense:
         atr, ytr_a = pooled_activations(train_store, max_sequences, batch_rows)
         ate, yte_a = pooled_activations(eval_store, max_sequences, batch_rows)
         out["dense"] = dense_probe_accuracy(atr, ytr_a, ate, yte_a, seed=seed, class_names=names)
-        out["activations_top_k"] = sparse_probe_accuracy(atr, ytr_a, ate, yte_a, ks=ks, seed=seed,
-                                                         class_names=names)
+        out["activations_top_k"] = sparse_probe_accuracy(atr, ytr_a, ate, yte_a, ks=ks, seed=seed, class_names=names)
     return out

@@ -262,6 +262,7 @@ def _vander(x: np.ndarray, deg: int) -> np.ndarray:
 
 # --- Chebyshev-basis machinery --------------------------------------------------------------------------
 
+
 def _pbasis(x: np.ndarray, p: int) -> np.ndarray:
     """[m, p + 1]: T_0..T_p at x."""
     return npc.chebvander(np.asarray(x, dtype=np.float64), p)
@@ -323,14 +324,15 @@ class _SafeLP:
             s = s[np.abs(s) > 1e-12]  # B(0) = 0 identically
             Qs = _qbasis(s, q)
             # -B(s) + eps s^2 beta_0 <= 0
-            self.SB = np.hstack([np.zeros((len(s), self.np_)), (_B_EPS * s ** 2)[:, None], -Qs[:, 1:],
-                                 np.zeros((len(s), 1))])
+            self.SB = np.hstack(
+                [np.zeros((len(s), self.np_)), (_B_EPS * s**2)[:, None], -Qs[:, 1:], np.zeros((len(s), 1))]
+            )
             self.Qs = Qs
             self.Aeq = np.concatenate([np.zeros(self.np_), _dB0_row(q), [0.0]])[None, :]
             self.beq = np.zeros(1)
         else:
             self.SB, self.Qs, self.Aeq, self.beq = np.zeros((0, nv)), np.zeros((0, self.nq)), None, None
-        self.bounds = ([(None, None)] * self.np_ + [(_BETA0_MIN, 1.0)] + [(-1.0, 1.0)] * q + [(None, None)])
+        self.bounds = [(None, None)] * self.np_ + [(_BETA0_MIN, 1.0)] + [(-1.0, 1.0)] * q + [(None, None)]
         self.lp_solves = 0
 
     def error(self, alpha, beta) -> float:
@@ -360,9 +362,16 @@ class _SafeLP:
         bnds = [(None if lo is None else lo / d, None if hi is None else hi / d) for (lo, hi), d in zip(bounds, D)]
         res = None
         for method in ("highs", "highs-ipm"):  # the simplex may report numerical trouble (status 4) at
-            res = linprog(c * D, A_ub=A * D, b_ub=np.zeros(A.shape[0]),  # high degree; the interior point
-                          A_eq=None if Aeq is None else Aeq * D, b_eq=beq,  # method then decides
-                          bounds=bnds, method=method, options={**_LP_OPTS, "time_limit": 5.0})
+            res = linprog(
+                c * D,
+                A_ub=A * D,
+                b_ub=np.zeros(A.shape[0]),  # high degree; the interior point
+                A_eq=None if Aeq is None else Aeq * D,
+                b_eq=beq,  # method then decides
+                bounds=bnds,
+                method=method,
+                options={**_LP_OPTS, "time_limit": 5.0},
+            )
             self.lp_solves += 1
             if res.status in (0, 2):
                 break
@@ -395,7 +404,7 @@ class _SafeLP:
             if res.status != 0:
                 log.debug("differential correction LP status %d: %s", res.status, res.message)
                 break
-            a_new, b_new = res.x[: self.np_], res.x[self.np_: self.np_ + self.nq]
+            a_new, b_new = res.x[: self.np_], res.x[self.np_ : self.np_ + self.nq]
             d_new = self.error(a_new, b_new)
             if not d_new < delta:
                 break
@@ -426,12 +435,13 @@ class _SafeLP:
             A = np.vstack([A, cap])
         res = self._solve(np.zeros(self.nv), A, Aeq, beq, bounds, self._scale(np.zeros(self.np_), beta_scale))
         if res.status == 0:
-            return 0, (res.x[: self.np_], res.x[self.np_: self.np_ + self.nq])
+            return 0, (res.x[: self.np_], res.x[self.np_ : self.np_ + self.nq])
         return res.status, None
 
 
-def _dc_solve(x: np.ndarray, f: np.ndarray, p: int, q: int, *, safe: bool = True,
-              max_iter: int = 60) -> tuple[np.ndarray, np.ndarray, float]:
+def _dc_solve(
+    x: np.ndarray, f: np.ndarray, p: int, q: int, *, safe: bool = True, max_iter: int = 60
+) -> tuple[np.ndarray, np.ndarray, float]:
     """Minimax (p, q) rational on the finite set x by differential correction (one call of step 3).
 
     Args:
@@ -492,8 +502,18 @@ def alternation_count(err: np.ndarray, rel: float = 0.02) -> int:
     return count
 
 
-def remez_fit(family: str = "relu", *, c: float = 0.0, p: int = 3, q: int = 2, grid_points: int = 4001,
-              margin: float = 0.0, tol: float = 1e-3, max_iter: int = 50, safe: bool = True) -> RationalFit:
+def remez_fit(
+    family: str = "relu",
+    *,
+    c: float = 0.0,
+    p: int = 3,
+    q: int = 2,
+    grid_points: int = 4001,
+    margin: float = 0.0,
+    tol: float = 1e-3,
+    max_iter: int = 50,
+    safe: bool = True,
+) -> RationalFit:
     """Relaxed Remez fit of r = P / (1 + B) to the family's target gate on [-1, 1] (see module docstring).
 
     One long function on purpose: its body is the numbered algorithm of the module docstring (steps 2-6, marked
@@ -527,8 +547,12 @@ def remez_fit(family: str = "relu", *, c: float = 0.0, p: int = 3, q: int = 2, g
     """
     g = target_gate(family, c)
     if p + q > 17:
-        log.warning("remez degrees (%d, %d) are beyond the verified range (<= (9, 8)): the LPs are "
-                    "conditioning-limited there and certificates may be wrong (docs/remez.md)", p, q)
+        log.warning(
+            "remez degrees (%d, %d) are beyond the verified range (<= (9, 8)): the LPs are "
+            "conditioning-limited there and certificates may be wrong (docs/remez.md)",
+            p,
+            q,
+        )
     if not -1.0 < c < 1.0:
         raise ValueError(f"jump position c={c} must lie in (-1, 1)")
     if p < 0 or q < 0 or margin < 0 or tol <= 0 or max_iter < 1 or grid_points < 2:
@@ -602,22 +626,30 @@ def remez_fit(family: str = "relu", *, c: float = 0.0, p: int = 3, q: int = 2, g
             if bad.any():  # most negative grid points (local minima) and critical points of B
                 Bt = Bv[: len(t)]
                 mins = _segment_maxima(-Bt, np.arange(len(t)))
-                bad_s = np.unique(np.r_[t[mins[bad[: len(t)][mins]]], crit[bad[len(t):]]])
+                bad_s = np.unique(np.r_[t[mins[bad[: len(t)][mins]]], crit[bad[len(t) :]]])
                 # a touching minimum of B moves a little after each cut: cut a small cluster around it
                 offs = np.r_[0.0, np.outer([-1.0, 1.0], _B_CLUSTER).ravel()]
                 cl = (bad_s[:, None] + offs[None, :]).ravel()
                 S = np.union1d(S, cl[(cl >= -1.0) & (cl <= 1.0)])
         qpos = safe or bool(np.all(Qx > 0))
-        log.debug("exchange %d: |X|=%d |S|=%d E=%.6e delta=%.6e certified=%s (status %s) B-cuts=%d", it,
-                  len(ref), len(S_all), E, delta, certified, status, len(bad_s))
+        log.debug(
+            "exchange %d: |X|=%d |S|=%d E=%.6e delta=%.6e certified=%s (status %s) B-cuts=%d",
+            it,
+            len(ref),
+            len(S_all),
+            E,
+            delta,
+            certified,
+            status,
+            len(bad_s),
+        )
         if E <= (1 + tol) * delta and len(bad_s) == 0 and qpos:
             lower = eps_cert if certified else 0.0
             converged = certified
             if certified:
                 break
         cand = _segment_maxima(np.abs(err), fidx) if np.isfinite(E) else np.arange(len(x))
-        cand = cand[np.abs(err[cand]) > delta] if np.isfinite(E) else np.setdiff1d(
-            np.nonzero(~(Qx > 0))[0], ref)
+        cand = cand[np.abs(err[cand]) > delta] if np.isfinite(E) else np.setdiff1d(np.nonzero(~(Qx > 0))[0], ref)
         new = np.setdiff1d(cand, ref)
         if len(new) == 0 and len(bad_s) == 0:
             j = int(np.argmax(np.abs(err))) if np.isfinite(E) else -1
@@ -636,28 +668,78 @@ def remez_fit(family: str = "relu", *, c: float = 0.0, p: int = 3, q: int = 2, g
     min_b = float(np.min(npp.polyval(pts, np.concatenate([[0.0], b])))) if q else 0.0
     e32 = (g_all - _rational_eval32(a, b, t))[mask] if safe else np.full(1, np.nan)
     fit = RationalFit(
-        a=a.tolist(), b=b.tolist(), max_error=float(np.max(np.abs(e_fit))), ref_error=float(delta),
-        grid_mse=float(np.mean((g_all - r_all) ** 2)), fit_mse=float(np.mean(e_fit ** 2)),
-        iterations=it, reference_size=int(len(ref)), family=family, c=float(c), margin=float(margin),
-        p=p, q=q, grid_points=grid_points, converged=bool(converged), lower_bound=float(lower), min_b=min_b,
-        max_error_float32=float(np.max(np.abs(e32))), safe=bool(safe), lp_solves=int(lp_solves),
+        a=a.tolist(),
+        b=b.tolist(),
+        max_error=float(np.max(np.abs(e_fit))),
+        ref_error=float(delta),
+        grid_mse=float(np.mean((g_all - r_all) ** 2)),
+        fit_mse=float(np.mean(e_fit**2)),
+        iterations=it,
+        reference_size=int(len(ref)),
+        family=family,
+        c=float(c),
+        margin=float(margin),
+        p=p,
+        q=q,
+        grid_points=grid_points,
+        converged=bool(converged),
+        lower_bound=float(lower),
+        min_b=min_b,
+        max_error_float32=float(np.max(np.abs(e32))),
+        safe=bool(safe),
+        lp_solves=int(lp_solves),
         range_capped=capped,
     )
     if capped:
-        log.warning("remez %s (p=%d,q=%d) c=%.3g margin=%.3g: the dynamic-range cap Q(0) >= %.0e max|beta| "
-                    "is active; the fit is optimal only within the capped class (conditioning limit)",
-                    family, p, q, c, margin, _BETA0_MIN)
+        log.warning(
+            "remez %s (p=%d,q=%d) c=%.3g margin=%.3g: the dynamic-range cap Q(0) >= %.0e max|beta| "
+            "is active; the fit is optimal only within the capped class (conditioning limit)",
+            family,
+            p,
+            q,
+            c,
+            margin,
+            _BETA0_MIN,
+        )
     if not converged:
-        log.warning("remez %s (p=%d,q=%d) c=%.3g margin=%.3g did not converge in %d iterations: "
-                    "max err %.3e, ref err %.3e", family, p, q, c, margin, it, fit.max_error, delta)
-    log.info("remez %s (p=%d,q=%d) c=%.3g margin=%.3g: max err %.3e (ref %.3e), fit MSE %.3e, %d iters, "
-             "%d LPs", family, p, q, c, margin, fit.max_error, delta, fit.fit_mse, it, lp_solves)
+        log.warning(
+            "remez %s (p=%d,q=%d) c=%.3g margin=%.3g did not converge in %d iterations: max err %.3e, ref err %.3e",
+            family,
+            p,
+            q,
+            c,
+            margin,
+            it,
+            fit.max_error,
+            delta,
+        )
+    log.info(
+        "remez %s (p=%d,q=%d) c=%.3g margin=%.3g: max err %.3e (ref %.3e), fit MSE %.3e, %d iters, %d LPs",
+        family,
+        p,
+        q,
+        c,
+        margin,
+        fit.max_error,
+        delta,
+        fit.fit_mse,
+        it,
+        lp_solves,
+    )
     return fit
 
 
-def grid_minimax_bisection(family: str = "relu", *, c: float = 0.0, p: int = 3, q: int = 2,
-                           grid_points: int = 4001, margin: float = 0.0, rtol: float = 1e-4,
-                           safe: bool = False) -> float:
+def grid_minimax_bisection(
+    family: str = "relu",
+    *,
+    c: float = 0.0,
+    p: int = 3,
+    q: int = 2,
+    grid_points: int = 4001,
+    margin: float = 0.0,
+    rtol: float = 1e-4,
+    safe: bool = False,
+) -> float:
     """The best possible max error of a (p, q) rational on the fitted grid, by bisection on eps.
 
     Independent of :func:`remez_fit` (no exchange, no differential correction, monomial basis): for each
@@ -686,14 +768,22 @@ def grid_minimax_bisection(family: str = "relu", *, c: float = 0.0, p: int = 3, 
     Vq_all = _vander(t, q)
 
     def feasible(eps: float) -> bool:
-        A = [np.hstack([-Vp, (f - eps)[:, None] * Vq]), np.hstack([Vp, (-f - eps)[:, None] * Vq]),
-             np.hstack([np.zeros((m, p + 1)), -Vq])]
+        A = [
+            np.hstack([-Vp, (f - eps)[:, None] * Vq]),
+            np.hstack([Vp, (-f - eps)[:, None] * Vq]),
+            np.hstack([np.zeros((m, p + 1)), -Vq]),
+        ]
         bu = [np.zeros(m), np.zeros(m), -np.ones(m)]
         if safe and q > 0:
             A.append(np.hstack([np.zeros((len(t), p + 2)), -Vq_all[:, 1:]]))
             bu.append(np.zeros(len(t)))
-        res = linprog(np.zeros(p + q + 2), A_ub=np.vstack(A), b_ub=np.concatenate(bu),
-                      bounds=[(None, None)] * (p + 1) + [(-1e6, 1e6)] * (q + 1), method="highs")
+        res = linprog(
+            np.zeros(p + q + 2),
+            A_ub=np.vstack(A),
+            b_ub=np.concatenate(bu),
+            bounds=[(None, None)] * (p + 1) + [(-1e6, 1e6)] * (q + 1),
+            method="highs",
+        )
         return res.status == 0
 
     lo, hi = 0.0, float(np.max(np.abs(f - npp.polyval(x, np.linalg.lstsq(Vp, f, rcond=None)[0]))))
@@ -709,8 +799,18 @@ def grid_minimax_bisection(family: str = "relu", *, c: float = 0.0, p: int = 3, 
 _CACHE_VERSION = "v2"  # v2: Chebyshev basis, row-scaled differential correction, B >= 0 on all of [-1, 1]
 
 
-def cached_remez_fit(family: str, *, c: float, p: int, q: int, grid_points: int, margin: float,
-                     tol: float = 1e-3, max_iter: int = 50, cache: Path | None = None) -> RationalFit:
+def cached_remez_fit(
+    family: str,
+    *,
+    c: float,
+    p: int,
+    q: int,
+    grid_points: int,
+    margin: float,
+    tol: float = 1e-3,
+    max_iter: int = 50,
+    cache: Path | None = None,
+) -> RationalFit:
     """:func:`remez_fit` (safe class), cached on disk as JSON keyed by
     (family, c, p, q, grid, margin, tol, max_iter, algorithm version).
 
@@ -722,8 +822,7 @@ def cached_remez_fit(family: str, *, c: float, p: int, q: int, grid_points: int,
     """
     from .models import cache_dir
 
-    key = json.dumps([family, round(c, 12), p, q, grid_points, round(margin, 12), tol, max_iter,
-                      _CACHE_VERSION])
+    key = json.dumps([family, round(c, 12), p, q, grid_points, round(margin, 12), tol, max_iter, _CACHE_VERSION])
     folder = cache or cache_dir() / "remez"
     f = folder / (hashlib.sha256(key.encode()).hexdigest()[:24] + ".json")
     if f.is_file():
@@ -731,8 +830,7 @@ def cached_remez_fit(family: str, *, c: float, p: int, q: int, grid_points: int,
             return RationalFit(**json.loads(f.read_text()))
         except (json.JSONDecodeError, TypeError):
             pass
-    fit = remez_fit(family, c=c, p=p, q=q, grid_points=grid_points, margin=margin, tol=tol,
-                    max_iter=max_iter)
+    fit = remez_fit(family, c=c, p=p, q=q, grid_points=grid_points, margin=margin, tol=tol, max_iter=max_iter)
     folder.mkdir(parents=True, exist_ok=True)
     tmp = f.with_suffix(".tmp")
     tmp.write_text(json.dumps(asdict(fit)))

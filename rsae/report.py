@@ -45,12 +45,14 @@ class SAEMetrics(_Section):
     ce_zero: float | None = None
     delta_ce: float | None = None
     delta_ce_se: float | None = Field(
-        None, description="Standard error of delta CE, clustered by held-out sequence (nats/token).")
+        None, description="Standard error of delta CE, clustered by held-out sequence (nats/token)."
+    )
     loss_recovered: float | None = None
     kl: float | None = None
     ce_tokens: int | None = None
     probe_accuracy: dict[str, float] | None = Field(
-        None, description="k -> mean balanced accuracy of k-sparse one-vs-rest probes on the data set's labels.")
+        None, description="k -> mean balanced accuracy of k-sparse one-vs-rest probes on the data set's labels."
+    )
 
 
 class HostModel(_Section):
@@ -75,8 +77,9 @@ class TeacherInfo(_Section):
     d_sae: int
     l1_coefficient: float | None = None
     k: int | None = None
-    original: dict[str, Any] | None = Field(None, description="The format it was imported from, if any "
-                                            "(rsae.formats provenance).")
+    original: dict[str, Any] | None = Field(
+        None, description="The format it was imported from, if any (rsae.formats provenance)."
+    )
 
 
 class ActivationStats(_Section):
@@ -302,8 +305,10 @@ class Report(_Section):
     plots: Plots | None = None
     metrics: dict[str, SAEMetrics]
     comparisons: dict[str, Comparison] | None = Field(
-        None, description="'a-b' -> the comparison of SAE a with SAE b. Pairs: rsae_init-teacher, rsae-teacher, "
-        "rsae-control, control-teacher.")
+        None,
+        description="'a-b' -> the comparison of SAE a with SAE b. Pairs: rsae_init-teacher, rsae-teacher, "
+        "rsae-control, control-teacher.",
+    )
     headline: dict[str, float | None]
     eval_split: EvalSplit
     notes: list[str]

@@ -61,21 +61,40 @@ def _get(key: str) -> Callable[[Mapping[str, Any]], Any]:
 
 _BASE_ROWS: list[_Row] = [
     ("mse", "MSE", _get("mse"), "lower", "mean squared reconstruction error per token (residual units²)"),
-    ("fvu", "FVU (about the mean)", _get("fvu"), "lower",
-     "fraction of variance unexplained, pooled about the per-dimension mean"),
-    ("fvu_about_zero", "FVU (about zero)", _get("fvu_about_zero"), "lower",
-     "squared error divided by the sum of x²"),
+    (
+        "fvu",
+        "FVU (about the mean)",
+        _get("fvu"),
+        "lower",
+        "fraction of variance unexplained, pooled about the per-dimension mean",
+    ),
+    ("fvu_about_zero", "FVU (about zero)", _get("fvu_about_zero"), "lower", "squared error divided by the sum of x²"),
     ("l0", "L0", _get("l0"), None, "mean number of active latents per token (not ranked)"),
-    ("alive_fraction", "Alive fraction", _get("alive_fraction"), None,
-     "fraction of latents active at least once on the held-out tokens (not ranked)"),
+    (
+        "alive_fraction",
+        "Alive fraction",
+        _get("alive_fraction"),
+        None,
+        "fraction of latents active at least once on the held-out tokens (not ranked)",
+    ),
     ("ce_clean", "CE clean", _get("ce_clean"), None, "host model cross-entropy, nats/token"),
     ("ce_spliced", "CE spliced", _get("ce_spliced"), "lower", "CE with the SAE reconstruction spliced in"),
     ("ce_zero", "CE zero-ablated", _get("ce_zero"), None, "CE with the hooked activation set to zero"),
     ("delta_ce", "Δ CE", _get("delta_ce"), "lower", "CE spliced − CE clean, nats/token"),
-    ("delta_ce_se", "Δ CE std. error", _get("delta_ce_se"), None,
-     "standard error of Δ CE, clustered by held-out sequence (not ranked)"),
-    ("loss_recovered", "Loss recovered", _get("loss_recovered"), "higher",
-     "(CE zero − CE spliced) / (CE zero − CE clean)"),
+    (
+        "delta_ce_se",
+        "Δ CE std. error",
+        _get("delta_ce_se"),
+        None,
+        "standard error of Δ CE, clustered by held-out sequence (not ranked)",
+    ),
+    (
+        "loss_recovered",
+        "Loss recovered",
+        _get("loss_recovered"),
+        "higher",
+        "(CE zero − CE spliced) / (CE zero − CE clean)",
+    ),
     ("kl", "KL", _get("kl"), "lower", "KL(clean ‖ spliced) of next-token distributions, nats/token"),
 ]
 
@@ -83,6 +102,7 @@ _BASE_ROWS: list[_Row] = [
 # --------------------------------------------------------------------------------------------------------
 # small helpers
 # --------------------------------------------------------------------------------------------------------
+
 
 def _e(x: Any) -> str:
     """html.escape of str(x), quotes included (safe in text and in attribute values)."""
@@ -164,6 +184,7 @@ def _color(name: str, names: Sequence[str]) -> str:
 # plots (matplotlib Figure + Agg canvas; no pyplot)
 # --------------------------------------------------------------------------------------------------------
 
+
 def _new_figure(w: float, h: float):
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -240,11 +261,12 @@ def _gate_plot(report: Mapping[str, Any]) -> str:
         ax, axh = None, fig.subplots(1, 1)
     latent = gate.get("latent") if gate is not None else None
     if ax is not None and h is not None:
-        styles = {"teacher": dict(color=_COLORS["teacher"], linestyle="--", linewidth=2.2, zorder=3),
-                  "rsae_init": dict(color=_COLORS["rsae_init"], linewidth=1.8, alpha=0.9),
-                  "rsae": dict(color=_COLORS["rsae"], linewidth=1.8)}
-        labels = {"teacher": "teacher gate", "rsae_init": "RSAE gate (calibrated)",
-                  "rsae": "RSAE gate (fine-tuned)"}
+        styles = {
+            "teacher": dict(color=_COLORS["teacher"], linestyle="--", linewidth=2.2, zorder=3),
+            "rsae_init": dict(color=_COLORS["rsae_init"], linewidth=1.8, alpha=0.9),
+            "rsae": dict(color=_COLORS["rsae"], linewidth=1.8),
+        }
+        labels = {"teacher": "teacher gate", "rsae_init": "RSAE gate (calibrated)", "rsae": "RSAE gate (fine-tuned)"}
         for name, ys in series.items():
             ax.plot(h, ys, label=labels[name], **styles[name])
         ax.axhline(0, color="#999999", linewidth=0.8)
@@ -253,8 +275,13 @@ def _gate_plot(report: Mapping[str, Any]) -> str:
         if theta is not None:
             for a_ in (ax, axh):
                 if a_ is not None:
-                    a_.axvline(theta, color="#b03a2e", linestyle=":", linewidth=1.4,
-                               label="teacher threshold θ" if a_ is ax else None)
+                    a_.axvline(
+                        theta,
+                        color="#b03a2e",
+                        linestyle=":",
+                        linewidth=1.4,
+                        label="teacher threshold θ" if a_ is ax else None,
+                    )
         ax.set_ylabel("gate output")
         title = "Fitted rational gate vs the teacher's gate"
         if latent is not None:
@@ -270,16 +297,25 @@ def _gate_plot(report: Mapping[str, Any]) -> str:
         e = np.asarray(edges)
         c = np.nan_to_num(np.asarray(counts))
         log = bool(hist.get("log")) if hist is not None else False
-        axh.bar(e[:-1], c, width=np.diff(e), align="edge", color="#9db4d6", edgecolor="#6f8fbf",
-                linewidth=0.4, log=log and bool((c > 0).any()))
+        axh.bar(
+            e[:-1],
+            c,
+            width=np.diff(e),
+            align="edge",
+            color="#9db4d6",
+            edgecolor="#6f8fbf",
+            linewidth=0.4,
+            log=log and bool((c > 0).any()),
+        )
         axh.set_ylabel("count (log)" if log else "count")
         axh.set_xlabel("pre-activation h (residual units)")
         if ax is None:
             axh.set_title("Teacher pre-activations (gate curves not available)", loc="left", fontsize=12)
         else:
             of = hist.get("of") if hist is not None else None
-            axh.set_title("Teacher pre-activations on real tokens" + (f" ({of})" if of else ""),
-                          loc="left", fontsize=10)
+            axh.set_title(
+                "Teacher pre-activations on real tokens" + (f" ({of})" if of else ""), loc="left", fontsize=10
+            )
         _style_axes(axh)
         axh.set_xlim(e[0], e[-1])
     png = _png_data_uri(fig)
@@ -315,24 +351,26 @@ def _curve_points(curve: Any, key: str) -> tuple[list[float], list[float]]:
 
 
 def _curves_plot(report: Mapping[str, Any]) -> str:
-    runs = {"rsae": (_mapping(report.get("finetune")) or {}).get("curve"),
-            "control": (_mapping(report.get("control")) or {}).get("curve")}
+    runs = {
+        "rsae": (_mapping(report.get("finetune")) or {}).get("curve"),
+        "control": (_mapping(report.get("control")) or {}).get("curve"),
+    }
     metrics = _mapping(report.get("metrics")) or {}
     teacher = _mapping(metrics.get("teacher"))
-    have = {k: v for k, v in runs.items()
-            if _curve_points(v, "eval_mse")[0] or _curve_points(v, "eval_l0")[0]}
+    have = {k: v for k, v in runs.items() if _curve_points(v, "eval_mse")[0] or _curve_points(v, "eval_l0")[0]}
     if not have:
         return _na("training curves")
     fig = _new_figure(10, 3.8)
     axes = fig.subplots(1, 2)
     labels = {"rsae": "RSAE (fine-tuning)", "control": "control (teacher fine-tuned)"}
-    for ax, key, title, tkey in ((axes[0], "eval_mse", "Held-out MSE", "mse"),
-                                 (axes[1], "eval_l0", "Held-out L0", "l0")):
+    for ax, key, title, tkey in (
+        (axes[0], "eval_mse", "Held-out MSE", "mse"),
+        (axes[1], "eval_l0", "Held-out L0", "l0"),
+    ):
         for name, curve in have.items():
             xs, ys = _curve_points(curve, key)
             if xs:
-                ax.plot(xs, ys, marker="o", markersize=3.5, linewidth=1.8, color=_COLORS[name],
-                        label=labels[name])
+                ax.plot(xs, ys, marker="o", markersize=3.5, linewidth=1.8, color=_COLORS[name], label=labels[name])
         tv = _num(teacher.get(tkey)) if teacher is not None else None
         if tv is not None:
             ax.axhline(tv, color=_COLORS["teacher"], linestyle="--", linewidth=1.3, label="teacher")
@@ -344,10 +382,16 @@ def _curves_plot(report: Mapping[str, Any]) -> str:
     for ax in axes:
         for hd, lb in zip(*ax.get_legend_handles_labels()):
             handles.setdefault(lb, hd)
-    fig.legend(list(handles.values()), list(handles.keys()), loc="outside upper center",
-               ncols=len(handles), frameon=False)
-    parts = [_img(_png_data_uri(fig), "Training curves: held-out MSE and L0 against fine-tuning step, "
-                  "RSAE vs control, teacher as reference", "curves")]
+    fig.legend(
+        list(handles.values()), list(handles.keys()), loc="outside upper center", ncols=len(handles), frameon=False
+    )
+    parts = [
+        _img(
+            _png_data_uri(fig),
+            "Training curves: held-out MSE and L0 against fine-tuning step, RSAE vs control, teacher as reference",
+            "curves",
+        )
+    ]
     for name in runs:
         if name not in have:
             parts.append(_na(f"{labels[name]} curve"))
@@ -380,8 +424,13 @@ def _bars_plot(metrics: Mapping[str, Any], names: list[str]) -> str:
         ax.set_title(title, loc="left", fontsize=11)
         _style_axes(ax)
         ax.grid(False, axis="y")
-    parts = [_img(_png_data_uri(fig), "Bar chart of " + " and ".join(t.split(" (")[0] for _, t, _ in panels)
-                  + " per SAE", "bars")]
+    parts = [
+        _img(
+            _png_data_uri(fig),
+            "Bar chart of " + " and ".join(t.split(" (")[0] for _, t, _ in panels) + " per SAE",
+            "bars",
+        )
+    ]
     if not any(k == "delta_ce" for k, _, _ in panels):
         parts.append(_na("Δ CE (CE evaluation disabled?)"))
     return "\n".join(parts)
@@ -390,6 +439,7 @@ def _bars_plot(metrics: Mapping[str, Any], names: list[str]) -> str:
 # --------------------------------------------------------------------------------------------------------
 # HTML sections
 # --------------------------------------------------------------------------------------------------------
+
 
 def _rows(metrics: Mapping[str, Any], names: list[str]) -> list[_Row]:
     rows = list(_BASE_ROWS)
@@ -406,18 +456,29 @@ def _rows(metrics: Mapping[str, Any], names: list[str]) -> list[_Row]:
             return (1, 0.0, k)
 
     for k in sorted(ks, key=order):
+
         def get(m, k=k):
             pa = _mapping(m.get("probe_accuracy")) or {}
             return pa.get(k, pa.get(int(k)) if k.isdigit() else None)
-        rows.append((f"probe_accuracy_{k}", f"Probe accuracy (k={k})", get, "higher",
-                     f"sparse probing accuracy with the top {k} latent(s)"))
+
+        rows.append(
+            (
+                f"probe_accuracy_{k}",
+                f"Probe accuracy (k={k})",
+                get,
+                "higher",
+                f"sparse probing accuracy with the top {k} latent(s)",
+            )
+        )
     return rows
 
 
 def _metrics_table(metrics: Mapping[str, Any], names: list[str]) -> str:
     head = "".join(
         f'<th data-sae="{_e(n)}" scope="col"><span class="swatch" style="background:{_color(n, names)}">'
-        f'</span>{_e(_label(n))}<br><code>{_e(n)}</code></th>' for n in names)
+        f"</span>{_e(_label(n))}<br><code>{_e(n)}</code></th>"
+        for n in names
+    )
     body = []
     for rid, label, get, better, help_text in _rows(metrics, names):
         vals = []
@@ -433,10 +494,13 @@ def _metrics_table(metrics: Mapping[str, Any], names: list[str]) -> str:
         tag = {"lower": "lower is better", "higher": "higher is better"}.get(better or "", "not ranked")
         cells = "".join(
             f'<td data-sae="{_e(n)}"{_BEST_ATTR if i in best else ""}>{_e(_fmt(v))}</td>'
-            for i, (n, v) in enumerate(zip(names, vals)))
-        body.append(f'<tr data-metric="{_e(rid)}" data-better="{_e(better or "none")}">'
-                    f'<th scope="row" title="{_e(help_text)}">{_e(label)}'
-                    f'<span class="better">{_e(tag)}</span></th>{cells}</tr>')
+            for i, (n, v) in enumerate(zip(names, vals))
+        )
+        body.append(
+            f'<tr data-metric="{_e(rid)}" data-better="{_e(better or "none")}">'
+            f'<th scope="row" title="{_e(help_text)}">{_e(label)}'
+            f'<span class="better">{_e(tag)}</span></th>{cells}</tr>'
+        )
     toks = []
     for key, what in (("n_tokens", "reconstruction metrics"), ("ce_tokens", "CE metrics")):
         vs = {(_mapping(metrics.get(n)) or {}).get(key) for n in names} - {None}
@@ -446,13 +510,16 @@ def _metrics_table(metrics: Mapping[str, Any], names: list[str]) -> str:
     if toks:
         joined = "; ".join(toks)
         cap += " " + joined[0].upper() + joined[1:] + "."
-    return (f'<table id="metrics" class="metrics"><caption>{_e(cap)}</caption>'
-            f'<thead><tr><th scope="col">Metric</th>{head}</tr></thead>'
-            f'<tbody>{"".join(body)}</tbody></table>')
+    return (
+        f'<table id="metrics" class="metrics"><caption>{_e(cap)}</caption>'
+        f'<thead><tr><th scope="col">Metric</th>{head}</tr></thead>'
+        f"<tbody>{''.join(body)}</tbody></table>"
+    )
 
 
-def _kv_table(d: Mapping[str, Any] | None, what: str, *, keys: Sequence[str] | None = None,
-              skip: Sequence[str] = ()) -> str:
+def _kv_table(
+    d: Mapping[str, Any] | None, what: str, *, keys: Sequence[str] | None = None, skip: Sequence[str] = ()
+) -> str:
     if not d:
         return _na(what)
     order = [k for k in (keys or []) if k in d] + [k for k in d if k not in (keys or []) and k not in skip]
@@ -477,15 +544,19 @@ def _comparisons_table(comparisons: Mapping[str, Any] | None) -> str:
             verdict = f"within {RESOLVED_SE:g} s.e. (not resolved)"
         elif se:
             verdict = f"{verdict} by {abs(diff) / se:.1f} s.e."
-        rows.append(f'<tr data-pair="{_e(pair)}"><th scope="row">{_e(_label(a))} vs {_e(_label(b))}</th>'
-                    f'<td>{_e(f"{rel:+.2%}" if rel is not None else NA)}</td>'
-                    f'<td>{_e(f"{diff:+.4f}" if diff is not None else NA)}</td>'
-                    f'<td>{_e(f"{se:.4f}" if se is not None else NA)}</td><td>{_e(verdict)}</td></tr>')
-    return ('<table id="comparisons" class="metrics"><caption>Paired differences on the same held-out tokens: '
-            'MSE ratio − 1, and Δ CE of the first minus the second (nats/token) with its standard error '
-            'clustered by sequence.</caption><thead><tr><th scope="col">Pair</th><th scope="col">MSE</th>'
-            '<th scope="col">Δ CE difference</th><th scope="col">std. error</th><th scope="col">Δ CE</th>'
-            f'</tr></thead><tbody>{"".join(rows)}</tbody></table>')
+        rows.append(
+            f'<tr data-pair="{_e(pair)}"><th scope="row">{_e(_label(a))} vs {_e(_label(b))}</th>'
+            f"<td>{_e(f'{rel:+.2%}' if rel is not None else NA)}</td>"
+            f"<td>{_e(f'{diff:+.4f}' if diff is not None else NA)}</td>"
+            f"<td>{_e(f'{se:.4f}' if se is not None else NA)}</td><td>{_e(verdict)}</td></tr>"
+        )
+    return (
+        '<table id="comparisons" class="metrics"><caption>Paired differences on the same held-out tokens: '
+        "MSE ratio − 1, and Δ CE of the first minus the second (nats/token) with its standard error "
+        'clustered by sequence.</caption><thead><tr><th scope="col">Pair</th><th scope="col">MSE</th>'
+        '<th scope="col">Δ CE difference</th><th scope="col">std. error</th><th scope="col">Δ CE</th>'
+        f"</tr></thead><tbody>{''.join(rows)}</tbody></table>"
+    )
 
 
 def _summary(metrics: Mapping[str, Any]) -> str:
@@ -583,8 +654,10 @@ window.addEventListener("load", function () {
 });
 """
 
-_CSP = ("default-src 'none'; img-src data:; style-src 'unsafe-inline'; script-src 'unsafe-inline'; "
-        "base-uri 'none'; form-action 'none'")
+_CSP = (
+    "default-src 'none'; img-src data:; style-src 'unsafe-inline'; script-src 'unsafe-inline'; "
+    "base-uri 'none'; form-action 'none'"
+)
 
 
 def render_report_html(report: Mapping[str, Any]) -> str:
@@ -637,8 +710,11 @@ def render_report_html(report: Mapping[str, Any]) -> str:
         sub.append(f"hook <code>{_e(host['hook'])}</code>")
     if teacher:
         arch = "/".join(str(teacher[k]) for k in ("family", "architecture") if teacher.get(k) is not None)
-        dims = (f"{teacher.get('d_in')} → {teacher.get('d_sae')}"
-                if teacher.get("d_in") is not None and teacher.get("d_sae") is not None else "")
+        dims = (
+            f"{teacher.get('d_in')} → {teacher.get('d_sae')}"
+            if teacher.get("d_in") is not None and teacher.get("d_sae") is not None
+            else ""
+        )
         sub.append(f"teacher {_e(arch)}{' SAE ' if arch else 'SAE '}{_e(dims)}".strip())
     sub.append(f"created {_e(report.get('created_at') or NA)}")
     sub.append(f"schema <code>{_e(report.get('schema_version') or NA)}</code>")
@@ -656,15 +732,18 @@ def render_report_html(report: Mapping[str, Any]) -> str:
     config = report.get("config")
     if config is not None:
         cfg_json = json.dumps(config, indent=2, sort_keys=True, default=str)
-        config_html = (f'<details id="config"><summary>Full job configuration (JSON)</summary>'
-                       f'<pre>{_e(cfg_json)}</pre></details>')
+        config_html = (
+            f'<details id="config"><summary>Full job configuration (JSON)</summary><pre>{_e(cfg_json)}</pre></details>'
+        )
     else:
         config_html = _na("job configuration")
     extra_json = {k: report.get(k) for k in ("data", "eval_split", "versions") if report.get(k) is not None}
     extra_html = ""
     if extra_json:
-        extra_html = (f'<details id="data-split"><summary>Data, eval split and versions (JSON)</summary>'
-                      f'<pre>{_e(json.dumps(extra_json, indent=2, sort_keys=True, default=str))}</pre></details>')
+        extra_html = (
+            f'<details id="data-split"><summary>Data, eval split and versions (JSON)</summary>'
+            f"<pre>{_e(json.dumps(extra_json, indent=2, sort_keys=True, default=str))}</pre></details>"
+        )
 
     sections = [
         f"<h1>{_e(title)}</h1>",
@@ -685,36 +764,38 @@ def render_report_html(report: Mapping[str, Any]) -> str:
         '<h2 id="sec-provenance">Provenance</h2>',
         '<div class="grid"><div><h3>Teacher SAE</h3>',
         _kv_table(teacher, "teacher", keys=("family", "architecture", "d_in", "d_sae", "source", "sha256")),
-        '</div><div><h3>Host model</h3>',
+        "</div><div><h3>Host model</h3>",
         _kv_table(host, "host model", keys=("name", "layer", "hook")),
-        '</div></div>',
+        "</div></div>",
         '<h2 id="sec-settings">Settings</h2>',
         '<div class="grid"><div><h3>Remez fit</h3>',
         _kv_table(remez, "remez", keys=("a", "b", "max_error", "fit_mse", "p", "q", "c", "margin")),
-        '</div><div><h3>Calibration</h3>',
+        "</div><div><h3>Calibration</h3>",
         _kv_table(_mapping(report.get("calibration")), "calibration"),
-        '</div><div><h3>Fine-tuning</h3>',
+        "</div><div><h3>Fine-tuning</h3>",
         _kv_table(finetune, "finetune", keys=("l1_coefficient", "l1_source", "steps"), skip=("curve", "gate")),
         (_kv_table(ft_gate, "fine-tuned gate") if ft_gate else ""),
-        '</div><div><h3>Control</h3>',
+        "</div><div><h3>Control</h3>",
         _kv_table({k: v for k, v in control.items() if k != "curve"} if control else None, "control"),
-        '</div><div><h3>Probing</h3>',
+        "</div><div><h3>Probing</h3>",
         _kv_table(_probing_info(_mapping(report.get("probing"))), "probing"),
-        '</div><div><h3>Timings (s)</h3>',
+        "</div><div><h3>Timings (s)</h3>",
         _kv_table(_mapping(report.get("timings_s")), "timings"),
-        '</div></div>',
+        "</div></div>",
         config_html,
         extra_html,
-        '<footer>Generated by <code>rsae.report_html</code>. Self-contained: no external resources.</footer>',
+        "<footer>Generated by <code>rsae.report_html</code>. Self-contained: no external resources.</footer>",
     ]
-    return ("<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
-            f'<meta http-equiv="Content-Security-Policy" content="{_CSP}">\n'
-            '<meta name="viewport" content="width=device-width, initial-scale=1">\n'
-            f"<title>{_e(title)}</title>\n<style>{_CSS}</style>\n</head>\n"
-            f'<body data-report-schema="{_e(report.get("schema_version") or "")}" '
-            f'data-saes="{_e(" ".join(names))}">\n<main id="report">\n'
-            + "\n".join(s for s in sections if s)
-            + f"\n</main>\n<script>{_SCRIPT}</script>\n</body>\n</html>\n")
+    return (
+        '<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
+        f'<meta http-equiv="Content-Security-Policy" content="{_CSP}">\n'
+        '<meta name="viewport" content="width=device-width, initial-scale=1">\n'
+        f"<title>{_e(title)}</title>\n<style>{_CSS}</style>\n</head>\n"
+        f'<body data-report-schema="{_e(report.get("schema_version") or "")}" '
+        f'data-saes="{_e(" ".join(names))}">\n<main id="report">\n'
+        + "\n".join(s for s in sections if s)
+        + f"\n</main>\n<script>{_SCRIPT}</script>\n</body>\n</html>\n"
+    )
 
 
 def write_report_html(report: Mapping[str, Any], path: str | os.PathLike[str]) -> Path:

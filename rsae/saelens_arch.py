@@ -37,15 +37,20 @@ from .saes import RationalGate, RationalSAE
 
 ARCHITECTURE = "rational"
 
-_RENAME = {"rational_a": "gate_fn.a", "rational_b": "gate_fn.b", "log_c_in": "gate_fn.log_c_in",
-           "log_c_out": "gate_fn.log_c_out", "gate_floor": "gate_fn.floor"}
+_RENAME = {
+    "rational_a": "gate_fn.a",
+    "rational_b": "gate_fn.b",
+    "log_c_in": "gate_fn.log_c_in",
+    "log_c_out": "gate_fn.log_c_out",
+    "gate_floor": "gate_fn.floor",
+}
 
 
 @dataclass
 class RationalSAELensConfig(SAEConfig):
     """SAELens config of a Rational SAE: SAELens's ``SAEConfig`` fields plus ``rational``, the cfg.json block
-    written by :meth:`rsae.saes.rational.RationalSAE.cfg_dict` (``p``, ``q``, ``train_scale``, ``topk_k``, ``jump``, ``anchor``,
-    ``topk_cap``, teacher architecture, ...)."""
+    written by :meth:`rsae.saes.rational.RationalSAE.cfg_dict` (``p``, ``q``, ``train_scale``, ``topk_k``,
+    ``jump``, ``anchor``, ``topk_cap``, teacher architecture, ...)."""
 
     rational: dict[str, Any] = field(default_factory=dict)
 
@@ -90,8 +95,9 @@ class RationalSAELens(SAE[RationalSAELensConfig]):
         for name, v in (("p", p), ("q", q)):
             if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= 32:
                 raise ValueError(f"cfg rational.{name} must be an integer in [0, 32], got {v!r}")
-        self.gate_fn = RationalGate(p, q, d_sae=self.cfg.d_sae,
-                                    train_scale=bool(self.cfg.rational.get("train_scale", False)))
+        self.gate_fn = RationalGate(
+            p, q, d_sae=self.cfg.d_sae, train_scale=bool(self.cfg.rational.get("train_scale", False))
+        )
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """Latents z [..., d_sae] of x [..., d_in]: h = process_sae_in(x) @ W_enc + b_enc, z = gate(h)."""

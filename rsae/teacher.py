@@ -1,9 +1,9 @@
 """Teacher SAE training on real activations (no pretrained SAE can be downloaded on the project's machines).
 
 Each family's SAE, loss, default coefficient and parameter groups come from its module in
-:mod:`rsae.saes` (:class:`rsae.saes.Family`); this module runs the training. All families: tied init with decoder rows of norm 0.1, b_dec initialised to the activations' mean, Adam,
-linear warm-up and a linear decay over the last 20% of steps; saved in the SAELens layout with the
-training settings in ``metadata``.
+:mod:`rsae.saes` (:class:`rsae.saes.Family`); this module runs the training. All families: tied init with
+decoder rows of norm 0.1, b_dec initialised to the activations' mean, Adam, linear warm-up and a linear decay
+over the last 20% of steps; saved in the SAELens layout with the training settings in ``metadata``.
 
 - ``relu`` (SAELens "standard"; Bricken et al. 2023, Anthropic's April 2024 update): MSE + lambda *
   sum_j |z_j| ||W_dec[j]||, lambda warmed up over the first 5% of steps.
@@ -31,10 +31,22 @@ from .saes import SAE, family_names, get_family
 from .saes.topk import DEFAULT_K
 from .train import train_sae
 
-def train_teacher(store: ActivationStore, *, family: str = "relu", d_sae: int = 2304, steps: int = 2000,
-                  batch_size: int = 1024, lr: float = 1e-3, l1_coefficient: float | None = None,
-                  k: int = DEFAULT_K, seed: int = 0, device: str = "cpu", metadata: dict | None = None,
-                  on_progress: Callable[[float], None] | None = None) -> SAE:
+
+def train_teacher(
+    store: ActivationStore,
+    *,
+    family: str = "relu",
+    d_sae: int = 2304,
+    steps: int = 2000,
+    batch_size: int = 1024,
+    lr: float = 1e-3,
+    l1_coefficient: float | None = None,
+    k: int = DEFAULT_K,
+    seed: int = 0,
+    device: str = "cpu",
+    metadata: dict | None = None,
+    on_progress: Callable[[float], None] | None = None,
+) -> SAE:
     """Train a teacher SAE of ``family`` on ``store`` (activations [n, d_in]); see the module docstring.
 
     Args:
@@ -54,8 +66,16 @@ def train_teacher(store: ActivationStore, *, family: str = "relu", d_sae: int = 
     fam = get_family(family)
     lam = fam.default_coefficient if l1_coefficient is None else l1_coefficient
     torch.manual_seed(seed)
-    meta = {**(metadata or {}), "family": family, "train_steps": steps, "train_batch_size": batch_size,
-            "train_lr": lr, "train_tokens": store.rows, "seed": seed, "trained_by": "rsae.teacher.train_teacher"}
+    meta = {
+        **(metadata or {}),
+        "family": family,
+        "train_steps": steps,
+        "train_batch_size": batch_size,
+        "train_lr": lr,
+        "train_tokens": store.rows,
+        "seed": seed,
+        "trained_by": "rsae.teacher.train_teacher",
+    }
     sae = fam.new_teacher(store.d_in, d_sae, k=k, coefficient=lam, metadata=meta)
     loss_fn = fam.train_teacher_objective(sae, batch_size)
     sae.init_weights(torch.Generator().manual_seed(seed))
@@ -67,19 +87,44 @@ def train_teacher(store: ActivationStore, *, family: str = "relu", d_sae: int = 
         if on_progress and (step % 20 == 0 or step == steps):
             on_progress(step / steps)
 
-    train_sae(sae, store, steps=steps, batch_size=batch_size, lr=lr, l1_coefficient=lam, seed=seed,
-              device=device, warmup_steps=min(100, steps // 10), l1_warmup_steps=max(1, steps // 20),
-              loss_fn=loss_fn, param_groups=groups, on_step=step_cb)
+    train_sae(
+        sae,
+        store,
+        steps=steps,
+        batch_size=batch_size,
+        lr=lr,
+        l1_coefficient=lam,
+        seed=seed,
+        device=device,
+        warmup_steps=min(100, steps // 10),
+        l1_warmup_steps=max(1, steps // 20),
+        loss_fn=loss_fn,
+        param_groups=groups,
+        on_step=step_cb,
+    )
     return sae.cpu().eval()
 
 
-def train_teacher_from_text(model: str = "smollm2-135m", layer: int = 3, out: str | Path = "teacher", *,
-                            family: str = "relu", dataset: str = "bbc-news", d_sae: int = 2304,
-                            train_tokens: int = 65_536, steps: int = 2000, batch_size: int = 1024,
-                            lr: float = 1e-3, l1_coefficient: float | None = None, k: int = DEFAULT_K,
-                            ctx_len: int = 128,
-                            eval_fraction: float = 0.2, seed: int = 0, device: str | None = None,
-                            on_progress: Callable[[float], None] | None = None) -> Path:
+def train_teacher_from_text(
+    model: str = "smollm2-135m",
+    layer: int = 3,
+    out: str | Path = "teacher",
+    *,
+    family: str = "relu",
+    dataset: str = "bbc-news",
+    d_sae: int = 2304,
+    train_tokens: int = 65_536,
+    steps: int = 2000,
+    batch_size: int = 1024,
+    lr: float = 1e-3,
+    l1_coefficient: float | None = None,
+    k: int = DEFAULT_K,
+    ctx_len: int = 128,
+    eval_fraction: float = 0.2,
+    seed: int = 0,
+    device: str | None = None,
+    on_progress: Callable[[float], None] | None = None,
+) -> Path:
     """Extract ``train_tokens`` activations of the *train* split, train a teacher, save it to ``out``.
 
     The same ``dataset``/``eval_fraction``/``seed`` split as the upgrade's, so the teacher never sees
@@ -92,16 +137,43 @@ def train_teacher_from_text(model: str = "smollm2-135m", layer: int = 3, out: st
     t0 = time.time()
     lm, tok = load_model(model, device=dev)
     with tempfile.TemporaryDirectory(prefix="rsae-teacher-acts-") as tmp:
-        extract_activations(lm, tok, layer=layer, dataset=dataset, split="train", n_tokens=train_tokens,
-                            out_dir=tmp, ctx_len=ctx_len, eval_fraction=eval_fraction, seed=seed,
-                            device=dev, on_progress=(lambda f: on_progress(0.3 * f)) if on_progress else None)
+        extract_activations(
+            lm,
+            tok,
+            layer=layer,
+            dataset=dataset,
+            split="train",
+            n_tokens=train_tokens,
+            out_dir=tmp,
+            ctx_len=ctx_len,
+            eval_fraction=eval_fraction,
+            seed=seed,
+            device=dev,
+            on_progress=(lambda f: on_progress(0.3 * f)) if on_progress else None,
+        )
         del lm
         store = ActivationStore(tmp)
-        sae = train_teacher(store, family=family, d_sae=d_sae, steps=steps, batch_size=batch_size, lr=lr,
-                            l1_coefficient=l1_coefficient, k=k, seed=seed, device=dev,
-                            metadata={"model_name": model, "hook_name": f"blocks.{layer}.hook_resid_post",
-                                      "hook_layer": layer, "dataset_path": dataset, "context_size": ctx_len,
-                                      "prepend_bos": False, "position_0_dropped": True},
-                            on_progress=(lambda f: on_progress(0.3 + 0.7 * f)) if on_progress else None)
+        sae = train_teacher(
+            store,
+            family=family,
+            d_sae=d_sae,
+            steps=steps,
+            batch_size=batch_size,
+            lr=lr,
+            l1_coefficient=l1_coefficient,
+            k=k,
+            seed=seed,
+            device=dev,
+            metadata={
+                "model_name": model,
+                "hook_name": f"blocks.{layer}.hook_resid_post",
+                "hook_layer": layer,
+                "dataset_path": dataset,
+                "context_size": ctx_len,
+                "prepend_bos": False,
+                "position_0_dropped": True,
+            },
+            on_progress=(lambda f: on_progress(0.3 + 0.7 * f)) if on_progress else None,
+        )
     sae.metadata["train_seconds"] = round(time.time() - t0, 1)
     return sae.save(out)

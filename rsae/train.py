@@ -22,14 +22,28 @@ from .activations import ActivationStore
 from .saes import SAE, LossFn, sae_loss
 
 
-def train_sae(sae: SAE, store: ActivationStore, *, steps: int, batch_size: int, lr: float,
-              l1_coefficient: float, seed: int = 0, device: str = "cpu",
-              param_groups: Iterable[dict[str, Any]] | None = None, warmup_steps: int = 0,
-              l1_warmup_steps: int = 0, lr_decay_frac: float = 0.2, loss_fn: LossFn | None = None,
-              l0_target: float | None = None, l0_adapt_every: int = 10, l0_gain: float = 2.0,
-              grad_clip: float | None = 1e4,
-              on_step: Callable[[int, dict[str, float]], None] | None = None,
-              checkpoint: TrainCheckpoint | None = None) -> list[dict[str, float]]:
+def train_sae(
+    sae: SAE,
+    store: ActivationStore,
+    *,
+    steps: int,
+    batch_size: int,
+    lr: float,
+    l1_coefficient: float,
+    seed: int = 0,
+    device: str = "cpu",
+    param_groups: Iterable[dict[str, Any]] | None = None,
+    warmup_steps: int = 0,
+    l1_warmup_steps: int = 0,
+    lr_decay_frac: float = 0.2,
+    loss_fn: LossFn | None = None,
+    l0_target: float | None = None,
+    l0_adapt_every: int = 10,
+    l0_gain: float = 2.0,
+    grad_clip: float | None = 1e4,
+    on_step: Callable[[int, dict[str, float]], None] | None = None,
+    checkpoint: TrainCheckpoint | None = None,
+) -> list[dict[str, float]]:
     """Adam on :func:`sae_loss` over shuffled batches of ``store``.
 
     Args:
@@ -96,9 +110,17 @@ def train_sae(sae: SAE, store: ActivationStore, *, steps: int, batch_size: int, 
         if on_step is not None:
             on_step(step + 1, parts)
         if checkpoint is not None and ((step + 1) % checkpoint.every == 0 or step + 1 == steps):
-            checkpoint.save({"step": step + 1, "model": sae.state_dict(), "optimizer": opt.state_dict(),
-                             "lam_base": lam_base, "l0_window": list(l0_window), "history": history,
-                             "rng": torch.get_rng_state()})
+            checkpoint.save(
+                {
+                    "step": step + 1,
+                    "model": sae.state_dict(),
+                    "optimizer": opt.state_dict(),
+                    "lam_base": lam_base,
+                    "l0_window": list(l0_window),
+                    "history": history,
+                    "rng": torch.get_rng_state(),
+                }
+            )
     sae.eval()
     return history
 
@@ -132,18 +154,23 @@ class TrainCheckpoint(Protocol):
         """Persist ``state`` (atomically)."""
 
 
-def _restore_train_state(sae: SAE, opt: torch.optim.Optimizer, state: dict[str, Any]
-                         ) -> tuple[int, list[dict[str, float]], float, list[float]]:
+def _restore_train_state(
+    sae: SAE, opt: torch.optim.Optimizer, state: dict[str, Any]
+) -> tuple[int, list[dict[str, float]], float, list[float]]:
     """Load a :class:`TrainCheckpoint` state into ``sae`` and ``opt``; returns (step, history, lam_base,
     l0_window)."""
     sae.load_state_dict(state["model"])
     opt.load_state_dict(state["optimizer"])
     torch.set_rng_state(state["rng"])
-    return (int(state["step"]), list(state["history"]), float(state["lam_base"]),
-            [float(v) for v in state["l0_window"]])
+    return (
+        int(state["step"]),
+        list(state["history"]),
+        float(state["lam_base"]),
+        [float(v) for v in state["l0_window"]],
+    )
 
 
 @torch.no_grad()
 def sample_pre_acts(teacher: SAE, x: torch.Tensor, batch: int = 2048) -> torch.Tensor:
     """Teacher pre-activations h [n, d_sae] of x [n, d_in]."""
-    return torch.cat([teacher.pre_acts(x[i:i + batch]) for i in range(0, x.shape[0], batch)])
+    return torch.cat([teacher.pre_acts(x[i : i + batch]) for i in range(0, x.shape[0], batch)])

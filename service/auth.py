@@ -41,8 +41,13 @@ class AuthError(ProblemError):
     """401 problem with ``WWW-Authenticate: Bearer`` (RFC 6750 section 3)."""
 
     def __init__(self, detail: str, error: str = "invalid_token") -> None:
-        super().__init__(401, "unauthorized", detail, field="Authorization",
-                         headers={"WWW-Authenticate": f'Bearer realm="rsae", error="{error}"'})
+        super().__init__(
+            401,
+            "unauthorized",
+            detail,
+            field="Authorization",
+            headers={"WWW-Authenticate": f'Bearer realm="rsae", error="{error}"'},
+        )
 
 
 def hash_token(token: str) -> str:
@@ -73,8 +78,9 @@ def get_or_create_user(session: Session, name: str) -> User:
         ValueError: ``name`` does not match :data:`USER_NAME_RE`.
     """
     if not USER_NAME_RE.match(name):
-        raise ValueError(f"invalid user name {name!r}: 1-100 letters, digits or '._@-', starting with a "
-                         "letter or digit")
+        raise ValueError(
+            f"invalid user name {name!r}: 1-100 letters, digits or '._@-', starting with a letter or digit"
+        )
     user = session.scalar(select(User).where(User.name == name))
     if user is None:
         user = User(name=name, created_at=utcnow())
@@ -93,8 +99,9 @@ def issue_token(session: Session, user_name: str, label: str | None = None) -> I
         raise ValueError("token label must be at most 100 characters")
     user = get_or_create_user(session, user_name)
     token = generate_token()
-    row = ApiToken(user_id=user.id, name=label, prefix=token[:PREFIX_CHARS], token_hash=hash_token(token),
-                   created_at=utcnow())
+    row = ApiToken(
+        user_id=user.id, name=label, prefix=token[:PREFIX_CHARS], token_hash=hash_token(token), created_at=utcnow()
+    )
     session.add(row)
     session.flush()
     return IssuedToken(token=token, token_id=row.id, prefix=row.prefix, user_id=user.id, user_name=user.name)
@@ -126,8 +133,11 @@ def authenticate(session: Session, authorization: str | None) -> User:
         AuthError: header missing, not ``Bearer <token>``, malformed token, unknown or revoked token.
     """
     if not authorization:
-        raise AuthError("missing 'Authorization: Bearer <token>' header (create a token with "
-                        "'rsae-service token create --user NAME')", error="invalid_request")
+        raise AuthError(
+            "missing 'Authorization: Bearer <token>' header (create a token with "
+            "'rsae-service token create --user NAME')",
+            error="invalid_request",
+        )
     scheme, _, token = authorization.strip().partition(" ")
     token = token.strip()
     if scheme.lower() != "bearer" or not token:

@@ -50,8 +50,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
     settings.require_broker()
     if not args.no_migrate:
         cmd_migrate(args)
-    uvicorn.run("service.app:create_app", factory=True, host=args.host, port=args.port,
-                workers=args.workers, log_level=settings.log_level.lower(), proxy_headers=True)
+    uvicorn.run(
+        "service.app:create_app",
+        factory=True,
+        host=args.host,
+        port=args.port,
+        workers=args.workers,
+        log_level=settings.log_level.lower(),
+        proxy_headers=True,
+    )
     return 0
 
 
@@ -70,8 +77,7 @@ def cmd_up(args: argparse.Namespace) -> int:
 
     _interrupt_on_sigterm()
     with Stack(get_settings(), host=args.host, port=args.port) as stack:
-        print(f"RSAE service ready at {stack.base_url}  (docs: {stack.base_url}/docs; Ctrl-C stops)",
-              flush=True)
+        print(f"RSAE service ready at {stack.base_url}  (docs: {stack.base_url}/docs; Ctrl-C stops)", flush=True)
         try:
             stack.wait()
         except KeyboardInterrupt:
@@ -106,19 +112,24 @@ def cmd_token(args: argparse.Namespace) -> int:
         except ValueError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
-        print(f"# token for user {issued.user_name!r} (prefix {issued.prefix}); it is shown only now",
-              file=sys.stderr)
+        print(f"# token for user {issued.user_name!r} (prefix {issued.prefix}); it is shown only now", file=sys.stderr)
         print(issued.token)
         return 0
     if args.action == "list":
         with make_session() as s:
-            rows = s.execute(select(ApiToken, User.name).join(User, User.id == ApiToken.user_id)
-                             .order_by(ApiToken.created_at))
+            rows = s.execute(
+                select(ApiToken, User.name).join(User, User.id == ApiToken.user_id).order_by(ApiToken.created_at)
+            )
             print(f"{'prefix':<13} {'user':<20} {'label':<16} {'created':<20} {'last used':<20} revoked")
+
+            def fmt(t):
+                return t.strftime("%Y-%m-%d %H:%M:%S") if t else "-"
+
             for tok, user in rows:
-                fmt = (lambda t: t.strftime("%Y-%m-%d %H:%M:%S") if t else "-")
-                print(f"{tok.prefix:<13} {user:<20} {tok.name or '-':<16} {fmt(tok.created_at):<20} "
-                      f"{fmt(tok.last_used_at):<20} {fmt(tok.revoked_at)}")
+                print(
+                    f"{tok.prefix:<13} {user:<20} {tok.name or '-':<16} {fmt(tok.created_at):<20} "
+                    f"{fmt(tok.last_used_at):<20} {fmt(tok.revoked_at)}"
+                )
         return 0
     if args.prefix is None and args.user is None:
         print("error: give --prefix or --user", file=sys.stderr)
@@ -131,8 +142,9 @@ def cmd_token(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``rsae-service``."""
-    p = argparse.ArgumentParser(prog="rsae-service", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="rsae-service", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = p.add_subparsers(dest="command", required=True)
 
     m = sub.add_parser("migrate", help="alembic upgrade head (waits for the database first)")
@@ -147,8 +159,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--wait", type=float, default=60.0, help="seconds to wait for the database")
     s.set_defaults(func=cmd_serve)
 
-    w = sub.add_parser("worker", help="run a Celery worker on the job queue",
-                       description="Extra arguments after the subcommand go to 'celery worker'.")
+    w = sub.add_parser(
+        "worker",
+        help="run a Celery worker on the job queue",
+        description="Extra arguments after the subcommand go to 'celery worker'.",
+    )
     w.add_argument("celery_args", nargs=argparse.REMAINDER, help="passed to celery worker")
     w.set_defaults(func=cmd_worker)
 
@@ -178,8 +193,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``rsae-service``; returns the process exit code."""
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=get_settings().log_level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=get_settings().log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     for noisy in ("httpx", "alembic.runtime.plugins"):  # one line per request/plugin drowns the output
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:

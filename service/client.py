@@ -41,8 +41,10 @@ class ApiError(RuntimeError):
             self.problem = {"detail": response.text}
         self.status = response.status_code
         field = f" [field {self.problem['field']}]" if self.problem.get("field") else ""
-        super().__init__(f"{response.request.method} {response.request.url.path} -> {self.status} "
-                         f"{self.problem.get('code', '')}: {self.problem.get('detail')}{field}")
+        super().__init__(
+            f"{response.request.method} {response.request.url.path} -> {self.status} "
+            f"{self.problem.get('code', '')}: {self.problem.get('detail')}{field}"
+        )
 
 
 def _ok(response: httpx.Response) -> Any:
@@ -54,8 +56,10 @@ def _ok(response: httpx.Response) -> Any:
 def upload_sae(client: httpx.Client, folder: Path, name: str | None = None) -> dict[str, Any]:
     """POST /saes with ``folder``'s cfg.json and sae_weights.safetensors; returns the SAE object."""
     with open(folder / CFG_NAME, "rb") as cfg, open(folder / WEIGHTS_NAME, "rb") as weights:
-        files = {"cfg": (CFG_NAME, cfg, "application/json"),
-                 "weights": (WEIGHTS_NAME, weights, "application/octet-stream")}
+        files = {
+            "cfg": (CFG_NAME, cfg, "application/json"),
+            "weights": (WEIGHTS_NAME, weights, "application/octet-stream"),
+        }
         return _ok(client.post("/saes", files=files, data={"name": name} if name else None))
 
 
@@ -70,8 +74,14 @@ def get_job(client: httpx.Client, job_id: str) -> dict[str, Any]:
     return _ok(client.get(f"/jobs/{job_id}"))
 
 
-def wait_for_job(client: httpx.Client, job_id: str, *, timeout: float, interval: float = 1.0,
-                 on_update: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+def wait_for_job(
+    client: httpx.Client,
+    job_id: str,
+    *,
+    timeout: float,
+    interval: float = 1.0,
+    on_update: Callable[[dict[str, Any]], None] | None = None,
+) -> dict[str, Any]:
     """Poll GET /jobs/{id} until the job is terminal; ``on_update`` sees every polled job.
 
     Raises:
@@ -85,8 +95,10 @@ def wait_for_job(client: httpx.Client, job_id: str, *, timeout: float, interval:
         if job["status"] in TERMINAL:
             return job
         if time.monotonic() > deadline:
-            raise TimeoutError(f"job {job_id} still {job['status']} ({job['stage']}, "
-                               f"{100 * job['progress']:.0f}%) after {timeout:.0f} s")
+            raise TimeoutError(
+                f"job {job_id} still {job['status']} ({job['stage']}, "
+                f"{100 * job['progress']:.0f}%) after {timeout:.0f} s"
+            )
         time.sleep(interval)
 
 
@@ -110,14 +122,17 @@ def download_artifacts(client: httpx.Client, job: dict[str, Any], dest: Path) ->
                 size += len(chunk)
                 f.write(chunk)
         if size != art["size"] or digest.hexdigest() != art["sha256"]:
-            raise ValueError(f"{art['name']}: got {size} bytes sha256 {digest.hexdigest()}, the listing says "
-                             f"{art['size']} bytes sha256 {art['sha256']}")
+            raise ValueError(
+                f"{art['name']}: got {size} bytes sha256 {digest.hexdigest()}, the listing says "
+                f"{art['size']} bytes sha256 {art['sha256']}"
+            )
         paths[art["name"]] = path
     return paths
 
 
-def stream_events(client: httpx.Client, job_id: str, *, after: int = 0,
-                  timeout: float | None = None) -> Iterator[dict[str, Any]]:
+def stream_events(
+    client: httpx.Client, job_id: str, *, after: int = 0, timeout: float | None = None
+) -> Iterator[dict[str, Any]]:
     """Follow ``GET /jobs/{id}/events`` as server-sent events; yields event objects until the job is terminal.
 
     On a dropped connection it reconnects with ``Last-Event-ID`` (no event is lost or repeated).
@@ -130,8 +145,9 @@ def stream_events(client: httpx.Client, job_id: str, *, after: int = 0,
     while True:
         try:
             headers = {"Last-Event-ID": str(after)} if after else {}
-            with connect_sse(client, "GET", f"/jobs/{job_id}/events", headers=headers,
-                             timeout=httpx.Timeout(30.0, read=60.0)) as source:
+            with connect_sse(
+                client, "GET", f"/jobs/{job_id}/events", headers=headers, timeout=httpx.Timeout(30.0, read=60.0)
+            ) as source:
                 if source.response.is_error:
                     source.response.read()
                     raise ApiError(source.response)
@@ -162,12 +178,19 @@ class RSAEClient:
     Every method raises :class:`ApiError` (status + problem+json body) on a non-2xx answer.
     """
 
-    def __init__(self, base_url: str | None = None, token: str | None = None, *, timeout: float = 120.0,
-                 http: httpx.Client | None = None) -> None:
+    def __init__(
+        self,
+        base_url: str | None = None,
+        token: str | None = None,
+        *,
+        timeout: float = 120.0,
+        http: httpx.Client | None = None,
+    ) -> None:
         token = token if token is not None else os.environ.get("RSAE_TOKEN")
         headers = {"Authorization": f"Bearer {token}"} if token else {}
-        self.http = http or httpx.Client(base_url=base_url or os.environ.get("RSAE_URL", "http://127.0.0.1:8000"),
-                                         timeout=timeout, headers=headers)
+        self.http = http or httpx.Client(
+            base_url=base_url or os.environ.get("RSAE_URL", "http://127.0.0.1:8000"), timeout=timeout, headers=headers
+        )
         self._own = http is None
 
     def __enter__(self) -> "RSAEClient":
@@ -216,8 +239,9 @@ class RSAEClient:
         """Live events of the job until it is terminal (see :func:`stream_events`)."""
         return stream_events(self.http, job_id, after=after, timeout=timeout)
 
-    def wait(self, job_id: str, *, timeout: float | None = None,
-             on_event: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    def wait(
+        self, job_id: str, *, timeout: float | None = None, on_event: Callable[[dict[str, Any]], None] | None = None
+    ) -> dict[str, Any]:
         """Follow the job's event stream until it is terminal; returns the final job object.
 
         Raises:

@@ -25,55 +25,89 @@ class Settings(BaseSettings):
 
     data_dir: Path = Field(Path("var"), description="Root folder for the SQLite file, uploads, artifacts.")
     database_url: str | None = Field(
-        None, description="SQLAlchemy URL; default a SQLite file '<data_dir>/rsae.db' (single machine). "
-        "Postgres: 'postgresql+psycopg://user:pass@host/db'.")
+        None,
+        description="SQLAlchemy URL; default a SQLite file '<data_dir>/rsae.db' (single machine). "
+        "Postgres: 'postgresql+psycopg://user:pass@host/db'.",
+    )
     broker_url: str | None = Field(
-        None, description="Celery broker (Redis) URL. Unset: 'rsae-service up'/'demo' start their own "
-        "redis-server and export this variable to their children; 'serve' and 'worker' require it.")
+        None,
+        description="Celery broker (Redis) URL. Unset: 'rsae-service up'/'demo' start their own "
+        "redis-server and export this variable to their children; 'serve' and 'worker' require it.",
+    )
     artifacts_dir: Path | None = Field(None, description="Job outputs. Default '<data_dir>/artifacts'.")
     uploads_dir: Path | None = Field(None, description="Uploaded teacher SAEs. Default '<data_dir>/saes'.")
-    work_dir: Path | None = Field(None, description="Per-job scratch (activation shards). Default "
-                                  "'<data_dir>/work'; deleted when a job ends.")
+    work_dir: Path | None = Field(
+        None, description="Per-job scratch (activation shards). Default '<data_dir>/work'; deleted when a job ends."
+    )
     max_upload_bytes: int = Field(2 * 1024**3, ge=1, description="Largest accepted POST /saes body.")
     max_cfg_bytes: int = Field(1024**2, ge=1, description="Largest accepted cfg.json part of an upload.")
-    max_body_bytes: int = Field(1024**2, ge=1024, description="Largest accepted request body other than "
-                                "a POST /saes upload (413 beyond).")
+    max_body_bytes: int = Field(
+        1024**2, ge=1024, description="Largest accepted request body other than a POST /saes upload (413 beyond)."
+    )
     max_active_jobs_per_user: int = Field(
-        20, ge=1, description="Unfinished (queued, running or cancelling) jobs one user may have; POST /jobs "
-        "beyond it answers 429 with Retry-After.")
+        20,
+        ge=1,
+        description="Unfinished (queued, running or cancelling) jobs one user may have; POST /jobs "
+        "beyond it answers 429 with Retry-After.",
+    )
     webhook_allowed_hosts: list[str] = Field(
-        default_factory=list, description="Hosts a job's webhook may call: exact names or '*.suffix' globs, "
-        "as JSON (RSAE_WEBHOOK_ALLOWED_HOSTS='[\"hooks.example.org\"]'). Empty: webhooks are refused.")
+        default_factory=list,
+        description="Hosts a job's webhook may call: exact names or '*.suffix' globs, "
+        "as JSON (RSAE_WEBHOOK_ALLOWED_HOSTS='[\"hooks.example.org\"]'). Empty: webhooks are refused.",
+    )
     webhook_attempts: int = Field(5, ge=1, le=20, description="Delivery attempts of a webhook notice.")
     page_size_default: int = Field(20, ge=1, description="GET /jobs page size when 'limit' is absent.")
     page_size_max: int = Field(100, ge=1, description="Largest accepted 'limit' of a list request.")
     queue_name: str = Field("gpu", min_length=1, description="Celery queue the upgrade tasks go to.")
     allow_local_paths: bool = Field(
-        False, description="Accept server-side paths in job requests (teacher.path, a local model folder, "
+        False,
+        description="Accept server-side paths in job requests (teacher.path, a local model folder, "
         "a local dataset). Off by default (a client must not read the server's disk); "
-        "'rsae-service up' and 'demo' turn it on for their children unless it is set.")
+        "'rsae-service up' and 'demo' turn it on for their children unless it is set.",
+    )
     enqueue_retries: int = Field(2, ge=0, le=10, description="Broker publish retries before giving up.")
     # -- durability (worker/lease.py, docs/reliability.md) ----------------------------------------------
     lease_seconds: float = Field(
-        60.0, gt=0, le=3600, description="Time-to-live of a worker's lease on a running job; the heartbeat "
-        "renews it every heartbeat_seconds. After it expires unrenewed, the reaper re-queues the job.")
+        60.0,
+        gt=0,
+        le=3600,
+        description="Time-to-live of a worker's lease on a running job; the heartbeat "
+        "renews it every heartbeat_seconds. After it expires unrenewed, the reaper re-queues the job.",
+    )
     heartbeat_seconds: float | None = Field(
-        None, gt=0, description="Lease renewal interval. Default: lease_seconds / 4.")
+        None, gt=0, description="Lease renewal interval. Default: lease_seconds / 4."
+    )
     reaper_interval_seconds: float = Field(
-        10.0, gt=0, description="How often each worker's reaper thread scans for expired leases.")
-    max_attempts: int = Field(3, ge=1, le=100, description="Starts a job gets: a job whose lease expired "
-                              "after this many starts is failed (code 'max_attempts_exceeded').")
+        10.0, gt=0, description="How often each worker's reaper thread scans for expired leases."
+    )
+    max_attempts: int = Field(
+        3,
+        ge=1,
+        le=100,
+        description="Starts a job gets: a job whose lease expired "
+        "after this many starts is failed (code 'max_attempts_exceeded').",
+    )
     job_deadline_seconds: float = Field(
-        6 * 3600.0, gt=0, description="Wall-clock limit of a job from its first start; past it the job "
-        "fails with code 'deadline_exceeded' (checked between steps, like cancellation).")
+        6 * 3600.0,
+        gt=0,
+        description="Wall-clock limit of a job from its first start; past it the job "
+        "fails with code 'deadline_exceeded' (checked between steps, like cancellation).",
+    )
     republish_after_seconds: float = Field(
-        900.0, gt=0, description="A job still queued this long after its last publish is published again "
-        "by the reaper (covers a message lost by a broker without persistence; duplicates are no-ops).")
+        900.0,
+        gt=0,
+        description="A job still queued this long after its last publish is published again "
+        "by the reaper (covers a message lost by a broker without persistence; duplicates are no-ops).",
+    )
     checkpoint_every_steps: int = Field(
-        50, ge=1, description="Fine-tuning checkpoint interval (optimizer steps), in the job's work dir.")
+        50, ge=1, description="Fine-tuning checkpoint interval (optimizer steps), in the job's work dir."
+    )
     broker_visibility_timeout: float = Field(
-        3600.0, gt=0, description="Redis visibility timeout: an unacknowledged message is redelivered after "
-        "it. Safe whatever its value (a duplicate finds the job leased and exits).")
+        3600.0,
+        gt=0,
+        description="Redis visibility timeout: an unacknowledged message is redelivered after "
+        "it. Safe whatever its value (a duplicate finds the job leased and exits).",
+    )
     log_level: str = Field("INFO", description="Logging level of the CLI processes.")
 
     @model_validator(mode="after")
@@ -94,8 +128,10 @@ class Settings(BaseSettings):
     def require_broker(self) -> str:
         """The broker URL, or a :class:`ConfigError` explaining how to get one."""
         if not self.broker_url:
-            raise ConfigError("RSAE_BROKER_URL is not set: point it at Redis (redis://host:6379/0), or use "
-                              "'rsae-service up', which starts its own redis-server")
+            raise ConfigError(
+                "RSAE_BROKER_URL is not set: point it at Redis (redis://host:6379/0), or use "
+                "'rsae-service up', which starts its own redis-server"
+            )
         return self.broker_url
 
     @property

@@ -19,8 +19,8 @@ import httpx
 
 from rsae.config import DEFAULT_MODEL
 
-from .client import ApiError, download_artifacts, submit_job, upload_sae, wait_for_job
 from .auth import issue_token
+from .client import ApiError, download_artifacts, submit_job, upload_sae, wait_for_job
 from .config import Settings
 from .db import get_sessionmaker
 from .embedded import Stack
@@ -28,8 +28,15 @@ from .embedded import Stack
 DEMO_LAYER = 3
 UP_URL = "http://127.0.0.1:8000"
 """Where ``rsae-service up`` listens by default (the demo's own server is gone when it prints curl lines)."""
-TEACHER = {"model": DEFAULT_MODEL, "layer": DEMO_LAYER, "d_sae": 2304, "train_tokens": 32768, "steps": 600,
-           "batch_size": 1024, "seed": 0}
+TEACHER = {
+    "model": DEFAULT_MODEL,
+    "layer": DEMO_LAYER,
+    "d_sae": 2304,
+    "train_tokens": 32768,
+    "steps": 600,
+    "batch_size": 1024,
+    "seed": 0,
+}
 """Arguments of :func:`rsae.teacher.train_teacher_from_text` for the demo teacher (sized so that the whole
 demo ends within 10 minutes on a 2-core CPU; see README)."""
 
@@ -54,8 +61,10 @@ def ensure_teacher(folder: Path) -> Path:
         """Print the training progress in place."""
         _say(f"\rtraining teacher SAE: {100 * frac:5.1f}%", end="")
 
-    _say(f"teacher: training a {TEACHER['d_sae']}-latent ReLU SAE on {TEACHER['model']} layer {DEMO_LAYER} "
-         f"({TEACHER['train_tokens']} tokens, {TEACHER['steps']} steps) into {folder}")
+    _say(
+        f"teacher: training a {TEACHER['d_sae']}-latent ReLU SAE on {TEACHER['model']} layer {DEMO_LAYER} "
+        f"({TEACHER['train_tokens']} tokens, {TEACHER['steps']} steps) into {folder}"
+    )
     out = train_teacher_from_text(out=folder, on_progress=progress, **TEACHER)
     _say()
     return Path(out)
@@ -76,20 +85,24 @@ def curl_commands(base: str, teacher: Path, body: dict[str, Any], job_id: str) -
     """The curl equivalents of what the demo did over HTTP (token in ``$RSAE_TOKEN``)."""
     q = shlex.quote
     auth = '-H "Authorization: Bearer $RSAE_TOKEN"'
-    return "\n".join([
-        "export RSAE_TOKEN=$(rsae-service token create --user $USER)",
-        f"curl -sS {auth} -F cfg=@{q(str(teacher / 'cfg.json'))} "
-        f"-F weights=@{q(str(teacher / 'sae_weights.safetensors'))} -F name=demo-teacher {base}/saes",
-        f"curl -sS {auth} -X POST -H 'Content-Type: application/json' -d {q(json.dumps(body))} {base}/jobs",
-        f"curl -sS {auth} {base}/jobs/{job_id}",
-        f"curl -sS {auth} {base}/jobs/{job_id}/artifacts",
-        f"curl -sS {auth} -OJ {base}/jobs/{job_id}/artifacts/sae_weights.safetensors",
-    ])
+    return "\n".join(
+        [
+            "export RSAE_TOKEN=$(rsae-service token create --user $USER)",
+            f"curl -sS {auth} -F cfg=@{q(str(teacher / 'cfg.json'))} "
+            f"-F weights=@{q(str(teacher / 'sae_weights.safetensors'))} -F name=demo-teacher {base}/saes",
+            f"curl -sS {auth} -X POST -H 'Content-Type: application/json' -d {q(json.dumps(body))} {base}/jobs",
+            f"curl -sS {auth} {base}/jobs/{job_id}",
+            f"curl -sS {auth} {base}/jobs/{job_id}/artifacts",
+            f"curl -sS {auth} -OJ {base}/jobs/{job_id}/artifacts/sae_weights.safetensors",
+        ]
+    )
 
 
 def _print_progress(job: dict[str, Any]) -> None:
-    _say(f"\rjob {job['id'][:8]}: {job['status']:<10} stage {job['stage'] or '-':<10} "
-         f"{100 * job['progress']:5.1f}%", end="")
+    _say(
+        f"\rjob {job['id'][:8]}: {job['status']:<10} stage {job['stage'] or '-':<10} {100 * job['progress']:5.1f}%",
+        end="",
+    )
 
 
 def run_demo(port: int = 0, timeout: float = 3 * 3600) -> int:
@@ -98,14 +111,15 @@ def run_demo(port: int = 0, timeout: float = 3 * 3600) -> int:
     _say(f"data dir: {settings.data_dir}")
     with Stack(settings, port=port, log_dir=settings.data_dir / "logs") as stack:
         base = stack.base_url
-        _say(f"service: {base} (worker, API{'' if settings.broker_url else ', Redis'} started; logs in "
-             f"{settings.data_dir / 'logs'})")
+        _say(
+            f"service: {base} (worker, API{'' if settings.broker_url else ', Redis'} started; logs in "
+            f"{settings.data_dir / 'logs'})"
+        )
         try:
             teacher = ensure_teacher(settings.data_dir / "teacher")
             with get_sessionmaker(settings.database_url).begin() as s:
                 token = issue_token(s, "demo", "rsae-service demo").token
-            with httpx.Client(base_url=base, timeout=120,
-                              headers={"Authorization": f"Bearer {token}"}) as client:
+            with httpx.Client(base_url=base, timeout=120, headers={"Authorization": f"Bearer {token}"}) as client:
                 sae = upload_sae(client, teacher, name="demo-teacher")
                 _say(f"uploaded teacher: sae id {sae['id']} ({sae['family']}, {sae['d_in']} -> {sae['d_sae']})")
                 body = {"model": DEFAULT_MODEL, "layer": DEMO_LAYER, "teacher": {"sae_id": sae["id"]}}
@@ -115,8 +129,11 @@ def run_demo(port: int = 0, timeout: float = 3 * 3600) -> int:
                 _say()
                 if job["status"] != "succeeded":
                     err = job.get("error") or {}
-                    print(f"job {job['status']}: {err.get('code')}: {err.get('detail')}"
-                          + (f" [field {err['field']}]" if err.get("field") else ""), file=sys.stderr)
+                    print(
+                        f"job {job['status']}: {err.get('code')}: {err.get('detail')}"
+                        + (f" [field {err['field']}]" if err.get("field") else ""),
+                        file=sys.stderr,
+                    )
                     return 1
                 paths = download_artifacts(client, job, settings.data_dir / "downloads" / job["id"])
         except (ApiError, TimeoutError, ValueError, RuntimeError) as e:
@@ -131,6 +148,8 @@ def run_demo(port: int = 0, timeout: float = 3 * 3600) -> int:
         _say("artifacts (sha256 verified):")
         for name, path in paths.items():
             _say(f"  {name:<28} {path}")
-    _say(f"\nthe same with curl, against 'rsae-service up' (default {UP_URL}; ids differ on a new run):\n"
-         + curl_commands(UP_URL, teacher, body, job["id"]))
+    _say(
+        f"\nthe same with curl, against 'rsae-service up' (default {UP_URL}; ids differ on a new run):\n"
+        + curl_commands(UP_URL, teacher, body, job["id"])
+    )
     return 0

@@ -39,8 +39,14 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
-def wait_until(check: Callable[[], bool], timeout: float, what: str, *, interval: float = 0.2,
-               alive: Callable[[], None] | None = None) -> None:
+def wait_until(
+    check: Callable[[], bool],
+    timeout: float,
+    what: str,
+    *,
+    interval: float = 0.2,
+    alive: Callable[[], None] | None = None,
+) -> None:
     """Poll ``check`` until it returns True; ``alive`` may raise to abort early.
 
     Raises:
@@ -74,8 +80,13 @@ class Child:
         self.name = name
         self.log_path = log_dir / f"{name}.log" if log_dir is not None else None
         self._log: IO[bytes] | None = open(self.log_path, "ab") if self.log_path else None
-        self.proc = subprocess.Popen(argv, env=dict(env), stdout=self._log, stderr=subprocess.STDOUT
-                                     if self._log else None, start_new_session=True)
+        self.proc = subprocess.Popen(
+            argv,
+            env=dict(env),
+            stdout=self._log,
+            stderr=subprocess.STDOUT if self._log else None,
+            start_new_session=True,
+        )
         log.info("started %s (pid %d): %s", name, self.proc.pid, " ".join(argv))
 
     def check(self) -> None:
@@ -116,17 +127,36 @@ def start_redis(data_dir: Path, log_dir: Path | None = None, attempts: int = 3) 
     """
     exe = shutil.which("redis-server")
     if exe is None:
-        raise RuntimeError("redis-server is not on PATH: install Redis (apt-get install redis-server) or "
-                           "set RSAE_BROKER_URL to a running Redis")
+        raise RuntimeError(
+            "redis-server is not on PATH: install Redis (apt-get install redis-server) or "
+            "set RSAE_BROKER_URL to a running Redis"
+        )
     data_dir.mkdir(parents=True, exist_ok=True)
     for attempt in range(attempts):
         port = free_port()
-        child = Child("redis", [exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                                "--appendonly", "no", "--dir", str(data_dir)], os.environ, log_dir)
+        child = Child(
+            "redis",
+            [
+                exe,
+                "--port",
+                str(port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(data_dir),
+            ],
+            os.environ,
+            log_dir,
+        )
         url = f"redis://127.0.0.1:{port}/0"
         try:
-            wait_until(lambda: redis.Redis.from_url(url, socket_timeout=1).ping(), 10, "redis-server",
-                       alive=child.check)
+            wait_until(
+                lambda: redis.Redis.from_url(url, socket_timeout=1).ping(), 10, "redis-server", alive=child.check
+            )
             return child, url
         except (RuntimeError, TimeoutError):
             child.stop()
@@ -145,8 +175,15 @@ class Stack:
         ready_timeout: seconds to wait for ``/readyz``.
     """
 
-    def __init__(self, settings: Settings, *, host: str = "127.0.0.1", port: int = 8000,
-                 log_dir: Path | None = None, ready_timeout: float = 60.0) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 8000,
+        log_dir: Path | None = None,
+        ready_timeout: float = 60.0,
+    ) -> None:
         self.settings = settings
         self.host, self.port = host, port or free_port(host)
         self.log_dir = log_dir
@@ -160,8 +197,13 @@ class Stack:
         return f"http://{host}:{self.port}"
 
     def _env(self, broker_url: str) -> dict[str, str]:
-        env = dict(os.environ, PYTHONUNBUFFERED="1", RSAE_BROKER_URL=broker_url,
-                   RSAE_DATA_DIR=str(self.settings.data_dir), RSAE_DATABASE_URL=self.settings.database_url)
+        env = dict(
+            os.environ,
+            PYTHONUNBUFFERED="1",
+            RSAE_BROKER_URL=broker_url,
+            RSAE_DATA_DIR=str(self.settings.data_dir),
+            RSAE_DATABASE_URL=self.settings.database_url,
+        )
         env.setdefault("RSAE_ALLOW_LOCAL_PATHS", "true")  # single machine: API and worker share the disk
         return env
 
@@ -173,8 +215,9 @@ class Stack:
             raise
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self.stop()
 
     def start(self) -> None:
@@ -191,10 +234,17 @@ class Stack:
         env = self._env(broker)
         cli = [sys.executable, "-m", "service.cli"]
         self.children.append(Child("worker", [*cli, "worker"], env, self.log_dir))
-        self.children.append(Child("api", [*cli, "serve", "--no-migrate", "--host", self.host,
-                                           "--port", str(self.port)], env, self.log_dir))
-        wait_until(lambda: httpx.get(f"{self.base_url}/readyz", timeout=2).status_code == 200,
-                   self.ready_timeout, "API", alive=self.check)
+        self.children.append(
+            Child(
+                "api", [*cli, "serve", "--no-migrate", "--host", self.host, "--port", str(self.port)], env, self.log_dir
+            )
+        )
+        wait_until(
+            lambda: httpx.get(f"{self.base_url}/readyz", timeout=2).status_code == 200,
+            self.ready_timeout,
+            "API",
+            alive=self.check,
+        )
 
     def check(self) -> None:
         """Raise RuntimeError if a child has exited."""
@@ -209,8 +259,7 @@ class Stack:
 
     def log_tails(self, lines: int = 60) -> str:
         """The last lines of every child's log file."""
-        return "\n".join(f"----- {c.name} ({c.log_path}) -----\n{c.tail(lines)}"
-                         for c in self.children if c.log_path)
+        return "\n".join(f"----- {c.name} ({c.log_path}) -----\n{c.tail(lines)}" for c in self.children if c.log_path)
 
     def stop(self) -> None:
         """Stop the children in reverse start order (API, worker, Redis)."""

@@ -44,14 +44,16 @@ def _read(make_session: sessionmaker[Session], job_id: str, after: int) -> tuple
     with make_session() as s:
         status = s.scalar(select(Job.status).where(Job.id == job_id))
         s.commit()  # end the snapshot (SQLite/REPEATABLE READ safe): the next read sees newer commits
-        rows = s.scalars(select(JobEvent).where(JobEvent.job_id == job_id, JobEvent.id > after)
-                         .order_by(JobEvent.id).limit(BATCH))
+        rows = s.scalars(
+            select(JobEvent).where(JobEvent.job_id == job_id, JobEvent.id > after).order_by(JobEvent.id).limit(BATCH)
+        )
         events = [EventOut.from_row(e) for e in rows]
     return events, status
 
 
-async def job_event_stream(request: Request, make_session: sessionmaker[Session], job_id: str,
-                           after: int) -> AsyncIterator[bytes]:
+async def job_event_stream(
+    request: Request, make_session: sessionmaker[Session], job_id: str, after: int
+) -> AsyncIterator[bytes]:
     """Yield SSE-encoded events of ``job_id`` after event id ``after`` until the job is terminal.
 
     Stops early when the client disconnects. The caller has checked that the job exists and is the

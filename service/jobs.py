@@ -28,8 +28,9 @@ def add_event(session: Session, job_id: str, type_: str, data: dict[str, Any]) -
     session.add(JobEvent(job_id=job_id, type=type_, data=data, created_at=utcnow()))
 
 
-def transition(session: Session, job_id: str, from_states: Iterable[str], to: str, *,
-               where: Iterable[Any] = (), **values: Any) -> bool:
+def transition(
+    session: Session, job_id: str, from_states: Iterable[str], to: str, *, where: Iterable[Any] = (), **values: Any
+) -> bool:
     """Move job ``job_id`` to status ``to`` if it is in one of ``from_states``; record a status event.
 
     ``where`` are further conditions (e.g. ``Job.lease_owner == me``: only the lease holder may finish a
@@ -45,9 +46,9 @@ def transition(session: Session, job_id: str, from_states: Iterable[str], to: st
     if to in TERMINAL_STATUSES:
         values.setdefault("finished_at", now)
     result = session.execute(
-        update(Job).where(Job.id == job_id, Job.status.in_(tuple(from_states)), *where)
-        .values(status=to, **values),
-        execution_options={"synchronize_session": False})
+        update(Job).where(Job.id == job_id, Job.status.in_(tuple(from_states)), *where).values(status=to, **values),
+        execution_options={"synchronize_session": False},
+    )
     if result.rowcount != 1:
         return False
     data: dict[str, Any] = {"status": to}
@@ -57,8 +58,9 @@ def transition(session: Session, job_id: str, from_states: Iterable[str], to: st
     return True
 
 
-def resolve_teacher(session: Session, settings: Settings, ref: TeacherRef, owner_id: str | None = None,
-                    dest: Path | None = None) -> str:
+def resolve_teacher(
+    session: Session, settings: Settings, ref: TeacherRef, owner_id: str | None = None, dest: Path | None = None
+) -> str:
     """The teacher folder a job reads: the uploaded SAE's folder, the given server-side path, or a hub
     reference fetched and converted to ``dest``.
 
@@ -89,7 +91,7 @@ def resolve_teacher(session: Session, settings: Settings, ref: TeacherRef, owner
             return str(dest)
         except TeacherError as e:
             # rsae.hub names fields teacher / teacher.<key>; here they sit under teacher.hub
-            tail = e.field[len("teacher"):] if e.field and e.field.startswith("teacher") else ""
+            tail = e.field[len("teacher") :] if e.field and e.field.startswith("teacher") else ""
             raise TeacherError(e.message, field="teacher.hub" + tail) from None
     sae = session.get(Sae, ref.sae_id) if is_uuid(ref.sae_id) else None
     if sae is None or (owner_id is not None and sae.owner_id != owner_id):
@@ -103,8 +105,7 @@ def build_upgrade_config(req: JobCreate, teacher_path: str) -> UpgradeConfig:
     Raises:
         pydantic.ValidationError: the combination is invalid (see :func:`upgrade_config_errors`).
     """
-    return UpgradeConfig(model=req.model, layer=req.layer, teacher=teacher_path,
-                         **req.settings.model_dump())
+    return UpgradeConfig(model=req.model, layer=req.layer, teacher=teacher_path, **req.settings.model_dump())
 
 
 def upgrade_config_errors(exc: ValidationError) -> list[dict[str, Any]]:

@@ -40,8 +40,13 @@ class _ProgressBar:
     def __init__(self, job_id: str) -> None:
         from tqdm import tqdm
 
-        self.bar = tqdm(total=100, desc=f"job {job_id[:8]}", unit="%", file=sys.stderr,
-                        bar_format="{desc} {l_bar}{bar}| {n:.0f}/{total:.0f}% [{elapsed}<{remaining}]")
+        self.bar = tqdm(
+            total=100,
+            desc=f"job {job_id[:8]}",
+            unit="%",
+            file=sys.stderr,
+            bar_format="{desc} {l_bar}{bar}| {n:.0f}/{total:.0f}% [{elapsed}<{remaining}]",
+        )
 
     def __call__(self, event: dict[str, Any]) -> None:
         """Apply one event."""
@@ -75,12 +80,13 @@ def _summary(job: dict[str, Any]) -> None:
     print(f"job {job['id']} {job['status']}", file=sys.stderr)
     if job.get("error"):
         err = job["error"]
-        print(f"  {err['code']}: {err['detail']}" + (f" [field {err['field']}]" if err.get("field") else ""),
-              file=sys.stderr)
+        print(
+            f"  {err['code']}: {err['detail']}" + (f" [field {err['field']}]" if err.get("field") else ""),
+            file=sys.stderr,
+        )
     m = job.get("metrics") or {}
     if m:
-        print("  " + ", ".join(f"{k} {v:.4g}" for k, v in m.items() if isinstance(v, (int, float))),
-              file=sys.stderr)
+        print("  " + ", ".join(f"{k} {v:.4g}" for k, v in m.items() if isinstance(v, (int, float))), file=sys.stderr)
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
@@ -124,8 +130,7 @@ def cmd_download(args: argparse.Namespace) -> int:
     with _client(args) as c:
         job = c.get(args.job_id)
         if job["status"] != "succeeded":
-            print(f"error: job {job['id']} is {job['status']}; only succeeded jobs have artifacts",
-                  file=sys.stderr)
+            print(f"error: job {job['id']} is {job['status']}; only succeeded jobs have artifacts", file=sys.stderr)
             return 1
         for name, path in c.download(args.job_id, args.out).items():
             print(f"{name}\t{path}")
@@ -144,15 +149,20 @@ def cmd_list(args: argparse.Namespace) -> int:
     """List your jobs: id, status, stage, progress, created."""
     with _client(args) as c:
         for j in c.list(status=args.status):
-            print(f"{j['id']}  {j['status']:<10} {j['stage'] or '-':<10} {100 * j['progress']:5.1f}%  "
-                  f"{j['created_at']}")
+            print(
+                f"{j['id']}  {j['status']:<10} {j['stage'] or '-':<10} {100 * j['progress']:5.1f}%  {j['created_at']}"
+            )
     return 0
 
 
 def add_jobs_parser(sub: Any) -> None:
     """Add the ``jobs`` command group to an argparse sub-parser collection."""
-    j = sub.add_parser("jobs", help="submit, follow, download and cancel jobs on a running service",
-                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    j = sub.add_parser(
+        "jobs",
+        help="submit, follow, download and cancel jobs on a running service",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--url", default=None, help="API root (default $RSAE_URL or http://127.0.0.1:8000)")
     common.add_argument("--token", default=None, help="bearer token (default $RSAE_TOKEN)")
@@ -168,8 +178,11 @@ def add_jobs_parser(sub: Any) -> None:
     s.add_argument("--settings", default=None, help="JSON object of job settings (see POST /jobs)")
     s.add_argument("--idempotency-key", default=None, help="resubmitting with the same key returns the same job")
     s.add_argument("--webhook-url", default=None, help="POST a signed notice here when the job ends")
-    s.add_argument("--webhook-secret", default=os.environ.get("RSAE_WEBHOOK_SECRET"),
-                   help="HMAC secret of the notice (default $RSAE_WEBHOOK_SECRET)")
+    s.add_argument(
+        "--webhook-secret",
+        default=os.environ.get("RSAE_WEBHOOK_SECRET"),
+        help="HMAC secret of the notice (default $RSAE_WEBHOOK_SECRET)",
+    )
     s.add_argument("--wait", action="store_true", help="follow the job until it ends")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
     s.add_argument("--timeout", type=float, default=None, help="seconds to wait at most")

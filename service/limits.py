@@ -38,8 +38,7 @@ class BodyLimitMiddleware:
         upload_path: path of the upload route (default ``/saes``).
     """
 
-    def __init__(self, app: ASGIApp, *, max_body_bytes: int, max_upload_bytes: int,
-                 upload_path: str = "/saes") -> None:
+    def __init__(self, app: ASGIApp, *, max_body_bytes: int, max_upload_bytes: int, upload_path: str = "/saes") -> None:
         self.app, self.max_body, self.max_upload, self.upload_path = app, max_body_bytes, max_upload_bytes, upload_path
 
     def _is_upload(self, scope: Scope) -> bool:
@@ -61,8 +60,13 @@ class BodyLimitMiddleware:
                 await _reply(scope, send, 400, "bad_request", "Content-Length is not a number")
                 return
             if size > limit:
-                await _reply(scope, send, 413, "payload_too_large",
-                             f"request body of {size} bytes exceeds the limit of {limit} bytes")
+                await _reply(
+                    scope,
+                    send,
+                    413,
+                    "payload_too_large",
+                    f"request body of {size} bytes exceeds the limit of {limit} bytes",
+                )
                 return
         if is_upload:  # streamed by service.uploads, which counts bytes itself and names the part
             await self.app(scope, receive, send)
@@ -90,8 +94,7 @@ class BodyLimitMiddleware:
         except BodyTooLarge:
             if started:
                 raise
-            await _reply(scope, send, 413, "payload_too_large",
-                         f"request body exceeds the limit of {limit} bytes")
+            await _reply(scope, send, 413, "payload_too_large", f"request body exceeds the limit of {limit} bytes")
 
 
 async def _reply(scope: Scope, send: Send, status: int, code: str, detail: str) -> None:

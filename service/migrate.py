@@ -37,8 +37,13 @@ def wait_for_database(url: str, timeout: float = 60.0) -> None:
     """
     engine = make_engine(url)
 
-    @retry(retry=retry_if_exception_type(OperationalError), stop=stop_after_delay(timeout),
-           wait=wait_fixed(1.0), reraise=True, before_sleep=before_sleep_log(log, logging.WARNING))
+    @retry(
+        retry=retry_if_exception_type(OperationalError),
+        stop=stop_after_delay(timeout),
+        wait=wait_fixed(1.0),
+        reraise=True,
+        before_sleep=before_sleep_log(log, logging.WARNING),
+    )
     def ping() -> None:
         """One ``SELECT 1``."""
         with engine.connect() as conn:

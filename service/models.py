@@ -11,8 +11,20 @@ import uuid
 from datetime import datetime, timezone
 from typing import Any
 
-from sqlalchemy import (JSON, BigInteger, CheckConstraint, DateTime, Float, ForeignKey, Index, Integer,
-                        String, Text, TypeDecorator, UniqueConstraint)
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    CheckConstraint,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    TypeDecorator,
+    UniqueConstraint,
+)
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
@@ -89,8 +101,10 @@ class ApiToken(Base):
     in listings. Revoked tokens stay for the record and are refused."""
 
     __tablename__ = "api_tokens"
-    __table_args__ = (UniqueConstraint("token_hash", name="uq_api_tokens_token_hash"),
-                      Index("ix_api_tokens_user_id", "user_id"))
+    __table_args__ = (
+        UniqueConstraint("token_hash", name="uq_api_tokens_token_hash"),
+        Index("ix_api_tokens_user_id", "user_id"),
+    )
 
     id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
     user_id: Mapped[str] = mapped_column(String(36), ForeignKey("users.id", ondelete="CASCADE"))
@@ -159,16 +173,21 @@ class Job(Base):
     lease_owner: Mapped[str | None] = mapped_column(String(200), doc="'<host>:<pid>:<random>' of the runner.")
     lease_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     deadline_at: Mapped[datetime | None] = mapped_column(
-        UTCDateTime, doc="Wall-clock limit; set at the first start (RSAE_JOB_DEADLINE_SECONDS) unless preset.")
+        UTCDateTime, doc="Wall-clock limit; set at the first start (RSAE_JOB_DEADLINE_SECONDS) unless preset."
+    )
     enqueued_at: Mapped[datetime | None] = mapped_column(
-        UTCDateTime, doc="Last time the reaper published a message for this row (None: at creation only).")
+        UTCDateTime, doc="Last time the reaper published a message for this row (None: at creation only)."
+    )
     checkpoint: Mapped[dict[str, Any] | None] = mapped_column(
-        JSONType, doc="Last checkpoint the worker saved: {'stage', 'step', 'at'}.")
+        JSONType, doc="Last checkpoint the worker saved: {'stage', 'step', 'at'}."
+    )
     resumed_from: Mapped[dict[str, Any] | None] = mapped_column(
-        JSONType, doc="Where the latest attempt resumed: {'attempt', 'stage', 'step', 'reused'}.")
+        JSONType, doc="Where the latest attempt resumed: {'attempt', 'stage', 'step', 'reused'}."
+    )
 
     artifacts: Mapped[list["Artifact"]] = relationship(
-        back_populates="job", order_by="Artifact.name", cascade="all, delete-orphan", passive_deletes=True)
+        back_populates="job", order_by="Artifact.name", cascade="all, delete-orphan", passive_deletes=True
+    )
 
 
 class Artifact(Base):
@@ -199,8 +218,7 @@ class JobEvent(Base):
         Index("ix_job_events_job_id_id", "job_id", "id"),
     )
 
-    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True,
-                                    autoincrement=True)
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True)
     job_id: Mapped[str] = mapped_column(String(36), ForeignKey("jobs.id", ondelete="CASCADE"))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     type: Mapped[str] = mapped_column(String(16))

@@ -73,8 +73,12 @@ def check_idempotency_key(key: str | None) -> str | None:
     if key is None:
         return None
     if not 1 <= len(key) <= MAX_IDEMPOTENCY_KEY_CHARS or not key.isprintable() or not key.isascii():
-        raise ProblemError(422, "validation_error", f"Idempotency-Key must be 1-{MAX_IDEMPOTENCY_KEY_CHARS} "
-                           "printable ASCII characters", field="Idempotency-Key")
+        raise ProblemError(
+            422,
+            "validation_error",
+            f"Idempotency-Key must be 1-{MAX_IDEMPOTENCY_KEY_CHARS} printable ASCII characters",
+            field="Idempotency-Key",
+        )
     return key
 
 
@@ -86,14 +90,20 @@ def replay(session: Session, user: User, key: str, digest: str, response: Respon
     Raises:
         ProblemError: 422 ``idempotency_key_reused`` when the key was used with a different body.
     """
-    job = session.scalar(select(Job).options(selectinload(Job.artifacts))
-                         .where(Job.owner_id == user.id, Job.idempotency_key == key))
+    job = session.scalar(
+        select(Job).options(selectinload(Job.artifacts)).where(Job.owner_id == user.id, Job.idempotency_key == key)
+    )
     if job is None:
         return None
     if job.request_sha256 != digest:
-        raise ProblemError(422, "idempotency_key_reused", "this Idempotency-Key was already used with a "
-                           f"different request body (job {job.id}); use a new key for a new job",
-                           field="Idempotency-Key", job_id=job.id)
+        raise ProblemError(
+            422,
+            "idempotency_key_reused",
+            "this Idempotency-Key was already used with a "
+            f"different request body (job {job.id}); use a new key for a new job",
+            field="Idempotency-Key",
+            job_id=job.id,
+        )
     response.status_code = 200
     response.headers["Location"] = f"/jobs/{job.id}"
     response.headers["Idempotent-Replayed"] = "true"
@@ -107,12 +117,19 @@ def check_quota(session: Session, user: User, settings: Settings) -> None:
     Raises:
         ProblemError: 429 ``too_many_jobs`` with ``Retry-After: 60``.
     """
-    active = session.scalar(select(func.count()).select_from(Job).where(
-        Job.owner_id == user.id, Job.status.not_in(tuple(TERMINAL_STATUSES))))
+    active = session.scalar(
+        select(func.count())
+        .select_from(Job)
+        .where(Job.owner_id == user.id, Job.status.not_in(tuple(TERMINAL_STATUSES)))
+    )
     if active >= settings.max_active_jobs_per_user:
-        raise ProblemError(429, "too_many_jobs", f"you have {active} unfinished jobs, the limit is "
-                           f"{settings.max_active_jobs_per_user}; wait for some to finish or cancel them",
-                           headers={"Retry-After": "60"})
+        raise ProblemError(
+            429,
+            "too_many_jobs",
+            f"you have {active} unfinished jobs, the limit is "
+            f"{settings.max_active_jobs_per_user}; wait for some to finish or cancel them",
+            headers={"Retry-After": "60"},
+        )
 
 
 def is_local_path(value: str) -> bool:
@@ -128,20 +145,29 @@ def check_local_paths(req: JobCreate, settings: Settings) -> None:
             ``settings.data.dataset``; 422 ``invalid_teacher`` for a ``teacher.path`` that is no folder.
     """
     dataset = req.settings.data.dataset
-    candidates = {"teacher.path": req.teacher.path,
-                  "model": req.model if is_local_path(req.model) else None,
-                  "settings.data.dataset": dataset if dataset != DEFAULT_DATASET and is_local_path(dataset)
-                  else None}
+    candidates = {
+        "teacher.path": req.teacher.path,
+        "model": req.model if is_local_path(req.model) else None,
+        "settings.data.dataset": dataset if dataset != DEFAULT_DATASET and is_local_path(dataset) else None,
+    }
     if not settings.allow_local_paths:
         field = next((f for f, v in candidates.items() if v is not None), None)
         if field is not None:
-            raise ProblemError(422, "local_paths_disabled", f"{field}: server-side paths are disabled on "
-                               "this server (RSAE_ALLOW_LOCAL_PATHS=false); upload teachers with POST /saes",
-                               field=field)
+            raise ProblemError(
+                422,
+                "local_paths_disabled",
+                f"{field}: server-side paths are disabled on "
+                "this server (RSAE_ALLOW_LOCAL_PATHS=false); upload teachers with POST /saes",
+                field=field,
+            )
     path = req.teacher.path
     if path is not None and not (os.path.isabs(path) and os.path.isdir(path)):
-        raise ProblemError(422, "invalid_teacher", f"teacher.path {path!r} is not an absolute path to an "
-                           "existing folder", field="teacher.path")
+        raise ProblemError(
+            422,
+            "invalid_teacher",
+            f"teacher.path {path!r} is not an absolute path to an existing folder",
+            field="teacher.path",
+        )
 
 
 def check_webhook(req: JobCreate, settings: Settings) -> None:
@@ -151,9 +177,13 @@ def check_webhook(req: JobCreate, settings: Settings) -> None:
         ProblemError: 422 ``webhook_not_allowed`` naming ``webhook.url``.
     """
     if req.webhook is not None and not host_allowed(req.webhook.url, settings.webhook_allowed_hosts):
-        raise ProblemError(422, "webhook_not_allowed", "webhook.url: its host is not in this server's "
-                           "RSAE_WEBHOOK_ALLOWED_HOSTS" + ("" if settings.webhook_allowed_hosts else
-                                                           " (webhooks are disabled here)"), field="webhook.url")
+        raise ProblemError(
+            422,
+            "webhook_not_allowed",
+            "webhook.url: its host is not in this server's "
+            "RSAE_WEBHOOK_ALLOWED_HOSTS" + ("" if settings.webhook_allowed_hosts else " (webhooks are disabled here)"),
+            field="webhook.url",
+        )
 
 
 def check_model_fit(session: Session, req: JobCreate) -> None:
@@ -171,12 +201,20 @@ def check_model_fit(session: Session, req: JobCreate) -> None:
         return
     n_layers, d_model = shape
     if req.layer >= n_layers:
-        raise ProblemError(422, "invalid_layer", f"layer {req.layer} out of range: {req.model} has {n_layers} "
-                           f"blocks (0..{n_layers - 1})", field="layer")
+        raise ProblemError(
+            422,
+            "invalid_layer",
+            f"layer {req.layer} out of range: {req.model} has {n_layers} blocks (0..{n_layers - 1})",
+            field="layer",
+        )
     sae = session.get(Sae, req.teacher.sae_id) if req.teacher.sae_id is not None else None
     if sae is not None and sae.d_in != d_model:
-        raise ProblemError(422, "invalid_teacher", f"the teacher's d_in is {sae.d_in} but {req.model}'s "
-                           f"residual stream has d_model {d_model}", field="teacher.sae_id")
+        raise ProblemError(
+            422,
+            "invalid_teacher",
+            f"the teacher's d_in is {sae.d_in} but {req.model}'s residual stream has d_model {d_model}",
+            field="teacher.sae_id",
+        )
 
 
 def check_job_request(session: Session, settings: Settings, req: JobCreate, user: User) -> None:
@@ -215,12 +253,22 @@ def publish_job(session: Session, celery: Celery, settings: Settings, job_id: st
         enqueue_upgrade(celery, job_id, retries=settings.enqueue_retries)
     except Exception as e:  # noqa: BLE001 - any publish failure: record it on the row, answer 503
         log.exception("enqueue of job %s failed", job_id)
-        transition(session, job_id, {"queued"}, "failed",
-                   error={"code": "enqueue_failed", "detail": f"broker unreachable: {e}", "field": None})
+        transition(
+            session,
+            job_id,
+            {"queued"},
+            "failed",
+            error={"code": "enqueue_failed", "detail": f"broker unreachable: {e}", "field": None},
+        )
         session.commit()
-        raise ProblemError(503, "enqueue_failed", "the job was recorded but could not be queued (broker "
-                           "unreachable); it is marked failed, submit it again later", job_id=job_id,
-                           headers={"Location": f"/jobs/{job_id}", "Retry-After": "30"}) from None
+        raise ProblemError(
+            503,
+            "enqueue_failed",
+            "the job was recorded but could not be queued (broker "
+            "unreachable); it is marked failed, submit it again later",
+            job_id=job_id,
+            headers={"Location": f"/jobs/{job_id}", "Retry-After": "30"},
+        ) from None
 
 
 # -- pagination ------------------------------------------------------------------------------------
@@ -243,5 +291,6 @@ def decode_cursor(cursor: str) -> tuple[datetime, str]:
             raise ValueError("naive timestamp")
         return when, str(job_id)
     except (binascii.Error, ValueError, TypeError):
-        raise ProblemError(422, "invalid_cursor", "'after' is not a cursor returned by this API",
-                           field="after") from None
+        raise ProblemError(
+            422, "invalid_cursor", "'after' is not a cursor returned by this API", field="after"
+        ) from None

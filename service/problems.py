@@ -67,8 +67,14 @@ def problem_responses(*statuses: int, **descriptions: str) -> dict[int | str, di
     ``descriptions`` overrides a status's default description, keyed ``s404="..."``.
     """
     ref = {"schema": {"$ref": "#/components/schemas/Problem"}}
-    return {s: {"model": Problem, "content": {PROBLEM_JSON: ref},
-                "description": descriptions.get(f"s{s}", _STATUS_DESCRIPTIONS[s])} for s in statuses}
+    return {
+        s: {
+            "model": Problem,
+            "content": {PROBLEM_JSON: ref},
+            "description": descriptions.get(f"s{s}", _STATUS_DESCRIPTIONS[s]),
+        }
+        for s in statuses
+    }
 
 
 class ProblemError(Exception):
@@ -83,8 +89,16 @@ class ProblemError(Exception):
         extra: extra members of the problem object.
     """
 
-    def __init__(self, status: int, code: str, detail: str, *, field: str | None = None,
-                 headers: dict[str, str] | None = None, **extra: Any) -> None:
+    def __init__(
+        self,
+        status: int,
+        code: str,
+        detail: str,
+        *,
+        field: str | None = None,
+        headers: dict[str, str] | None = None,
+        **extra: Any,
+    ) -> None:
         super().__init__(detail)
         self.status, self.code, self.detail, self.field = status, code, detail, field
         self.headers = headers
@@ -95,13 +109,19 @@ class NotFound(ProblemError):
     """404 for a resource that does not exist (``code`` = ``<what>_not_found``)."""
 
     def __init__(self, what: str, ident: str, *, field: str = "id") -> None:
-        super().__init__(404, f"{what}_not_found", f"no {what.replace('_', ' ')} with id {ident!r}",
-                         field=field)
+        super().__init__(404, f"{what}_not_found", f"no {what.replace('_', ' ')} with id {ident!r}", field=field)
 
 
-def problem_response(status: int, code: str, detail: str, *, field: str | None = None,
-                     instance: str | None = None, headers: dict[str, str] | None = None,
-                     **extra: Any) -> JSONResponse:
+def problem_response(
+    status: int,
+    code: str,
+    detail: str,
+    *,
+    field: str | None = None,
+    instance: str | None = None,
+    headers: dict[str, str] | None = None,
+    **extra: Any,
+) -> JSONResponse:
     """Build a problem+json response."""
     body: dict[str, Any] = {
         "type": f"urn:rsae:problem:{code}",
@@ -130,33 +150,46 @@ def field_path(loc: Sequence[str | int]) -> str:
 
 def validation_errors(errors: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """``[{field, code, detail}]`` of pydantic errors (``field`` a dotted path, see :func:`field_path`)."""
-    return [{"field": "body" if e.get("type") == "json_invalid" else field_path(e.get("loc", ())),
-             "code": e.get("type", "invalid"), "detail": e.get("msg", "invalid value")} for e in errors]
+    return [
+        {
+            "field": "body" if e.get("type") == "json_invalid" else field_path(e.get("loc", ())),
+            "code": e.get("type", "invalid"),
+            "detail": e.get("msg", "invalid value"),
+        }
+        for e in errors
+    ]
 
 
 def validation_error(errors: list[dict[str, Any]]) -> ProblemError:
     """A 422 :class:`ProblemError` listing ``errors`` (from :func:`validation_errors`); ``field`` is the first."""
     detail = "; ".join(f"{e['field']}: {e['detail']}" for e in errors) or "invalid request"
-    return ProblemError(422, "validation_error", detail, field=errors[0]["field"] if errors else None,
-                        errors=errors)
+    return ProblemError(422, "validation_error", detail, field=errors[0]["field"] if errors else None, errors=errors)
 
 
 async def _problem_error(request: Request, exc: ProblemError) -> JSONResponse:
-    return problem_response(exc.status, exc.code, exc.detail, field=exc.field, instance=request.url.path,
-                            headers=exc.headers, **exc.extra)
+    return problem_response(
+        exc.status, exc.code, exc.detail, field=exc.field, instance=request.url.path, headers=exc.headers, **exc.extra
+    )
 
 
 async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
     if exc.status_code == 400 and isinstance(exc.__cause__, RecursionError):
         # FastAPI's body parser turns any parse failure into a bare 400; JSON nested past Python's recursion
         # limit is the client's malformed body, reported like any other invalid JSON.
-        return await _problem_error(request, validation_error(
-            [{"field": "body", "code": "json_too_deep", "detail": "JSON nested too deeply"}]))
+        return await _problem_error(
+            request, validation_error([{"field": "body", "code": "json_too_deep", "detail": "JSON nested too deeply"}])
+        )
     phrase = HTTPStatus(exc.status_code).phrase
     detail = exc.detail if isinstance(exc.detail, str) else phrase
     code = getattr(exc, "code", None) or phrase.lower().replace(" ", "_").replace("-", "_")
-    return problem_response(exc.status_code, code, detail, field=getattr(exc, "field", None),
-                            instance=request.url.path, headers=getattr(exc, "headers", None))
+    return problem_response(
+        exc.status_code,
+        code,
+        detail,
+        field=getattr(exc, "field", None),
+        instance=request.url.path,
+        headers=getattr(exc, "headers", None),
+    )
 
 
 async def _request_validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -169,14 +202,19 @@ async def _rsae_error(request: Request, exc: RSAEError) -> JSONResponse:
 
 async def _data_error(request: Request, exc: DataError) -> JSONResponse:
     log.warning("database refused a value on %s %s: %s", request.method, request.url.path, exc.orig)
-    return problem_response(422, "invalid_value", "a value cannot be stored (e.g. a NUL character or a "
-                            "number out of range)", instance=request.url.path)
+    return problem_response(
+        422,
+        "invalid_value",
+        "a value cannot be stored (e.g. a NUL character or a number out of range)",
+        instance=request.url.path,
+    )
 
 
 async def _unhandled(request: Request, exc: Exception) -> JSONResponse:
     log.exception("unhandled error on %s %s", request.method, request.url.path)
-    return problem_response(500, "internal_error", "internal server error; see the server log",
-                            instance=request.url.path)
+    return problem_response(
+        500, "internal_error", "internal server error; see the server log", instance=request.url.path
+    )
 
 
 def install_problem_handlers(app: FastAPI) -> None:

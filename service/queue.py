@@ -73,8 +73,11 @@ def create_celery(settings: Settings | None = None, *, include: Sequence[str] = 
         broker_connection_retry=True,
         broker_connection_max_retries=None,  # a Redis restart must not stop the worker
         broker_connection_timeout=5,
-        broker_transport_options={"socket_connect_timeout": 5, "socket_timeout": 30,
-                                  "visibility_timeout": settings.broker_visibility_timeout},
+        broker_transport_options={
+            "socket_connect_timeout": 5,
+            "socket_timeout": 30,
+            "visibility_timeout": settings.broker_visibility_timeout,
+        },
         worker_send_task_events=False,
         task_send_sent_event=False,
     )
@@ -94,12 +97,22 @@ def enqueue_upgrade(app: Celery, job_id: str, *, retries: int = 2) -> None:
         stop=tenacity.stop_after_attempt(retries + 1),
         wait=tenacity.wait_exponential(multiplier=0.5, max=4),
         retry=tenacity.retry_if_exception_type((KombuOperationalError, OSError, ConnectionError)),
-        before_sleep=lambda rs: log.warning("publishing job %s failed (attempt %d): %s", job_id,
-                                            rs.attempt_number, rs.outcome.exception() if rs.outcome else None),
-        reraise=True)
-    retrying(lambda: app.send_task(TASK_UPGRADE, args=[job_id], retry=True,
-                                   retry_policy={"max_retries": 1, "interval_start": 0, "interval_step": 0.2,
-                                                 "interval_max": 0.5}))
+        before_sleep=lambda rs: log.warning(
+            "publishing job %s failed (attempt %d): %s",
+            job_id,
+            rs.attempt_number,
+            rs.outcome.exception() if rs.outcome else None,
+        ),
+        reraise=True,
+    )
+    retrying(
+        lambda: app.send_task(
+            TASK_UPGRADE,
+            args=[job_id],
+            retry=True,
+            retry_policy={"max_retries": 1, "interval_start": 0, "interval_step": 0.2, "interval_max": 0.5},
+        )
+    )
 
 
 def broker_ping(app: Celery, timeout: float = 2.0) -> None:
@@ -123,8 +136,20 @@ def run_worker(settings: Settings, extra_args: Sequence[str] = ()) -> None:
     from click.exceptions import Exit
 
     settings.require_broker()
-    argv = ["-A", WORKER_APP, "worker", "-Q", settings.queue_name, "-c", "1", "-P", "prefork",
-            "--loglevel", settings.log_level, *extra_args]
+    argv = [
+        "-A",
+        WORKER_APP,
+        "worker",
+        "-Q",
+        settings.queue_name,
+        "-c",
+        "1",
+        "-P",
+        "prefork",
+        "--loglevel",
+        settings.log_level,
+        *extra_args,
+    ]
     try:
         celery_cli.main(args=argv, standalone_mode=False)
     except Exit:  # as Celery.worker_main: the worker's own exit is a normal return

@@ -61,9 +61,13 @@ class TeacherRef(BaseModel):
 
     sae_id: str | None = Field(None, max_length=64, description="Id returned by POST /saes.")
     hub: HubRef | None = Field(None, description="A hub reference, resolved by the worker.")
-    path: str | None = Field(None, min_length=1, max_length=4096,
-                             description="Absolute server-side folder (SAELens layout); only when the "
-                             "server sets RSAE_ALLOW_LOCAL_PATHS=true.")
+    path: str | None = Field(
+        None,
+        min_length=1,
+        max_length=4096,
+        description="Absolute server-side folder (SAELens layout); only when the "
+        "server sets RSAE_ALLOW_LOCAL_PATHS=true.",
+    )
 
     @model_validator(mode="after")
     def _exactly_one(self) -> "TeacherRef":
@@ -72,20 +76,45 @@ class TeacherRef(BaseModel):
         return self
 
 
-JOB_EXAMPLE: dict[str, Any] = {"id": "3d0c8a57-1f0e-4f0b-9a43-8e2f7c9d6b11", "status": "succeeded", "stage": "package", "progress": 1.0,
-         "attempt": 1, "created_at": "2026-11-23T10:00:00Z", "updated_at": "2026-11-23T10:04:41Z",
-         "started_at": "2026-11-23T10:00:01Z", "finished_at": "2026-11-23T10:04:41Z",
-         "deadline_at": "2026-11-23T16:00:00Z", "checkpoint": {"stage": "finetune", "step": 600},
-         "resumed_from": None,
-         "request": {"model": "smollm2-135m", "layer": 3, "teacher": {"sae_id": "6f1c2a9e-3b4d-4c5e-8f70-1a2b3c4d5e6f"},
-                     "settings": {"finetune": {"steps": 600}}},
-         "metrics": {"teacher_mse": 1328.4, "rsae_mse": 1128.6, "teacher_l0": 70.8, "rsae_l0": 65.8,
-                     "teacher_delta_ce": 0.946, "rsae_delta_ce": 0.635},
-         "error": None,
-         "artifacts": [{"name": "sae_weights.safetensors", "kind": "weights",
-                        "content_type": "application/octet-stream", "size": 10637600,
-                        "sha256": "9f2c0e1b7a4d3c6e8f5a2b1c0d9e8f7a6b5c4d3e2f1a0b9c8d7e6f5a4b3c2d1e",
-                        "url": "/jobs/3d0c8a57-1f0e-4f0b-9a43-8e2f7c9d6b11/artifacts/sae_weights.safetensors"}]}
+JOB_EXAMPLE: dict[str, Any] = {
+    "id": "3d0c8a57-1f0e-4f0b-9a43-8e2f7c9d6b11",
+    "status": "succeeded",
+    "stage": "package",
+    "progress": 1.0,
+    "attempt": 1,
+    "created_at": "2026-11-23T10:00:00Z",
+    "updated_at": "2026-11-23T10:04:41Z",
+    "started_at": "2026-11-23T10:00:01Z",
+    "finished_at": "2026-11-23T10:04:41Z",
+    "deadline_at": "2026-11-23T16:00:00Z",
+    "checkpoint": {"stage": "finetune", "step": 600},
+    "resumed_from": None,
+    "request": {
+        "model": "smollm2-135m",
+        "layer": 3,
+        "teacher": {"sae_id": "6f1c2a9e-3b4d-4c5e-8f70-1a2b3c4d5e6f"},
+        "settings": {"finetune": {"steps": 600}},
+    },
+    "metrics": {
+        "teacher_mse": 1328.4,
+        "rsae_mse": 1128.6,
+        "teacher_l0": 70.8,
+        "rsae_l0": 65.8,
+        "teacher_delta_ce": 0.946,
+        "rsae_delta_ce": 0.635,
+    },
+    "error": None,
+    "artifacts": [
+        {
+            "name": "sae_weights.safetensors",
+            "kind": "weights",
+            "content_type": "application/octet-stream",
+            "size": 10637600,
+            "sha256": "9f2c0e1b7a4d3c6e8f5a2b1c0d9e8f7a6b5c4d3e2f1a0b9c8d7e6f5a4b3c2d1e",
+            "url": "/jobs/3d0c8a57-1f0e-4f0b-9a43-8e2f7c9d6b11/artifacts/sae_weights.safetensors",
+        }
+    ],
+}
 """An example job object (OpenAPI examples)."""
 
 
@@ -94,22 +123,44 @@ class WebhookSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    url: str = Field(..., min_length=8, max_length=2048, pattern=r"^https?://",
-                     description="http(s) URL; its host must be in the server's RSAE_WEBHOOK_ALLOWED_HOSTS.")
-    secret: str = Field(..., min_length=16, max_length=256,
-                        description="Shared secret of the HMAC-SHA256 signature (never echoed back).")
+    url: str = Field(
+        ...,
+        min_length=8,
+        max_length=2048,
+        pattern=r"^https?://",
+        description="http(s) URL; its host must be in the server's RSAE_WEBHOOK_ALLOWED_HOSTS.",
+    )
+    secret: str = Field(
+        ...,
+        min_length=16,
+        max_length=256,
+        description="Shared secret of the HMAC-SHA256 signature (never echoed back).",
+    )
 
 
 class JobCreate(BaseModel):
     """Body of ``POST /jobs``."""
 
-    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
-        {"model": "smollm2-135m", "layer": 3, "teacher": {"sae_id": "6f1c2a9e-3b4d-4c5e-8f70-1a2b3c4d5e6f"},
-         "settings": {"finetune": {"steps": 600}}},
-        {"model": "smollm2-135m", "layer": 3, "teacher": {"sae_id": "6f1c2a9e-3b4d-4c5e-8f70-1a2b3c4d5e6f"},
-         "settings": {"data": {"train_tokens": 65536}, "remez": {"p": 5, "q": 4}},
-         "webhook": {"url": "https://hooks.example.org/rsae", "secret": "a-long-random-shared-secret"}},
-    ]})
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {
+                    "model": "smollm2-135m",
+                    "layer": 3,
+                    "teacher": {"sae_id": "6f1c2a9e-3b4d-4c5e-8f70-1a2b3c4d5e6f"},
+                    "settings": {"finetune": {"steps": 600}},
+                },
+                {
+                    "model": "smollm2-135m",
+                    "layer": 3,
+                    "teacher": {"sae_id": "6f1c2a9e-3b4d-4c5e-8f70-1a2b3c4d5e6f"},
+                    "settings": {"data": {"train_tokens": 65536}, "remez": {"p": 5, "q": 4}},
+                    "webhook": {"url": "https://hooks.example.org/rsae", "secret": "a-long-random-shared-secret"},
+                },
+            ]
+        },
+    )
 
     model: str = _core_field("model")
     layer: int = _core_field("layer")
@@ -121,16 +172,36 @@ class JobCreate(BaseModel):
 class SaeOut(BaseModel):
     """An uploaded teacher SAE."""
 
-    model_config = ConfigDict(json_schema_extra={"examples": [{
-        "id": "6f1c2a9e-3b4d-4c5e-8f70-1a2b3c4d5e6f", "name": "layer-3-relu", "family": "relu",
-        "architecture": "standard", "d_in": 576, "d_sae": 2304,
-        "sha256": "a79fae84b2422520a5dfce0ffc2da66119eec038c3297cc4e24449d71ed48bbb",
-        "created_at": "2026-11-23T09:58:12Z",
-        "source": {"format": "saelens", "family": "relu", "source_architecture": "standard", "d_in": 576,
-                   "d_sae": 2304, "apply_b_dec_to_input": True, "k": None,
-                   "conventions": ["apply_b_dec_to_input=True (from cfg.json)"],
-                   "hook_name": "blocks.3.hook_resid_post", "hook_layer": 3, "model_name": "smollm2-135m",
-                   "files": {"cfg.json": "b2a7...", "sae_weights.safetensors": "a79f..."}}}]})
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "id": "6f1c2a9e-3b4d-4c5e-8f70-1a2b3c4d5e6f",
+                    "name": "layer-3-relu",
+                    "family": "relu",
+                    "architecture": "standard",
+                    "d_in": 576,
+                    "d_sae": 2304,
+                    "sha256": "a79fae84b2422520a5dfce0ffc2da66119eec038c3297cc4e24449d71ed48bbb",
+                    "created_at": "2026-11-23T09:58:12Z",
+                    "source": {
+                        "format": "saelens",
+                        "family": "relu",
+                        "source_architecture": "standard",
+                        "d_in": 576,
+                        "d_sae": 2304,
+                        "apply_b_dec_to_input": True,
+                        "k": None,
+                        "conventions": ["apply_b_dec_to_input=True (from cfg.json)"],
+                        "hook_name": "blocks.3.hook_resid_post",
+                        "hook_layer": 3,
+                        "model_name": "smollm2-135m",
+                        "files": {"cfg.json": "b2a7...", "sae_weights.safetensors": "a79f..."},
+                    },
+                }
+            ]
+        }
+    )
 
     id: str
     name: str | None
@@ -141,19 +212,30 @@ class SaeOut(BaseModel):
     sha256: str = Field(description="SHA-256 of the uploaded weights file.")
     created_at: datetime
     source: dict[str, Any] | None = Field(
-        None, description="How the upload was read: format (saelens, gemma_scope, sparsify, "
+        None,
+        description="How the upload was read: format (saelens, gemma_scope, sparsify, "
         "dictionary_learning), source architecture, conventions detected and applied (transposes, b_dec "
-        "handling, where k was found, folded normalisation), hook and model when the files name them.")
+        "handling, where k was found, folded normalisation), hook and model when the files name them.",
+    )
 
     @classmethod
     def from_row(cls, row: Sae) -> "SaeOut":
         """From a ``saes`` row (``source`` from the stored cfg's ``metadata.source``)."""
         meta = (row.cfg or {}).get("metadata") or {}
         source = meta.get("source") if isinstance(meta, dict) else None
-        return cls(id=row.id, name=row.name, family=row.family, architecture=row.architecture, d_in=row.d_in,
-                   d_sae=row.d_sae, sha256=row.sha256, created_at=row.created_at,
-                   source={k: v for k, v in source.items() if k != "path"}  # a server path: not shown
-                   if isinstance(source, dict) else None)
+        return cls(
+            id=row.id,
+            name=row.name,
+            family=row.family,
+            architecture=row.architecture,
+            d_in=row.d_in,
+            d_sae=row.d_sae,
+            sha256=row.sha256,
+            created_at=row.created_at,
+            source={k: v for k, v in source.items() if k != "path"}  # a server path: not shown
+            if isinstance(source, dict)
+            else None,
+        )
 
 
 class ArtifactOut(BaseModel):
@@ -171,8 +253,14 @@ class ArtifactOut(BaseModel):
     @classmethod
     def from_row(cls, row: Artifact) -> "ArtifactOut":
         """From an ``artifacts`` row."""
-        return cls(name=row.name, kind=row.kind, content_type=row.content_type, size=row.size,
-                   sha256=row.sha256, url=f"/jobs/{row.job_id}/artifacts/{quote(row.name)}")
+        return cls(
+            name=row.name,
+            kind=row.kind,
+            content_type=row.content_type,
+            size=row.size,
+            sha256=row.sha256,
+            url=f"/jobs/{row.job_id}/artifacts/{quote(row.name)}",
+        )
 
 
 class JobError(BaseModel):
@@ -200,8 +288,10 @@ class JobOut(BaseModel):
     deadline_at: datetime | None = Field(None, description="The job fails with deadline_exceeded after this.")
     checkpoint: dict[str, Any] | None = Field(None, description="Last checkpoint saved: {stage, step, at}.")
     resumed_from: dict[str, Any] | None = Field(
-        None, description="Set when a later attempt resumed the job (after a worker died): from which stage "
-        "and step, and what it reused.")
+        None,
+        description="Set when a later attempt resumed the job (after a worker died): from which stage "
+        "and step, and what it reused.",
+    )
     request: dict[str, Any]
     metrics: dict[str, Any] | None
     error: JobError | None
@@ -213,18 +303,34 @@ class JobOut(BaseModel):
         request = dict(row.request)
         if isinstance(request.get("webhook"), dict):  # the shared secret is never echoed
             request["webhook"] = {**request["webhook"], "secret": "***"}
-        return cls(id=row.id, status=row.status, stage=row.stage, progress=row.progress, attempt=row.attempt,
-                   created_at=row.created_at, updated_at=row.updated_at, started_at=row.started_at,
-                   finished_at=row.finished_at, deadline_at=row.deadline_at, checkpoint=row.checkpoint,
-                   resumed_from=row.resumed_from, request=request, metrics=row.metrics, error=row.error,
-                   artifacts=[ArtifactOut.from_row(a) for a in row.artifacts])
+        return cls(
+            id=row.id,
+            status=row.status,
+            stage=row.stage,
+            progress=row.progress,
+            attempt=row.attempt,
+            created_at=row.created_at,
+            updated_at=row.updated_at,
+            started_at=row.started_at,
+            finished_at=row.finished_at,
+            deadline_at=row.deadline_at,
+            checkpoint=row.checkpoint,
+            resumed_from=row.resumed_from,
+            request=request,
+            metrics=row.metrics,
+            error=row.error,
+            artifacts=[ArtifactOut.from_row(a) for a in row.artifacts],
+        )
 
 
 class JobPage(BaseModel):
     """A page of jobs, newest first. Pass ``next_cursor`` as ``after`` to get the next page."""
 
-    model_config = ConfigDict(json_schema_extra={"examples": [
-        {"items": [JOB_EXAMPLE], "next_cursor": "WyIyMDI2LTExLTIzVDEwOjAwOjAwWiIsICIzZDBjIl0"}]})
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [{"items": [JOB_EXAMPLE], "next_cursor": "WyIyMDI2LTExLTIzVDEwOjAwOjAwWiIsICIzZDBjIl0"}]
+        }
+    )
 
     items: list[JobOut]
     next_cursor: str | None
@@ -233,11 +339,24 @@ class JobPage(BaseModel):
 class EventOut(BaseModel):
     """One job event."""
 
-    model_config = ConfigDict(json_schema_extra={"examples": [
-        {"id": 12, "type": "progress", "created_at": "2026-11-23T10:02:10Z",
-         "data": {"stage": "finetune", "progress": 0.52}},
-        {"id": 13, "type": "metrics", "created_at": "2026-11-23T10:02:12Z",
-         "data": {"stage": "finetune", "step": 300, "mse": 1180.2, "l0": 66.1}}]})
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "id": 12,
+                    "type": "progress",
+                    "created_at": "2026-11-23T10:02:10Z",
+                    "data": {"stage": "finetune", "progress": 0.52},
+                },
+                {
+                    "id": 13,
+                    "type": "metrics",
+                    "created_at": "2026-11-23T10:02:12Z",
+                    "data": {"stage": "finetune", "step": 300, "mse": 1180.2, "l0": 66.1},
+                },
+            ]
+        }
+    )
 
     id: int
     type: str

@@ -17,8 +17,15 @@ from typing import Any
 from sqlalchemy.orm import Session, sessionmaker
 
 from rsae.errors import TeacherError
-from rsae.formats import (DL_CONFIG, DL_WEIGHTS, FORMATS, GEMMA_SCOPE_PARAMS, SPARSIFY_WEIGHTS, DetectedFormat,
-                          load_teacher)
+from rsae.formats import (
+    DL_CONFIG,
+    DL_WEIGHTS,
+    FORMATS,
+    GEMMA_SCOPE_PARAMS,
+    SPARSIFY_WEIGHTS,
+    DetectedFormat,
+    load_teacher,
+)
 from rsae.saes import CFG_NAME, WEIGHTS_NAME
 
 from .config import Settings
@@ -29,12 +36,12 @@ from .uploads import ReceivedForm
 MAX_NAME_CHARS = 200
 """Longest accepted ``name`` of an upload."""
 UPLOAD_FILES: dict[str, str] = {
-    "cfg": CFG_NAME,                # SAELens, sparsify
-    "weights": WEIGHTS_NAME,        # SAELens
-    "sae": SPARSIFY_WEIGHTS,        # EleutherAI sparsify
-    "params": GEMMA_SCOPE_PARAMS,   # Gemma Scope
-    "ae": DL_WEIGHTS,               # dictionary_learning (read with torch.load(weights_only=True))
-    "config": DL_CONFIG,            # dictionary_learning
+    "cfg": CFG_NAME,  # SAELens, sparsify
+    "weights": WEIGHTS_NAME,  # SAELens
+    "sae": SPARSIFY_WEIGHTS,  # EleutherAI sparsify
+    "params": GEMMA_SCOPE_PARAMS,  # Gemma Scope
+    "ae": DL_WEIGHTS,  # dictionary_learning (read with torch.load(weights_only=True))
+    "config": DL_CONFIG,  # dictionary_learning
 }
 """Multipart file field -> the file name it is stored under (the formats' own names; see docs/formats.md)."""
 WEIGHT_FIELDS = ("weights", "sae", "params", "ae")
@@ -68,13 +75,18 @@ def check_upload_form(form: ReceivedForm) -> UploadOptions:
     """
     given = [f for f in WEIGHT_FIELDS if f in form.paths]
     if len(given) != 1:
-        raise ProblemError(422, "missing_field" if not given else "validation_error",
-                           "send exactly one weights file: 'weights' (SAELens), 'sae' (sparsify), 'params' "
-                           "(Gemma Scope) or 'ae' (dictionary_learning)", field=(given or ["weights"])[-1])
+        raise ProblemError(
+            422,
+            "missing_field" if not given else "validation_error",
+            "send exactly one weights file: 'weights' (SAELens), 'sae' (sparsify), 'params' "
+            "(Gemma Scope) or 'ae' (dictionary_learning)",
+            field=(given or ["weights"])[-1],
+        )
     name = form.text.get("name", "")
     if len(name) > MAX_NAME_CHARS or not name.isprintable():
-        raise ProblemError(422, "validation_error", f"name must be at most {MAX_NAME_CHARS} printable "
-                           "characters", field="name")
+        raise ProblemError(
+            422, "validation_error", f"name must be at most {MAX_NAME_CHARS} printable characters", field="name"
+        )
     fmt = form.text.get("format") or None
     if fmt is not None and fmt not in FORMATS:
         raise ProblemError(422, "validation_error", f"format must be one of {list(FORMATS)}", field="format")
@@ -86,7 +98,7 @@ def form_field(field: str | None) -> str | None:
     ``sae_weights.safetensors.W_enc`` -> ``weights.W_enc``, ...; other fields unchanged."""
     for fname, form in _FORM_FIELDS.items():
         if field is not None and (field == fname or field.startswith(fname + ".")):
-            return form + field[len(fname):]
+            return form + field[len(fname) :]
     return field
 
 
@@ -124,15 +136,31 @@ def sae_or_404(session: Session, sae_id: str, user_id: str) -> Sae:
     return row
 
 
-def register_upload(make_session: sessionmaker[Session], settings: Settings, folder: Path, form: ReceivedForm,
-                    options: UploadOptions, teacher: ImportedTeacher, owner_id: str) -> Sae:
+def register_upload(
+    make_session: sessionmaker[Session],
+    settings: Settings,
+    folder: Path,
+    form: ReceivedForm,
+    options: UploadOptions,
+    teacher: ImportedTeacher,
+    owner_id: str,
+) -> Sae:
     """Move the imported teacher ``folder`` to ``<uploads>/<id>/`` and insert its ``saes`` row (the folder
     is removed again if the insert fails). The row's sha256 is that of the uploaded weights file."""
     weights_field = next(f for f in WEIGHT_FIELDS if f in form.sha256)
     cfg, detected = teacher.cfg, teacher.detected
-    row = Sae(id=new_id(), owner_id=owner_id, name=options.name, family=detected.family,
-              architecture=cfg.get("architecture", "standard"), d_in=detected.d_in, d_sae=detected.d_sae,
-              sha256=form.sha256[weights_field], cfg=cfg, created_at=utcnow())
+    row = Sae(
+        id=new_id(),
+        owner_id=owner_id,
+        name=options.name,
+        family=detected.family,
+        architecture=cfg.get("architecture", "standard"),
+        d_in=detected.d_in,
+        d_sae=detected.d_sae,
+        sha256=form.sha256[weights_field],
+        cfg=cfg,
+        created_at=utcnow(),
+    )
     row.path = row.id
     final = settings.uploads_dir / row.path
     os.replace(folder, final)

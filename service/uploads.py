@@ -36,8 +36,7 @@ class ReceivedForm:
 class _Sink:
     """python-multipart callbacks that route each part to a file or a text buffer."""
 
-    def __init__(self, dest: Path, files: dict[str, str], text_fields: set[str],
-                 part_limits: dict[str, int]) -> None:
+    def __init__(self, dest: Path, files: dict[str, str], text_fields: set[str], part_limits: dict[str, int]) -> None:
         self.dest, self.files, self.text_fields, self.part_limits = dest, files, text_fields, part_limits
         self.form = ReceivedForm()
         self.ended = False
@@ -51,10 +50,16 @@ class _Sink:
 
     def callbacks(self) -> dict[str, Any]:
         """The callback table for :class:`MultipartParser`."""
-        return {"on_part_begin": self._part_begin, "on_header_field": self._header_field,
-                "on_header_value": self._header_value, "on_header_end": self._header_end,
-                "on_headers_finished": self._headers_finished, "on_part_data": self._part_data,
-                "on_part_end": self._part_end, "on_end": self._end}
+        return {
+            "on_part_begin": self._part_begin,
+            "on_header_field": self._header_field,
+            "on_header_value": self._header_value,
+            "on_header_end": self._header_end,
+            "on_headers_finished": self._headers_finished,
+            "on_part_data": self._part_data,
+            "on_part_end": self._part_end,
+            "on_end": self._end,
+        }
 
     def _part_begin(self) -> None:
         self._headers, self._hname, self._hvalue, self._size = {}, b"", b"", 0
@@ -74,12 +79,10 @@ class _Sink:
         _, params = parse_options_header(self._headers.get(b"content-disposition", b""))
         name = params.get(b"name", b"").decode("utf-8", "replace")
         if not name:
-            raise ProblemError(400, "malformed_multipart", "a part has no Content-Disposition name",
-                               field="body")
+            raise ProblemError(400, "malformed_multipart", "a part has no Content-Disposition name", field="body")
         if name not in self.files and name not in self.text_fields:
             known = ", ".join(sorted([*self.files, *self.text_fields]))
-            raise ProblemError(422, "unknown_field", f"unexpected form field {name!r}; expected: {known}",
-                               field=name)
+            raise ProblemError(422, "unknown_field", f"unexpected form field {name!r}; expected: {known}", field=name)
         if name in self.form.paths or name in self.form.text:
             raise ProblemError(422, "duplicate_field", f"form field {name!r} given more than once", field=name)
         self.current = name
@@ -94,8 +97,9 @@ class _Sink:
         self._size += len(chunk)
         limit = self.part_limits.get(self.current or "", MAX_TEXT_FIELD_BYTES if self._file is None else None)
         if limit is not None and self._size > limit:
-            raise ProblemError(413, "payload_too_large", f"form field {self.current!r} exceeds {limit} bytes",
-                               field=self.current)
+            raise ProblemError(
+                413, "payload_too_large", f"form field {self.current!r} exceeds {limit} bytes", field=self.current
+            )
         if self._file is None:
             self._buf += chunk
         else:
@@ -114,8 +118,7 @@ class _Sink:
             try:
                 self.form.text[name] = self._buf.decode("utf-8")
             except UnicodeDecodeError:
-                raise ProblemError(422, "invalid_encoding", f"form field {name!r} is not UTF-8",
-                                   field=name) from None
+                raise ProblemError(422, "invalid_encoding", f"form field {name!r} is not UTF-8", field=name) from None
         self.current = None
 
     def _end(self) -> None:
@@ -128,9 +131,16 @@ class _Sink:
             self._file = None
 
 
-async def receive_multipart(request: Request, dest: Path, *, files: dict[str, str], text_fields: set[str],
-                            required: set[str], max_bytes: int,
-                            part_limits: dict[str, int] | None = None) -> ReceivedForm:
+async def receive_multipart(
+    request: Request,
+    dest: Path,
+    *,
+    files: dict[str, str],
+    text_fields: set[str],
+    required: set[str],
+    max_bytes: int,
+    part_limits: dict[str, int] | None = None,
+) -> ReceivedForm:
     """Stream a ``multipart/form-data`` request body into folder ``dest``.
 
     Args:
@@ -149,9 +159,12 @@ async def receive_multipart(request: Request, dest: Path, *, files: dict[str, st
     """
     ctype, params = parse_options_header(request.headers.get("content-type", ""))
     if ctype != b"multipart/form-data" or not params.get(b"boundary"):
-        raise ProblemError(415, "unsupported_media_type",
-                           "send multipart/form-data (e.g. curl -F cfg=@cfg.json -F weights=@...)",
-                           field="body")
+        raise ProblemError(
+            415,
+            "unsupported_media_type",
+            "send multipart/form-data (e.g. curl -F cfg=@cfg.json -F weights=@...)",
+            field="body",
+        )
     sink = _Sink(dest, files, text_fields, part_limits or {})
     try:
         parser = MultipartParser(params[b"boundary"], sink.callbacks())
@@ -162,15 +175,18 @@ async def receive_multipart(request: Request, dest: Path, *, files: dict[str, st
                 await anyio.to_thread.run_sync(parser.write, chunk[:room])
             room -= len(chunk)
             if room < 0:
-                raise ProblemError(413, "payload_too_large", f"request body exceeds the limit of {max_bytes} "
-                                   "bytes", field=sink.current or "body")
+                raise ProblemError(
+                    413,
+                    "payload_too_large",
+                    f"request body exceeds the limit of {max_bytes} bytes",
+                    field=sink.current or "body",
+                )
     except FormParserError as e:
         raise ProblemError(400, "malformed_multipart", f"malformed multipart body: {e}", field="body") from None
     finally:
         sink.close()
     if not sink.ended:
-        raise ProblemError(400, "malformed_multipart", "multipart body ended before its closing boundary",
-                           field="body")
+        raise ProblemError(400, "malformed_multipart", "multipart body ended before its closing boundary", field="body")
     missing = sorted(required - set(sink.form.paths) - set(sink.form.text))
     if missing:
         raise ProblemError(422, "missing_field", f"form field {missing[0]!r} is required", field=missing[0])

@@ -57,8 +57,9 @@ def sign(secret: str, timestamp: int, body: bytes) -> str:
     return f"{SIGNATURE_VERSION}={mac}"
 
 
-def verify(secret: str, headers: dict[str, str], body: bytes, *, now: float | None = None,
-           tolerance: int = TOLERANCE_SECONDS) -> bool:
+def verify(
+    secret: str, headers: dict[str, str], body: bytes, *, now: float | None = None, tolerance: int = TOLERANCE_SECONDS
+) -> bool:
     """Check a received notice: the signature matches and the timestamp is at most ``tolerance`` s old.
 
     ``headers`` keys are compared case-insensitively. Returns False on any mismatch (never raises).
@@ -80,8 +81,15 @@ def notice(job: dict[str, Any]) -> dict[str, Any]:
     return {"type": "job.finished", "job": {k: job.get(k) for k in keep}}
 
 
-def deliver(url: str, secret: str, payload: dict[str, Any], *, attempts: int = 5, timeout: float = 10.0,
-            backoff_max: float = 30.0) -> int:
+def deliver(
+    url: str,
+    secret: str,
+    payload: dict[str, Any],
+    *,
+    attempts: int = 5,
+    timeout: float = 10.0,
+    backoff_max: float = 30.0,
+) -> int:
     """POST ``payload`` as signed JSON to ``url``; retry transient failures.
 
     Each attempt is signed afresh (new timestamp, same ``RSAE-Webhook-Id``, so receivers can de-duplicate).
@@ -96,14 +104,27 @@ def deliver(url: str, secret: str, payload: dict[str, Any], *, attempts: int = 5
     body = json.dumps(payload, separators=(",", ":"), default=str).encode()
     notice_id = str(uuid.uuid4())
 
-    @retry(stop=stop_after_attempt(attempts), wait=wait_exponential(multiplier=0.5, max=backoff_max),
-           retry=retry_if_exception(lambda e: isinstance(e, (_Retryable, httpx.TransportError))), reraise=True)
+    @retry(
+        stop=stop_after_attempt(attempts),
+        wait=wait_exponential(multiplier=0.5, max=backoff_max),
+        retry=retry_if_exception(lambda e: isinstance(e, (_Retryable, httpx.TransportError))),
+        reraise=True,
+    )
     def attempt() -> int:
         ts = int(time.time())
-        r = httpx.post(url, content=body, timeout=timeout, follow_redirects=False, headers={
-            "Content-Type": "application/json", "User-Agent": "rsae-service-webhook",
-            "RSAE-Webhook-Id": notice_id, "RSAE-Webhook-Timestamp": str(ts),
-            "RSAE-Webhook-Signature": sign(secret, ts, body)})
+        r = httpx.post(
+            url,
+            content=body,
+            timeout=timeout,
+            follow_redirects=False,
+            headers={
+                "Content-Type": "application/json",
+                "User-Agent": "rsae-service-webhook",
+                "RSAE-Webhook-Id": notice_id,
+                "RSAE-Webhook-Timestamp": str(ts),
+                "RSAE-Webhook-Signature": sign(secret, ts, body),
+            },
+        )
         if r.status_code in (408, 429) or r.status_code >= 500:
             raise _Retryable(f"{url} answered {r.status_code}")
         if r.status_code >= 300:
@@ -152,5 +173,6 @@ def notify_in_background(make_session: Any, settings: Any, job_id: str) -> None:
     """Run :func:`notify_job_finished` in a daemon thread (retries must not hold up a worker or a request)."""
     import threading
 
-    threading.Thread(target=notify_job_finished, args=(make_session, settings, job_id),
-                     name=f"webhook-{job_id[:8]}", daemon=True).start()
+    threading.Thread(
+        target=notify_job_finished, args=(make_session, settings, job_id), name=f"webhook-{job_id[:8]}", daemon=True
+    ).start()

@@ -74,9 +74,13 @@ def db_retry(fn: Callable[[], T], *, attempts: int = 6, max_wait: float = 5.0) -
         stop=tenacity.stop_after_attempt(attempts),
         wait=tenacity.wait_exponential(multiplier=0.2, max=max_wait) + tenacity.wait_random(0, 0.2),
         retry=tenacity.retry_if_exception(is_transient_db_error),
-        before_sleep=lambda rs: log.warning("transient database error (attempt %d): %s", rs.attempt_number,
-                                            rs.outcome.exception() if rs.outcome else None),
-        reraise=True)
+        before_sleep=lambda rs: log.warning(
+            "transient database error (attempt %d): %s",
+            rs.attempt_number,
+            rs.outcome.exception() if rs.outcome else None,
+        ),
+        reraise=True,
+    )
     return retrying(fn)
 
 
@@ -107,19 +111,32 @@ def claim(make_session: sessionmaker[Session], job_id: str, owner: str, settings
     Returns:
         The claim, or None if the job is not queued (running elsewhere, finished, cancelled, unknown).
     """
+
     def tx() -> Claim | None:
         now = utcnow()
         with make_session.begin() as s:
             ok = transition(
-                s, job_id, {"queued"}, "running", lease_owner=owner,
-                lease_expires_at=now + timedelta(seconds=settings.lease_seconds), attempt=Job.attempt + 1,
-                started_at=func.coalesce(Job.started_at, now), error=None, finished_at=None,
-                deadline_at=func.coalesce(Job.deadline_at, now + timedelta(seconds=settings.job_deadline_seconds)))
+                s,
+                job_id,
+                {"queued"},
+                "running",
+                lease_owner=owner,
+                lease_expires_at=now + timedelta(seconds=settings.lease_seconds),
+                attempt=Job.attempt + 1,
+                started_at=func.coalesce(Job.started_at, now),
+                error=None,
+                finished_at=None,
+                deadline_at=func.coalesce(Job.deadline_at, now + timedelta(seconds=settings.job_deadline_seconds)),
+            )
             if not ok:
                 return None
             row = s.execute(select(Job.attempt, Job.deadline_at, Job.request).where(Job.id == job_id)).one()
-            add_event(s, job_id, "log", {"message": f"attempt {row.attempt} started by {owner}",
-                                         "attempt": row.attempt, "lease_owner": owner})
+            add_event(
+                s,
+                job_id,
+                "log",
+                {"message": f"attempt {row.attempt} started by {owner}", "attempt": row.attempt, "lease_owner": owner},
+            )
             return Claim(job_id, owner, row.attempt, row.deadline_at, row.request)
 
     return db_retry(tx)
@@ -139,9 +156,12 @@ def describe(make_session: sessionmaker[Session], job_id: str) -> str:
 def renew(make_session: sessionmaker[Session], job_id: str, owner: str, lease_seconds: float) -> bool:
     """Extend ``owner``'s lease on ``job_id`` by ``lease_seconds`` from now; False if it is no longer held."""
     with make_session.begin() as s:
-        res = s.execute(update(Job).where(Job.id == job_id, Job.lease_owner == owner, Job.status.in_(ACTIVE))
-                        .values(lease_expires_at=utcnow() + timedelta(seconds=lease_seconds)),
-                        execution_options={"synchronize_session": False})
+        res = s.execute(
+            update(Job)
+            .where(Job.id == job_id, Job.lease_owner == owner, Job.status.in_(ACTIVE))
+            .values(lease_expires_at=utcnow() + timedelta(seconds=lease_seconds)),
+            execution_options={"synchronize_session": False},
+        )
         return res.rowcount == 1
 
 
@@ -176,8 +196,9 @@ class Heartbeat(threading.Thread):
                     return
                 continue
             if not held:
-                log.warning("job %s: lease of %s lost (re-queued or finished elsewhere); stopping",
-                            self.job_id, self.owner)
+                log.warning(
+                    "job %s: lease of %s lost (re-queued or finished elsewhere); stopping", self.job_id, self.owner
+                )
                 self.lost.set()
                 return
             self.beats += 1
@@ -207,8 +228,7 @@ def discard_dirs(settings: Settings, job_id: str, *, keep_artifacts: bool = Fals
         shutil.rmtree(settings.artifacts_dir / job_id, ignore_errors=True)
 
 
-def reap_once(settings: Settings, make_session: sessionmaker[Session],
-              publish: Callable[[str], None]) -> ReapResult:
+def reap_once(settings: Settings, make_session: sessionmaker[Session], publish: Callable[[str], None]) -> ReapResult:
     """One reaper pass (safe to run in many processes at once: every change is conditional).
 
     Args:
@@ -223,10 +243,11 @@ def reap_once(settings: Settings, make_session: sessionmaker[Session],
 
     def expire() -> None:
         with make_session.begin() as s:
-            rows = s.execute(select(Job.id, Job.status, Job.attempt, Job.deadline_at, Job.lease_owner,
-                                    Job.lease_expires_at)
-                             .where(Job.status.in_(ACTIVE), Job.lease_expires_at < now)
-                             .with_for_update(skip_locked=True)).all()
+            rows = s.execute(
+                select(Job.id, Job.status, Job.attempt, Job.deadline_at, Job.lease_owner, Job.lease_expires_at)
+                .where(Job.status.in_(ACTIVE), Job.lease_expires_at < now)
+                .with_for_update(skip_locked=True)
+            ).all()
             for r in rows:
                 lapsed = (Job.lease_expires_at < now, Job.lease_owner == r.lease_owner)
                 reset = {"lease_owner": None, "lease_expires_at": None}
@@ -235,21 +256,45 @@ def reap_once(settings: Settings, make_session: sessionmaker[Session],
                     if transition(s, r.id, {"cancelling"}, "cancelled", where=lapsed, **reset):
                         out.cancelled.append(r.id)
                 elif r.deadline_at is not None and r.deadline_at < now:
-                    if transition(s, r.id, {"running"}, "failed", where=lapsed, **reset, error={
-                            "code": "deadline_exceeded", "field": None,
+                    if transition(
+                        s,
+                        r.id,
+                        {"running"},
+                        "failed",
+                        where=lapsed,
+                        **reset,
+                        error={
+                            "code": "deadline_exceeded",
+                            "field": None,
                             "detail": f"the job passed its deadline ({r.deadline_at:%Y-%m-%d %H:%M:%S} UTC) "
-                                      f"and its {why}; raise RSAE_JOB_DEADLINE_SECONDS or use smaller settings"}):
+                            f"and its {why}; raise RSAE_JOB_DEADLINE_SECONDS or use smaller settings",
+                        },
+                    ):
                         out.failed.append(r.id)
                 elif r.attempt >= settings.max_attempts:
-                    if transition(s, r.id, {"running"}, "failed", where=lapsed, **reset, error={
-                            "code": "max_attempts_exceeded", "field": None,
+                    if transition(
+                        s,
+                        r.id,
+                        {"running"},
+                        "failed",
+                        where=lapsed,
+                        **reset,
+                        error={
+                            "code": "max_attempts_exceeded",
+                            "field": None,
                             "detail": f"the worker running the job was lost {r.attempt} times (last: {why}); "
-                                      f"giving up after RSAE_MAX_ATTEMPTS={settings.max_attempts}. Check the "
-                                      "worker logs (often the kernel OOM killer: use smaller settings)"}):
+                            f"giving up after RSAE_MAX_ATTEMPTS={settings.max_attempts}. Check the "
+                            "worker logs (often the kernel OOM killer: use smaller settings)",
+                        },
+                    ):
                         out.failed.append(r.id)
                 elif transition(s, r.id, {"running"}, "queued", where=lapsed, enqueued_at=None, **reset):
-                    add_event(s, r.id, "log", {"message": f"{why}; re-queued (attempt {r.attempt} of "
-                                                          f"{settings.max_attempts} used)"})
+                    add_event(
+                        s,
+                        r.id,
+                        "log",
+                        {"message": f"{why}; re-queued (attempt {r.attempt} of {settings.max_attempts} used)"},
+                    )
                     out.requeued.append(r.id)
 
     db_retry(expire)
@@ -259,10 +304,19 @@ def reap_once(settings: Settings, make_session: sessionmaker[Session],
     def overdue_queued() -> None:
         with make_session.begin() as s:
             for (job_id,) in s.execute(select(Job.id).where(Job.status == "queued", Job.deadline_at < now)):
-                if transition(s, job_id, {"queued"}, "failed", where=(Job.deadline_at < now,), error={
-                        "code": "deadline_exceeded", "field": None,
+                if transition(
+                    s,
+                    job_id,
+                    {"queued"},
+                    "failed",
+                    where=(Job.deadline_at < now,),
+                    error={
+                        "code": "deadline_exceeded",
+                        "field": None,
                         "detail": "the job passed its deadline while waiting to be resumed; raise "
-                                  "RSAE_JOB_DEADLINE_SECONDS or add workers"}):
+                        "RSAE_JOB_DEADLINE_SECONDS or add workers",
+                    },
+                ):
                     out.failed.append(job_id)
                     discard_dirs(settings, job_id)
 
@@ -271,9 +325,20 @@ def reap_once(settings: Settings, make_session: sessionmaker[Session],
     # Publish: jobs just re-queued (or whose re-publish failed before), and jobs queued for long.
     stale = now - timedelta(seconds=settings.republish_after_seconds)
     with make_session() as s:
-        due = list(s.scalars(select(Job.id).where(Job.status == "queued", or_(
-            and_(Job.enqueued_at.is_(None), Job.attempt > 0),
-            func.coalesce(Job.enqueued_at, Job.created_at) < stale)).order_by(Job.created_at).limit(500)))
+        due = list(
+            s.scalars(
+                select(Job.id)
+                .where(
+                    Job.status == "queued",
+                    or_(
+                        and_(Job.enqueued_at.is_(None), Job.attempt > 0),
+                        func.coalesce(Job.enqueued_at, Job.created_at) < stale,
+                    ),
+                )
+                .order_by(Job.created_at)
+                .limit(500)
+            )
+        )
     for job_id in due:
         try:
             publish(job_id)
@@ -287,15 +352,22 @@ def reap_once(settings: Settings, make_session: sessionmaker[Session],
         notify_in_background(make_session, settings, job_id)
     out.swept = sweep_dirs(settings, make_session)
     if out.requeued or out.cancelled or out.failed or out.published:
-        log.info("reaper: requeued %s, cancelled %s, failed %s, published %s", out.requeued, out.cancelled,
-                 out.failed, out.published)
+        log.info(
+            "reaper: requeued %s, cancelled %s, failed %s, published %s",
+            out.requeued,
+            out.cancelled,
+            out.failed,
+            out.published,
+        )
     return out
 
 
 def _mark_published(make_session: sessionmaker[Session], job_id: str) -> None:
     with make_session.begin() as s:
-        s.execute(update(Job).where(Job.id == job_id, Job.status == "queued").values(enqueued_at=utcnow()),
-                  execution_options={"synchronize_session": False})
+        s.execute(
+            update(Job).where(Job.id == job_id, Job.status == "queued").values(enqueued_at=utcnow()),
+            execution_options={"synchronize_session": False},
+        )
 
 
 def sweep_dirs(settings: Settings, make_session: sessionmaker[Session], min_age: float = 60.0) -> list[str]:
@@ -320,8 +392,7 @@ class Reaper(threading.Thread):
     """Daemon thread running :func:`reap_once` every ``settings.reaper_interval_seconds`` (+-20% jitter),
     forever. Errors of one pass are logged; the next pass runs anyway."""
 
-    def __init__(self, settings: Settings, make_session: sessionmaker[Session],
-                 publish: Callable[[str], None]) -> None:
+    def __init__(self, settings: Settings, make_session: sessionmaker[Session], publish: Callable[[str], None]) -> None:
         super().__init__(name="rsae-reaper", daemon=True)
         self.settings, self.make_session, self.publish = settings, make_session, publish
         self._halt = threading.Event()

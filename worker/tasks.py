@@ -36,8 +36,7 @@ from service.queue import TASK_UPGRADE, create_celery, enqueue_upgrade
 from service.schemas import JobCreate
 from service.webhooks import notify_in_background
 
-from .lease import (ACTIVE, Heartbeat, Reaper, claim, db_retry, describe, discard_dirs, is_transient_db_error,
-                    new_owner)
+from .lease import ACTIVE, Heartbeat, Reaper, claim, db_retry, describe, discard_dirs, is_transient_db_error, new_owner
 
 log = logging.getLogger(__name__)
 
@@ -78,9 +77,17 @@ class JobReporter:
         clock: monotonic clock in seconds (injectable for tests).
     """
 
-    def __init__(self, make_session: sessionmaker[Session], job_id: str, *, owner: str | None = None,
-                 heartbeat: Heartbeat | None = None, deadline_at: datetime | None = None, attempt: int = 1,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        make_session: sessionmaker[Session],
+        job_id: str,
+        *,
+        owner: str | None = None,
+        heartbeat: Heartbeat | None = None,
+        deadline_at: datetime | None = None,
+        attempt: int = 1,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.make_session, self.job_id, self.clock = make_session, job_id, clock
         self.owner, self.heartbeat, self.deadline_at, self.attempt = owner, heartbeat, deadline_at, attempt
         self._stage: str | None = None
@@ -104,9 +111,12 @@ class JobReporter:
 
         def tx() -> None:
             with self.make_session.begin() as s:
-                res = s.execute(update(Job).where(Job.id == self.job_id, *self._mine())
-                                .values(stage=stage, progress=progress, updated_at=utcnow()),
-                                execution_options={"synchronize_session": False})
+                res = s.execute(
+                    update(Job)
+                    .where(Job.id == self.job_id, *self._mine())
+                    .values(stage=stage, progress=progress, updated_at=utcnow()),
+                    execution_options={"synchronize_session": False},
+                )
                 if res.rowcount != 1:
                     return
                 if stage_changed or progress - self._event_progress >= PROGRESS_EVENT_STEP:
@@ -132,17 +142,27 @@ class JobReporter:
         def tx() -> None:
             with self.make_session.begin() as s:
                 if kind == "saved":
-                    s.execute(update(Job).where(Job.id == self.job_id, *self._mine()).values(checkpoint=info),
-                              execution_options={"synchronize_session": False})
+                    s.execute(
+                        update(Job).where(Job.id == self.job_id, *self._mine()).values(checkpoint=info),
+                        execution_options={"synchronize_session": False},
+                    )
                     return
                 resumed = {**info, "attempt": self.attempt}
-                s.execute(update(Job).where(Job.id == self.job_id, *self._mine()).values(resumed_from=resumed),
-                          execution_options={"synchronize_session": False})
+                s.execute(
+                    update(Job).where(Job.id == self.job_id, *self._mine()).values(resumed_from=resumed),
+                    execution_options={"synchronize_session": False},
+                )
                 reused = ", ".join(info.get("reused") or []) or "nothing"
-                add_event(s, self.job_id, "log", {
-                    "message": f"attempt {self.attempt} resumed from stage {info.get('stage')} "
-                               f"({info.get('name')}) at step {info.get('step')}; reused: {reused}",
-                    "resumed_from": resumed})
+                add_event(
+                    s,
+                    self.job_id,
+                    "log",
+                    {
+                        "message": f"attempt {self.attempt} resumed from stage {info.get('stage')} "
+                        f"({info.get('name')}) at step {info.get('step')}; reused: {reused}",
+                        "resumed_from": resumed,
+                    },
+                )
 
         try:
             db_retry(tx, attempts=3, max_wait=1.0)
@@ -202,10 +222,20 @@ def _register_artifacts(session: Session, settings: Settings, job_id: str, out_d
         if not f.is_file() or f.name.startswith("."):
             continue
         kind, ctype = ARTIFACT_FILES.get(
-            f.name, ("other", mimetypes.guess_type(f.name)[0] or "application/octet-stream"))
-        session.add(Artifact(job_id=job_id, name=f.name, kind=kind, content_type=ctype,
-                             size=f.stat().st_size, sha256=sha256_file(f),
-                             path=str(f.relative_to(settings.artifacts_dir)), created_at=utcnow()))
+            f.name, ("other", mimetypes.guess_type(f.name)[0] or "application/octet-stream")
+        )
+        session.add(
+            Artifact(
+                job_id=job_id,
+                name=f.name,
+                kind=kind,
+                content_type=ctype,
+                size=f.stat().st_size,
+                sha256=sha256_file(f),
+                path=str(f.relative_to(settings.artifacts_dir)),
+                created_at=utcnow(),
+            )
+        )
 
 
 class _Stop(Exception):
@@ -230,22 +260,33 @@ def _oom_types() -> tuple[type[BaseException], ...]:
 def _oom_detail(req: dict[str, Any], exc: BaseException) -> str:
     s = (req or {}).get("settings") or {}
     ft, data, cal = s.get("finetune") or {}, s.get("data") or {}, s.get("calibrate") or {}
-    return (f"out of memory ({type(exc).__name__}) at the requested sizes (finetune.batch_size="
-            f"{ft.get('batch_size', 'default')}, data.batch_size={data.get('batch_size', 'default')}, "
-            f"calibrate.tokens={cal.get('tokens', 'default')}): submit again with smaller values, or run on "
-            "a worker with more memory. Not retried: the same sizes would fail again")
+    return (
+        f"out of memory ({type(exc).__name__}) at the requested sizes (finetune.batch_size="
+        f"{ft.get('batch_size', 'default')}, data.batch_size={data.get('batch_size', 'default')}, "
+        f"calibrate.tokens={cal.get('tokens', 'default')}): submit again with smaller values, or run on "
+        "a worker with more memory. Not retried: the same sizes would fail again"
+    )
 
 
-def _finish(make_session: sessionmaker[Session], settings: Settings, job_id: str, owner: str, status: str,
-            **values: Any) -> bool:
+def _finish(
+    make_session: sessionmaker[Session], settings: Settings, job_id: str, owner: str, status: str, **values: Any
+) -> bool:
     """Move the job to terminal ``status`` if ``owner`` still holds its lease; delete its scratch (and, unless
     succeeded, its artifacts) inside the same transaction, so no one sees a finished job with leftovers and
     no one else's files are deleted (the row lock blocks the reaper and other workers meanwhile)."""
 
     def tx() -> bool:
         with make_session.begin() as s:
-            if not transition(s, job_id, ACTIVE, status, where=(Job.lease_owner == owner,),
-                              lease_owner=None, lease_expires_at=None, **values):
+            if not transition(
+                s,
+                job_id,
+                ACTIVE,
+                status,
+                where=(Job.lease_owner == owner,),
+                lease_owner=None,
+                lease_expires_at=None,
+                **values,
+            ):
                 return False
             discard_dirs(settings, job_id)
             return True
@@ -256,8 +297,14 @@ def _finish(make_session: sessionmaker[Session], settings: Settings, job_id: str
     return ok
 
 
-def _succeed(make_session: sessionmaker[Session], settings: Settings, job_id: str, owner: str, staging: Path,
-             report: dict[str, Any]) -> bool:
+def _succeed(
+    make_session: sessionmaker[Session],
+    settings: Settings,
+    job_id: str,
+    owner: str,
+    staging: Path,
+    report: dict[str, Any],
+) -> bool:
     """Publish the staged artifacts as the job's only artifact set and mark it succeeded, if ``owner`` still
     holds the lease: status update (row locked), then ``staging`` renamed to ``<artifacts>/<job>/sae``
     (replacing any older set), artifact rows, scratch deleted, commit. Safe to repeat after a failure."""
@@ -265,9 +312,18 @@ def _succeed(make_session: sessionmaker[Session], settings: Settings, job_id: st
 
     def tx() -> bool:
         with make_session.begin() as s:
-            if not transition(s, job_id, ACTIVE, "succeeded", where=(Job.lease_owner == owner,),
-                              lease_owner=None, lease_expires_at=None, stage=STAGES[-1], progress=1.0,
-                              metrics=_headline_metrics(report)):
+            if not transition(
+                s,
+                job_id,
+                ACTIVE,
+                "succeeded",
+                where=(Job.lease_owner == owner,),
+                lease_owner=None,
+                lease_expires_at=None,
+                stage=STAGES[-1],
+                progress=1.0,
+                metrics=_headline_metrics(report),
+            ):
                 return False
             s.execute(delete(Artifact).where(Artifact.job_id == job_id))
             if staging.is_dir():
@@ -283,10 +339,18 @@ def _succeed(make_session: sessionmaker[Session], settings: Settings, job_id: st
     return db_retry(tx)
 
 
-def _fail(make_session: sessionmaker[Session], settings: Settings, job_id: str, owner: str, code: str,
-          detail: str, field: str | None = None) -> bool:
-    return _finish(make_session, settings, job_id, owner, "failed",
-                   error={"code": code, "detail": detail, "field": field})
+def _fail(
+    make_session: sessionmaker[Session],
+    settings: Settings,
+    job_id: str,
+    owner: str,
+    code: str,
+    detail: str,
+    field: str | None = None,
+) -> bool:
+    return _finish(
+        make_session, settings, job_id, owner, "failed", error={"code": code, "detail": detail, "field": field}
+    )
 
 
 def run_job(job_id: str, settings: Settings) -> str | None:
@@ -304,16 +368,18 @@ def run_job(job_id: str, settings: Settings) -> str | None:
     owner = new_owner()
     c = claim(make_session, job_id, owner, settings)
     if c is None:
-        log.info("job %s is not queued (%s): duplicate or stale message, skipped", job_id,
-                 describe(make_session, job_id))
+        log.info(
+            "job %s is not queued (%s): duplicate or stale message, skipped", job_id, describe(make_session, job_id)
+        )
         return None
 
     staging = settings.artifacts_dir / job_id / f".staging-{c.attempt}-{owner.rsplit(':', 1)[-1]}"
     work_dir = settings.work_dir / job_id
     heartbeat = Heartbeat(make_session, job_id, owner, settings)
     heartbeat.start()
-    reporter = JobReporter(make_session, job_id, owner=owner, heartbeat=heartbeat, deadline_at=c.deadline_at,
-                           attempt=c.attempt)
+    reporter = JobReporter(
+        make_session, job_id, owner=owner, heartbeat=heartbeat, deadline_at=c.deadline_at, attempt=c.attempt
+    )
     status: str | None = None
     try:
         reporter.check_stop()
@@ -321,9 +387,15 @@ def run_job(job_id: str, settings: Settings) -> str | None:
             req = JobCreate.model_validate(c.request)
             cfg = build_upgrade_config(req, resolve_teacher(s, settings, req.teacher, dest=work_dir / "teacher"))
         shutil.rmtree(staging, ignore_errors=True)
-        report = run_upgrade(cfg, staging, work_dir=work_dir, on_progress=reporter,
-                             should_cancel=reporter.should_cancel,
-                             checkpoint_every=settings.checkpoint_every_steps, on_checkpoint=reporter.on_checkpoint)
+        report = run_upgrade(
+            cfg,
+            staging,
+            work_dir=work_dir,
+            on_progress=reporter,
+            should_cancel=reporter.should_cancel,
+            checkpoint_every=settings.checkpoint_every_steps,
+            on_checkpoint=reporter.on_checkpoint,
+        )
         reporter.check_stop()
         status = "succeeded" if _succeed(make_session, settings, job_id, owner, staging, report) else None
     except (Cancelled, _Stop) as e:
@@ -331,30 +403,55 @@ def run_job(job_id: str, settings: Settings) -> str | None:
         if reason == "lease_lost":
             log.warning("job %s: lease lost; this copy stops and leaves the job to its new owner", job_id)
         elif reason == "deadline":
-            status = "failed" if _fail(make_session, settings, job_id, owner, "deadline_exceeded",
-                                       f"the job passed its deadline ({c.deadline_at:%Y-%m-%d %H:%M:%S} UTC, "
-                                       f"RSAE_JOB_DEADLINE_SECONDS={settings.job_deadline_seconds:g}); "
-                                       "use smaller settings or raise the deadline") else None
+            status = (
+                "failed"
+                if _fail(
+                    make_session,
+                    settings,
+                    job_id,
+                    owner,
+                    "deadline_exceeded",
+                    f"the job passed its deadline ({c.deadline_at:%Y-%m-%d %H:%M:%S} UTC, "
+                    f"RSAE_JOB_DEADLINE_SECONDS={settings.job_deadline_seconds:g}); "
+                    "use smaller settings or raise the deadline",
+                )
+                else None
+            )
         else:
             status = "cancelled" if _finish(make_session, settings, job_id, owner, "cancelled") else None
     except RSAEError as e:
         status = "failed" if _fail(make_session, settings, job_id, owner, e.code, e.message, e.field) else None
     except ValidationError as e:
-        status = "failed" if _fail(make_session, settings, job_id, owner, "invalid_request",
-                                   f"stored request no longer validates: {e}") else None
+        status = (
+            "failed"
+            if _fail(
+                make_session, settings, job_id, owner, "invalid_request", f"stored request no longer validates: {e}"
+            )
+            else None
+        )
     except Exception as e:  # noqa: BLE001 - classify, then record on the row
         if isinstance(e, _oom_types()):
             log.error("job %s: out of memory: %s", job_id, e)
-            status = "failed" if _fail(make_session, settings, job_id, owner, "out_of_memory",
-                                       _oom_detail(c.request, e)) else None
+            status = (
+                "failed"
+                if _fail(make_session, settings, job_id, owner, "out_of_memory", _oom_detail(c.request, e))
+                else None
+            )
         elif is_transient_db_error(e):
-            log.error("job %s: database unreachable (%s); leaving the job to the reaper (lease expires in "
-                      "%.0f s, then it is re-queued and resumes from its checkpoint)", job_id, e,
-                      settings.lease_seconds)
+            log.error(
+                "job %s: database unreachable (%s); leaving the job to the reaper (lease expires in "
+                "%.0f s, then it is re-queued and resumes from its checkpoint)",
+                job_id,
+                e,
+                settings.lease_seconds,
+            )
         else:
             log.exception("job %s failed", job_id)
-            status = "failed" if _fail(make_session, settings, job_id, owner, "internal_error",
-                                       f"{type(e).__name__}: {e}") else None
+            status = (
+                "failed"
+                if _fail(make_session, settings, job_id, owner, "internal_error", f"{type(e).__name__}: {e}")
+                else None
+            )
     finally:
         heartbeat.stop()
         if status is None:
@@ -385,7 +482,10 @@ def start_reaper(settings: Settings) -> Reaper:
     global _reaper
     if _reaper is None or not _reaper.is_alive():
         app = create_celery(settings)  # publishes only: the reaper sends messages, it runs no tasks
-        _reaper = Reaper(settings, get_sessionmaker(settings.database_url),
-                         lambda job_id: enqueue_upgrade(app, job_id, retries=settings.enqueue_retries))
+        _reaper = Reaper(
+            settings,
+            get_sessionmaker(settings.database_url),
+            lambda job_id: enqueue_upgrade(app, job_id, retries=settings.enqueue_retries),
+        )
         _reaper.start()
     return _reaper

@@ -53,8 +53,9 @@ def upgrade() -> None:
         sa.Column("finished_at", TS, nullable=True),
         sa.Column("lease_owner", sa.String(200), nullable=True),
         sa.Column("lease_expires_at", TS, nullable=True),
-        sa.CheckConstraint("status IN ('queued', 'running', 'succeeded', 'failed', 'cancelling', "
-                           "'cancelled')", name="ck_jobs_status"),
+        sa.CheckConstraint(
+            "status IN ('queued', 'running', 'succeeded', 'failed', 'cancelling', 'cancelled')", name="ck_jobs_status"
+        ),
         sa.CheckConstraint("progress >= 0 AND progress <= 1", name="ck_jobs_progress"),
     )
     op.create_index("ix_jobs_created_at_id", "jobs", ["created_at", "id"])
@@ -74,8 +75,7 @@ def upgrade() -> None:
     )
     op.create_table(
         "job_events",
-        sa.Column("id", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), primary_key=True,
-                  autoincrement=True),
+        sa.Column("id", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), primary_key=True, autoincrement=True),
         sa.Column("job_id", sa.String(36), sa.ForeignKey("jobs.id", ondelete="CASCADE"), nullable=False),
         sa.Column("created_at", TS, nullable=False),
         sa.Column("type", sa.String(16), nullable=False),

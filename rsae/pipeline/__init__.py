@@ -18,5 +18,17 @@ from .progress import Progress, ProgressCallback, RunContext
 from .run import PIPELINE, run_stages, run_upgrade
 from .state import UpgradeState, new_state
 
-__all__ = ["ARTIFACT_FILES", "PIPELINE", "CheckpointCallback", "Checkpoints", "Progress", "ProgressCallback",
-           "RunContext", "UpgradeState", "new_state", "run_stages", "run_upgrade", "write_json_atomic"]
+__all__ = [
+    "ARTIFACT_FILES",
+    "PIPELINE",
+    "CheckpointCallback",
+    "Checkpoints",
+    "Progress",
+    "ProgressCallback",
+    "RunContext",
+    "UpgradeState",
+    "new_state",
+    "run_stages",
+    "run_upgrade",
+    "write_json_atomic",
+]

@@ -20,8 +20,9 @@ from .progress import RunContext
 from .state import UpgradeState
 
 
-def calibration_loss(rsae: RationalSAE, h: torch.Tensor, target: torch.Tensor,
-                     selected: torch.Tensor | None = None) -> torch.Tensor:
+def calibration_loss(
+    rsae: RationalSAE, h: torch.Tensor, target: torch.Tensor, selected: torch.Tensor | None = None
+) -> torch.Tensor:
     """The calibration objective of :func:`calibrate_gate` on one sample (0-dim tensor, squared units of z).
 
     ``mean (phi_raw(h) - g(h))^2`` over all entries of ``h`` [n, d_sae] (``target`` = g(h), same shape); with
@@ -34,10 +35,19 @@ def calibration_loss(rsae: RationalSAE, h: torch.Tensor, target: torch.Tensor,
     return (out - target).pow(2).mean()
 
 
-def calibrate_gate(rsae: RationalSAE, h: torch.Tensor, target: torch.Tensor, *, steps: int, lr: float,
-                   seed: int = 0, sample: int = 1 << 17, decay_frac: float = 0.5,
-                   selected: torch.Tensor | None = None,
-                   on_step: Callable[[int, float], None] | None = None) -> list[float]:
+def calibrate_gate(
+    rsae: RationalSAE,
+    h: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    steps: int,
+    lr: float,
+    seed: int = 0,
+    sample: int = 1 << 17,
+    decay_frac: float = 0.5,
+    selected: torch.Tensor | None = None,
+    on_step: Callable[[int, float], None] | None = None,
+) -> list[float]:
     """Calibrate (a, b, C_in, C_out) with all SAE weights (and per-latent scales) frozen.
 
     Adam on the l2 objective mean (phi_raw(h) - g(h))^2 over the teacher's real pre-activations (RSAE
@@ -133,9 +143,17 @@ def calibrate(state: UpgradeState, ctx: RunContext) -> None:
         teacher_l0 = cal.active.sum(-1).float().mean().item()
         pre_loss = calibration_loss(rsae, h_fit, target_fit, selected).item()
     steps = cfg.calibrate.steps
-    losses = calibrate_gate(rsae, h_fit, target_fit, steps=steps, lr=cfg.calibrate.lr, seed=cfg.seed,
-                            sample=cfg.calibrate.sample, selected=selected,
-                            on_step=lambda s, _: ctx.progress.report(s / max(1, steps)))
+    losses = calibrate_gate(
+        rsae,
+        h_fit,
+        target_fit,
+        steps=steps,
+        lr=cfg.calibrate.lr,
+        seed=cfg.seed,
+        sample=cfg.calibrate.sample,
+        selected=selected,
+        on_step=lambda s, _: ctx.progress.report(s / max(1, steps)),
+    )
     if rule.rank_capped:  # the cap selects (L0 <= k); the floor only drops kept entries whose r is not positive
         rsae.set_floor(0.0)
         floor, floor_rule = 0.0, "0 (TopK cap: the top-k rule selects; z != 0 where r > 0 among the k largest h)"
@@ -148,11 +166,27 @@ def calibrate(state: UpgradeState, ctx: RunContext) -> None:
     state.rsae_init = copy.deepcopy(rsae).eval()
     fit = state.init.fit
     state.calibration = CalibrationSection(
-        steps=steps, tokens=cfg.calibrate.tokens, objective=objective, loss_before=pre_loss,
-        loss_after=losses[-1] if losses else pre_loss, c_in_init=state.init.c_in, thresholds=state.init.thresholds,
-        teacher_l0_calibration_tokens=teacher_l0, floor=floor,
-        floor_over_fit_max_error=floor / fit.max_error if fit.max_error else None, floor_rule=floor_rule,
-        agreement=agreement)
+        steps=steps,
+        tokens=cfg.calibrate.tokens,
+        objective=objective,
+        loss_before=pre_loss,
+        loss_after=losses[-1] if losses else pre_loss,
+        c_in_init=state.init.c_in,
+        thresholds=state.init.thresholds,
+        teacher_l0_calibration_tokens=teacher_l0,
+        floor=floor,
+        floor_over_fit_max_error=floor / fit.max_error if fit.max_error else None,
+        floor_rule=floor_rule,
+        agreement=agreement,
+    )
     m_t, m_i = state.teacher_metrics, state.init_metrics
-    ctx.progress.report(1.0, {"stage": "calibrate", "teacher_mse": m_t.mse, "teacher_l0": m_t.l0,
-                              "rsae_init_mse": m_i.mse, "rsae_init_l0": m_i.l0})
+    ctx.progress.report(
+        1.0,
+        {
+            "stage": "calibrate",
+            "teacher_mse": m_t.mse,
+            "teacher_l0": m_t.l0,
+            "rsae_init_mse": m_i.mse,
+            "rsae_init_l0": m_i.l0,
+        },
+    )

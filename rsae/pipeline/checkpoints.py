@@ -44,8 +44,9 @@ class Checkpoints:
         on_event: see :data:`CheckpointCallback`.
     """
 
-    def __init__(self, folder: Path, every: int = 50, key: str = "", on_event: CheckpointCallback | None = None
-                 ) -> None:
+    def __init__(
+        self, folder: Path, every: int = 50, key: str = "", on_event: CheckpointCallback | None = None
+    ) -> None:
         self.folder, self.every, self.key, self.on_event = Path(folder), max(1, int(every)), key, on_event
         self.reused: list[str] = []
         """Stages whose outputs this run took from disk instead of recomputing them (set by the runner)."""
@@ -122,8 +123,9 @@ class _TrainCheckpoint:
         reused = list(self.ckpts.reused)
         log.info("resuming %s at step %s", self.name, state["step"])
         if self.ckpts.on_event is not None:
-            self.ckpts.on_event("resumed", {"name": self.name, "stage": "finetune", "step": int(state["step"]),
-                                            "reused": reused})
+            self.ckpts.on_event(
+                "resumed", {"name": self.name, "stage": "finetune", "step": int(state["step"]), "reused": reused}
+            )
         return state
 
     def save(self, state: dict[str, Any]) -> None:

@@ -23,8 +23,9 @@ COMPARISONS = (("rsae_init", "teacher"), ("rsae", "teacher"), ("rsae", "control"
 """The (a, b) pairs of ``Report.comparisons``."""
 
 
-def comparison_table(metrics: dict[str, SAEMetrics], paired: dict[str, dict[str, float | None]]
-                     ) -> dict[str, Comparison]:
+def comparison_table(
+    metrics: dict[str, SAEMetrics], paired: dict[str, dict[str, float | None]]
+) -> dict[str, Comparison]:
     """``Report.comparisons``: for each pair (a, b) of :data:`COMPARISONS` present in ``metrics``,
     ``mse_rel`` = MSE_a / MSE_b - 1 and, when CE was evaluated, ``delta_ce_diff`` (nats/token) and its
     sequence-clustered standard error ``delta_ce_diff_se`` from ``paired``
@@ -47,8 +48,9 @@ def _histogram(vals: torch.Tensor, lo: float, hi: float, bins: int, of: str) -> 
     return {"edges": edges.tolist(), "counts": counts.long().tolist(), "log": True, "of": of}
 
 
-def _per_token_plot(rsae_init: RationalSAE, rsae: RationalSAE, h: torch.Tensor, theta: torch.Tensor,
-                    bins: int) -> GatePlot:
+def _per_token_plot(
+    rsae_init: RationalSAE, rsae: RationalSAE, h: torch.Tensor, theta: torch.Tensor, bins: int
+) -> GatePlot:
     """Per-token thresholds (TopK): pooled u = h / tau_i, where the teacher is u H(u - 1) and the RSAE
     G(a u) / a (a: the anchor)."""
     u_all = (h / theta).reshape(-1)
@@ -59,14 +61,22 @@ def _per_token_plot(rsae_init: RationalSAE, rsae: RationalSAE, h: torch.Tensor, 
     def curve(sae: RationalSAE) -> list[float]:
         return (sae.elementwise_gate(c * grid[:, None].expand(-1, h.shape[1]))[:, 0] / c).tolist()
 
-    return GatePlot(h=grid.tolist(), teacher=(grid * (grid > 1.0)).tolist(), rsae_init=curve(rsae_init),
-                    rsae=curve(rsae), latent=None, theta=1.0, x_label="h / tau_i (per-token threshold)",
-                    note="TopK, per-token threshold: x = h / tau_i, gates divided by tau_i (same for all tokens)",
-                    hist=_histogram(u_all, lo, hi, bins, "all (token, latent) pre-activations / tau_i"))
+    return GatePlot(
+        h=grid.tolist(),
+        teacher=(grid * (grid > 1.0)).tolist(),
+        rsae_init=curve(rsae_init),
+        rsae=curve(rsae),
+        latent=None,
+        theta=1.0,
+        x_label="h / tau_i (per-token threshold)",
+        note="TopK, per-token threshold: x = h / tau_i, gates divided by tau_i (same for all tokens)",
+        hist=_histogram(u_all, lo, hi, bins, "all (token, latent) pre-activations / tau_i"),
+    )
 
 
-def _latent_plot(teacher: SAE, rsae_init: RationalSAE, rsae: RationalSAE, h: torch.Tensor,
-                 theta: torch.Tensor | None, bins: int) -> GatePlot:
+def _latent_plot(
+    teacher: SAE, rsae_init: RationalSAE, rsae: RationalSAE, h: torch.Tensor, theta: torch.Tensor | None, bins: int
+) -> GatePlot:
     """No jump (ReLU): the shared gate over pooled h. Per-latent thresholds: the latent with the median
     threshold among latents active on these tokens, over its own h range (others differ by their scale)."""
     if theta is None:
@@ -85,16 +95,24 @@ def _latent_plot(teacher: SAE, rsae_init: RationalSAE, rsae: RationalSAE, h: tor
     cols = grid[:, None].expand(-1, h.shape[1])
     teacher_curve = torch.relu(grid) if theta is None else grid * (grid > theta[j])
     return GatePlot(
-        h=grid.tolist(), teacher=teacher_curve.tolist(), rsae_init=rsae_init.gate(cols)[:, j].tolist(),
-        rsae=rsae.gate(cols)[:, j].tolist(), latent=None if theta is None else j,
+        h=grid.tolist(),
+        teacher=teacher_curve.tolist(),
+        rsae_init=rsae_init.gate(cols)[:, j].tolist(),
+        rsae=rsae.gate(cols)[:, j].tolist(),
+        latent=None if theta is None else j,
         theta=None if theta is None else float(theta[j]),
-        note=("shared gate, all latents" if theta is None else
-              f"latent {j} (median threshold among active latents); other latents differ by their scale"),
-        hist=_histogram(vals, lo, hi, bins, "all (token, latent) pre-activations" if theta is None else f"latent {j}"))
+        note=(
+            "shared gate, all latents"
+            if theta is None
+            else f"latent {j} (median threshold among active latents); other latents differ by their scale"
+        ),
+        hist=_histogram(vals, lo, hi, bins, "all (token, latent) pre-activations" if theta is None else f"latent {j}"),
+    )
 
 
-def gate_plot(teacher: SAE, rsae_init: RationalSAE, rsae: RationalSAE, h: torch.Tensor, rule: JumpRule,
-              bins: int = 120) -> GatePlot:
+def gate_plot(
+    teacher: SAE, rsae_init: RationalSAE, rsae: RationalSAE, h: torch.Tensor, rule: JumpRule, bins: int = 120
+) -> GatePlot:
     """Data of the gate figure: teacher vs RSAE gates over the real pre-activation range ``h`` [n, d_sae]
     (``rule``: the family's jump rule on ``h``), plus a histogram of ``bins`` bins."""
     with torch.no_grad():
@@ -117,8 +135,15 @@ def probe(state: UpgradeState, saes: dict[str, SAE]) -> ProbingSection | None:
 
     out: dict[str, Any] = {"ks": cfg.eval.probe_ks, "train_sequences": cfg.eval.probe_train_sequences, "by_sae": {}}
     for i, (name, sae) in enumerate(saes.items()):
-        res = probe_sae(sae, train, evals, ks=cfg.eval.probe_ks, max_sequences=cfg.eval.probe_train_sequences,
-                        seed=cfg.seed, dense=(i == 0))
+        res = probe_sae(
+            sae,
+            train,
+            evals,
+            ks=cfg.eval.probe_ks,
+            max_sequences=cfg.eval.probe_train_sequences,
+            seed=cfg.seed,
+            dense=(i == 0),
+        )
         out["by_sae"][name] = res["sae"]
         if i == 0:
             out["dense_baseline"] = res["dense"]
@@ -126,20 +151,35 @@ def probe(state: UpgradeState, saes: dict[str, SAE]) -> ProbingSection | None:
     return ProbingSection(**out)
 
 
-def _downstream(state: UpgradeState, ctx: RunContext, saes: dict[str, SAE],
-                metrics: dict[str, dict[str, Any]]) -> dict[str, dict[str, float | None]]:
+def _downstream(
+    state: UpgradeState, ctx: RunContext, saes: dict[str, SAE], metrics: dict[str, dict[str, Any]]
+) -> dict[str, dict[str, float | None]]:
     """Add CE / KL fields to ``metrics`` (per SAE); return the paired differences ("a-b" -> diff, se)."""
     cfg = state.cfg
     if cfg.eval.ce_sequences <= 0:
         return {}
     ids, _ = state.evals.sequences(cfg.eval.ce_sequences)
     model, _ = state.host_model()
-    ds = downstream_metrics(model, cfg.layer, saes, ids, batch_size=cfg.eval.batch_size, device=state.device,
-                            on_progress=ctx.progress.within(0.0, 0.8))
+    ds = downstream_metrics(
+        model,
+        cfg.layer,
+        saes,
+        ids,
+        batch_size=cfg.eval.batch_size,
+        device=state.device,
+        on_progress=ctx.progress.within(0.0, 0.8),
+    )
     for k in saes:
-        metrics[k].update(ce_clean=ds["clean"]["ce"], ce_zero=ds["zero"]["ce"], ce_spliced=ds[k]["ce_spliced"],
-                          delta_ce=ds[k]["delta_ce"], delta_ce_se=ds[k]["delta_ce_se"],
-                          loss_recovered=ds[k]["loss_recovered"], kl=ds[k]["kl"], ce_tokens=ds["clean"]["tokens"])
+        metrics[k].update(
+            ce_clean=ds["clean"]["ce"],
+            ce_zero=ds["zero"]["ce"],
+            ce_spliced=ds[k]["ce_spliced"],
+            delta_ce=ds[k]["delta_ce"],
+            delta_ce_se=ds[k]["delta_ce_se"],
+            loss_recovered=ds[k]["loss_recovered"],
+            kl=ds[k]["kl"],
+            ce_tokens=ds["clean"]["tokens"],
+        )
     return ds["paired"]
 
 
@@ -149,8 +189,10 @@ def evaluate(state: UpgradeState, ctx: RunContext) -> None:
     if state.control is not None:
         state.control.eval()
         saes["control"] = state.control
-    metrics: dict[str, dict[str, Any]] = {"teacher": state.teacher_metrics.model_dump(),
-                                          "rsae_init": state.init_metrics.model_dump()}
+    metrics: dict[str, dict[str, Any]] = {
+        "teacher": state.teacher_metrics.model_dump(),
+        "rsae_init": state.init_metrics.model_dump(),
+    }
     for k in saes:
         if k not in metrics:
             metrics[k] = reconstruction_metrics(saes[k], state.evals.iter_ordered(2048))

@@ -20,13 +20,22 @@ from .state import UpgradeState
 log = logging.getLogger(__name__)
 
 
-def activations(state: UpgradeState, ctx: RunContext, split: str, n: int, folder: Path, lo: float,
-                hi: float) -> ActivationStore:
+def activations(
+    state: UpgradeState, ctx: RunContext, split: str, n: int, folder: Path, lo: float, hi: float
+) -> ActivationStore:
     """The ``split`` activations (``n`` rows) in ``folder``: reused when its manifest matches the request,
     else extracted; progress runs from ``lo`` to ``hi`` of the stage."""
     cfg = state.cfg
-    want = {"layer": cfg.layer, "rows": n, "ctx_len": cfg.data.ctx_len, "dataset": cfg.data.dataset,
-            "split": split, "eval_fraction": cfg.data.eval_fraction, "seed": cfg.seed, "model": cfg.model}
+    want = {
+        "layer": cfg.layer,
+        "rows": n,
+        "ctx_len": cfg.data.ctx_len,
+        "dataset": cfg.data.dataset,
+        "split": split,
+        "eval_fraction": cfg.data.eval_fraction,
+        "seed": cfg.seed,
+        "model": cfg.model,
+    }
     mf = folder / MANIFEST
     if mf.is_file():
         have = json.loads(mf.read_text())
@@ -35,10 +44,23 @@ def activations(state: UpgradeState, ctx: RunContext, split: str, n: int, folder
             ctx.progress.report(hi)
             return ActivationStore(folder)
     model, tok = state.host_model()
-    extract_activations(model, tok, layer=cfg.layer, dataset=cfg.data.dataset, split=split, n_tokens=n,
-                        out_dir=folder, ctx_len=cfg.data.ctx_len, eval_fraction=cfg.data.eval_fraction,
-                        seed=cfg.seed, batch_size=cfg.data.batch_size, shard_tokens=cfg.data.shard_tokens,
-                        device=state.device, meta={"model": cfg.model}, on_progress=ctx.progress.within(lo, hi))
+    extract_activations(
+        model,
+        tok,
+        layer=cfg.layer,
+        dataset=cfg.data.dataset,
+        split=split,
+        n_tokens=n,
+        out_dir=folder,
+        ctx_len=cfg.data.ctx_len,
+        eval_fraction=cfg.data.eval_fraction,
+        seed=cfg.seed,
+        batch_size=cfg.data.batch_size,
+        shard_tokens=cfg.data.shard_tokens,
+        device=state.device,
+        meta={"model": cfg.model},
+        on_progress=ctx.progress.within(lo, hi),
+    )
     return ActivationStore(folder)
 
 
@@ -54,12 +76,19 @@ def extract(state: UpgradeState, ctx: RunContext) -> None:
     check_layer(model, cfg.layer)
     d_model = model.config.hidden_size
     if teacher.d_in != d_model:
-        raise TeacherError(f"teacher d_in={teacher.d_in} but model {cfg.model!r} has hidden size {d_model}",
-                           field="teacher")
+        raise TeacherError(
+            f"teacher d_in={teacher.d_in} but model {cfg.model!r} has hidden size {d_model}", field="teacher"
+        )
     hook = teacher.metadata.get("hook_name")
     if hook and hook != cfg.hook:
         state.notes.append(f"teacher cfg names hook {hook!r}; this upgrade reads {cfg.hook!r}")
-    state.host = HostModel(name=cfg.model, layer=cfg.layer, hook=cfg.hook, d_model=d_model,
-                           n_layers=model.config.num_hidden_layers, device=state.device)
+    state.host = HostModel(
+        name=cfg.model,
+        layer=cfg.layer,
+        hook=cfg.hook,
+        d_model=d_model,
+        n_layers=model.config.num_hidden_layers,
+        device=state.device,
+    )
     state.train = activations(state, ctx, "train", cfg.data.train_tokens, state.work_dir / "acts-train", 0.0, 0.8)
     state.evals = activations(state, ctx, "eval", cfg.data.eval_tokens, state.work_dir / "acts-eval", 0.8, 1.0)

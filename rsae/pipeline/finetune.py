@@ -22,8 +22,9 @@ from .progress import RunContext
 from .state import UpgradeState
 
 
-def finetune_sparsity(cfg: UpgradeConfig, family: Family, teacher: SAE, x_cal: torch.Tensor, teacher_l0: float,
-                      rank_capped: bool) -> tuple[float, str, float | None]:
+def finetune_sparsity(
+    cfg: UpgradeConfig, family: Family, teacher: SAE, x_cal: torch.Tensor, teacher_l0: float, rank_capped: bool
+) -> tuple[float, str, float | None]:
     """Sparsity settings of the RSAE's fine-tuning: (lambda, where it came from, L0 target or None).
 
     - The request's ``finetune.l1_coefficient`` wins.
@@ -51,8 +52,9 @@ def finetune_sparsity(cfg: UpgradeConfig, family: Family, teacher: SAE, x_cal: t
     return 0.1 * mse0 / max(l1_0, 1e-12), "auto: L1 term = 10% of the teacher's MSE", l0_target
 
 
-def _on_step(state: UpgradeState, ctx: RunContext, sae: SAE, curve: list[dict[str, float]], run_index: int,
-             n_runs: int) -> Callable[[int, dict[str, float]], None]:
+def _on_step(
+    state: UpgradeState, ctx: RunContext, sae: SAE, curve: list[dict[str, float]], run_index: int, n_runs: int
+) -> Callable[[int, dict[str, float]], None]:
     """``train_sae``'s ``on_step``: progress, and a held-out evaluation every ``eval_every`` steps appended
     to ``curve``."""
     ft = state.cfg.finetune
@@ -64,17 +66,26 @@ def _on_step(state: UpgradeState, ctx: RunContext, sae: SAE, curve: list[dict[st
             sae.eval()
             m = reconstruction_metrics(sae, state.evals.iter_ordered(2048, eval_rows))
             sae.train()
-            point = {"step": step, "train_mse": parts["mse"], "train_l0": parts["l0"], "lambda": parts["lambda"],
-                     "eval_mse": m["mse"], "eval_l0": m["l0"], "eval_fvu": m["fvu"]}
+            point = {
+                "step": step,
+                "train_mse": parts["mse"],
+                "train_l0": parts["l0"],
+                "lambda": parts["lambda"],
+                "eval_mse": m["mse"],
+                "eval_l0": m["l0"],
+                "eval_fvu": m["fvu"],
+            }
             curve.append(point)
             ctx.progress.report(frac, {"run": "rsae" if run_index == 0 else "control", **point})
         else:
             ctx.progress.report(frac)
+
     return on_step
 
 
-def _train_control(state: UpgradeState, ctx: RunContext, lam: float, lam_source: str, l0_target: float | None,
-                   threshold_lr: float) -> None:
+def _train_control(
+    state: UpgradeState, ctx: RunContext, lam: float, lam_source: str, l0_target: float | None, threshold_lr: float
+) -> None:
     """Fine-tune a copy of the teacher with its family's control objective; fill ``state.control`` and
     ``state.control_section``."""
     ft, family = state.cfg.finetune, state.family
@@ -86,18 +97,31 @@ def _train_control(state: UpgradeState, ctx: RunContext, lam: float, lam_source:
         groups.append({"params": special, "lr": threshold_lr})
     objective = family.control_objective(state.teacher, lam, lam_source)
     curve: list[dict[str, float]] = []
-    hist = train_sae(control, state.train, steps=ft.steps, batch_size=ft.batch_size, lr=ft.lr,
-                     l1_coefficient=objective.coefficient, loss_fn=objective.loss_fn, seed=state.cfg.seed + 1,
-                     device=state.device, param_groups=groups, l0_target=l0_target,
-                     on_step=_on_step(state, ctx, control, curve, 1, 2),
-                     checkpoint=ctx.train_checkpoint("finetune-control", curve))
+    hist = train_sae(
+        control,
+        state.train,
+        steps=ft.steps,
+        batch_size=ft.batch_size,
+        lr=ft.lr,
+        l1_coefficient=objective.coefficient,
+        loss_fn=objective.loss_fn,
+        seed=state.cfg.seed + 1,
+        device=state.device,
+        param_groups=groups,
+        l0_target=l0_target,
+        on_step=_on_step(state, ctx, control, curve, 1, 2),
+        checkpoint=ctx.train_checkpoint("finetune-control", curve),
+    )
     state.control = control.eval()
     state.control_section = ControlSection(
         what="the teacher fine-tuned with its own gate: same training tokens, batches, steps, optimiser, "
-             "learning rates and L0 target (controller) as the RSAE",
-        objective=objective.description, initial_coefficient=objective.coefficient,
+        "learning rates and L0 target (controller) as the RSAE",
+        objective=objective.description,
+        initial_coefficient=objective.coefficient,
         final_coefficient=hist[-1]["lambda"] if hist else objective.coefficient,
-        curve=[CurvePoint.model_validate(p) for p in curve], final_train=hist[-1] if hist else None)
+        curve=[CurvePoint.model_validate(p) for p in curve],
+        final_train=hist[-1] if hist else None,
+    )
 
 
 def finetune(state: UpgradeState, ctx: RunContext) -> None:
@@ -108,24 +132,41 @@ def finetune(state: UpgradeState, ctx: RunContext) -> None:
     # The L0 target is relative to the teacher's L0 on the whole fine-tuning set, not on the calibration rows
     # (a teacher is sparser on the documents it was trained on; docs/method.md).
     teacher_l0 = reconstruction_metrics(state.teacher, state.train.iter_ordered(4096))["l0"]
-    lam, lam_source, l0_target = finetune_sparsity(cfg, state.family, state.teacher, cal.x, teacher_l0,
-                                                   cal.rule.rank_capped)
+    lam, lam_source, l0_target = finetune_sparsity(
+        cfg, state.family, state.teacher, cal.x, teacher_l0, cal.rule.rank_capped
+    )
     state.release_calibration_data()
     threshold_lr = ft.gate_lr if ft.threshold_lr is None else ft.threshold_lr
     rsae = state.rsae
     curve: list[dict[str, float]] = []
     n_runs = 2 if ft.control else 1
-    hist = train_sae(rsae, state.train, steps=ft.steps, batch_size=ft.batch_size, lr=ft.lr, l1_coefficient=lam,
-                     seed=cfg.seed + 1, device=state.device, param_groups=rsae.param_groups(ft.lr, ft.gate_lr,
-                                                                                            threshold_lr),
-                     l0_target=l0_target, on_step=_on_step(state, ctx, rsae, curve, 0, n_runs),
-                     checkpoint=ctx.train_checkpoint("finetune-rsae", curve))
+    hist = train_sae(
+        rsae,
+        state.train,
+        steps=ft.steps,
+        batch_size=ft.batch_size,
+        lr=ft.lr,
+        l1_coefficient=lam,
+        seed=cfg.seed + 1,
+        device=state.device,
+        param_groups=rsae.param_groups(ft.lr, ft.gate_lr, threshold_lr),
+        l0_target=l0_target,
+        on_step=_on_step(state, ctx, rsae, curve, 0, n_runs),
+        checkpoint=ctx.train_checkpoint("finetune-rsae", curve),
+    )
     if ft.control:
         _train_control(state, ctx, lam, lam_source, l0_target, threshold_lr)
     state.finetune = FinetuneSection(
-        steps=ft.steps, batch_size=ft.batch_size, lr=ft.lr, gate_lr=ft.gate_lr, l1_coefficient=lam,
-        l1_source=lam_source, l0_target=l0_target, teacher_l0_train=teacher_l0,
-        final_lambda=hist[-1]["lambda"] if hist else lam, curve=[CurvePoint.model_validate(p) for p in curve],
-        final_train=hist[-1] if hist else None, gate=rsae.gate_summary())
-
-
+        steps=ft.steps,
+        batch_size=ft.batch_size,
+        lr=ft.lr,
+        gate_lr=ft.gate_lr,
+        l1_coefficient=lam,
+        l1_source=lam_source,
+        l0_target=l0_target,
+        teacher_l0_train=teacher_l0,
+        final_lambda=hist[-1]["lambda"] if hist else lam,
+        curve=[CurvePoint.model_validate(p) for p in curve],
+        final_train=hist[-1] if hist else None,
+        gate=rsae.gate_summary(),
+    )

@@ -29,8 +29,9 @@ from .progress import RunContext
 from .state import InitResult, UpgradeState
 
 
-def choose_c(u_active: torch.Tensor, quantile_: float = 0.999, lo: float = 0.04, hi: float = 0.5,
-             anchor_factor: float = 1.0) -> float:
+def choose_c(
+    u_active: torch.Tensor, quantile_: float = 0.999, lo: float = 0.04, hi: float = 0.5, anchor_factor: float = 1.0
+) -> float:
     """Jump position c on the unit interval from real data: 1 / (``anchor_factor`` x the ``quantile_`` of
     h / theta over the teacher's active entries ``u_active`` [n]), clipped to [lo, hi] and rounded to 2
     significant digits (so fits cache).
@@ -108,10 +109,22 @@ def initialize(state: UpgradeState, ctx: RunContext) -> None:
     if anchor is not None:
         fp["anchor"], fp["jump_placement"] = anchor, placement
     r = cfg.remez
-    fit = cached_remez_fit(family.name, c=fp["c"], p=fp["p"], q=fp["q"], grid_points=r.grid_points,
-                           margin=fp["margin"], tol=r.tol, max_iter=r.max_iter)
-    rational_cfg: dict[str, Any] = {"jump": fp["c"], "margin": fp["margin"], "fit_max_error": fit.max_error,
-                                    "thresholds": info}
+    fit = cached_remez_fit(
+        family.name,
+        c=fp["c"],
+        p=fp["p"],
+        q=fp["q"],
+        grid_points=r.grid_points,
+        margin=fp["margin"],
+        tol=r.tol,
+        max_iter=r.max_iter,
+    )
+    rational_cfg: dict[str, Any] = {
+        "jump": fp["c"],
+        "margin": fp["margin"],
+        "fit_max_error": fit.max_error,
+        "thresholds": info,
+    }
     if anchor is not None:
         rational_cfg.update(anchor=anchor, jump_placement=placement)
     rational_cfg.update(rule.rational)
@@ -121,8 +134,8 @@ def initialize(state: UpgradeState, ctx: RunContext) -> None:
     else:
         c_in = 1.0
         scale = None if rule.per_token else rule.theta / anchor
-    state.rsae = RationalSAE.from_teacher(teacher, a=fit.a, b=fit.b, c_in=c_in, c_out=c_in, scale=scale,
-                                          rational=rational_cfg).to(state.device)
-    state.init = InitResult(fit=fit, params=FitParams(**fp), c_in=c_in, thresholds=info,
-                            rank_capped=rule.rank_capped)
+    state.rsae = RationalSAE.from_teacher(
+        teacher, a=fit.a, b=fit.b, c_in=c_in, c_out=c_in, scale=scale, rational=rational_cfg
+    ).to(state.device)
+    state.init = InitResult(fit=fit, params=FitParams(**fp), c_in=c_in, thresholds=info, rank_capped=rule.rank_capped)
     ctx.progress.report(1.0)

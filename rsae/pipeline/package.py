@@ -7,7 +7,6 @@ half-written file. An SAE with non-finite weights is never published.
 from __future__ import annotations
 
 import datetime as dt
-import json
 import logging
 import time
 from pathlib import Path
@@ -40,10 +39,17 @@ ARTIFACT_FILES: dict[str, tuple[str, str]] = {
 def teacher_info(state: UpgradeState) -> TeacherInfo:
     """The teacher's provenance: folder, weights sha256, architecture, family, sizes, training settings."""
     teacher, cfg = state.teacher, state.cfg
-    return TeacherInfo(source=str(cfg.teacher), sha256=sha256_file(Path(cfg.teacher) / WEIGHTS_NAME),
-                       architecture=teacher.architecture, family=teacher.family, d_in=teacher.d_in,
-                       d_sae=teacher.d_sae, l1_coefficient=teacher.metadata.get("l1_coefficient"),
-                       k=getattr(teacher, "k", None), original=teacher_provenance(cfg.teacher).get("original"))
+    return TeacherInfo(
+        source=str(cfg.teacher),
+        sha256=sha256_file(Path(cfg.teacher) / WEIGHTS_NAME),
+        architecture=teacher.architecture,
+        family=teacher.family,
+        d_in=teacher.d_in,
+        d_sae=teacher.d_sae,
+        l1_coefficient=teacher.metadata.get("l1_coefficient"),
+        k=getattr(teacher, "k", None),
+        original=teacher_provenance(cfg.teacher).get("original"),
+    )
 
 
 def _notes(state: UpgradeState) -> list[str]:
@@ -56,8 +62,11 @@ def _notes(state: UpgradeState) -> list[str]:
         f"{stats['frac_norm_above_3x_median_sample']:.2%} of held-out tokens (sample) have "
         "residual norm > 3x the median; they are kept and weigh heavily in MSE and FVU.",
         "L0 counts exactly non-zero latents; the RSAE's exact zeros come from "
-        + ("the top-k cap (only each token's k largest pre-activations can be non-zero) and a floor of 0 on r."
-           if capped else "its floor (r-units), set so its L0 on the calibration tokens equals the teacher's."),
+        + (
+            "the top-k cap (only each token's k largest pre-activations can be non-zero) and a floor of 0 on r."
+            if capped
+            else "its floor (r-units), set so its L0 on the calibration tokens equals the teacher's."
+        ),
     ] + state.family.notes(state.teacher, state.init.thresholds)
 
 
@@ -76,17 +85,34 @@ def build_report(state: UpgradeState) -> Report:
     """The :class:`rsae.report.Report` of a state that went through evaluate."""
     cfg, fit = state.cfg, state.init.fit
     return Report(
-        created_at=dt.datetime.now(dt.timezone.utc).isoformat(), config=cfg, host_model=state.host,
-        teacher=state.rsae.metadata["teacher"], data=state.data_section,
-        remez=RemezSection(**fit.__dict__, params=state.init.params), calibration=state.calibration,
-        finetune=state.finetune, control=state.control_section, probing=state.probing, plots=state.plots,
-        metrics=state.metrics, comparisons=comparison_table(state.metrics, state.paired or {}),
+        created_at=dt.datetime.now(dt.timezone.utc).isoformat(),
+        config=cfg,
+        host_model=state.host,
+        teacher=state.rsae.metadata["teacher"],
+        data=state.data_section,
+        remez=RemezSection(**fit.__dict__, params=state.init.params),
+        calibration=state.calibration,
+        finetune=state.finetune,
+        control=state.control_section,
+        probing=state.probing,
+        plots=state.plots,
+        metrics=state.metrics,
+        comparisons=comparison_table(state.metrics, state.paired or {}),
         headline=headline(state.metrics),
-        eval_split=EvalSplit(model=cfg.model, layer=cfg.layer, dataset=cfg.data.dataset, split="eval",
-                             eval_fraction=cfg.data.eval_fraction, seed=cfg.seed, ctx_len=cfg.data.ctx_len,
-                             eval_tokens=cfg.data.eval_tokens),
-        notes=state.notes, timings_s={**{k: round(v, 2) for k, v in state.timings.items()}, "package": 0.0},
-        versions=package_versions())
+        eval_split=EvalSplit(
+            model=cfg.model,
+            layer=cfg.layer,
+            dataset=cfg.data.dataset,
+            split="eval",
+            eval_fraction=cfg.data.eval_fraction,
+            seed=cfg.seed,
+            ctx_len=cfg.data.ctx_len,
+            eval_tokens=cfg.data.eval_tokens,
+        ),
+        notes=state.notes,
+        timings_s={**{k: round(v, 2) for k, v in state.timings.items()}, "package": 0.0},
+        versions=package_versions(),
+    )
 
 
 def package(state: UpgradeState, ctx: RunContext) -> None:
@@ -97,16 +123,25 @@ def package(state: UpgradeState, ctx: RunContext) -> None:
     """
     t0 = time.time()
     cfg, teacher, rsae = state.cfg, state.teacher, state.rsae
-    rsae.metadata = {**teacher.metadata, "model_name": cfg.model, "hook_name": cfg.hook, "hook_layer": cfg.layer,
-                     # the cfg follows the SAELens 6 schema; with this key SAELens keeps the metadata on load
-                     "sae_lens_version": "6.0.0",
-                     "teacher": teacher_info(state).model_dump(mode="json"),
-                     "method": "rsae (Yin & Yu 2026, arXiv 2606.14990)",
-                     "upgrade_config": cfg.model_dump(mode="json"), "versions": package_versions()}
+    rsae.metadata = {
+        **teacher.metadata,
+        "model_name": cfg.model,
+        "hook_name": cfg.hook,
+        "hook_layer": cfg.layer,
+        # the cfg follows the SAELens 6 schema; with this key SAELens keeps the metadata on load
+        "sae_lens_version": "6.0.0",
+        "teacher": teacher_info(state).model_dump(mode="json"),
+        "method": "rsae (Yin & Yu 2026, arXiv 2606.14990)",
+        "upgrade_config": cfg.model_dump(mode="json"),
+        "versions": package_versions(),
+    }
     bad = [n for n, t in rsae.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()]
     if bad:  # never publish a broken SAE as a success
-        raise NumericalError(f"the upgraded SAE has non-finite values in {bad}; try a lower finetune.lr or "
-                             "calibrate.lr, or report the teacher", field="settings.finetune.lr")
+        raise NumericalError(
+            f"the upgraded SAE has non-finite values in {bad}; try a lower finetune.lr or "
+            "calibrate.lr, or report the teacher",
+            field="settings.finetune.lr",
+        )
     rsae.cpu().save(state.out_dir)
     state.notes += _notes(state)
     data = build_report(state).model_dump(mode="json", by_alias=True)
@@ -114,5 +149,6 @@ def package(state: UpgradeState, ctx: RunContext) -> None:
     data["timings_s"]["package"] = round(time.time() - t0, 2)
     write_json_atomic(state.out_dir / "report.json", data)
     state.report = data
-    ctx.progress.report(1.0, {"stage": "package", **{k: v for k, v in data["headline"].items() if v is not None}},
-                        force=True)
+    ctx.progress.report(
+        1.0, {"stage": "package", **{k: v for k, v in data["headline"].items() if v is not None}}, force=True
+    )

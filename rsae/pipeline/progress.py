@@ -11,8 +11,7 @@ from ..errors import Cancelled
 
 # Share of total wall time each stage takes on the default settings (measured on the 2-core CPU);
 # used to turn per-stage progress into an overall progress fraction.
-STAGE_WEIGHTS = {"extract": 0.25, "init": 0.02, "calibrate": 0.05, "finetune": 0.45, "evaluate": 0.22,
-                 "package": 0.01}
+STAGE_WEIGHTS = {"extract": 0.25, "init": 0.02, "calibrate": 0.05, "finetune": 0.45, "evaluate": 0.22, "package": 0.01}
 
 
 class ProgressCallback(Protocol):
@@ -25,7 +24,6 @@ class ProgressCallback(Protocol):
     """
 
     def __call__(self, stage: str, progress: float, metrics: dict[str, Any] | None = None) -> None: ...
-
 
 
 @dataclass

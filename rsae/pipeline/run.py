@@ -31,8 +31,14 @@ log = logging.getLogger(__name__)
 Stage = Callable[[UpgradeState, RunContext], None]
 """A pipeline stage: reads the state earlier stages filled, fills its own fields."""
 
-PIPELINE: dict[str, Stage] = {"extract": extract, "init": initialize, "calibrate": calibrate,
-                              "finetune": finetune, "evaluate": evaluate, "package": package}
+PIPELINE: dict[str, Stage] = {
+    "extract": extract,
+    "init": initialize,
+    "calibrate": calibrate,
+    "finetune": finetune,
+    "evaluate": evaluate,
+    "package": package,
+}
 """The stages in order (names as :data:`rsae.config.STAGES`)."""
 
 STATE_CHECKPOINT = "state"

@@ -21,8 +21,17 @@ from ..activations import ActivationStore
 from ..config import UpgradeConfig
 from ..errors import TeacherError
 from ..remez import RationalFit
-from ..report import (CalibrationSection, ControlSection, DataSection, FinetuneSection, FitParams, HostModel,
-                      Plots, ProbingSection, SAEMetrics)
+from ..report import (
+    CalibrationSection,
+    ControlSection,
+    DataSection,
+    FinetuneSection,
+    FitParams,
+    HostModel,
+    Plots,
+    ProbingSection,
+    SAEMetrics,
+)
 from ..saes import SAE, SAE_REGISTRY, Family, JumpRule, RationalSAE, family_names, get_family, load_sae
 from ..train import sample_pre_acts
 
@@ -134,30 +143,48 @@ class UpgradeState:
     def data_section(self) -> DataSection:
         """The report's ``data`` section from the two activation manifests."""
         keys = ("rows", "ctx_len", "dataset", "split", "stats")
-        return DataSection(train={k: self.train.manifest[k] for k in keys},
-                           eval={k: self.evals.manifest[k] for k in keys})
+        return DataSection(
+            train={k: self.train.manifest[k] for k in keys}, eval={k: self.evals.manifest[k] for k in keys}
+        )
 
     # -- persistence -------------------------------------------------------------------------------
     _SAES = ("rsae", "rsae_init", "control")
-    _SECTIONS = {"host": HostModel, "calibration": CalibrationSection, "teacher_metrics": SAEMetrics,
-                 "init_metrics": SAEMetrics, "finetune": FinetuneSection, "control_section": ControlSection,
-                 "probing": ProbingSection, "plots": Plots}
+    _SECTIONS = {
+        "host": HostModel,
+        "calibration": CalibrationSection,
+        "teacher_metrics": SAEMetrics,
+        "init_metrics": SAEMetrics,
+        "finetune": FinetuneSection,
+        "control_section": ControlSection,
+        "probing": ProbingSection,
+        "plots": Plots,
+    }
 
     def snapshot(self) -> dict[str, Any]:
         """The persistable state: plain values, pydantic sections as JSON-able dicts, SAEs as
         ``{"cfg", "tensors", "state_dict"}`` (exact; :func:`sae_from_snapshot`). ``torch.load``
         ``weights_only``-safe."""
-        snap: dict[str, Any] = {"done": list(self.done), "notes": list(self.notes), "timings": dict(self.timings),
-                                "paired": self.paired, "report": self.report}
+        snap: dict[str, Any] = {
+            "done": list(self.done),
+            "notes": list(self.notes),
+            "timings": dict(self.timings),
+            "paired": self.paired,
+            "report": self.report,
+        }
         for name, _ in self._SECTIONS.items():
             v = getattr(self, name)
             snap[name] = None if v is None else v.model_dump(mode="json", by_alias=True)
-        snap["metrics"] = None if self.metrics is None else {k: m.model_dump(mode="json")
-                                                             for k, m in self.metrics.items()}
+        snap["metrics"] = (
+            None if self.metrics is None else {k: m.model_dump(mode="json") for k, m in self.metrics.items()}
+        )
         if self.init is not None:
-            snap["init"] = {"fit": self.init.fit.__dict__, "params": self.init.params.model_dump(mode="json"),
-                            "c_in": self.init.c_in, "thresholds": self.init.thresholds,
-                            "rank_capped": self.init.rank_capped}
+            snap["init"] = {
+                "fit": self.init.fit.__dict__,
+                "params": self.init.params.model_dump(mode="json"),
+                "c_in": self.init.c_in,
+                "thresholds": self.init.thresholds,
+                "rank_capped": self.init.rank_capped,
+            }
         for name in self._SAES:
             sae = getattr(self, name)
             snap[name] = None if sae is None else sae_snapshot(sae)
@@ -174,8 +201,13 @@ class UpgradeState:
             self.metrics = {k: SAEMetrics.model_validate(v) for k, v in snap["metrics"].items()}
         if snap.get("init") is not None:
             i = snap["init"]
-            self.init = InitResult(RationalFit(**i["fit"]), FitParams.model_validate(i["params"]), i["c_in"],
-                                   i["thresholds"], i["rank_capped"])
+            self.init = InitResult(
+                RationalFit(**i["fit"]),
+                FitParams.model_validate(i["params"]),
+                i["c_in"],
+                i["thresholds"],
+                i["rank_capped"],
+            )
         for name in self._SAES:
             if snap.get(name) is not None:
                 setattr(self, name, sae_from_snapshot(snap[name]).to(self.device))
@@ -188,9 +220,12 @@ def sae_snapshot(sae: SAE) -> dict[str, Any]:
     """An exact, ``torch.load(weights_only=True)``-safe copy of ``sae``: its cfg, file tensors and state dict."""
     tensors = {n: getattr(sae, n).detach().cpu().clone() for n in ("W_enc", "b_enc", "W_dec", "b_dec")}
     tensors.update({k: v.detach().cpu().clone() for k, v in sae.extra_tensors().items()})
-    return {"cfg": sae.cfg_dict(), "tensors": tensors,
-            "state_dict": {k: v.detach().cpu().clone() for k, v in sae.state_dict().items()},
-            "training": sae.training}
+    return {
+        "cfg": sae.cfg_dict(),
+        "tensors": tensors,
+        "state_dict": {k: v.detach().cpu().clone() for k, v in sae.state_dict().items()},
+        "training": sae.training,
+    }
 
 
 def sae_from_snapshot(snap: dict[str, Any]) -> SAE:
@@ -211,11 +246,14 @@ def load_teacher(cfg: UpgradeConfig) -> tuple[SAE, Family]:
     teacher = load_sae(cfg.teacher)
     if teacher.family not in family_names():
         hint = " (it is already a rational SAE)" if teacher.family == RationalSAE.family else ""
-        raise TeacherError(f"teacher family {teacher.family!r} cannot be upgraded{hint}; upgradable: "
-                           f"{sorted(family_names())}", field="teacher")
+        raise TeacherError(
+            f"teacher family {teacher.family!r} cannot be upgraded{hint}; upgradable: {sorted(family_names())}",
+            field="teacher",
+        )
     if cfg.family is not None and cfg.family != teacher.family:
-        raise TeacherError(f"family {cfg.family!r} requested but the teacher's cfg says {teacher.family!r}",
-                           field="family")
+        raise TeacherError(
+            f"family {cfg.family!r} requested but the teacher's cfg says {teacher.family!r}", field="family"
+        )
     family = get_family(teacher.family)
     family.check_teacher(teacher)
     return teacher, family
@@ -231,5 +269,6 @@ def new_state(cfg: UpgradeConfig, out_dir: Path, work_dir: Path, device: str) ->
     out_dir.mkdir(parents=True, exist_ok=True)
     work_dir.mkdir(parents=True, exist_ok=True)
     teacher, family = load_teacher(cfg)
-    return UpgradeState(cfg=cfg, out_dir=out_dir, work_dir=work_dir, device=device, family=family,
-                        teacher=teacher.to(device))
+    return UpgradeState(
+        cfg=cfg, out_dir=out_dir, work_dir=work_dir, device=device, family=family, teacher=teacher.to(device)
+    )

@@ -53,8 +53,9 @@ class SAE(nn.Module):
     architecture: ClassVar[str] = "base"
     family: ClassVar[str] = "base"
 
-    def __init__(self, d_in: int, d_sae: int, *, apply_b_dec_to_input: bool = True,
-                 metadata: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self, d_in: int, d_sae: int, *, apply_b_dec_to_input: bool = True, metadata: dict[str, Any] | None = None
+    ) -> None:
         super().__init__()
         self.d_in, self.d_sae = int(d_in), int(d_sae)
         self.apply_b_dec_to_input = bool(apply_b_dec_to_input)
@@ -124,8 +125,7 @@ class SAE(nn.Module):
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         tensors = {n: getattr(self, n).detach().to("cpu", torch.float32).contiguous() for n in CORE_TENSORS}
-        tensors.update({k: v.detach().to("cpu", torch.float32).contiguous()
-                        for k, v in self.extra_tensors().items()})
+        tensors.update({k: v.detach().to("cpu", torch.float32).contiguous() for k, v in self.extra_tensors().items()})
         tmp_w = path / f".{WEIGHTS_NAME}.tmp"
         save_file(tensors, str(tmp_w), metadata={"format": "pt"})
         os.replace(tmp_w, path / WEIGHTS_NAME)
@@ -138,8 +138,13 @@ class SAE(nn.Module):
     def from_parts(cls, cfg: dict[str, Any], tensors: dict[str, torch.Tensor], **kwargs: Any) -> "SAE":
         """Build from a validated cfg dict and tensor dict (see :func:`load_sae`); ``kwargs`` go to the
         constructor (family options such as ``k``). Subclasses validate and copy their own extra tensors."""
-        sae = cls(cfg["d_in"], cfg["d_sae"], apply_b_dec_to_input=cfg.get("apply_b_dec_to_input", True),
-                  metadata=cfg.get("metadata") or {}, **kwargs)
+        sae = cls(
+            cfg["d_in"],
+            cfg["d_sae"],
+            apply_b_dec_to_input=cfg.get("apply_b_dec_to_input", True),
+            metadata=cfg.get("metadata") or {},
+            **kwargs,
+        )
         sae.copy_weights(tensors)
         return sae
 
@@ -155,8 +160,7 @@ class SAE(nn.Module):
         """Load a folder written by :meth:`save` (or SAELens) and check it is of this class."""
         sae = load_sae(path)
         if not isinstance(sae, cls):
-            raise TeacherError(f"{path} holds a {type(sae).__name__}, not a {cls.__name__}",
-                               field="architecture")
+            raise TeacherError(f"{path} holds a {type(sae).__name__}, not a {cls.__name__}", field="architecture")
         return sae
 
 
@@ -182,19 +186,21 @@ def _read_cfg(path: Path) -> dict[str, Any]:
     for key in ("d_in", "d_sae"):
         v = cfg.get(key)
         if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= MAX_DIM:
-            raise TeacherError(f"cfg.json '{key}' must be an integer in [1, {MAX_DIM}], got {v!r}",
-                               field=f"cfg.json.{key}")
+            raise TeacherError(
+                f"cfg.json '{key}' must be an integer in [1, {MAX_DIM}], got {v!r}", field=f"cfg.json.{key}"
+            )
     arch = cfg.get("architecture", "standard")
     if not isinstance(arch, str) or arch not in SAE_REGISTRY:
-        raise TeacherError(f"unknown architecture {arch!r}; known: {sorted(SAE_REGISTRY)}",
-                           field="cfg.json.architecture")
+        raise TeacherError(
+            f"unknown architecture {arch!r}; known: {sorted(SAE_REGISTRY)}", field="cfg.json.architecture"
+        )
     if not isinstance(cfg.get("apply_b_dec_to_input", True), bool):
-        raise TeacherError("cfg.json 'apply_b_dec_to_input' must be a boolean",
-                           field="cfg.json.apply_b_dec_to_input")
+        raise TeacherError("cfg.json 'apply_b_dec_to_input' must be a boolean", field="cfg.json.apply_b_dec_to_input")
     norm = cfg.get("normalize_activations", "none")
     if norm not in (None, "none"):
-        raise TeacherError(f"normalize_activations={norm!r} is not supported yet (only 'none')",
-                           field="cfg.json.normalize_activations")
+        raise TeacherError(
+            f"normalize_activations={norm!r} is not supported yet (only 'none')", field="cfg.json.normalize_activations"
+        )
     if cfg.get("metadata") is not None and not isinstance(cfg["metadata"], dict):
         raise TeacherError("cfg.json 'metadata' must be an object", field="cfg.json.metadata")
     return cfg
@@ -207,8 +213,7 @@ def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
     try:
         tensors = load_file(str(f))
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise TeacherError(f"{WEIGHTS_NAME} is not a readable safetensors file: {e}",
-                           field=WEIGHTS_NAME) from None
+        raise TeacherError(f"{WEIGHTS_NAME} is not a readable safetensors file: {e}", field=WEIGHTS_NAME) from None
     return tensors
 
 
@@ -230,11 +235,14 @@ def validate_tensors(cfg: dict[str, Any], tensors: dict[str, torch.Tensor]) -> d
             raise TeacherError(f"tensor '{name}' missing from {WEIGHTS_NAME}", field=f"{WEIGHTS_NAME}.{name}")
         t = tensors[name]
         if not t.is_floating_point():
-            raise TeacherError(f"tensor '{name}' has dtype {t.dtype}; a floating dtype is required",
-                               field=f"{WEIGHTS_NAME}.{name}")
+            raise TeacherError(
+                f"tensor '{name}' has dtype {t.dtype}; a floating dtype is required", field=f"{WEIGHTS_NAME}.{name}"
+            )
         if tuple(t.shape) != shape:
-            raise TeacherError(f"tensor '{name}' has shape {list(t.shape)}, cfg.json implies {list(shape)}",
-                               field=f"{WEIGHTS_NAME}.{name}")
+            raise TeacherError(
+                f"tensor '{name}' has shape {list(t.shape)}, cfg.json implies {list(shape)}",
+                field=f"{WEIGHTS_NAME}.{name}",
+            )
         t = t.to(torch.float32)
         if not torch.isfinite(t).all():
             raise TeacherError(f"tensor '{name}' contains NaN or Inf", field=f"{WEIGHTS_NAME}.{name}")

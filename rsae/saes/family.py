@@ -45,8 +45,7 @@ def sae_loss(sae: SAE, x: torch.Tensor, l1_coefficient: float) -> tuple[torch.Te
     mse = (x - x_hat).pow(2).sum(-1).mean()
     l1 = decoder_norm_l1(z, sae.W_dec)
     loss = mse + l1_coefficient * l1
-    return loss, {"loss": loss.item(), "mse": mse.item(), "l1": l1.item(),
-                  "l0": (z != 0).sum(-1).float().mean().item()}
+    return loss, {"loss": loss.item(), "mse": mse.item(), "l1": l1.item(), "l0": (z != 0).sum(-1).float().mean().item()}
 
 
 @dataclass
@@ -129,8 +128,9 @@ class Family:
     def check_teacher(self, teacher: SAE) -> None:
         """Raise :class:`rsae.errors.TeacherError` when ``teacher`` cannot be upgraded as this family."""
         if not isinstance(teacher, self.sae_class):
-            raise TeacherError(f"teacher is a {type(teacher).__name__}, not a {self.sae_class.__name__}",
-                               field="teacher")
+            raise TeacherError(
+                f"teacher is a {type(teacher).__name__}, not a {self.sae_class.__name__}", field="teacher"
+            )
 
     def jump_rule(self, teacher: SAE, h: torch.Tensor, remez: Any) -> JumpRule:
         """Where ``teacher``'s gate jumps on real pre-activations ``h`` [n, d_sae]; ``remez`` is the request's
@@ -148,8 +148,9 @@ class Family:
         Default: the RSAE's objective, MSE + ``lam`` * decoder-norm-weighted L1 (``lam_source``: where the
         RSAE's lambda came from), adapted by the same L0 controller.
         """
-        return Objective(None, float(lam),
-                         f"MSE + lambda * sum_j |z_j| ||W_dec[j]|| (as the RSAE; lambda: {lam_source})")
+        return Objective(
+            None, float(lam), f"MSE + lambda * sum_j |z_j| ||W_dec[j]|| (as the RSAE; lambda: {lam_source})"
+        )
 
     def threshold_parameters(self, sae: SAE) -> list[torch.nn.Parameter]:
         """Parameters of ``sae`` (of this family) trained at the threshold learning rate; default none."""
@@ -161,8 +162,7 @@ class Family:
         return []
 
     # -- teacher training (rsae.teacher) -------------------------------------------------------------
-    def new_teacher(self, d_in: int, d_sae: int, *, k: int, coefficient: float,
-                    metadata: dict[str, Any]) -> SAE:
+    def new_teacher(self, d_in: int, d_sae: int, *, k: int, coefficient: float, metadata: dict[str, Any]) -> SAE:
         """A fresh, untrained teacher SAE of this family (weights uninitialised; see ``init_weights``)."""
         return self.sae_class(d_in, d_sae, metadata=metadata)
 

@@ -18,7 +18,7 @@ from torch import nn
 
 from ..errors import TeacherError
 from .base import SAE, WEIGHTS_NAME, decoder_norm_l1, is_finite_number
-from .family import Family, JumpRule, Objective, register_family
+from .family import Family, Objective, register_family
 
 JUMPRELU_INIT_THRESHOLD = 1.0
 """Initial theta of a JumpReLU teacher trained by :mod:`rsae.teacher`, units of h."""
@@ -122,14 +122,17 @@ class JumpReLUSAE(SAE):
         """
         th = tensors.get("threshold")
         if th is None or tuple(th.shape) != (cfg["d_sae"],) or not th.is_floating_point():
-            raise TeacherError(f"a jumprelu SAE needs a float tensor 'threshold' of shape [{cfg['d_sae']}]",
-                               field=f"{WEIGHTS_NAME}.threshold")
+            raise TeacherError(
+                f"a jumprelu SAE needs a float tensor 'threshold' of shape [{cfg['d_sae']}]",
+                field=f"{WEIGHTS_NAME}.threshold",
+            )
         if not torch.isfinite(th).all() or (th <= 0).any():
             raise TeacherError("tensor 'threshold' must be finite and > 0", field=f"{WEIGHTS_NAME}.threshold")
         bw = cfg.get("jumprelu_bandwidth", 0.05)
         if not is_finite_number(bw) or bw <= 0:
-            raise TeacherError("cfg.json 'jumprelu_bandwidth' must be a positive number",
-                               field="cfg.json.jumprelu_bandwidth")
+            raise TeacherError(
+                "cfg.json 'jumprelu_bandwidth' must be a positive number", field="cfg.json.jumprelu_bandwidth"
+            )
         sae = super().from_parts(cfg, tensors, bandwidth=float(bw))
         with torch.no_grad():
             sae.log_threshold.copy_(th.float().log())
@@ -145,8 +148,12 @@ def jumprelu_l0_loss(sae: SAE, x: torch.Tensor, lam: float) -> tuple[torch.Tenso
     mse = (x - x_hat).pow(2).sum(-1).mean()
     l0 = sae.step(h).sum(-1).mean()
     loss = mse + lam * l0
-    return loss, {"loss": loss.item(), "mse": mse.item(), "l0": (z != 0).sum(-1).float().mean().item(),
-                  "l1": decoder_norm_l1(z.detach(), sae.W_dec.detach()).item()}
+    return loss, {
+        "loss": loss.item(),
+        "mse": mse.item(),
+        "l0": (z != 0).sum(-1).float().mean().item(),
+        "l1": decoder_norm_l1(z.detach(), sae.W_dec.detach()).item(),
+    }
 
 
 class JumpReLUFamily(Family):
@@ -164,22 +171,27 @@ class JumpReLUFamily(Family):
         by the same L0 controller as the RSAE's lambda. Why not L1: ``docs/method.md`` (control objective)."""
         mu = teacher.metadata.get("l0_coefficient")
         mu = float(mu) if isinstance(mu, (int, float)) and mu > 0 else float(lam)
-        return Objective(jumprelu_l0_loss, mu,
-                         "MSE + mu * L0 (straight-through kernel estimator for the thresholds; the JumpReLU "
-                         "family's own penalty), mu from the teacher's l0_coefficient, adapted to the same L0 "
-                         "target as the RSAE")
+        return Objective(
+            jumprelu_l0_loss,
+            mu,
+            "MSE + mu * L0 (straight-through kernel estimator for the thresholds; the JumpReLU "
+            "family's own penalty), mu from the teacher's l0_coefficient, adapted to the same L0 "
+            "target as the RSAE",
+        )
 
     def threshold_parameters(self, sae: SAE) -> list[nn.Parameter]:
         """``[log_threshold]``."""
         return [sae.log_threshold]
 
-    def new_teacher(self, d_in: int, d_sae: int, *, k: int, coefficient: float,
-                    metadata: dict[str, Any]) -> SAE:
+    def new_teacher(self, d_in: int, d_sae: int, *, k: int, coefficient: float, metadata: dict[str, Any]) -> SAE:
         """A JumpReLU SAE (bandwidth :data:`JUMPRELU_BANDWIDTH`) with thresholds at
         :data:`JUMPRELU_INIT_THRESHOLD` once ``init_weights`` has run (see :meth:`JumpReLUSAE.init_weights`)."""
-        return JumpReLUSAE(d_in, d_sae, bandwidth=JUMPRELU_BANDWIDTH,
-                           metadata={**metadata, "l0_coefficient": coefficient,
-                                     "sparsity_penalty": "L0 (straight-through)"})
+        return JumpReLUSAE(
+            d_in,
+            d_sae,
+            bandwidth=JUMPRELU_BANDWIDTH,
+            metadata={**metadata, "l0_coefficient": coefficient, "sparsity_penalty": "L0 (straight-through)"},
+        )
 
     def train_teacher_objective(self, sae: SAE, batch_size: int):
         """:func:`jumprelu_l0_loss`."""
@@ -187,8 +199,10 @@ class JumpReLUFamily(Family):
 
     def teacher_param_groups(self, sae: SAE, lr: float) -> list[dict[str, Any]] | None:
         """Thresholds move in log space: they get 10x the learning rate."""
-        return [{"params": [p for n, p in sae.named_parameters() if n != "log_threshold"], "lr": lr},
-                {"params": [sae.log_threshold], "lr": 10 * lr}]
+        return [
+            {"params": [p for n, p in sae.named_parameters() if n != "log_threshold"], "lr": lr},
+            {"params": [sae.log_threshold], "lr": 10 * lr},
+        ]
 
 
 JUMPRELU = register_family(JumpReLUFamily())

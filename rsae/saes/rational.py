@@ -58,15 +58,28 @@ class RationalGate(nn.Module):
         ValueError: coefficient shapes do not match the degrees, or a scale is not positive.
     """
 
-    def __init__(self, p: int, q: int, *, a=None, b=None, c_in: float = 1.0, c_out: float = 1.0,
-                 floor: float = 0.0, d_sae: int | None = None, scale=None, train_scale: bool = False) -> None:
+    def __init__(
+        self,
+        p: int,
+        q: int,
+        *,
+        a=None,
+        b=None,
+        c_in: float = 1.0,
+        c_out: float = 1.0,
+        floor: float = 0.0,
+        d_sae: int | None = None,
+        scale=None,
+        train_scale: bool = False,
+    ) -> None:
         super().__init__()
         self.p, self.q = int(p), int(q)
         self.a = nn.Parameter(torch.as_tensor(a if a is not None else [0.0] * (p + 1), dtype=torch.float32).clone())
         self.b = nn.Parameter(torch.as_tensor(b if b is not None else [0.0] * q, dtype=torch.float32).clone())
         if self.a.shape != (p + 1,) or self.b.shape != (q,):
-            raise ValueError(f"coefficient shapes {tuple(self.a.shape)}, {tuple(self.b.shape)} do not match "
-                             f"degrees ({p}, {q})")
+            raise ValueError(
+                f"coefficient shapes {tuple(self.a.shape)}, {tuple(self.b.shape)} do not match degrees ({p}, {q})"
+            )
         if not (c_in > 0 and c_out > 0):
             raise ValueError("C_in and C_out must be positive")
         self.log_c_in = nn.Parameter(torch.tensor(math.log(c_in), dtype=torch.float32))
@@ -123,8 +136,17 @@ class RationalSAE(SAE):
     architecture: ClassVar[str] = "rational"
     family: ClassVar[str] = "rational"
 
-    def __init__(self, d_in: int, d_sae: int, *, p: int = 3, q: int = 2, apply_b_dec_to_input: bool = True,
-                 metadata: dict[str, Any] | None = None, rational: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        d_in: int,
+        d_sae: int,
+        *,
+        p: int = 3,
+        q: int = 2,
+        apply_b_dec_to_input: bool = True,
+        metadata: dict[str, Any] | None = None,
+        rational: dict[str, Any] | None = None,
+    ) -> None:
         super().__init__(d_in, d_sae, apply_b_dec_to_input=apply_b_dec_to_input, metadata=metadata)
         self.rational_cfg: dict[str, Any] = {"p": p, "q": q, "train_scale": False, **(rational or {})}
         self.gate_fn = RationalGate(p, q, d_sae=self.d_sae, train_scale=bool(self.rational_cfg["train_scale"]))
@@ -146,7 +168,8 @@ class RationalSAE(SAE):
 
         TopK upgrades (``rational.topk_k`` set): each token i gets the scale s_i = tau_i / a (a =
         :attr:`jump_anchor`, the unit-interval position of the jump) with tau_i its
-        separating threshold (:func:`rsae.saes.topk.topk_separating_threshold`), i.e. z = s_i * G(h / s_i) with G the gate at unit
+        separating threshold (:func:`rsae.saes.topk.topk_separating_threshold`), i.e. z = s_i * G(h / s_i) with G
+        the gate at unit
         scale, which equals C_out s_i r(h / (C_in s_i)) and puts the jump at tau_i for every token. With
         ``rational.topk_cap`` (the default for new TopK upgrades) only the token's k largest pre-activations
         can be non-zero (z = 0 where h < the token's k-th largest h), so L0 <= k exactly, as for the teacher:
@@ -160,12 +183,22 @@ class RationalSAE(SAE):
         s = separating_threshold_from_top(top, k) / self.jump_anchor
         z = s * self.gate_fn(h / s)
         if self.rational_cfg.get("topk_cap", False):
-            z = torch.where(h >= top[..., k - 1:k], z, torch.zeros((), dtype=z.dtype, device=z.device))
+            z = torch.where(h >= top[..., k - 1 : k], z, torch.zeros((), dtype=z.dtype, device=z.device))
         return z
 
     @classmethod
-    def from_teacher(cls, teacher: SAE, *, a, b, c_in: float, c_out: float, floor: float = 0.0,
-                     scale: torch.Tensor | None = None, rational: dict[str, Any] | None = None) -> "RationalSAE":
+    def from_teacher(
+        cls,
+        teacher: SAE,
+        *,
+        a,
+        b,
+        c_in: float,
+        c_out: float,
+        floor: float = 0.0,
+        scale: torch.Tensor | None = None,
+        rational: dict[str, Any] | None = None,
+    ) -> "RationalSAE":
         """Copy W_enc, b_enc, W_dec, b_dec (and conventions) from ``teacher`` exactly; set the gate.
 
         Args:
@@ -175,13 +208,33 @@ class RationalSAE(SAE):
         """
         p, q = len(a) - 1, len(b)
         train_scale = scale is not None
-        sae = cls(teacher.d_in, teacher.d_sae, p=p, q=q, apply_b_dec_to_input=teacher.apply_b_dec_to_input,
-                  metadata=dict(teacher.metadata),
-                  rational={"teacher_architecture": teacher.architecture, "teacher_family": teacher.family,
-                            "train_scale": train_scale, **(rational or {})})
+        sae = cls(
+            teacher.d_in,
+            teacher.d_sae,
+            p=p,
+            q=q,
+            apply_b_dec_to_input=teacher.apply_b_dec_to_input,
+            metadata=dict(teacher.metadata),
+            rational={
+                "teacher_architecture": teacher.architecture,
+                "teacher_family": teacher.family,
+                "train_scale": train_scale,
+                **(rational or {}),
+            },
+        )
         sae.copy_weights(teacher)
-        sae.gate_fn = RationalGate(p, q, a=a, b=b, c_in=c_in, c_out=c_out, floor=floor, d_sae=teacher.d_sae,
-                                   scale=None if scale is None else scale.detach().cpu(), train_scale=train_scale)
+        sae.gate_fn = RationalGate(
+            p,
+            q,
+            a=a,
+            b=b,
+            c_in=c_in,
+            c_out=c_out,
+            floor=floor,
+            d_sae=teacher.d_sae,
+            scale=None if scale is None else scale.detach().cpu(),
+            train_scale=train_scale,
+        )
         return sae
 
     def gate_scalars(self) -> list[nn.Parameter]:
@@ -197,8 +250,10 @@ class RationalSAE(SAE):
         """Adam groups for fine-tuning: SAE weights at ``lr``, gate scalars at ``gate_lr``, per-latent scales
         (when trained) at ``threshold_lr``, the rate of the teacher's thresholds in the control."""
         special = {id(p) for p in self.gate_scalars() + self.scale_parameters()}
-        groups = [{"params": [p for p in self.parameters() if id(p) not in special and p.requires_grad], "lr": lr},
-                  {"params": self.gate_scalars(), "lr": gate_lr}]
+        groups = [
+            {"params": [p for p in self.parameters() if id(p) not in special and p.requires_grad], "lr": lr},
+            {"params": self.gate_scalars(), "lr": gate_lr},
+        ]
         if self.scale_parameters():
             groups.append({"params": self.scale_parameters(), "lr": threshold_lr})
         return groups
@@ -230,8 +285,15 @@ class RationalSAE(SAE):
         """The fitted gate for the report: coefficients a, b, C_in, C_out, floor, whether scales train and
         their median."""
         g = self.gate_fn
-        return {"a": g.a.tolist(), "b": g.b.tolist(), "c_in": g.c_in.item(), "c_out": g.c_out.item(),
-                "floor": g.floor.item(), "train_scale": g.train_scale, "scale_median": g.scale.median().item()}
+        return {
+            "a": g.a.tolist(),
+            "b": g.b.tolist(),
+            "c_in": g.c_in.item(),
+            "c_out": g.c_out.item(),
+            "floor": g.floor.item(),
+            "train_scale": g.train_scale,
+            "scale_median": g.scale.median().item(),
+        }
 
     def cfg_dict(self) -> dict[str, Any]:
         """SAELens cfg plus the ``rational`` block."""
@@ -242,8 +304,14 @@ class RationalSAE(SAE):
     def extra_tensors(self) -> dict[str, torch.Tensor]:
         """Gate scalars saved beside the SAE weights."""
         g = self.gate_fn
-        return {"rational_a": g.a, "rational_b": g.b, "log_c_in": g.log_c_in, "log_c_out": g.log_c_out,
-                "gate_floor": g.floor, "latent_scale": g.scale}
+        return {
+            "rational_a": g.a,
+            "rational_b": g.b,
+            "log_c_in": g.log_c_in,
+            "log_c_out": g.log_c_out,
+            "gate_floor": g.floor,
+            "latent_scale": g.scale,
+        }
 
     @classmethod
     def from_parts(cls, cfg: dict[str, Any], tensors: dict[str, torch.Tensor]) -> "RationalSAE":
@@ -258,14 +326,22 @@ class RationalSAE(SAE):
         p, q = rc.get("p"), rc.get("q")
         for k, v in (("p", p), ("q", q)):
             if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= 32:
-                raise TeacherError(f"cfg.json rational.{k} must be an integer in [0, 32]",
-                                   field=f"cfg.json.rational.{k}")
-        shapes = {"rational_a": (p + 1,), "rational_b": (q,), "log_c_in": (), "log_c_out": (), "gate_floor": (),
-                  "latent_scale": (cfg["d_sae"],)}
+                raise TeacherError(
+                    f"cfg.json rational.{k} must be an integer in [0, 32]", field=f"cfg.json.rational.{k}"
+                )
+        shapes = {
+            "rational_a": (p + 1,),
+            "rational_b": (q,),
+            "log_c_in": (),
+            "log_c_out": (),
+            "gate_floor": (),
+            "latent_scale": (cfg["d_sae"],),
+        }
         for n, s in shapes.items():
             if n not in tensors or tuple(tensors[n].shape) != s or not torch.isfinite(tensors[n]).all():
-                raise TeacherError(f"tensor '{n}' missing, non-finite or not of shape {list(s)}",
-                                   field=f"sae_weights.safetensors.{n}")
+                raise TeacherError(
+                    f"tensor '{n}' missing, non-finite or not of shape {list(s)}", field=f"sae_weights.safetensors.{n}"
+                )
         sae = super().from_parts(cfg, tensors, p=p, q=q, rational=rc)
         with torch.no_grad():
             sae.gate_fn.a.copy_(tensors["rational_a"])

@@ -69,11 +69,13 @@ class ReLUFamily(Family):
             return float(lam), "teacher cfg metadata.l1_coefficient"
         return None
 
-    def new_teacher(self, d_in: int, d_sae: int, *, k: int, coefficient: float,
-                    metadata: dict[str, Any]) -> SAE:
+    def new_teacher(self, d_in: int, d_sae: int, *, k: int, coefficient: float, metadata: dict[str, Any]) -> SAE:
         """A ReLU SAE whose metadata records its L1 coefficient and penalty."""
-        return ReLUSAE(d_in, d_sae, metadata={**metadata, "l1_coefficient": coefficient,
-                                              "sparsity_penalty": "sum_j |z_j| * ||W_dec[j]||"})
+        return ReLUSAE(
+            d_in,
+            d_sae,
+            metadata={**metadata, "l1_coefficient": coefficient, "sparsity_penalty": "sum_j |z_j| * ||W_dec[j]||"},
+        )
 
 
 RELU = register_family(ReLUFamily())

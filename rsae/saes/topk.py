@@ -38,7 +38,7 @@ are ~1e6). With tau >= 1e-3 max(h), t <= 1e3 c; only entries below 0.1% of the t
 def separating_threshold_from_top(top: torch.Tensor, k: int) -> torch.Tensor:
     """Per-token separating threshold [..., 1] from ``top`` = :func:`top_values` (see
     :func:`topk_separating_threshold`)."""
-    tau = 0.5 * (top[..., k - 1:k] + top[..., -1:]) if top.shape[-1] > k else top[..., -1:]
+    tau = 0.5 * (top[..., k - 1 : k] + top[..., -1:]) if top.shape[-1] > k else top[..., -1:]
     return torch.maximum(tau, TAU_MIN_RATIO * top[..., :1]).clamp_min(1e-6)
 
 
@@ -85,8 +85,10 @@ class TopKSAE(SAE):
         """
         k = cfg.get("k")
         if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= cfg["d_sae"]:
-            raise TeacherError(f"cfg.json 'k' of a topk SAE must be an integer in [1, d_sae={cfg['d_sae']}], "
-                               f"got {k!r}", field="cfg.json.k")
+            raise TeacherError(
+                f"cfg.json 'k' of a topk SAE must be an integer in [1, d_sae={cfg['d_sae']}], got {k!r}",
+                field="cfg.json.k",
+            )
         return super().from_parts(cfg, tensors, k=k)
 
 
@@ -98,8 +100,9 @@ class TopKLoss:
         dead_tokens: a latent not active for this many training tokens counts as dead.
     """
 
-    def __init__(self, d_sae: int, *, k_aux: int | None = None, dead_tokens: int = 100_000,
-                 aux_coefficient: float = 1 / 32) -> None:
+    def __init__(
+        self, d_sae: int, *, k_aux: int | None = None, dead_tokens: int = 100_000, aux_coefficient: float = 1 / 32
+    ) -> None:
         self.k_aux = k_aux or min(512, d_sae // 2)
         self.dead_tokens = dead_tokens
         self.aux_coefficient = aux_coefficient
@@ -125,9 +128,14 @@ class TopKLoss:
             aux = (err.detach() - e_hat).pow(2).sum(-1).mean()
         l1 = decoder_norm_l1(z, sae.W_dec)
         loss = mse + self.aux_coefficient * aux + lam * l1
-        return loss, {"loss": loss.item(), "mse": mse.item(), "l0": (z != 0).sum(-1).float().mean().item(),
-                      "l1": l1.item(), "aux": aux.item(), "dead": n_dead}
-
+        return loss, {
+            "loss": loss.item(),
+            "mse": mse.item(),
+            "l0": (z != 0).sum(-1).float().mean().item(),
+            "l1": l1.item(),
+            "aux": aux.item(),
+            "dead": n_dead,
+        }
 
 
 class TopKFamily(Family):
@@ -145,26 +153,39 @@ class TopKFamily(Family):
         k = teacher.k
         if remez.topk_threshold == "per_token":
             tau = topk_separating_threshold(h, k)
-            info = {"rule": "per token: tau_i = midpoint of the token's k-th and (k+1)-th pre-activation",
-                    "mode": "per_token", "k": k, "tau_median": tau.median().item()}
+            info = {
+                "rule": "per token: tau_i = midpoint of the token's k-th and (k+1)-th pre-activation",
+                "mode": "per_token",
+                "k": k,
+                "tau_median": tau.median().item(),
+            }
             cap = bool(remez.topk_cap)
             return JumpRule(tau, info, rational={"topk_k": k, "topk_cap": cap}, rank_capped=cap)
         tau = max(quantile(h, 1.0 - k / teacher.d_sae), 1e-6)
-        return JumpRule(torch.full((teacher.d_sae,), tau, device=h.device),
-                        {"rule": "tau = (1 - k/d_sae) quantile of real pre-activations (mean count above tau = k)",
-                         "mode": "global", "tau": tau, "k": k})
+        return JumpRule(
+            torch.full((teacher.d_sae,), tau, device=h.device),
+            {
+                "rule": "tau = (1 - k/d_sae) quantile of real pre-activations (mean count above tau = k)",
+                "mode": "global",
+                "tau": tau,
+                "k": k,
+            },
+        )
 
     def notes(self, teacher: SAE, thresholds: dict[str, Any]) -> list[str]:
         """How the RSAE's jump follows the top-k rule."""
         if thresholds.get("mode") == "global":
-            return [f"TopK teacher: the RSAE replaces per-token top-{teacher.k} by the threshold tau = "
-                    f"{thresholds['tau']:.4g}; its L0 varies per token (mean reported)."]
-        return [f"TopK teacher: the RSAE's jump sits at each token's separating threshold (midpoint of its "
-                f"{teacher.k}-th and {teacher.k + 1}-th pre-activation); the rational shapes the values and "
-                "the floor decides the entries inside the margin around the jump."]
+            return [
+                f"TopK teacher: the RSAE replaces per-token top-{teacher.k} by the threshold tau = "
+                f"{thresholds['tau']:.4g}; its L0 varies per token (mean reported)."
+            ]
+        return [
+            f"TopK teacher: the RSAE's jump sits at each token's separating threshold (midpoint of its "
+            f"{teacher.k}-th and {teacher.k + 1}-th pre-activation); the rational shapes the values and "
+            "the floor decides the entries inside the margin around the jump."
+        ]
 
-    def new_teacher(self, d_in: int, d_sae: int, *, k: int, coefficient: float,
-                    metadata: dict[str, Any]) -> SAE:
+    def new_teacher(self, d_in: int, d_sae: int, *, k: int, coefficient: float, metadata: dict[str, Any]) -> SAE:
         """A TopK SAE with ``k`` active latents per token."""
         return TopKSAE(d_in, d_sae, k=k, metadata={**metadata, "k": k, "sparsity_penalty": "topk + auxk/32"})
 

@@ -30,15 +30,17 @@ CeleryDep = Annotated[Celery, Depends(get_celery)]
 """The application's Celery app."""
 
 
-def page_limit(settings: SettingsDep,
-               limit: int | None = Query(None, ge=1, description="Page size (default "
-                                         "RSAE_PAGE_SIZE_DEFAULT, at most RSAE_PAGE_SIZE_MAX).")) -> int:
+def page_limit(
+    settings: SettingsDep,
+    limit: int | None = Query(
+        None, ge=1, description="Page size (default RSAE_PAGE_SIZE_DEFAULT, at most RSAE_PAGE_SIZE_MAX)."
+    ),
+) -> int:
     """The requested page size; 422 naming ``limit`` above the server's maximum."""
     if limit is None:
         return min(settings.page_size_default, settings.page_size_max)
     if limit > settings.page_size_max:
-        raise ProblemError(422, "validation_error", f"limit must be at most {settings.page_size_max}",
-                           field="limit")
+        raise ProblemError(422, "validation_error", f"limit must be at most {settings.page_size_max}", field="limit")
     return limit
 
 

@@ -18,7 +18,7 @@ def lm():
 
 def test_bundled_model_resolves_to_cached_safetensors():
     r = resolve_model("smollm2-135m")
-    assert (r.path_or_id and (__import__("pathlib").Path(r.path_or_id) / "model.safetensors").is_file())
+    assert r.path_or_id and (__import__("pathlib").Path(r.path_or_id) / "model.safetensors").is_file()
 
 
 def test_model_spec_validation(tmp_path):
@@ -82,8 +82,18 @@ def test_local_text_dataset(tmp_path):
 
 def test_extraction_shards_manifest_and_rows(lm, tmp_path):
     model, tok = lm
-    man = extract_activations(model, tok, layer=2, dataset="bbc-news", split="eval", n_tokens=1000,
-                              out_dir=tmp_path, ctx_len=32, shard_tokens=310, batch_size=4)
+    man = extract_activations(
+        model,
+        tok,
+        layer=2,
+        dataset="bbc-news",
+        split="eval",
+        n_tokens=1000,
+        out_dir=tmp_path,
+        ctx_len=32,
+        shard_tokens=310,
+        batch_size=4,
+    )
     assert man["rows"] == 1000 and man["position_0_dropped"] and man["d_in"] == 576
     on_disk = json.loads((tmp_path / "manifest.json").read_text())
     assert on_disk["rows"] == 1000
@@ -106,5 +116,14 @@ def test_too_few_tokens_is_a_data_error(lm, tmp_path):
     model, tok = lm
     (tmp_path / "tiny.txt").write_text("A short text with only a few tokens in it at all.")
     with pytest.raises(DataError):
-        extract_activations(model, tok, layer=1, dataset=str(tmp_path / "tiny.txt"), split="train",
-                            n_tokens=500, out_dir=tmp_path / "acts", ctx_len=8, eval_fraction=0.01)
+        extract_activations(
+            model,
+            tok,
+            layer=1,
+            dataset=str(tmp_path / "tiny.txt"),
+            split="train",
+            n_tokens=500,
+            out_dir=tmp_path / "acts",
+            ctx_len=8,
+            eval_fraction=0.01,
+        )

@@ -7,9 +7,8 @@ import pytest
 import torch
 
 from rsae.errors import TeacherError
-from rsae.saes import RationalSAE
 from rsae.remez import remez_fit
-from rsae.saes import JumpReLUSAE, TopKSAE, load_sae
+from rsae.saes import JumpReLUSAE, RationalSAE, TopKSAE, load_sae
 
 
 def _fill(sae, seed=0):
@@ -104,8 +103,7 @@ def test_per_latent_scales_put_every_jump_at_its_own_threshold():
     reproduces a JumpReLU teacher latent by latent, up to the fit's error and the margin around the jump."""
     c, margin = 0.25, 0.05
     fit, teacher, theta = _jump_fit_and_teacher(c, margin)
-    rsae = RationalSAE.from_teacher(teacher, a=fit.a, b=fit.b, c_in=1.0, c_out=1.0, scale=theta / c,
-                                    floor=c / 2)
+    rsae = RationalSAE.from_teacher(teacher, a=fit.a, b=fit.b, c_in=1.0, c_out=1.0, scale=theta / c, floor=c / 2)
     assert rsae.gate_fn.train_scale and rsae.gate_fn.log_scale.requires_grad
     u = torch.linspace(-1.0, 1.0, 2001)  # t-units: h_j = u * theta_j / c
     h = u[:, None] * (theta / c)[None, :]
@@ -119,8 +117,9 @@ def test_per_latent_scales_put_every_jump_at_its_own_threshold():
 def _topk_rsae(k, cap, d_in=8, d_sae=24, c=0.25, margin=0.025):
     fit = remez_fit("topk", c=c, p=9, q=8, margin=margin)
     teacher = _fill(TopKSAE(d_in, d_sae, k=k))
-    rsae = RationalSAE.from_teacher(teacher, a=fit.a, b=fit.b, c_in=1.0, c_out=1.0,
-                                    rational={"jump": c, "topk_k": k, "topk_cap": cap})
+    rsae = RationalSAE.from_teacher(
+        teacher, a=fit.a, b=fit.b, c_in=1.0, c_out=1.0, rational={"jump": c, "topk_k": k, "topk_cap": cap}
+    )
     return teacher, rsae
 
 
@@ -189,7 +188,7 @@ def test_topk_gate_stays_finite_on_tokens_with_few_positive_pre_activations():
     k = 4
     teacher, rsae = _topk_rsae(k, cap=True)
     h = torch.full((2, teacher.d_sae), -5.0)
-    h[0, :2] = torch.tensor([900.0, 3.0])      # only two positive pre-activations, k = 4
+    h[0, :2] = torch.tensor([900.0, 3.0])  # only two positive pre-activations, k = 4
     h[1, :6] = torch.tensor([8.0, 7.0, 6.0, 5.0, 4.0, 3.0])  # an ordinary token
     tau = topk_separating_threshold(h, k)
     assert tau[0, 0] == pytest.approx(TAU_MIN_RATIO * 900.0) and tau[1, 0] == pytest.approx(4.5)
@@ -212,8 +211,9 @@ def test_upper_edge_anchor_puts_every_kept_entry_in_the_fitted_set():
     errs = {}
     for placement in ("upper_edge", "center"):
         a = jump_anchor(c, margin, placement)
-        rsae = RationalSAE.from_teacher(teacher, a=fit.a, b=fit.b, c_in=1.0, c_out=1.0, scale=theta / a,
-                                        rational={"jump": c, "anchor": a})
+        rsae = RationalSAE.from_teacher(
+            teacher, a=fit.a, b=fit.b, c_in=1.0, c_out=1.0, scale=theta / a, rational={"jump": c, "anchor": a}
+        )
         h = torch.linspace(0.0, 1.0, 4001)[:, None] * (theta / a)[None, :]  # t in [0, 1]
         kept = teacher.gate(h) != 0
         err = (rsae.gate_raw(h) - h).abs() / (theta / a)  # t-units
@@ -236,8 +236,14 @@ def test_topk_anchor_gives_the_kth_entry_its_own_value():
     h[0, :6] = torch.tensor([10.0, 9.0, 8.0, 5.1, 4.9, 1.0])  # tau = 5.0, k-th = 5.1
     rel = {}
     for a in (c + margin, c):
-        rsae = RationalSAE.from_teacher(teacher, a=fit.a, b=fit.b, c_in=1.0, c_out=1.0,
-                                        rational={"jump": c, "anchor": a, "topk_k": k, "topk_cap": True})
+        rsae = RationalSAE.from_teacher(
+            teacher,
+            a=fit.a,
+            b=fit.b,
+            c_in=1.0,
+            c_out=1.0,
+            rational={"jump": c, "anchor": a, "topk_k": k, "topk_cap": True},
+        )
         with torch.no_grad():
             z = rsae.gate(h)
         assert ((z != 0).sum(-1) <= k).all()

@@ -110,6 +110,7 @@ def _check(ours, z_ref: torch.Tensor | None, x_ref: torch.Tensor, x: torch.Tenso
 
 # -- SAELens ---------------------------------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def sae_lens():
     return importlib.import_module("sae_lens")
@@ -117,8 +118,9 @@ def sae_lens():
 
 @pytest.mark.parametrize("arch", ["standard", "jumprelu", "topk", "topk-rescaled"])
 def test_saelens_files_reproduce_saelens_forward(sae_lens, acts, tmp_path, arch):
-    from sae_lens.saes import (JumpReLUSAE as SLJump, JumpReLUSAEConfig, StandardSAE, StandardSAEConfig,
-                               TopKSAE as SLTopK, TopKSAEConfig)
+    from sae_lens.saes import JumpReLUSAE as SLJump
+    from sae_lens.saes import JumpReLUSAEConfig, StandardSAE, StandardSAEConfig, TopKSAEConfig
+    from sae_lens.saes import TopKSAE as SLTopK
 
     th = 0.5 * torch.rand(D_SAE, generator=torch.Generator().manual_seed(1))
     th[:3] = torch.tensor([0.0, -0.2, 1e-3])  # SAELens allows thresholds <= 0
@@ -192,8 +194,10 @@ def test_saelens_unsupported_and_invalid(tmp_path, acts):
 
 # -- Gemma Scope -----------------------------------------------------------------------------------------------
 
+
 def test_gemma_scope_params_npz_reproduces_published_forward(sae_lens, acts, tmp_path):
-    from sae_lens.saes import JumpReLUSAE as SLJump, JumpReLUSAEConfig
+    from sae_lens.saes import JumpReLUSAE as SLJump
+    from sae_lens.saes import JumpReLUSAEConfig
 
     th = 0.6 * torch.rand(D_SAE, generator=torch.Generator().manual_seed(2))
     d = {k: v.numpy() for k, v in _uncentred(_dictionary(acts, seed=2, gate=_jump(th))).items()}
@@ -242,6 +246,7 @@ def test_gemma_scope_validation(tmp_path, acts):
 
 
 # -- EleutherAI sparsify ---------------------------------------------------------------------------------------
+
 
 def _sparsify_coder(acts, k=K):
     from sparsify import SparseCoder, SparseCoderConfig
@@ -294,8 +299,11 @@ def test_sparsify_transposed_decoder_and_errors(acts, tmp_path):
     assert e.value.field == "sae.safetensors.encoder.weight"
     save_file(w, str(folder / "sae.safetensors"))
     cfg = json.loads((folder / "cfg.json").read_text())
-    for edit, field in (({"transcode": True}, "cfg.json.transcode"), ({"activation": "groupmax"}, "cfg.json.activation"),
-                        ({"k": D_SAE + 1}, "cfg.json.k")):
+    for edit, field in (
+        ({"transcode": True}, "cfg.json.transcode"),
+        ({"activation": "groupmax"}, "cfg.json.activation"),
+        ({"k": D_SAE + 1}, "cfg.json.k"),
+    ):
         (folder / "cfg.json").write_text(json.dumps({**cfg, **edit}))
         with pytest.raises(TeacherError) as e:
             load_teacher(folder)
@@ -303,6 +311,7 @@ def test_sparsify_transposed_decoder_and_errors(acts, tmp_path):
 
 
 # -- dictionary_learning ---------------------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def dl():
@@ -316,17 +325,30 @@ def dl():
         sys.modules["dictionary_learning"] = pkg
     d = importlib.import_module("dictionary_learning.dictionary")
     return types.SimpleNamespace(
-        AutoEncoder=d.AutoEncoder, JumpReluAutoEncoder=d.JumpReluAutoEncoder,
+        AutoEncoder=d.AutoEncoder,
+        JumpReluAutoEncoder=d.JumpReluAutoEncoder,
         AutoEncoderTopK=importlib.import_module("dictionary_learning.trainers.top_k").AutoEncoderTopK,
-        BatchTopKSAE=importlib.import_module("dictionary_learning.trainers.batch_top_k").BatchTopKSAE)
+        BatchTopKSAE=importlib.import_module("dictionary_learning.trainers.batch_top_k").BatchTopKSAE,
+    )
 
 
-@pytest.mark.parametrize("cls, family", [("AutoEncoder", ReLUSAE), ("JumpReluAutoEncoder", JumpReLUSAE),
-                                         ("AutoEncoderTopK", TopKSAE), ("BatchTopKSAE", JumpReLUSAE)])
+@pytest.mark.parametrize(
+    "cls, family",
+    [
+        ("AutoEncoder", ReLUSAE),
+        ("JumpReluAutoEncoder", JumpReLUSAE),
+        ("AutoEncoderTopK", TopKSAE),
+        ("BatchTopKSAE", JumpReLUSAE),
+    ],
+)
 def test_dictionary_learning_files_reproduce_its_forward(dl, acts, tmp_path, cls, family):
     th = 0.5 * torch.rand(D_SAE, generator=torch.Generator().manual_seed(5))
-    gate = {"AutoEncoder": torch.relu, "JumpReluAutoEncoder": _jump(th), "AutoEncoderTopK": _topk(K),
-            "BatchTopKSAE": _jump(torch.full((D_SAE,), 0.8))}[cls]
+    gate = {
+        "AutoEncoder": torch.relu,
+        "JumpReluAutoEncoder": _jump(th),
+        "AutoEncoderTopK": _topk(K),
+        "BatchTopKSAE": _jump(torch.full((D_SAE,), 0.8)),
+    }[cls]
     d = _dictionary(acts, seed=4, gate=gate)
     C = getattr(dl, cls)
     ae = C(576, D_SAE, K) if "TopK" in cls else C(576, D_SAE)
@@ -344,9 +366,16 @@ def test_dictionary_learning_files_reproduce_its_forward(dl, acts, tmp_path, cls
                 ae.threshold.fill_(0.8)  # set by its trainer from the batch top-k statistics
     # as dictionary_learning.training.trainSAE saves: state dict -> ae.pt, trainer config -> config.json
     torch.save({k: v.cpu() for k, v in ae.state_dict().items()}, tmp_path / "ae.pt")
-    trainer = {"dict_class": cls, "trainer_class": "TopKTrainer", "activation_dim": 576, "dict_size": D_SAE,
-               "layer": LAYER, "lm_name": "HuggingFaceTB/SmolLM2-135M-Instruct",
-               "submodule_name": f"resid_post_layer_{LAYER}", **({"k": K} if "TopK" in cls else {})}
+    trainer = {
+        "dict_class": cls,
+        "trainer_class": "TopKTrainer",
+        "activation_dim": 576,
+        "dict_size": D_SAE,
+        "layer": LAYER,
+        "lm_name": "HuggingFaceTB/SmolLM2-135M-Instruct",
+        "submodule_name": f"resid_post_layer_{LAYER}",
+        **({"k": K} if "TopK" in cls else {}),
+    }
     (tmp_path / "config.json").write_text(json.dumps({"trainer": trainer, "buffer": {"ctx_len": 64}}, indent=4))
 
     if cls == "AutoEncoder":  # its from_pretrained renormalises the decoder by default (same x_hat)
@@ -394,6 +423,7 @@ def test_dictionary_learning_refuses_pickles_and_ambiguity(dl, acts, tmp_path):
 
 # -- import, provenance ----------------------------------------------------------------------------------------
 
+
 def test_import_teacher_writes_the_pipeline_layout_with_provenance(acts, tmp_path):
     folder = tmp_path / "src" / f"layers.{LAYER}"
     _sparsify_coder(acts).save_to_disk(folder)
@@ -401,8 +431,10 @@ def test_import_teacher_writes_the_pipeline_layout_with_provenance(acts, tmp_pat
     assert det.format == "sparsify" and det.family == "topk"
     sae = load_sae(tmp_path / "teacher")  # what the upgrade pipeline reads
     assert type(sae) is TopKSAE and sae.metadata["hook_layer"] == LAYER
-    assert sae.metadata["source"]["files"]["sae.safetensors"] == hashlib.sha256(
-        (folder / "sae.safetensors").read_bytes()).hexdigest()
+    assert (
+        sae.metadata["source"]["files"]["sae.safetensors"]
+        == hashlib.sha256((folder / "sae.safetensors").read_bytes()).hexdigest()
+    )
     with torch.no_grad():
         torch.testing.assert_close(sae(acts), load_teacher(folder).sae(acts))
     p = provenance(tmp_path / "teacher")
@@ -414,6 +446,7 @@ def test_import_teacher_writes_the_pipeline_layout_with_provenance(acts, tmp_pat
 
 
 # -- hub references (offline, prepared cache) ------------------------------------------------------------------
+
 
 def _hub_cache(root: Path, repo_id: str, files: dict[str, Path]) -> str:
     """Lay out ``files`` (repo path -> local file) as the hub client's cache does: content-addressed blobs,
@@ -445,9 +478,11 @@ def offline_hub(tmp_path, monkeypatch):
 def test_hub_repo_id_resolves_offline_from_the_cache(acts, tmp_path, offline_hub):
     src = tmp_path / "coder"
     _sparsify_coder(acts).save_to_disk(src)
-    commit = _hub_cache(offline_hub, "EleutherAI/sae-SmolLM2-135M-64x",
-                        {f"layers.{LAYER}/cfg.json": src / "cfg.json",
-                         f"layers.{LAYER}/sae.safetensors": src / "sae.safetensors"})
+    commit = _hub_cache(
+        offline_hub,
+        "EleutherAI/sae-SmolLM2-135M-64x",
+        {f"layers.{LAYER}/cfg.json": src / "cfg.json", f"layers.{LAYER}/sae.safetensors": src / "sae.safetensors"},
+    )
     r = resolve_hub_teacher(repo_id="EleutherAI/sae-SmolLM2-135M-64x", subfolder=f"layers.{LAYER}")
     assert r.path.is_dir() and commit in str(r.path)
     t = load_teacher(r.path)
@@ -501,12 +536,25 @@ def test_mutated_binary_files_give_a_teacher_error_and_nothing_else(tmp_path):
     import random
 
     buf = io.BytesIO()
-    np.savez(buf, W_enc=np.zeros((4, 8), np.float32), W_dec=np.zeros((8, 4), np.float32),
-             b_enc=np.zeros(8, np.float32), b_dec=np.zeros(4, np.float32), threshold=np.ones(8, np.float32))
+    np.savez(
+        buf,
+        W_enc=np.zeros((4, 8), np.float32),
+        W_dec=np.zeros((8, 4), np.float32),
+        b_enc=np.zeros(8, np.float32),
+        b_dec=np.zeros(4, np.float32),
+        threshold=np.ones(8, np.float32),
+    )
     npz = buf.getvalue()
     buf = io.BytesIO()
-    torch.save({"encoder.weight": torch.zeros(8, 4), "encoder.bias": torch.zeros(8),
-                "decoder.weight": torch.zeros(4, 8), "bias": torch.zeros(4)}, buf)
+    torch.save(
+        {
+            "encoder.weight": torch.zeros(8, 4),
+            "encoder.bias": torch.zeros(8),
+            "decoder.weight": torch.zeros(4, 8),
+            "bias": torch.zeros(4),
+        },
+        buf,
+    )
     pt = buf.getvalue()
     ReLUSAE(4, 8).save(tmp_path / "saelens")
     st = (tmp_path / "saelens" / "sae_weights.safetensors").read_bytes()
@@ -515,7 +563,7 @@ def test_mutated_binary_files_give_a_teacher_error_and_nothing_else(tmp_path):
     # zipfile), and pickle opcodes that pop an empty stack in torch's weights-only unpickler (IndexError).
     patched = bytearray(npz)
     for at in range(len(patched) - 4):
-        if patched[at:at + 4] == b"PK\x01\x02":
+        if patched[at : at + 4] == b"PK\x01\x02":
             patched[at + 8] |= 0x20
     rng = random.Random(0)
 
@@ -527,15 +575,17 @@ def test_mutated_binary_files_give_a_teacher_error_and_nothing_else(tmp_path):
                 if op < 0.5:
                     b[j] = rng.randrange(256)
                 elif op < 0.75:
-                    del b[j:j + rng.randint(1, 50)]
+                    del b[j : j + rng.randint(1, 50)]
                 else:
                     b[j:j] = bytes(rng.randrange(256) for _ in range(rng.randint(1, 20)))
             yield bytes(b[: rng.randrange(len(b))] if rng.random() < 0.2 else b)
 
     escaped: dict[tuple[str, str], str] = {}
-    cases = (("npz", "params.npz", "gemma_scope", [bytes(patched), *mutants(npz, 400)]),
-             ("pt", "ae.pt", "dictionary_learning", [b"R.", b"\x80\x02t.", b"a", *mutants(pt, 400)]),
-             ("safetensors", "sae_weights.safetensors", "saelens", list(mutants(st, 400))))
+    cases = (
+        ("npz", "params.npz", "gemma_scope", [bytes(patched), *mutants(npz, 400)]),
+        ("pt", "ae.pt", "dictionary_learning", [b"R.", b"\x80\x02t.", b"a", *mutants(pt, 400)]),
+        ("safetensors", "sae_weights.safetensors", "saelens", list(mutants(st, 400))),
+    )
     for name, fname, fmt, inputs in cases:
         for i, data in enumerate(inputs):
             sub = tmp_path / f"{name}{i}"

@@ -29,8 +29,11 @@ def _params(p, q, d, *, scales, seed=0, dtype=torch.float32):
 
 def _run(impl, h, a, b, lci, lco, s, floor):
     """z and the gradients of <z, gz> w.r.t. h, a, b, log c_in, log c_out (and s)."""
-    z = (K.rational_gate(h, a, b, lci.exp(), lco.exp(), s, floor, impl=impl) if floor is not None
-         else K.rational_raw(h, a, b, lci.exp(), lco.exp(), s, impl=impl))
+    z = (
+        K.rational_gate(h, a, b, lci.exp(), lco.exp(), s, floor, impl=impl)
+        if floor is not None
+        else K.rational_raw(h, a, b, lci.exp(), lco.exp(), s, impl=impl)
+    )
     gz = torch.randn(z.shape, generator=torch.Generator().manual_seed(1), dtype=z.dtype)
     ins = [h, a, b, lci, lco] + ([s] if s is not None else [])
     return [z, *torch.autograd.grad((z * gz).sum(), ins)]
@@ -46,8 +49,9 @@ def test_fused_matches_eager(p, q, scales, floor):
     ref = _run("eager", h, *params, floor)
     out = _run("fused", h, *params, floor)
     for i, (x, y) in enumerate(zip(out, ref)):
-        torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-5 * max(1.0, y.abs().max().item()),
-                                   msg=lambda m, i=i: f"output {i}: {m}")
+        torch.testing.assert_close(
+            x, y, rtol=1e-4, atol=1e-5 * max(1.0, y.abs().max().item()), msg=lambda m, i=i: f"output {i}: {m}"
+        )
 
 
 def test_fused_chunking(monkeypatch):
@@ -139,8 +143,10 @@ def test_fused_saves_only_h(p, q):
 def test_batch_shapes_and_errors(monkeypatch):
     a, b, lci, lco, s = _params(3, 2, 8, scales=True)
     h = torch.randn(2, 5, 8)
-    torch.testing.assert_close(K.rational_gate(h, a, b, lci.exp(), lco.exp(), s, 0.0, impl="fused"),
-                               K.rational_gate(h, a, b, lci.exp(), lco.exp(), s, 0.0, impl="eager"))
+    torch.testing.assert_close(
+        K.rational_gate(h, a, b, lci.exp(), lco.exp(), s, 0.0, impl="fused"),
+        K.rational_gate(h, a, b, lci.exp(), lco.exp(), s, 0.0, impl="eager"),
+    )
     with pytest.raises(ValueError):
         K.rational_gate(h, a, b, lci.exp(), lco.exp(), torch.ones(7), impl="fused")
     with pytest.raises(ValueError):
@@ -156,9 +162,11 @@ def test_batch_shapes_and_errors(monkeypatch):
 
 def test_compile_failure_falls_back_once(monkeypatch, caplog):
     """A failing compiler is caught: results from the fused path, one warning, 'compiled' -> 'fused' after."""
+
     def broken(*args, **kwargs):
         def fn(*a, **k):
             raise RuntimeError("no compiler here")
+
         return fn
 
     monkeypatch.setattr(torch, "compile", broken)
@@ -176,8 +184,10 @@ def test_compile_failure_falls_back_once(monkeypatch, caplog):
     assert K.compile_status()["failed"] and K.resolve_impl("compiled") == "fused"
 
 
-@pytest.mark.skipif(os.environ.get("RSAE_TEST_COMPILED") != "1",
-                    reason="~20 s of inductor compile on a cold cache; set RSAE_TEST_COMPILED=1")
+@pytest.mark.skipif(
+    os.environ.get("RSAE_TEST_COMPILED") != "1",
+    reason="~20 s of inductor compile on a cold cache; set RSAE_TEST_COMPILED=1",
+)
 def test_compiled_matches_eager_and_varying_batch():
     if K.compile_status()["failed"]:
         pytest.skip(f"torch.compile unavailable: {K.compile_status()['failed']}")

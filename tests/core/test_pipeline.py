@@ -25,10 +25,12 @@ from rsae.saes import SAE, Family, JumpRule, ReLUSAE, load_sae, register_family
 pytestmark = pytest.mark.slow
 
 LAYER = 1
-SMALL = {"data": {"train_tokens": 4096, "eval_tokens": 1024, "ctx_len": 64},
-         "calibrate": {"steps": 20, "tokens": 1024},
-         "finetune": {"steps": 20, "batch_size": 256, "eval_every": 10},
-         "eval": {"ce_sequences": 2, "probe_ks": []}}
+SMALL = {
+    "data": {"train_tokens": 4096, "eval_tokens": 1024, "ctx_len": 64},
+    "calibrate": {"steps": 20, "tokens": 1024},
+    "finetune": {"steps": 20, "batch_size": 256, "eval_every": 10},
+    "eval": {"ce_sequences": 2, "probe_ks": []},
+}
 
 
 # -- a toy family, defined only here -----------------------------------------------------------------------
@@ -127,18 +129,32 @@ def test_resume_restarts_at_the_last_finished_stage(tmp_path: Path, work: Path):
     events: list[tuple[str, dict]] = []
     wd = tmp_path / "resumable"
     with pytest.raises(Cancelled):
-        run_upgrade(cfg, tmp_path / "a", work_dir=wd, checkpoint_every=5,
-                    should_cancel=lambda: (wd / "checkpoints" / "state.pt").is_file()
-                    and json.dumps(events).count('"calibrate"') > 0,
-                    on_checkpoint=lambda kind, info: events.append((kind, info)))
-    assert [i["stage"] for k, i in events if k == "saved" and i["name"] == "state"] == ["extract", "init",
-                                                                                       "calibrate"]
+        run_upgrade(
+            cfg,
+            tmp_path / "a",
+            work_dir=wd,
+            checkpoint_every=5,
+            should_cancel=lambda: (
+                (wd / "checkpoints" / "state.pt").is_file() and json.dumps(events).count('"calibrate"') > 0
+            ),
+            on_checkpoint=lambda kind, info: events.append((kind, info)),
+        )
+    assert [i["stage"] for k, i in events if k == "saved" and i["name"] == "state"] == ["extract", "init", "calibrate"]
     events.clear()
-    again = run_upgrade(cfg, tmp_path / "b", work_dir=wd, checkpoint_every=5,
-                        on_checkpoint=lambda kind, info: events.append((kind, info)))
+    again = run_upgrade(
+        cfg,
+        tmp_path / "b",
+        work_dir=wd,
+        checkpoint_every=5,
+        on_checkpoint=lambda kind, info: events.append((kind, info)),
+    )
     resumed = [i for k, i in events if k == "resumed"]
-    assert resumed[0] == {"name": "state", "stage": "finetune", "step": None,
-                          "reused": ["extract", "init", "calibrate"]}
+    assert resumed[0] == {
+        "name": "state",
+        "stage": "finetune",
+        "step": None,
+        "reused": ["extract", "init", "calibrate"],
+    }
     assert again["metrics"] == full["metrics"]
     assert again["timings_s"].keys() == full["timings_s"].keys()
 

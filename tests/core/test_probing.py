@@ -11,17 +11,47 @@ from safetensors.torch import save_file
 from rsae.activations import ActivationStore, extract_activations
 from rsae.data import BBC_CATEGORIES
 from rsae.models import load_model
-from rsae.probing import (METRIC, dense_probe_accuracy, pooled_activations, pooled_latents, probe_sae,
-                          sparse_probe_accuracy, top_k_mean_diff)
+from rsae.probing import (
+    METRIC,
+    dense_probe_accuracy,
+    pooled_activations,
+    pooled_latents,
+    probe_sae,
+    sparse_probe_accuracy,
+    top_k_mean_diff,
+)
 from rsae.saes import ReLUSAE
 
-SPARSE_KEYS = {"metric", "ks", "k", "k_clipped", "per_class", "skipped_classes", "n_train", "n_test",
-               "n_features", "n_classes", "not_converged", "seed"}
-DENSE_KEYS = {"metric", "accuracy", "per_class", "skipped_classes", "n_train", "n_test", "n_features",
-              "n_classes", "not_converged", "seed"}
+SPARSE_KEYS = {
+    "metric",
+    "ks",
+    "k",
+    "k_clipped",
+    "per_class",
+    "skipped_classes",
+    "n_train",
+    "n_test",
+    "n_features",
+    "n_classes",
+    "not_converged",
+    "seed",
+}
+DENSE_KEYS = {
+    "metric",
+    "accuracy",
+    "per_class",
+    "skipped_classes",
+    "n_train",
+    "n_test",
+    "n_features",
+    "n_classes",
+    "not_converged",
+    "seed",
+}
 
 
 # -- synthetic ---------------------------------------------------------------------------------------------
+
 
 def _indicator_data(n: int, n_classes: int, n_noise: int, seed: int):
     """Latent j (j < n_classes) = 1 iff the label is j; then ``n_noise`` non-negative noise latents."""
@@ -35,8 +65,9 @@ def _indicator_data(n: int, n_classes: int, n_noise: int, seed: int):
 def test_indicator_latent_is_selected_and_perfect_at_k1():
     xtr, ytr = _indicator_data(300, 5, 20, seed=0)
     xte, yte = _indicator_data(200, 5, 20, seed=1)
-    r = sparse_probe_accuracy(torch.from_numpy(xtr), torch.from_numpy(ytr), xte, yte, ks=(1, 2, 5, 40),
-                              class_names=BBC_CATEGORIES)
+    r = sparse_probe_accuracy(
+        torch.from_numpy(xtr), torch.from_numpy(ytr), xte, yte, ks=(1, 2, 5, 40), class_names=BBC_CATEGORIES
+    )
     assert SPARSE_KEYS <= set(r) and r["metric"] == METRIC == "balanced_accuracy"
     assert r["n_features"] == 25 and r["n_classes"] == 5 and r["skipped_classes"] == {}
     assert list(r["per_class"]) == list(BBC_CATEGORIES)
@@ -105,12 +136,26 @@ def _write_store(folder, shards, ctx_len):
     info = []
     for i, (acts, labels) in enumerate(shards):
         name = f"shard_{i:05d}.safetensors"
-        save_file({"acts": acts, "input_ids": torch.zeros(len(labels), ctx_len, dtype=torch.long),
-                   "label": torch.tensor(labels)}, str(folder / name))
+        save_file(
+            {
+                "acts": acts,
+                "input_ids": torch.zeros(len(labels), ctx_len, dtype=torch.long),
+                "label": torch.tensor(labels),
+            },
+            str(folder / name),
+        )
         info.append({"file": name, "rows": acts.shape[0], "sequences": len(labels)})
-    (folder / "manifest.json").write_text(json.dumps({"d_in": acts.shape[1], "ctx_len": ctx_len,
-                                                      "rows": sum(s["rows"] for s in info),
-                                                      "labels": list(BBC_CATEGORIES), "shards": info}))
+    (folder / "manifest.json").write_text(
+        json.dumps(
+            {
+                "d_in": acts.shape[1],
+                "ctx_len": ctx_len,
+                "rows": sum(s["rows"] for s in info),
+                "labels": list(BBC_CATEGORIES),
+                "shards": info,
+            }
+        )
+    )
     return ActivationStore(folder)
 
 
@@ -156,8 +201,17 @@ def bbc_stores(tmp_path_factory):
     torch.set_num_threads(1)
     try:
         for split, n in (("train", N_TRAIN), ("eval", N_EVAL)):
-            extract_activations(model, tok, layer=3, dataset="bbc-news", split=split,
-                                n_tokens=n * (CTX - 1), out_dir=root / split, ctx_len=CTX, batch_size=16)
+            extract_activations(
+                model,
+                tok,
+                layer=3,
+                dataset="bbc-news",
+                split=split,
+                n_tokens=n * (CTX - 1),
+                out_dir=root / split,
+                ctx_len=CTX,
+                batch_size=16,
+            )
     finally:
         torch.set_num_threads(threads)
     return ActivationStore(root / "train"), ActivationStore(root / "eval")
@@ -178,7 +232,7 @@ def test_pooled_latents_equal_direct_computation(bbc_stores, random_sae):
     assert z.shape == (5, 256) and y.tolist() == labels.tolist() and y.min() >= 0
     with torch.no_grad():
         for i in range(5):
-            direct = random_sae.encode(acts[i * (CTX - 1):(i + 1) * (CTX - 1)]).mean(0)
+            direct = random_sae.encode(acts[i * (CTX - 1) : (i + 1) * (CTX - 1)]).mean(0)
             assert torch.allclose(z[i], direct, rtol=1e-5, atol=1e-6)
     x, yx = pooled_activations(train, max_sequences=5)
     assert torch.allclose(x, acts.reshape(5, CTX - 1, 576).mean(1)) and torch.equal(yx, y)
@@ -202,5 +256,10 @@ def test_probe_sae_on_bbc(bbc_stores, random_sae):
     assert all(pc["accuracy"] > 0.6 for pc in d["per_class"].values())
     # a random SAE is a random projection + ReLU: above chance, below the dense probe at small k
     assert 0.5 < s["k"]["20"] and s["k"]["1"] < d["accuracy"]
-    print({"dense": round(d["accuracy"], 3), "sae": {k: round(v, 3) for k, v in s["k"].items()},
-           "activations_top_k": {k: round(v, 3) for k, v in r["activations_top_k"]["k"].items()}})
+    print(
+        {
+            "dense": round(d["accuracy"], 3),
+            "sae": {k: round(v, 3) for k, v in s["k"].items()},
+            "activations_top_k": {k: round(v, 3) for k, v in r["activations_top_k"]["k"].items()},
+        }
+    )

@@ -9,15 +9,14 @@ from safetensors.torch import load_file, save_file
 import rsae
 from rsae.errors import TeacherError
 from rsae.kernels import horner
-from rsae.saes import RationalGate, RationalSAE
 from rsae.remez import remez_fit
-from rsae.saes import ReLUSAE, load_sae
+from rsae.saes import RationalGate, RationalSAE, ReLUSAE, load_sae
 
 
 def test_horner_matches_powers():
     c = torch.tensor([0.5, -1.0, 2.0, 0.25])
     t = torch.linspace(-3, 3, 101)
-    ref = sum(c[k] * t ** k for k in range(4))
+    ref = sum(c[k] * t**k for k in range(4))
     torch.testing.assert_close(horner(c, t), ref)
 
 
@@ -25,7 +24,7 @@ def test_gate_formula_and_exact_zeros():
     g = RationalGate(2, 2, a=[0.1, 1.0, 0.5], b=[0.0, 2.0], c_in=2.0, c_out=3.0, floor=0.05)
     h = torch.linspace(-4, 4, 81)
     t = h / 2.0
-    expected = 3.0 * (0.1 + t + 0.5 * t ** 2) / (1 + (2.0 * t ** 2).abs())
+    expected = 3.0 * (0.1 + t + 0.5 * t**2) / (1 + (2.0 * t**2).abs())
     torch.testing.assert_close(g.raw(h), expected)
     z = g(h)  # the floor is in r-units: active iff r(t) = expected / C_out > 0.05
     assert torch.equal(z != 0, expected / 3.0 > 0.05)
@@ -84,12 +83,15 @@ def test_relu_teacher_roundtrip(tmp_path):
     torch.testing.assert_close(loaded.encode(x), torch.relu((x - teacher.b_dec) @ teacher.W_enc + teacher.b_enc))
 
 
-@pytest.mark.parametrize("mutate, field", [
-    (lambda d: d.__setitem__("W_enc", d["W_enc"].T.contiguous()), "sae_weights.safetensors.W_enc"),
-    (lambda d: d.__setitem__("b_dec", torch.full_like(d["b_dec"], float("nan"))), "sae_weights.safetensors.b_dec"),
-    (lambda d: d.pop("W_dec"), "sae_weights.safetensors.W_dec"),
-    (lambda d: d.__setitem__("b_enc", d["b_enc"].to(torch.int32)), "sae_weights.safetensors.b_enc"),
-])
+@pytest.mark.parametrize(
+    "mutate, field",
+    [
+        (lambda d: d.__setitem__("W_enc", d["W_enc"].T.contiguous()), "sae_weights.safetensors.W_enc"),
+        (lambda d: d.__setitem__("b_dec", torch.full_like(d["b_dec"], float("nan"))), "sae_weights.safetensors.b_dec"),
+        (lambda d: d.pop("W_dec"), "sae_weights.safetensors.W_dec"),
+        (lambda d: d.__setitem__("b_enc", d["b_enc"].to(torch.int32)), "sae_weights.safetensors.b_enc"),
+    ],
+)
 def test_bad_weights_are_rejected_with_field(tmp_path, mutate, field):
     _teacher().save(tmp_path)
     d = load_file(str(tmp_path / "sae_weights.safetensors"))
@@ -100,12 +102,15 @@ def test_bad_weights_are_rejected_with_field(tmp_path, mutate, field):
     assert e.value.field == field
 
 
-@pytest.mark.parametrize("edit, field", [
-    (lambda c: c.__setitem__("d_in", "16"), "cfg.json.d_in"),
-    (lambda c: c.__setitem__("architecture", "gated-mystery"), "cfg.json.architecture"),
-    (lambda c: c.pop("d_sae"), "cfg.json.d_sae"),
-    (lambda c: c.__setitem__("d_sae", 10 ** 12), "cfg.json.d_sae"),
-])
+@pytest.mark.parametrize(
+    "edit, field",
+    [
+        (lambda c: c.__setitem__("d_in", "16"), "cfg.json.d_in"),
+        (lambda c: c.__setitem__("architecture", "gated-mystery"), "cfg.json.architecture"),
+        (lambda c: c.pop("d_sae"), "cfg.json.d_sae"),
+        (lambda c: c.__setitem__("d_sae", 10**12), "cfg.json.d_sae"),
+    ],
+)
 def test_bad_cfg_is_rejected_with_field(tmp_path, edit, field):
     _teacher().save(tmp_path)
     cfg = json.loads((tmp_path / "cfg.json").read_text())
@@ -135,8 +140,7 @@ def test_calibrate_gate_fits_the_scalars_only_and_restores_requires_grad():
 
     fit = remez_fit("relu", p=5, q=4)
     teacher = _teacher(d_in=16, d_sae=64)
-    rsae_ = RationalSAE.from_teacher(teacher, a=fit.a, b=fit.b, c_in=2.0, c_out=2.0,
-                                     scale=torch.full((64,), 1.5))
+    rsae_ = RationalSAE.from_teacher(teacher, a=fit.a, b=fit.b, c_in=2.0, c_out=2.0, scale=torch.full((64,), 1.5))
     h = torch.randn(512, 64, generator=torch.Generator().manual_seed(0)) * 3
     target = torch.relu(h)
     w_before = rsae_.W_enc.detach().clone()
@@ -169,8 +173,11 @@ def test_selected_calibration_fits_the_kept_entries_better_than_the_all_entries_
         sel = kept if objective == "selected" else None
         with torch.no_grad():
             raw = rsae_.gate_raw(h)
-            manual = (torch.where(kept, raw, torch.zeros(())) - target).pow(2).mean() if sel is not None else \
-                (raw - target).pow(2).mean()
+            manual = (
+                (torch.where(kept, raw, torch.zeros(())) - target).pow(2).mean()
+                if sel is not None
+                else (raw - target).pow(2).mean()
+            )
             assert calibration_loss(rsae_, h, target, sel).item() == pytest.approx(manual.item())
         calibrate_gate(rsae_, h, target, steps=150, lr=1e-2, sample=8192, selected=sel)
         with torch.no_grad():

@@ -6,8 +6,16 @@ import time
 import numpy as np
 import pytest
 
-from rsae.remez import (alternation_count, cached_remez_fit, default_fit_params, fit_grid,
-                        grid_minimax_bisection, rational_eval, remez_fit, target_gate)
+from rsae.remez import (
+    alternation_count,
+    cached_remez_fit,
+    default_fit_params,
+    fit_grid,
+    grid_minimax_bisection,
+    rational_eval,
+    remez_fit,
+    target_gate,
+)
 
 
 def _err(fit, grid_points=4001):
@@ -32,7 +40,7 @@ def test_polynomial_fit_matches_chebyshev_closed_form():
     x = np.linspace(-1, 1, 2001)
     a, b, delta = remez._dc_solve(x, x ** (n + 1), n, 0)
     err = x ** (n + 1) - np.polynomial.polynomial.polyval(x, a) / b[0]
-    assert np.max(np.abs(err)) == pytest.approx(2.0 ** -n, rel=1e-3)
+    assert np.max(np.abs(err)) == pytest.approx(2.0**-n, rel=1e-3)
     assert alternation_count(err) >= n + 2
 
 
@@ -99,6 +107,7 @@ def test_bad_inputs():
 
 
 # --- jump targets (JumpReLU / TopK) -------------------------------------------------------------------
+
 
 def test_default_fit_params():
     assert default_fit_params("relu") == dict(c=0.0, margin=0.0, p=5, q=4)

@@ -12,8 +12,8 @@ from __future__ import annotations
 import base64
 import copy
 import json
-import re
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -31,14 +31,38 @@ EXAMPLE = ROOT / "tests" / "data" / "report_example.json"
 INSTALL_SCRIPT = ROOT / "scripts" / "install_debian.sh"
 DOCS_SHOT = ROOT / "docs" / "img" / "report_example.png"
 WINDOW = (1280, 2400)
-CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                  "--hide-scrollbars", "--virtual-time-budget=10000"]
-EXPECTED_ROWS = ["mse", "fvu", "fvu_about_zero", "l0", "alive_fraction", "ce_clean", "ce_spliced", "ce_zero",
-                 "delta_ce", "delta_ce_se", "loss_recovered", "kl", "probe_accuracy_1", "probe_accuracy_5"]
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--hide-scrollbars",
+    "--virtual-time-budget=10000",
+]
+EXPECTED_ROWS = [
+    "mse",
+    "fvu",
+    "fvu_about_zero",
+    "l0",
+    "alive_fraction",
+    "ce_clean",
+    "ce_spliced",
+    "ce_zero",
+    "delta_ce",
+    "delta_ce_se",
+    "loss_recovered",
+    "kl",
+    "probe_accuracy_1",
+    "probe_accuracy_5",
+]
 
 
 # -- helpers ----------------------------------------------------------------------------------------------
+
 
 class _Collect(HTMLParser):
     """Collects the metrics table (columns, rows, best cells) and the plot images of a page."""
@@ -91,9 +115,12 @@ def _chromium() -> str:
     proc = subprocess.run(["bash", str(INSTALL_SCRIPT)], capture_output=True, text=True, timeout=900)
     exe = shutil.which("chromium")
     if not exe:
-        pytest.fail("headless Chromium is required for the HTML report tests but `chromium` is not on PATH "
-                    f"and {INSTALL_SCRIPT.relative_to(ROOT)} could not install it (exit {proc.returncode}): "
-                    f"{proc.stderr.strip()[-800:]}", pytrace=False)
+        pytest.fail(
+            "headless Chromium is required for the HTML report tests but `chromium` is not on PATH "
+            f"and {INSTALL_SCRIPT.relative_to(ROOT)} could not install it (exit {proc.returncode}): "
+            f"{proc.stderr.strip()[-800:]}",
+            pytrace=False,
+        )
     return exe
 
 
@@ -118,6 +145,7 @@ def example_page(tmp_path_factory) -> Path:
 
 # -- static checks ------------------------------------------------------------------------------------------
 
+
 def test_example_is_self_contained_with_full_table(example_page: Path) -> None:
     page = example_page.read_text(encoding="utf-8")
     assert page.startswith("<!DOCTYPE html>")
@@ -133,12 +161,10 @@ def test_example_is_self_contained_with_full_table(example_page: Path) -> None:
     assert c.rows == EXPECTED_ROWS
     assert "FVU (about the mean)" in page
     # best per row: fine-tuned RSAE wins every ranked row of the example; L0 / alive / CE clean not ranked
-    for row in ("mse", "fvu", "ce_spliced", "delta_ce", "loss_recovered", "kl", "probe_accuracy_1",
-                "probe_accuracy_5"):
+    for row in ("mse", "fvu", "ce_spliced", "delta_ce", "loss_recovered", "kl", "probe_accuracy_1", "probe_accuracy_5"):
         assert c.best.get(row) == ["rsae"], (row, c.best.get(row))
     for row in ("l0", "alive_fraction", "ce_clean", "ce_zero", "delta_ce_se"):
         assert row not in c.best
-
 
     # three plots, all valid PNG data URIs with alt text
     assert [i["data-plot"] for i in c.imgs] == ["gate", "curves", "bars"]
@@ -168,16 +194,19 @@ def test_paired_comparisons_table_says_which_differences_are_resolved(example_pa
     from rsae.report_html import render_report_html
 
     page = render_report_html(report)
-    assert "within 2 s.e. (not resolved)" in dict(re.findall(r'<tr data-pair="([^"]+)">(.*?)</tr>', page))[
-        "rsae-control"]
+    assert (
+        "within 2 s.e. (not resolved)" in dict(re.findall(r'<tr data-pair="([^"]+)">(.*?)</tr>', page))["rsae-control"]
+    )
     del report["comparisons"]
     assert 'id="comparisons"' not in render_report_html(report)
 
 
 def test_render_does_not_touch_pyplot() -> None:
-    code = ("import json, sys; from rsae.report_html import render_report_html; "
-            f"render_report_html(json.load(open({str(EXAMPLE)!r}))); "
-            "print('matplotlib.pyplot' in sys.modules)")
+    code = (
+        "import json, sys; from rsae.report_html import render_report_html; "
+        f"render_report_html(json.load(open({str(EXAMPLE)!r}))); "
+        "print('matplotlib.pyplot' in sys.modules)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "False"
@@ -187,8 +216,7 @@ def test_missing_optional_parts_say_not_available(tmp_path: Path) -> None:
     full = _example()
     minimal = {"metrics": {k: dict(full["metrics"][k]) for k in ("teacher", "rsae")}}
     for m in minimal["metrics"].values():  # CE evaluation disabled, no probes
-        for k in ("ce_clean", "ce_spliced", "ce_zero", "delta_ce", "delta_ce_se", "loss_recovered", "kl",
-                  "ce_tokens"):
+        for k in ("ce_clean", "ce_spliced", "ce_zero", "delta_ce", "delta_ce_se", "loss_recovered", "kl", "ce_tokens"):
             m[k] = None
         m.pop("probe_accuracy")
     out = write_report_html(minimal, tmp_path / "sub" / "minimal.html")
@@ -198,9 +226,22 @@ def test_missing_optional_parts_say_not_available(tmp_path: Path) -> None:
     assert c.columns == ["teacher", "rsae"]
     assert c.rows == EXPECTED_ROWS[:12]
     assert c.best.get("mse") == ["rsae"] and "delta_ce" not in c.best
-    for what in ("gate plot", "pre-activation histogram", "training curves", "notes", "teacher", "host model",
-                 "remez", "calibration", "finetune", "control", "probing", "timings", "job configuration",
-                 "paired comparisons"):
+    for what in (
+        "gate plot",
+        "pre-activation histogram",
+        "training curves",
+        "notes",
+        "teacher",
+        "host model",
+        "remez",
+        "calibration",
+        "finetune",
+        "control",
+        "probing",
+        "timings",
+        "job configuration",
+        "paired comparisons",
+    ):
         assert f'data-na="{what}"' in page, what
     assert page.count("not available") >= 12
     assert [i["data-plot"] for i in c.imgs] == ["bars"]  # MSE bars still drawn, Δ CE marked missing
@@ -221,8 +262,9 @@ def test_jump_gate_with_nested_histogram() -> None:
     """The pipeline's layout: histogram under plots.gate.hist, a JumpReLU threshold theta, a named latent."""
     r = _example()
     hist = r["plots"].pop("preact_hist")
-    r["plots"]["gate"].update(latent=123, theta=0.75, note="latent 123 (median threshold)",
-                              hist={**hist, "of": "latent 123"})
+    r["plots"]["gate"].update(
+        latent=123, theta=0.75, note="latent 123 (median threshold)", hist={**hist, "of": "latent 123"}
+    )
     page = render_report_html(r)
     c = _parse(page)
     assert [i["data-plot"] for i in c.imgs] == ["gate", "curves", "bars"]
@@ -245,6 +287,7 @@ def test_bad_input_raises(tmp_path: Path) -> None:
 
 # -- headless Chromium ------------------------------------------------------------------------------------------
 
+
 def test_chromium_decodes_plots_and_renders(example_page: Path, tmp_path: Path) -> None:
     url = example_page.resolve().as_uri()
     dom = _run_chromium(["--dump-dom", url], tmp_path).stdout
@@ -265,8 +308,11 @@ def test_chromium_decodes_plots_and_renders(example_page: Path, tmp_path: Path) 
     assert (gray < 0.3).mean() > 0.005, "screenshot has almost no dark (text/line) pixels"
     # the plots are drawn: the blue of the fine-tuned RSAE curve appears
     rgb = np.asarray(img[..., :3], dtype=float)
-    blue = (abs(rgb[..., 0] - 0x1f / 255) < 0.08) & (abs(rgb[..., 1] - 0x5f / 255) < 0.08) \
-        & (abs(rgb[..., 2] - 0xbf / 255) < 0.08)
+    blue = (
+        (abs(rgb[..., 0] - 0x1F / 255) < 0.08)
+        & (abs(rgb[..., 1] - 0x5F / 255) < 0.08)
+        & (abs(rgb[..., 2] - 0xBF / 255) < 0.08)
+    )
     assert blue.sum() > 500
     if os.environ.get("RSAE_UPDATE_DOCS_IMG") == "1":  # refresh the picture in docs/ on request only
         DOCS_SHOT.parent.mkdir(parents=True, exist_ok=True)

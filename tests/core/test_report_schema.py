@@ -21,15 +21,28 @@ def test_checked_in_schema_equals_the_generated_one():
 def test_schema_version_and_typed_sections():
     schema = report_json_schema()
     assert REPORT_SCHEMA_VERSION == "rsae-report/4"
-    for section in ("HostModel", "TeacherInfo", "DataSection", "RemezSection", "CalibrationSection",
-                    "FinetuneSection", "ControlSection", "ProbingSection", "Plots", "SAEMetrics", "Comparison",
-                    "EvalSplit", "UpgradeConfig"):
+    for section in (
+        "HostModel",
+        "TeacherInfo",
+        "DataSection",
+        "RemezSection",
+        "CalibrationSection",
+        "FinetuneSection",
+        "ControlSection",
+        "ProbingSection",
+        "Plots",
+        "SAEMetrics",
+        "Comparison",
+        "EvalSplit",
+        "UpgradeConfig",
+    ):
         assert section in schema["$defs"], section
 
 
 def test_curve_points_keep_the_lambda_key_and_sections_refuse_unknown_fields():
-    p = CurvePoint.model_validate({"step": 1, "train_mse": 1.0, "train_l0": 2.0, "lambda": 0.5, "eval_mse": 1.0,
-                                   "eval_l0": 2.0, "eval_fvu": 0.1})
+    p = CurvePoint.model_validate(
+        {"step": 1, "train_mse": 1.0, "train_l0": 2.0, "lambda": 0.5, "eval_mse": 1.0, "eval_l0": 2.0, "eval_fvu": 0.1}
+    )
     assert p.model_dump(mode="json", by_alias=True)["lambda"] == 0.5
     with pytest.raises(ValidationError):
         Report.model_validate({"schema_version": REPORT_SCHEMA_VERSION, "unknown_section": {}})

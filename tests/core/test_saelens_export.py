@@ -18,9 +18,8 @@ import torch
 from rsae.activations import ResidualCapture
 from rsae.data import iter_documents
 from rsae.models import load_model
-from rsae.saes import RationalSAE
 from rsae.remez import remez_fit
-from rsae.saes import JumpReLUSAE, ReLUSAE, SAE, TopKSAE
+from rsae.saes import SAE, JumpReLUSAE, RationalSAE, ReLUSAE, TopKSAE
 
 LAYER = 3
 D_SAE = 512
@@ -39,8 +38,9 @@ def acts() -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def SAELensSAE():
-    import rsae.saelens_arch  # noqa: F401  (registers "rational")
     from sae_lens import SAE as SL
+
+    import rsae.saelens_arch  # noqa: F401  (registers "rational")
 
     return SL
 
@@ -59,7 +59,9 @@ def _teacher(family: str, acts: torch.Tensor) -> SAE:
         # TopK: positive biases keep each token's (k+1)-th pre-activation > 0 even on the ~900-norm outlier
         # tokens, so every token has an ordinary separating threshold (the degenerate case, which used to
         # overflow, is tests/test_families.py::test_topk_gate_stays_finite_on_tokens_with_few_positive_...)
-        t.b_enc.copy_((0.5 if family == "topk" else -0.3) * torch.rand(D_SAE, generator=g) + (5.0 if family == "topk" else 0.0))
+        t.b_enc.copy_(
+            (0.5 if family == "topk" else -0.3) * torch.rand(D_SAE, generator=g) + (5.0 if family == "topk" else 0.0)
+        )
         t.b_dec.copy_(mean)
         if family == "jumprelu":
             t.log_threshold.copy_((0.2 + torch.rand(D_SAE, generator=g)).log())
@@ -67,7 +69,8 @@ def _teacher(family: str, acts: torch.Tensor) -> SAE:
 
 
 def _rsae(family: str, teacher: SAE) -> RationalSAE:
-    """The pipeline's init: a Remez fit of the family's gate, copied weights, scales as rsae.pipeline.initialize sets them."""
+    """The pipeline's init: a Remez fit of the family's gate, copied weights, scales as
+    rsae.pipeline.initialize sets them."""
     if family == "relu":
         fit = remez_fit("relu", p=5, q=4)
         return RationalSAE.from_teacher(teacher, a=fit.a, b=fit.b, c_in=3.0, c_out=3.0, floor=fit.max_error)
@@ -77,10 +80,25 @@ def _rsae(family: str, teacher: SAE) -> RationalSAE:
     fit = remez_fit(family, c=c, p=5, q=4, margin=0.1 * c)
     a = jump_anchor(c, 0.1 * c, "upper_edge")  # the teacher's threshold at the band's upper edge
     if family == "jumprelu":
-        return RationalSAE.from_teacher(teacher, a=fit.a, b=fit.b, c_in=1.0, c_out=1.0, floor=fit.max_error,
-                                        scale=teacher.threshold / a, rational={"jump": c, "anchor": a})
-    return RationalSAE.from_teacher(teacher, a=fit.a, b=fit.b, c_in=1.0, c_out=1.0, floor=fit.max_error,
-                                    rational={"jump": c, "anchor": a, "topk_k": teacher.k, "topk_cap": True})
+        return RationalSAE.from_teacher(
+            teacher,
+            a=fit.a,
+            b=fit.b,
+            c_in=1.0,
+            c_out=1.0,
+            floor=fit.max_error,
+            scale=teacher.threshold / a,
+            rational={"jump": c, "anchor": a},
+        )
+    return RationalSAE.from_teacher(
+        teacher,
+        a=fit.a,
+        b=fit.b,
+        c_in=1.0,
+        c_out=1.0,
+        floor=fit.max_error,
+        rational={"jump": c, "anchor": a, "topk_k": teacher.k, "topk_cap": True},
+    )
 
 
 def _same(a, b, x: torch.Tensor) -> None:
@@ -134,15 +152,24 @@ def test_pipeline_output_loads_through_saelens(SAELensSAE, acts, tmp_path):
     src = tmp_path / "gemma-scope-res" / f"layer_{LAYER}" / "width_512" / "average_l0_50"
     src.mkdir(parents=True)
     with torch.no_grad():  # Gemma Scope does not subtract b_dec: fold it into b_enc
-        np.savez(src / "params.npz", W_enc=t.W_enc.numpy(), W_dec=t.W_dec.numpy(), b_dec=t.b_dec.numpy(),
-                 b_enc=(t.b_enc - t.b_dec @ t.W_enc).numpy(), threshold=t.threshold.numpy())
+        np.savez(
+            src / "params.npz",
+            W_enc=t.W_enc.numpy(),
+            W_dec=t.W_dec.numpy(),
+            b_dec=t.b_dec.numpy(),
+            b_enc=(t.b_enc - t.b_dec @ t.W_enc).numpy(),
+            threshold=t.threshold.numpy(),
+        )
     det = import_teacher(src, tmp_path / "teacher")
     assert det.format == "gemma_scope" and det.family == "jumprelu"
-    cfg = UpgradeConfig(layer=LAYER, teacher=str(tmp_path / "teacher"),
-                        data={"train_tokens": 2048, "eval_tokens": 512, "ctx_len": 64, "shard_tokens": 2048},
-                        calibrate={"steps": 10, "tokens": 1024},
-                        finetune={"steps": 5, "batch_size": 256, "control": False, "eval_every": 5},
-                        eval={"ce_sequences": 0, "probe_ks": []})
+    cfg = UpgradeConfig(
+        layer=LAYER,
+        teacher=str(tmp_path / "teacher"),
+        data={"train_tokens": 2048, "eval_tokens": 512, "ctx_len": 64, "shard_tokens": 2048},
+        calibrate={"steps": 10, "tokens": 1024},
+        finetune={"steps": 5, "batch_size": 256, "control": False, "eval_every": 5},
+        eval={"ce_sequences": 0, "probe_ks": []},
+    )
     run_upgrade(cfg, tmp_path / "out", work_dir=tmp_path / "work")
 
     ours = RationalSAE.load(tmp_path / "out")

@@ -22,8 +22,17 @@ def acts(tmp_path_factory):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # see tests/test_probing.py: faster on the shared 2-core machine
     try:
-        extract_activations(model, tok, layer=3, dataset="bbc-news", split="train", n_tokens=126 * (CTX - 1),
-                            out_dir=out, ctx_len=CTX, batch_size=16)
+        extract_activations(
+            model,
+            tok,
+            layer=3,
+            dataset="bbc-news",
+            split="train",
+            n_tokens=126 * (CTX - 1),
+            out_dir=out,
+            ctx_len=CTX,
+            batch_size=16,
+        )
     finally:
         torch.set_num_threads(threads)
     return ActivationStore(out)
@@ -49,8 +58,9 @@ def test_l0_controller_brings_l0_to_its_target_from_a_far_lambda(acts, teacher):
     runs = {}
     for name, l0_target in (("free", None), ("held", target)):
         sae = copy.deepcopy(teacher)
-        hist = train_sae(sae, acts, steps=300, batch_size=512, lr=1e-3, l1_coefficient=lam0, seed=1,
-                         l0_target=l0_target)
+        hist = train_sae(
+            sae, acts, steps=300, batch_size=512, lr=1e-3, l1_coefficient=lam0, seed=1, l0_target=l0_target
+        )
         runs[name] = (_final_l0(sae, acts), hist[-1]["lambda"])
     free_l0, free_lam = runs["free"]
     held_l0, held_lam = runs["held"]

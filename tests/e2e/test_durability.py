@@ -27,22 +27,24 @@ from fastapi.testclient import TestClient
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from support.servers import bearer, queued_messages
 from service.config import Settings
 from service.db import get_sessionmaker
 from service.embedded import Child, Stack, free_port, wait_until
 from service.models import Artifact, Job, JobEvent, User, utcnow
 from service.queue import create_celery, enqueue_upgrade
+from support.servers import bearer, queued_messages
 from worker.lease import Heartbeat, claim, new_owner, reap_once
 
 pytestmark = pytest.mark.e2e
 
 LEASE = 3.0
 """Lease of the test workers (seconds)."""
-FAST = {"data": {"train_tokens": 2048, "eval_tokens": 512, "ctx_len": 32},
-        "calibrate": {"steps": 10, "tokens": 512},
-        "finetune": {"steps": 40, "batch_size": 256, "eval_every": 20, "control": False},
-        "eval": {"ce_sequences": 0, "probe_ks": [], "probe_train_sequences": 0}}
+FAST = {
+    "data": {"train_tokens": 2048, "eval_tokens": 512, "ctx_len": 32},
+    "calibrate": {"steps": 10, "tokens": 512},
+    "finetune": {"steps": 40, "batch_size": 256, "eval_every": 20, "control": False},
+    "eval": {"ce_sequences": 0, "probe_ks": [], "probe_train_sequences": 0},
+}
 """A job of a few seconds' compute (plus extraction)."""
 
 
@@ -60,9 +62,17 @@ def teacher(make_teacher: Callable[..., Path]) -> Path:
 @pytest.fixture
 def dsettings(database_url: str, clean_db: None, e2e_broker_url: str, tmp_path: Path) -> Settings:
     """Short leases and intervals; the e2e Redis db; a temp data dir."""
-    s = Settings(database_url=database_url, broker_url=e2e_broker_url, data_dir=tmp_path / "data",
-                 lease_seconds=LEASE, heartbeat_seconds=0.5, reaper_interval_seconds=1.0,
-                 checkpoint_every_steps=10, max_attempts=3, broker_visibility_timeout=30)
+    s = Settings(
+        database_url=database_url,
+        broker_url=e2e_broker_url,
+        data_dir=tmp_path / "data",
+        lease_seconds=LEASE,
+        heartbeat_seconds=0.5,
+        reaper_interval_seconds=1.0,
+        checkpoint_every_steps=10,
+        max_attempts=3,
+        broker_visibility_timeout=30,
+    )
     s.ensure_dirs()
     return s
 
@@ -76,9 +86,19 @@ def make_session(database_url: str) -> sessionmaker[Session]:
 def worker_env(settings: Settings) -> dict[str, str]:
     """Environment of a worker subprocess for ``settings`` (one torch thread: the CPU is shared)."""
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", RSAE_GATE_IMPL="fused")
-    for name in ("database_url", "broker_url", "data_dir", "lease_seconds", "heartbeat_seconds",
-                 "reaper_interval_seconds", "checkpoint_every_steps", "max_attempts", "broker_visibility_timeout",
-                 "job_deadline_seconds", "republish_after_seconds"):
+    for name in (
+        "database_url",
+        "broker_url",
+        "data_dir",
+        "lease_seconds",
+        "heartbeat_seconds",
+        "reaper_interval_seconds",
+        "checkpoint_every_steps",
+        "max_attempts",
+        "broker_visibility_timeout",
+        "job_deadline_seconds",
+        "republish_after_seconds",
+    ):
         value = getattr(settings, name)
         if value is not None:
             env[f"RSAE_{name.upper()}"] = str(value)
@@ -94,8 +114,12 @@ class Workers:
     def start(self, name: str) -> Child:
         """Start worker ``name`` and wait until Celery reports it ready."""
         self.log_dir.mkdir(parents=True, exist_ok=True)
-        child = Child(name, [sys.executable, "-m", "service.cli", "worker", "--", "-n", f"{name}@%h"],
-                      worker_env(self.settings), self.log_dir)
+        child = Child(
+            name,
+            [sys.executable, "-m", "service.cli", "worker", "--", "-n", f"{name}@%h"],
+            worker_env(self.settings),
+            self.log_dir,
+        )
         self.children[name] = child
         wait_until(lambda: " ready." in child.tail(400), 90, f"worker {name}", alive=child.check)
         return child
@@ -130,12 +154,22 @@ def workers(dsettings: Settings, tmp_path: Path) -> Iterator[Workers]:
         w.stop()
 
 
-def insert_job(make_session: sessionmaker[Session], teacher: Path, job_settings: dict[str, Any] | None = None,
-               **cols: Any) -> str:
+def insert_job(
+    make_session: sessionmaker[Session], teacher: Path, job_settings: dict[str, Any] | None = None, **cols: Any
+) -> str:
     """Insert a job row (default: queued, teacher by server-side path) and return its id."""
-    values = {"status": "queued", "progress": 0.0, "attempt": 0,
-              "request": {"model": "smollm2-135m", "layer": 3, "teacher": {"path": str(teacher)},
-                          "settings": job_settings if job_settings is not None else FAST}, **cols}
+    values = {
+        "status": "queued",
+        "progress": 0.0,
+        "attempt": 0,
+        "request": {
+            "model": "smollm2-135m",
+            "layer": 3,
+            "teacher": {"path": str(teacher)},
+            "settings": job_settings if job_settings is not None else FAST,
+        },
+        **cols,
+    }
     with make_session.begin() as s:
         job = Job(**values)
         s.add(job)
@@ -152,22 +186,40 @@ def get_job(make_session: sessionmaker[Session], job_id: str) -> Job:
 def log_messages(make_session: sessionmaker[Session], job_id: str) -> list[str]:
     """Messages of the job's ``log`` events, in order."""
     with make_session() as s:
-        return [e.data.get("message", "") for e in s.scalars(
-            select(JobEvent).where(JobEvent.job_id == job_id, JobEvent.type == "log").order_by(JobEvent.id))]
+        return [
+            e.data.get("message", "")
+            for e in s.scalars(
+                select(JobEvent).where(JobEvent.job_id == job_id, JobEvent.type == "log").order_by(JobEvent.id)
+            )
+        ]
 
 
 def statuses(make_session: sessionmaker[Session], job_id: str) -> list[str]:
     """The job's status events, in order."""
     with make_session() as s:
-        return [e.data["status"] for e in s.scalars(
-            select(JobEvent).where(JobEvent.job_id == job_id, JobEvent.type == "status").order_by(JobEvent.id))]
+        return [
+            e.data["status"]
+            for e in s.scalars(
+                select(JobEvent).where(JobEvent.job_id == job_id, JobEvent.type == "status").order_by(JobEvent.id)
+            )
+        ]
 
 
-def wait_status(make_session: sessionmaker[Session], job_id: str, wanted: set[str], timeout: float,
-                alive: Callable[[], None] | None = None) -> Job:
+def wait_status(
+    make_session: sessionmaker[Session],
+    job_id: str,
+    wanted: set[str],
+    timeout: float,
+    alive: Callable[[], None] | None = None,
+) -> Job:
     """Poll the row until its status is in ``wanted``."""
-    wait_until(lambda: get_job(make_session, job_id).status in wanted, timeout,
-               f"job {job_id} in {wanted}", interval=0.2, alive=alive)
+    wait_until(
+        lambda: get_job(make_session, job_id).status in wanted,
+        timeout,
+        f"job {job_id} in {wanted}",
+        interval=0.2,
+        alive=alive,
+    )
     return get_job(make_session, job_id)
 
 
@@ -199,8 +251,12 @@ def test_claim_is_exclusive_and_a_duplicate_message_is_a_noop(dsettings: Setting
     assert before.lease_expires_at > utcnow()
     assert run_job(job_id, dsettings) is None  # the duplicate: no claim, no write
     after = get_job(make_session, job_id)
-    assert (after.status, after.attempt, after.updated_at, after.lease_owner) == \
-        ("running", 1, before.updated_at, first)
+    assert (after.status, after.attempt, after.updated_at, after.lease_owner) == (
+        "running",
+        1,
+        before.updated_at,
+        first,
+    )
 
 
 def test_heartbeat_renews_the_lease_and_notices_its_loss(dsettings: Settings, make_session, teacher) -> None:
@@ -223,7 +279,8 @@ def test_heartbeat_renews_the_lease_and_notices_its_loss(dsettings: Settings, ma
 
 
 def test_reaper_requeues_caps_attempts_enforces_deadlines_and_finishes_cancels(
-        dsettings: Settings, make_session, teacher, e2e_broker_url: str) -> None:
+    dsettings: Settings, make_session, teacher, e2e_broker_url: str
+) -> None:
     """One reaper pass over every case; re-queued jobs are re-published to the real Redis queue, and a
     failed publish is retried by the next pass."""
     now = utcnow()
@@ -243,8 +300,12 @@ def test_reaper_requeues_caps_attempts_enforces_deadlines_and_finishes_cancels(
         raise ConnectionError("broker down")
 
     r = reap_once(dsettings, make_session, broken)
-    assert (r.requeued, sorted(r.failed), r.cancelled, r.published) == \
-        ([requeue], sorted([capped, overdue]), [cancelling], [])
+    assert (r.requeued, sorted(r.failed), r.cancelled, r.published) == (
+        [requeue],
+        sorted([capped, overdue]),
+        [cancelling],
+        [],
+    )
     j = get_job(make_session, requeue)
     assert (j.status, j.attempt, j.lease_owner, j.enqueued_at) == ("queued", 1, None, None)
     assert (dsettings.work_dir / requeue).is_dir()  # checkpoints survive a re-queue
@@ -269,15 +330,24 @@ def test_reaper_requeues_caps_attempts_enforces_deadlines_and_finishes_cancels(
     assert reap_once(dsettings, make_session, broken).published == []  # nothing due any more
 
 
-def test_cancel_while_the_lease_is_expired_ends_cancelled(client: TestClient, settings: Settings, make_session,
-                                                         teacher) -> None:
+def test_cancel_while_the_lease_is_expired_ends_cancelled(
+    client: TestClient, settings: Settings, make_session, teacher
+) -> None:
     """Over the API: a running job whose worker died is cancelled (not re-queued) by the reaper; cancel is
     idempotent; a queued job is cancelled at once."""
     with make_session() as s:
         alice = s.scalar(select(User.id).where(User.name == "alice"))
     past = utcnow() - timedelta(seconds=5)
-    dead = insert_job(make_session, teacher, owner_id=alice, status="running", attempt=1, lease_owner="dead:1:x",
-                      lease_expires_at=past, started_at=past)
+    dead = insert_job(
+        make_session,
+        teacher,
+        owner_id=alice,
+        status="running",
+        attempt=1,
+        lease_owner="dead:1:x",
+        lease_expires_at=past,
+        started_at=past,
+    )
     queued = insert_job(make_session, teacher, owner_id=alice)
     assert client.post(f"/jobs/{dead}/cancel").json()["status"] == "cancelling"
     assert client.post(f"/jobs/{queued}/cancel").json()["status"] == "cancelled"
@@ -289,8 +359,9 @@ def test_cancel_while_the_lease_is_expired_ends_cancelled(client: TestClient, se
     assert statuses(make_session, dead)[-2:] == ["cancelling", "cancelled"]
 
 
-def test_out_of_memory_fails_fast_with_an_actionable_message(dsettings: Settings, make_session, teacher,
-                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+def test_out_of_memory_fails_fast_with_an_actionable_message(
+    dsettings: Settings, make_session, teacher, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """An OOM at the chosen size is deterministic: failed at once (no re-queue), naming the sizes to lower."""
     import torch
 
@@ -385,8 +456,9 @@ def test_deadline_and_lost_lease_stop_a_running_job(dsettings: Settings, make_se
 
     stolen = insert_job(make_session, teacher, _with_steps(100_000))
     t, result = _run_in_thread(stolen, dsettings)
-    wait_until(lambda: ((get_job(make_session, stolen).checkpoint or {}).get("step") or 0) >= 10, 300,
-               "first checkpoint")
+    wait_until(
+        lambda: ((get_job(make_session, stolen).checkpoint or {}).get("step") or 0) >= 10, 300, "first checkpoint"
+    )
     with make_session.begin() as s:
         s.execute(update(Job).where(Job.id == stolen).values(lease_owner="other:1:x"))
     t.join(60)
@@ -399,8 +471,9 @@ def test_deadline_and_lost_lease_stop_a_running_job(dsettings: Settings, make_se
 
 # -- real workers ---------------------------------------------------------------------------------------
 @pytest.mark.slow
-def test_sigkill_mid_finetune_resumes_from_the_checkpoint(dsettings: Settings, make_session, teacher,
-                                                          workers: Workers) -> None:
+def test_sigkill_mid_finetune_resumes_from_the_checkpoint(
+    dsettings: Settings, make_session, teacher, workers: Workers
+) -> None:
     """Two workers; the one running the job is SIGKILLed mid fine-tuning. Meanwhile a duplicate message
     reaches the idle worker and is a no-op. The reaper re-queues the job after the lease expires and the
     survivor resumes it at the last fine-tuning checkpoint, reusing the extracted activations; the job
@@ -410,14 +483,22 @@ def test_sigkill_mid_finetune_resumes_from_the_checkpoint(dsettings: Settings, m
     celery = create_celery(dsettings)
     try:
         enqueue_upgrade(celery, job_id)
-        wait_until(lambda: ((get_job(make_session, job_id).checkpoint or {}).get("step") or 0) >= 20, 300,
-                   "a fine-tuning checkpoint at step >= 20", alive=lambda: [w.check() for w in (w1, w2)])
+        wait_until(
+            lambda: ((get_job(make_session, job_id).checkpoint or {}).get("step") or 0) >= 20,
+            300,
+            "a fine-tuning checkpoint at step >= 20",
+            alive=lambda: [w.check() for w in (w1, w2)],
+        )
         running = get_job(make_session, job_id)
         victim = workers.owner_of(running.lease_owner)
         survivor = w2 if victim is w1 else w1
         enqueue_upgrade(celery, job_id)  # a duplicate while the job runs: the idle worker must skip it
-        wait_until(lambda: f"job {job_id} is not queued (status running" in survivor.tail(400), 60,
-                   "duplicate skipped", alive=survivor.check)
+        wait_until(
+            lambda: f"job {job_id} is not queued (status running" in survivor.tail(400),
+            60,
+            "duplicate skipped",
+            alive=survivor.check,
+        )
         assert get_job(make_session, job_id).attempt == 1
         step_at_kill = get_job(make_session, job_id).checkpoint["step"]
         workers.kill(victim)
@@ -432,8 +513,9 @@ def test_sigkill_mid_finetune_resumes_from_the_checkpoint(dsettings: Settings, m
     assert resumed["reused"] == ["extract", "init", "calibrate"]  # the state saved after each stage
     assert "resuming at stage finetune" in survivor.tail(400)  # extract, init, calibrate were not rerun
     msgs = log_messages(make_session, job_id)
-    assert any(m.startswith(f"attempt 2 resumed from stage finetune (finetune-rsae) at step {resumed['step']}")
-               for m in msgs), msgs
+    assert any(
+        m.startswith(f"attempt 2 resumed from stage finetune (finetune-rsae) at step {resumed['step']}") for m in msgs
+    ), msgs
     assert any("re-queued" in m for m in msgs), msgs
     assert statuses(make_session, job_id) == ["running", "queued", "running", "succeeded"]
     check_single_artifact_set(dsettings, make_session, job_id)
@@ -442,17 +524,34 @@ def test_sigkill_mid_finetune_resumes_from_the_checkpoint(dsettings: Settings, m
 
 def _start_redis(port: int, data_dir: Path, log_dir: Path) -> Child:
     """A persistent redis-server (AOF, fsync always) on ``port``, as deployed (docker-compose: AOF on)."""
-    child = Child(f"redis-{port}-{time.monotonic_ns()}", [
-        shutil.which("redis-server") or "redis-server", "--port", str(port), "--bind", "127.0.0.1",
-        "--save", "", "--appendonly", "yes", "--appendfsync", "always", "--dir", str(data_dir)],
-        os.environ, log_dir)
+    child = Child(
+        f"redis-{port}-{time.monotonic_ns()}",
+        [
+            shutil.which("redis-server") or "redis-server",
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "yes",
+            "--appendfsync",
+            "always",
+            "--dir",
+            str(data_dir),
+        ],
+        os.environ,
+        log_dir,
+    )
     wait_until(lambda: redis.Redis(port=port, socket_timeout=1).ping(), 20, "redis-server", alive=child.check)
     return child
 
 
 @pytest.mark.slow
-def test_redis_restart_while_a_job_runs_and_others_are_queued(database_url: str, clean_db: None, make_session,
-                                                               teacher, tmp_path: Path) -> None:
+def test_redis_restart_while_a_job_runs_and_others_are_queued(
+    database_url: str, clean_db: None, make_session, teacher, tmp_path: Path
+) -> None:
     """A dedicated Redis is restarted while job 1 fine-tunes and jobs 2, 3 wait in its queue: all three
     succeed, each started exactly once (attempt 1, one 'started' event), nothing resumed."""
     if shutil.which("redis-server") is None:
@@ -460,28 +559,40 @@ def test_redis_restart_while_a_job_runs_and_others_are_queued(database_url: str,
     port, rdir, logs = free_port(), tmp_path / "redis", tmp_path / "logs"
     rdir.mkdir()
     logs.mkdir()
-    settings = Settings(database_url=database_url, broker_url=f"redis://127.0.0.1:{port}/0",
-                        data_dir=tmp_path / "data", lease_seconds=LEASE, heartbeat_seconds=0.5,
-                        reaper_interval_seconds=1.0, checkpoint_every_steps=10,
-                        broker_visibility_timeout=5)  # shorter than job 1: its message comes back while it runs
+    settings = Settings(
+        database_url=database_url,
+        broker_url=f"redis://127.0.0.1:{port}/0",
+        data_dir=tmp_path / "data",
+        lease_seconds=LEASE,
+        heartbeat_seconds=0.5,
+        reaper_interval_seconds=1.0,
+        checkpoint_every_steps=10,
+        broker_visibility_timeout=5,
+    )  # shorter than job 1: its message comes back while it runs
     settings.ensure_dirs()
     server = _start_redis(port, rdir, logs)
     w = Workers(settings, logs)
     celery = create_celery(settings)
     try:
         worker = w.start("w1")
-        jobs = [insert_job(make_session, teacher, _with_steps(300))] + \
-               [insert_job(make_session, teacher) for _ in range(2)]
+        jobs = [insert_job(make_session, teacher, _with_steps(300))] + [
+            insert_job(make_session, teacher) for _ in range(2)
+        ]
         for job_id in jobs:
             enqueue_upgrade(celery, job_id)
-        wait_until(lambda: ((get_job(make_session, jobs[0]).checkpoint or {}).get("step") or 0) >= 10, 300,
-                   "job 1 fine-tuning", alive=worker.check)
+        wait_until(
+            lambda: ((get_job(make_session, jobs[0]).checkpoint or {}).get("step") or 0) >= 10,
+            300,
+            "job 1 fine-tuning",
+            alive=worker.check,
+        )
         assert [get_job(make_session, j).status for j in jobs[1:]] == ["queued", "queued"]
         server.stop(timeout=10)  # SIGTERM: Redis writes its AOF and exits
         time.sleep(2)
         server = _start_redis(port, rdir, logs)
-        done = [wait_status(make_session, j, {"succeeded", "failed", "cancelled"}, 300, alive=worker.check)
-                for j in jobs]
+        done = [
+            wait_status(make_session, j, {"succeeded", "failed", "cancelled"}, 300, alive=worker.check) for j in jobs
+        ]
     finally:
         celery.close()
         w.stop()
@@ -494,19 +605,25 @@ def test_redis_restart_while_a_job_runs_and_others_are_queued(database_url: str,
         check_single_artifact_set(settings, make_session, j.id)
 
 
-def test_api_restart_keeps_state(dsettings: Settings, make_session, teacher, api_token: str,
-                                 tmp_path: Path) -> None:
+def test_api_restart_keeps_state(dsettings: Settings, make_session, teacher, api_token: str, tmp_path: Path) -> None:
     """The API process is stopped and started again on the same port: every job reads back identically
     (the SQL row is the truth; the API holds no state)."""
     import httpx
 
     with make_session() as s:
         alice = s.scalar(select(User.id).where(User.name == "alice"))
-    ids = [insert_job(make_session, teacher, owner_id=alice, status=st, attempt=a, error=e)
-           for st, a, e in (("queued", 0, None), ("cancelled", 0, None),
-                            ("failed", 1, {"code": "invalid_teacher", "detail": "x", "field": "teacher"}))]
-    with Stack(dsettings, port=0, log_dir=tmp_path / "stack", ready_timeout=120) as stack, \
-            httpx.Client(base_url=stack.base_url, headers=bearer(api_token), timeout=30) as http:
+    ids = [
+        insert_job(make_session, teacher, owner_id=alice, status=st, attempt=a, error=e)
+        for st, a, e in (
+            ("queued", 0, None),
+            ("cancelled", 0, None),
+            ("failed", 1, {"code": "invalid_teacher", "detail": "x", "field": "teacher"}),
+        )
+    ]
+    with (
+        Stack(dsettings, port=0, log_dir=tmp_path / "stack", ready_timeout=120) as stack,
+        httpx.Client(base_url=stack.base_url, headers=bearer(api_token), timeout=30) as http,
+    ):
         before = {j: http.get(f"/jobs/{j}").json() for j in ids}
         assert [before[j]["status"] for j in ids] == ["queued", "cancelled", "failed"], before
         listing = http.get("/jobs").json()
@@ -514,9 +631,22 @@ def test_api_restart_keeps_state(dsettings: Settings, make_session, teacher, api
         api.stop()
         with pytest.raises(httpx.TransportError):
             http.get("/healthz")
-        restarted = Child("api", [sys.executable, "-m", "service.cli", "serve", "--no-migrate", "--host",
-                                  stack.host, "--port", str(stack.port)],
-                          stack._env(dsettings.broker_url), tmp_path / "stack")
+        restarted = Child(
+            "api",
+            [
+                sys.executable,
+                "-m",
+                "service.cli",
+                "serve",
+                "--no-migrate",
+                "--host",
+                stack.host,
+                "--port",
+                str(stack.port),
+            ],
+            stack._env(dsettings.broker_url),
+            tmp_path / "stack",
+        )
         stack.children[stack.children.index(api)] = restarted
         wait_until(lambda: http.get("/readyz").status_code == 200, 60, "restarted API", alive=restarted.check)
         assert {j: http.get(f"/jobs/{j}").json() for j in ids} == before

@@ -30,21 +30,23 @@ from service.config import Settings
 from service.embedded import Stack, wait_until
 from service.models import Job, User, utcnow
 from service.queue import create_celery, enqueue_upgrade
-
 from support.servers import bearer
 
 pytestmark = pytest.mark.e2e
 
 JOB_TIMEOUT = 8 * 60
-SMALL_SETTINGS = {"data": {"train_tokens": 8192, "eval_tokens": 2048, "ctx_len": 64},
-                  "calibrate": {"steps": 50, "tokens": 2048},
-                  "finetune": {"steps": 60, "batch_size": 512, "eval_every": 30},
-                  "eval": {"ce_sequences": 4}}
+SMALL_SETTINGS = {
+    "data": {"train_tokens": 8192, "eval_tokens": 2048, "ctx_len": 64},
+    "calibrate": {"steps": 50, "tokens": 2048},
+    "finetune": {"steps": 60, "batch_size": 512, "eval_every": 30},
+    "eval": {"ce_sequences": 4},
+}
 
 
 @pytest.fixture
-def e2e_settings(database_url: str, clean_db: None, e2e_broker_url: str, tmp_path: Path,
-                 monkeypatch: pytest.MonkeyPatch) -> Settings:
+def e2e_settings(
+    database_url: str, clean_db: None, e2e_broker_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> Settings:
     """The stack's settings: test Postgres, Redis db 14, a temp data dir; webhooks to 127.0.0.1 allowed
     (through the environment the stack's processes inherit)."""
     monkeypatch.setenv("RSAE_WEBHOOK_ALLOWED_HOSTS", '["127.0.0.1"]')
@@ -63,8 +65,17 @@ def teacher_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny ReLU teacher trained on real SmolLM2 layer-3 activations (once per module)."""
     from rsae.teacher import train_teacher_from_text
 
-    return Path(train_teacher_from_text(model="smollm2-135m", layer=3, out=tmp_path_factory.mktemp("teacher"),
-                                        d_sae=1152, train_tokens=8192, steps=300, seed=0))
+    return Path(
+        train_teacher_from_text(
+            model="smollm2-135m",
+            layer=3,
+            out=tmp_path_factory.mktemp("teacher"),
+            d_sae=1152,
+            train_tokens=8192,
+            steps=300,
+            seed=0,
+        )
+    )
 
 
 @pytest.fixture
@@ -74,13 +85,19 @@ def http(stack: Stack, api_token: str) -> Iterator[httpx.Client]:
         yield c
 
 
-def test_worker_records_failure_and_ignores_duplicate_messages(stack: Stack, http: httpx.Client,
-                                                                db: Session) -> None:
+def test_worker_records_failure_and_ignores_duplicate_messages(stack: Stack, http: httpx.Client, db: Session) -> None:
     """The real worker claims the row, fails it with the core's error (no numerical work needed: the
     teacher id resolves to nothing), and a redelivered message for a finished job is a no-op."""
     alice = db.scalar(select(User.id).where(User.name == "alice"))
-    job = Job(status="queued", progress=0.0, attempt=0, created_at=utcnow(), updated_at=utcnow(), owner_id=alice,
-              request={"model": "smollm2-135m", "layer": 3, "teacher": {"sae_id": "deleted-sae"}})
+    job = Job(
+        status="queued",
+        progress=0.0,
+        attempt=0,
+        created_at=utcnow(),
+        updated_at=utcnow(),
+        owner_id=alice,
+        request={"model": "smollm2-135m", "layer": 3, "teacher": {"sae_id": "deleted-sae"}},
+    )
     db.add(job)
     db.commit()
     celery = create_celery(stack.settings)
@@ -88,8 +105,11 @@ def test_worker_records_failure_and_ignores_duplicate_messages(stack: Stack, htt
         enqueue_upgrade(celery, job.id)
         done = wait_for_job(http, job.id, timeout=120, interval=0.5)
         assert done["status"] == "failed" and done["attempt"] == 1
-        assert done["error"] == {"code": "invalid_teacher", "field": "teacher.sae_id",
-                                 "detail": done["error"]["detail"]}
+        assert done["error"] == {
+            "code": "invalid_teacher",
+            "field": "teacher.sae_id",
+            "detail": done["error"]["detail"],
+        }
         assert done["started_at"] and done["finished_at"] >= done["started_at"]
         events = http.get(f"/jobs/{job.id}/events").json()
         assert [e["data"].get("status") for e in events if e["type"] == "status"] == ["running", "failed"]
@@ -116,9 +136,18 @@ def _recompute_heldout_mse(sae_folder: Path, report: dict[str, Any], work: Path)
 
     split = report["eval_split"]
     model, tok = load_model(split["model"])
-    extract_activations(model, tok, layer=split["layer"], dataset=split["dataset"], split="eval",
-                        n_tokens=split["eval_tokens"], out_dir=work, ctx_len=split["ctx_len"],
-                        eval_fraction=split["eval_fraction"], seed=split["seed"])
+    extract_activations(
+        model,
+        tok,
+        layer=split["layer"],
+        dataset=split["dataset"],
+        split="eval",
+        n_tokens=split["eval_tokens"],
+        out_dir=work,
+        ctx_len=split["ctx_len"],
+        eval_fraction=split["eval_fraction"],
+        seed=split["seed"],
+    )
     store = ActivationStore(work)
     return reconstruction_metrics(rsae.load(sae_folder), [store.load()])["mse"]
 
@@ -126,8 +155,9 @@ def _recompute_heldout_mse(sae_folder: Path, report: dict[str, Any], work: Path)
 def _submit_small_job(http: httpx.Client, teacher_dir: Path) -> dict[str, Any]:
     sae = upload_sae(http, teacher_dir, name="e2e-teacher")
     assert (sae["family"], sae["d_in"], sae["d_sae"]) == ("relu", 576, 1152)
-    return submit_job(http, {"model": "smollm2-135m", "layer": 3, "teacher": {"sae_id": sae["id"]},
-                             "settings": SMALL_SETTINGS})
+    return submit_job(
+        http, {"model": "smollm2-135m", "layer": 3, "teacher": {"sae_id": sae["id"]}, "settings": SMALL_SETTINGS}
+    )
 
 
 @pytest.mark.slow
@@ -143,8 +173,11 @@ def test_cancel_a_running_job(stack: Stack, http: httpx.Client, teacher_dir: Pat
     assert done["status"] == "cancelled" and done["artifacts"] == [] and done["error"] is None
     assert not (stack.settings.work_dir / job["id"]).exists()
     assert not (stack.settings.artifacts_dir / job["id"]).exists()
-    statuses = [e["data"]["status"] for e in http.get(f"/jobs/{job['id']}/events", params={"limit": 100}).json()
-                if e["type"] == "status"]
+    statuses = [
+        e["data"]["status"]
+        for e in http.get(f"/jobs/{job['id']}/events", params={"limit": 100}).json()
+        if e["type"] == "status"
+    ]
     assert statuses == ["queued", "running", "cancelling", "cancelled"]
 
 
@@ -155,8 +188,9 @@ def test_full_upgrade_over_http(stack: Stack, http: httpx.Client, teacher_dir: P
 
     job = _submit_small_job(http, teacher_dir)
     seen: list[tuple[str | None, float]] = []
-    done = wait_for_job(http, job["id"], timeout=JOB_TIMEOUT, interval=0.5,
-                        on_update=lambda j: seen.append((j["stage"], j["progress"])))
+    done = wait_for_job(
+        http, job["id"], timeout=JOB_TIMEOUT, interval=0.5, on_update=lambda j: seen.append((j["stage"], j["progress"]))
+    )
     assert done["status"] == "succeeded", done["error"]
     assert done["progress"] == 1.0 and done["attempt"] == 1, done
     assert len({stage for stage, _ in seen if stage}) >= 2, seen  # the stage moved while we polled
@@ -167,7 +201,9 @@ def test_full_upgrade_over_http(stack: Stack, http: httpx.Client, teacher_dir: P
     assert {"status", "progress", "metrics"} <= {e["type"] for e in events}, events
 
     listing = http.get(f"/jobs/{job['id']}/artifacts").json()
-    assert {"sae_weights.safetensors", "cfg.json", "report.json", "report.html"} <= {a["name"] for a in listing}, listing
+    assert {"sae_weights.safetensors", "cfg.json", "report.json", "report.html"} <= {a["name"] for a in listing}, (
+        listing
+    )
     folder = tmp_path / "download"
     paths = download_artifacts(http, done, folder)  # checks size and sha256 against the listing
     for art in listing:
@@ -187,10 +223,12 @@ def test_full_upgrade_over_http(stack: Stack, http: httpx.Client, teacher_dir: P
 
 
 # -- clients: README flows, the CLI and the SSE stream ------------------------------------------------
-TINY_SETTINGS = {"data": {"train_tokens": 4096, "eval_tokens": 1024, "ctx_len": 64},
-                 "calibrate": {"steps": 20, "tokens": 1024},
-                 "finetune": {"steps": 20, "batch_size": 256, "eval_every": 10, "control": False},
-                 "eval": {"ce_sequences": 2, "probe_ks": []}}
+TINY_SETTINGS = {
+    "data": {"train_tokens": 4096, "eval_tokens": 1024, "ctx_len": 64},
+    "calibrate": {"steps": 20, "tokens": 1024},
+    "finetune": {"steps": 20, "batch_size": 256, "eval_every": 10, "control": False},
+    "eval": {"ce_sequences": 2, "probe_ks": []},
+}
 """The smallest useful job (about half a minute here): for testing the clients, not the method."""
 README = Path(__file__).resolve().parents[2] / "README.md"
 WEBHOOK_SECRET = "e2e-webhook-secret-value"
@@ -201,13 +239,18 @@ def readme_block(kind: str) -> str:
     """The fenced code block right after ``<!-- readme-test: kind -->`` in README.md."""
     text = README.read_text()
     start = text.index(f"<!-- readme-test: {kind} -->")
-    body = text[text.index("\n", text.index("```", start)) + 1:]
-    return body[:body.index("```")]
+    body = text[text.index("\n", text.index("```", start)) + 1 :]
+    return body[: body.index("```")]
 
 
 def _client_env(stack: Stack, **extra: str) -> dict[str, str]:
-    return {**os.environ, "PATH": f"{VENV_BIN}{os.pathsep}{os.environ['PATH']}", "RSAE_URL": stack.base_url,
-            "RSAE_DATABASE_URL": stack.settings.database_url, **extra}
+    return {
+        **os.environ,
+        "PATH": f"{VENV_BIN}{os.pathsep}{os.environ['PATH']}",
+        "RSAE_URL": stack.base_url,
+        "RSAE_DATABASE_URL": stack.settings.database_url,
+        **extra,
+    }
 
 
 @pytest.mark.slow
@@ -215,11 +258,18 @@ def test_readme_curl_flow(stack: Stack, teacher_dir: Path, tmp_path: Path) -> No
     """README's curl block, verbatim except the server address and a smaller job body, succeeds."""
     block = readme_block("curl").replace("http://127.0.0.1:8000", stack.base_url)
     body_line = next(line for line in block.splitlines() if line.startswith("BODY="))
-    block = block.replace(body_line, "BODY=" + shlex.quote(json.dumps(
-        {"model": "smollm2-135m", "layer": 3, "settings": TINY_SETTINGS})))
+    block = block.replace(
+        body_line, "BODY=" + shlex.quote(json.dumps({"model": "smollm2-135m", "layer": 3, "settings": TINY_SETTINGS}))
+    )
     (tmp_path / "teacher").symlink_to(teacher_dir)
-    run = subprocess.run(["bash", "-euo", "pipefail", "-c", block], cwd=tmp_path, capture_output=True, text=True,
-                         env=_client_env(stack, USER="readme-curl"), timeout=JOB_TIMEOUT)
+    run = subprocess.run(
+        ["bash", "-euo", "pipefail", "-c", block],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env=_client_env(stack, USER="readme-curl"),
+        timeout=JOB_TIMEOUT,
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     assert "event: status" in run.stdout and '"status":"succeeded"' in run.stdout, run.stdout[-2000:]
     assert run.stdout.rstrip().endswith("succeeded")  # cancel of a finished job leaves it as it is
@@ -229,13 +279,20 @@ def test_readme_curl_flow(stack: Stack, teacher_dir: Path, tmp_path: Path) -> No
 
 
 @pytest.mark.slow
-def test_readme_python_flow(stack: Stack, teacher_dir: Path, tmp_path: Path, api_token: str,
-                            monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+def test_readme_python_flow(
+    stack: Stack,
+    teacher_dir: Path,
+    tmp_path: Path,
+    api_token: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     """README's Python block, verbatim except the server address and a smaller job body, succeeds."""
     block = readme_block("python").replace("http://127.0.0.1:8000", stack.base_url)
     body_line = next(line for line in block.splitlines() if line.strip().startswith("body = "))
-    block = block.replace(body_line.strip(), "body = " + repr(
-        {"model": "smollm2-135m", "layer": 3, "settings": TINY_SETTINGS}))
+    block = block.replace(
+        body_line.strip(), "body = " + repr({"model": "smollm2-135m", "layer": 3, "settings": TINY_SETTINGS})
+    )
     (tmp_path / "teacher").symlink_to(teacher_dir)
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("RSAE_TOKEN", api_token)
@@ -251,8 +308,9 @@ def test_readme_python_flow(stack: Stack, teacher_dir: Path, tmp_path: Path, api
 
 
 @pytest.mark.slow
-def test_cli_and_server_sent_events(stack: Stack, http: httpx.Client, teacher_dir: Path, tmp_path: Path,
-                                    api_token: str) -> None:
+def test_cli_and_server_sent_events(
+    stack: Stack, http: httpx.Client, teacher_dir: Path, tmp_path: Path, api_token: str
+) -> None:
     """``rsae jobs`` submit / wait / status / download / cancel against the stack, while a second client
     follows the same job's SSE stream; the stream resumes exactly after ``Last-Event-ID``; the worker
     sends the job's signed webhook to a real local receiver."""
@@ -263,18 +321,35 @@ def test_cli_and_server_sent_events(stack: Stack, http: httpx.Client, teacher_di
     env = _client_env(stack, RSAE_TOKEN=api_token)
     rsae_cli = [str(VENV_BIN / "rsae"), "jobs"]
     hook = Receiver()
-    out = subprocess.run([*rsae_cli, "submit", "--teacher", str(teacher_dir), "--layer", "3",
-                          "--settings", json.dumps(TINY_SETTINGS), "--idempotency-key", "cli-1",
-                          "--webhook-url", hook.url, "--webhook-secret", WEBHOOK_SECRET],
-                         env=env, capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [
+            *rsae_cli,
+            "submit",
+            "--teacher",
+            str(teacher_dir),
+            "--layer",
+            "3",
+            "--settings",
+            json.dumps(TINY_SETTINGS),
+            "--idempotency-key",
+            "cli-1",
+            "--webhook-url",
+            hook.url,
+            "--webhook-secret",
+            WEBHOOK_SECRET,
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 0, out.stderr
     job_id = json.loads(out.stdout)["id"]
 
     streamed: list[dict[str, Any]] = []
     follower = threading.Thread(target=lambda: streamed.extend(stream_events(http, job_id, timeout=JOB_TIMEOUT)))
     follower.start()
-    waited = subprocess.run([*rsae_cli, "wait", job_id], env=env, capture_output=True, text=True,
-                            timeout=JOB_TIMEOUT)
+    waited = subprocess.run([*rsae_cli, "wait", job_id], env=env, capture_output=True, text=True, timeout=JOB_TIMEOUT)
     follower.join(timeout=60)
     assert waited.returncode == 0, waited.stderr
     assert f"job {job_id} succeeded" in waited.stderr and "100%" in waited.stderr, waited.stderr[-2000:]
@@ -283,28 +358,35 @@ def test_cli_and_server_sent_events(stack: Stack, http: httpx.Client, teacher_di
     # (After the terminal status only 'log' events can follow: the webhook's delivery record.)
     listed = http.get(f"/jobs/{job_id}/events", params={"limit": 100}).json()
     end = next(i for i, e in enumerate(listed) if e["data"].get("status") == "succeeded")
-    assert [e["id"] for e in streamed][:end + 1] == [e["id"] for e in listed][:end + 1]
-    assert all(e["type"] == "log" for e in streamed[end + 1:] + listed[end + 1:])
+    assert [e["id"] for e in streamed][: end + 1] == [e["id"] for e in listed][: end + 1]
+    assert all(e["type"] == "log" for e in streamed[end + 1 :] + listed[end + 1 :])
     assert streamed[0]["data"] == {"status": "queued"}
     progress = [e["data"]["progress"] for e in streamed if e["type"] == "progress"]
     assert progress == sorted(progress) and len(progress) >= 3
     # Resumption: Last-Event-ID = a middle event -> exactly the later ones.
     middle = listed[len(listed) // 2]["id"]
-    with http.stream("GET", f"/jobs/{job_id}/events", headers={"Accept": "text/event-stream",
-                                                               "Last-Event-ID": str(middle)}) as r:
+    with http.stream(
+        "GET", f"/jobs/{job_id}/events", headers={"Accept": "text/event-stream", "Last-Event-ID": str(middle)}
+    ) as r:
         assert r.headers["content-type"].startswith("text/event-stream")
         ids = [int(line[3:].strip()) for line in r.iter_lines() if line.startswith("id:")]
     assert ids == [e["id"] for e in listed if e["id"] > middle]
 
     status = subprocess.run([*rsae_cli, "status", job_id], env=env, capture_output=True, text=True, timeout=60)
     assert json.loads(status.stdout)["status"] == "succeeded"
-    down = subprocess.run([*rsae_cli, "download", job_id, "--out", str(tmp_path / "out")], env=env,
-                          capture_output=True, text=True, timeout=120)
+    down = subprocess.run(
+        [*rsae_cli, "download", job_id, "--out", str(tmp_path / "out")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert down.returncode == 0 and (tmp_path / "out" / "sae_weights.safetensors").is_file(), down.stderr
     # The job's RSAE loads through SAELens's own loader ("rational" architecture registered by rsae).
+    from sae_lens import SAE as SAELensSAE
+
     import rsae
     import rsae.saelens_arch  # noqa: F401 - registers the architecture
-    from sae_lens import SAE as SAELensSAE
 
     ours, theirs = rsae.load(tmp_path / "out"), SAELensSAE.load_from_disk(str(tmp_path / "out"))
     assert theirs.cfg.metadata.hook_name == "blocks.3.hook_resid_post"
@@ -314,10 +396,28 @@ def test_cli_and_server_sent_events(stack: Stack, http: httpx.Client, teacher_di
         torch.testing.assert_close(theirs.decode(theirs.encode(x)), ours(x))
     cfg = json.loads((tmp_path / "out" / "cfg.json").read_text())
     assert cfg["metadata"]["teacher"]["sha256"] and cfg["metadata"]["versions"]["torch"]
-    again = subprocess.run([*rsae_cli, "submit", "--sae-id", json.loads(status.stdout)["request"]["teacher"]
-                            ["sae_id"], "--layer", "3", "--settings", json.dumps(TINY_SETTINGS),
-                            "--idempotency-key", "cli-1", "--webhook-url", hook.url, "--webhook-secret",
-                            WEBHOOK_SECRET], env=env, capture_output=True, text=True, timeout=60)
+    again = subprocess.run(
+        [
+            *rsae_cli,
+            "submit",
+            "--sae-id",
+            json.loads(status.stdout)["request"]["teacher"]["sae_id"],
+            "--layer",
+            "3",
+            "--settings",
+            json.dumps(TINY_SETTINGS),
+            "--idempotency-key",
+            "cli-1",
+            "--webhook-url",
+            hook.url,
+            "--webhook-secret",
+            WEBHOOK_SECRET,
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert json.loads(again.stdout)["id"] == job_id  # same key, same body: the same job
 
     # The worker delivered one signed completion notice to the webhook receiver.

@@ -27,9 +27,9 @@ from service.config import Settings, get_settings
 from service.db import get_sessionmaker
 from service.migrate import alembic_config, upgrade
 from service.models import Artifact, Base, Job, JobEvent, utcnow
+from support.servers import assert_problem, bearer, job_body, make_token, post_sae, queued_messages
 from worker.tasks import JobReporter
 
-from support.servers import assert_problem, bearer, job_body, make_token, post_sae, queued_messages
 
 # -- helpers ---------------------------------------------------------------------------------------
 def fresh_app(monkeypatch: pytest.MonkeyPatch, **env: str) -> TestClient:
@@ -96,19 +96,32 @@ def test_upload_form_errors(client: TestClient, make_teacher: Callable[..., Path
     cfg = ("cfg.json", (folder / "cfg.json").read_bytes(), "application/json")
     weights = ("w.safetensors", (folder / "sae_weights.safetensors").read_bytes(), "application/octet-stream")
     assert_problem(client.post("/saes", files={"cfg": cfg}), 422, field="weights", code="missing_field")
-    assert_problem(client.post("/saes", files={"cfg": cfg, "weights": weights, "extra": cfg}), 422,
-                   field="extra", code="unknown_field")
+    assert_problem(
+        client.post("/saes", files={"cfg": cfg, "weights": weights, "extra": cfg}),
+        422,
+        field="extra",
+        code="unknown_field",
+    )
     for name in ("x" * 201, "tab\there"):
-        assert_problem(client.post("/saes", files={"cfg": cfg, "weights": weights}, data={"name": name}),
-                       422, field="name")
+        assert_problem(
+            client.post("/saes", files={"cfg": cfg, "weights": weights}, data={"name": name}), 422, field="name"
+        )
     assert_problem(client.post("/saes", json={"cfg": {}}), 415, code="unsupported_media_type")
-    r = client.post("/saes", content=b"--b\r\nContent-Disposition: form-data; name=\"cfg\"\r\n\r\n{}",
-                    headers={"content-type": "multipart/form-data; boundary=b"})
+    r = client.post(
+        "/saes",
+        content=b'--b\r\nContent-Disposition: form-data; name="cfg"\r\n\r\n{}',
+        headers={"content-type": "multipart/form-data; boundary=b"},
+    )
     assert_problem(r, 400, code="malformed_multipart")
 
 
-def test_upload_size_limits(settings: Settings, clean_db: None, broker: redis.Redis,
-                            monkeypatch: pytest.MonkeyPatch, make_teacher: Callable[..., Path]) -> None:
+def test_upload_size_limits(
+    settings: Settings,
+    clean_db: None,
+    broker: redis.Redis,
+    monkeypatch: pytest.MonkeyPatch,
+    make_teacher: Callable[..., Path],
+) -> None:
     folder = make_teacher()
     cfg, weights = (folder / "cfg.json").read_bytes(), (folder / "sae_weights.safetensors").read_bytes()
     limit = len(weights) // 2
@@ -119,17 +132,22 @@ def test_upload_size_limits(settings: Settings, clean_db: None, broker: redis.Re
         assert_problem(post_sae(c, cfg, b"x"), 413, field="cfg", code="payload_too_large")
         # No Content-Length (chunked): stopped while streaming, naming the part being read.
         boundary = "XyZ"
-        body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"weights\"; filename=\"w\"\r\n\r\n"
-                .encode() + weights + f"\r\n--{boundary}--\r\n".encode())
-        r = c.post("/saes", content=iter([body[i:i + 65536] for i in range(0, len(body), 65536)]),
-                   headers={"content-type": f"multipart/form-data; boundary={boundary}"})
+        body = (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="weights"; filename="w"\r\n\r\n'.encode()
+            + weights
+            + f"\r\n--{boundary}--\r\n".encode()
+        )
+        r = c.post(
+            "/saes",
+            content=iter([body[i : i + 65536] for i in range(0, len(body), 65536)]),
+            headers={"content-type": f"multipart/form-data; boundary={boundary}"},
+        )
         assert_problem(r, 413, field="weights", code="payload_too_large")
     assert list(get_settings().uploads_dir.iterdir()) == []
 
 
 # -- jobs: create ----------------------------------------------------------------------------------
-def test_create_job_commits_then_enqueues(client: TestClient, sae_id: str, db: Session,
-                                          broker: redis.Redis) -> None:
+def test_create_job_commits_then_enqueues(client: TestClient, sae_id: str, db: Session, broker: redis.Redis) -> None:
     r = client.post("/jobs", json=job_body(sae_id, finetune={"steps": 5}))
     assert r.status_code == 202, r.text
     job = r.json()
@@ -140,8 +158,7 @@ def test_create_job_commits_then_enqueues(client: TestClient, sae_id: str, db: S
     assert job["request"]["settings"]["finetune"]["batch_size"] == 1024  # defaults echoed
     row = db.get(Job, job["id"])
     assert row is not None and row.status == "queued" and row.created_at.tzinfo is not None
-    assert [e.data for e in db.scalars(select(JobEvent).where(JobEvent.job_id == job["id"]))] == [
-        {"status": "queued"}]
+    assert [e.data for e in db.scalars(select(JobEvent).where(JobEvent.job_id == job["id"]))] == [{"status": "queued"}]
     assert queued_messages(broker) == [("rsae.upgrade", [job["id"]])]
     broker.delete("gpu")
     assert client.get(f"/jobs/{job['id']}").json() == job
@@ -154,8 +171,9 @@ def test_malformed_json_body(client: TestClient) -> None:
 
 def test_unstorable_values_are_4xx(client: TestClient, sae_id: str, db: Session) -> None:
     """Values Postgres refuses (NUL characters, out-of-range integers) are bad input, not a 500."""
-    assert_problem(client.post("/jobs", json=job_body(sae_id, data={"dataset": "bbc\u0000news"})), 422,
-                   code="invalid_value")
+    assert_problem(
+        client.post("/jobs", json=job_body(sae_id, data={"dataset": "bbc\u0000news"})), 422, code="invalid_value"
+    )
     assert_problem(client.post("/jobs", json=job_body("a\u0000b")), 422, field="teacher.sae_id")
     assert_problem(client.get("/jobs/%00"), 404, code="job_not_found")
     assert_problem(client.get("/saes/%00"), 404, code="sae_not_found")
@@ -164,20 +182,28 @@ def test_unstorable_values_are_4xx(client: TestClient, sae_id: str, db: Session)
     assert db.scalar(select(func.count()).select_from(Job)) == 1
 
 
-def test_local_teacher_path_when_allowed(settings: Settings, clean_db: None, broker: redis.Redis,
-                                         monkeypatch: pytest.MonkeyPatch,
-                                         make_teacher: Callable[..., Path]) -> None:
+def test_local_teacher_path_when_allowed(
+    settings: Settings,
+    clean_db: None,
+    broker: redis.Redis,
+    monkeypatch: pytest.MonkeyPatch,
+    make_teacher: Callable[..., Path],
+) -> None:
     folder = make_teacher()
     with fresh_app(monkeypatch, allow_local_paths="true") as c:
         r = c.post("/jobs", json={"layer": 3, "teacher": {"path": str(folder)}})
         assert r.status_code == 202, r.text
-        assert_problem(c.post("/jobs", json={"layer": 3, "teacher": {"path": "relative/dir"}}), 422,
-                       field="teacher.path", code="invalid_teacher")
+        assert_problem(
+            c.post("/jobs", json={"layer": 3, "teacher": {"path": "relative/dir"}}),
+            422,
+            field="teacher.path",
+            code="invalid_teacher",
+        )
 
 
-def test_enqueue_failure_marks_job_failed(settings: Settings, clean_db: None, db: Session,
-                                          monkeypatch: pytest.MonkeyPatch,
-                                          make_teacher: Callable[..., Path]) -> None:
+def test_enqueue_failure_marks_job_failed(
+    settings: Settings, clean_db: None, db: Session, monkeypatch: pytest.MonkeyPatch, make_teacher: Callable[..., Path]
+) -> None:
     with fresh_app(monkeypatch, broker_url="redis://127.0.0.1:1/0", enqueue_retries="0") as c:
         sae_id = upload_sae(c, make_teacher())["id"]
         body = assert_problem(c.post("/jobs", json=job_body(sae_id)), 503, code="enqueue_failed")
@@ -188,8 +214,13 @@ def test_enqueue_failure_marks_job_failed(settings: Settings, clean_db: None, db
 
 # -- jobs: read, list ------------------------------------------------------------------------------
 def test_unknown_job_is_404(client: TestClient) -> None:
-    for path in ("/jobs/0b5e8a3c-0000-4000-8000-000000000000", "/jobs/not-a-uuid",
-                 "/jobs/nope/events", "/jobs/nope/artifacts", "/jobs/nope/artifacts/cfg.json"):
+    for path in (
+        "/jobs/0b5e8a3c-0000-4000-8000-000000000000",
+        "/jobs/not-a-uuid",
+        "/jobs/nope/events",
+        "/jobs/nope/artifacts",
+        "/jobs/nope/artifacts/cfg.json",
+    ):
         assert_problem(client.get(path), 404, field="id", code="job_not_found")
     assert_problem(client.post("/jobs/nope/cancel"), 404, code="job_not_found")
 
@@ -268,13 +299,11 @@ def test_worker_progress_and_metrics_are_visible(client: TestClient, sae_id: str
     assert events[-1]["data"] == {"stage": "finetune", "step": 30, "mse": 1.5, "fvu": None}
     after = client.get(f"/jobs/{job_id}/events", params={"after": events[2]["id"]}).json()
     assert after == events[3:]
-    assert client.get(f"/jobs/{job_id}/events", params={"after": events[2]["id"], "limit": 1}).json() == \
-        events[3:4]
+    assert client.get(f"/jobs/{job_id}/events", params={"after": events[2]["id"], "limit": 1}).json() == events[3:4]
 
 
 # -- artifacts -------------------------------------------------------------------------------------
-def test_artifact_listing_and_download(client: TestClient, settings: Settings, sae_id: str,
-                                       db: Session) -> None:
+def test_artifact_listing_and_download(client: TestClient, settings: Settings, sae_id: str, db: Session) -> None:
     job_id = client.post("/jobs", json=job_body(sae_id)).json()["id"]
     _set_status(db, job_id, "succeeded")
     data = bytes(range(256)) * 4
@@ -282,13 +311,31 @@ def test_artifact_listing_and_download(client: TestClient, settings: Settings, s
     path.parent.mkdir(parents=True)
     path.write_bytes(data)
     sha = hashlib.sha256(data).hexdigest()
-    db.add(Artifact(job_id=job_id, name="report.json", kind="report", content_type="application/json",
-                    size=len(data), sha256=sha, path=f"{job_id}/sae/report.json", created_at=utcnow()))
+    db.add(
+        Artifact(
+            job_id=job_id,
+            name="report.json",
+            kind="report",
+            content_type="application/json",
+            size=len(data),
+            sha256=sha,
+            path=f"{job_id}/sae/report.json",
+            created_at=utcnow(),
+        )
+    )
     db.commit()
 
     listing = client.get(f"/jobs/{job_id}/artifacts").json()
-    assert listing == [{"name": "report.json", "kind": "report", "content_type": "application/json",
-                        "size": len(data), "sha256": sha, "url": f"/jobs/{job_id}/artifacts/report.json"}]
+    assert listing == [
+        {
+            "name": "report.json",
+            "kind": "report",
+            "content_type": "application/json",
+            "size": len(data),
+            "sha256": sha,
+            "url": f"/jobs/{job_id}/artifacts/report.json",
+        }
+    ]
     assert client.get(f"/jobs/{job_id}").json()["artifacts"] == listing
 
     r = client.get(listing[0]["url"])
@@ -303,16 +350,16 @@ def test_artifact_listing_and_download(client: TestClient, settings: Settings, s
     assert r.headers["content-range"] == f"bytes 10-19/{len(data)}"
     assert client.get(listing[0]["url"], headers={"If-None-Match": f'"{sha}"'}).status_code == 304
 
-    assert_problem(client.get(f"/jobs/{job_id}/artifacts/cfg.json"), 404, field="name",
-                   code="artifact_not_found")
+    assert_problem(client.get(f"/jobs/{job_id}/artifacts/cfg.json"), 404, field="name", code="artifact_not_found")
     assert_problem(client.get(f"/jobs/{job_id}/artifacts/..%2F..%2Fsaes"), 404)  # never a path join
     path.unlink()
     assert_problem(client.get(listing[0]["url"]), 500, code="artifact_missing")
 
 
 # -- single-machine mode ---------------------------------------------------------------------------
-def test_sqlite_mode(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, broker: redis.Redis,
-                     make_teacher: Callable[..., Path]) -> None:
+def test_sqlite_mode(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, broker: redis.Redis, make_teacher: Callable[..., Path]
+) -> None:
     """SQLite (the default database): migrations, aware timestamps and the cursor work there too."""
     monkeypatch.delenv("RSAE_DATABASE_URL", raising=False)
     monkeypatch.setenv("RSAE_DATA_DIR", str(tmp_path / "data"))
@@ -348,5 +395,6 @@ def test_event_stream_of_a_finished_job_replays_and_ends(client: TestClient, sae
     assert [d["data"]["status"] for d in data] == ["queued", "cancelled"]
     r = client.get(f"/jobs/{job_id}/events", headers={**sse, "Last-Event-ID": str(ids[0])})
     assert [int(line[3:]) for line in r.text.splitlines() if line.startswith("id:")] == ids[1:]
-    assert_problem(client.get(f"/jobs/{job_id}/events", headers={**sse, "Last-Event-ID": "x"}), 422,
-                   field="Last-Event-ID")
+    assert_problem(
+        client.get(f"/jobs/{job_id}/events", headers={**sse, "Last-Event-ID": "x"}), 422, field="Last-Event-ID"
+    )

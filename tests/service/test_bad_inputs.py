@@ -31,7 +31,6 @@ from sqlalchemy.orm import Session
 from service.client import upload_sae
 from service.config import Settings
 from service.models import Job
-
 from support.servers import assert_problem, job_body, post_sae
 
 Files = tuple[bytes, bytes]
@@ -48,19 +47,23 @@ def _weights(folder: Path) -> bytes:
 
 def _cfg_with(**changes: Any) -> Callable[[Path], Files]:
     """cfg.json with keys changed (a value of ``...`` deletes the key); weights untouched."""
+
     def make(folder: Path) -> Files:
         cfg = {**_cfg(folder), **changes}
         return json.dumps({k: v for k, v in cfg.items() if v is not ...}).encode(), _weights(folder)
+
     return make
 
 
 def _tensors_with(edit: Callable[[dict[str, torch.Tensor]], None], **cfg_changes: Any) -> Callable[[Path], Files]:
     """Weights re-saved after ``edit`` mutates the tensor dict; cfg optionally changed."""
+
     def make(folder: Path) -> Files:
         tensors = {k: v.clone() for k, v in st_load(_weights(folder)).items()}
         edit(tensors)
         cfg = {**_cfg(folder), **cfg_changes}
         return json.dumps(cfg).encode(), st_save(tensors)
+
     return make
 
 
@@ -83,12 +86,14 @@ def _npz(folder: Path) -> bytes:
 def _set(name: str, value: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[dict[str, torch.Tensor]], None]:
     def edit(t: dict[str, torch.Tensor]) -> None:
         t[name] = value(t[name])
+
     return edit
 
 
 def _poke(name: str, value: float) -> Callable[[dict[str, torch.Tensor]], None]:
     def edit(t: dict[str, torch.Tensor]) -> None:
         t[name].view(-1)[0] = value
+
     return edit
 
 
@@ -109,8 +114,10 @@ BAD_UPLOADS: dict[str, tuple[Callable[[Path], Files], str]] = {
     "topk without k": (_cfg_with(architecture="topk"), "cfg.k"),
     "topk k larger than d_sae": (_cfg_with(architecture="topk", k=10_000), "cfg.k"),
     "jumprelu without threshold": (_cfg_with(architecture="jumprelu"), "weights.threshold"),
-    "jumprelu threshold of the wrong length": (_tensors_with(lambda t: t.update(threshold=torch.ones(63)),
-                                                             architecture="jumprelu"), "weights.threshold"),
+    "jumprelu threshold of the wrong length": (
+        _tensors_with(lambda t: t.update(threshold=torch.ones(63)), architecture="jumprelu"),
+        "weights.threshold",
+    ),
     "per-token normalisation": (_cfg_with(normalize_activations="layer_norm"), "cfg.normalize_activations"),
     "apply_b_dec_to_input not a bool": (_cfg_with(apply_b_dec_to_input="yes"), "cfg.apply_b_dec_to_input"),
     # weights file problems
@@ -118,8 +125,7 @@ BAD_UPLOADS: dict[str, tuple[Callable[[Path], Files], str]] = {
     "weights random bytes": (_raw_weights(lambda w: bytes(range(256)) * 64), "weights"),
     "weights truncated": (_raw_weights(lambda w: w[:5000]), "weights"),
     "safetensors header length absurd": (_raw_weights(lambda w: struct.pack("<Q", 2**60) + w[8:]), "weights"),
-    "safetensors header not JSON": (_raw_weights(lambda w: struct.pack("<Q", 8) + b"not json" + w[8:]),
-                                    "weights"),
+    "safetensors header not JSON": (_raw_weights(lambda w: struct.pack("<Q", 8) + b"not json" + w[8:]), "weights"),
     "pickle instead of safetensors": (lambda f: ((f / "cfg.json").read_bytes(), _pickle(f)), "weights"),
     "npz sent as the safetensors field": (lambda f: ((f / "cfg.json").read_bytes(), _npz(f)), "weights"),
     "zip archive": (_raw_weights(lambda w: _zip(w)), "weights"),
@@ -142,8 +148,9 @@ def _zip(payload: bytes) -> bytes:
 
 
 @pytest.mark.parametrize("case", list(BAD_UPLOADS))
-def test_bad_upload_is_422_naming_the_field(case: str, client: TestClient, settings: Settings,
-                                            make_teacher: Callable[..., Path]) -> None:
+def test_bad_upload_is_422_naming_the_field(
+    case: str, client: TestClient, settings: Settings, make_teacher: Callable[..., Path]
+) -> None:
     make_files, field = BAD_UPLOADS[case]
     cfg, weights = make_files(make_teacher())
     body = assert_problem(post_sae(client, cfg, weights), 422, field=field)
@@ -162,56 +169,86 @@ INVALID_JOBS: dict[str, tuple[Callable[[str], dict[str, Any]], str, str]] = {
     # (request kwargs from the sae id, field, code)
     "negative layer": (lambda s: {"json": {**job_body(s), "layer": -1}}, "layer", "validation_error"),
     "layer beyond the model": (lambda s: {"json": {**job_body(s), "layer": 30}}, "layer", "invalid_layer"),
-    "layer astronomically large": (lambda s: {"json": {**job_body(s), "layer": 10**30}}, "layer",
-                                   "validation_error"),
+    "layer astronomically large": (lambda s: {"json": {**job_body(s), "layer": 10**30}}, "layer", "validation_error"),
     "layer a word": (lambda s: {"json": {**job_body(s), "layer": "three"}}, "layer", "validation_error"),
     "layer fractional": (lambda s: {"json": {**job_body(s), "layer": 3.5}}, "layer", "validation_error"),
-    "layer missing": (lambda s: {"json": {k: v for k, v in job_body(s).items() if k != "layer"}}, "layer",
-                      "validation_error"),
+    "layer missing": (
+        lambda s: {"json": {k: v for k, v in job_body(s).items() if k != "layer"}},
+        "layer",
+        "validation_error",
+    ),
     "unknown sae_id": (lambda s: {"json": job_body("no-such-sae")}, "teacher.sae_id", "invalid_teacher"),
     "sae_id far too long": (lambda s: {"json": job_body("x" * 10_000)}, "teacher.sae_id", "validation_error"),
     "no teacher": (lambda s: {"json": {**job_body(s), "teacher": {}}}, "teacher", "validation_error"),
-    "two teachers": (lambda s: {"json": {**job_body(s), "teacher": {"sae_id": s, "path": "/tmp"}}}, "teacher",
-                     "validation_error"),
-    "URL as model": (lambda s: {"json": {**job_body(s), "model": "https://evil.example/m"}}, "model",
-                     "invalid_model"),
-    "malformed hub id": (lambda s: {"json": {**job_body(s), "model": "org/name/../../x"}}, "model",
-                         "invalid_model"),
+    "two teachers": (
+        lambda s: {"json": {**job_body(s), "teacher": {"sae_id": s, "path": "/tmp"}}},
+        "teacher",
+        "validation_error",
+    ),
+    "URL as model": (lambda s: {"json": {**job_body(s), "model": "https://evil.example/m"}}, "model", "invalid_model"),
+    "malformed hub id": (lambda s: {"json": {**job_body(s), "model": "org/name/../../x"}}, "model", "invalid_model"),
     "empty model": (lambda s: {"json": {**job_body(s), "model": "  "}}, "model", "validation_error"),
-    "steps a word": (lambda s: {"json": job_body(s, finetune={"steps": "abc"})}, "settings.finetune.steps",
-                     "validation_error"),
-    "steps astronomically large": (lambda s: {"json": job_body(s, finetune={"steps": 10**15})},
-                                   "settings.finetune.steps", "validation_error"),
-    "negative learning rate": (lambda s: {"json": job_body(s, finetune={"lr": -1.0})}, "settings.finetune.lr",
-                               "validation_error"),
-    "NaN learning rate": (lambda s: _raw(json.dumps(job_body(s)).replace(
-        '"settings": {}', '"settings": {"finetune": {"lr": NaN}}').encode()), "settings.finetune.lr",
-        "validation_error"),
-    "zero training tokens": (lambda s: {"json": job_body(s, data={"train_tokens": 0})},
-                             "settings.data.train_tokens", "validation_error"),
+    "steps a word": (
+        lambda s: {"json": job_body(s, finetune={"steps": "abc"})},
+        "settings.finetune.steps",
+        "validation_error",
+    ),
+    "steps astronomically large": (
+        lambda s: {"json": job_body(s, finetune={"steps": 10**15})},
+        "settings.finetune.steps",
+        "validation_error",
+    ),
+    "negative learning rate": (
+        lambda s: {"json": job_body(s, finetune={"lr": -1.0})},
+        "settings.finetune.lr",
+        "validation_error",
+    ),
+    "NaN learning rate": (
+        lambda s: _raw(
+            json.dumps(job_body(s)).replace('"settings": {}', '"settings": {"finetune": {"lr": NaN}}').encode()
+        ),
+        "settings.finetune.lr",
+        "validation_error",
+    ),
+    "zero training tokens": (
+        lambda s: {"json": job_body(s, data={"train_tokens": 0})},
+        "settings.data.train_tokens",
+        "validation_error",
+    ),
     "settings a list": (lambda s: {"json": {**job_body(s), "settings": [1, 2]}}, "settings", "validation_error"),
     "unknown top-level field": (lambda s: {"json": {**job_body(s), "gpu": True}}, "gpu", "validation_error"),
-    "unknown settings field": (lambda s: {"json": job_body(s, remez={"p": 3, "degree": 9})},
-                               "settings.remez.degree", "validation_error"),
-    "device is not a setting": (lambda s: {"json": job_body(s, device="cuda")}, "settings.device",
-                                "validation_error"),
-    "local teacher path refused": (lambda s: {"json": {**job_body(s), "teacher": {"path": "/etc"}}},
-                                   "teacher.path", "local_paths_disabled"),
-    "local dataset refused": (lambda s: {"json": job_body(s, data={"dataset": "/etc/passwd"})},
-                              "settings.data.dataset", "local_paths_disabled"),
-    "local model refused": (lambda s: {"json": {**job_body(s), "model": "/root"}}, "model",
-                            "local_paths_disabled"),
+    "unknown settings field": (
+        lambda s: {"json": job_body(s, remez={"p": 3, "degree": 9})},
+        "settings.remez.degree",
+        "validation_error",
+    ),
+    "device is not a setting": (lambda s: {"json": job_body(s, device="cuda")}, "settings.device", "validation_error"),
+    "local teacher path refused": (
+        lambda s: {"json": {**job_body(s), "teacher": {"path": "/etc"}}},
+        "teacher.path",
+        "local_paths_disabled",
+    ),
+    "local dataset refused": (
+        lambda s: {"json": job_body(s, data={"dataset": "/etc/passwd"})},
+        "settings.data.dataset",
+        "local_paths_disabled",
+    ),
+    "local model refused": (lambda s: {"json": {**job_body(s), "model": "/root"}}, "model", "local_paths_disabled"),
     "body a JSON array": (lambda s: {"json": [job_body(s)]}, "body", "validation_error"),
     "body empty": (lambda s: _raw(b""), "body", "validation_error"),
     "body not JSON": (lambda s: _raw(b"{oops"), "body", "validation_error"),
-    "body deeply nested": (lambda s: _raw(b'{"settings": ' + b"[" * 5000 + b"]" * 5000 + b"}"), "body",
-                           "validation_error"),
+    "body deeply nested": (
+        lambda s: _raw(b'{"settings": ' + b"[" * 5000 + b"]" * 5000 + b"}"),
+        "body",
+        "validation_error",
+    ),
 }
 
 
 @pytest.mark.parametrize("case", list(INVALID_JOBS))
-def test_invalid_job_is_4xx_naming_the_field(case: str, client: TestClient, sae_id: str, db: Session,
-                                             broker: redis.Redis) -> None:
+def test_invalid_job_is_4xx_naming_the_field(
+    case: str, client: TestClient, sae_id: str, db: Session, broker: redis.Redis
+) -> None:
     make_request, field, code = INVALID_JOBS[case]
     r = client.post("/jobs", **make_request(sae_id))
     body = assert_problem(r, 422, code=code)
@@ -222,11 +259,9 @@ def test_invalid_job_is_4xx_naming_the_field(case: str, client: TestClient, sae_
     assert client.get("/healthz").status_code == 200
 
 
-def test_teacher_width_must_match_the_model(client: TestClient, make_teacher: Callable[..., Path],
-                                            db: Session) -> None:
+def test_teacher_width_must_match_the_model(client: TestClient, make_teacher: Callable[..., Path], db: Session) -> None:
     narrow = upload_sae(client, make_teacher("narrow", d_in=64))["id"]
-    assert_problem(client.post("/jobs", json=job_body(narrow)), 422, field="teacher.sae_id",
-                   code="invalid_teacher")
+    assert_problem(client.post("/jobs", json=job_body(narrow)), 422, field="teacher.sae_id", code="invalid_teacher")
     assert db.scalar(select(Job.id)) is None
 
 

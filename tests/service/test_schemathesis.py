@@ -32,8 +32,9 @@ def test_api_conforms_to_its_openapi_schema(client: TestClient, api_token: str, 
     for op in operations:
 
         @given(case=op.as_strategy())
-        @settings(max_examples=EXAMPLES_PER_OPERATION, deadline=None, database=None,
-                  suppress_health_check=list(HealthCheck))
+        @settings(
+            max_examples=EXAMPLES_PER_OPERATION, deadline=None, database=None, suppress_health_check=list(HealthCheck)
+        )
         def check(case: schemathesis.Case) -> None:
             case.call_and_validate(headers=bearer(api_token), excluded_checks=[positive_data_acceptance])
 
@@ -71,7 +72,10 @@ def test_every_operation_documents_an_example(client: TestClient) -> None:
             if not any(_has_example(r.get("content", {}), schemas) for r in ok):
                 missing.append(f"{method.upper()} {path} response")
             body = op.get("requestBody")
-            if body is not None and not _has_example(body["content"], schemas) and not any(
-                    "examples" in c for c in body["content"].values()):
+            if (
+                body is not None
+                and not _has_example(body["content"], schemas)
+                and not any("examples" in c for c in body["content"].values())
+            ):
                 missing.append(f"{method.upper()} {path} request body")
     assert not missing, missing

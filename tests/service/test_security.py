@@ -23,7 +23,6 @@ from service.auth import hash_token
 from service.client import upload_sae
 from service.config import Settings
 from service.models import Artifact, Job, utcnow
-
 from support.servers import assert_problem, bearer, job_body, make_token, queued_messages
 
 PUBLIC = {"/healthz", "/readyz", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"}
@@ -42,12 +41,21 @@ def _routes(client: TestClient) -> list[tuple[str, str]]:
 
 def test_every_route_but_health_requires_a_token(client: TestClient, database_url: str) -> None:
     routes = _routes(client)
-    assert {("POST", "/jobs"), ("GET", "/jobs"), ("POST", "/saes"), ("GET", "/saes"),
-            ("GET", f"/jobs/{ZERO_ID}/artifacts/cfg.json")} <= set(routes)
+    assert {
+        ("POST", "/jobs"),
+        ("GET", "/jobs"),
+        ("POST", "/saes"),
+        ("GET", "/saes"),
+        ("GET", f"/jobs/{ZERO_ID}/artifacts/cfg.json"),
+    } <= set(routes)
     revoked = make_token(database_url, "carol")
-    assert subprocess.run([sys.executable, "-m", "service.cli", "token", "revoke", "--prefix", revoked[:12]],
-                          env={**os.environ, "RSAE_DATABASE_URL": database_url},
-                          capture_output=True, text=True, check=True).stdout.startswith("revoked 1")
+    assert subprocess.run(
+        [sys.executable, "-m", "service.cli", "token", "revoke", "--prefix", revoked[:12]],
+        env={**os.environ, "RSAE_DATABASE_URL": database_url},
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.startswith("revoked 1")
     bad_headers = {
         "missing": {},
         "not bearer": {"Authorization": "Basic YWxpY2U6cGFzcw=="},
@@ -67,37 +75,62 @@ def test_every_route_but_health_requires_a_token(client: TestClient, database_ur
         assert anon.get(path).status_code == 200
 
 
-def test_tokens_are_stored_hashed_and_cli_prints_them_once(settings: Settings, clean_db: None, db: Session,
-                                                           database_url: str) -> None:
+def test_tokens_are_stored_hashed_and_cli_prints_them_once(
+    settings: Settings, clean_db: None, db: Session, database_url: str
+) -> None:
     env = {**os.environ, "RSAE_DATABASE_URL": database_url}
-    out = subprocess.run([sys.executable, "-m", "service.cli", "token", "create", "--user", "dave",
-                          "--name", "laptop"], env=env, capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "service.cli", "token", "create", "--user", "dave", "--name", "laptop"],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     token = out.stdout.strip()
     assert token.startswith("rsae_") and len(token) == 48
     dump = " ".join(str(v) for row in db.execute(text("SELECT * FROM api_tokens")) for v in row)
     assert token not in dump and hash_token(token) in dump
-    listing = subprocess.run([sys.executable, "-m", "service.cli", "token", "list"], env=env,
-                             capture_output=True, text=True, check=True).stdout
+    listing = subprocess.run(
+        [sys.executable, "-m", "service.cli", "token", "list"], env=env, capture_output=True, text=True, check=True
+    ).stdout
     assert token[:12] in listing and token not in listing and "dave" in listing
-    bad = subprocess.run([sys.executable, "-m", "service.cli", "token", "create", "--user", "../evil"],
-                         env=env, capture_output=True, text=True)
+    bad = subprocess.run(
+        [sys.executable, "-m", "service.cli", "token", "create", "--user", "../evil"],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert bad.returncode == 2 and "invalid user name" in bad.stderr
     with TestClient(create_app(), headers=bearer(token)) as c:
         assert c.get("/jobs").json() == {"items": [], "next_cursor": None}
 
 
-def test_other_users_resources_are_404_on_every_route(client: TestClient, other_client: TestClient,
-                                                      settings: Settings, make_teacher: Callable[..., Path],
-                                                      db: Session, broker: redis.Redis) -> None:
+def test_other_users_resources_are_404_on_every_route(
+    client: TestClient,
+    other_client: TestClient,
+    settings: Settings,
+    make_teacher: Callable[..., Path],
+    db: Session,
+    broker: redis.Redis,
+) -> None:
     sae_id = upload_sae(client, make_teacher())["id"]
     job_id = client.post("/jobs", json=job_body(sae_id)).json()["id"]
     # Give alice's job a real artifact on disk, as a finished job has.
     folder = settings.artifacts_dir / job_id / "sae"
     folder.mkdir(parents=True)
     (folder / "cfg.json").write_text("{}")
-    db.add(Artifact(job_id=job_id, name="cfg.json", kind="config", content_type="application/json", size=2,
-                    sha256="44136fa355b3678a1146ad16f7e8649e94fb4fc21fe77e8310c060f61caaff8a",
-                    path=f"{job_id}/sae/cfg.json", created_at=utcnow()))
+    db.add(
+        Artifact(
+            job_id=job_id,
+            name="cfg.json",
+            kind="config",
+            content_type="application/json",
+            size=2,
+            sha256="44136fa355b3678a1146ad16f7e8649e94fb4fc21fe77e8310c060f61caaff8a",
+            path=f"{job_id}/sae/cfg.json",
+            created_at=utcnow(),
+        )
+    )
     db.commit()
     assert client.get(f"/jobs/{job_id}/artifacts/cfg.json").status_code == 200
     before = client.get(f"/jobs/{job_id}").json()
@@ -114,16 +147,18 @@ def test_other_users_resources_are_404_on_every_route(client: TestClient, other_
     assert other_client.get("/jobs").json() == {"items": [], "next_cursor": None}
     assert other_client.get("/saes").json() == []
     # Using alice's SAE as a teacher is refused as if it did not exist.
-    assert_problem(other_client.post("/jobs", json=job_body(sae_id)), 422, field="teacher.sae_id",
-                   code="invalid_teacher")
+    assert_problem(
+        other_client.post("/jobs", json=job_body(sae_id)), 422, field="teacher.sae_id", code="invalid_teacher"
+    )
     after = client.get(f"/jobs/{job_id}").json()
     assert after == before and after["status"] == "queued"  # mallory's cancel did nothing
     assert db.scalar(select(func.count()).select_from(Job)) == 1
     assert len(queued_messages(broker)) == 1
 
 
-def test_idempotency_key(client: TestClient, other_client: TestClient, make_teacher: Callable[..., Path],
-                         db: Session, broker: redis.Redis) -> None:
+def test_idempotency_key(
+    client: TestClient, other_client: TestClient, make_teacher: Callable[..., Path], db: Session, broker: redis.Redis
+) -> None:
     sae_id = upload_sae(client, make_teacher())["id"]
     key = {"Idempotency-Key": "run-2026-11-23-a"}
     first = client.post("/jobs", json=job_body(sae_id), headers=key)
@@ -135,8 +170,12 @@ def test_idempotency_key(client: TestClient, other_client: TestClient, make_teac
     assert again.headers["idempotent-replayed"] == "true"
     assert again.headers["location"] == f"/jobs/{first.json()['id']}"
     # Same key, another body -> 422 naming the header, nothing created.
-    body = assert_problem(client.post("/jobs", json=job_body(sae_id, seed=7), headers=key), 422,
-                          field="Idempotency-Key", code="idempotency_key_reused")
+    body = assert_problem(
+        client.post("/jobs", json=job_body(sae_id, seed=7), headers=key),
+        422,
+        field="Idempotency-Key",
+        code="idempotency_key_reused",
+    )
     assert body["job_id"] == first.json()["id"]
     # Keys are per user: mallory's identical key is unrelated (and her body fails on her own terms).
     assert_problem(other_client.post("/jobs", json=job_body(sae_id), headers=key), 422, field="teacher.sae_id")
@@ -150,23 +189,32 @@ def test_idempotency_key(client: TestClient, other_client: TestClient, make_teac
     assert len(queued_messages(broker)) == 2
 
 
-def test_active_job_quota_is_429_with_retry_after(settings: Settings, clean_db: None, broker: redis.Redis,
-                                                  monkeypatch: pytest.MonkeyPatch, database_url: str,
-                                                  make_teacher: Callable[..., Path]) -> None:
+def test_active_job_quota_is_429_with_retry_after(
+    settings: Settings,
+    clean_db: None,
+    broker: redis.Redis,
+    monkeypatch: pytest.MonkeyPatch,
+    database_url: str,
+    make_teacher: Callable[..., Path],
+) -> None:
     from service.config import get_settings
 
     monkeypatch.setenv("RSAE_MAX_ACTIVE_JOBS_PER_USER", "2")
     get_settings.cache_clear()
-    with TestClient(create_app(), headers=bearer(make_token(database_url))) as c, \
-            TestClient(c.app, headers=bearer(make_token(database_url, "mallory"))) as m:
+    with (
+        TestClient(create_app(), headers=bearer(make_token(database_url))) as c,
+        TestClient(c.app, headers=bearer(make_token(database_url, "mallory"))) as m,
+    ):
         sae_id = upload_sae(c, make_teacher())["id"]
         ids = [c.post("/jobs", json=job_body(sae_id)).json()["id"] for _ in range(2)]
         r = c.post("/jobs", json=job_body(sae_id))
         assert_problem(r, 429, code="too_many_jobs")
         assert int(r.headers["retry-after"]) > 0
         # Other users are not affected.
-        assert upload_sae(m, make_teacher("t2")) and m.post("/jobs", json=job_body(
-            m.get("/saes").json()[0]["id"])).status_code == 202
+        assert (
+            upload_sae(m, make_teacher("t2"))
+            and m.post("/jobs", json=job_body(m.get("/saes").json()[0]["id"])).status_code == 202
+        )
         # A cancelled job frees a slot.
         assert c.post(f"/jobs/{ids[0]}/cancel").json()["status"] == "cancelled"
         assert c.post("/jobs", json=job_body(sae_id)).status_code == 202
@@ -175,23 +223,39 @@ def test_active_job_quota_is_429_with_retry_after(settings: Settings, clean_db: 
 
 def test_request_body_limit(client: TestClient, settings: Settings) -> None:
     big = b'{"layer": 3, "model": "' + b"x" * (settings.max_body_bytes + 10) + b'"}'
-    assert_problem(client.post("/jobs", content=big, headers={"content-type": "application/json"}), 413,
-                   field="body", code="payload_too_large")
+    assert_problem(
+        client.post("/jobs", content=big, headers={"content-type": "application/json"}),
+        413,
+        field="body",
+        code="payload_too_large",
+    )
     # Chunked (no Content-Length): counted while streaming.
-    chunks = iter([big[i:i + 65536] for i in range(0, len(big), 65536)])
-    assert_problem(client.post("/jobs", content=chunks, headers={"content-type": "application/json"}), 413,
-                   field="body", code="payload_too_large")
+    chunks = iter([big[i : i + 65536] for i in range(0, len(big), 65536)])
+    assert_problem(
+        client.post("/jobs", content=chunks, headers={"content-type": "application/json"}),
+        413,
+        field="body",
+        code="payload_too_large",
+    )
     assert client.get("/jobs").status_code == 200  # the server is fine
 
 
-def test_artifact_names_never_reach_the_filesystem(client: TestClient, settings: Settings,
-                                                   make_teacher: Callable[..., Path], db: Session) -> None:
+def test_artifact_names_never_reach_the_filesystem(
+    client: TestClient, settings: Settings, make_teacher: Callable[..., Path], db: Session
+) -> None:
     sae_id = upload_sae(client, make_teacher())["id"]
     job_id = client.post("/jobs", json=job_body(sae_id)).json()["id"]
     secret = settings.data_dir / "secret.txt"
     secret.write_text("do not serve")
-    for name in ("../../secret.txt", "..%2F..%2Fsecret.txt", "%2e%2e/%2e%2e/secret.txt", "/etc/passwd",
-                 "..", "sae/../../secret.txt", "cfg.json%00.txt"):
+    for name in (
+        "../../secret.txt",
+        "..%2F..%2Fsecret.txt",
+        "%2e%2e/%2e%2e/secret.txt",
+        "/etc/passwd",
+        "..",
+        "sae/../../secret.txt",
+        "cfg.json%00.txt",
+    ):
         r = client.get(f"/jobs/{job_id}/artifacts/{name}")
         assert "do not serve" not in r.text
         if r.status_code == 200:  # the client normalised the dots away and asked for the job itself

@@ -15,9 +15,8 @@ from fastapi.testclient import TestClient
 
 from rsae.formats import load_teacher
 from rsae.saes import load_sae
-from service.teachers import UPLOAD_FILES
 from service.config import Settings
-
+from service.teachers import UPLOAD_FILES
 from support.hub import hub_cache
 from support.servers import assert_problem, job_body
 
@@ -26,8 +25,12 @@ D_IN, D_SAE, K = 576, 96, 8
 
 def _weights(seed: int) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
-    return {"W_enc": torch.randn(D_IN, D_SAE, generator=g) / 24, "b_enc": torch.randn(D_SAE, generator=g) / 10,
-            "W_dec": torch.randn(D_SAE, D_IN, generator=g) / 10, "b_dec": torch.randn(D_IN, generator=g) / 10}
+    return {
+        "W_enc": torch.randn(D_IN, D_SAE, generator=g) / 24,
+        "b_enc": torch.randn(D_SAE, generator=g) / 10,
+        "W_dec": torch.randn(D_SAE, D_IN, generator=g) / 10,
+        "b_dec": torch.randn(D_IN, generator=g) / 10,
+    }
 
 
 def _files(folder: Path) -> dict[str, tuple[str, bytes]]:
@@ -57,19 +60,39 @@ def _sparsify(folder: Path) -> None:
 
 def _dictionary_learning(folder: Path) -> None:
     w = _weights(3)
-    state = {"encoder.weight": w["W_enc"].T.contiguous(), "encoder.bias": w["b_enc"],
-             "decoder.weight": w["W_dec"].T.contiguous(), "bias": w["b_dec"]}
+    state = {
+        "encoder.weight": w["W_enc"].T.contiguous(),
+        "encoder.bias": w["b_enc"],
+        "decoder.weight": w["W_dec"].T.contiguous(),
+        "bias": w["b_dec"],
+    }
     torch.save(state, folder / "ae.pt")
-    (folder / "config.json").write_text(json.dumps({"trainer": {
-        "dict_class": "AutoEncoder", "activation_dim": D_IN, "dict_size": D_SAE, "layer": 3,
-        "lm_name": "HuggingFaceTB/SmolLM2-135M-Instruct"}}))
+    (folder / "config.json").write_text(
+        json.dumps(
+            {
+                "trainer": {
+                    "dict_class": "AutoEncoder",
+                    "activation_dim": D_IN,
+                    "dict_size": D_SAE,
+                    "layer": 3,
+                    "lm_name": "HuggingFaceTB/SmolLM2-135M-Instruct",
+                }
+            }
+        )
+    )
 
 
-@pytest.mark.parametrize("fmt,make,family", [("gemma_scope", _gemma_scope, "jumprelu"),
-                                            ("sparsify", _sparsify, "topk"),
-                                            ("dictionary_learning", _dictionary_learning, "relu")])
-def test_upload_each_format(fmt: str, make, family: str, client: TestClient, settings: Settings,
-                            tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "fmt,make,family",
+    [
+        ("gemma_scope", _gemma_scope, "jumprelu"),
+        ("sparsify", _sparsify, "topk"),
+        ("dictionary_learning", _dictionary_learning, "relu"),
+    ],
+)
+def test_upload_each_format(
+    fmt: str, make, family: str, client: TestClient, settings: Settings, tmp_path: Path
+) -> None:
     src = tmp_path / fmt
     src.mkdir()
     make(src)
@@ -95,8 +118,9 @@ def test_upload_format_errors(client: TestClient, tmp_path: Path) -> None:
             return (print, ("pwned",))
 
     torch.save({"encoder.weight": Evil()}, tmp_path / "ae.pt")
-    (tmp_path / "config.json").write_text(json.dumps({"trainer": {"dict_class": "AutoEncoder",
-                                                                  "activation_dim": D_IN, "dict_size": D_SAE}}))
+    (tmp_path / "config.json").write_text(
+        json.dumps({"trainer": {"dict_class": "AutoEncoder", "activation_dim": D_IN, "dict_size": D_SAE}})
+    )
     assert_problem(client.post("/saes", files=_files(tmp_path)), 422, field="ae", code="invalid_teacher")
     # Garbage ae.pt bytes that send torch's weights-only unpickler off its stack (IndexError; found by the
     # Schemathesis run as a 500): a 4xx naming the field, like every other unreadable file.
@@ -106,17 +130,20 @@ def test_upload_format_errors(client: TestClient, tmp_path: Path) -> None:
     # Two weights files at once, and none at all.
     both = {"weights": ("a", b"x"), "params": ("b", b"y")}
     assert_problem(client.post("/saes", files=both), 422, field="params")
-    assert_problem(client.post("/saes", files={"cfg": ("cfg.json", b"{}")}), 422, field="weights",
-                   code="missing_field")
+    assert_problem(client.post("/saes", files={"cfg": ("cfg.json", b"{}")}), 422, field="weights", code="missing_field")
     # An npz whose arrays are pickled objects is refused (allow_pickle=False).
     np.savez(tmp_path / "params.npz", W_enc=np.array([{"x": 1}], dtype=object))
-    assert_problem(client.post("/saes", files={"params": ("params.npz", (tmp_path / "params.npz").read_bytes())}),
-                   422, code="invalid_teacher")
+    assert_problem(
+        client.post("/saes", files={"params": ("params.npz", (tmp_path / "params.npz").read_bytes())}),
+        422,
+        code="invalid_teacher",
+    )
     assert client.get("/saes").json() == []
 
 
-def test_hub_teacher_reference(client: TestClient, settings: Settings, tmp_path: Path,
-                               monkeypatch: pytest.MonkeyPatch) -> None:
+def test_hub_teacher_reference(
+    client: TestClient, settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """``teacher.hub`` is validated at submission without network, and the worker's resolution reads a
     prepared offline hub cache (``HF_HUB_OFFLINE=1``) and imports the teacher in any format."""
     from rsae.errors import TeacherError
@@ -126,13 +153,16 @@ def test_hub_teacher_reference(client: TestClient, settings: Settings, tmp_path:
 
     ref = {"repo_id": "some-org/smollm2-saes", "subfolder": "layer_3"}
     assert client.post("/jobs", json={"layer": 3, "teacher": {"hub": ref}}).status_code == 202
-    for bad, field in ((({"repo_id": "https://evil.example/x"}), "teacher.hub.repo_id"),
-                       ({"repo_id": "a/b", "subfolder": "../../etc"}, "teacher.hub.subfolder"),
-                       ({"release": "no-such-release", "sae_id": "x"}, "teacher.hub.release"),
-                       ({"repo_id": "a/b", "revision": "../x"}, "teacher.hub.revision")):
+    for bad, field in (
+        (({"repo_id": "https://evil.example/x"}), "teacher.hub.repo_id"),
+        ({"repo_id": "a/b", "subfolder": "../../etc"}, "teacher.hub.subfolder"),
+        ({"release": "no-such-release", "sae_id": "x"}, "teacher.hub.release"),
+        ({"repo_id": "a/b", "revision": "../x"}, "teacher.hub.revision"),
+    ):
         assert_problem(client.post("/jobs", json={"layer": 3, "teacher": {"hub": bad}}), 422, field=field)
-    assert_problem(client.post("/jobs", json={"layer": 3, "teacher": {"hub": ref, "sae_id": "x"}}), 422,
-                   field="teacher")
+    assert_problem(
+        client.post("/jobs", json={"layer": 3, "teacher": {"hub": ref, "sae_id": "x"}}), 422, field="teacher"
+    )
 
     src = tmp_path / "src"
     src.mkdir()

@@ -16,7 +16,6 @@ from service.app import create_app
 from service.client import upload_sae
 from service.config import Settings, get_settings
 from service.webhooks import WebhookRefused, deliver, host_allowed, sign, verify
-
 from support.servers import assert_problem, bearer, job_body, make_token
 from support.webhooks import Receiver
 
@@ -59,21 +58,38 @@ def test_signature_format() -> None:
     assert sign("k" * 16, 1700000000, b"{}").startswith("v1=") and len(sign("k" * 16, 1, b"")) == 67
 
 
-@pytest.mark.parametrize("url,ok", [("https://hooks.example.org/x", True), ("https://a.internal.example.org/", True),
-                                    ("https://example.org/x", False), ("ftp://hooks.example.org/", False),
-                                    ("https://user:pw@hooks.example.org/", False), ("http://169.254.169.254/", False)])
+@pytest.mark.parametrize(
+    "url,ok",
+    [
+        ("https://hooks.example.org/x", True),
+        ("https://a.internal.example.org/", True),
+        ("https://example.org/x", False),
+        ("ftp://hooks.example.org/", False),
+        ("https://user:pw@hooks.example.org/", False),
+        ("http://169.254.169.254/", False),
+    ],
+)
 def test_host_allow_list(url: str, ok: bool) -> None:
     assert host_allowed(url, ["hooks.example.org", "*.internal.example.org"]) is ok
 
 
 def test_api_accepts_only_allowed_webhooks_and_never_echoes_the_secret(
-        settings: Settings, clean_db: None, broker: redis.Redis, monkeypatch: pytest.MonkeyPatch,
-        database_url: str, make_teacher: Callable[..., Path]) -> None:
+    settings: Settings,
+    clean_db: None,
+    broker: redis.Redis,
+    monkeypatch: pytest.MonkeyPatch,
+    database_url: str,
+    make_teacher: Callable[..., Path],
+) -> None:
     hook = {"url": "https://hooks.example.org/rsae", "secret": SECRET}
     with TestClient(create_app(), headers=bearer(make_token(database_url))) as c:
         sae_id = upload_sae(c, make_teacher())["id"]
-        assert_problem(c.post("/jobs", json={**job_body(sae_id), "webhook": hook}), 422, field="webhook.url",
-                       code="webhook_not_allowed")
+        assert_problem(
+            c.post("/jobs", json={**job_body(sae_id), "webhook": hook}),
+            422,
+            field="webhook.url",
+            code="webhook_not_allowed",
+        )
     monkeypatch.setenv("RSAE_WEBHOOK_ALLOWED_HOSTS", '["hooks.example.org"]')
     get_settings.cache_clear()
     with TestClient(create_app(), headers=bearer(make_token(database_url))) as c:
@@ -81,14 +97,24 @@ def test_api_accepts_only_allowed_webhooks_and_never_echoes_the_secret(
         assert r.status_code == 202, r.text
         assert r.json()["request"]["webhook"] == {"url": hook["url"], "secret": "***"}
         assert SECRET not in c.get(f"/jobs/{r.json()['id']}").text and SECRET not in c.get("/jobs").text
-        for bad in ({**hook, "url": "https://evil.example.net/"}, {**hook, "url": "file:///etc/passwd"},
-                    {**hook, "secret": "short"}, {"url": hook["url"]}):
+        for bad in (
+            {**hook, "url": "https://evil.example.net/"},
+            {**hook, "url": "file:///etc/passwd"},
+            {**hook, "secret": "short"},
+            {"url": hook["url"]},
+        ):
             assert_problem(c.post("/jobs", json={**job_body(sae_id), "webhook": bad}), 422)
 
 
-def test_cancelling_a_queued_job_sends_its_webhook(settings: Settings, clean_db: None, broker: redis.Redis,
-                                                   monkeypatch: pytest.MonkeyPatch, database_url: str,
-                                                   make_teacher: Callable[..., Path], receiver: Receiver) -> None:
+def test_cancelling_a_queued_job_sends_its_webhook(
+    settings: Settings,
+    clean_db: None,
+    broker: redis.Redis,
+    monkeypatch: pytest.MonkeyPatch,
+    database_url: str,
+    make_teacher: Callable[..., Path],
+    receiver: Receiver,
+) -> None:
     monkeypatch.setenv("RSAE_WEBHOOK_ALLOWED_HOSTS", '["127.0.0.1"]')
     get_settings.cache_clear()
     with TestClient(create_app(), headers=bearer(make_token(database_url))) as c:

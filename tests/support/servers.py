@@ -1,4 +1,5 @@
-"""Fixtures and helpers of the service and end-to-end tests: a fresh Postgres database migrated by Alembic, Redis db 15, the API under TestClient.
+"""Fixtures and helpers of the service and end-to-end tests: a fresh Postgres database migrated by Alembic,
+Redis db 15, the API under TestClient.
 
 Nothing is mocked: Postgres at 127.0.0.1:5432 and Redis at 127.0.0.1:6379 must be running (override with
 ``RSAE_TEST_POSTGRES`` = a libpq DSN of a database the test user may connect to, and
@@ -42,8 +43,10 @@ def redis_client(db: int) -> redis.Redis:
     try:
         r.ping()
     except redis.RedisError as e:
-        pytest.fail(f"Redis at {REDIS_URL} is unreachable ({e}); the tests need a real Redis "
-                    "(redis-server) running", pytrace=False)
+        pytest.fail(
+            f"Redis at {REDIS_URL} is unreachable ({e}); the tests need a real Redis (redis-server) running",
+            pytrace=False,
+        )
     return r
 
 
@@ -53,13 +56,17 @@ def database_url() -> Iterator[str]:
     try:
         admin = psycopg.connect(PG_ADMIN_DSN, autocommit=True, connect_timeout=5)
     except psycopg.OperationalError as e:
-        pytest.fail(f"PostgreSQL is unreachable with DSN {PG_ADMIN_DSN!r} ({e}); the tests need a real "
-                    "Postgres (set RSAE_TEST_POSTGRES to another DSN)", pytrace=False)
+        pytest.fail(
+            f"PostgreSQL is unreachable with DSN {PG_ADMIN_DSN!r} ({e}); the tests need a real "
+            "Postgres (set RSAE_TEST_POSTGRES to another DSN)",
+            pytrace=False,
+        )
     info = admin.info
     name = f"rsae_test_{secrets.token_hex(4)}"
     admin.execute(f'CREATE DATABASE "{name}"')
-    url = make_url("postgresql+psycopg://").set(username=info.user, password=info.password or None,
-                                                host=info.host, port=info.port, database=name)
+    url = make_url("postgresql+psycopg://").set(
+        username=info.user, password=info.password or None, host=info.host, port=info.port, database=name
+    )
     url_str = url.render_as_string(hide_password=False)
     try:
         upgrade(url_str, wait_seconds=10)
@@ -109,8 +116,14 @@ def settings(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, database_url: str)
     monkeypatch.setenv("RSAE_DATABASE_URL", database_url)
     monkeypatch.setenv("RSAE_DATA_DIR", str(tmp_path / "data"))
     monkeypatch.setenv("RSAE_BROKER_URL", f"{REDIS_URL}/{API_REDIS_DB}")
-    for var in ("RSAE_ARTIFACTS_DIR", "RSAE_UPLOADS_DIR", "RSAE_WORK_DIR", "RSAE_ALLOW_LOCAL_PATHS",
-                "RSAE_MAX_UPLOAD_BYTES", "RSAE_PAGE_SIZE_MAX"):
+    for var in (
+        "RSAE_ARTIFACTS_DIR",
+        "RSAE_UPLOADS_DIR",
+        "RSAE_WORK_DIR",
+        "RSAE_ALLOW_LOCAL_PATHS",
+        "RSAE_MAX_UPLOAD_BYTES",
+        "RSAE_PAGE_SIZE_MAX",
+    ):
         monkeypatch.delenv(var, raising=False)
     get_settings.cache_clear()
     yield get_settings()
@@ -195,8 +208,10 @@ def assert_problem(r: Any, status: int, *, field: str | None = None, code: str |
 
 def post_sae(client: TestClient, cfg: bytes, weights: bytes, **data: str) -> Any:
     """POST /saes with raw file contents."""
-    files = {"cfg": ("cfg.json", cfg, "application/json"),
-             "weights": ("sae_weights.safetensors", weights, "application/octet-stream")}
+    files = {
+        "cfg": ("cfg.json", cfg, "application/json"),
+        "weights": ("sae_weights.safetensors", weights, "application/octet-stream"),
+    }
     return client.post("/saes", files=files, data=data or None)
 
 

@@ -21,10 +21,17 @@ def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@router.get("/readyz", responses={
-    200: {"content": {"application/json": {"example": {"status": "ready",
-                                                       "checks": {"database": "ok", "broker": "ok"}}}}},
-    **problem_responses(503, s503="a dependency is down (problem+json)")})
+@router.get(
+    "/readyz",
+    responses={
+        200: {
+            "content": {
+                "application/json": {"example": {"status": "ready", "checks": {"database": "ok", "broker": "ok"}}}
+            }
+        },
+        **problem_responses(503, s503="a dependency is down (problem+json)"),
+    },
+)
 def readyz(session: SessionDep, celery: CeleryDep) -> dict[str, object]:
     """Readiness: ``SELECT 1`` on the database and a connection to the broker both succeed."""
     checks: dict[str, str] = {}

@@ -19,8 +19,17 @@ from service.auth import UserDep
 from service.events import job_event_stream
 from service.jobs import add_event, transition
 from service.models import Job, JobEvent, User
-from service.policies import (check_idempotency_key, check_job_request, check_quota, decode_cursor, encode_cursor,
-                              job_or_404, publish_job, replay, request_sha256)
+from service.policies import (
+    check_idempotency_key,
+    check_job_request,
+    check_quota,
+    decode_cursor,
+    encode_cursor,
+    job_or_404,
+    publish_job,
+    replay,
+    request_sha256,
+)
 from service.problems import ProblemError, problem_responses
 from service.schemas import ArtifactOut, EventOut, JobCreate, JobOut, JobPage, JobStatus
 from service.webhooks import notify_in_background
@@ -32,17 +41,31 @@ _NOT_FOUND = problem_responses(404, s404="unknown job, or another user's (proble
 
 
 # -- routes ----------------------------------------------------------------------------------------
-@router.post("", status_code=202, responses={
-    200: {"description": "replay: a job was already created with this Idempotency-Key and body",
-          "model": JobOut},
-    **problem_responses(429, 503, s503="job recorded as failed: the broker is unreachable (code "
-                        "enqueue_failed; problem+json)")})
-def create_job(body: JobCreate, response: Response, session: SessionDep, settings: SettingsDep,
-               celery: CeleryDep, user: UserDep,
-               idempotency_key: str | None = Header(
-                   None, alias="Idempotency-Key", description="Client-chosen key (1-255 printable ASCII "
-                   "characters): the same key with the same body returns the same job (200) instead of "
-                   "creating another; the same key with another body is a 422.")) -> JobOut:
+@router.post(
+    "",
+    status_code=202,
+    responses={
+        200: {"description": "replay: a job was already created with this Idempotency-Key and body", "model": JobOut},
+        **problem_responses(
+            429, 503, s503="job recorded as failed: the broker is unreachable (code enqueue_failed; problem+json)"
+        ),
+    },
+)
+def create_job(
+    body: JobCreate,
+    response: Response,
+    session: SessionDep,
+    settings: SettingsDep,
+    celery: CeleryDep,
+    user: UserDep,
+    idempotency_key: str | None = Header(
+        None,
+        alias="Idempotency-Key",
+        description="Client-chosen key (1-255 printable ASCII "
+        "characters): the same key with the same body returns the same job (200) instead of "
+        "creating another; the same key with another body is a 422.",
+    ),
+) -> JobOut:
     """Create an upgrade job: validate it fully, commit the row (status ``queued``), then enqueue its id.
 
     If publishing to the broker fails after the commit, the job is marked ``failed`` with error code
@@ -57,8 +80,16 @@ def create_job(body: JobCreate, response: Response, session: SessionDep, setting
         return replayed
     check_quota(session, user, settings)
     check_job_request(session, settings, body, user)
-    job = Job(status="queued", stage=None, progress=0.0, attempt=0, request=body.model_dump(mode="json"),
-              owner_id=user.id, idempotency_key=key, request_sha256=digest)
+    job = Job(
+        status="queued",
+        stage=None,
+        progress=0.0,
+        attempt=0,
+        request=body.model_dump(mode="json"),
+        owner_id=user.id,
+        idempotency_key=key,
+        request_sha256=digest,
+    )
     session.add(job)
     try:
         session.flush()
@@ -76,13 +107,20 @@ def create_job(body: JobCreate, response: Response, session: SessionDep, setting
 
 
 @router.get("")
-def list_jobs(session: SessionDep, limit: LimitDep, user: UserDep,
-              after: str | None = Query(None, description="next_cursor of the previous page."),
-              status: JobStatus | None = Query(None, description="Only jobs in this status.")  # type: ignore[valid-type]
-              ) -> JobPage:
+def list_jobs(
+    session: SessionDep,
+    limit: LimitDep,
+    user: UserDep,
+    after: str | None = Query(None, description="next_cursor of the previous page."),
+    status: JobStatus | None = Query(None, description="Only jobs in this status."),  # type: ignore[valid-type]
+) -> JobPage:
     """Your jobs, newest first, ``limit`` per page; follow ``next_cursor`` (null on the last page)."""
-    q = (select(Job).options(selectinload(Job.artifacts)).where(Job.owner_id == user.id)
-         .order_by(Job.created_at.desc(), Job.id.desc()))
+    q = (
+        select(Job)
+        .options(selectinload(Job.artifacts))
+        .where(Job.owner_id == user.id)
+        .order_by(Job.created_at.desc(), Job.id.desc())
+    )
     if status is not None:
         q = q.where(Job.status == status)
     if after is not None:
@@ -91,8 +129,7 @@ def list_jobs(session: SessionDep, limit: LimitDep, user: UserDep,
     rows = list(session.scalars(q.limit(limit + 1)))
     more = len(rows) > limit
     rows = rows[:limit]
-    return JobPage(items=[JobOut.from_row(j) for j in rows],
-                   next_cursor=encode_cursor(rows[-1]) if more else None)
+    return JobPage(items=[JobOut.from_row(j) for j in rows], next_cursor=encode_cursor(rows[-1]) if more else None)
 
 
 @router.get("/{job_id}", responses=_NOT_FOUND)
@@ -102,8 +139,7 @@ def get_job(job_id: str, session: SessionDep, user: UserDep) -> JobOut:
 
 
 @router.post("/{job_id}/cancel", responses=_NOT_FOUND)
-def cancel_job(job_id: str, request: Request, session: SessionDep, settings: SettingsDep,
-               user: UserDep) -> JobOut:
+def cancel_job(job_id: str, request: Request, session: SessionDep, settings: SettingsDep, user: UserDep) -> JobOut:
     """Cooperative cancel, safe to repeat: queued -> cancelled; running -> cancelling (the worker stops
     at its next check and sets cancelled); any other status is left as it is."""
     job = job_or_404(session, job_id, user)
@@ -117,19 +153,37 @@ def cancel_job(job_id: str, request: Request, session: SessionDep, settings: Set
     return JobOut.from_row(job)
 
 
-@router.get("/{job_id}/events", response_model=list[EventOut], responses={
-    200: {"description": "the events as a JSON list, or, with 'Accept: text/event-stream', as a live "
-          "server-sent event stream that ends when the job is terminal",
-          "content": {"text/event-stream": {"schema": {"type": "string"}, "example":
-                      'id: 12\nevent: progress\ndata: {"id":12,"type":"progress","created_at":'
-                      '"2026-11-23T10:00:00Z","data":{"stage":"finetune","progress":0.52}}\n\n'}}},
-    **_NOT_FOUND})
-def list_events(job_id: str, request: Request, session: SessionDep, limit: LimitDep, user: UserDep,
-                after: int | None = Query(None, ge=0, le=2**63 - 1,
-                                         description="Id of the last event already seen."),
-                last_event_id: str | None = Header(
-                    None, alias="Last-Event-ID", description="SSE resumption: id of the last event received "
-                    "(takes precedence over 'after').")) -> list[EventOut] | Response:
+@router.get(
+    "/{job_id}/events",
+    response_model=list[EventOut],
+    responses={
+        200: {
+            "description": "the events as a JSON list, or, with 'Accept: text/event-stream', as a live "
+            "server-sent event stream that ends when the job is terminal",
+            "content": {
+                "text/event-stream": {
+                    "schema": {"type": "string"},
+                    "example": 'id: 12\nevent: progress\ndata: {"id":12,"type":"progress","created_at":'
+                    '"2026-11-23T10:00:00Z","data":{"stage":"finetune","progress":0.52}}\n\n',
+                }
+            },
+        },
+        **_NOT_FOUND,
+    },
+)
+def list_events(
+    job_id: str,
+    request: Request,
+    session: SessionDep,
+    limit: LimitDep,
+    user: UserDep,
+    after: int | None = Query(None, ge=0, le=2**63 - 1, description="Id of the last event already seen."),
+    last_event_id: str | None = Header(
+        None,
+        alias="Last-Event-ID",
+        description="SSE resumption: id of the last event received (takes precedence over 'after').",
+    ),
+) -> list[EventOut] | Response:
     """The job's events in order (status, progress, metrics, log), after event id ``after``.
 
     With ``Accept: text/event-stream`` the answer is a server-sent event stream instead
@@ -141,12 +195,13 @@ def list_events(job_id: str, request: Request, session: SessionDep, limit: Limit
         start = after or 0
         if last_event_id is not None:
             if not last_event_id.isdigit() or int(last_event_id) >= 2**63:
-                raise ProblemError(422, "validation_error", "Last-Event-ID must be an event id",
-                                   field="Last-Event-ID")
+                raise ProblemError(422, "validation_error", "Last-Event-ID must be an event id", field="Last-Event-ID")
             start = int(last_event_id)
-        return StreamingResponse(job_event_stream(request, request.app.state.sessionmaker, job_id, start),
-                                 media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return StreamingResponse(
+            job_event_stream(request, request.app.state.sessionmaker, job_id, start),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
     q = select(JobEvent).where(JobEvent.job_id == job_id).order_by(JobEvent.id).limit(limit)
     if after is not None:
         q = q.where(JobEvent.id > after)
@@ -159,16 +214,35 @@ def list_artifacts(job_id: str, session: SessionDep, user: UserDep) -> list[Arti
     return [ArtifactOut.from_row(a) for a in job_or_404(session, job_id, user).artifacts]
 
 
-@router.get("/{job_id}/artifacts/{name}", response_class=FileResponse, responses={
-    200: {"description": "the file; ETag is its sha256; byte ranges supported",
-          "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"},
-                                                   "example": "<the file's bytes>"}}},
-    206: {"description": "partial content (Range: bytes=0-1023)",
-          "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"},
-                                                   "example": "<bytes 0-1023>"}}},
-    304: {"description": "not modified (If-None-Match: the ETag)"}, **_NOT_FOUND})
-def download_artifact(job_id: str, name: str, request: Request, session: SessionDep,
-                      settings: SettingsDep, user: UserDep) -> Response:
+@router.get(
+    "/{job_id}/artifacts/{name}",
+    response_class=FileResponse,
+    responses={
+        200: {
+            "description": "the file; ETag is its sha256; byte ranges supported",
+            "content": {
+                "application/octet-stream": {
+                    "schema": {"type": "string", "format": "binary"},
+                    "example": "<the file's bytes>",
+                }
+            },
+        },
+        206: {
+            "description": "partial content (Range: bytes=0-1023)",
+            "content": {
+                "application/octet-stream": {
+                    "schema": {"type": "string", "format": "binary"},
+                    "example": "<bytes 0-1023>",
+                }
+            },
+        },
+        304: {"description": "not modified (If-None-Match: the ETag)"},
+        **_NOT_FOUND,
+    },
+)
+def download_artifact(
+    job_id: str, name: str, request: Request, session: SessionDep, settings: SettingsDep, user: UserDep
+) -> Response:
     """Download one file. The name is looked up in the artifacts table, never joined into a path."""
     art = next((a for a in job_or_404(session, job_id, user).artifacts if a.name == name), None)
     if art is None:
@@ -179,8 +253,11 @@ def download_artifact(job_id: str, name: str, request: Request, session: Session
         log.error("artifact %s of job %s missing on disk at %s", name, job_id, path)
         raise ProblemError(500, "artifact_missing", f"artifact {name!r} is registered but its file is missing")
     etag = f'"{art.sha256}"'
-    headers = {"ETag": etag, "X-Checksum-Sha256": art.sha256,
-               "Repr-Digest": f"sha-256=:{base64.b64encode(bytes.fromhex(art.sha256)).decode()}:"}
+    headers = {
+        "ETag": etag,
+        "X-Checksum-Sha256": art.sha256,
+        "Repr-Digest": f"sha-256=:{base64.b64encode(bytes.fromhex(art.sha256)).decode()}:",
+    }
     if etag in [t.strip() for t in request.headers.get("if-none-match", "").split(",")]:
         return Response(status_code=304, headers=headers)
     return FileResponse(path, media_type=art.content_type, filename=art.name, headers=headers)

@@ -17,52 +17,77 @@ from service.auth import UserDep
 from service.models import Sae
 from service.problems import problem_responses
 from service.schemas import SaeOut
-from service.teachers import (MAX_NAME_CHARS, UPLOAD_FILES, check_upload_form, import_upload, register_upload,
-                              sae_or_404)
+from service.teachers import MAX_NAME_CHARS, UPLOAD_FILES, check_upload_form, import_upload, register_upload, sae_or_404
 from service.uploads import receive_multipart
 
 router = APIRouter(prefix="/saes", tags=["saes"], responses=problem_responses(400, 401, 413, 422))
 
 _UPLOAD_BODY = {
     "required": True,
-    "content": {"multipart/form-data": {
-        "schema": {
-            "type": "object",
-            "properties": {
-                "cfg": {"type": "string", "format": "binary",
+    "content": {
+        "multipart/form-data": {
+            "schema": {
+                "type": "object",
+                "properties": {
+                    "cfg": {
+                        "type": "string",
+                        "format": "binary",
                         "description": "cfg.json (SAELens: architecture, d_in, d_sae, ...; sparsify: its "
-                        "SparseCoder config)."},
-                "weights": {"type": "string", "format": "binary",
-                            "description": "SAELens sae_weights.safetensors (W_enc, b_enc, W_dec, b_dec, ...)."},
-                "sae": {"type": "string", "format": "binary",
-                        "description": "EleutherAI sparsify sae.safetensors (with cfg)."},
-                "params": {"type": "string", "format": "binary",
-                           "description": "Gemma Scope params.npz (W_enc, W_dec, b_enc, b_dec, threshold); "
-                           "read without pickle."},
-                "ae": {"type": "string", "format": "binary",
-                       "description": "dictionary_learning ae.pt (with config); read with "
-                       "torch.load(weights_only=True), so pickled objects are refused."},
-                "config": {"type": "string", "format": "binary",
-                           "description": "dictionary_learning config.json."},
-                "format": {"type": "string", "enum": ["saelens", "gemma_scope", "sparsify",
-                                                      "dictionary_learning"],
-                           "description": "Force the format instead of detecting it from the fields."},
-                "name": {"type": "string", "maxLength": MAX_NAME_CHARS, "description": "Optional label."},
+                        "SparseCoder config).",
+                    },
+                    "weights": {
+                        "type": "string",
+                        "format": "binary",
+                        "description": "SAELens sae_weights.safetensors (W_enc, b_enc, W_dec, b_dec, ...).",
+                    },
+                    "sae": {
+                        "type": "string",
+                        "format": "binary",
+                        "description": "EleutherAI sparsify sae.safetensors (with cfg).",
+                    },
+                    "params": {
+                        "type": "string",
+                        "format": "binary",
+                        "description": "Gemma Scope params.npz (W_enc, W_dec, b_enc, b_dec, threshold); "
+                        "read without pickle.",
+                    },
+                    "ae": {
+                        "type": "string",
+                        "format": "binary",
+                        "description": "dictionary_learning ae.pt (with config); read with "
+                        "torch.load(weights_only=True), so pickled objects are refused.",
+                    },
+                    "config": {"type": "string", "format": "binary", "description": "dictionary_learning config.json."},
+                    "format": {
+                        "type": "string",
+                        "enum": ["saelens", "gemma_scope", "sparsify", "dictionary_learning"],
+                        "description": "Force the format instead of detecting it from the fields.",
+                    },
+                    "name": {"type": "string", "maxLength": MAX_NAME_CHARS, "description": "Optional label."},
+                },
             },
-        },
-        "examples": {
-            "saelens": {"summary": "SAELens layout", "value": {"cfg": "<cfg.json>",
-                                                                "weights": "<sae_weights.safetensors>",
-                                                                "name": "layer-3-relu"}},
-            "gemma_scope": {"summary": "Gemma Scope", "value": {"params": "<params.npz>"}},
-        },
-    }},
+            "examples": {
+                "saelens": {
+                    "summary": "SAELens layout",
+                    "value": {"cfg": "<cfg.json>", "weights": "<sae_weights.safetensors>", "name": "layer-3-relu"},
+                },
+                "gemma_scope": {"summary": "Gemma Scope", "value": {"params": "<params.npz>"}},
+            },
+        }
+    },
 }
 
 
-@router.post("", status_code=201, openapi_extra={"requestBody": _UPLOAD_BODY},
-             responses=problem_responses(415, 422, s422="invalid teacher: 'field' names the form field "
-                                         "and key, e.g. cfg.d_in or weights.W_enc (problem+json)"))
+@router.post(
+    "",
+    status_code=201,
+    openapi_extra={"requestBody": _UPLOAD_BODY},
+    responses=problem_responses(
+        415,
+        422,
+        s422="invalid teacher: 'field' names the form field and key, e.g. cfg.d_in or weights.W_enc (problem+json)",
+    ),
+)
 async def upload_sae(request: Request, response: Response, settings: SettingsDep, user: UserDep) -> SaeOut:
     """Upload a teacher SAE in any of four formats (multipart; see docs/formats.md):
 
@@ -81,13 +106,19 @@ async def upload_sae(request: Request, response: Response, settings: SettingsDep
     (tmp / "src").mkdir(parents=True)
     try:
         form = await receive_multipart(
-            request, tmp / "src", files=UPLOAD_FILES, text_fields={"name", "format"}, required=set(),
+            request,
+            tmp / "src",
+            files=UPLOAD_FILES,
+            text_fields={"name", "format"},
+            required=set(),
             max_bytes=settings.max_upload_bytes,
-            part_limits={"cfg": settings.max_cfg_bytes, "config": settings.max_cfg_bytes})
+            part_limits={"cfg": settings.max_cfg_bytes, "config": settings.max_cfg_bytes},
+        )
         options = check_upload_form(form)
         teacher = await run_in_threadpool(import_upload, tmp / "src", tmp / "sae", options.format)
-        row = await run_in_threadpool(register_upload, request.app.state.sessionmaker, settings, tmp / "sae",
-                                      form, options, teacher, user.id)
+        row = await run_in_threadpool(
+            register_upload, request.app.state.sessionmaker, settings, tmp / "sae", form, options, teacher, user.id
+        )
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # the imported folder was moved out already
     response.headers["Location"] = f"/saes/{row.id}"
@@ -97,7 +128,9 @@ async def upload_sae(request: Request, response: Response, settings: SettingsDep
 @router.get("")
 def list_saes(session: SessionDep, limit: LimitDep, user: UserDep) -> list[SaeOut]:
     """Your ``limit`` most recently uploaded teacher SAEs, newest first."""
-    rows = session.scalars(select(Sae).where(Sae.owner_id == user.id).order_by(Sae.created_at.desc(), Sae.id.desc()).limit(limit))
+    rows = session.scalars(
+        select(Sae).where(Sae.owner_id == user.id).order_by(Sae.created_at.desc(), Sae.id.desc()).limit(limit)
+    )
     return [SaeOut.from_row(r) for r in rows]
 
 
