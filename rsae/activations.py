@@ -121,6 +121,43 @@ def _manifest(
     }
 
 
+class _ShardWriter:
+    """Buffers whole sequences and writes them as one safetensors shard per :meth:`flush` (temp file +
+    ``os.replace``), keeping at most ``n_tokens`` rows in all; reports the fraction written to ``on_progress``."""
+
+    def __init__(self, out_dir: Path, n_tokens: int, on_progress: Callable[[float], None] | None) -> None:
+        self.out_dir, self.n_tokens, self.on_progress = out_dir, n_tokens, on_progress
+        self.shards: list[dict] = []
+        self.done_rows = 0
+        self.acts: list[torch.Tensor] = []
+        self.ids: list[torch.Tensor] = []
+        self.labels: list[int] = []
+
+    def add(self, acts: torch.Tensor, ids: torch.Tensor, label: int) -> None:
+        """Buffer one sequence: activations [ctx_len - 1, d_in], token ids [ctx_len], label index."""
+        self.acts.append(acts)
+        self.ids.append(ids)
+        self.labels.append(label)
+
+    def flush(self) -> None:
+        """Write the buffered sequences as the next shard (no-op when empty)."""
+        if not self.acts:
+            return
+        acts = torch.cat(self.acts)
+        keep = min(acts.shape[0], self.n_tokens - self.done_rows)
+        acts = acts[:keep].contiguous()
+        name = f"shard_{len(self.shards):05d}.safetensors"
+        tmp = self.out_dir / f".{name}.tmp"
+        tensors = {"acts": acts, "input_ids": torch.stack(self.ids), "label": torch.tensor(self.labels)}
+        save_file(tensors, str(tmp))
+        os.replace(tmp, self.out_dir / name)
+        self.shards.append({"file": name, "rows": keep, "sequences": len(self.ids)})
+        self.done_rows += keep
+        self.acts, self.ids, self.labels = [], [], []
+        if self.on_progress:
+            self.on_progress(self.done_rows / self.n_tokens)
+
+
 def _next_batch(it, size: int) -> list:
     """Up to ``size`` items of iterator ``it`` (fewer at its end)."""
     batch = []
@@ -172,31 +209,10 @@ def extract_activations(
     rows_per_seq = ctx_len - 1
     seqs_per_shard = max(1, shard_tokens // rows_per_seq)
     need_seqs = math.ceil(n_tokens / rows_per_seq)
-    shards: list[dict] = []
-    buf_acts: list[torch.Tensor] = []
-    buf_ids: list[torch.Tensor] = []
-    buf_lab: list[int] = []
-    done_rows = 0
+    writer = _ShardWriter(out_dir, n_tokens, on_progress)
     d_in = None
     sum_norm = 0.0
     norms_sample: list[torch.Tensor] = []
-
-    def flush() -> None:
-        nonlocal buf_acts, buf_ids, buf_lab, done_rows
-        if not buf_acts:
-            return
-        acts = torch.cat(buf_acts)
-        keep = min(acts.shape[0], n_tokens - done_rows)
-        acts = acts[:keep].contiguous()
-        name = f"shard_{len(shards):05d}.safetensors"
-        tmp = out_dir / f".{name}.tmp"
-        save_file({"acts": acts, "input_ids": torch.stack(buf_ids), "label": torch.tensor(buf_lab)}, str(tmp))
-        os.replace(tmp, out_dir / name)
-        shards.append({"file": name, "rows": keep, "sequences": len(buf_ids)})
-        done_rows += keep
-        buf_acts, buf_ids, buf_lab = [], [], []
-        if on_progress:
-            on_progress(done_rows / n_tokens)
 
     it = iter_sequences(tokenizer, dataset, split, ctx_len=ctx_len, eval_fraction=eval_fraction, seed=seed)
     n_seq = 0
@@ -214,13 +230,12 @@ def extract_activations(
             if len(norms_sample) < 64:
                 norms_sample.append(norms)
             for i, (row_ids, doc) in enumerate(batch):
-                buf_acts.append(resid[i])
-                buf_ids.append(ids[i])
-                buf_lab.append(_label_index(doc.label))
-                if len(buf_ids) == seqs_per_shard:  # a shard never holds more than shard_tokens rows
-                    flush()
+                writer.add(resid[i], ids[i], _label_index(doc.label))
+                if len(writer.ids) == seqs_per_shard:  # a shard never holds more than shard_tokens rows
+                    writer.flush()
             n_seq += len(batch)
-        flush()
+        writer.flush()
+    done_rows, shards = writer.done_rows, writer.shards
     if done_rows < n_tokens:
         raise DataError(
             f"split '{split}' of {dataset!r} yields only {done_rows} tokens at ctx_len={ctx_len}; {n_tokens} requested",

@@ -14,6 +14,7 @@ in squared residual units per token.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Protocol
 
 import torch
@@ -59,9 +60,8 @@ def train_sae(
             ``l0_adapt_every`` steps, lambda *= exp(``l0_gain`` * (mean L0 / l0_target - 1)) clipped to
             [0.8, 1.25] (a multiplicative integral controller on the sparsity constraint, in the spirit of the
             Lagrangian sparsity control of Rajamanoharan et al. 2024 / Gao et al. 2024's fixed-L0 training).
-            The final lambda is recorded in the last history entry as ``lambda``. Gain 2 (was 0.5): a JumpReLU
-            RSAE starting from the auto lambda needed ~5x its start value and, at gain 0.5 (2.5% per update
-            at 5% over target), was still above target and still raising lambda at step 600.
+            The final lambda is recorded in the last history entry as ``lambda`` (:class:`L0Controller`; why
+            gain 2: ``docs/method.md#defaults``).
         grad_clip: clip the global gradient norm (None disables).
         on_step: called with (step, parts) after every step (step counts from 1).
         checkpoint: if given, training resumes from ``checkpoint.load()`` (model, Adam, lambda controller,
@@ -80,19 +80,18 @@ def train_sae(
     history: list[dict[str, float]] = []
     batches = store.iter_batches(batch_size, seed=seed, device=device)
     loss_fn = loss_fn or sae_loss
-    lam_base = float(l1_coefficient)
-    l0_window: list[float] = []
+    ctrl = L0Controller(float(l1_coefficient), l0_target, l0_adapt_every, l0_gain)
     params = [p for g in opt.param_groups for p in g["params"]]
     start = 0
     if checkpoint is not None and (state := checkpoint.load()) is not None:
-        start, history, lam_base, l0_window = _restore_train_state(sae, opt, state)
+        start, history, ctrl.lam, ctrl.window = _restore_train_state(sae, opt, state)
         for _ in range(start):  # the batches an uninterrupted run would have consumed
             next(batches)
     for step in range(start, steps):
         x = next(batches)
         for g, base in zip(opt.param_groups, base_lrs):
             g["lr"] = base * lr_scale(step, steps, warmup_steps, decay_start)
-        lam = lam_base * (min(1.0, (step + 1) / l1_warmup_steps) if l1_warmup_steps else 1.0)
+        lam = ctrl.lam * (min(1.0, (step + 1) / l1_warmup_steps) if l1_warmup_steps else 1.0)
         loss, parts = loss_fn(sae, x, lam)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -101,28 +100,53 @@ def train_sae(
         opt.step()
         parts["lambda"] = lam
         history.append(parts)
-        if l0_target is not None:
-            l0_window.append(parts["l0"])
-            if len(l0_window) == l0_adapt_every:
-                ratio = sum(l0_window) / len(l0_window) / max(l0_target, 1e-9)
-                lam_base *= min(1.25, max(0.8, math.exp(l0_gain * (ratio - 1.0))))
-                l0_window.clear()
+        ctrl.update(parts["l0"])
         if on_step is not None:
             on_step(step + 1, parts)
         if checkpoint is not None and ((step + 1) % checkpoint.every == 0 or step + 1 == steps):
-            checkpoint.save(
-                {
-                    "step": step + 1,
-                    "model": sae.state_dict(),
-                    "optimizer": opt.state_dict(),
-                    "lam_base": lam_base,
-                    "l0_window": list(l0_window),
-                    "history": history,
-                    "rng": torch.get_rng_state(),
-                }
-            )
+            checkpoint.save(_train_state(step + 1, sae, opt, ctrl, history))
     sae.eval()
     return history
+
+
+@dataclass
+class L0Controller:
+    """Holds a training L0 at or below ``target`` by scaling the sparsity coefficient ``lam``: after every
+    ``every`` steps, lam *= exp(``gain`` * (mean L0 / target - 1)) clipped to [0.8, 1.25] (a multiplicative
+    integral controller on the sparsity constraint, in the spirit of the Lagrangian sparsity control of
+    Rajamanoharan et al. 2024 and Gao et al. 2024's fixed-L0 training). ``target`` None: lam stays fixed.
+    ``window``: the L0s (latents per token) since the last update."""
+
+    lam: float
+    target: float | None
+    every: int = 10
+    gain: float = 2.0
+    window: list[float] = field(default_factory=list)
+
+    def update(self, l0: float) -> None:
+        """Record one step's training L0; adapt ``lam`` when the window is full."""
+        if self.target is None:
+            return
+        self.window.append(l0)
+        if len(self.window) == self.every:
+            ratio = sum(self.window) / len(self.window) / max(self.target, 1e-9)
+            self.lam *= min(1.25, max(0.8, math.exp(self.gain * (ratio - 1.0))))
+            self.window.clear()
+
+
+def _train_state(
+    step: int, sae: SAE, opt: torch.optim.Optimizer, ctrl: L0Controller, history: list[dict[str, float]]
+) -> dict[str, Any]:
+    """The :class:`TrainCheckpoint` state after ``step`` optimizer steps."""
+    return {
+        "step": step,
+        "model": sae.state_dict(),
+        "optimizer": opt.state_dict(),
+        "lam_base": ctrl.lam,
+        "l0_window": list(ctrl.window),
+        "history": history,
+        "rng": torch.get_rng_state(),
+    }
 
 
 def lr_scale(step: int, steps: int, warmup_steps: int, decay_start: int) -> float:

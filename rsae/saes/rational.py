@@ -17,7 +17,7 @@ Exact sparsity. A rational is not exactly zero where the teacher's gate is; the 
     z_j = phi_j(h)  where r(t) > floor,  else exactly 0,
 
 with ``floor`` a scalar in the units of r (the unit-interval gate), set at calibration so that the RSAE's
-L0 on the calibration tokens equals the teacher's (see :func:`rsae.train.set_floor`); the report compares
+L0 on the calibration tokens equals the teacher's (see :func:`rsae.pipeline.calibrate.set_floor`); the report compares
 it with the Remez fit's maximum error. L0 then counts real non-zeros. Gradients flow through active
 entries only (like ReLU's).
 
