@@ -152,6 +152,7 @@ def _k(v: Any, d_sae: int, field_: str) -> int:
 
 
 def _read_json(f: Path, field_: str) -> dict[str, Any]:
+    """The JSON object in ``f``; TeacherError(field=field_) if missing, not UTF-8 JSON, or not an object."""
     if not f.is_file():
         raise TeacherError(f"missing {f.name} in {f.parent}", field=field_)
     try:
@@ -164,6 +165,7 @@ def _read_json(f: Path, field_: str) -> dict[str, Any]:
 
 
 def _read_safetensors(f: Path, field_: str) -> dict[str, torch.Tensor]:
+    """The tensors in safetensors file ``f`` (as stored, CPU); TeacherError(field=field_) if missing or unreadable."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -176,7 +178,8 @@ def _read_safetensors(f: Path, field_: str) -> dict[str, torch.Tensor]:
 
 
 def _layer_of(hook_name: str | None) -> int | None:
-    m = re.search(r"(?:blocks|layers?)[._](\d+)", hook_name or "")
+    """The layer index in a hook name (``blocks.3.hook_resid_post``, ``layers.3``), else None."""
+    m = re.search(r"(?:blocks|layers?)[._](\d+)", hook_name) if isinstance(hook_name, str) else None
     return int(m.group(1)) if m else None
 
 
@@ -220,6 +223,7 @@ def _build(
 
 
 def _files(folder: Path, names: list[str]) -> dict[str, str]:
+    """File name -> sha256 (hex) of those of ``names`` present in ``folder``."""
     return {n: sha256_file(folder / n) for n in names if (folder / n).is_file()}
 
 
@@ -239,6 +243,7 @@ def _fold_decoder_norm(
 
 
 def _sparsify_children(folder: Path) -> list[str]:
+    """Sorted names of the sub-folders holding a sparsify coder (``cfg.json`` + ``sae.safetensors``)."""
     return sorted(
         p.name for p in folder.iterdir() if p.is_dir() and (p / SPARSIFY_WEIGHTS).is_file() and (p / CFG_NAME).is_file()
     )
@@ -297,25 +302,10 @@ def detect_format(path: str | Path, *, hookpoint: str | None = None) -> tuple[st
 _SAELENS_FAMILY = {"standard": "relu", "relu": "relu", "jumprelu": "jumprelu", "topk": "topk"}
 
 
-def load_saelens(path: str | Path) -> LoadedTeacher:
-    """Load a SAELens-layout folder (``cfg.json`` + ``sae_weights.safetensors``), SAELens 6 or pre-6 cfg.
-
-    Reproduces ``sae_lens.SAE.load_from_disk(path)`` followed by ``encode`` / ``decode`` of
-    ``StandardSAE`` (relu(h)), ``JumpReLUSAE`` (relu(h) * 1[h > threshold]) and ``TopKSAE`` (ReLU of the
-    per-token top-k of h; with ``rescale_acts_by_decoder_norm`` the decoder norms are folded into the
-    encoder, which gives the same reconstruction). h = (x - b_dec * apply_b_dec_to_input) @ W_enc + b_enc,
-    x [..., d_in] -> z [..., d_sae] -> x_hat = z @ W_dec + b_dec.
-
-    Raises:
-        TeacherError: missing/corrupt files; unsupported architecture (gated, transcoders, ...), a
-            per-token normalisation (``layer_norm``, ``constant_norm_rescale``), a non-unit fine-tuning
-            scaling factor; wrong shapes, non-finite values, bad k.
-    """
-    folder = Path(path)
-    cfg = _read_json(folder / CFG_NAME, "cfg.json")
-    d_in = _dim(cfg.get("d_in"), "cfg.json.d_in")
-    d_sae = _dim(cfg.get("d_sae"), "cfg.json.d_sae")
-    conv: list[str] = []
+def _saelens_architecture(cfg: dict[str, Any], conv: list[str]) -> tuple[str, str, Any]:
+    """``(architecture, family, raw k)`` from a SAELens 6 cfg (``architecture``, ``k``) or a pre-6.0 one
+    (``activation_fn_str``, ``activation_fn_kwargs.k``). Raises TeacherError (``cfg.json.activation_fn_str``,
+    ``cfg.json.architecture``) for another gate, a rational SAE or an unsupported architecture."""
     arch = cfg.get("architecture")
     k_raw = cfg.get("k")
     if arch is None:  # pre-6.0 cfg: the gate is activation_fn(_str)
@@ -342,11 +332,21 @@ def load_saelens(path: str | Path) -> LoadedTeacher:
             f"SAELens architecture {arch!r} is not supported as a teacher; supported: {sorted(_SAELENS_FAMILY)}",
             field="cfg.json.architecture",
         )
-    family = _SAELENS_FAMILY[arch]
+    return arch, _SAELENS_FAMILY[arch], k_raw
+
+
+def _saelens_apply_b_dec(cfg: dict[str, Any], conv: list[str]) -> bool:
+    """``apply_b_dec_to_input`` (default True); TeacherError(``cfg.json.apply_b_dec_to_input``) if not a bool."""
     apply_b_dec = cfg.get("apply_b_dec_to_input", True)
     if not isinstance(apply_b_dec, bool):
         raise TeacherError("cfg.json 'apply_b_dec_to_input' must be a boolean", field="cfg.json.apply_b_dec_to_input")
     conv.append(f"apply_b_dec_to_input={apply_b_dec} (from cfg.json)")
+    return apply_b_dec
+
+
+def _saelens_normalisation(cfg: dict[str, Any], conv: list[str]) -> None:
+    """Check ``normalize_activations`` (bool before 6.0): only none / the folded ``expected_average_only_in``,
+    else TeacherError(``cfg.json.normalize_activations``); note a ``hook_z`` input reshape."""
     norm = cfg.get("normalize_activations", "none")
     if isinstance(norm, bool):  # pre-6.0
         norm = "expected_average_only_in" if norm else "none"
@@ -363,6 +363,11 @@ def load_saelens(path: str | Path) -> LoadedTeacher:
         )
     if cfg.get("reshape_activations") == "hook_z":
         conv.append("reshape_activations='hook_z': inputs are the heads flattened to [..., n_heads * d_head]")
+
+
+def _saelens_weights(folder: Path, cfg: dict[str, Any], conv: list[str]) -> dict[str, torch.Tensor]:
+    """``sae_weights.safetensors`` as read, less the (all-ones) scaling factors; TeacherError
+    (``sae_weights.safetensors[.<key>]``) if unreadable or a scaling factor is not all ones."""
     raw = _read_safetensors(folder / WEIGHTS_NAME, WEIGHTS_NAME)
     f = WEIGHTS_NAME + "."
     for key in ("scaling_factor", "finetuning_scaling_factor"):
@@ -376,37 +381,96 @@ def load_saelens(path: str | Path) -> LoadedTeacher:
     src_dtype = {str(t.dtype).replace("torch.", "") for t in raw.values() if t.is_floating_point()}
     if cfg.get("dtype", "float32") != "float32" or src_dtype - {"float32"}:
         conv.append(f"weights converted from {sorted(src_dtype) or cfg.get('dtype')} to float32")
+    return raw
+
+
+def _saelens_core(raw: dict[str, torch.Tensor], d_in: int, d_sae: int) -> dict[str, torch.Tensor]:
+    """The four core tensors as float32: W_enc [d_in, d_sae], b_enc [d_sae], W_dec [d_sae, d_in], b_dec [d_in];
+    TeacherError(``sae_weights.safetensors.<name>``) if one is missing, misshapen or non-finite."""
+    f = WEIGHTS_NAME + "."
     for n in ("W_enc", "b_enc", "W_dec", "b_dec"):
         if n not in raw:
             raise TeacherError(f"tensor '{n}' missing from {WEIGHTS_NAME}", field=f + n)
-    W_enc = _tensor(raw["W_enc"], (d_in, d_sae), f + "W_enc")
-    b_enc = _tensor(raw["b_enc"], (d_sae,), f + "b_enc")
-    W_dec = _tensor(raw["W_dec"], (d_sae, d_in), f + "W_dec")
-    b_dec = _tensor(raw["b_dec"], (d_in,), f + "b_dec")
-    k = threshold = None
-    if family == "topk":
-        k = _k(k_raw, d_sae, "cfg.json.k")
-        conv.append(f"k={k} from cfg.json")
-        if cfg.get("rescale_acts_by_decoder_norm", False):
-            W_enc, b_enc, W_dec = _fold_decoder_norm(W_enc, b_enc, W_dec)
-            conv.append(
-                "rescale_acts_by_decoder_norm=True folded: W_enc, b_enc scaled by ||W_dec[j]||, W_dec "
-                "rows normalised (same top-k set and reconstruction; latents scaled by the norms)"
-            )
-    elif family == "jumprelu":
-        if "threshold" in raw:
-            threshold = _tensor(raw["threshold"], (d_sae,), f + "threshold")
-        elif "log_threshold" in raw:
-            threshold = _tensor(raw["log_threshold"], (d_sae,), f + "log_threshold").exp()
-            conv.append("threshold = exp(log_threshold) (SAELens training checkpoint)")
-        else:
-            raise TeacherError("a jumprelu SAE needs tensor 'threshold'", field=f + "threshold")
-        threshold = _thresholds(threshold, conv)
+    return {
+        "W_enc": _tensor(raw["W_enc"], (d_in, d_sae), f + "W_enc"),
+        "b_enc": _tensor(raw["b_enc"], (d_sae,), f + "b_enc"),
+        "W_dec": _tensor(raw["W_dec"], (d_sae, d_in), f + "W_dec"),
+        "b_dec": _tensor(raw["b_dec"], (d_in,), f + "b_dec"),
+    }
+
+
+def _saelens_topk(
+    cfg: dict[str, Any], k_raw: Any, d_sae: int, t: dict[str, torch.Tensor], conv: list[str]
+) -> tuple[int, dict[str, torch.Tensor]]:
+    """TopK: ``(k, tensors)`` with the decoder norms folded into the encoder when
+    ``rescale_acts_by_decoder_norm``. TeacherError(``cfg.json.k``) for a bad k, (``W_dec``) for a zero row."""
+    k = _k(k_raw, d_sae, "cfg.json.k")
+    conv.append(f"k={k} from cfg.json")
+    if cfg.get("rescale_acts_by_decoder_norm", False):
+        W_enc, b_enc, W_dec = _fold_decoder_norm(t["W_enc"], t["b_enc"], t["W_dec"])
+        t = {**t, "W_enc": W_enc, "b_enc": b_enc, "W_dec": W_dec}
+        conv.append(
+            "rescale_acts_by_decoder_norm=True folded: W_enc, b_enc scaled by ||W_dec[j]||, W_dec "
+            "rows normalised (same top-k set and reconstruction; latents scaled by the norms)"
+        )
+    return k, t
+
+
+def _saelens_threshold(raw: dict[str, torch.Tensor], d_sae: int, conv: list[str]) -> torch.Tensor:
+    """JumpReLU thresholds [d_sae] from ``threshold`` or ``exp(log_threshold)``, <= 0 raised (see
+    :func:`_thresholds`); TeacherError(``sae_weights.safetensors.<name>``) if absent, misshapen or non-finite."""
+    f = WEIGHTS_NAME + "."
+    if "threshold" in raw:
+        threshold = _tensor(raw["threshold"], (d_sae,), f + "threshold")
+    elif "log_threshold" in raw:
+        threshold = _tensor(raw["log_threshold"], (d_sae,), f + "log_threshold").exp()
+        conv.append("threshold = exp(log_threshold) (SAELens training checkpoint)")
+    else:
+        raise TeacherError("a jumprelu SAE needs tensor 'threshold'", field=f + "threshold")
+    return _thresholds(threshold, conv)
+
+
+def _saelens_hook(cfg: dict[str, Any]) -> tuple[dict[str, Any], str | None, int | None, str | None]:
+    """``(metadata, hook_name, hook_layer, model_name)`` from the cfg's ``metadata`` (SAELens 6) or top level
+    (pre-6.0); the layer is parsed from the hook name when not given. Non-strings become None."""
     meta = cfg.get("metadata") if isinstance(cfg.get("metadata"), dict) else {}
     hook = meta.get("hook_name") or cfg.get("hook_name") or cfg.get("hook_point")
     layer = meta.get("hook_layer", cfg.get("hook_layer"))
     layer = layer if isinstance(layer, int) and not isinstance(layer, bool) else _layer_of(hook)
     model = meta.get("model_name") or cfg.get("model_name")
+    return meta, hook if isinstance(hook, str) else None, layer, model if isinstance(model, str) else None
+
+
+def load_saelens(path: str | Path) -> LoadedTeacher:
+    """Load a SAELens-layout folder (``cfg.json`` + ``sae_weights.safetensors``), SAELens 6 or pre-6 cfg.
+
+    Reproduces ``sae_lens.SAE.load_from_disk(path)`` followed by ``encode`` / ``decode`` of
+    ``StandardSAE`` (relu(h)), ``JumpReLUSAE`` (relu(h) * 1[h > threshold]) and ``TopKSAE`` (ReLU of the
+    per-token top-k of h; with ``rescale_acts_by_decoder_norm`` the decoder norms are folded into the
+    encoder, which gives the same reconstruction). h = (x - b_dec * apply_b_dec_to_input) @ W_enc + b_enc,
+    x [..., d_in] -> z [..., d_sae] -> x_hat = z @ W_dec + b_dec.
+
+    Raises:
+        TeacherError: missing/corrupt files; unsupported architecture (gated, transcoders, ...), a
+            per-token normalisation (``layer_norm``, ``constant_norm_rescale``), a non-unit fine-tuning
+            scaling factor; wrong shapes, non-finite values, bad k.
+    """
+    folder = Path(path)
+    cfg = _read_json(folder / CFG_NAME, "cfg.json")
+    d_in = _dim(cfg.get("d_in"), "cfg.json.d_in")
+    d_sae = _dim(cfg.get("d_sae"), "cfg.json.d_sae")
+    conv: list[str] = []
+    arch, family, k_raw = _saelens_architecture(cfg, conv)
+    apply_b_dec = _saelens_apply_b_dec(cfg, conv)
+    _saelens_normalisation(cfg, conv)
+    raw = _saelens_weights(folder, cfg, conv)
+    t = _saelens_core(raw, d_in, d_sae)
+    k = threshold = None
+    if family == "topk":
+        k, t = _saelens_topk(cfg, k_raw, d_sae, t, conv)
+    elif family == "jumprelu":
+        threshold = _saelens_threshold(raw, d_sae, conv)
+    meta, hook, layer, model = _saelens_hook(cfg)
     det = DetectedFormat(
         "saelens",
         family,
@@ -416,9 +480,9 @@ def load_saelens(path: str | Path) -> LoadedTeacher:
         apply_b_dec,
         conv,
         k,
-        hook if isinstance(hook, str) else None,
+        hook,
         layer,
-        model if isinstance(model, str) else None,
+        model,
         _files(folder, [CFG_NAME, WEIGHTS_NAME]),
         str(folder),
     )
@@ -426,7 +490,7 @@ def load_saelens(path: str | Path) -> LoadedTeacher:
         family,
         d_in,
         d_sae,
-        {"W_enc": W_enc, "b_enc": b_enc, "W_dec": W_dec, "b_dec": b_dec},
+        t,
         apply_b_dec=apply_b_dec,
         k=k,
         threshold=threshold,
@@ -436,6 +500,26 @@ def load_saelens(path: str | Path) -> LoadedTeacher:
 
 
 # -- Gemma Scope -----------------------------------------------------------------------------------------------
+
+
+def _gemma_scope_site(folder: Path, conv: list[str]) -> tuple[str | None, int | None]:
+    """``(hook_name, hook_layer)`` from the folder names (``.../gemma-scope-2b-pt-res/layer_12/width_16k/
+    average_l0_82``; residual or MLP-out site), noting width and average L0; None where they do not say."""
+    parts = "/".join(folder.resolve().parts[-6:])  # hub cache: models--org--name/snapshots/<sha>/layer_N/...
+    m = re.search(r"layer_(\d+)", parts)
+    layer = int(m.group(1)) if m else None
+    hook = None
+    if layer is not None:
+        site = "resid_post" if re.search(r"-res\b|-res-|resid", parts) else None
+        site = site or ("mlp_out" if "-mlp" in parts else None)
+        hook = f"blocks.{layer}.hook_{site}" if site else None
+    w = re.search(r"width_(\w+?)(?:/|$)", parts)
+    l0 = re.search(r"average_l0_(\d+)", parts)
+    if w or l0:
+        conv.append(
+            f"from the folder names: width={w.group(1) if w else None}, average_l0={int(l0.group(1)) if l0 else None}"
+        )
+    return hook, layer
 
 
 def load_gemma_scope(path: str | Path) -> LoadedTeacher:
@@ -488,20 +572,7 @@ def load_gemma_scope(path: str | Path) -> LoadedTeacher:
     extra = sorted(set(arrays) - {"W_enc", "W_dec", "b_enc", "b_dec", "threshold"})
     if extra:
         conv.append(f"ignored arrays: {extra}")
-    parts = "/".join(folder.resolve().parts[-6:])  # hub cache: models--org--name/snapshots/<sha>/layer_N/...
-    m = re.search(r"layer_(\d+)", parts)
-    layer = int(m.group(1)) if m else None
-    hook = None
-    if layer is not None:
-        site = "resid_post" if re.search(r"-res\b|-res-|resid", parts) else None
-        site = site or ("mlp_out" if "-mlp" in parts else None)
-        hook = f"blocks.{layer}.hook_{site}" if site else None
-    w = re.search(r"width_(\w+?)(?:/|$)", parts)
-    l0 = re.search(r"average_l0_(\d+)", parts)
-    if w or l0:
-        conv.append(
-            f"from the folder names: width={w.group(1) if w else None}, average_l0={int(l0.group(1)) if l0 else None}"
-        )
+    hook, layer = _gemma_scope_site(folder, conv)
     det = DetectedFormat(
         "gemma_scope",
         "jumprelu",
@@ -524,6 +595,84 @@ def load_gemma_scope(path: str | Path) -> LoadedTeacher:
 # -- EleutherAI sparsify ---------------------------------------------------------------------------------------
 
 
+def _sparsify_check_supported(cfg: dict[str, Any]) -> None:
+    """Refuse what the TopK family cannot reproduce: TeacherError(``cfg.json.<key>``) for a transcoder, a skip
+    connection, an activation other than ``topk``, or a signed coder."""
+    if cfg.get("transcode"):
+        raise TeacherError(
+            "a sparsify transcoder predicts another module's output; only autoencoders can be upgraded",
+            field="cfg.json.transcode",
+        )
+    if cfg.get("skip_connection"):
+        raise TeacherError(
+            "sparsify coders with a skip connection (W_skip) are not supported", field="cfg.json.skip_connection"
+        )
+    act = cfg.get("activation", "topk")
+    if act != "topk":
+        raise TeacherError(f"sparsify activation {act!r} is not supported (topk only)", field="cfg.json.activation")
+    if cfg.get("signed"):
+        raise TeacherError("signed sparsify coders are not supported", field="cfg.json.signed")
+
+
+def _sparsify_d_sae(cfg: dict[str, Any], d_in: int) -> tuple[int, list[str]]:
+    """``(d_sae, conventions)``: ``num_latents`` when set, else ``d_in * expansion_factor`` (default 32);
+    TeacherError(``cfg.json.num_latents`` / ``cfg.json.expansion_factor``) outside [1, MAX_DIM]."""
+    n_lat = cfg.get("num_latents") or 0
+    if n_lat:
+        d_sae = _dim(n_lat, "cfg.json.num_latents")
+        return d_sae, [f"d_sae={d_sae} from num_latents"]
+    ef = _dim(cfg.get("expansion_factor", 32), "cfg.json.expansion_factor")
+    d_sae = _dim(d_in * ef, "cfg.json.expansion_factor")
+    return d_sae, [f"d_sae = d_in * expansion_factor = {d_sae}"]
+
+
+def _sparsify_tensors(raw: dict[str, torch.Tensor], d_in: int, d_sae: int, conv: list[str]) -> dict[str, torch.Tensor]:
+    """float32 W_enc = encoder.weight.T [d_in, d_sae], b_enc [d_sae], W_dec [d_sae, d_in] (a [d_in, d_sae]
+    one transposed back), b_dec [d_in]; TeacherError(``sae.safetensors.<name>``) for W_skip, a missing,
+    misshapen or non-finite tensor."""
+    f = SPARSIFY_WEIGHTS + "."
+    if "W_skip" in raw:
+        raise TeacherError("sae.safetensors holds W_skip (skip connection); not supported", field=f + "W_skip")
+    if "W_dec" not in raw:
+        raise TeacherError("sae.safetensors has no W_dec (coder saved without decoder)", field=f + "W_dec")
+    for n in ("encoder.weight", "encoder.bias", "b_dec"):
+        if n not in raw:
+            raise TeacherError(f"tensor '{n}' missing from {SPARSIFY_WEIGHTS}", field=f + n)
+    W_dec = raw["W_dec"]
+    if tuple(W_dec.shape) == (d_in, d_sae) and d_in != d_sae:
+        W_dec = W_dec.T
+        conv.append("W_dec stored as [d_in, d_sae]: transposed to [d_sae, d_in]")
+    else:
+        conv.append("W_dec stored as [d_sae, d_in] (sparsify layout)")
+    src = {str(t.dtype).replace("torch.", "") for t in raw.values()}
+    if src - {"float32"}:
+        conv.append(f"weights converted from {sorted(src)} to float32")
+    return {
+        "W_enc": _tensor(raw["encoder.weight"], (d_sae, d_in), f + "encoder.weight").T.contiguous(),
+        "b_enc": _tensor(raw["encoder.bias"], (d_sae,), f + "encoder.bias"),
+        "W_dec": _tensor(W_dec, (d_sae, d_in), f + "W_dec"),
+        "b_dec": _tensor(raw["b_dec"], (d_in,), f + "b_dec"),
+    }
+
+
+def _sparsify_hook(folder: Path, conv: list[str]) -> tuple[str | None, int | None, str | None]:
+    """``(hook_name, hook_layer, model_name)``: the hookpoint is the folder name (``layers.N`` ->
+    ``blocks.N.hook_resid_post``), the model the ``model`` of the run's ``config.json`` one folder up."""
+    hookpoint = folder.name
+    layer = _layer_of(hookpoint)
+    hook = f"blocks.{layer}.hook_resid_post" if re.fullmatch(r"(?:model\.)?layers[._]\d+", hookpoint) else None
+    conv.append(f"hookpoint {hookpoint!r} (folder name)" + (f" = {hook}" if hook else ""))
+    model = None
+    run_cfg = folder.parent / DL_CONFIG
+    if run_cfg.is_file():
+        try:
+            rc = json.loads(run_cfg.read_text(encoding="utf-8"))
+            model = rc.get("model") if isinstance(rc, dict) and isinstance(rc.get("model"), str) else None
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            conv.append("run config.json one folder up is not valid JSON; ignored")
+    return hook, layer, model
+
+
 def load_sparsify(path: str | Path) -> LoadedTeacher:
     """Load an EleutherAI sparsify coder folder (``SparseCoder.save_to_disk``: ``cfg.json`` + ``sae.safetensors``).
 
@@ -542,28 +691,8 @@ def load_sparsify(path: str | Path) -> LoadedTeacher:
     folder = Path(path)
     cfg = _read_json(folder / CFG_NAME, "cfg.json")
     d_in = _dim(cfg.get("d_in"), "cfg.json.d_in")
-    if cfg.get("transcode"):
-        raise TeacherError(
-            "a sparsify transcoder predicts another module's output; only autoencoders can be upgraded",
-            field="cfg.json.transcode",
-        )
-    if cfg.get("skip_connection"):
-        raise TeacherError(
-            "sparsify coders with a skip connection (W_skip) are not supported", field="cfg.json.skip_connection"
-        )
-    act = cfg.get("activation", "topk")
-    if act != "topk":
-        raise TeacherError(f"sparsify activation {act!r} is not supported (topk only)", field="cfg.json.activation")
-    if cfg.get("signed"):
-        raise TeacherError("signed sparsify coders are not supported", field="cfg.json.signed")
-    n_lat = cfg.get("num_latents") or 0
-    if n_lat:
-        d_sae = _dim(n_lat, "cfg.json.num_latents")
-        conv = [f"d_sae={d_sae} from num_latents"]
-    else:
-        ef = _dim(cfg.get("expansion_factor", 32), "cfg.json.expansion_factor")
-        d_sae = _dim(d_in * ef, "cfg.json.expansion_factor")
-        conv = [f"d_sae = d_in * expansion_factor = {d_sae}"]
+    _sparsify_check_supported(cfg)
+    d_sae, conv = _sparsify_d_sae(cfg, d_in)
     k = _k(cfg.get("k", 32), d_sae, "cfg.json.k")
     conv += [
         f"k={k} from cfg.json",
@@ -572,41 +701,8 @@ def load_sparsify(path: str | Path) -> LoadedTeacher:
         "W_enc = encoder.weight.T (nn.Linear weight [d_sae, d_in])",
     ]
     raw = _read_safetensors(folder / SPARSIFY_WEIGHTS, SPARSIFY_WEIGHTS)
-    f = SPARSIFY_WEIGHTS + "."
-    if "W_skip" in raw:
-        raise TeacherError("sae.safetensors holds W_skip (skip connection); not supported", field=f + "W_skip")
-    if "W_dec" not in raw:
-        raise TeacherError("sae.safetensors has no W_dec (coder saved without decoder)", field=f + "W_dec")
-    for n in ("encoder.weight", "encoder.bias", "b_dec"):
-        if n not in raw:
-            raise TeacherError(f"tensor '{n}' missing from {SPARSIFY_WEIGHTS}", field=f + n)
-    W_dec = raw["W_dec"]
-    if tuple(W_dec.shape) == (d_in, d_sae) and d_in != d_sae:
-        W_dec = W_dec.T
-        conv.append("W_dec stored as [d_in, d_sae]: transposed to [d_sae, d_in]")
-    else:
-        conv.append("W_dec stored as [d_sae, d_in] (sparsify layout)")
-    src = {str(t.dtype).replace("torch.", "") for t in raw.values()}
-    if src - {"float32"}:
-        conv.append(f"weights converted from {sorted(src)} to float32")
-    t = {
-        "W_enc": _tensor(raw["encoder.weight"], (d_sae, d_in), f + "encoder.weight").T.contiguous(),
-        "b_enc": _tensor(raw["encoder.bias"], (d_sae,), f + "encoder.bias"),
-        "W_dec": _tensor(W_dec, (d_sae, d_in), f + "W_dec"),
-        "b_dec": _tensor(raw["b_dec"], (d_in,), f + "b_dec"),
-    }
-    hookpoint = folder.name
-    layer = _layer_of(hookpoint)
-    hook = f"blocks.{layer}.hook_resid_post" if re.fullmatch(r"(?:model\.)?layers[._]\d+", hookpoint) else None
-    conv.append(f"hookpoint {hookpoint!r} (folder name)" + (f" = {hook}" if hook else ""))
-    model = None
-    run_cfg = folder.parent / DL_CONFIG
-    if run_cfg.is_file():
-        try:
-            rc = json.loads(run_cfg.read_text(encoding="utf-8"))
-            model = rc.get("model") if isinstance(rc, dict) and isinstance(rc.get("model"), str) else None
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            conv.append("run config.json one folder up is not valid JSON; ignored")
+    t = _sparsify_tensors(raw, d_in, d_sae, conv)
+    hook, layer, model = _sparsify_hook(folder, conv)
     files = _files(folder, [CFG_NAME, SPARSIFY_WEIGHTS])
     det = DetectedFormat(
         "sparsify", "topk", "SparseCoder", d_in, d_sae, True, conv, k, hook, layer, model, files, str(folder)
@@ -627,7 +723,57 @@ _DL_CLASSES = (
 )
 
 
+@dataclass
+class _DLParts:
+    """What an ``ae.pt`` holds, validated: the project's gate family, b_dec handling, widths, float32 tensors
+    (W_enc [d_in, d_sae], b_enc [d_sae], W_dec [d_sae, d_in], b_dec [d_in]), k and threshold [d_sae]."""
+
+    family: str
+    apply_b_dec: bool
+    d_in: int
+    d_sae: int
+    tensors: dict[str, torch.Tensor]
+    k: int | None = None
+    threshold: torch.Tensor | None = None
+
+
+def _dl_state_dict(folder: Path) -> dict[str, torch.Tensor]:
+    """``ae.pt`` read with ``torch.load(weights_only=True)`` (names -> tensors); TeacherError(``ae.pt``) if
+    missing, holding pickled objects, unreadable, or not a flat state dict of tensors."""
+    fpath = folder / DL_WEIGHTS
+    if not fpath.is_file():
+        raise TeacherError(f"missing {DL_WEIGHTS} in {folder}", field=DL_WEIGHTS)
+    try:
+        sd = torch.load(fpath, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise TeacherError(
+            "ae.pt refused: it holds pickled Python objects beyond tensors and plain containers "
+            f"(torch.load weights_only=True): {str(e).splitlines()[0]}",
+            field=DL_WEIGHTS,
+        ) from None
+    except Exception as e:  # noqa: BLE001 - untrusted bytes: the weights-only unpickler raises IndexError,
+        # KeyError, TypeError, ... on garbage (seen: "pop from empty list"), besides the usual file errors
+        raise TeacherError(f"ae.pt is not a readable torch file: {type(e).__name__}: {e}", field=DL_WEIGHTS) from None
+    if not isinstance(sd, dict) or not all(isinstance(k_, str) and isinstance(v, torch.Tensor) for k_, v in sd.items()):
+        raise TeacherError("ae.pt must hold a state dict (names -> tensors)", field=DL_WEIGHTS)
+    return sd
+
+
+def _dl_trainer(folder: Path, conv: list[str]) -> dict[str, Any]:
+    """The ``trainer`` object of ``config.json`` ({} when the file or the object is absent);
+    TeacherError(``config.json``) if the file is not a JSON object."""
+    conf: dict[str, Any] = {}
+    if (folder / DL_CONFIG).is_file():
+        conf = _read_json(folder / DL_CONFIG, DL_CONFIG)
+    trainer = conf.get("trainer") if isinstance(conf.get("trainer"), dict) else {}
+    if conf and not trainer:
+        conv.append("config.json has no 'trainer' object; class detected from ae.pt keys")
+    return trainer
+
+
 def _dl_class_from_keys(keys: set[str]) -> str:
+    """The dictionary_learning class implied by the ``ae.pt`` keys alone; TeacherError(``config.json``) for a
+    top-k dictionary (class ambiguous), (``ae.pt``) for keys matching no supported class."""
     if {"W_enc", "b_enc", "W_dec", "b_dec", "threshold"} <= keys and "k" not in keys:
         return "JumpReluAutoEncoder"
     if {"encoder.weight", "encoder.bias", "decoder.weight", "bias"} <= keys:
@@ -644,6 +790,146 @@ def _dl_class_from_keys(keys: set[str]) -> str:
     raise TeacherError(
         f"ae.pt keys {sorted(keys)} match no supported dictionary_learning class {list(_DL_CLASSES)}", field=DL_WEIGHTS
     )
+
+
+def _dl_class(trainer: dict[str, Any], sd: dict[str, torch.Tensor], conv: list[str]) -> str:
+    """``trainer.dict_class``, else the class detected from the ``ae.pt`` keys; TeacherError
+    (``config.json.trainer.dict_class``) for a class not in :data:`_DL_CLASSES`."""
+    cls = trainer.get("dict_class")
+    if cls is None:
+        cls = _dl_class_from_keys(set(sd))
+        conv.append(f"dict_class {cls} detected from ae.pt keys")
+    else:
+        conv.append(f"dict_class {cls} from config.json")
+    if cls not in _DL_CLASSES:
+        raise TeacherError(
+            f"dictionary_learning class {cls!r} is not supported; supported: {list(_DL_CLASSES)}",
+            field=f"{DL_CONFIG}.trainer.dict_class",
+        )
+    return cls
+
+
+def _dl_need(sd: dict[str, torch.Tensor], cls: str, *names: str) -> None:
+    """TeacherError(``ae.pt.<name>``) for the first of ``names`` missing from the state dict."""
+    for n in names:
+        if n not in sd:
+            raise TeacherError(f"tensor '{n}' missing from ae.pt (needed by {cls})", field=DL_WEIGHTS + "." + n)
+
+
+def _dl_jumprelu(sd: dict[str, torch.Tensor], conv: list[str]) -> _DLParts:
+    """``JumpReluAutoEncoder``: W_enc [d_in, d_sae], b_enc, W_dec, b_dec, threshold [d_sae] (<= 0 raised), no b_dec
+    subtraction; TeacherError(``ae.pt.<name>``) for a missing, misshapen or non-finite tensor."""
+    f = DL_WEIGHTS + "."
+    _dl_need(sd, "JumpReluAutoEncoder", "W_enc", "b_enc", "W_dec", "b_dec", "threshold")
+    if sd["W_enc"].ndim != 2:
+        raise TeacherError("W_enc must be 2-D [d_in, d_sae]", field=f + "W_enc")
+    d_in, d_sae = (_dim(int(s), f + "W_enc") for s in sd["W_enc"].shape)
+    t = {
+        "W_enc": _tensor(sd["W_enc"], (d_in, d_sae), f + "W_enc"),
+        "b_enc": _tensor(sd["b_enc"], (d_sae,), f + "b_enc"),
+        "W_dec": _tensor(sd["W_dec"], (d_sae, d_in), f + "W_dec"),
+        "b_dec": _tensor(sd["b_dec"], (d_in,), f + "b_dec"),
+    }
+    conv.append("apply_b_dec_to_input=False (JumpReluAutoEncoder default; not stored in ae.pt)")
+    threshold = _thresholds(_tensor(sd["threshold"], (d_sae,), f + "threshold"), conv)
+    return _DLParts("jumprelu", False, d_in, d_sae, t, threshold=threshold)
+
+
+def _dl_linear(sd: dict[str, torch.Tensor], cls: str, trainer: dict[str, Any], conv: list[str]) -> _DLParts:
+    """The ``nn.Linear``-style classes: W_enc = encoder.weight.T [d_in, d_sae], b_enc = encoder.bias [d_sae],
+    W_dec = decoder.weight.T [d_sae, d_in], then the class's b_dec and gate; TeacherError(``ae.pt.<name>``)."""
+    f = DL_WEIGHTS + "."
+    _dl_need(sd, cls, "encoder.weight", "encoder.bias", "decoder.weight")
+    if sd["encoder.weight"].ndim != 2:
+        raise TeacherError("encoder.weight must be 2-D [d_sae, d_in]", field=f + "encoder.weight")
+    d_sae, d_in = (_dim(int(s), f + "encoder.weight") for s in sd["encoder.weight"].shape)
+    conv.append("W_enc = encoder.weight.T, W_dec = decoder.weight.T (nn.Linear weights)")
+    t = {
+        "W_enc": _tensor(sd["encoder.weight"], (d_sae, d_in), f + "encoder.weight").T.contiguous(),
+        "b_enc": _tensor(sd["encoder.bias"], (d_sae,), f + "encoder.bias"),
+        "W_dec": _tensor(sd["decoder.weight"], (d_in, d_sae), f + "decoder.weight").T.contiguous(),
+    }
+    if cls == "AutoEncoder":
+        _dl_need(sd, cls, "bias")
+        t["b_dec"] = _tensor(sd["bias"], (d_in,), f + "bias")
+        conv.append("b_dec = 'bias', subtracted before encoding")
+        return _DLParts("relu", True, d_in, d_sae, t)
+    if cls == "AutoEncoderNew":
+        _dl_need(sd, cls, "decoder.bias")
+        t["b_dec"] = _tensor(sd["decoder.bias"], (d_in,), f + "decoder.bias")
+        conv.append("b_dec = decoder.bias, not subtracted before encoding")
+        return _DLParts("relu", False, d_in, d_sae, t)
+    t["b_dec"], k = _dl_topk_b_dec_and_k(sd, cls, trainer, d_in, d_sae, conv)
+    if cls == "AutoEncoderTopK":
+        return _DLParts("topk", True, d_in, d_sae, t, k)
+    family, threshold = _dl_batch_topk_gate(sd, cls, d_sae, conv)
+    return _DLParts(family, True, d_in, d_sae, t, k, threshold)
+
+
+def _dl_topk_b_dec_and_k(
+    sd: dict[str, torch.Tensor], cls: str, trainer: dict[str, Any], d_in: int, d_sae: int, conv: list[str]
+) -> tuple[torch.Tensor, int]:
+    """Top-k classes: ``(b_dec [d_in], k)`` with k the ``k`` buffer; TeacherError(``ae.pt.<name>``) for a bad
+    tensor or k, (``config.json.trainer.k``) when the config's k is bad or disagrees."""
+    f = DL_WEIGHTS + "."
+    _dl_need(sd, cls, "b_dec", "k")
+    b_dec = _tensor(sd["b_dec"], (d_in,), f + "b_dec")
+    k = _k(sd["k"], d_sae, f + "k")
+    if trainer.get("k") is not None and _k(trainer["k"], d_sae, f"{DL_CONFIG}.trainer.k") != k:
+        raise TeacherError(
+            f"config.json k={trainer['k']} disagrees with ae.pt's k buffer {k}", field=f"{DL_CONFIG}.trainer.k"
+        )
+    conv.append(f"k={k} from the 'k' buffer in ae.pt; b_dec subtracted before encoding")
+    return b_dec, k
+
+
+def _dl_batch_topk_gate(
+    sd: dict[str, torch.Tensor], cls: str, d_sae: int, conv: list[str]
+) -> tuple[str, torch.Tensor | None]:
+    """(Matryoshka)BatchTopKSAE inference gate from its scalar ``threshold``: ``("jumprelu", [d_sae] filled
+    with it)`` when > 0, else ``("relu", None)``; TeacherError(``ae.pt.threshold``) if missing or non-finite."""
+    _dl_need(sd, cls, "threshold")
+    th = _tensor(sd["threshold"].reshape(()), (), DL_WEIGHTS + ".threshold").item()
+    if th > 0:
+        conv.append(
+            f"{cls} inference gate relu(h) * 1[relu(h) > {th:.6g}]: JumpReLU with that "
+            "threshold for every latent (batch top-k is a training-time rule)"
+        )
+        return "jumprelu", torch.full((d_sae,), th)
+    conv.append(f"{cls} threshold {th:.6g} <= 0 (never set): its inference gate is relu(h)")
+    return "relu", None
+
+
+def _dl_check_config(trainer: dict[str, Any], d_in: int, d_sae: int, conv: list[str]) -> None:
+    """Cross-check ``trainer.activation_dim`` / ``dict_size`` against ae.pt (TeacherError
+    ``config.json.trainer.<key>`` on disagreement); note a ``norm_factor`` folded into the biases."""
+    for key, want in (("activation_dim", d_in), ("dict_size", d_sae)):
+        if trainer.get(key) is not None and trainer[key] != want:
+            raise TeacherError(
+                f"config.json trainer.{key}={trainer[key]} disagrees with ae.pt ({want})",
+                field=f"{DL_CONFIG}.trainer.{key}",
+            )
+    if "norm_factor" in trainer:
+        conv.append(
+            f"norm_factor={trainer['norm_factor']} folded into the biases at save time "
+            "(dictionary_learning scale_biases): ae.pt works on raw activations"
+        )
+
+
+def _dl_hook(trainer: dict[str, Any], conv: list[str]) -> tuple[str | None, int | None, str | None]:
+    """``(hook_name, hook_layer, model_name)`` from ``trainer.layer`` (residual stream assumed, as SAELens's
+    dictionary_learning loader does) and ``trainer.lm_name``; None where absent or not int / str."""
+    layer = trainer.get("layer") if isinstance(trainer.get("layer"), int) else None
+    sub = trainer.get("submodule_name")
+    hook = None
+    if layer is not None:
+        hook = f"blocks.{layer}.hook_resid_post"
+        conv.append(
+            f"hook {hook} from trainer.layer={layer} (submodule {sub!r}; residual stream assumed, "
+            "as SAELens's dictionary_learning loader does)"
+        )
+    model = trainer.get("lm_name") if isinstance(trainer.get("lm_name"), str) else None
+    return hook, layer, model
 
 
 def load_dictionary_learning(path: str | Path) -> LoadedTeacher:
@@ -670,140 +956,38 @@ def load_dictionary_learning(path: str | Path) -> LoadedTeacher:
             unknown or ambiguous class, wrong shapes, non-finite values, k disagreeing with the config.
     """
     folder = Path(path)
-    fpath = folder / DL_WEIGHTS
-    if not fpath.is_file():
-        raise TeacherError(f"missing {DL_WEIGHTS} in {folder}", field=DL_WEIGHTS)
-    try:
-        sd = torch.load(fpath, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise TeacherError(
-            "ae.pt refused: it holds pickled Python objects beyond tensors and plain containers "
-            f"(torch.load weights_only=True): {str(e).splitlines()[0]}",
-            field=DL_WEIGHTS,
-        ) from None
-    except Exception as e:  # noqa: BLE001 - untrusted bytes: the weights-only unpickler raises IndexError,
-        # KeyError, TypeError, ... on garbage (seen: "pop from empty list"), besides the usual file errors
-        raise TeacherError(f"ae.pt is not a readable torch file: {type(e).__name__}: {e}", field=DL_WEIGHTS) from None
-    if not isinstance(sd, dict) or not all(isinstance(k_, str) and isinstance(v, torch.Tensor) for k_, v in sd.items()):
-        raise TeacherError("ae.pt must hold a state dict (names -> tensors)", field=DL_WEIGHTS)
-    conf: dict[str, Any] = {}
+    sd = _dl_state_dict(folder)
     conv: list[str] = []
-    if (folder / DL_CONFIG).is_file():
-        conf = _read_json(folder / DL_CONFIG, DL_CONFIG)
-    trainer = conf.get("trainer") if isinstance(conf.get("trainer"), dict) else {}
-    if conf and not trainer:
-        conv.append("config.json has no 'trainer' object; class detected from ae.pt keys")
-    cls = trainer.get("dict_class")
-    if cls is None:
-        cls = _dl_class_from_keys(set(sd))
-        conv.append(f"dict_class {cls} detected from ae.pt keys")
-    else:
-        conv.append(f"dict_class {cls} from config.json")
-    if cls not in _DL_CLASSES:
-        raise TeacherError(
-            f"dictionary_learning class {cls!r} is not supported; supported: {list(_DL_CLASSES)}",
-            field=f"{DL_CONFIG}.trainer.dict_class",
-        )
-    f = DL_WEIGHTS + "."
-
-    def need(*names: str) -> None:
-        for n in names:
-            if n not in sd:
-                raise TeacherError(f"tensor '{n}' missing from ae.pt (needed by {cls})", field=f + n)
-
-    k = threshold = None
-    if cls == "JumpReluAutoEncoder":
-        need("W_enc", "b_enc", "W_dec", "b_dec", "threshold")
-        if sd["W_enc"].ndim != 2:
-            raise TeacherError("W_enc must be 2-D [d_in, d_sae]", field=f + "W_enc")
-        d_in, d_sae = (_dim(int(s), f + "W_enc") for s in sd["W_enc"].shape)
-        t = {
-            "W_enc": _tensor(sd["W_enc"], (d_in, d_sae), f + "W_enc"),
-            "b_enc": _tensor(sd["b_enc"], (d_sae,), f + "b_enc"),
-            "W_dec": _tensor(sd["W_dec"], (d_sae, d_in), f + "W_dec"),
-            "b_dec": _tensor(sd["b_dec"], (d_in,), f + "b_dec"),
-        }
-        family, apply_b_dec = "jumprelu", False
-        conv.append("apply_b_dec_to_input=False (JumpReluAutoEncoder default; not stored in ae.pt)")
-        threshold = _thresholds(_tensor(sd["threshold"], (d_sae,), f + "threshold"), conv)
-    else:
-        need("encoder.weight", "encoder.bias", "decoder.weight")
-        if sd["encoder.weight"].ndim != 2:
-            raise TeacherError("encoder.weight must be 2-D [d_sae, d_in]", field=f + "encoder.weight")
-        d_sae, d_in = (_dim(int(s), f + "encoder.weight") for s in sd["encoder.weight"].shape)
-        conv.append("W_enc = encoder.weight.T, W_dec = decoder.weight.T (nn.Linear weights)")
-        W_enc = _tensor(sd["encoder.weight"], (d_sae, d_in), f + "encoder.weight").T.contiguous()
-        b_enc = _tensor(sd["encoder.bias"], (d_sae,), f + "encoder.bias")
-        W_dec = _tensor(sd["decoder.weight"], (d_in, d_sae), f + "decoder.weight").T.contiguous()
-        if cls == "AutoEncoder":
-            need("bias")
-            b_dec, apply_b_dec, family = _tensor(sd["bias"], (d_in,), f + "bias"), True, "relu"
-            conv.append("b_dec = 'bias', subtracted before encoding")
-        elif cls == "AutoEncoderNew":
-            need("decoder.bias")
-            b_dec, apply_b_dec, family = _tensor(sd["decoder.bias"], (d_in,), f + "decoder.bias"), False, "relu"
-            conv.append("b_dec = decoder.bias, not subtracted before encoding")
-        else:
-            need("b_dec", "k")
-            b_dec, apply_b_dec = _tensor(sd["b_dec"], (d_in,), f + "b_dec"), True
-            k = _k(sd["k"], d_sae, f + "k")
-            if trainer.get("k") is not None and _k(trainer["k"], d_sae, f"{DL_CONFIG}.trainer.k") != k:
-                raise TeacherError(
-                    f"config.json k={trainer['k']} disagrees with ae.pt's k buffer {k}", field=f"{DL_CONFIG}.trainer.k"
-                )
-            conv.append(f"k={k} from the 'k' buffer in ae.pt; b_dec subtracted before encoding")
-            if cls == "AutoEncoderTopK":
-                family = "topk"
-            else:
-                need("threshold")
-                th = _tensor(sd["threshold"].reshape(()), (), f + "threshold").item()
-                if th > 0:
-                    family, threshold = "jumprelu", torch.full((d_sae,), th)
-                    conv.append(
-                        f"{cls} inference gate relu(h) * 1[relu(h) > {th:.6g}]: JumpReLU with that "
-                        "threshold for every latent (batch top-k is a training-time rule)"
-                    )
-                else:
-                    family = "relu"
-                    conv.append(f"{cls} threshold {th:.6g} <= 0 (never set): its inference gate is relu(h)")
-        t = {"W_enc": W_enc, "b_enc": b_enc, "W_dec": W_dec, "b_dec": b_dec}
-    for key, want in (("activation_dim", d_in), ("dict_size", d_sae)):
-        if trainer.get(key) is not None and trainer[key] != want:
-            raise TeacherError(
-                f"config.json trainer.{key}={trainer[key]} disagrees with ae.pt ({want})",
-                field=f"{DL_CONFIG}.trainer.{key}",
-            )
-    if "norm_factor" in trainer:
-        conv.append(
-            f"norm_factor={trainer['norm_factor']} folded into the biases at save time "
-            "(dictionary_learning scale_biases): ae.pt works on raw activations"
-        )
-    layer = trainer.get("layer") if isinstance(trainer.get("layer"), int) else None
-    sub = trainer.get("submodule_name")
-    hook = None
-    if layer is not None:
-        hook = f"blocks.{layer}.hook_resid_post"
-        conv.append(
-            f"hook {hook} from trainer.layer={layer} (submodule {sub!r}; residual stream assumed, "
-            "as SAELens's dictionary_learning loader does)"
-        )
-    model = trainer.get("lm_name") if isinstance(trainer.get("lm_name"), str) else None
+    trainer = _dl_trainer(folder, conv)
+    cls = _dl_class(trainer, sd, conv)
+    p = _dl_jumprelu(sd, conv) if cls == "JumpReluAutoEncoder" else _dl_linear(sd, cls, trainer, conv)
+    _dl_check_config(trainer, p.d_in, p.d_sae, conv)
+    hook, layer, model = _dl_hook(trainer, conv)
     det = DetectedFormat(
         "dictionary_learning",
-        family,
+        p.family,
         cls,
-        d_in,
-        d_sae,
-        apply_b_dec,
+        p.d_in,
+        p.d_sae,
+        p.apply_b_dec,
         conv,
-        k,
+        p.k,
         hook,
         layer,
         model,
         _files(folder, [DL_WEIGHTS, DL_CONFIG]),
         str(folder),
     )
-    sae = _build(family, d_in, d_sae, t, apply_b_dec=apply_b_dec, k=k, threshold=threshold, metadata=_metadata({}, det))
+    sae = _build(
+        p.family,
+        p.d_in,
+        p.d_sae,
+        p.tensors,
+        apply_b_dec=p.apply_b_dec,
+        k=p.k,
+        threshold=p.threshold,
+        metadata=_metadata({}, det),
+    )
     return LoadedTeacher(sae, det)
 
 
