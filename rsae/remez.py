@@ -90,13 +90,13 @@ import hashlib
 import json
 import logging
 import math
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 from numpy.polynomial import chebyshev as npc
 from numpy.polynomial import polynomial as npp
+from pydantic import BaseModel, ConfigDict
 from scipy.optimize import linprog
 
 # The jump families' defaults (jump position c, relative margin rho) live with the families; re-exported here.
@@ -141,8 +141,7 @@ def default_fit_params(family: str, c: float | None = None) -> dict:
     return get_family(family).remez_defaults(c)
 
 
-@dataclass
-class RationalFit:
+class RationalFit(BaseModel):
     """Result of :func:`remez_fit`. All errors are in the units of the unit-interval gate r(t).
 
     Attributes:
@@ -167,7 +166,7 @@ class RationalFit:
             with Q(0) = 1. >= -1e-9 for a safe fit: P / (1 + |B|) equals P / (1 + B) everywhere on [-1, 1].
         max_error_float32: max error on the fitted grid when P and B are evaluated in float32 by Horner's
             rule, as :mod:`rsae.saes.rational` does in torch (a check of the monomial coefficients' conditioning);
-            NaN for ``safe=False`` fits.
+            None when not computed.
         safe: True for the safe-denominator class (B >= 0); False for the plain class Q = 1 + B > 0 on the
             fitted grid (then ``__call__`` evaluates P / (1 + B)).
         lp_solves: number of linear programs solved (cost measure).
@@ -175,6 +174,8 @@ class RationalFit:
             B) is active, i.e. the fit is limited by conditioning, not by the degree (seen at (11, 10) with
             small margins; never at <= (9, 8) in the measured range).
     """
+
+    model_config = ConfigDict(extra="forbid")
 
     a: list[float]
     b: list[float]
@@ -193,7 +194,7 @@ class RationalFit:
     converged: bool
     lower_bound: float = 0.0
     min_b: float = 0.0
-    max_error_float32: float = math.nan
+    max_error_float32: float | None = None
     safe: bool = True
     lp_solves: int = 0
     range_capped: bool = False
@@ -833,6 +834,6 @@ def cached_remez_fit(
     fit = remez_fit(family, c=c, p=p, q=q, grid_points=grid_points, margin=margin, tol=tol, max_iter=max_iter)
     folder.mkdir(parents=True, exist_ok=True)
     tmp = f.with_suffix(".tmp")
-    tmp.write_text(json.dumps(asdict(fit)))
+    tmp.write_text(json.dumps(fit.model_dump()))
     tmp.replace(f)
     return fit

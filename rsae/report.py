@@ -14,6 +14,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from .config import UpgradeConfig
+from .remez import RationalFit
 
 REPORT_SCHEMA_VERSION = "rsae-report/4"
 """4: typed sections (this module's models), ``config`` validated as :class:`rsae.config.UpgradeConfig`.
@@ -119,30 +120,9 @@ class FitParams(_Section):
     jump_placement: str | None = None
 
 
-class RemezSection(_Section):
-    """The relaxed Remez fit (:class:`rsae.remez.RationalFit`) and its inputs."""
+class RemezSection(RationalFit):
+    """The relaxed Remez fit (:class:`rsae.remez.RationalFit`, whose fields it has) and its inputs ``params``."""
 
-    a: list[float]
-    b: list[float]
-    max_error: float
-    ref_error: float
-    grid_mse: float
-    fit_mse: float
-    iterations: int
-    reference_size: int
-    family: str
-    c: float
-    margin: float
-    p: int
-    q: int
-    grid_points: int
-    converged: bool
-    lower_bound: float | None = None
-    min_b: float | None = None
-    max_error_float32: float | None = None
-    safe: bool = True
-    lp_solves: int = 0
-    range_capped: bool = False
     params: FitParams
 
 

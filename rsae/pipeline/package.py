@@ -90,7 +90,7 @@ def build_report(state: UpgradeState) -> Report:
         host_model=state.host,
         teacher=state.rsae.metadata["teacher"],
         data=state.data_section,
-        remez=RemezSection(**fit.__dict__, params=state.init.params),
+        remez=RemezSection(**fit.model_dump(), params=state.init.params),
         calibration=state.calibration,
         finetune=state.finetune,
         control=state.control_section,

@@ -25,11 +25,9 @@ import importlib
 import importlib.util
 import itertools
 import json
-import os
 import shutil
 import sys
 import types
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -42,6 +40,7 @@ from rsae.formats import detect_format, import_teacher, load_teacher, provenance
 from rsae.hub import resolve_hub_teacher
 from rsae.models import load_model
 from rsae.saes import JumpReLUSAE, ReLUSAE, TopKSAE, load_sae
+from support.hub import hub_cache
 
 LAYER = 3
 D_SAE = 768
@@ -448,24 +447,6 @@ def test_import_teacher_writes_the_pipeline_layout_with_provenance(acts, tmp_pat
 # -- hub references (offline, prepared cache) ------------------------------------------------------------------
 
 
-def _hub_cache(root: Path, repo_id: str, files: dict[str, Path]) -> str:
-    """Lay out ``files`` (repo path -> local file) as the hub client's cache does: content-addressed blobs,
-    a snapshot folder of symlinks for one commit, and refs/main naming that commit. Returns the commit."""
-    repo = root / ("models--" + repo_id.replace("/", "--"))
-    commit = hashlib.sha1(repo_id.encode()).hexdigest()
-    for rel, src in files.items():
-        data = src.read_bytes()
-        blob = repo / "blobs" / hashlib.sha256(data).hexdigest()
-        blob.parent.mkdir(parents=True, exist_ok=True)
-        blob.write_bytes(data)
-        link = repo / "snapshots" / commit / rel
-        link.parent.mkdir(parents=True, exist_ok=True)
-        link.symlink_to(os.path.relpath(blob, link.parent))
-    (repo / "refs").mkdir(parents=True, exist_ok=True)
-    (repo / "refs" / "main").write_text(commit)
-    return commit
-
-
 @pytest.fixture
 def offline_hub(tmp_path, monkeypatch):
     cache = tmp_path / "hub"
@@ -478,7 +459,7 @@ def offline_hub(tmp_path, monkeypatch):
 def test_hub_repo_id_resolves_offline_from_the_cache(acts, tmp_path, offline_hub):
     src = tmp_path / "coder"
     _sparsify_coder(acts).save_to_disk(src)
-    commit = _hub_cache(
+    commit = hub_cache(
         offline_hub,
         "EleutherAI/sae-SmolLM2-135M-64x",
         {f"layers.{LAYER}/cfg.json": src / "cfg.json", f"layers.{LAYER}/sae.safetensors": src / "sae.safetensors"},
@@ -508,7 +489,7 @@ def test_hub_saelens_release_resolves_offline_from_the_cache(acts, tmp_path, off
     sae_id = next(i for i in entry["saes"] if i.startswith(f"layer_{LAYER}/"))
     d = {k: v.numpy() for k, v in _dictionary(acts, 64).items()}
     np.savez(tmp_path / "params.npz", **d, threshold=np.full(64, 0.2, np.float32))
-    _hub_cache(offline_hub, entry["repo_id"], {f"{entry['saes'][sae_id]}/params.npz": tmp_path / "params.npz"})
+    hub_cache(offline_hub, entry["repo_id"], {f"{entry['saes'][sae_id]}/params.npz": tmp_path / "params.npz"})
     r = resolve_hub_teacher(release="gemma-scope-2b-pt-res", sae_id=sae_id)
     assert r.repo_id == "google/gemma-scope-2b-pt-res" and r.conversion_func == "gemma_2"
     t = load_teacher(r.path)

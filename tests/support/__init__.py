@@ -1,1 +1,2 @@
-"""Test support code shared by ``tests/service`` and ``tests/e2e`` (never imported by ``tests/core``)."""
+"""Test support code: ``servers`` (Postgres, Redis, the app: only ``tests/service`` and ``tests/e2e`` import
+it), ``hub`` and ``webhooks`` (light helpers any test may use)."""
