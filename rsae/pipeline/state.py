@@ -32,7 +32,7 @@ from ..report import (
     ProbingSection,
     SAEMetrics,
 )
-from ..saes import SAE, SAE_REGISTRY, Family, JumpRule, RationalSAE, family_names, get_family, load_sae
+from ..saes import CORE_TENSORS, SAE, SAE_REGISTRY, Family, JumpRule, RationalSAE, family_names, get_family, load_sae
 from ..train import sample_pre_acts
 
 log = logging.getLogger(__name__)
@@ -179,7 +179,7 @@ class UpgradeState:
         )
         if self.init is not None:
             snap["init"] = {
-                "fit": self.init.fit.__dict__,
+                "fit": self.init.fit.model_dump(),
                 "params": self.init.params.model_dump(mode="json"),
                 "c_in": self.init.c_in,
                 "thresholds": self.init.thresholds,
@@ -218,7 +218,7 @@ class UpgradeState:
 
 def sae_snapshot(sae: SAE) -> dict[str, Any]:
     """An exact, ``torch.load(weights_only=True)``-safe copy of ``sae``: its cfg, file tensors and state dict."""
-    tensors = {n: getattr(sae, n).detach().cpu().clone() for n in ("W_enc", "b_enc", "W_dec", "b_dec")}
+    tensors = {n: getattr(sae, n).detach().cpu().clone() for n in CORE_TENSORS}
     tensors.update({k: v.detach().cpu().clone() for k, v in sae.extra_tensors().items()})
     return {
         "cfg": sae.cfg_dict(),
