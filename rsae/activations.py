@@ -123,7 +123,8 @@ def _manifest(
 
 class _ShardWriter:
     """Buffers whole sequences and writes them as one safetensors shard per :meth:`flush` (temp file +
-    ``os.replace``), keeping at most ``n_tokens`` rows in all; reports the fraction written to ``on_progress``."""
+    ``os.replace``), keeping at most ``n_tokens`` rows in all; reports the fraction written to ``on_progress``;
+    keeps the residual-norm statistics of the manifest (``sum_norm``, ``norms_sample``)."""
 
     def __init__(self, out_dir: Path, n_tokens: int, on_progress: Callable[[float], None] | None) -> None:
         self.out_dir, self.n_tokens, self.on_progress = out_dir, n_tokens, on_progress
@@ -132,12 +133,25 @@ class _ShardWriter:
         self.acts: list[torch.Tensor] = []
         self.ids: list[torch.Tensor] = []
         self.labels: list[int] = []
+        self.d_in: int | None = None
+        self.sum_norm = 0.0
+        self.norms_sample: list[torch.Tensor] = []
 
-    def add(self, acts: torch.Tensor, ids: torch.Tensor, label: int) -> None:
-        """Buffer one sequence: activations [ctx_len - 1, d_in], token ids [ctx_len], label index."""
-        self.acts.append(acts)
-        self.ids.append(ids)
-        self.labels.append(label)
+    def add_batch(self, resid: torch.Tensor, ids: torch.Tensor, labels: list[int], seqs_per_shard: int) -> None:
+        """Buffer a batch of sequences (activations ``resid`` [b, ctx_len - 1, d_in], token ids [b, ctx_len],
+        label indices [b]), flushing a shard whenever ``seqs_per_shard`` sequences are buffered (so a shard never
+        holds more than ``shard_tokens`` rows); record residual-norm statistics (the first 64 batches' norms)."""
+        self.d_in = resid.shape[-1]
+        norms = resid.reshape(-1, self.d_in).norm(dim=-1)
+        self.sum_norm += norms.sum().item()
+        if len(self.norms_sample) < 64:
+            self.norms_sample.append(norms)
+        for i, label in enumerate(labels):
+            self.acts.append(resid[i])
+            self.ids.append(ids[i])
+            self.labels.append(label)
+            if len(self.ids) == seqs_per_shard:
+                self.flush()
 
     def flush(self) -> None:
         """Write the buffered sequences as the next shard (no-op when empty)."""
@@ -210,10 +224,6 @@ def extract_activations(
     seqs_per_shard = max(1, shard_tokens // rows_per_seq)
     need_seqs = math.ceil(n_tokens / rows_per_seq)
     writer = _ShardWriter(out_dir, n_tokens, on_progress)
-    d_in = None
-    sum_norm = 0.0
-    norms_sample: list[torch.Tensor] = []
-
     it = iter_sequences(tokenizer, dataset, split, ctx_len=ctx_len, eval_fraction=eval_fraction, seed=seed)
     n_seq = 0
     with ResidualCapture(model, layer) as cap:
@@ -223,16 +233,7 @@ def extract_activations(
                 break
             ids = torch.tensor([b[0] for b in batch], dtype=torch.long)
             resid = cap.run(model, ids.to(device)).cpu()[:, 1:, :]  # drop position 0 (attention sink)
-            d_in = resid.shape[-1]
-            flat = resid.reshape(-1, d_in)
-            norms = flat.norm(dim=-1)
-            sum_norm += norms.sum().item()
-            if len(norms_sample) < 64:
-                norms_sample.append(norms)
-            for i, (row_ids, doc) in enumerate(batch):
-                writer.add(resid[i], ids[i], _label_index(doc.label))
-                if len(writer.ids) == seqs_per_shard:  # a shard never holds more than shard_tokens rows
-                    writer.flush()
+            writer.add_batch(resid, ids, [_label_index(doc.label) for _, doc in batch], seqs_per_shard)
             n_seq += len(batch)
         writer.flush()
     done_rows, shards = writer.done_rows, writer.shards
@@ -244,7 +245,7 @@ def extract_activations(
     manifest = {
         **_manifest(
             layer=layer,
-            d_in=d_in,
+            d_in=writer.d_in,
             ctx_len=ctx_len,
             rows=done_rows,
             dataset=dataset,
@@ -252,8 +253,8 @@ def extract_activations(
             eval_fraction=eval_fraction,
             seed=seed,
             shards=shards,
-            mean_norm=sum_norm / max(1, n_seq * rows_per_seq),
-            norms_sample=torch.cat(norms_sample),
+            mean_norm=writer.sum_norm / max(1, n_seq * rows_per_seq),
+            norms_sample=torch.cat(writer.norms_sample),
         ),
         **(meta or {}),
     }

@@ -212,8 +212,9 @@ def _img(uri: str, alt: str, plot_id: str) -> str:
 
 
 def _gate_plot(report: Mapping[str, Any]) -> str:
-    """SVG of the gate figure (teacher and RSAE gates over the pre-activation histogram). Over 80 lines on
-    purpose: one linear drawing, axis by axis, that reads best top to bottom."""
+    """SVG of the gate figure (teacher and RSAE gates over the pre-activation histogram).
+
+    Over 80 lines on purpose: one linear drawing, axis by axis, that reads best top to bottom."""
     plots = _mapping(report.get("plots")) or {}
     gate = _mapping(plots.get("gate"))
     # schema: plots.preact_hist; the pipeline may also nest it as plots.gate.hist

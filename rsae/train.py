@@ -89,15 +89,9 @@ def train_sae(
             next(batches)
     for step in range(start, steps):
         x = next(batches)
-        for g, base in zip(opt.param_groups, base_lrs):
-            g["lr"] = base * lr_scale(step, steps, warmup_steps, decay_start)
         lam = ctrl.lam * (min(1.0, (step + 1) / l1_warmup_steps) if l1_warmup_steps else 1.0)
         loss, parts = loss_fn(sae, x, lam)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if grad_clip is not None:
-            torch.nn.utils.clip_grad_norm_(params, grad_clip)
-        opt.step()
+        _optimizer_step(opt, base_lrs, lr_scale(step, steps, warmup_steps, decay_start), loss, params, grad_clip)
         parts["lambda"] = lam
         history.append(parts)
         ctrl.update(parts["l0"])
@@ -132,6 +126,25 @@ class L0Controller:
             ratio = sum(self.window) / len(self.window) / max(self.target, 1e-9)
             self.lam *= min(1.25, max(0.8, math.exp(self.gain * (ratio - 1.0))))
             self.window.clear()
+
+
+def _optimizer_step(
+    opt: torch.optim.Optimizer,
+    base_lrs: list[float],
+    scale: float,
+    loss: torch.Tensor,
+    params: list[torch.nn.Parameter],
+    grad_clip: float | None,
+) -> None:
+    """One Adam step on ``loss``: every group's lr = its base lr x ``scale``, gradients clipped to a global
+    norm of ``grad_clip`` (None: not clipped)."""
+    for g, base in zip(opt.param_groups, base_lrs):
+        g["lr"] = base * scale
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if grad_clip is not None:
+        torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    opt.step()
 
 
 def _train_state(
