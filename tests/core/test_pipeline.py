@@ -17,9 +17,11 @@ from rsae.config import STAGES, UpgradeConfig
 from rsae.errors import Cancelled
 from rsae.pipeline import PIPELINE, RunContext, new_state, run_upgrade
 from rsae.pipeline.calibrate import calibrate
+from rsae.pipeline.evaluate import evaluate
 from rsae.pipeline.extract import extract
 from rsae.pipeline.finetune import finetune
 from rsae.pipeline.initialize import initialize
+from rsae.pipeline.package import package
 from rsae.saes import SAE, Family, JumpRule, ReLUSAE, load_sae, register_family
 
 pytestmark = pytest.mark.slow
@@ -100,7 +102,7 @@ def test_stage_order_matches_config():
 
 
 def test_each_stage_runs_alone_on_a_small_state(tmp_path: Path, work: Path):
-    """extract, initialize, calibrate, finetune called one by one: each fills only its own fields."""
+    """The six stages called one by one on a small state: each fills its own fields."""
     cfg = _cfg(_teacher(tmp_path / "t"))
     state = new_state(cfg, tmp_path / "out", work, "cpu")
     ctx = RunContext()
@@ -118,6 +120,13 @@ def test_each_stage_runs_alone_on_a_small_state(tmp_path: Path, work: Path):
     finetune(state, ctx)
     assert not torch.equal(before, state.rsae.W_dec) and len(state.finetune.curve) == 2
     assert state.control is not None and state.control_section.curve[-1].step == 20
+    evaluate(state, ctx)
+    assert set(state.metrics) == {"teacher", "rsae_init", "rsae", "control"} and state.report is None
+    assert state.metrics["rsae"].delta_ce is not None and state.plots.gate.latent is None  # ReLU: shared gate
+    package(state, ctx)
+    assert state.report["metrics"]["rsae"]["mse"] == state.metrics["rsae"].mse
+    assert (tmp_path / "out" / "report.json").is_file() and (tmp_path / "out" / "report.html").is_file()
+    assert load_sae(tmp_path / "out").d_sae == 128
 
 
 def test_resume_restarts_at_the_last_finished_stage(tmp_path: Path, work: Path):
