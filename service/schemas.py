@@ -286,7 +286,11 @@ class JobOut(BaseModel):
     started_at: datetime | None
     finished_at: datetime | None
     deadline_at: datetime | None = Field(None, description="The job fails with deadline_exceeded after this.")
-    checkpoint: dict[str, Any] | None = Field(None, description="Last checkpoint saved: {stage, step, at}.")
+    checkpoint: dict[str, Any] | None = Field(
+        None,
+        description="Last checkpoint saved: {name, stage, step, at}; name 'state' is the "
+        "pipeline state after a finished stage (step null), 'finetune-rsae' / 'finetune-control' a fine-tuning step.",
+    )
     resumed_from: dict[str, Any] | None = Field(
         None,
         description="Set when a later attempt resumed the job (after a worker died): from which stage "
