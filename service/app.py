@@ -11,6 +11,7 @@ from sqlalchemy.orm import sessionmaker
 from .api.routes import health, jobs, saes
 from .config import Settings, get_settings
 from .db import make_engine
+from .events import StreamSlots
 from .limits import BodyLimitMiddleware
 from .problems import install_problem_handlers
 from .queue import create_celery
@@ -24,7 +25,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     """
     settings = settings or get_settings()
     settings.ensure_dirs()
-    engine = make_engine(settings.database_url)
+    engine = make_engine(settings.database_url, pool_size=settings.db_pool_size, max_overflow=settings.db_max_overflow)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -41,6 +42,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.settings = settings
     app.state.sessionmaker = sessionmaker(engine, expire_on_commit=False)
+    app.state.streams = StreamSlots(settings.max_streams_per_user)
     app.state.celery = create_celery(settings)
     install_problem_handlers(app)
     app.add_middleware(

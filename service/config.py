@@ -56,6 +56,23 @@ class Settings(BaseSettings):
         "as JSON (RSAE_WEBHOOK_ALLOWED_HOSTS='[\"hooks.example.org\"]'). Empty: webhooks are refused.",
     )
     webhook_attempts: int = Field(5, ge=1, le=20, description="Delivery attempts of a webhook notice.")
+    max_streams_per_user: int = Field(
+        8,
+        ge=1,
+        le=10_000,
+        description="Event streams (GET /jobs/{id}/events as text/event-stream) one user may hold open in one API "
+        "process; one more answers 429 with Retry-After.",
+    )
+    stream_max_seconds: float = Field(
+        3600.0,
+        gt=0,
+        le=7 * 86400,
+        description="Longest life of one event stream; the client reconnects with Last-Event-ID to go on.",
+    )
+    db_pool_size: int = Field(10, ge=1, le=1000, description="Connections the API keeps in its SQL pool (not SQLite).")
+    db_max_overflow: int = Field(
+        20, ge=0, le=1000, description="Connections the SQL pool may open beyond db_pool_size under load (not SQLite)."
+    )
     page_size_default: int = Field(20, ge=1, description="GET /jobs page size when 'limit' is absent.")
     page_size_max: int = Field(100, ge=1, description="Largest accepted 'limit' of a list request.")
     queue_name: str = Field("gpu", min_length=1, description="Celery queue the upgrade tasks go to.")

@@ -22,14 +22,19 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cur.close()
 
 
-def make_engine(url: str) -> Engine:
-    """A new engine for ``url`` (``pool_pre_ping``; SQLite gets WAL, a busy timeout and foreign keys)."""
+def make_engine(url: str, *, pool_size: int = 5, max_overflow: int = 10) -> Engine:
+    """A new engine for ``url`` with ``pool_pre_ping`` and a pool of ``pool_size`` connections plus up to
+    ``max_overflow`` more (SQLAlchemy's defaults are 5 and 10). SQLite files also get WAL, a busy timeout and
+    foreign keys; an in-memory SQLite keeps SQLAlchemy's single-connection pool."""
     u = make_url(url)
+    pool = {"pool_size": pool_size, "max_overflow": max_overflow}
     if u.get_backend_name() != "sqlite":
-        return create_engine(url, pool_pre_ping=True)
-    if u.database and u.database != ":memory:":
+        return create_engine(url, pool_pre_ping=True, **pool)
+    if not u.database or u.database == ":memory:":
+        pool = {}
+    else:
         Path(u.database).parent.mkdir(parents=True, exist_ok=True)
-    engine = create_engine(url, pool_pre_ping=True, connect_args={"check_same_thread": False})
+    engine = create_engine(url, pool_pre_ping=True, connect_args={"check_same_thread": False}, **pool)
     event.listen(engine, "connect", _sqlite_pragmas)
     return engine
 

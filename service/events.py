@@ -11,12 +11,15 @@ job row is the source of truth; no second channel can disagree with it).
 
 from __future__ import annotations
 
+import threading
 import time
-from collections.abc import AsyncIterator
+from collections import Counter
+from collections.abc import AsyncIterator, Callable
 
 import anyio
 from fastapi import Request
 from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import StreamingResponse
 from fastapi.sse import format_sse_event
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
@@ -32,6 +35,53 @@ RETRY_MS = 2000
 """Reconnection delay suggested to clients (SSE ``retry`` field), milliseconds."""
 BATCH = 500
 """Most events read per poll."""
+
+
+class StreamSlots:
+    """Per-user count of open event streams in this process, capped at ``per_user`` (thread-safe).
+
+    Args:
+        per_user: the most streams one user may hold open at once.
+    """
+
+    RETRY_AFTER_SECONDS = 5
+    """``Retry-After`` of the 429 answered beyond the cap."""
+
+    def __init__(self, per_user: int) -> None:
+        self.per_user = int(per_user)
+        self._open: Counter[str] = Counter()
+        self._lock = threading.Lock()
+
+    def open_count(self, user_id: str) -> int:
+        """Streams ``user_id`` holds open now."""
+        with self._lock:
+            return self._open[user_id]
+
+    def acquire(self, user_id: str) -> None:
+        """Take a slot for ``user_id``.
+
+        Raises:
+            ProblemError: 429 ``too_many_streams`` with ``Retry-After`` when the user holds ``per_user``.
+        """
+        from .problems import ProblemError
+
+        with self._lock:
+            if self._open[user_id] >= self.per_user:
+                raise ProblemError(
+                    429,
+                    "too_many_streams",
+                    f"you already hold {self.per_user} open event streams; close one or poll without "
+                    "'Accept: text/event-stream'",
+                    headers={"Retry-After": str(self.RETRY_AFTER_SECONDS)},
+                )
+            self._open[user_id] += 1
+
+    def release(self, user_id: str) -> None:
+        """Give back a slot of ``user_id``."""
+        with self._lock:
+            self._open[user_id] -= 1
+            if self._open[user_id] <= 0:
+                del self._open[user_id]
 
 
 def _read(make_session: sessionmaker[Session], job_id: str, after: int) -> tuple[list[EventOut], str | None]:
@@ -51,16 +101,35 @@ def _read(make_session: sessionmaker[Session], job_id: str, after: int) -> tuple
     return events, status
 
 
+class EventStreamResponse(StreamingResponse):
+    """A ``text/event-stream`` response that calls ``on_close`` once it has been sent or abandoned (client gone,
+    server shutting down), whatever happened to the body: the release of the user's :class:`StreamSlots`
+    slot. Unlike code after the body generator's last ``yield``, this runs even when the body never started."""
+
+    def __init__(self, content: AsyncIterator[bytes], on_close: Callable[[], None]) -> None:
+        super().__init__(
+            content, media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+        )
+        self._on_close = on_close
+
+    async def __call__(self, scope, receive, send) -> None:  # noqa: ANN001 - the ASGI signature
+        """Send the stream; then release."""
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._on_close()
+
+
 async def job_event_stream(
-    request: Request, make_session: sessionmaker[Session], job_id: str, after: int
+    request: Request, make_session: sessionmaker[Session], job_id: str, after: int, *, max_seconds: float = 3600.0
 ) -> AsyncIterator[bytes]:
     """Yield SSE-encoded events of ``job_id`` after event id ``after`` until the job is terminal.
 
-    Stops early when the client disconnects. The caller has checked that the job exists and is the
-    requesting user's.
+    Stops early when the client disconnects or after ``max_seconds`` (the client resumes with
+    ``Last-Event-ID``). The caller has checked that the job exists and is the requesting user's.
     """
     yield format_sse_event(comment="rsae job events", retry=RETRY_MS)
-    last_sent = time.monotonic()
+    started = last_sent = time.monotonic()
     while True:
         events, status = await run_in_threadpool(_read, make_session, job_id, after)
         for e in events:
@@ -71,7 +140,7 @@ async def job_event_stream(
             continue
         if status is None or status in TERMINAL_STATUSES:
             return  # the terminal status event was among the events just read (see _read)
-        if await request.is_disconnected():
+        if await request.is_disconnected() or time.monotonic() - started >= max_seconds:
             return
         if time.monotonic() - last_sent >= KEEPALIVE_SECONDS:
             yield format_sse_event(comment="keepalive")

@@ -9,14 +9,14 @@ import base64
 import logging
 
 from fastapi import APIRouter, Header, Query, Request, Response
-from fastapi.responses import FileResponse, StreamingResponse
+from fastapi.responses import FileResponse
 from sqlalchemy import and_, or_, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import selectinload
 
 from service.api.deps import CeleryDep, LimitDep, SessionDep, SettingsDep
 from service.auth import UserDep
-from service.events import job_event_stream
+from service.events import EventStreamResponse, job_event_stream
 from service.jobs import add_event, transition
 from service.models import Job, JobEvent, User
 from service.policies import (
@@ -169,6 +169,7 @@ def cancel_job(job_id: str, request: Request, session: SessionDep, settings: Set
             },
         },
         **_NOT_FOUND,
+        **problem_responses(429, s429="too many open event streams of yours (problem+json; Retry-After)"),
     },
 )
 def list_events(
@@ -194,14 +195,20 @@ def list_events(
     if "text/event-stream" in request.headers.get("accept", ""):
         start = after or 0
         if last_event_id is not None:
-            if not last_event_id.isdigit() or int(last_event_id) >= 2**63:
+            if not (last_event_id.isascii() and last_event_id.isdigit()) or int(last_event_id) >= 2**63:
                 raise ProblemError(422, "validation_error", "Last-Event-ID must be an event id", field="Last-Event-ID")
             start = int(last_event_id)
-        return StreamingResponse(
-            job_event_stream(request, request.app.state.sessionmaker, job_id, start),
-            media_type="text/event-stream",
-            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        slots = request.app.state.streams
+        slots.acquire(user.id)
+        session.close()  # the stream polls with its own short sessions: hold no connection meanwhile
+        stream = job_event_stream(
+            request,
+            request.app.state.sessionmaker,
+            job_id,
+            start,
+            max_seconds=request.app.state.settings.stream_max_seconds,
         )
+        return EventStreamResponse(stream, on_close=lambda: slots.release(user.id))
     q = select(JobEvent).where(JobEvent.job_id == job_id).order_by(JobEvent.id).limit(limit)
     if after is not None:
         q = q.where(JobEvent.id > after)
