@@ -28,7 +28,9 @@ from .models import TERMINAL_STATUSES, Job, JobEvent
 from .schemas import EventOut
 
 POLL_SECONDS = 0.5
-"""Time between two reads of new events."""
+"""Time between two reads of new events while events arrive."""
+MAX_POLL_SECONDS = 4.0
+"""While nothing happens the poll interval doubles up to this (so idle streams cost little SQL)."""
 KEEPALIVE_SECONDS = 15.0
 """Longest silence before a ``: keepalive`` comment."""
 RETRY_MS = 2000
@@ -130,8 +132,10 @@ async def job_event_stream(
     """
     yield format_sse_event(comment="rsae job events", retry=RETRY_MS)
     started = last_sent = time.monotonic()
+    pause = POLL_SECONDS
     while True:
         events, status = await run_in_threadpool(_read, make_session, job_id, after)
+        pause = POLL_SECONDS if events else min(MAX_POLL_SECONDS, 2 * pause)
         for e in events:
             after = e.id
             yield format_sse_event(data_str=e.model_dump_json(), event=e.type, id=str(e.id))
@@ -145,4 +149,4 @@ async def job_event_stream(
         if time.monotonic() - last_sent >= KEEPALIVE_SECONDS:
             yield format_sse_event(comment="keepalive")
             last_sent = time.monotonic()
-        await anyio.sleep(POLL_SECONDS)
+        await anyio.sleep(pause)
