@@ -86,8 +86,7 @@ class Checkpoints:
             os.replace(tmp, self.path(name))
         finally:
             tmp.unlink(missing_ok=True)
-        if self.on_event is not None:
-            self.on_event("saved", {"name": name, "stage": stage, "step": state.get("step")})
+        self.emit("saved", {"name": name, "stage": stage, "step": state.get("step")})
 
     def emit(self, kind: str, info: dict[str, Any]) -> None:
         """Send ``(kind, info)`` to ``on_event`` when one is set."""
@@ -120,12 +119,11 @@ class _TrainCheckpoint:
             return None
         if self.extra is not None:
             self.extra[:] = list(state.get("extra") or [])
-        reused = list(self.ckpts.reused)
         log.info("resuming %s at step %s", self.name, state["step"])
-        if self.ckpts.on_event is not None:
-            self.ckpts.on_event(
-                "resumed", {"name": self.name, "stage": "finetune", "step": int(state["step"]), "reused": reused}
-            )
+        self.ckpts.emit(
+            "resumed",
+            {"name": self.name, "stage": "finetune", "step": int(state["step"]), "reused": list(self.ckpts.reused)},
+        )
         return state
 
     def save(self, state: dict[str, Any]) -> None:

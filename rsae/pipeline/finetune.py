@@ -90,11 +90,7 @@ def _train_control(
     ``state.control_section``."""
     ft, family = state.cfg.finetune, state.family
     control = copy.deepcopy(state.teacher).to(state.device)
-    special = family.threshold_parameters(control)
-    ids = {id(p) for p in special}
-    groups = [{"params": [p for p in control.parameters() if id(p) not in ids], "lr": ft.lr}]
-    if special:
-        groups.append({"params": special, "lr": threshold_lr})
+    groups = control.param_groups_with(ft.lr, (family.threshold_parameters(control), threshold_lr))
     objective = family.control_objective(state.teacher, lam, lam_source)
     curve: list[dict[str, float]] = []
     hist = train_sae(

@@ -32,7 +32,7 @@ from ..report import (
     ProbingSection,
     SAEMetrics,
 )
-from ..saes import CORE_TENSORS, SAE, SAE_REGISTRY, Family, JumpRule, RationalSAE, family_names, get_family, load_sae
+from ..saes import SAE, SAE_REGISTRY, Family, JumpRule, RationalSAE, family_names, get_family, load_sae
 from ..train import sample_pre_acts
 
 log = logging.getLogger(__name__)
@@ -218,11 +218,9 @@ class UpgradeState:
 
 def sae_snapshot(sae: SAE) -> dict[str, Any]:
     """An exact, ``torch.load(weights_only=True)``-safe copy of ``sae``: its cfg, file tensors and state dict."""
-    tensors = {n: getattr(sae, n).detach().cpu().clone() for n in CORE_TENSORS}
-    tensors.update({k: v.detach().cpu().clone() for k, v in sae.extra_tensors().items()})
     return {
         "cfg": sae.cfg_dict(),
-        "tensors": tensors,
+        "tensors": sae.file_tensors(),
         "state_dict": {k: v.detach().cpu().clone() for k, v in sae.state_dict().items()},
         "training": sae.training,
     }

@@ -88,6 +88,13 @@ class SAE(nn.Module):
         """``decode(encode(x))``: [..., d_in] -> [..., d_in]."""
         return self.decode(self.encode(x))
 
+    def param_groups_with(self, lr: float, *special: tuple[list[nn.Parameter], float]) -> list[dict[str, Any]]:
+        """Adam parameter groups: every trainable parameter not in ``special`` at ``lr``, then one group per
+        non-empty ``(params, lr)`` of ``special``, in that order."""
+        ids = {id(p) for params, _ in special for p in params}
+        rest = [p for p in self.parameters() if id(p) not in ids and p.requires_grad]
+        return [{"params": rest, "lr": lr}] + [{"params": ps, "lr": r} for ps, r in special if ps]
+
     # -- init --------------------------------------------------------------------------------------
     @torch.no_grad()
     def init_weights(self, generator: torch.Generator | None = None) -> None:
@@ -117,6 +124,12 @@ class SAE(nn.Module):
         """Family-specific tensors saved beside W_enc, b_enc, W_dec, b_dec."""
         return {}
 
+    def file_tensors(self) -> dict[str, torch.Tensor]:
+        """The tensors of ``sae_weights.safetensors``: :data:`CORE_TENSORS` plus :meth:`extra_tensors`, detached,
+        float32, contiguous, on CPU (what :meth:`from_parts` reads back)."""
+        tensors = {n: getattr(self, n) for n in CORE_TENSORS} | self.extra_tensors()
+        return {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in tensors.items()}
+
     def save(self, path: str | Path) -> Path:
         """Write ``cfg.json`` and ``sae_weights.safetensors`` to folder ``path`` atomically (temp + rename).
 
@@ -124,10 +137,8 @@ class SAE(nn.Module):
         """
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        tensors = {n: getattr(self, n).detach().to("cpu", torch.float32).contiguous() for n in CORE_TENSORS}
-        tensors.update({k: v.detach().to("cpu", torch.float32).contiguous() for k, v in self.extra_tensors().items()})
         tmp_w = path / f".{WEIGHTS_NAME}.tmp"
-        save_file(tensors, str(tmp_w), metadata={"format": "pt"})
+        save_file(self.file_tensors(), str(tmp_w), metadata={"format": "pt"})
         os.replace(tmp_w, path / WEIGHTS_NAME)
         tmp_c = path / f".{CFG_NAME}.tmp"
         tmp_c.write_text(json.dumps(self.cfg_dict(), indent=2))

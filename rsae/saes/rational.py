@@ -249,14 +249,7 @@ class RationalSAE(SAE):
     def param_groups(self, lr: float, gate_lr: float, threshold_lr: float) -> list[dict[str, Any]]:
         """Adam groups for fine-tuning: SAE weights at ``lr``, gate scalars at ``gate_lr``, per-latent scales
         (when trained) at ``threshold_lr``, the rate of the teacher's thresholds in the control."""
-        special = {id(p) for p in self.gate_scalars() + self.scale_parameters()}
-        groups = [
-            {"params": [p for p in self.parameters() if id(p) not in special and p.requires_grad], "lr": lr},
-            {"params": self.gate_scalars(), "lr": gate_lr},
-        ]
-        if self.scale_parameters():
-            groups.append({"params": self.scale_parameters(), "lr": threshold_lr})
-        return groups
+        return self.param_groups_with(lr, (self.gate_scalars(), gate_lr), (self.scale_parameters(), threshold_lr))
 
     def gate_raw(self, h: torch.Tensor) -> torch.Tensor:
         """The gate without its floor, phi(h), [..., d_sae] -> [..., d_sae] (what calibration compares)."""
