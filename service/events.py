@@ -54,11 +54,6 @@ class StreamSlots:
         self._open: Counter[str] = Counter()
         self._lock = threading.Lock()
 
-    def open_count(self, user_id: str) -> int:
-        """Streams ``user_id`` holds open now."""
-        with self._lock:
-            return self._open[user_id]
-
     def acquire(self, user_id: str) -> None:
         """Take a slot for ``user_id``.
 
