@@ -8,12 +8,16 @@ from __future__ import annotations
 import base64
 import ipaddress
 import json
+import shutil
+import ssl
+import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
+import httpx
 import pytest
 import redis
 from fastapi.testclient import TestClient
@@ -184,6 +188,37 @@ def test_delivery_is_pinned_to_the_checked_address(receiver: Receiver) -> None:
     with pytest.raises(WebhookRefused) as e:
         send(f"http://localhost:{receiver.port}/", SECRET, "m4", body, local(receiver, "localhost", networks=()))
     assert e.value.outcome == "refused: address not allowed" and len(receiver.received) == 1
+
+
+def test_https_is_pinned_with_sni_and_the_certificate_checked_against_the_name(tmp_path: Path) -> None:
+    """https to a name pinned to 127.0.0.1: TLS SNI is the name and the certificate must be valid for the
+    name (a certificate for another name fails, although the address is the same)."""
+    if shutil.which("openssl") is None:
+        pytest.skip("needs the openssl command to make a test certificate")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+        + ["-keyout", str(key), "-out", str(cert), "-days", "1", "-subj", "/CN=hooks.test"]
+        + ["-addext", "subjectAltName=DNS:hooks.test"],
+        check=True,
+        capture_output=True,
+    )
+    server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_ctx.load_cert_chain(cert, key)
+    receiver = Receiver(tls=server_ctx)
+    try:
+        client_ctx = ssl.create_default_context(cafile=str(cert))
+        body = b'{"x":1}'
+        pin = lambda host, port: ["127.0.0.1"]  # noqa: E731
+        ok = f"https://hooks.test:{receiver.port}/hook"
+        assert send(ok, SECRET, "m", body, local(receiver, "hooks.test"), resolver=pin, verify_tls=client_ctx) == 200
+        other = f"https://other.test:{receiver.port}/hook"
+        with pytest.raises(httpx.ConnectError, match="certificate|hostname"):
+            send(other, SECRET, "m", body, local(receiver, "other.test"), resolver=pin, verify_tls=client_ctx)
+        assert receiver.sni == ["hooks.test", "other.test"] and len(receiver.received) == 1
+        assert receiver.received[0][0]["Host"] == f"hooks.test:{receiver.port}"
+    finally:
+        receiver.server.shutdown()
 
 
 def test_ports_redirects_and_answers(receiver: Receiver) -> None:
