@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Annotated
 
-from pydantic import Field, model_validator
+from pydantic import Field, IPvAnyNetwork, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -55,7 +56,31 @@ class Settings(BaseSettings):
         description="Hosts a job's webhook may call: exact names or '*.suffix' globs, "
         "as JSON (RSAE_WEBHOOK_ALLOWED_HOSTS='[\"hooks.example.org\"]'). Empty: webhooks are refused.",
     )
-    webhook_attempts: int = Field(5, ge=1, le=20, description="Delivery attempts of a webhook notice.")
+    webhook_allowed_ports: list[Annotated[int, Field(ge=1, le=65535)]] = Field(
+        default_factory=lambda: [80, 443],
+        description="TCP ports a job's webhook URL may use (explicit, else 80 for http and 443 for https), "
+        "as JSON (RSAE_WEBHOOK_ALLOWED_PORTS='[443, 8443]').",
+    )
+    webhook_allowed_networks: list[IPvAnyNetwork] = Field(
+        default_factory=list,
+        description="Networks a webhook may reach although not public (loopback, private, link-local, ...: "
+        "refused otherwise, whatever the host name), as JSON (RSAE_WEBHOOK_ALLOWED_NETWORKS='[\"10.1.2.0/24\"]'). "
+        "Empty by default.",
+    )
+    webhook_retry_seconds: float = Field(
+        86400.0,
+        gt=0,
+        le=30 * 86400,
+        description="How long after a job finished its webhook notice is retried (exponential backoff) "
+        "before it is given up ('failed after N attempts').",
+    )
+    webhook_backoff_seconds: float = Field(
+        10.0,
+        ge=0,
+        le=3600,
+        description="Wait after the first failed webhook attempt; doubles after each further failure, "
+        "at most 1 h. Retries run on the reapers' passes (every reaper_interval_seconds).",
+    )
     max_streams_per_user: int = Field(
         8,
         ge=1,

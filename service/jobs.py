@@ -21,6 +21,7 @@ from .config import Settings
 from .models import TERMINAL_STATUSES, Job, JobEvent, Sae, is_uuid, utcnow
 from .problems import validation_errors
 from .schemas import SETTINGS_FIELDS, JobCreate, TeacherRef
+from .webhooks import enqueue as enqueue_notice
 
 
 def add_event(session: Session, job_id: str, type_: str, data: dict[str, Any]) -> None:
@@ -35,8 +36,10 @@ def transition(
 
     ``where`` are further conditions (e.g. ``Job.lease_owner == me``: only the lease holder may finish a
     job). ``values`` are further columns to set (e.g. ``error``, ``started_at``, ``attempt=Job.attempt + 1``).
-    ``updated_at`` is always set, ``finished_at`` too when ``to`` is terminal. Does not commit, and does not
-    refresh a loaded ``Job`` object (call ``session.refresh``).
+    ``updated_at`` is always set, ``finished_at`` too when ``to`` is terminal. A terminal ``to`` also adds
+    the job's webhook notice, if it asked for one, to the outbox (:func:`service.webhooks.enqueue`), so the
+    notice commits or rolls back with the status. Does not commit, and does not refresh a loaded ``Job``
+    object (call ``session.refresh``).
 
     Returns:
         True if this call changed the row, False if the job was not in ``from_states`` (or is unknown).
@@ -55,6 +58,8 @@ def transition(
     if values.get("error") is not None:
         data["error"] = values["error"]
     add_event(session, job_id, "status", data)
+    if to in TERMINAL_STATUSES:  # the webhook notice commits with the status (outbox, service.webhooks)
+        enqueue_notice(session, job_id)
     return True
 
 

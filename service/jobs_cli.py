@@ -181,7 +181,8 @@ def add_jobs_parser(sub: Any) -> None:
     s.add_argument(
         "--webhook-secret",
         default=os.environ.get("RSAE_WEBHOOK_SECRET"),
-        help="HMAC secret of the notice (default $RSAE_WEBHOOK_SECRET)",
+        help="Standard Webhooks signing secret of the notice: 'whsec_<base64>' or any string of 16+ characters, "
+        "whose UTF-8 bytes are the key (default $RSAE_WEBHOOK_SECRET)",
     )
     s.add_argument("--wait", action="store_true", help="follow the job until it ends")
     s.add_argument("--quiet", action="store_true", help="no progress bar")

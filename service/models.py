@@ -223,3 +223,36 @@ class JobEvent(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     type: Mapped[str] = mapped_column(String(16))
     data: Mapped[dict[str, Any]] = mapped_column(JSONType)
+
+
+DELIVERY_STATES: tuple[str, ...] = ("pending", "delivered", "failed")
+"""Every value of ``webhook_deliveries.state``."""
+
+
+class WebhookDelivery(Base):
+    """One webhook notice of a finished job (the outbox of :mod:`service.webhooks`).
+
+    Written in the same transaction as the job's terminal status; ``id`` is the notice's ``webhook-id``,
+    the same on every attempt, so receivers de-duplicate on it. ``payload`` is the exact JSON body sent on
+    every attempt. ``pending`` rows with ``next_attempt_at`` in the past are due; a deliverer claims one by
+    moving ``next_attempt_at`` ahead and counting the attempt. ``last_outcome`` is generic
+    ("delivered", "refused: address not allowed", "failed after 7 attempts"); details go to the logs.
+    """
+
+    __tablename__ = "webhook_deliveries"
+    __table_args__ = (
+        CheckConstraint(_in("state", DELIVERY_STATES), name="ck_webhook_deliveries_state"),
+        Index("ix_webhook_deliveries_state_next_attempt_at", "state", "next_attempt_at"),
+        Index("ix_webhook_deliveries_job_id", "job_id"),
+    )
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True, default=new_id)
+    job_id: Mapped[str] = mapped_column(String(36), ForeignKey("jobs.id", ondelete="CASCADE"))
+    payload: Mapped[str] = mapped_column(Text, doc="The JSON body, exactly as signed and sent.")
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    state: Mapped[str] = mapped_column(String(16), default="pending")
+    last_outcome: Mapped[str | None] = mapped_column(String(200))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    updated_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    delivered_at: Mapped[datetime | None] = mapped_column(UTCDateTime)

@@ -36,7 +36,7 @@ from .models import TERMINAL_STATUSES, Job, Sae, User, is_uuid
 from .problems import NotFound, ProblemError, validation_error
 from .queue import enqueue_upgrade
 from .schemas import JobCreate, JobOut
-from .webhooks import host_allowed
+from .webhooks import Policy, WebhookRefused, check_url
 
 log = logging.getLogger(__name__)
 
@@ -171,19 +171,27 @@ def check_local_paths(req: JobCreate, settings: Settings) -> None:
 
 
 def check_webhook(req: JobCreate, settings: Settings) -> None:
-    """A job's webhook must go to a host in ``webhook_allowed_hosts`` (:func:`service.webhooks.host_allowed`).
+    """A job's webhook must go to a host in ``webhook_allowed_hosts``, on a port in ``webhook_allowed_ports``,
+    and, when the host is an IP literal, to an allowed address (:func:`service.webhooks.check_url`; names
+    are resolved and their addresses checked at every delivery attempt, not here).
 
     Raises:
         ProblemError: 422 ``webhook_not_allowed`` naming ``webhook.url``.
     """
-    if req.webhook is not None and not host_allowed(req.webhook.url, settings.webhook_allowed_hosts):
-        raise ProblemError(
-            422,
-            "webhook_not_allowed",
-            "webhook.url: its host is not in this server's "
-            "RSAE_WEBHOOK_ALLOWED_HOSTS" + ("" if settings.webhook_allowed_hosts else " (webhooks are disabled here)"),
-            field="webhook.url",
-        )
+    if req.webhook is None:
+        return
+    try:
+        check_url(req.webhook.url, Policy.from_settings(settings))
+    except WebhookRefused as e:
+        if e.outcome == "refused: host not allowed":
+            why = "its host is not in this server's RSAE_WEBHOOK_ALLOWED_HOSTS" + (
+                "" if settings.webhook_allowed_hosts else " (webhooks are disabled here)"
+            )
+        elif e.outcome == "refused: port not allowed":
+            why = "its port is not in this server's RSAE_WEBHOOK_ALLOWED_PORTS " + str(settings.webhook_allowed_ports)
+        else:
+            why = "its address is loopback, private, link-local or otherwise not public"
+        raise ProblemError(422, "webhook_not_allowed", f"webhook.url: {why}", field="webhook.url") from None
 
 
 def check_model_fit(session: Session, req: JobCreate) -> None:

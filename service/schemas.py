@@ -11,12 +11,13 @@ from datetime import datetime
 from typing import Any, Literal
 from urllib.parse import quote
 
-from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
+from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator, model_validator
 from pydantic.fields import FieldInfo
 
 from rsae.config import UpgradeConfig
 
 from .models import JOB_STATUSES, Artifact, Job, JobEvent, Sae
+from .webhooks import secret_problem
 
 SETTINGS_FIELDS: tuple[str, ...] = ("data", "remez", "calibrate", "finetune", "eval", "seed")
 """The :class:`UpgradeConfig` fields a client sets under ``settings`` (model, layer, teacher are top-level;
@@ -128,14 +129,26 @@ class WebhookSpec(BaseModel):
         min_length=8,
         max_length=2048,
         pattern=r"^https?://",
-        description="http(s) URL; its host must be in the server's RSAE_WEBHOOK_ALLOWED_HOSTS.",
+        description="http(s) URL; its host must be in the server's RSAE_WEBHOOK_ALLOWED_HOSTS, its port in "
+        "RSAE_WEBHOOK_ALLOWED_PORTS (80 and 443 by default), and its addresses public (see service.webhooks).",
     )
     secret: str = Field(
         ...,
         min_length=16,
         max_length=256,
-        description="Shared secret of the HMAC-SHA256 signature (never echoed back).",
+        description="Key of the Standard Webhooks signature (HMAC-SHA256), never echoed back: either "
+        "'whsec_<base64>' (the key bytes, as Standard Webhooks tools generate) or any other string, whose "
+        "UTF-8 bytes are the key (a receiver's library then takes 'whsec_' + base64(secret)).",
     )
+
+    @field_validator("secret")
+    @classmethod
+    def _secret_usable(cls, value: str) -> str:
+        """A ``whsec_`` secret must be base64 of at least 16 bytes (:func:`service.webhooks.secret_problem`)."""
+        problem = secret_problem(value)
+        if problem is not None:
+            raise ValueError(problem)
+        return value
 
 
 class JobCreate(BaseModel):

@@ -13,8 +13,9 @@ row's lease: ``lease_owner`` = its owner id and ``lease_expires_at`` in the futu
 - :func:`reap_once` (run every ``reaper_interval_seconds`` by a :class:`Reaper` thread in every worker
   process) handles expired leases: ``cancelling`` -> ``cancelled``; past the deadline -> ``failed``
   (``deadline_exceeded``); ``attempt >= max_attempts`` -> ``failed`` (``max_attempts_exceeded``); otherwise
-  ``queued`` again and re-published. It also re-publishes jobs queued for long without a message and
-  deletes the scratch folders of finished jobs.
+  ``queued`` again and re-published. It also re-publishes jobs queued for long without a message,
+  delivers the webhook notices due (:func:`service.webhooks.deliver_due`) and deletes the scratch folders
+  of finished jobs.
 
 Times are the workers' wall clocks (UTC); keep them NTP-synchronised, with skew far below the lease.
 """
@@ -42,7 +43,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from service.config import Settings
 from service.jobs import add_event, transition
 from service.models import TERMINAL_STATUSES, Job, utcnow
-from service.webhooks import notify_in_background
+from service.webhooks import deliver_due
 
 log = logging.getLogger(__name__)
 
@@ -219,6 +220,8 @@ class ReapResult:
     failed: list[str] = field(default_factory=list)
     published: list[str] = field(default_factory=list)
     swept: list[str] = field(default_factory=list)
+    webhooks: dict[str, str] = field(default_factory=dict)
+    """Webhook delivery id -> outcome of the attempt made in this pass (:func:`service.webhooks.deliver_due`)."""
 
 
 def discard_dirs(settings: Settings, job_id: str, *, keep_artifacts: bool = False) -> None:
@@ -348,8 +351,8 @@ def reap_once(settings: Settings, make_session: sessionmaker[Session], publish: 
         out.published.append(job_id)
         db_retry(lambda: _mark_published(make_session, job_id))
 
-    for job_id in out.cancelled + out.failed:  # terminal here: their webhooks are due
-        notify_in_background(make_session, settings, job_id)
+    # Webhook notices due: those of the jobs finished above, retries, and any a dead process left behind.
+    out.webhooks = deliver_due(settings, make_session).outcomes
     out.swept = sweep_dirs(settings, make_session)
     if out.requeued or out.cancelled or out.failed or out.published:
         log.info(

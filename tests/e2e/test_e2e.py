@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import shlex
+import socket
 import subprocess
 import sys
 import threading
@@ -47,9 +48,15 @@ SMALL_SETTINGS = {
 def e2e_settings(
     database_url: str, clean_db: None, e2e_broker_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> Settings:
-    """The stack's settings: test Postgres, Redis db 14, a temp data dir; webhooks to 127.0.0.1 allowed
-    (through the environment the stack's processes inherit)."""
+    """The stack's settings: test Postgres, Redis db 14, a temp data dir; webhooks to 127.0.0.1 allowed, on
+    one free port (``webhook_allowed_ports[0]``, for a :class:`support.webhooks.Receiver`), through the
+    environment the stack's processes inherit."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
     monkeypatch.setenv("RSAE_WEBHOOK_ALLOWED_HOSTS", '["127.0.0.1"]')
+    monkeypatch.setenv("RSAE_WEBHOOK_ALLOWED_PORTS", f"[{port}]")
+    monkeypatch.setenv("RSAE_WEBHOOK_ALLOWED_NETWORKS", '["127.0.0.1/32"]')
     return Settings(database_url=database_url, broker_url=e2e_broker_url, data_dir=tmp_path / "data")
 
 
@@ -87,8 +94,13 @@ def http(stack: Stack, api_token: str) -> Iterator[httpx.Client]:
 
 def test_worker_records_failure_and_ignores_duplicate_messages(stack: Stack, http: httpx.Client, db: Session) -> None:
     """The real worker claims the row, fails it with the core's error (no numerical work needed: the
-    teacher id resolves to nothing), and a redelivered message for a finished job is a no-op."""
+    teacher id resolves to nothing), and a redelivered message for a finished job is a no-op. The job's
+    webhook notice, queued in the worker's terminal transaction, reaches a real receiver once, signed."""
+    from service.webhooks import verify
+    from support.webhooks import Receiver
+
     alice = db.scalar(select(User.id).where(User.name == "alice"))
+    hook = Receiver(port=stack.settings.webhook_allowed_ports[0])
     job = Job(
         status="queued",
         progress=0.0,
@@ -96,7 +108,12 @@ def test_worker_records_failure_and_ignores_duplicate_messages(stack: Stack, htt
         created_at=utcnow(),
         updated_at=utcnow(),
         owner_id=alice,
-        request={"model": "smollm2-135m", "layer": 3, "teacher": {"sae_id": "deleted-sae"}},
+        request={
+            "model": "smollm2-135m",
+            "layer": 3,
+            "teacher": {"sae_id": "deleted-sae"},
+            "webhook": {"url": hook.url, "secret": WEBHOOK_SECRET},
+        },
     )
     db.add(job)
     db.commit()
@@ -118,8 +135,15 @@ def test_worker_records_failure_and_ignores_duplicate_messages(stack: Stack, htt
         wait_until(lambda: f"job {job.id} is not queued" in worker.tail(200), 60, "duplicate skipped")
         again = http.get(f"/jobs/{job.id}").json()
         assert (again["status"], again["attempt"], again["updated_at"]) == ("failed", 1, done["updated_at"])
+        wait_until(lambda: hook.received, 30, "webhook delivered")
+        (headers, body), *more = hook.received
+        assert not more and verify(WEBHOOK_SECRET, headers, body)
+        assert json.loads(body)["job"]["error"]["code"] == "invalid_teacher"
+        logs = [e["data"] for e in http.get(f"/jobs/{job.id}/events").json() if e["type"] == "log"]
+        assert [d["webhook"] for d in logs if "webhook" in d] == ["delivered"]
     finally:
         celery.close()
+        hook.server.shutdown()
 
 
 def _recompute_heldout_mse(sae_folder: Path, report: dict[str, Any], work: Path) -> float:
@@ -320,7 +344,7 @@ def test_cli_and_server_sent_events(
 
     env = _client_env(stack, RSAE_TOKEN=api_token)
     rsae_cli = [str(VENV_BIN / "rsae"), "jobs"]
-    hook = Receiver()
+    hook = Receiver(port=stack.settings.webhook_allowed_ports[0])
     out = subprocess.run(
         [
             *rsae_cli,
