@@ -502,7 +502,7 @@ def start_reaper(settings: Settings) -> Reaper:
         app = create_celery(settings)  # publishes only: the reaper sends messages, it runs no tasks
         _reaper = Reaper(
             settings,
-            get_sessionmaker(settings.database_url),
+            get_sessionmaker(settings.database_url, DbTimeouts.from_settings(settings)),
             lambda job_id: enqueue_upgrade(app, job_id, retries=settings.enqueue_retries),
         )
         _reaper.start()

@@ -443,3 +443,71 @@ def test_a_worker_picks_up_new_jobs_after_redis_crashes_and_restarts(
         celery.close()
         workers.stop()
     assert get_job(make_session, after).status == "failed"  # the missing teacher, found after the claim
+
+
+def test_a_soft_time_limit_ends_the_job_deadline_exceeded(
+    dsettings: Settings, make_session, teacher, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Celery's soft time limit (``SoftTimeLimitExceeded`` raised inside the task) fails the job
+    ``deadline_exceeded`` at once, releasing the lease and the work dir, instead of an internal error."""
+    from celery.exceptions import SoftTimeLimitExceeded
+
+    def too_long(*args: Any, **kwargs: Any) -> None:
+        raise SoftTimeLimitExceeded()
+
+    monkeypatch.setattr(worker.tasks, "run_upgrade", too_long)
+    job_id = insert_job(make_session, teacher)
+    assert worker.tasks.run_job(job_id, dsettings) == "failed"
+    j = get_job(make_session, job_id)
+    assert (j.error["code"], j.lease_owner) == ("deadline_exceeded", None)
+    assert not (dsettings.work_dir / job_id).exists()
+
+
+def test_a_heartbeat_stuck_for_a_whole_lease_stops_the_job(dsettings: Settings, make_session, teacher) -> None:
+    """A renewal that hangs (dead socket) cannot set ``lost``; the job still stops once no renewal succeeded
+    for a whole lease (monotonic clock), and its fence refuses checkpoint writes."""
+    from worker.lease import Heartbeat
+    from worker.tasks import JobReporter
+
+    job_id = insert_job(make_session, teacher)
+    owner = new_owner()
+    assert claim(make_session, job_id, owner, dsettings)
+    short = dsettings.model_copy(update={"lease_seconds": 0.3})
+    hb = Heartbeat(make_session, job_id, owner, short)  # never started: as if its renewal hung
+    reporter = JobReporter(make_session, job_id, owner=owner, heartbeat=hb)
+    assert not reporter.should_cancel() and reporter.fence()
+    time.sleep(0.4)
+    assert hb.expired() and not hb.lost.is_set()
+    assert reporter.should_cancel() and reporter.stop_reason == "lease_lost"
+    assert not reporter.fence()
+
+
+def test_migration_0006_up_down_up_on_sqlite(tmp_path: Path) -> None:
+    """The migration adds ``publishing`` to the status check and ``publish_dir``, and reverts (a job caught
+    ``publishing`` goes back to ``running``), in SQLite's batch mode too."""
+    from alembic import command
+
+    from service.migrate import alembic_config
+
+    url = f"sqlite:///{tmp_path / 'm.db'}"
+    migrate(url, wait_seconds=5)
+    engine = make_engine(url)
+    try:
+        with engine.begin() as c:
+            c.execute(
+                text(
+                    "INSERT INTO jobs (id, status, progress, request, attempt, created_at, updated_at, publish_dir) "
+                    "VALUES ('j', 'publishing', 1, '{}', 1, '2026-01-01', '2026-01-01', 'x/.staging-1-a')"
+                )
+            )
+        command.downgrade(alembic_config(url), "0003")
+        with engine.connect() as c:
+            assert c.scalar(text("SELECT status FROM jobs")) == "running"
+            with pytest.raises(Exception, match="CHECK"):
+                c.execute(text("UPDATE jobs SET status = 'publishing'"))
+            c.rollback()
+        command.upgrade(alembic_config(url), "head")
+        with engine.begin() as c:
+            c.execute(text("UPDATE jobs SET status = 'publishing', publish_dir = 'y'"))
+    finally:
+        engine.dispose()
