@@ -88,9 +88,7 @@ def _sqlite_pragmas(busy_ms: int) -> Any:
     return on_connect
 
 
-def make_engine(
-    url: str, *, pool_size: int = 5, max_overflow: int = 10, timeouts: DbTimeouts | None = None
-) -> Engine:
+def make_engine(url: str, *, pool_size: int = 5, max_overflow: int = 10, timeouts: DbTimeouts | None = None) -> Engine:
     """A new engine for ``url`` with ``pool_pre_ping`` and a pool of ``pool_size`` connections plus up to
     ``max_overflow`` more (SQLAlchemy's defaults are 5 and 10), every connection bounded by ``timeouts``
     (default :class:`DbTimeouts`). SQLite files also get WAL, the busy timeout and foreign keys; an in-memory
