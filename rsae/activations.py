@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import uuid
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -161,7 +162,7 @@ class _ShardWriter:
         keep = min(acts.shape[0], self.n_tokens - self.done_rows)
         acts = acts[:keep].contiguous()
         name = f"shard_{len(self.shards):05d}.safetensors"
-        tmp = self.out_dir / f".{name}.tmp"
+        tmp = self.out_dir / f".{name}.{uuid.uuid4().hex}.tmp"  # unique per write
         tensors = {"acts": acts, "input_ids": torch.stack(self.ids), "label": torch.tensor(self.labels)}
         save_file(tensors, str(tmp))
         os.replace(tmp, self.out_dir / name)
@@ -258,7 +259,9 @@ def extract_activations(
         ),
         **(meta or {}),
     }
-    (out_dir / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    tmp = out_dir / f".{MANIFEST}.{uuid.uuid4().hex}.tmp"  # written last and atomically: never a torn manifest
+    tmp.write_text(json.dumps(manifest, indent=2))
+    os.replace(tmp, out_dir / MANIFEST)
     return manifest
 
 

@@ -18,6 +18,7 @@ import importlib.util
 import logging
 import os
 import shutil
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -61,7 +62,7 @@ def _bundled_folder(spec: str) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     log.info("converting %s from GGUF to safetensors at %s (one time)", spec, out)
-    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+    tmp = out.with_name(out.name + f".tmp{os.getpid()}-{uuid.uuid4().hex[:12]}")
     shutil.rmtree(tmp, ignore_errors=True)
     tok = AutoTokenizer.from_pretrained(str(src), gguf_file=gguf_name)
     model = AutoModelForCausalLM.from_pretrained(str(src), gguf_file=gguf_name, dtype=torch.float32)

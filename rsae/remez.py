@@ -90,6 +90,7 @@ import hashlib
 import json
 import logging
 import math
+import uuid
 from pathlib import Path
 from typing import Callable
 
@@ -833,7 +834,7 @@ def cached_remez_fit(
             pass
     fit = remez_fit(family, c=c, p=p, q=q, grid_points=grid_points, margin=margin, tol=tol, max_iter=max_iter)
     folder.mkdir(parents=True, exist_ok=True)
-    tmp = f.with_suffix(".tmp")
+    tmp = f.with_name(f".{f.name}.{uuid.uuid4().hex}.tmp")  # unique: concurrent fits never share it
     tmp.write_text(json.dumps(fit.model_dump()))
     tmp.replace(f)
     return fit

@@ -10,7 +10,7 @@ from sqlalchemy.orm import sessionmaker
 
 from .api.routes import health, jobs, saes
 from .config import Settings, get_settings
-from .db import make_engine
+from .db import DbTimeouts, make_engine
 from .events import StreamSlots
 from .limits import BodyLimitMiddleware
 from .problems import install_problem_handlers
@@ -25,7 +25,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     """
     settings = settings or get_settings()
     settings.ensure_dirs()
-    engine = make_engine(settings.database_url, pool_size=settings.db_pool_size, max_overflow=settings.db_max_overflow)
+    engine = make_engine(
+        settings.database_url,
+        pool_size=settings.db_pool_size,
+        max_overflow=settings.db_max_overflow,
+        timeouts=DbTimeouts.from_settings(settings),
+    )
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

@@ -98,6 +98,30 @@ class Settings(BaseSettings):
     db_max_overflow: int = Field(
         20, ge=0, le=1000, description="Connections the SQL pool may open beyond db_pool_size under load (not SQLite)."
     )
+    db_connect_timeout_seconds: float = Field(
+        10.0, gt=0, le=600, description="Postgres connect timeout of every connection (libpq connect_timeout, >= 2 s)."
+    )
+    db_statement_timeout_seconds: float = Field(
+        60.0,
+        ge=0,
+        le=86400,
+        description="Postgres statement_timeout of every connection (0: none); a statement running longer fails "
+        "with a transient error and is retried. Migrations run without it.",
+    )
+    db_keepalives_idle_seconds: int = Field(
+        30, ge=1, le=7200, description="Idle time before the first TCP keepalive probe of a Postgres connection."
+    )
+    db_keepalives_interval_seconds: int = Field(10, ge=1, le=600, description="Time between TCP keepalive probes.")
+    db_keepalives_count: int = Field(
+        3,
+        ge=1,
+        le=100,
+        description="Unanswered keepalive probes before a Postgres connection is dead; idle + interval * count "
+        "is also its tcp_user_timeout, so no query waits longer on a dead socket.",
+    )
+    db_busy_timeout_seconds: float = Field(
+        10.0, gt=0, le=600, description="SQLite busy timeout: how long a writer waits for the database lock."
+    )
     page_size_default: int = Field(20, ge=1, description="GET /jobs page size when 'limit' is absent.")
     page_size_max: int = Field(100, ge=1, description="Largest accepted 'limit' of a list request.")
     queue_name: str = Field("gpu", min_length=1, description="Celery queue the upgrade tasks go to.")
@@ -149,6 +173,26 @@ class Settings(BaseSettings):
         gt=0,
         description="Redis visibility timeout: an unacknowledged message is redelivered after "
         "it. Safe whatever its value (a duplicate finds the job leased and exits).",
+    )
+    task_time_limit_grace_seconds: float = Field(
+        300.0,
+        gt=0,
+        le=86400,
+        description="Celery time limits of one task run: soft = job_deadline_seconds + this (the task ends the "
+        "job deadline_exceeded), hard = job_deadline_seconds + 2 x this (the pool process is killed; the "
+        "reaper takes over). The job deadline itself is checked between steps before either.",
+    )
+    worker_max_tasks_per_child: int | None = Field(
+        20,
+        ge=1,
+        description="A Celery pool process is replaced after this many tasks (frees memory torch or a host "
+        "model kept); None: never.",
+    )
+    worker_max_memory_per_child_mb: int | None = Field(
+        8192,
+        ge=64,
+        description="A Celery pool process whose resident memory exceeds this (MiB) is replaced after its "
+        "current task (Celery worker_max_memory_per_child); None: no limit.",
     )
     log_level: str = Field("INFO", description="Logging level of the CLI processes.")
 

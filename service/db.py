@@ -1,54 +1,163 @@
-"""Engine and session factory (SQLAlchemy 2, sync sessions) and the FastAPI ``SessionDep`` dependency."""
+"""Engine and session factory (SQLAlchemy 2, sync sessions), the database clock (:class:`db_now`) and the
+FastAPI ``SessionDep`` dependency.
+
+Every connection is bounded in time (:class:`DbTimeouts`, from the ``RSAE_DB_*`` settings): on Postgres a
+connect timeout, a server-side ``statement_timeout`` and TCP keepalives plus ``tcp_user_timeout`` (libpq
+parameters, https://www.postgresql.org/docs/current/libpq-connect.html), so a query on a dead socket fails
+within about a minute instead of hanging (a lease heartbeat must never hang); on SQLite a busy timeout.
+"""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 from fastapi import Depends, Request
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Engine, Float, create_engine, event, func, literal
 from sqlalchemy.engine import make_url
+from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.sql.functions import FunctionElement
+
+from .models import UTCDateTime
+
+if TYPE_CHECKING:
+    from .config import Settings
 
 
-def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
-    # WAL lets the API read while the worker writes; busy_timeout waits for a writer instead of failing.
-    cur = dbapi_conn.cursor()
-    cur.execute("PRAGMA journal_mode=WAL")
-    cur.execute("PRAGMA busy_timeout=10000")
-    cur.execute("PRAGMA foreign_keys=ON")
-    cur.close()
+@dataclass(frozen=True)
+class DbTimeouts:
+    """Time bounds of every database connection (defaults: those of :class:`service.config.Settings`).
+
+    Attributes:
+        connect_s: Postgres ``connect_timeout`` (s; libpq rounds to whole seconds, at least 2).
+        statement_s: Postgres ``statement_timeout`` (s) set per connection via ``options``; 0 turns it off
+            (migrations, which may rewrite large tables).
+        keepalives_idle_s, keepalives_interval_s, keepalives_count: TCP keepalive probes (libpq
+            ``keepalives_*``): a silent peer is declared dead after idle + interval * count seconds; the
+            same bound is the ``tcp_user_timeout`` for unacknowledged writes.
+        busy_s: SQLite ``busy_timeout`` (s): how long a writer waits for the lock before "database is locked".
+    """
+
+    connect_s: float = 10.0
+    statement_s: float = 60.0
+    keepalives_idle_s: int = 30
+    keepalives_interval_s: int = 10
+    keepalives_count: int = 3
+    busy_s: float = 10.0
+
+    @classmethod
+    def from_settings(cls, settings: "Settings") -> "DbTimeouts":
+        """The bounds named by ``settings`` (``RSAE_DB_CONNECT_TIMEOUT_SECONDS`` ...)."""
+        return cls(
+            connect_s=settings.db_connect_timeout_seconds,
+            statement_s=settings.db_statement_timeout_seconds,
+            keepalives_idle_s=settings.db_keepalives_idle_seconds,
+            keepalives_interval_s=settings.db_keepalives_interval_seconds,
+            keepalives_count=settings.db_keepalives_count,
+            busy_s=settings.db_busy_timeout_seconds,
+        )
+
+    def postgres_connect_args(self) -> dict[str, Any]:
+        """libpq connection parameters (psycopg ``connect()`` keywords) for these bounds."""
+        dead_after_ms = 1000 * (self.keepalives_idle_s + self.keepalives_interval_s * self.keepalives_count)
+        return {
+            "connect_timeout": max(2, math.ceil(self.connect_s)),
+            "keepalives": 1,
+            "keepalives_idle": self.keepalives_idle_s,
+            "keepalives_interval": self.keepalives_interval_s,
+            "keepalives_count": self.keepalives_count,
+            "tcp_user_timeout": dead_after_ms,
+            "options": f"-c statement_timeout={round(self.statement_s * 1000)}",
+        }
 
 
-def make_engine(url: str, *, pool_size: int = 5, max_overflow: int = 10) -> Engine:
+def _sqlite_pragmas(busy_ms: int) -> Any:
+    def on_connect(dbapi_conn: Any, _record: Any) -> None:
+        # WAL lets the API read while the worker writes; busy_timeout waits for a writer instead of failing.
+        cur = dbapi_conn.cursor()
+        cur.execute("PRAGMA journal_mode=WAL")
+        cur.execute(f"PRAGMA busy_timeout={int(busy_ms)}")
+        cur.execute("PRAGMA foreign_keys=ON")
+        cur.close()
+
+    return on_connect
+
+
+def make_engine(url: str, *, pool_size: int = 5, max_overflow: int = 10, timeouts: DbTimeouts | None = None) -> Engine:
     """A new engine for ``url`` with ``pool_pre_ping`` and a pool of ``pool_size`` connections plus up to
-    ``max_overflow`` more (SQLAlchemy's defaults are 5 and 10). SQLite files also get WAL, a busy timeout and
-    foreign keys; an in-memory SQLite keeps SQLAlchemy's single-connection pool."""
+    ``max_overflow`` more (SQLAlchemy's defaults are 5 and 10), every connection bounded by ``timeouts``
+    (default :class:`DbTimeouts`). SQLite files also get WAL, the busy timeout and foreign keys; an in-memory
+    SQLite keeps SQLAlchemy's single-connection pool."""
+    timeouts = timeouts or DbTimeouts()
     u = make_url(url)
     pool = {"pool_size": pool_size, "max_overflow": max_overflow}
     if u.get_backend_name() != "sqlite":
-        return create_engine(url, pool_pre_ping=True, **pool)
+        args = timeouts.postgres_connect_args() if u.get_backend_name() == "postgresql" else {}
+        return create_engine(url, pool_pre_ping=True, connect_args=args, **pool)
     if not u.database or u.database == ":memory:":
         pool = {}
     else:
         Path(u.database).parent.mkdir(parents=True, exist_ok=True)
-    engine = create_engine(url, pool_pre_ping=True, connect_args={"check_same_thread": False}, **pool)
-    event.listen(engine, "connect", _sqlite_pragmas)
+    engine = create_engine(
+        url, pool_pre_ping=True, connect_args={"check_same_thread": False, "timeout": timeouts.busy_s}, **pool
+    )
+    event.listen(engine, "connect", _sqlite_pragmas(round(timeouts.busy_s * 1000)))
     return engine
 
 
 @lru_cache
-def get_engine(url: str) -> Engine:
-    """The process-wide engine for ``url`` (created on first use, i.e. after any fork)."""
-    return make_engine(url)
+def get_engine(url: str, timeouts: DbTimeouts | None = None) -> Engine:
+    """The process-wide engine for ``url`` and ``timeouts`` (created on first use, i.e. after any fork)."""
+    return make_engine(url, timeouts=timeouts)
 
 
 @lru_cache
-def get_sessionmaker(url: str) -> sessionmaker[Session]:
-    """The process-wide session factory for ``url``; objects stay readable after commit."""
-    return sessionmaker(get_engine(url), expire_on_commit=False)
+def get_sessionmaker(url: str, timeouts: DbTimeouts | None = None) -> sessionmaker[Session]:
+    """The process-wide session factory for ``url`` (connections bounded by ``timeouts``, default
+    :class:`DbTimeouts`); objects stay readable after commit."""
+    return sessionmaker(get_engine(url, timeouts), expire_on_commit=False)
+
+
+class db_now(FunctionElement):  # noqa: N801 - reads as a SQL function, like sqlalchemy.func.now
+    """The database server's current time plus ``seconds``, as a SQL expression of type
+    :class:`service.models.UTCDateTime`: leases and deadlines are computed by one clock (the database's),
+    never by the workers' own clocks.
+
+    Postgres: ``now() + make_interval(secs => seconds)`` (``now()`` is the transaction's start time; our
+    transactions are short). SQLite: ``strftime('%Y-%m-%d %H:%M:%f', julianday('now') + seconds / 86400.0)
+    || '000'``, exactly the text layout (milliseconds, then ``000``) SQLAlchemy stores datetimes in there, so
+    comparisons with stored values hold.
+
+    Args:
+        seconds: offset in seconds (may be negative or fractional).
+    """
+
+    type = UTCDateTime()
+    inherit_cache = True
+    name = "db_now"
+
+    def __init__(self, seconds: float = 0.0) -> None:
+        super().__init__(literal(float(seconds), Float()))  # a bound parameter: one cached statement
+
+
+def _seconds(element: db_now) -> Any:
+    return element.clauses.clauses[0]
+
+
+@compiles(db_now)
+def _db_now_default(element: db_now, compiler: Any, **kw: Any) -> str:
+    return compiler.process(func.now() + func.make_interval(0, 0, 0, 0, 0, 0, _seconds(element)), **kw)
+
+
+@compiles(db_now, "sqlite")
+def _db_now_sqlite(element: db_now, compiler: Any, **kw: Any) -> str:
+    day = func.julianday("now") + _seconds(element) / 86400.0
+    return compiler.process(func.strftime("%Y-%m-%d %H:%M:%f", day).concat("000"), **kw)
 
 
 def get_session(request: Request) -> Iterator[Session]:

@@ -201,7 +201,9 @@ def add_jobs_parser(sub: Any) -> None:
     d.add_argument("--out", required=True, help="destination folder")
     d.set_defaults(func=cmd_download)
     ls = js.add_parser("list", help=cmd_list.__doc__, parents=[common])
-    ls.add_argument("--status", default=None, choices=sorted(TERMINAL | {"queued", "running", "cancelling"}))
+    ls.add_argument(
+        "--status", default=None, choices=sorted(TERMINAL | {"queued", "running", "publishing", "cancelling"})
+    )
     ls.set_defaults(func=cmd_list)
     for parser in (s, d, ls, *(js.choices[n] for n in ("status", "wait", "cancel"))):
         cmd = parser.get_default("func")

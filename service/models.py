@@ -28,8 +28,17 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
-JOB_STATUSES: tuple[str, ...] = ("queued", "running", "succeeded", "failed", "cancelling", "cancelled")
-"""Every value of ``jobs.status``."""
+JOB_STATUSES: tuple[str, ...] = (
+    "queued",
+    "running",
+    "publishing",
+    "succeeded",
+    "failed",
+    "cancelling",
+    "cancelled",
+)
+"""Every value of ``jobs.status``. ``publishing``: the pipeline finished and the lease holder committed to
+publishing its staged artifacts (``jobs.publish_dir``); only ``succeeded`` follows (see ``worker.tasks``)."""
 TERMINAL_STATUSES: frozenset[str] = frozenset({"succeeded", "failed", "cancelled"})
 """Statuses a job never leaves."""
 EVENT_TYPES: tuple[str, ...] = ("status", "progress", "metrics", "log")
@@ -183,6 +192,11 @@ class Job(Base):
     )
     resumed_from: Mapped[dict[str, Any] | None] = mapped_column(
         JSONType, doc="Where the latest attempt resumed: {'attempt', 'stage', 'step', 'reused'}."
+    )
+    publish_dir: Mapped[str | None] = mapped_column(
+        Text,
+        doc="While 'publishing': the staging folder (relative to the artifacts dir) being moved to "
+        "'<job>/sae'; whoever finishes the publish (the worker, or the reaper after a crash) reads it here.",
     )
 
     artifacts: Mapped[list["Artifact"]] = relationship(

@@ -76,10 +76,26 @@ def create_celery(settings: Settings | None = None, *, include: Sequence[str] = 
         broker_transport_options={
             "socket_connect_timeout": 5,
             "socket_timeout": 30,
+            # A half-open connection (Redis restarted, NAT dropped) is noticed by a PING every 10 s and by
+            # TCP keepalives, so the consumer reconnects and resumes consuming instead of waiting on a
+            # dead socket (celery/celery#7276, #8091; kombu's Redis transport options).
+            "health_check_interval": 10,
+            "socket_keepalive": True,
+            "retry_on_timeout": True,
             "visibility_timeout": settings.broker_visibility_timeout,
         },
         worker_send_task_events=False,
         task_send_sent_event=False,
+        # Time limits of one task run, derived from the job deadline (checked between steps first): past
+        # the soft limit SoftTimeLimitExceeded ends the job deadline_exceeded; past the hard limit the pool
+        # process is killed, its message acked (task_acks_on_failure_or_timeout) and the reaper takes over.
+        task_soft_time_limit=settings.job_deadline_seconds + settings.task_time_limit_grace_seconds,
+        task_time_limit=settings.job_deadline_seconds + 2 * settings.task_time_limit_grace_seconds,
+        # Memory recycling: a pool process is replaced after N tasks or once its RSS passes the limit (KiB).
+        worker_max_tasks_per_child=settings.worker_max_tasks_per_child,
+        worker_max_memory_per_child=(
+            settings.worker_max_memory_per_child_mb * 1024 if settings.worker_max_memory_per_child_mb else None
+        ),
     )
     return app
 

@@ -17,7 +17,9 @@ row's lease: ``lease_owner`` = its owner id and ``lease_expires_at`` in the futu
   delivers the webhook notices due (:func:`service.webhooks.deliver_due`) and deletes the scratch folders
   of finished jobs.
 
-Times are the workers' wall clocks (UTC); keep them NTP-synchronised, with skew far below the lease.
+Lease and deadline instants come from one clock, the database's (:class:`service.db.db_now` in the SQL
+statements), never from a worker's own clock: a worker whose clock is off cannot steal or keep a lease.
+Durations a worker measures alone (heartbeat validity, time to the deadline) use its monotonic clock.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Any, TypeVar
 
 import tenacity
@@ -41,8 +43,9 @@ from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from service.config import Settings
+from service.db import db_now
 from service.jobs import add_event, transition
-from service.models import TERMINAL_STATUSES, Job, utcnow
+from service.models import TERMINAL_STATUSES, Job
 from service.webhooks import deliver_due
 
 log = logging.getLogger(__name__)
@@ -50,7 +53,9 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 ACTIVE = ("running", "cancelling")
-"""Statuses in which a lease holder owns the job."""
+"""Statuses in which a lease holder runs the pipeline of the job."""
+LEASED = ("running", "cancelling", "publishing")
+"""Statuses in which a job has a lease holder (``publishing``: it moves the artifacts; see ``worker.publish``)."""
 
 
 # -- transient errors --------------------------------------------------------------------------------
@@ -101,20 +106,21 @@ class Claim:
     """Starts of the job so far, this one included (1 on the first run)."""
     deadline_at: datetime | None
     request: dict[str, Any] = field(repr=False, default_factory=dict)
+    deadline_in: float | None = None
+    """Seconds from the claim to ``deadline_at``, both by the database clock (for a monotonic countdown)."""
 
 
 def claim(make_session: sessionmaker[Session], job_id: str, owner: str, settings: Settings) -> Claim | None:
     """Lease job ``job_id`` if it is ``queued`` (conditional UPDATE; one winner among racing workers).
 
     Sets ``running``, the lease, ``attempt + 1``, ``started_at`` (first start only) and ``deadline_at``
-    (first start + ``job_deadline_seconds`` unless already set).
+    (first start + ``job_deadline_seconds`` unless already set), all by the database clock.
 
     Returns:
         The claim, or None if the job is not queued (running elsewhere, finished, cancelled, unknown).
     """
 
     def tx() -> Claim | None:
-        now = utcnow()
         with make_session.begin() as s:
             ok = transition(
                 s,
@@ -122,23 +128,26 @@ def claim(make_session: sessionmaker[Session], job_id: str, owner: str, settings
                 {"queued"},
                 "running",
                 lease_owner=owner,
-                lease_expires_at=now + timedelta(seconds=settings.lease_seconds),
+                lease_expires_at=db_now(settings.lease_seconds),
                 attempt=Job.attempt + 1,
-                started_at=func.coalesce(Job.started_at, now),
+                started_at=func.coalesce(Job.started_at, db_now()),
                 error=None,
                 finished_at=None,
-                deadline_at=func.coalesce(Job.deadline_at, now + timedelta(seconds=settings.job_deadline_seconds)),
+                deadline_at=func.coalesce(Job.deadline_at, db_now(settings.job_deadline_seconds)),
             )
             if not ok:
                 return None
-            row = s.execute(select(Job.attempt, Job.deadline_at, Job.request).where(Job.id == job_id)).one()
+            row = s.execute(
+                select(Job.attempt, Job.deadline_at, Job.request, db_now().label("now")).where(Job.id == job_id)
+            ).one()
+            left = None if row.deadline_at is None else (row.deadline_at - row.now).total_seconds()
             add_event(
                 s,
                 job_id,
                 "log",
                 {"message": f"attempt {row.attempt} started by {owner}", "attempt": row.attempt, "lease_owner": owner},
             )
-            return Claim(job_id, owner, row.attempt, row.deadline_at, row.request)
+            return Claim(job_id, owner, row.attempt, row.deadline_at, row.request, left)
 
     return db_retry(tx)
 
@@ -149,18 +158,25 @@ def describe(make_session: sessionmaker[Session], job_id: str) -> str:
         row = s.execute(select(Job.status, Job.lease_owner, Job.lease_expires_at).where(Job.id == job_id)).first()
     if row is None:
         return "unknown job"
-    if row.status in ACTIVE:
+    if row.status in LEASED:
         return f"status {row.status}, leased by {row.lease_owner} until {row.lease_expires_at:%H:%M:%S}"
     return f"status {row.status}"
 
 
 def renew(make_session: sessionmaker[Session], job_id: str, owner: str, lease_seconds: float) -> bool:
-    """Extend ``owner``'s lease on ``job_id`` by ``lease_seconds`` from now; False if it is no longer held."""
+    """Extend ``owner``'s lease on ``job_id`` to ``lease_seconds`` from now (database clock), if it still holds
+    it: owner unchanged, status in :data:`LEASED`, and not yet expired (an expired lease may already be
+    handed to another worker by the reaper, so it is never revived). False if it is no longer held."""
     with make_session.begin() as s:
         res = s.execute(
             update(Job)
-            .where(Job.id == job_id, Job.lease_owner == owner, Job.status.in_(ACTIVE))
-            .values(lease_expires_at=utcnow() + timedelta(seconds=lease_seconds)),
+            .where(
+                Job.id == job_id,
+                Job.lease_owner == owner,
+                Job.status.in_(LEASED),
+                Job.lease_expires_at > db_now(),
+            )
+            .values(lease_expires_at=db_now(lease_seconds)),
             execution_options={"synchronize_session": False},
         )
         return res.rowcount == 1
@@ -205,6 +221,11 @@ class Heartbeat(threading.Thread):
             self.beats += 1
             self._valid_until = started + self.lease_seconds
 
+    def expired(self) -> bool:
+        """True once no renewal succeeded for a whole lease (e.g. a renewal hangs on a dead connection): the
+        job must stop even though the heartbeat thread has not yet come back to set ``lost``."""
+        return time.monotonic() >= self._valid_until
+
     def stop(self) -> None:
         """Stop renewing (the lease then lapses unless the job was finished)."""
         self._halt.set()
@@ -220,6 +241,8 @@ class ReapResult:
     failed: list[str] = field(default_factory=list)
     published: list[str] = field(default_factory=list)
     swept: list[str] = field(default_factory=list)
+    finished_publishing: list[str] = field(default_factory=list)
+    """Jobs left ``publishing`` by a lost worker whose publish this pass completed (now ``succeeded``)."""
     webhooks: dict[str, str] = field(default_factory=dict)
     """Webhook delivery id -> outcome of the attempt made in this pass (:func:`service.webhooks.deliver_due`)."""
 
@@ -232,7 +255,12 @@ def discard_dirs(settings: Settings, job_id: str, *, keep_artifacts: bool = Fals
 
 
 def reap_once(settings: Settings, make_session: sessionmaker[Session], publish: Callable[[str], None]) -> ReapResult:
-    """One reaper pass (safe to run in many processes at once: every change is conditional).
+    """One reaper pass (safe to run in many processes at once: every change is conditional). "Now" is the
+    database's clock.
+
+    A ``publishing`` job whose lease expired (its worker died after committing the publish) is taken over:
+    the reaper leases it itself and completes the same publish (:func:`worker.publish.finish_publish`);
+    were its staged files gone, it is re-queued instead (the pipeline resumes from its checkpoint).
 
     Args:
         publish: sends the upgrade message for a job id (e.g. :func:`service.queue.enqueue_upgrade`);
@@ -242,20 +270,32 @@ def reap_once(settings: Settings, make_session: sessionmaker[Session], publish: 
         What was done.
     """
     out = ReapResult()
-    now = utcnow()
+    me = new_owner()
+    takeovers: list[str] = []
 
     def expire() -> None:
         with make_session.begin() as s:
+            now = s.scalar(select(db_now()))
             rows = s.execute(
                 select(Job.id, Job.status, Job.attempt, Job.deadline_at, Job.lease_owner, Job.lease_expires_at)
-                .where(Job.status.in_(ACTIVE), Job.lease_expires_at < now)
+                .where(Job.status.in_(LEASED), Job.lease_expires_at < db_now())
                 .with_for_update(skip_locked=True)
             ).all()
             for r in rows:
-                lapsed = (Job.lease_expires_at < now, Job.lease_owner == r.lease_owner)
+                lapsed = (Job.lease_expires_at < db_now(), Job.lease_owner == r.lease_owner)
                 reset = {"lease_owner": None, "lease_expires_at": None}
                 why = f"lease of {r.lease_owner} expired at {r.lease_expires_at:%Y-%m-%d %H:%M:%S} UTC"
-                if r.status == "cancelling":
+                if r.status == "publishing":
+                    took = s.execute(
+                        update(Job)
+                        .where(Job.id == r.id, Job.status == "publishing", *lapsed)
+                        .values(lease_owner=me, lease_expires_at=db_now(settings.lease_seconds)),
+                        execution_options={"synchronize_session": False},
+                    )
+                    if took.rowcount == 1:
+                        add_event(s, r.id, "log", {"message": f"{why} while publishing; the reaper completes it"})
+                        takeovers.append(r.id)
+                elif r.status == "cancelling":
                     if transition(s, r.id, {"cancelling"}, "cancelled", where=lapsed, **reset):
                         out.cancelled.append(r.id)
                 elif r.deadline_at is not None and r.deadline_at < now:
@@ -303,16 +343,41 @@ def reap_once(settings: Settings, make_session: sessionmaker[Session], publish: 
     db_retry(expire)
     for job_id in out.cancelled + out.failed:
         discard_dirs(settings, job_id)
+    if takeovers:
+        from .publish import PublishLost, finish_publish  # imports the task side lazily (artifact hashing)
+
+        for job_id in takeovers:
+            try:
+                if finish_publish(make_session, settings, job_id, me):
+                    out.finished_publishing.append(job_id)
+            except PublishLost as e:
+                log.error("reaper: job %s: %s; re-queued", job_id, e)
+                with make_session.begin() as s:
+                    if transition(
+                        s,
+                        job_id,
+                        {"publishing"},
+                        "queued",
+                        where=(Job.lease_owner == me,),
+                        lease_owner=None,
+                        lease_expires_at=None,
+                        publish_dir=None,
+                        enqueued_at=None,
+                    ):
+                        add_event(s, job_id, "log", {"message": f"{e}; re-queued"})
+                        out.requeued.append(job_id)
+            except Exception:  # noqa: BLE001 - the lease lapses again and the next pass retries
+                log.exception("reaper: completing the publish of job %s failed", job_id)
 
     def overdue_queued() -> None:
         with make_session.begin() as s:
-            for (job_id,) in s.execute(select(Job.id).where(Job.status == "queued", Job.deadline_at < now)):
+            for (job_id,) in s.execute(select(Job.id).where(Job.status == "queued", Job.deadline_at < db_now())):
                 if transition(
                     s,
                     job_id,
                     {"queued"},
                     "failed",
-                    where=(Job.deadline_at < now,),
+                    where=(Job.deadline_at < db_now(),),
                     error={
                         "code": "deadline_exceeded",
                         "field": None,
@@ -326,7 +391,7 @@ def reap_once(settings: Settings, make_session: sessionmaker[Session], publish: 
     db_retry(overdue_queued)
 
     # Publish: jobs just re-queued (or whose re-publish failed before), and jobs queued for long.
-    stale = now - timedelta(seconds=settings.republish_after_seconds)
+    stale = db_now(-settings.republish_after_seconds)
     with make_session() as s:
         due = list(
             s.scalars(
@@ -354,13 +419,14 @@ def reap_once(settings: Settings, make_session: sessionmaker[Session], publish: 
     # Webhook notices due: those of the jobs finished above, retries, and any a dead process left behind.
     out.webhooks = deliver_due(settings, make_session).outcomes
     out.swept = sweep_dirs(settings, make_session)
-    if out.requeued or out.cancelled or out.failed or out.published:
+    if out.requeued or out.cancelled or out.failed or out.published or out.finished_publishing:
         log.info(
-            "reaper: requeued %s, cancelled %s, failed %s, published %s",
+            "reaper: requeued %s, cancelled %s, failed %s, published %s, finished publishing %s",
             out.requeued,
             out.cancelled,
             out.failed,
             out.published,
+            out.finished_publishing,
         )
     return out
 
@@ -368,7 +434,7 @@ def reap_once(settings: Settings, make_session: sessionmaker[Session], publish: 
 def _mark_published(make_session: sessionmaker[Session], job_id: str) -> None:
     with make_session.begin() as s:
         s.execute(
-            update(Job).where(Job.id == job_id, Job.status == "queued").values(enqueued_at=utcnow()),
+            update(Job).where(Job.id == job_id, Job.status == "queued").values(enqueued_at=db_now()),
             execution_options={"synchronize_session": False},
         )
 

@@ -11,32 +11,43 @@ from __future__ import annotations
 
 import logging
 import math
-import mimetypes
 import shutil
 import time
 from collections.abc import Callable
 from datetime import datetime
-from pathlib import Path
 from typing import Any
 
 from celery import shared_task
+from celery.exceptions import SoftTimeLimitExceeded
 from celery.signals import worker_process_init
 from pydantic import ValidationError
-from sqlalchemy import delete, select, update
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from rsae.config import STAGES
 from rsae.errors import Cancelled, RSAEError
-from rsae.pipeline import ARTIFACT_FILES, run_upgrade
+from rsae.pipeline import run_upgrade
 from service.config import Settings, get_settings
-from service.db import get_sessionmaker
+from service.db import DbTimeouts, get_sessionmaker
 from service.jobs import add_event, build_upgrade_config, resolve_teacher, transition
-from service.models import Artifact, Job, utcnow
+from service.models import Job, utcnow
 from service.queue import TASK_UPGRADE, create_celery, enqueue_upgrade
 from service.schemas import JobCreate
 from service.webhooks import notify_in_background
 
-from .lease import ACTIVE, Heartbeat, Reaper, claim, db_retry, describe, discard_dirs, is_transient_db_error, new_owner
+from .lease import (
+    ACTIVE,
+    Heartbeat,
+    Reaper,
+    claim,
+    db_retry,
+    describe,
+    discard_dirs,
+    is_transient_db_error,
+    new_owner,
+    renew,
+)
+from .publish import begin_publish, finish_publish
 
 log = logging.getLogger(__name__)
 
@@ -71,10 +82,15 @@ class JobReporter:
         make_session: session factory.
         job_id: the job.
         owner: the lease owner id of this run (None: no lease checks, e.g. tools).
-        heartbeat: its ``lost`` event stops the job.
-        deadline_at: the job stops (reason ``deadline``) after this instant.
+        heartbeat: its ``lost`` event (or a lease unrenewed for a whole lease period) stops the job.
+        deadline_at: the job stops (reason ``deadline``) after this instant (compared with this machine's
+            clock; prefer ``deadline_in``).
         attempt: the attempt number, recorded with a resume.
         clock: monotonic clock in seconds (injectable for tests).
+        deadline_in: seconds from now to the deadline, measured by the database clock at the claim
+            (:attr:`worker.lease.Claim.deadline_in`); counted down on ``clock``, so this worker's wall
+            clock plays no part.
+        lease_seconds: lease length granted by :meth:`fence` (default: the heartbeat's).
     """
 
     def __init__(
@@ -87,9 +103,13 @@ class JobReporter:
         deadline_at: datetime | None = None,
         attempt: int = 1,
         clock: Callable[[], float] = time.monotonic,
+        deadline_in: float | None = None,
+        lease_seconds: float | None = None,
     ) -> None:
         self.make_session, self.job_id, self.clock = make_session, job_id, clock
         self.owner, self.heartbeat, self.deadline_at, self.attempt = owner, heartbeat, deadline_at, attempt
+        self._deadline = None if deadline_in is None else clock() + deadline_in
+        self.lease_seconds = lease_seconds or (heartbeat.lease_seconds if heartbeat is not None else 60.0)
         self._stage: str | None = None
         self._last_write = self._last_poll = -math.inf
         self._event_progress = -math.inf
@@ -171,23 +191,54 @@ class JobReporter:
                 raise
             log.warning("job %s: checkpoint record not written: %s", self.job_id, e)
 
+    def _past_deadline(self) -> bool:
+        if self._deadline is not None:
+            return self.clock() >= self._deadline
+        return self.deadline_at is not None and utcnow() >= self.deadline_at
+
+    def _lease_gone(self) -> bool:
+        return self.heartbeat is not None and (self.heartbeat.lost.is_set() or self.heartbeat.expired())
+
     def check_stop(self) -> None:
         """Raise ``_Stop`` if the lease is lost or the deadline passed (no database read)."""
-        if self.heartbeat is not None and self.heartbeat.lost.is_set():
+        if self._lease_gone():
             self.stop_reason = "lease_lost"
-        elif self.deadline_at is not None and utcnow() >= self.deadline_at:
+        elif self._past_deadline():
             self.stop_reason = "deadline"
         if self.stop_reason in ("lease_lost", "deadline"):
             raise _Stop(self.stop_reason)
+
+    def fence(self) -> bool:
+        """The pipeline's checkpoint fence: renew the lease in SQL (database clock) right before a checkpoint
+        is renamed into place. True: the lease is ours for another ``lease_seconds``, so no other worker can
+        own the job (and its checkpoint files) before the rename. False: do not write; if the lease is gone
+        the job stops at its next check (``stop_reason`` ``lease_lost``); if the database is unreachable the
+        write is skipped and the heartbeat decides. Without an ``owner`` (tools) always True."""
+        if self.owner is None:
+            return True
+        if self._lease_gone() or self.stop_reason == "lease_lost":
+            self.stop_reason = "lease_lost"
+            return False
+        try:
+            held = renew(self.make_session, self.job_id, self.owner, self.lease_seconds)
+        except Exception as e:  # noqa: BLE001 - cannot prove the lease: skip this checkpoint
+            if not is_transient_db_error(e):
+                raise
+            log.warning("job %s: checkpoint not written (lease unconfirmed: %s)", self.job_id, e)
+            return False
+        if not held:
+            log.warning("job %s: lease lost; checkpoint not written, stopping", self.job_id)
+            self.stop_reason = "lease_lost"
+        return held
 
     def should_cancel(self) -> bool:
         """True once the job must stop (see ``stop_reason``): the heartbeat lost the lease, the deadline
         passed, or the row is no longer ``running`` under this lease (read from SQL at most every 2 s)."""
         if self.stop_reason is not None:
             return True
-        if self.heartbeat is not None and self.heartbeat.lost.is_set():
+        if self._lease_gone():
             self.stop_reason = "lease_lost"
-        elif self.deadline_at is not None and utcnow() >= self.deadline_at:
+        elif self._past_deadline():
             self.stop_reason = "deadline"
         elif (now := self.clock()) - self._last_poll >= CANCEL_POLL_SECONDS:
             self._last_poll = now
@@ -212,30 +263,6 @@ def _headline_metrics(report: dict[str, Any]) -> dict[str, Any]:
     if report.get("metrics") is not None:
         metrics["by_sae"] = report["metrics"]
     return json_safe(metrics)
-
-
-def _register_artifacts(session: Session, settings: Settings, job_id: str, out_dir: Path) -> None:
-    """Insert one ``artifacts`` row per file of ``out_dir`` (temporary dot-files skipped)."""
-    from rsae.saes import sha256_file  # imports torch: only inside the task
-
-    for f in sorted(out_dir.iterdir()):
-        if not f.is_file() or f.name.startswith("."):
-            continue
-        kind, ctype = ARTIFACT_FILES.get(
-            f.name, ("other", mimetypes.guess_type(f.name)[0] or "application/octet-stream")
-        )
-        session.add(
-            Artifact(
-                job_id=job_id,
-                name=f.name,
-                kind=kind,
-                content_type=ctype,
-                size=f.stat().st_size,
-                sha256=sha256_file(f),
-                path=str(f.relative_to(settings.artifacts_dir)),
-                created_at=utcnow(),
-            )
-        )
 
 
 class _Stop(Exception):
@@ -297,48 +324,6 @@ def _finish(
     return ok
 
 
-def _succeed(
-    make_session: sessionmaker[Session],
-    settings: Settings,
-    job_id: str,
-    owner: str,
-    staging: Path,
-    report: dict[str, Any],
-) -> bool:
-    """Publish the staged artifacts as the job's only artifact set and mark it succeeded, if ``owner`` still
-    holds the lease: status update (row locked), then ``staging`` renamed to ``<artifacts>/<job>/sae``
-    (replacing any older set), artifact rows, scratch deleted, commit. Safe to repeat after a failure."""
-    final = settings.artifacts_dir / job_id / "sae"
-
-    def tx() -> bool:
-        with make_session.begin() as s:
-            if not transition(
-                s,
-                job_id,
-                ACTIVE,
-                "succeeded",
-                where=(Job.lease_owner == owner,),
-                lease_owner=None,
-                lease_expires_at=None,
-                stage=STAGES[-1],
-                progress=1.0,
-                metrics=_headline_metrics(report),
-            ):
-                return False
-            s.execute(delete(Artifact).where(Artifact.job_id == job_id))
-            if staging.is_dir():
-                if final.exists():
-                    shutil.rmtree(final)
-                staging.rename(final)
-            _register_artifacts(s, settings, job_id, final)
-            shutil.rmtree(settings.work_dir / job_id, ignore_errors=True)
-            for other in final.parent.glob(".staging-*"):  # leftovers of dead attempts
-                shutil.rmtree(other, ignore_errors=True)
-            return True
-
-    return db_retry(tx)
-
-
 def _fail(
     make_session: sessionmaker[Session],
     settings: Settings,
@@ -359,12 +344,16 @@ def run_job(job_id: str, settings: Settings) -> str | None:
 
     Steps: :func:`worker.lease.claim` (conditional UPDATE from ``queued``); a :class:`worker.lease.Heartbeat`
     renews the lease; the pipeline runs with checkpoints in ``<work_dir>/<job id>`` (kept across attempts,
-    so a re-queued job resumes) and writes artifacts to a per-attempt staging folder, published by
-    :func:`_succeed`. Cancellation, lease loss and the deadline are checked between steps. Errors:
+    so a re-queued job resumes; checkpoint renames fenced by the lease: :meth:`JobReporter.fence`) and
+    writes artifacts to a per-attempt staging folder, published in two commits (:mod:`worker.publish`:
+    ``publishing`` first, then the files move, then ``succeeded``; the work dir is deleted after that).
+    A cancel that arrives before the publish commit ends the job ``cancelled``, even if the pipeline
+    already finished. Cancellation, lease loss and the deadline are checked between steps; Celery's soft
+    time limit (``SoftTimeLimitExceeded``) ends the job ``deadline_exceeded``. Errors:
     ``RSAEError`` (bad teacher, model, data) and out-of-memory fail at once with an actionable message;
     transient database errors are retried (tenacity) and, if they persist, leave the job to the reaper.
     """
-    make_session = get_sessionmaker(settings.database_url)
+    make_session = get_sessionmaker(settings.database_url, DbTimeouts.from_settings(settings))
     owner = new_owner()
     c = claim(make_session, job_id, owner, settings)
     if c is None:
@@ -378,9 +367,17 @@ def run_job(job_id: str, settings: Settings) -> str | None:
     heartbeat = Heartbeat(make_session, job_id, owner, settings)
     heartbeat.start()
     reporter = JobReporter(
-        make_session, job_id, owner=owner, heartbeat=heartbeat, deadline_at=c.deadline_at, attempt=c.attempt
+        make_session,
+        job_id,
+        owner=owner,
+        heartbeat=heartbeat,
+        deadline_at=c.deadline_at,
+        attempt=c.attempt,
+        deadline_in=c.deadline_in,
+        lease_seconds=settings.lease_seconds,
     )
     status: str | None = None
+    publishing = False  # once committed, the staging folder belongs to the publish (never deleted here)
     try:
         reporter.check_stop()
         with make_session() as s:
@@ -395,12 +392,26 @@ def run_job(job_id: str, settings: Settings) -> str | None:
             should_cancel=reporter.should_cancel,
             checkpoint_every=settings.checkpoint_every_steps,
             on_checkpoint=reporter.on_checkpoint,
+            fence=reporter.fence,
         )
         reporter.check_stop()
-        status = "succeeded" if _succeed(make_session, settings, job_id, owner, staging, report) else None
-    except (Cancelled, _Stop) as e:
-        reason = e.reason if isinstance(e, _Stop) else reporter.stop_reason
-        if reason == "lease_lost":
+        began = begin_publish(make_session, settings, job_id, owner, staging, _headline_metrics(report))
+        if began == "cancelling":
+            raise Cancelled("cancelled while packaging")
+        if began == "lost":
+            raise _Stop("lease_lost")
+        publishing = True
+        status = "succeeded" if finish_publish(make_session, settings, job_id, owner) else None
+    except (Cancelled, _Stop, SoftTimeLimitExceeded) as e:
+        if isinstance(e, _Stop):
+            reason = e.reason
+        elif isinstance(e, SoftTimeLimitExceeded):
+            reason = "deadline"
+        else:
+            reason = reporter.stop_reason
+        if publishing:  # a soft time limit during the file moves: the publish stays, the reaper ends it
+            log.warning("job %s: stopped while publishing (%s); the reaper completes the publish", job_id, reason)
+        elif reason == "lease_lost":
             log.warning("job %s: lease lost; this copy stops and leaves the job to its new owner", job_id)
         elif reason == "deadline":
             status = (
@@ -430,7 +441,14 @@ def run_job(job_id: str, settings: Settings) -> str | None:
             else None
         )
     except Exception as e:  # noqa: BLE001 - classify, then record on the row
-        if isinstance(e, _oom_types()):
+        if publishing:  # the row says publishing: only finish_publish may end it (here or by the reaper)
+            log.exception(
+                "job %s: publishing failed; the job stays publishing and the reaper completes it once the lease "
+                "lapses (%.0f s)",
+                job_id,
+                settings.lease_seconds,
+            )
+        elif isinstance(e, _oom_types()):
             log.error("job %s: out of memory: %s", job_id, e)
             status = (
                 "failed"
@@ -454,7 +472,7 @@ def run_job(job_id: str, settings: Settings) -> str | None:
             )
     finally:
         heartbeat.stop()
-        if status is None:
+        if status is None and not publishing:
             shutil.rmtree(staging, ignore_errors=True)  # our partial output only; the work dir stays
     log.info("job %s: %s", job_id, status or "left to its new owner / the reaper")
     if status is not None:
@@ -484,7 +502,7 @@ def start_reaper(settings: Settings) -> Reaper:
         app = create_celery(settings)  # publishes only: the reaper sends messages, it runs no tasks
         _reaper = Reaper(
             settings,
-            get_sessionmaker(settings.database_url),
+            get_sessionmaker(settings.database_url, DbTimeouts.from_settings(settings)),
             lambda job_id: enqueue_upgrade(app, job_id, retries=settings.enqueue_retries),
         )
         _reaper.start()

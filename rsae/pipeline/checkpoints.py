@@ -10,11 +10,23 @@ from __future__ import annotations
 import json
 import logging
 import os
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 log = logging.getLogger(__name__)
+
+
+Fence = Callable[[], bool]
+"""``fence()``: called right before a checkpoint is renamed into place; False means "this run no longer owns
+the work dir" (e.g. its lease was lost): the new file is dropped and the old one is left untouched."""
+
+
+def temp_name(path: Path) -> Path:
+    """A temporary name beside ``path``, unique to this write (``.<name>.<32 hex>.tmp``): concurrent
+    writers (threads, processes, machines sharing the folder) never write to one temp file."""
+    return path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
 
 
 CheckpointCallback = Callable[[str, dict[str, Any]], None]
@@ -42,12 +54,20 @@ class Checkpoints:
         every: optimizer steps between two fine-tuning checkpoints.
         key: identity of the request; checkpoints with another key are not loaded.
         on_event: see :data:`CheckpointCallback`.
+        fence: see :data:`Fence` (the service passes a SQL check that the job's lease is still held, so a
+            worker that lost its lease cannot overwrite the new owner's checkpoints). None: always write.
     """
 
     def __init__(
-        self, folder: Path, every: int = 50, key: str = "", on_event: CheckpointCallback | None = None
+        self,
+        folder: Path,
+        every: int = 50,
+        key: str = "",
+        on_event: CheckpointCallback | None = None,
+        fence: Fence | None = None,
     ) -> None:
         self.folder, self.every, self.key, self.on_event = Path(folder), max(1, int(every)), key, on_event
+        self.fence = fence
         self.reused: list[str] = []
         """Stages whose outputs this run took from disk instead of recomputing them (set by the runner)."""
 
@@ -72,21 +92,29 @@ class Checkpoints:
             return None
         return state
 
-    def save(self, name: str, state: dict[str, Any], stage: str = "finetune") -> None:
-        """Write ``state`` under ``name`` atomically (temp file + fsync + ``os.replace``)."""
+    def save(self, name: str, state: dict[str, Any], stage: str = "finetune") -> bool:
+        """Write ``state`` under ``name`` atomically (unique temp file + fsync + ``fence()`` + ``os.replace``).
+
+        Returns:
+            True if written; False if the fence refused (nothing changed on disk, no ``saved`` event).
+        """
         import torch
 
         self.folder.mkdir(parents=True, exist_ok=True)
-        tmp = self.folder / f".{name}.{os.getpid()}.tmp"
+        tmp = temp_name(self.path(name))
         try:
             with open(tmp, "wb") as fh:
                 torch.save({**state, "key": self.key}, fh)
                 fh.flush()
                 os.fsync(fh.fileno())
+            if self.fence is not None and not self.fence():
+                log.warning("checkpoint %s not written: the fence refused (this run lost the work dir)", name)
+                return False
             os.replace(tmp, self.path(name))
         finally:
             tmp.unlink(missing_ok=True)
         self.emit("saved", {"name": name, "stage": stage, "step": state.get("step")})
+        return True
 
     def emit(self, kind: str, info: dict[str, Any]) -> None:
         """Send ``(kind, info)`` to ``on_event`` when one is set."""
@@ -135,7 +163,7 @@ class _TrainCheckpoint:
 
 def write_json_atomic(path: Path, obj: Any) -> None:
     """Write ``obj`` as JSON to ``path`` via a temporary file, fsync and ``os.replace`` (atomic on POSIX)."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = temp_name(path)
     try:
         with open(tmp, "w") as fh:
             fh.write(json.dumps(obj, indent=2, sort_keys=False))

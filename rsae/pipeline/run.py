@@ -17,7 +17,7 @@ import torch
 from ..config import UpgradeConfig
 from ..device import pick_device
 from .calibrate import calibrate
-from .checkpoints import CheckpointCallback, Checkpoints
+from .checkpoints import CheckpointCallback, Checkpoints, Fence
 from .evaluate import evaluate
 from .extract import extract
 from .finetune import finetune
@@ -82,6 +82,7 @@ def run_upgrade(
     should_cancel: Callable[[], bool] | None = None,
     checkpoint_every: int | None = None,
     on_checkpoint: CheckpointCallback | None = None,
+    fence: Fence | None = None,
 ) -> dict[str, Any]:
     """Run the whole upgrade and write the artifact folder.
 
@@ -98,6 +99,9 @@ def run_upgrade(
             resume from it: rerunning with the same ``cfg`` and ``work_dir`` after a crash continues where the
             crash left off. None: no checkpoints.
         on_checkpoint: see :data:`rsae.pipeline.checkpoints.CheckpointCallback`.
+        fence: called before each checkpoint file is renamed into place; False drops that write (see
+            :data:`rsae.pipeline.checkpoints.Fence`: a worker that lost its job must not overwrite the new
+            owner's checkpoints).
 
     Returns:
         The report as a dict (same content as ``report.json``), including ``metrics`` per SAE.
@@ -115,7 +119,7 @@ def run_upgrade(
     ckpts = None
     if checkpoint_every is not None:
         key = hashlib.sha256(cfg.model_dump_json().encode()).hexdigest()
-        ckpts = Checkpoints(work / "checkpoints", checkpoint_every, key, on_checkpoint)
+        ckpts = Checkpoints(work / "checkpoints", checkpoint_every, key, on_checkpoint, fence)
         _resume(state, ckpts)
     ctx = RunContext(Progress(on_progress, should_cancel), ckpts)
     run_stages(state, ctx)

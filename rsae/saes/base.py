@@ -22,6 +22,7 @@ import hashlib
 import json
 import math
 import os
+import uuid
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -137,10 +138,11 @@ class SAE(nn.Module):
         """
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        tmp_w = path / f".{WEIGHTS_NAME}.tmp"
+        tag = uuid.uuid4().hex  # unique temp names: two writers of one folder never share a temp file
+        tmp_w = path / f".{WEIGHTS_NAME}.{tag}.tmp"
         save_file(self.file_tensors(), str(tmp_w), metadata={"format": "pt"})
         os.replace(tmp_w, path / WEIGHTS_NAME)
-        tmp_c = path / f".{CFG_NAME}.tmp"
+        tmp_c = path / f".{CFG_NAME}.{tag}.tmp"
         tmp_c.write_text(json.dumps(self.cfg_dict(), indent=2))
         os.replace(tmp_c, path / CFG_NAME)
         return path

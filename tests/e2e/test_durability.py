@@ -517,7 +517,7 @@ def test_sigkill_mid_finetune_resumes_from_the_checkpoint(
         m.startswith(f"attempt 2 resumed from stage finetune (finetune-rsae) at step {resumed['step']}") for m in msgs
     ), msgs
     assert any("re-queued" in m for m in msgs), msgs
-    assert statuses(make_session, job_id) == ["running", "queued", "running", "succeeded"]
+    assert statuses(make_session, job_id) == ["running", "queued", "running", "publishing", "succeeded"]
     check_single_artifact_set(dsettings, make_session, job_id)
     assert not (dsettings.work_dir / job_id).exists()
 
@@ -601,7 +601,7 @@ def test_redis_restart_while_a_job_runs_and_others_are_queued(
         assert j.status == "succeeded", (j.id, j.error, w.tails())
         assert j.attempt == 1 and j.resumed_from is None, (j.attempt, j.resumed_from)
         assert sum(m.startswith("attempt 1 started") for m in log_messages(make_session, j.id)) == 1
-        assert statuses(make_session, j.id) == ["running", "succeeded"]
+        assert statuses(make_session, j.id) == ["running", "publishing", "succeeded"]
         check_single_artifact_set(settings, make_session, j.id)
 
 
