@@ -42,6 +42,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from service.config import Settings
 from service.jobs import add_event, transition
 from service.models import TERMINAL_STATUSES, Job, utcnow
+from service.storage import storage_pass
 from service.webhooks import notify_in_background
 
 log = logging.getLogger(__name__)
@@ -351,6 +352,7 @@ def reap_once(settings: Settings, make_session: sessionmaker[Session], publish: 
     for job_id in out.cancelled + out.failed:  # terminal here: their webhooks are due
         notify_in_background(make_session, settings, job_id)
     out.swept = sweep_dirs(settings, make_session)
+    storage_pass(settings, make_session)  # deleted jobs, artifact retention, orphan folders (service.storage)
     if out.requeued or out.cancelled or out.failed or out.published:
         log.info(
             "reaper: requeued %s, cancelled %s, failed %s, published %s",
