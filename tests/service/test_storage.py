@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 from pathlib import Path
 
@@ -261,6 +262,17 @@ def test_storage_quota(
         # Another user has their own quota.
         with TestClient(c.app, headers=bearer(make_token(database_url, "mallory"))) as m:
             assert upload_sae(m, teacher)["id"]
+
+    # Concurrent submissions of one user cannot overshoot it (the user's row lock serialises the checks).
+    with app_client(monkeypatch, max_storage_bytes_per_user=str(size + 2 * estimate)) as c:
+        queued = [j["id"] for j in c.get("/jobs", params={"status": "queued"}).json()["items"]]
+        assert len(queued) == 1  # one estimate reserved: room for one more job
+        with ThreadPoolExecutor(6) as pool:
+            codes = sorted(pool.map(lambda i: c.post("/jobs", json=job_body(first, seed=10 + i)).status_code, range(6)))
+        assert codes == [202] + [413] * 5, codes
+        for job in c.get("/jobs", params={"status": "queued"}).json()["items"]:
+            if job["id"] not in queued:
+                assert c.delete(f"/jobs/{job['id']}").status_code == 204  # frees its reservation again
 
     # The stored folder does not fit although the user is under the quota: refused after the import,
     # nothing left in the uploads folder.

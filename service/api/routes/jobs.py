@@ -187,10 +187,11 @@ def delete_job(job_id: str, session: SessionDep, settings: SettingsDep, user: Us
     another user's job). A job deleted while queued sends no webhook; one deleted while running reports
     ``cancelled`` to its webhook like a cancel.
     """
-    job_or_404(session, job_id, user)
+    job = job_or_404(session, job_id, user)
     if request_job_deletion(session, settings, job_id) == "deleted":
         return Response(status_code=204)
-    return JobOut.from_row(job_or_404(session, job_id, user))
+    session.refresh(job)
+    return JobOut.from_row(job)
 
 
 @router.get(
