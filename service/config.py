@@ -94,6 +94,21 @@ class Settings(BaseSettings):
         le=7 * 86400,
         description="Longest life of one event stream; the client reconnects with Last-Event-ID to go on.",
     )
+    # -- storage bounds (service/storage.py) -------------------------------------------------------------
+    max_storage_bytes_per_user: int = Field(
+        50 * 1024**3,
+        ge=1,
+        description="Bytes one user may keep stored: their uploaded teachers plus their jobs' artifacts plus an "
+        "estimate of the artifacts of their unfinished jobs. An upload or a job submission beyond it answers "
+        "413 storage_quota_exceeded with the figures; DELETE /saes/{id} and DELETE /jobs/{id} free space.",
+    )
+    retention_days: float | None = Field(
+        None,
+        gt=0,
+        description="Days a succeeded job's artifacts are kept after it finished; the reaper then deletes the "
+        "files and their rows and marks the job expired_at (the job row, events and metrics stay; a download "
+        "answers 410 Gone). Unset: kept until the job is deleted.",
+    )
     db_pool_size: int = Field(10, ge=1, le=1000, description="Connections the API keeps in its SQL pool (not SQLite).")
     db_max_overflow: int = Field(
         20, ge=0, le=1000, description="Connections the SQL pool may open beyond db_pool_size under load (not SQLite)."

@@ -144,6 +144,9 @@ class Sae(Base):
     path: Mapped[str] = mapped_column(Text, doc="Folder relative to the uploads dir.")
     cfg: Mapped[dict[str, Any]] = mapped_column(JSONType)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    size_bytes: Mapped[int | None] = mapped_column(
+        BigInteger, doc="Bytes of the stored folder (storage quota); NULL: not measured yet (older rows)."
+    )
 
 
 class Job(Base):
@@ -158,6 +161,8 @@ class Job(Base):
         Index("ix_jobs_owner_id_created_at", "owner_id", "created_at"),
         UniqueConstraint("owner_id", "idempotency_key", name="uq_jobs_owner_id_idempotency_key"),
         Index("ix_jobs_status_lease_expires_at", "status", "lease_expires_at"),
+        Index("ix_jobs_deleted_at", "deleted_at"),
+        Index("ix_jobs_status_finished_at", "status", "finished_at"),
     )
 
     id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
@@ -197,6 +202,12 @@ class Job(Base):
         Text,
         doc="While 'publishing': the staging folder (relative to the artifacts dir) being moved to "
         "'<job>/sae'; whoever finishes the publish (the worker, or the reaper after a crash) reads it here.",
+    )
+    deleted_at: Mapped[datetime | None] = mapped_column(
+        UTCDateTime, doc="DELETE asked while unfinished: the reaper removes the row once the job ends."
+    )
+    expired_at: Mapped[datetime | None] = mapped_column(
+        UTCDateTime, doc="When the retention rule (RSAE_RETENTION_DAYS) deleted the job's artifacts."
     )
 
     artifacts: Mapped[list["Artifact"]] = relationship(

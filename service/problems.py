@@ -53,6 +53,8 @@ _STATUS_DESCRIPTIONS = {
     400: "malformed request (problem+json)",
     401: "missing, malformed, unknown or revoked bearer token (problem+json; WWW-Authenticate: Bearer)",
     404: "unknown id, or another user's (problem+json)",
+    409: "conflict with the resource's current state (problem+json)",
+    410: "gone: deleted by the retention rule (problem+json)",
     413: "request body too large (problem+json)",
     415: "unsupported media type (problem+json)",
     422: "invalid input; 'field' names it (problem+json)",

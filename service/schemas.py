@@ -313,6 +313,14 @@ class JobOut(BaseModel):
     metrics: dict[str, Any] | None
     error: JobError | None
     artifacts: list[ArtifactOut]
+    deleted_at: datetime | None = Field(
+        None, description="DELETE was asked while the job ran: it is removed once it has stopped."
+    )
+    expired_at: datetime | None = Field(
+        None,
+        description="The retention rule (RSAE_RETENTION_DAYS) deleted the job's artifacts then; downloads "
+        "answer 410 Gone.",
+    )
 
     @classmethod
     def from_row(cls, row: Job) -> "JobOut":
@@ -337,6 +345,8 @@ class JobOut(BaseModel):
             metrics=row.metrics,
             error=row.error,
             artifacts=[ArtifactOut.from_row(a) for a in row.artifacts],
+            deleted_at=row.deleted_at,
+            expired_at=row.expired_at,
         )
 
 

@@ -31,6 +31,7 @@ from rsae.saes import CFG_NAME, WEIGHTS_NAME
 from .config import Settings
 from .models import Sae, is_uuid, new_id, utcnow
 from .problems import NotFound, ProblemError
+from .storage import check_storage, dir_bytes, lock_user
 from .uploads import ReceivedForm
 
 MAX_NAME_CHARS = 200
@@ -146,7 +147,13 @@ def register_upload(
     owner_id: str,
 ) -> Sae:
     """Move the imported teacher ``folder`` to ``<uploads>/<id>/`` and insert its ``saes`` row (the folder
-    is removed again if the insert fails). The row's sha256 is that of the uploaded weights file."""
+    is removed again if the insert fails). The row's sha256 is that of the uploaded weights file, its
+    ``size_bytes`` the stored folder's.
+
+    Raises:
+        ProblemError: 413 ``storage_quota_exceeded`` when the stored folder does not fit in the owner's
+            ``max_storage_bytes_per_user`` (:func:`service.storage.check_storage`, under the owner's row lock).
+    """
     weights_field = next(f for f in WEIGHT_FIELDS if f in form.sha256)
     cfg, detected = teacher.cfg, teacher.detected
     row = Sae(
@@ -162,10 +169,13 @@ def register_upload(
         created_at=utcnow(),
     )
     row.path = row.id
+    row.size_bytes = dir_bytes(folder)
     final = settings.uploads_dir / row.path
     os.replace(folder, final)
     try:
         with make_session() as session, session.begin():
+            lock_user(session, owner_id)  # concurrent uploads of one user are checked one after the other
+            check_storage(session, settings, owner_id, row.size_bytes, what="this upload (as stored)")
             session.add(row)
     except BaseException:
         shutil.rmtree(final, ignore_errors=True)

@@ -46,6 +46,7 @@ from service.config import Settings
 from service.db import db_now
 from service.jobs import add_event, transition
 from service.models import TERMINAL_STATUSES, Job
+from service.storage import storage_pass
 from service.webhooks import deliver_due
 
 log = logging.getLogger(__name__)
@@ -419,6 +420,7 @@ def reap_once(settings: Settings, make_session: sessionmaker[Session], publish: 
     # Webhook notices due: those of the jobs finished above, retries, and any a dead process left behind.
     out.webhooks = deliver_due(settings, make_session).outcomes
     out.swept = sweep_dirs(settings, make_session)
+    storage_pass(settings, make_session)  # deleted jobs, artifact retention, orphan folders (service.storage)
     if out.requeued or out.cancelled or out.failed or out.published or out.finished_publishing:
         log.info(
             "reaper: requeued %s, cancelled %s, failed %s, published %s, finished publishing %s",

@@ -1,6 +1,7 @@
-"""Upgrade jobs: create, list, read, cancel, events, artifacts.
+"""Upgrade jobs: create, list, read, cancel, delete, events, artifacts.
 
-Routes only: ownership, idempotency, admission, publishing and cursors are :mod:`service.policies`.
+Routes only: ownership, idempotency, admission, publishing and cursors are :mod:`service.policies`; deletion,
+the storage quota and retention are :mod:`service.storage`.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from service.policies import (
 )
 from service.problems import ProblemError, problem_responses
 from service.schemas import ArtifactOut, EventOut, JobCreate, JobOut, JobPage, JobStatus
+from service.storage import check_storage, job_output_estimates, request_job_deletion
 from service.webhooks import notify_in_background
 
 log = logging.getLogger(__name__)
@@ -47,7 +49,12 @@ _NOT_FOUND = problem_responses(404, s404="unknown job, or another user's (proble
     responses={
         200: {"description": "replay: a job was already created with this Idempotency-Key and body", "model": JobOut},
         **problem_responses(
-            429, 503, s503="job recorded as failed: the broker is unreachable (code enqueue_failed; problem+json)"
+            413,
+            429,
+            503,
+            s413="request body too large, or storage quota exceeded (code storage_quota_exceeded, with "
+            "used_bytes, limit_bytes, requested_bytes; problem+json)",
+            s503="job recorded as failed: the broker is unreachable (code enqueue_failed; problem+json)",
         ),
     },
 )
@@ -72,6 +79,10 @@ def create_job(
     ``enqueue_failed`` (so it never lingers as ``queued``) and the answer is a 503 problem carrying
     ``job_id``. The user's row is locked for the duration, so one user's concurrent submissions are
     serialised (the quota and the idempotency check cannot be raced).
+
+    Storage quota: the job's artifacts are estimated from its teacher (8 bytes x ``d_in`` x ``d_sae`` + 1 MiB
+    for an uploaded SAE; 0 for hub and server-side teachers) and must fit beside what the user already stores
+    (``RSAE_MAX_STORAGE_BYTES_PER_USER``), else 413 ``storage_quota_exceeded`` with the figures.
     """
     key = check_idempotency_key(idempotency_key)
     digest = request_sha256(body)
@@ -80,6 +91,8 @@ def create_job(
         return replayed
     check_quota(session, user, settings)
     check_job_request(session, settings, body, user)
+    estimate = job_output_estimates(session, [body.model_dump(mode="json")])[0]
+    check_storage(session, settings, user.id, estimate, what="this job's estimated artifacts")
     job = Job(
         status="queued",
         stage=None,
@@ -149,6 +162,34 @@ def cancel_job(job_id: str, request: Request, session: SessionDep, settings: Set
     session.commit()
     if cancelled_now:
         notify_in_background(request.app.state.sessionmaker, settings, job_id)
+    session.refresh(job)
+    return JobOut.from_row(job)
+
+
+@router.delete(
+    "/{job_id}",
+    status_code=202,
+    response_model=JobOut,
+    responses={
+        202: {"description": "the job was running: it is cancelling, and is deleted once it has stopped"},
+        204: {"description": "deleted: the job, its events, artifacts and scratch are gone"},
+        **_NOT_FOUND,
+        **problem_responses(409, s409="the job kept changing status; try again (code job_busy; problem+json)"),
+    },
+)
+def delete_job(job_id: str, session: SessionDep, settings: SettingsDep, user: UserDep) -> JobOut | Response:
+    """Delete one of your jobs with its events, artifacts (files and rows) and scratch, freeing storage quota.
+
+    A queued or finished job is deleted at once: 204. A running (or cancelling) job is cancelled first: 202
+    with the job in ``cancelling`` and ``deleted_at`` set; the worker stops at its next check and the reaper
+    deletes the job once it has ended (within ``RSAE_REAPER_INTERVAL_SECONDS``); until then it is still
+    listed, and repeating the DELETE answers 202 again. Once gone, the id is a 404 (as for an unknown id or
+    another user's job). A job deleted while queued sends no webhook; one deleted while running reports
+    ``cancelled`` to its webhook like a cancel.
+    """
+    job = job_or_404(session, job_id, user)
+    if request_job_deletion(session, settings, job_id) == "deleted":
+        return Response(status_code=204)
     session.refresh(job)
     return JobOut.from_row(job)
 
@@ -245,13 +286,32 @@ def list_artifacts(job_id: str, session: SessionDep, user: UserDep) -> list[Arti
         },
         304: {"description": "not modified (If-None-Match: the ETag)"},
         **_NOT_FOUND,
+        **problem_responses(
+            410, s410="the job's artifacts were deleted by the retention rule (code artifact_expired; problem+json)"
+        ),
     },
 )
 def download_artifact(
     job_id: str, name: str, request: Request, session: SessionDep, settings: SettingsDep, user: UserDep
 ) -> Response:
-    """Download one file. The name is looked up in the artifacts table, never joined into a path."""
-    art = next((a for a in job_or_404(session, job_id, user).artifacts if a.name == name), None)
+    """Download one file. The name is looked up in the artifacts table, never joined into a path.
+
+    410 Gone (``artifact_expired``) for any name once the retention rule (``RSAE_RETENTION_DAYS``) deleted the
+    job's artifacts (``expired_at`` on the job)."""
+    job = job_or_404(session, job_id, user)
+    if job.expired_at is not None:
+        raise ProblemError(
+            410,
+            "artifact_expired",
+            f"the artifacts of job {job_id} were deleted on {job.expired_at:%Y-%m-%d %H:%M:%S} UTC "
+            f"(kept {settings.retention_days:g} days after the job finished, RSAE_RETENTION_DAYS)"
+            if settings.retention_days is not None
+            else f"the artifacts of job {job_id} were deleted on {job.expired_at:%Y-%m-%d %H:%M:%S} UTC "
+            "by the retention rule",
+            field="name",
+            expired_at=job.expired_at.isoformat(),
+        )
+    art = next((a for a in job.artifacts if a.name == name), None)
     if art is None:
         raise ProblemError(404, "artifact_not_found", f"job {job_id} has no artifact {name!r}", field="name")
     root = settings.artifacts_dir

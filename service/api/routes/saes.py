@@ -1,6 +1,7 @@
-"""Teacher SAE uploads: ``POST /saes``, ``GET /saes``, ``GET /saes/{id}``.
+"""Teacher SAE uploads: ``POST /saes``, ``GET /saes``, ``GET /saes/{id}``, ``DELETE /saes/{id}``.
 
-Routes only: the form fields, their checks, the import and the registration are :mod:`service.teachers`.
+Routes only: the form fields, their checks, the import and the registration are :mod:`service.teachers`; deletion and
+the storage quota are :mod:`service.storage`.
 """
 
 from __future__ import annotations
@@ -11,9 +12,12 @@ import uuid
 from fastapi import APIRouter, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
 
+from service import storage
 from service.api.deps import LimitDep, SessionDep, SettingsDep
 from service.auth import UserDep
+from service.config import Settings
 from service.models import Sae
 from service.problems import problem_responses
 from service.schemas import SaeOut
@@ -83,8 +87,11 @@ _UPLOAD_BODY = {
     status_code=201,
     openapi_extra={"requestBody": _UPLOAD_BODY},
     responses=problem_responses(
+        413,
         415,
         422,
+        s413="request body too large, or storage quota exceeded (code storage_quota_exceeded, with used_bytes, "
+        "limit_bytes, requested_bytes; problem+json)",
         s422="invalid teacher: 'field' names the form field and key, e.g. cfg.d_in or weights.W_enc (problem+json)",
     ),
 )
@@ -100,7 +107,13 @@ async def upload_sae(request: Request, response: Response, settings: SettingsDep
     with :func:`rsae.formats.load_teacher` (format and conventions detected, reported back in
     ``source``), checked (shapes, dtypes, finite values, config keys: 422 naming the offending field such
     as ``cfg.d_in`` or ``weights.W_enc``), stored in the SAELens layout and moved to ``<uploads>/<id>/``.
+
+    Storage quota (``RSAE_MAX_STORAGE_BYTES_PER_USER``; uploads + job artifacts + the estimated artifacts
+    of unfinished jobs): a user already at it is refused before the body is read, and an upload whose stored
+    folder does not fit is refused after the import; both are 413 ``storage_quota_exceeded`` carrying
+    ``used_bytes``, ``limit_bytes`` and ``requested_bytes``.
     """
+    await run_in_threadpool(_room_left, request.app.state.sessionmaker, settings, user.id)
     settings.uploads_dir.mkdir(parents=True, exist_ok=True)
     tmp = settings.uploads_dir / f".upload-{uuid.uuid4().hex}"
     (tmp / "src").mkdir(parents=True)
@@ -125,6 +138,13 @@ async def upload_sae(request: Request, response: Response, settings: SettingsDep
     return SaeOut.from_row(row)
 
 
+def _room_left(make_session: sessionmaker[Session], settings: Settings, user_id: str) -> None:
+    """Refuse an upload before reading it when the user's storage is already full (413)."""
+    with make_session() as session:
+        storage.check_storage(session, settings, user_id, 0, what="this upload")
+        session.commit()  # sizes measured for older rows
+
+
 @router.get("")
 def list_saes(session: SessionDep, limit: LimitDep, user: UserDep) -> list[SaeOut]:
     """Your ``limit`` most recently uploaded teacher SAEs, newest first."""
@@ -138,3 +158,28 @@ def list_saes(session: SessionDep, limit: LimitDep, user: UserDep) -> list[SaeOu
 def get_sae(sae_id: str, session: SessionDep, user: UserDep) -> SaeOut:
     """One of your uploaded teacher SAEs (another user's id is a 404, like an unknown one)."""
     return SaeOut.from_row(sae_or_404(session, sae_id, user.id))
+
+
+@router.delete(
+    "/{sae_id}",
+    status_code=204,
+    response_class=Response,
+    responses={
+        204: {"description": "deleted: the row and the stored files are gone"},
+        **problem_responses(
+            404,
+            409,
+            s409="an unfinished job of yours uses it as its teacher (code sae_in_use; job_ids lists them; "
+            "problem+json)",
+        ),
+    },
+)
+def delete_sae(sae_id: str, session: SessionDep, settings: SettingsDep, user: UserDep) -> Response:
+    """Delete one of your uploaded teacher SAEs: its row, then its stored files (freeing storage quota).
+
+    Refused with 409 ``sae_in_use`` while one of your unfinished jobs (queued, running, cancelling) uses it
+    as its teacher; finished jobs that used it keep their results. Repeating the call answers 404 (like
+    another user's or an unknown id).
+    """
+    storage.delete_sae(session, settings, sae_or_404(session, sae_id, user.id))
+    return Response(status_code=204)
