@@ -18,6 +18,7 @@ from service.api.deps import CeleryDep, LimitDep, SessionDep, SettingsDep
 from service.auth import UserDep
 from service.events import EventStreamResponse, job_event_stream
 from service.jobs import add_event, transition
+from service.jsonbody import StrictJSONRoute
 from service.models import Job, JobEvent, User
 from service.policies import (
     check_idempotency_key,
@@ -35,7 +36,9 @@ from service.schemas import ArtifactOut, EventOut, JobCreate, JobOut, JobPage, J
 from service.webhooks import notify_in_background
 
 log = logging.getLogger(__name__)
-router = APIRouter(prefix="/jobs", tags=["jobs"], responses=problem_responses(400, 401, 413, 422))
+router = APIRouter(
+    prefix="/jobs", tags=["jobs"], responses=problem_responses(400, 401, 413, 422), route_class=StrictJSONRoute
+)
 
 _NOT_FOUND = problem_responses(404, s404="unknown job, or another user's (problem+json)")
 
