@@ -14,7 +14,7 @@ from typing import Any, Callable
 
 import torch
 
-from ..config import UpgradeConfig
+from ..config import ArtifactRefs, UpgradeConfig
 from ..device import pick_device
 from .calibrate import calibrate
 from .checkpoints import CheckpointCallback, Checkpoints
@@ -82,6 +82,7 @@ def run_upgrade(
     should_cancel: Callable[[], bool] | None = None,
     checkpoint_every: int | None = None,
     on_checkpoint: CheckpointCallback | None = None,
+    refs: ArtifactRefs | None = None,
 ) -> dict[str, Any]:
     """Run the whole upgrade and write the artifact folder.
 
@@ -98,6 +99,9 @@ def run_upgrade(
             resume from it: rerunning with the same ``cfg`` and ``work_dir`` after a crash continues where the
             crash left off. None: no checkpoints.
         on_checkpoint: see :data:`rsae.pipeline.checkpoints.CheckpointCallback`.
+        refs: how the artifacts name the teacher, the data and the model instead of the local paths in
+            ``cfg`` (:class:`rsae.config.ArtifactRefs`; a server passes them so no server folder reaches a
+            user). None: the artifacts carry ``cfg`` as given. Not part of the checkpoint key.
 
     Returns:
         The report as a dict (same content as ``report.json``), including ``metrics`` per SAE.
@@ -117,6 +121,6 @@ def run_upgrade(
         key = hashlib.sha256(cfg.model_dump_json().encode()).hexdigest()
         ckpts = Checkpoints(work / "checkpoints", checkpoint_every, key, on_checkpoint)
         _resume(state, ckpts)
-    ctx = RunContext(Progress(on_progress, should_cancel), ckpts)
+    ctx = RunContext(Progress(on_progress, should_cancel), ckpts, refs)
     run_stages(state, ctx)
     return state.report
