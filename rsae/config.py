@@ -243,3 +243,29 @@ class UpgradeConfig(_Strict):
     def hook(self) -> str:
         """SAELens/TransformerLens hook name of the residual stream this upgrade reads."""
         return f"blocks.{self.layer}.hook_resid_post"
+
+
+class ArtifactRefs(_Strict):
+    """How an upgrade's artifacts (``cfg.json``, ``report.json``, ``report.html``) name its inputs, in place of
+    the local paths the run read them from. A server passes these so that no server folder reaches a user;
+    each None keeps the :class:`UpgradeConfig` value (a local run names its own paths).
+
+    The teacher's weights sha256 is always recorded beside ``teacher`` (``report.teacher.sha256``).
+    """
+
+    teacher: str | None = Field(
+        None, description="Public reference of the teacher, e.g. 'sae:<id> (<name>)' or 'hub:<repo>/<path>@<rev>'."
+    )
+    dataset: str | None = Field(None, description="Public name of the text, e.g. 'bbc-news' or 'local:<name>'.")
+    model: str | None = Field(None, description="Public name of the host model (only needed for a local folder).")
+
+    def apply(self, cfg: UpgradeConfig) -> UpgradeConfig:
+        """A copy of ``cfg`` with the teacher, dataset and model replaced by the references that are set."""
+        update: dict[str, object] = {}
+        if self.teacher is not None:
+            update["teacher"] = self.teacher
+        if self.model is not None:
+            update["model"] = self.model
+        if self.dataset is not None:
+            update["data"] = cfg.data.model_copy(update={"dataset": self.dataset})
+        return cfg.model_copy(update=update)

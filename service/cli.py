@@ -43,8 +43,12 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    """Run the API with uvicorn (after migrating, unless ``--no-migrate``)."""
+    """Run the API with uvicorn (after migrating, unless ``--no-migrate``), with the connection limits of
+    :func:`service.httpserver.server_limits`: RSAE_MAX_HEADER_BYTES, RSAE_HEADER_TIMEOUT_SECONDS,
+    RSAE_KEEP_ALIVE_SECONDS, RSAE_MAX_CONCURRENCY."""
     import uvicorn
+
+    from .httpserver import server_limits
 
     settings = get_settings()
     settings.require_broker()
@@ -58,6 +62,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         workers=args.workers,
         log_level=settings.log_level.lower(),
         proxy_headers=True,
+        **server_limits(settings),  # head size and read timeout, keep-alive, concurrency (RSAE_* settings)
     )
     return 0
 

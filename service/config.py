@@ -45,6 +45,29 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(
         1024**2, ge=1024, description="Largest accepted request body other than a POST /saes upload (413 beyond)."
     )
+    max_header_bytes: int = Field(
+        32 * 1024,
+        ge=4096,
+        le=1024**2,
+        description="Largest request line plus headers uvicorn buffers (h11_max_incomplete_event_size); a larger "
+        "head is answered 400 and the connection closed.",
+    )
+    header_timeout_seconds: float = Field(
+        10.0,
+        gt=0,
+        le=300,
+        description="Time a client has to send a request's complete head, from connecting (or from the first byte "
+        "of a further request on a kept-alive connection); then the connection is closed (slow-header clients).",
+    )
+    keep_alive_seconds: int = Field(
+        5, ge=1, le=300, description="Idle time after a response before uvicorn closes a kept-alive connection."
+    )
+    max_concurrency: int = Field(
+        1000,
+        ge=1,
+        description="Most connections plus tasks one API process serves at once (uvicorn limit_concurrency); "
+        "beyond it new requests get 503.",
+    )
     max_active_jobs_per_user: int = Field(
         20,
         ge=1,

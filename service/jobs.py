@@ -6,6 +6,7 @@ racing on one job (a cancel and a worker start, two workers) cannot both win.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -14,19 +15,23 @@ from pydantic import ValidationError
 from sqlalchemy import update
 from sqlalchemy.orm import Session
 
-from rsae.config import UpgradeConfig
+from rsae.config import DEFAULT_DATASET, ArtifactRefs, UpgradeConfig
 from rsae.errors import TeacherError
 
 from .config import Settings
 from .models import TERMINAL_STATUSES, Job, JobEvent, Sae, is_uuid, utcnow
 from .problems import validation_errors
+from .redact import redact_data
 from .schemas import SETTINGS_FIELDS, JobCreate, TeacherRef
 from .webhooks import enqueue as enqueue_notice
 
 
 def add_event(session: Session, job_id: str, type_: str, data: dict[str, Any]) -> None:
-    """Append an event (``status``, ``progress``, ``metrics`` or ``log``) to the job's history."""
-    session.add(JobEvent(job_id=job_id, type=type_, data=data, created_at=utcnow()))
+    """Append an event (``status``, ``progress``, ``metrics`` or ``log``) to the job's history.
+
+    Its strings pass :func:`service.redact.redact_data` (no server path, host, port or pid reaches a user).
+    """
+    session.add(JobEvent(job_id=job_id, type=type_, data=redact_data(data), created_at=utcnow()))
 
 
 def transition(
@@ -36,6 +41,7 @@ def transition(
 
     ``where`` are further conditions (e.g. ``Job.lease_owner == me``: only the lease holder may finish a
     job). ``values`` are further columns to set (e.g. ``error``, ``started_at``, ``attempt=Job.attempt + 1``).
+    An ``error`` passes :func:`service.redact.redact_data`.
     ``updated_at`` is always set, ``finished_at`` too when ``to`` is terminal. A terminal ``to`` also adds
     the job's webhook notice, if it asked for one, to the outbox (:func:`service.webhooks.enqueue`), so the
     notice commits or rolls back with the status. Does not commit, and does not refresh a loaded ``Job``
@@ -45,6 +51,8 @@ def transition(
         True if this call changed the row, False if the job was not in ``from_states`` (or is unknown).
     """
     now = utcnow()
+    if isinstance(values.get("error"), dict):  # shown to the user: no server path, host, port or pid
+        values["error"] = redact_data(values["error"])
     values["updated_at"] = now
     if to in TERMINAL_STATUSES:
         values.setdefault("finished_at", now)
@@ -120,3 +128,54 @@ def upgrade_config_errors(exc: ValidationError) -> list[dict[str, Any]]:
         if e["field"].split(".", 1)[0] in SETTINGS_FIELDS:
             e["field"] = f"settings.{e['field']}"
     return errors
+
+
+def _local_ref(path: str) -> str:
+    """``local:<name> sha256:<hex>`` of a server-side file or folder (allowed by ``RSAE_ALLOW_LOCAL_PATHS``):
+    its last path component and the sha256 over its files (names relative to it, and contents, in sorted
+    order); just ``local:<name>`` if it cannot be read."""
+    p = Path(path).expanduser()
+    digest = hashlib.sha256()
+    try:
+        files = [p] if p.is_file() else sorted(f for f in p.rglob("*") if f.is_file())
+        for f in files:
+            digest.update(str(f.relative_to(p) if f != p else f.name).encode() + b"\0")
+            with f.open("rb") as fh:
+                for block in iter(lambda: fh.read(1 << 20), b""):
+                    digest.update(block)
+    except OSError:
+        return f"local:{p.name}"
+    return f"local:{p.name} sha256:{digest.hexdigest()}"
+
+
+def artifact_refs(session: Session, req: JobCreate) -> ArtifactRefs:
+    """How a job's artifacts (cfg.json, report.json, report.html) name its inputs instead of server paths.
+
+    The teacher: ``sae:<id> (<name>)`` for an upload; ``hub:<repo_id>[/<subfolder>][@<revision>]`` or
+    ``hub:<release>/<sae_id>`` for a hub reference; ``local:<folder name> sha256:<hex>`` for a server path
+    (the core records the weights' sha256 beside it). The dataset: its name (``bbc-news``), or
+    ``local:<name> sha256:<hex>`` for a server-side file or folder. The model: ``local:<folder name>`` for
+    a server-side folder, else None (a bundled name or hub id is shown as given).
+    """
+    ref = req.teacher
+    if ref.sae_id is not None:
+        sae = session.get(Sae, ref.sae_id) if is_uuid(ref.sae_id) else None
+        name = getattr(sae, "name", None)
+        teacher = f"sae:{ref.sae_id}" + (f" ({name})" if name else "")
+    elif ref.hub is not None:
+        hub = ref.hub
+        if hub.release is not None:
+            teacher = f"hub:{hub.release}/{hub.sae_id or ''}"
+        else:
+            teacher = f"hub:{hub.repo_id}" + (f"/{hub.subfolder}" if hub.subfolder else "")
+        teacher += f"@{hub.revision}" if hub.revision else ""
+    else:
+        teacher = _local_ref(ref.path or "")
+    dataset = req.settings.data.dataset
+    from .policies import is_local_path  # here: policies imports this module
+
+    return ArtifactRefs(
+        teacher=teacher,
+        dataset=dataset if dataset == DEFAULT_DATASET or not is_local_path(dataset) else _local_ref(dataset),
+        model=f"local:{Path(req.model).name}" if is_local_path(req.model) else None,
+    )

@@ -266,7 +266,8 @@ def publish_job(session: Session, celery: Celery, settings: Settings, job_id: st
             job_id,
             {"queued"},
             "failed",
-            error={"code": "enqueue_failed", "detail": f"broker unreachable: {e}", "field": None},
+            # the exception names the broker's host and port: the log has it, the user gets its type only
+            error={"code": "enqueue_failed", "detail": f"broker unreachable ({type(e).__name__})", "field": None},
         )
         session.commit()
         raise ProblemError(

@@ -2,6 +2,12 @@
 
 Body: ``{type, title, status, detail, code, field, instance}`` plus, for validation errors, ``errors``: a
 list of ``{field, code, detail}`` with dotted field paths (``settings.finetune.steps``).
+
+Bounded: a problem never echoes a large input back. ``detail`` is cut to :data:`MAX_DETAIL_CHARS` and passes
+:func:`service.redact.redact` (no server path, host, port or pid); ``field`` is cut to
+:data:`MAX_FIELD_CHARS`; ``errors`` lists at most :data:`MAX_ERRORS` items (each detail cut to
+:data:`MAX_ITEM_CHARS`), with ``errors_omitted`` counting the rest. A 1 MB body of 60,000 unknown keys
+used to give a 9.7 MB answer; now a few kB.
 """
 
 from __future__ import annotations
@@ -20,7 +26,18 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from rsae.errors import RSAEError
 
+from .redact import clip, redact
+
 log = logging.getLogger(__name__)
+
+MAX_ERRORS = 20
+"""Most items listed in a problem's ``errors`` (the rest are counted in ``errors_omitted``)."""
+MAX_DETAIL_CHARS = 1000
+"""Longest ``detail`` of a problem."""
+MAX_ITEM_CHARS = 200
+"""Longest ``detail`` of one ``errors`` item."""
+MAX_FIELD_CHARS = 200
+"""Longest ``field`` (of the problem or of an item): a field path built from a long key is cut."""
 
 PROBLEM_JSON = "application/problem+json"
 _LOCATIONS = {"body", "query", "path", "header", "cookie"}
@@ -47,6 +64,7 @@ class Problem(BaseModel):
     field: str | None = None
     instance: str | None = None
     errors: list[ProblemItem] | None = None
+    errors_omitted: int | None = None
 
 
 _STATUS_DESCRIPTIONS = {
@@ -124,14 +142,14 @@ def problem_response(
     headers: dict[str, str] | None = None,
     **extra: Any,
 ) -> JSONResponse:
-    """Build a problem+json response."""
+    """Build a problem+json response (``detail`` redacted and cut, ``field`` cut: see the module docstring)."""
     body: dict[str, Any] = {
         "type": f"urn:rsae:problem:{code}",
         "title": HTTPStatus(status).phrase,
         "status": status,
-        "detail": detail,
+        "detail": redact(detail, MAX_DETAIL_CHARS),
         "code": code,
-        "field": field,
+        "field": None if field is None else clip(field, MAX_FIELD_CHARS),
     }
     if instance is not None:
         body["instance"] = instance
@@ -151,21 +169,38 @@ def field_path(loc: Sequence[str | int]) -> str:
 
 
 def validation_errors(errors: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """``[{field, code, detail}]`` of pydantic errors (``field`` a dotted path, see :func:`field_path`)."""
+    """``[{field, code, detail}]`` of pydantic errors (``field`` a dotted path, see :func:`field_path`; pydantic's
+    ``input`` is never copied, and ``field`` and ``detail`` are cut to :data:`MAX_FIELD_CHARS` and
+    :data:`MAX_ITEM_CHARS`)."""
     return [
         {
-            "field": "body" if e.get("type") == "json_invalid" else field_path(e.get("loc", ())),
+            "field": clip("body" if e.get("type") == "json_invalid" else field_path(e.get("loc", ())), MAX_FIELD_CHARS),
             "code": e.get("type", "invalid"),
-            "detail": e.get("msg", "invalid value"),
+            "detail": clip(str(e.get("msg", "invalid value")), MAX_ITEM_CHARS),
         }
         for e in errors
     ]
 
 
 def validation_error(errors: list[dict[str, Any]]) -> ProblemError:
-    """A 422 :class:`ProblemError` listing ``errors`` (from :func:`validation_errors`); ``field`` is the first."""
-    detail = "; ".join(f"{e['field']}: {e['detail']}" for e in errors) or "invalid request"
-    return ProblemError(422, "validation_error", detail, field=errors[0]["field"] if errors else None, errors=errors)
+    """A 422 :class:`ProblemError` listing ``errors`` (from :func:`validation_errors`); ``field`` is the first.
+
+    At most :data:`MAX_ERRORS` items are listed (``errors_omitted``: how many more there were); ``detail``
+    joins the first five.
+    """
+    shown = [
+        {**e, "field": clip(e["field"], MAX_FIELD_CHARS), "detail": clip(e["detail"], MAX_ITEM_CHARS)}
+        for e in errors[:MAX_ERRORS]
+    ]
+    detail = "; ".join(f"{e['field']}: {e['detail']}" for e in shown[:5]) or "invalid request"
+    extra: dict[str, Any] = {}
+    if len(errors) > 5:
+        detail += f" (and {len(errors) - 5} more)"
+    if len(errors) > MAX_ERRORS:
+        extra["errors_omitted"] = len(errors) - MAX_ERRORS
+    return ProblemError(
+        422, "validation_error", detail, field=shown[0]["field"] if shown else None, errors=shown, **extra
+    )
 
 
 async def _problem_error(request: Request, exc: ProblemError) -> JSONResponse:
@@ -175,12 +210,20 @@ async def _problem_error(request: Request, exc: ProblemError) -> JSONResponse:
 
 
 async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-    if exc.status_code == 400 and isinstance(exc.__cause__, RecursionError):
-        # FastAPI's body parser turns any parse failure into a bare 400; JSON nested past Python's recursion
-        # limit is the client's malformed body, reported like any other invalid JSON.
-        return await _problem_error(
-            request, validation_error([{"field": "body", "code": "json_too_deep", "detail": "JSON nested too deeply"}])
-        )
+    problem = getattr(exc, "problem", None)  # e.g. service.jsonbody.InvalidBody: carries its own problem
+    if isinstance(problem, ProblemError):
+        return await _problem_error(request, problem)
+    if exc.status_code == 400 and isinstance(exc.__cause__, (RecursionError, ValueError)):
+        # FastAPI's body parser turns any parse failure into a bare 400 (routes with service.jsonbody's
+        # StrictJSONRoute name the field instead); JSON nested past Python's recursion limit, invalid UTF-8
+        # or an integer too long to convert is the client's malformed body, reported like invalid JSON.
+        deep = isinstance(exc.__cause__, RecursionError)
+        error = {
+            "field": "body",
+            "code": "json_too_deep" if deep else "json_invalid",
+            "detail": "JSON nested too deeply" if deep else "the body is not valid JSON in UTF-8",
+        }
+        return await _problem_error(request, validation_error([error]))
     phrase = HTTPStatus(exc.status_code).phrase
     detail = exc.detail if isinstance(exc.detail, str) else phrase
     code = getattr(exc, "code", None) or phrase.lower().replace(" ", "_").replace("-", "_")

@@ -181,6 +181,15 @@ class JobCreate(BaseModel):
     settings: JobSettings = Field(default_factory=JobSettings)  # type: ignore[valid-type]
     webhook: WebhookSpec | None = Field(None, description="Optional signed notice when the job ends.")
 
+    @field_validator("model")
+    @classmethod
+    def _model_name_length(cls, v: str) -> str:
+        """A model name of at most 1000 characters and 255 per '/'-separated part (a longer name is neither a hub
+        id nor a path the file system takes; it used to be an OSError, a 500, while the model was resolved)."""
+        if len(v) > 1000 or any(len(part) > 255 for part in v.split("/")):
+            raise ValueError("model must be at most 1000 characters, and at most 255 between two '/'")
+        return v
+
 
 class SaeOut(BaseModel):
     """An uploaded teacher SAE."""

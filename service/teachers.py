@@ -120,6 +120,9 @@ def import_upload(src: Path, out: Path, fmt: str | None) -> ImportedTeacher:
     except TeacherError as e:
         message = e.message.replace(str(src), "the upload").replace(str(out), "the upload")
         raise TeacherError(message, field=form_field(e.field)) from None
+    source = teacher.sae.metadata.get("source")
+    if isinstance(source, dict):  # the import report names the temporary upload folder: not kept
+        source.pop("path", None)
     teacher.sae.save(out)
     # the cfg.json just written, as it reads back (JSON types)
     return ImportedTeacher(teacher.detected, json.loads(json.dumps(teacher.sae.cfg_dict())))

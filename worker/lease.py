@@ -24,6 +24,7 @@ Durations a worker measures alone (heartbeat validity, time to the deadline) use
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import random
@@ -97,6 +98,13 @@ def new_owner() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 
 
+def worker_label(owner: str) -> str:
+    """The name users see for a lease owner: ``worker-<8 hex>`` (a hash of ``owner``), so events and errors
+    can tell attempts apart without showing the worker's host name or pid; the worker logs which owner
+    has which label when it claims a job."""
+    return "worker-" + hashlib.sha256(owner.encode()).hexdigest()[:8]
+
+
 @dataclass
 class Claim:
     """A job this process now leases."""
@@ -142,15 +150,19 @@ def claim(make_session: sessionmaker[Session], job_id: str, owner: str, settings
                 select(Job.attempt, Job.deadline_at, Job.request, db_now().label("now")).where(Job.id == job_id)
             ).one()
             left = None if row.deadline_at is None else (row.deadline_at - row.now).total_seconds()
+            label = worker_label(owner)
             add_event(
                 s,
                 job_id,
                 "log",
-                {"message": f"attempt {row.attempt} started by {owner}", "attempt": row.attempt, "lease_owner": owner},
+                {"message": f"attempt {row.attempt} started by {label}", "attempt": row.attempt, "worker": label},
             )
             return Claim(job_id, owner, row.attempt, row.deadline_at, row.request, left)
 
-    return db_retry(tx)
+    result = db_retry(tx)
+    if result is not None:
+        log.info("job %s: attempt %d claimed by %s (%s)", job_id, result.attempt, owner, worker_label(owner))
+    return result
 
 
 def describe(make_session: sessionmaker[Session], job_id: str) -> str:
@@ -285,7 +297,9 @@ def reap_once(settings: Settings, make_session: sessionmaker[Session], publish: 
             for r in rows:
                 lapsed = (Job.lease_expires_at < db_now(), Job.lease_owner == r.lease_owner)
                 reset = {"lease_owner": None, "lease_expires_at": None}
-                why = f"lease of {r.lease_owner} expired at {r.lease_expires_at:%Y-%m-%d %H:%M:%S} UTC"
+                label = worker_label(r.lease_owner or "")
+                log.warning("job %s: lease of %s (%s) expired", r.id, r.lease_owner, label)
+                why = f"lease of {label} expired at {r.lease_expires_at:%Y-%m-%d %H:%M:%S} UTC"
                 if r.status == "publishing":
                     took = s.execute(
                         update(Job)

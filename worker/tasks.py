@@ -29,9 +29,11 @@ from rsae.errors import Cancelled, RSAEError
 from rsae.pipeline import run_upgrade
 from service.config import Settings, get_settings
 from service.db import DbTimeouts, get_sessionmaker
-from service.jobs import add_event, build_upgrade_config, resolve_teacher, transition
+from service.jobs import add_event, artifact_refs, build_upgrade_config, resolve_teacher, transition
 from service.models import Job, utcnow
+from service.problems import validation_errors
 from service.queue import TASK_UPGRADE, create_celery, enqueue_upgrade
+from service.redact import redact
 from service.schemas import JobCreate
 from service.webhooks import notify_in_background
 
@@ -383,6 +385,7 @@ def run_job(job_id: str, settings: Settings) -> str | None:
         with make_session() as s:
             req = JobCreate.model_validate(c.request)
             cfg = build_upgrade_config(req, resolve_teacher(s, settings, req.teacher, dest=work_dir / "teacher"))
+            refs = artifact_refs(s, req)  # the artifacts name the inputs by id, name and sha256, not by folder
         shutil.rmtree(staging, ignore_errors=True)
         report = run_upgrade(
             cfg,
@@ -393,6 +396,7 @@ def run_job(job_id: str, settings: Settings) -> str | None:
             checkpoint_every=settings.checkpoint_every_steps,
             on_checkpoint=reporter.on_checkpoint,
             fence=reporter.fence,
+            refs=refs,
         )
         reporter.check_stop()
         began = begin_publish(make_session, settings, job_id, owner, staging, _headline_metrics(report))
@@ -433,13 +437,10 @@ def run_job(job_id: str, settings: Settings) -> str | None:
     except RSAEError as e:
         status = "failed" if _fail(make_session, settings, job_id, owner, e.code, e.message, e.field) else None
     except ValidationError as e:
-        status = (
-            "failed"
-            if _fail(
-                make_session, settings, job_id, owner, "invalid_request", f"stored request no longer validates: {e}"
-            )
-            else None
-        )
+        log.error("job %s: stored request no longer validates: %s", job_id, e)
+        problems = "; ".join(f"{x['field']}: {x['detail']}" for x in validation_errors(e.errors())[:5])
+        detail = f"stored request no longer validates: {problems}"
+        status = "failed" if _fail(make_session, settings, job_id, owner, "invalid_request", detail) else None
     except Exception as e:  # noqa: BLE001 - classify, then record on the row
         if publishing:  # the row says publishing: only finish_publish may end it (here or by the reaper)
             log.exception(
@@ -467,7 +468,14 @@ def run_job(job_id: str, settings: Settings) -> str | None:
             log.exception("job %s failed", job_id)
             status = (
                 "failed"
-                if _fail(make_session, settings, job_id, owner, "internal_error", f"{type(e).__name__}: {e}")
+                if _fail(
+                    make_session,
+                    settings,
+                    job_id,
+                    owner,
+                    "internal_error",
+                    f"{type(e).__name__}: {redact(str(e), 500)} (details in the worker log)",
+                )
                 else None
             )
     finally:

@@ -14,9 +14,10 @@ from typing import Any
 
 import torch
 
+from ..config import ArtifactRefs, UpgradeConfig
 from ..errors import NumericalError
 from ..formats import provenance as teacher_provenance
-from ..report import EvalSplit, RemezSection, Report, TeacherInfo, headline
+from ..report import DataSection, EvalSplit, RemezSection, Report, TeacherInfo, headline
 from ..saes import WEIGHTS_NAME, sha256_file
 from ..versions import package_versions
 from .checkpoints import write_json_atomic
@@ -36,11 +37,20 @@ ARTIFACT_FILES: dict[str, tuple[str, str]] = {
 """Files of an upgraded SAE's artifact folder (SAELens layout plus the evaluation report)."""
 
 
-def teacher_info(state: UpgradeState) -> TeacherInfo:
-    """The teacher's provenance: folder, weights sha256, architecture, family, sizes, training settings."""
+def _without_path(source: Any) -> Any:
+    """A teacher's import report (``metadata.source`` / provenance ``original``) without its ``path`` (the
+    folder the import read: a server's temporary upload folder)."""
+    return {k: v for k, v in source.items() if k != "path"} if isinstance(source, dict) else source
+
+
+def teacher_info(state: UpgradeState, refs: ArtifactRefs | None = None) -> TeacherInfo:
+    """The teacher's provenance: reference (``refs.teacher``, else its folder), weights sha256, architecture,
+    family, sizes, training settings; with ``refs.teacher`` set, the import report carries no folder."""
     teacher, cfg = state.teacher, state.cfg
+    original = teacher_provenance(cfg.teacher).get("original")
+    public = refs is not None and refs.teacher is not None
     return TeacherInfo(
-        source=str(cfg.teacher),
+        source=refs.teacher if public else str(cfg.teacher),
         sha256=sha256_file(Path(cfg.teacher) / WEIGHTS_NAME),
         architecture=teacher.architecture,
         family=teacher.family,
@@ -48,8 +58,13 @@ def teacher_info(state: UpgradeState) -> TeacherInfo:
         d_sae=teacher.d_sae,
         l1_coefficient=teacher.metadata.get("l1_coefficient"),
         k=getattr(teacher, "k", None),
-        original=teacher_provenance(cfg.teacher).get("original"),
+        original=_without_path(original) if public else original,
     )
+
+
+def public_config(state: UpgradeState, refs: ArtifactRefs | None) -> UpgradeConfig:
+    """The request as the artifacts show it: ``state.cfg`` with the references of ``refs`` in place of paths."""
+    return state.cfg if refs is None else refs.apply(state.cfg)
 
 
 def _notes(state: UpgradeState) -> list[str]:
@@ -81,15 +96,24 @@ def _write_html(data: dict[str, Any], out_dir: Path) -> None:
         data["notes"].append(f"report.html could not be rendered: {type(e).__name__}: {e}")
 
 
-def build_report(state: UpgradeState) -> Report:
-    """The :class:`rsae.report.Report` of a state that went through evaluate."""
-    cfg, fit = state.cfg, state.init.fit
+def build_report(state: UpgradeState, refs: ArtifactRefs | None = None) -> Report:
+    """The :class:`rsae.report.Report` of a state that went through evaluate; the config, host model and
+    data sections name the inputs as ``refs`` says (:func:`public_config`)."""
+    cfg, fit = public_config(state, refs), state.init.fit
+    data, host = state.data_section, state.host
+    if refs is not None and refs.model is not None:
+        host = host.model_copy(update={"name": refs.model})
+    if refs is not None and refs.dataset is not None:
+        data = DataSection(
+            train=data.train.model_copy(update={"dataset": refs.dataset}),
+            eval=data.eval.model_copy(update={"dataset": refs.dataset}),
+        )
     return Report(
         created_at=dt.datetime.now(dt.timezone.utc).isoformat(),
         config=cfg,
-        host_model=state.host,
+        host_model=host,
         teacher=state.rsae.metadata["teacher"],
-        data=state.data_section,
+        data=data,
         remez=RemezSection(**fit.model_dump(), params=state.init.params),
         calibration=state.calibration,
         finetune=state.finetune,
@@ -118,19 +142,26 @@ def build_report(state: UpgradeState) -> Report:
 def package(state: UpgradeState, ctx: RunContext) -> None:
     """Write the RSAE and ``report.json`` / ``report.html`` to ``state.out_dir``; fill ``state.report``.
 
+    ``cfg.json`` and the report name the teacher, data and model as ``ctx.refs`` says (a server's public
+    references instead of its folders), else as the request gave them.
+
     Raises:
         NumericalError: the RSAE has non-finite weights (it is not written).
     """
     t0 = time.time()
-    cfg, teacher, rsae = state.cfg, state.teacher, state.rsae
+    teacher, rsae, refs = state.teacher, state.rsae, ctx.refs
+    cfg = public_config(state, refs)
+    inherited = dict(teacher.metadata)
+    if refs is not None and refs.teacher is not None and "source" in inherited:
+        inherited["source"] = _without_path(inherited["source"])
     rsae.metadata = {
-        **teacher.metadata,
+        **inherited,
         "model_name": cfg.model,
         "hook_name": cfg.hook,
         "hook_layer": cfg.layer,
         # the cfg follows the SAELens 6 schema; with this key SAELens keeps the metadata on load
         "sae_lens_version": "6.0.0",
-        "teacher": teacher_info(state).model_dump(mode="json"),
+        "teacher": teacher_info(state, refs).model_dump(mode="json"),
         "method": "rsae (Yin & Yu 2026, arXiv 2606.14990)",
         "upgrade_config": cfg.model_dump(mode="json"),
         "versions": package_versions(),
@@ -144,7 +175,7 @@ def package(state: UpgradeState, ctx: RunContext) -> None:
         )
     rsae.cpu().save(state.out_dir)
     state.notes += _notes(state)
-    data = build_report(state).model_dump(mode="json", by_alias=True)
+    data = build_report(state, refs).model_dump(mode="json", by_alias=True)
     _write_html(data, state.out_dir)
     data["timings_s"]["package"] = round(time.time() - t0, 2)
     write_json_atomic(state.out_dir / "report.json", data)

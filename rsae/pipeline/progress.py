@@ -71,6 +71,8 @@ class RunContext:
 
     progress: Progress = field(default_factory=Progress)
     checkpoints: Any = None
+    refs: Any = None
+    """How the artifacts name the inputs (:class:`rsae.config.ArtifactRefs`), or None: as in the config."""
 
     def train_checkpoint(self, name: str, extra: list[Any] | None = None) -> Any:
         """The checkpoint of training run ``name`` (:class:`rsae.train.TrainCheckpoint`), or None when the

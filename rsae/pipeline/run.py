@@ -14,7 +14,7 @@ from typing import Any, Callable
 
 import torch
 
-from ..config import UpgradeConfig
+from ..config import ArtifactRefs, UpgradeConfig
 from ..device import pick_device
 from .calibrate import calibrate
 from .checkpoints import CheckpointCallback, Checkpoints, Fence
@@ -83,6 +83,7 @@ def run_upgrade(
     checkpoint_every: int | None = None,
     on_checkpoint: CheckpointCallback | None = None,
     fence: Fence | None = None,
+    refs: ArtifactRefs | None = None,
 ) -> dict[str, Any]:
     """Run the whole upgrade and write the artifact folder.
 
@@ -102,6 +103,9 @@ def run_upgrade(
         fence: called before each checkpoint file is renamed into place; False drops that write (see
             :data:`rsae.pipeline.checkpoints.Fence`: a worker that lost its job must not overwrite the new
             owner's checkpoints).
+        refs: how the artifacts name the teacher, the data and the model instead of the local paths in
+            ``cfg`` (:class:`rsae.config.ArtifactRefs`; a server passes them so no server folder reaches a
+            user). None: the artifacts carry ``cfg`` as given. Not part of the checkpoint key.
 
     Returns:
         The report as a dict (same content as ``report.json``), including ``metrics`` per SAE.
@@ -121,6 +125,6 @@ def run_upgrade(
         key = hashlib.sha256(cfg.model_dump_json().encode()).hexdigest()
         ckpts = Checkpoints(work / "checkpoints", checkpoint_every, key, on_checkpoint, fence)
         _resume(state, ckpts)
-    ctx = RunContext(Progress(on_progress, should_cancel), ckpts)
+    ctx = RunContext(Progress(on_progress, should_cancel), ckpts, refs)
     run_stages(state, ctx)
     return state.report

@@ -8,11 +8,12 @@ from fastapi import APIRouter
 from sqlalchemy import text
 
 from service.api.deps import CeleryDep, SessionDep
+from service.jsonbody import StrictJSONRoute
 from service.problems import ProblemError, problem_responses
 from service.queue import broker_ping
 
 log = logging.getLogger(__name__)
-router = APIRouter(tags=["health"])
+router = APIRouter(tags=["health"], route_class=StrictJSONRoute)
 
 
 @router.get("/healthz", responses={200: {"content": {"application/json": {"example": {"status": "ok"}}}}})

@@ -19,6 +19,7 @@ from service.api.deps import CeleryDep, LimitDep, SessionDep, SettingsDep
 from service.auth import UserDep
 from service.events import EventStreamResponse, job_event_stream
 from service.jobs import add_event, transition
+from service.jsonbody import StrictJSONRoute
 from service.models import Job, JobEvent, User
 from service.policies import (
     check_idempotency_key,
@@ -37,7 +38,9 @@ from service.storage import check_storage, job_output_estimates, request_job_del
 from service.webhooks import notify_in_background
 
 log = logging.getLogger(__name__)
-router = APIRouter(prefix="/jobs", tags=["jobs"], responses=problem_responses(400, 401, 413, 422))
+router = APIRouter(
+    prefix="/jobs", tags=["jobs"], responses=problem_responses(400, 401, 413, 422), route_class=StrictJSONRoute
+)
 
 _NOT_FOUND = problem_responses(404, s404="unknown job, or another user's (problem+json)")
 

@@ -18,13 +18,16 @@ from service import storage
 from service.api.deps import LimitDep, SessionDep, SettingsDep
 from service.auth import UserDep
 from service.config import Settings
+from service.jsonbody import StrictJSONRoute
 from service.models import Sae
 from service.problems import problem_responses
 from service.schemas import SaeOut
 from service.teachers import MAX_NAME_CHARS, UPLOAD_FILES, check_upload_form, import_upload, register_upload, sae_or_404
 from service.uploads import receive_multipart
 
-router = APIRouter(prefix="/saes", tags=["saes"], responses=problem_responses(400, 401, 413, 422))
+router = APIRouter(
+    prefix="/saes", tags=["saes"], responses=problem_responses(400, 401, 413, 422), route_class=StrictJSONRoute
+)
 
 _UPLOAD_BODY = {
     "required": True,
