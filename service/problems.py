@@ -56,7 +56,9 @@ _STATUS_DESCRIPTIONS = {
     413: "request body too large (problem+json)",
     415: "unsupported media type (problem+json)",
     422: "invalid input; 'field' names it (problem+json)",
-    429: "too many unfinished jobs (problem+json; Retry-After)",
+    409: "conflict, e.g. the same Idempotency-Key is in use by a request still running (problem+json; Retry-After)",
+    429: "too many requests: failed authentications or submissions over the rate limit (code rate_limited), "
+    "or too many unfinished jobs (problem+json; Retry-After)",
     503: "a dependency is unavailable (problem+json; Retry-After)",
 }
 

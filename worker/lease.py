@@ -13,8 +13,8 @@ row's lease: ``lease_owner`` = its owner id and ``lease_expires_at`` in the futu
 - :func:`reap_once` (run every ``reaper_interval_seconds`` by a :class:`Reaper` thread in every worker
   process) handles expired leases: ``cancelling`` -> ``cancelled``; past the deadline -> ``failed``
   (``deadline_exceeded``); ``attempt >= max_attempts`` -> ``failed`` (``max_attempts_exceeded``); otherwise
-  ``queued`` again and re-published. It also re-publishes jobs queued for long without a message and
-  deletes the scratch folders of finished jobs.
+  ``queued`` again and re-published. It also re-publishes jobs queued for long without a message,
+  deletes the scratch folders of finished jobs and the expired idempotency keys.
 
 Times are the workers' wall clocks (UTC); keep them NTP-synchronised, with skew far below the lease.
 """
@@ -40,6 +40,7 @@ from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from service.config import Settings
+from service.idempotency import prune_expired
 from service.jobs import add_event, transition
 from service.models import TERMINAL_STATUSES, Job, utcnow
 from service.webhooks import notify_in_background
@@ -219,6 +220,8 @@ class ReapResult:
     failed: list[str] = field(default_factory=list)
     published: list[str] = field(default_factory=list)
     swept: list[str] = field(default_factory=list)
+    pruned_keys: int = 0
+    """Expired idempotency keys deleted (:func:`service.idempotency.prune_expired`)."""
 
 
 def discard_dirs(settings: Settings, job_id: str, *, keep_artifacts: bool = False) -> None:
@@ -351,6 +354,7 @@ def reap_once(settings: Settings, make_session: sessionmaker[Session], publish: 
     for job_id in out.cancelled + out.failed:  # terminal here: their webhooks are due
         notify_in_background(make_session, settings, job_id)
     out.swept = sweep_dirs(settings, make_session)
+    out.pruned_keys = db_retry(lambda: prune_expired(make_session))
     if out.requeued or out.cancelled or out.failed or out.published:
         log.info(
             "reaper: requeued %s, cancelled %s, failed %s, published %s",

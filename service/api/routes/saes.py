@@ -12,7 +12,7 @@ from fastapi import APIRouter, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from sqlalchemy import select
 
-from service.api.deps import LimitDep, SessionDep, SettingsDep
+from service.api.deps import LimitDep, SessionDep, SettingsDep, SubmitterDep
 from service.auth import UserDep
 from service.models import Sae
 from service.problems import problem_responses
@@ -20,7 +20,7 @@ from service.schemas import SaeOut
 from service.teachers import MAX_NAME_CHARS, UPLOAD_FILES, check_upload_form, import_upload, register_upload, sae_or_404
 from service.uploads import receive_multipart
 
-router = APIRouter(prefix="/saes", tags=["saes"], responses=problem_responses(400, 401, 413, 422))
+router = APIRouter(prefix="/saes", tags=["saes"], responses=problem_responses(400, 401, 413, 422, 429))
 
 _UPLOAD_BODY = {
     "required": True,
@@ -88,7 +88,7 @@ _UPLOAD_BODY = {
         s422="invalid teacher: 'field' names the form field and key, e.g. cfg.d_in or weights.W_enc (problem+json)",
     ),
 )
-async def upload_sae(request: Request, response: Response, settings: SettingsDep, user: UserDep) -> SaeOut:
+async def upload_sae(request: Request, response: Response, settings: SettingsDep, user: SubmitterDep) -> SaeOut:
     """Upload a teacher SAE in any of four formats (multipart; see docs/formats.md):
 
     - SAELens: ``cfg`` + ``weights`` (sae_weights.safetensors);
