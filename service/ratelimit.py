@@ -138,14 +138,20 @@ class RateLimits:
         Raises:
             RateLimited: 429 with Retry-After until the oldest counted submission leaves the window.
         """
-        wait = self._hit(self.per_token, "submit", [("token", token)] if token else [])
-        wait_addr = self._hit(self.per_address, "submit", [("addr", address)])
-        if wait is not None or wait_addr is not None:
-            raise RateLimited(
-                "too many submissions (POST /jobs, POST /saes) with this token or from this address; "
-                "retry after the time in Retry-After",
-                max(w for w in (wait, wait_addr) if w is not None),
-            )
+        # Test both before counting either: a request refused by one limit does not use up the other's budget.
+        # (The hits themselves are atomic: two racing requests cannot both take the last slot.)
+        checks = (
+            (self.per_token, [("token", token)] if token else [], "with this token"),
+            (self.per_address, [("addr", address)], "from this address"),
+        )
+        for count in (self._full, self._hit):
+            for rates, keys, whose in checks:
+                wait = count(rates, "submit", keys)
+                if wait is not None:
+                    raise RateLimited(
+                        f"too many submissions (POST /jobs, POST /saes) {whose}; retry after the time in Retry-After",
+                        wait,
+                    )
 
     # -- counting ----------------------------------------------------------------------------------
     def _full(self, rates: Sequence[RateLimitItem], scope: str, keys: Sequence[tuple[str, str]]) -> float | None:
