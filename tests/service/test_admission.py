@@ -123,6 +123,7 @@ def test_parallel_uses_of_one_key_create_one_job(backend: Settings, make_teacher
     assert later.status_code == 202 and later.content == created[0].content
     assert later.headers["idempotent-replayed"] == "true"
     assert len(jobs_of(s)) == 1
+    print(f"20 parallel uses of one key on {s.database_url.split(':')[0]}: {dict(codes)}, 1 job")
 
 
 # -- idempotency ------------------------------------------------------------------------------------
@@ -335,3 +336,55 @@ def test_rate_limiter_storage_and_settings(settings: Settings) -> None:
     with pytest.raises(ValidationError, match="limits"):
         Settings(rate_limit_auth_failures="lots")
     assert Settings(rate_limit_submissions_per_token="").rate_limit_submissions_per_token == ""
+
+
+def test_migration_carries_the_keys_of_existing_jobs(tmp_path: Path, broker: redis.Redis, settings: Settings) -> None:
+    """0004 on SQLite: a keyed job submitted before it replays (202, the job as it is now); the key of a job
+    whose enqueue failed is free; a downgrade restores the unique constraint on jobs."""
+    from alembic import command
+    from sqlalchemy import create_engine, text
+
+    from service.migrate import alembic_config
+
+    url = f"sqlite:///{tmp_path / 'old.db'}"
+    cfg = alembic_config(url)
+    command.upgrade(cfg, "0003")
+    body = job_body("0b5e8a3c-0000-4000-8000-000000000000")
+    digest = request_sha256(JobCreate.model_validate(body))
+    engine = create_engine(url)
+    with engine.begin() as conn:
+        conn.execute(text("INSERT INTO users (id, name, created_at) VALUES ('u1', 'alice', :t)"), {"t": utcnow()})
+        for job_id, key, status, error in (
+            ("j-ok", "old", "queued", None),
+            ("j-503", "lost", "failed", "enqueue_failed"),
+        ):
+            conn.execute(
+                text(
+                    "INSERT INTO jobs (id, owner_id, idempotency_key, request_sha256, status, progress, request, "
+                    "error, attempt, created_at, updated_at) VALUES (:id, 'u1', :key, :sha, :status, 0, :req, :err, "
+                    "0, :t, :t)"
+                ),
+                {
+                    "id": job_id,
+                    "key": key,
+                    "sha": digest,
+                    "status": status,
+                    "req": '{"model": "smollm2-135m"}',
+                    "err": f'{{"code": "{error}"}}' if error else None,
+                    "t": utcnow() - timedelta(hours=1),
+                },
+            )
+    command.upgrade(cfg, "head")
+    with engine.connect() as conn:
+        rows = conn.execute(text("SELECT key, state, response_status, response_body, job_id FROM idempotency_keys"))
+        assert rows.all() == [("old", "done", 202, None, "j-ok")]
+    s = settings.model_copy(update={"database_url": url})
+    with TestClient(create_app(s), headers=bearer(make_token(url, "alice"))) as c:
+        r = c.post("/jobs", json=body, headers={"Idempotency-Key": "old"})
+        assert r.status_code == 202 and r.json()["id"] == "j-ok" and r.headers["idempotent-replayed"] == "true"
+    command.downgrade(cfg, "0003")
+    with engine.connect() as conn:
+        assert "uq_jobs_owner_id_idempotency_key" in conn.scalar(
+            text("SELECT sql FROM sqlite_master WHERE name='jobs'")
+        )
+    engine.dispose()

@@ -100,6 +100,7 @@ async def upload_sae(request: Request, response: Response, settings: SettingsDep
     with :func:`rsae.formats.load_teacher` (format and conventions detected, reported back in
     ``source``), checked (shapes, dtypes, finite values, config keys: 422 naming the offending field such
     as ``cfg.d_in`` or ``weights.W_enc``), stored in the SAELens layout and moved to ``<uploads>/<id>/``.
+    Uploads count against the submission rate limits (429 with Retry-After, before the body is read).
     """
     settings.uploads_dir.mkdir(parents=True, exist_ok=True)
     tmp = settings.uploads_dir / f".upload-{uuid.uuid4().hex}"
