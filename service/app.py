@@ -15,13 +15,15 @@ from .events import StreamSlots
 from .limits import BodyLimitMiddleware
 from .problems import install_problem_handlers
 from .queue import create_celery
+from .ratelimit import RateLimits
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     """Build the API for ``settings`` (default: read from the environment).
 
-    The app owns one SQL engine (disposed at shutdown) and one Celery app used only to publish task
-    messages. It never creates the schema: run ``rsae-service migrate`` (``serve`` does it first).
+    The app owns one SQL engine (disposed at shutdown), one Celery app used only to publish task messages
+    and one rate limiter (:class:`service.ratelimit.RateLimits`, Redis at the broker URL). It never creates
+    the schema: run ``rsae-service migrate`` (``serve`` does it first).
     """
     settings = settings or get_settings()
     settings.ensure_dirs()
@@ -49,6 +51,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.sessionmaker = sessionmaker(engine, expire_on_commit=False)
     app.state.streams = StreamSlots(settings.max_streams_per_user)
     app.state.celery = create_celery(settings)
+    app.state.rate_limits = RateLimits(settings)
     install_problem_handlers(app)
     app.add_middleware(
         BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes, max_upload_bytes=settings.max_upload_bytes

@@ -25,6 +25,7 @@ from sqlalchemy.orm import Session
 from .db import SessionDep
 from .models import ApiToken, User, utcnow
 from .problems import ProblemError
+from .ratelimit import client_address, token_key
 
 TOKEN_PREFIX = "rsae_"
 """Every token starts with this (lets secret scanners recognise leaked tokens)."""
@@ -161,8 +162,25 @@ def authenticate(session: Session, authorization: str | None) -> User:
 
 
 def current_user(request: Request, session: SessionDep) -> User:
-    """FastAPI dependency: the authenticated user of the request (401 problem otherwise)."""
-    return authenticate(session, request.headers.get("authorization"))
+    """FastAPI dependency: the authenticated user of the request.
+
+    Failed authentications are rate-limited per client address and per presented token
+    (:class:`service.ratelimit.RateLimits`, ``rate_limit_auth_failures``): once either has used up its
+    failures, the request is refused before the token is looked up.
+
+    Raises:
+        AuthError: 401 (see :func:`authenticate`); the failure is counted.
+        service.ratelimit.RateLimited: 429 with Retry-After while the address or token is over its limit.
+    """
+    authorization = request.headers.get("authorization")
+    limits = request.app.state.rate_limits
+    address, token = client_address(request), token_key(authorization)
+    limits.check_auth(address, token)
+    try:
+        return authenticate(session, authorization)
+    except AuthError:
+        limits.auth_failed(address, token)
+        raise
 
 
 UserDep = Annotated[User, Depends(current_user)]

@@ -6,7 +6,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Annotated
 
-from pydantic import Field, IPvAnyNetwork, model_validator
+from limits import parse_many
+from pydantic import Field, IPvAnyNetwork, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -73,6 +74,29 @@ class Settings(BaseSettings):
         ge=1,
         description="Unfinished (queued, running or cancelling) jobs one user may have; POST /jobs "
         "beyond it answers 429 with Retry-After.",
+    )
+    idempotency_key_ttl_seconds: float = Field(
+        86400.0,
+        gt=0,
+        le=90 * 86400,
+        description="How long an Idempotency-Key of POST /jobs is remembered (its response replayed); after "
+        "that the key is free again and the worker's reaper deletes its row.",
+    )
+    rate_limit_auth_failures: str = Field(
+        "30/minute",
+        description="Failed authentications allowed per client address and per presented token, in the "
+        "'limits' notation ('30/minute', '5/second;100/hour'); beyond it every request from that address "
+        "or with that token answers 429 with Retry-After until the window frees. Empty: no limit.",
+    )
+    rate_limit_submissions_per_token: str = Field(
+        "30/minute",
+        description="POST /jobs and POST /saes requests allowed per API token ('limits' notation); beyond it "
+        "429 with Retry-After. Empty: no limit.",
+    )
+    rate_limit_submissions_per_address: str = Field(
+        "120/minute",
+        description="POST /jobs and POST /saes requests allowed per client address (IPv6: per /64), all "
+        "tokens together ('limits' notation); beyond it 429 with Retry-After. Empty: no limit.",
     )
     webhook_allowed_hosts: list[str] = Field(
         default_factory=list,
@@ -233,6 +257,20 @@ class Settings(BaseSettings):
         "current task (Celery worker_max_memory_per_child); None: no limit.",
     )
     log_level: str = Field("INFO", description="Logging level of the CLI processes.")
+
+    @field_validator(
+        "rate_limit_auth_failures", "rate_limit_submissions_per_token", "rate_limit_submissions_per_address"
+    )
+    @classmethod
+    def _rate_limit_notation(cls, value: str) -> str:
+        """A rate in the ``limits`` notation (e.g. ``30/minute``, ``5/second;100/hour``) or empty (no limit)."""
+        value = value.strip()
+        if value:
+            try:
+                parse_many(value)
+            except ValueError as e:
+                raise ValueError(f"not a rate in the 'limits' notation (e.g. '30/minute'): {e}") from None
+        return value
 
     @model_validator(mode="after")
     def _derive_paths(self) -> "Settings":

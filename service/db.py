@@ -110,6 +110,31 @@ def make_engine(url: str, *, pool_size: int = 5, max_overflow: int = 10, timeout
     return engine
 
 
+def lock_for_write(session: Session) -> None:
+    """Begin ``session``'s next transaction holding the database's write lock on SQLite, so that what it
+    reads (e.g. a count checked against a quota) cannot change before it commits.
+
+    SQLite ignores ``SELECT ... FOR UPDATE`` and pysqlite begins a transaction only at the first write, so
+    two transactions may both count and both insert. ``BEGIN IMMEDIATE`` takes the write lock at once
+    (waiting up to the busy timeout for other writers), as in SQLAlchemy's documented pysqlite transaction
+    recipe ("Serializable isolation / Savepoints / Transactional DDL") and SQLite's ``BEGIN`` documentation.
+    On other databases nothing is done here: lock the rows (``with_for_update()``) instead.
+
+    Call it right after ``session.commit()`` or ``rollback()`` (no write pending); the lock is released by
+    the next commit or rollback.
+
+    Raises:
+        RuntimeError: the SQLite connection is already inside a transaction.
+        sqlalchemy.exc.OperationalError: "database is locked" after the busy timeout.
+    """
+    conn = session.connection()
+    if conn.dialect.name != "sqlite":
+        return
+    if conn.connection.dbapi_connection.in_transaction:
+        raise RuntimeError("lock_for_write: the session has a transaction with writes in progress; commit first")
+    conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+
 @lru_cache
 def get_engine(url: str, timeouts: DbTimeouts | None = None) -> Engine:
     """The process-wide engine for ``url`` and ``timeouts`` (created on first use, i.e. after any fork)."""

@@ -43,6 +43,8 @@ TERMINAL_STATUSES: frozenset[str] = frozenset({"succeeded", "failed", "cancelled
 """Statuses a job never leaves."""
 EVENT_TYPES: tuple[str, ...] = ("status", "progress", "metrics", "log")
 """Every value of ``job_events.type``."""
+IDEMPOTENCY_STATES: tuple[str, ...] = ("in_flight", "done")
+"""Every value of ``idempotency_keys.state``."""
 
 JSONType = JSON().with_variant(JSONB(), "postgresql")
 
@@ -159,7 +161,6 @@ class Job(Base):
         Index("ix_jobs_created_at_id", "created_at", "id"),
         Index("ix_jobs_status_created_at", "status", "created_at"),
         Index("ix_jobs_owner_id_created_at", "owner_id", "created_at"),
-        UniqueConstraint("owner_id", "idempotency_key", name="uq_jobs_owner_id_idempotency_key"),
         Index("ix_jobs_status_lease_expires_at", "status", "lease_expires_at"),
         Index("ix_jobs_deleted_at", "deleted_at"),
         Index("ix_jobs_status_finished_at", "status", "finished_at"),
@@ -167,6 +168,8 @@ class Job(Base):
 
     id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
     owner_id: Mapped[str | None] = mapped_column(String(36), ForeignKey("users.id", ondelete="CASCADE"))
+    # A record of the submission's Idempotency-Key (not unique: a key freed by a failed enqueue or by its expiry
+    # may create another job); the key's state and stored response are ``idempotency_keys``.
     idempotency_key: Mapped[str | None] = mapped_column(String(255), doc="Client's Idempotency-Key header.")
     request_sha256: Mapped[str | None] = mapped_column(String(64), doc="Hash of the canonical request body.")
     status: Mapped[str] = mapped_column(String(16), default="queued")
@@ -281,3 +284,36 @@ class WebhookDelivery(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     updated_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     delivered_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+
+class IdempotencyKey(Base):
+    """An ``Idempotency-Key`` of a user's ``POST /jobs`` (:mod:`service.idempotency`, as Stripe keys work).
+
+    ``in_flight`` while the request that took it runs (a concurrent request with the key answers 409);
+    ``done`` with the response to replay (status and JSON body). A request that failed before it created
+    anything deletes its row, so the key is free again; so does expiry (``expires_at``, the worker's reaper
+    deletes expired rows).
+    """
+
+    __tablename__ = "idempotency_keys"
+    __table_args__ = (
+        CheckConstraint(_in("state", IDEMPOTENCY_STATES), name="ck_idempotency_keys_state"),
+        UniqueConstraint("owner_id", "key", name="uq_idempotency_keys_owner_id_key"),
+        Index("ix_idempotency_keys_expires_at", "expires_at"),
+    )
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True)
+    owner_id: Mapped[str] = mapped_column(String(36), ForeignKey("users.id", ondelete="CASCADE"))
+    key: Mapped[str] = mapped_column(String(255))
+    request_sha256: Mapped[str] = mapped_column(String(64), doc="Hash of the canonical request body.")
+    state: Mapped[str] = mapped_column(String(16), default="in_flight")
+    locked_at: Mapped[datetime] = mapped_column(UTCDateTime, doc="When the request now holding the key took it.")
+    response_status: Mapped[int | None] = mapped_column(Integer, doc="HTTP status to replay (state done).")
+    response_body: Mapped[str | None] = mapped_column(
+        Text, doc="JSON body to replay byte for byte (state done); None for keys migrated from jobs: the job is shown."
+    )
+    job_id: Mapped[str | None] = mapped_column(
+        String(36), ForeignKey("jobs.id", ondelete="SET NULL"), doc="The job the request created."
+    )
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime, doc="After this the key is free again.")

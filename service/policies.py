@@ -1,11 +1,13 @@
 """What the API enforces about jobs, apart from the routes that call it (:mod:`service.api.routes.jobs`).
 
 - ownership: :func:`job_or_404` (another user's job is a 404 exactly like an unknown id);
-- idempotent submission: :func:`check_idempotency_key`, :func:`request_sha256`, :func:`replay`;
-- admission: :func:`check_quota` (429), :func:`check_job_request` (server-side paths, webhook host, teacher,
-  layer and width, the core's configuration rules; 422 naming the field);
+- admission: :func:`admit` (the submission's write lock, then :func:`check_quota`: 429),
+  :func:`check_job_request` (server-side paths, webhook host, teacher, layer and width, the core's
+  configuration rules; 422 naming the field);
 - publishing: :func:`publish_job` (enqueue after commit; a broker failure marks the job failed, 503);
 - pagination: :func:`encode_cursor` / :func:`decode_cursor` (opaque keyset cursors of ``GET /jobs``).
+
+Idempotent submission (``Idempotency-Key``) is :mod:`service.idempotency`.
 
 Every refusal is a :class:`service.problems.ProblemError` (problem+json) or an ``rsae.errors`` error that the
 problem handlers turn into one.
@@ -15,14 +17,12 @@ from __future__ import annotations
 
 import base64
 import binascii
-import hashlib
 import json
 import logging
 import os
 from datetime import datetime
 
 from celery import Celery
-from fastapi import Response
 from pydantic import ValidationError
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, selectinload
@@ -31,17 +31,15 @@ from rsae.config import DEFAULT_DATASET
 from rsae.models import model_shape
 
 from .config import Settings
+from .db import lock_for_write
 from .jobs import build_upgrade_config, resolve_teacher, transition, upgrade_config_errors
 from .models import TERMINAL_STATUSES, Job, Sae, User, is_uuid
 from .problems import NotFound, ProblemError, validation_error
 from .queue import enqueue_upgrade
-from .schemas import JobCreate, JobOut
+from .schemas import JobCreate
 from .webhooks import Policy, WebhookRefused, check_url
 
 log = logging.getLogger(__name__)
-
-MAX_IDEMPOTENCY_KEY_CHARS = 255
-"""Longest accepted ``Idempotency-Key`` header."""
 
 
 # -- ownership -------------------------------------------------------------------------------------
@@ -57,62 +55,10 @@ def job_or_404(session: Session, job_id: str, user: User) -> Job:
     return job
 
 
-# -- idempotent submission -------------------------------------------------------------------------
-def request_sha256(body: JobCreate) -> str:
-    """SHA-256 of the request in canonical JSON (defaults filled in, keys sorted): equal bodies, equal hash."""
-    canonical = json.dumps(body.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(canonical.encode()).hexdigest()
-
-
-def check_idempotency_key(key: str | None) -> str | None:
-    """The ``Idempotency-Key`` header as given (None when absent).
-
-    Raises:
-        ProblemError: 422 naming ``Idempotency-Key`` unless it is 1-255 printable ASCII characters.
-    """
-    if key is None:
-        return None
-    if not 1 <= len(key) <= MAX_IDEMPOTENCY_KEY_CHARS or not key.isprintable() or not key.isascii():
-        raise ProblemError(
-            422,
-            "validation_error",
-            f"Idempotency-Key must be 1-{MAX_IDEMPOTENCY_KEY_CHARS} printable ASCII characters",
-            field="Idempotency-Key",
-        )
-    return key
-
-
-def replay(session: Session, user: User, key: str, digest: str, response: Response) -> JobOut | None:
-    """The job created earlier with Idempotency-Key ``key`` (same body), or None if the key is new.
-
-    On a replay, ``response`` becomes a 200 with ``Location`` and ``Idempotent-Replayed: true``.
-
-    Raises:
-        ProblemError: 422 ``idempotency_key_reused`` when the key was used with a different body.
-    """
-    job = session.scalar(
-        select(Job).options(selectinload(Job.artifacts)).where(Job.owner_id == user.id, Job.idempotency_key == key)
-    )
-    if job is None:
-        return None
-    if job.request_sha256 != digest:
-        raise ProblemError(
-            422,
-            "idempotency_key_reused",
-            "this Idempotency-Key was already used with a "
-            f"different request body (job {job.id}); use a new key for a new job",
-            field="Idempotency-Key",
-            job_id=job.id,
-        )
-    response.status_code = 200
-    response.headers["Location"] = f"/jobs/{job.id}"
-    response.headers["Idempotent-Replayed"] = "true"
-    return JobOut.from_row(job)
-
-
 # -- admission -------------------------------------------------------------------------------------
 def check_quota(session: Session, user: User, settings: Settings) -> None:
-    """Refuse a new job while ``user`` already has ``max_active_jobs_per_user`` unfinished ones.
+    """Refuse a new job while ``user`` already has ``max_active_jobs_per_user`` unfinished ones (exact only
+    inside :func:`admit`'s transaction).
 
     Raises:
         ProblemError: 429 ``too_many_jobs`` with ``Retry-After: 60``.
@@ -130,6 +76,23 @@ def check_quota(session: Session, user: User, settings: Settings) -> None:
             f"{settings.max_active_jobs_per_user}; wait for some to finish or cancel them",
             headers={"Retry-After": "60"},
         )
+
+
+def admit(session: Session, user: User, settings: Settings) -> None:
+    """Begin the transaction that inserts ``user``'s new job, serialised with every other submission of
+    ``user``, and check the quota in it: the count cannot change before that transaction commits.
+
+    SQLite: the transaction starts with ``BEGIN IMMEDIATE`` (:func:`service.db.lock_for_write`; the whole
+    database's write lock). Postgres: the user's row is locked (``SELECT ... FOR UPDATE``), so one user's
+    submissions queue behind each other and other users are not held up. Call it right after a commit, then
+    insert the job and commit (or roll back) promptly: the lock is held until then.
+
+    Raises:
+        ProblemError: 429 ``too_many_jobs`` (see :func:`check_quota`); the caller rolls back.
+    """
+    lock_for_write(session)
+    session.scalar(select(User.id).where(User.id == user.id).with_for_update())
+    check_quota(session, user, settings)
 
 
 def is_local_path(value: str) -> bool:

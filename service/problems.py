@@ -71,12 +71,14 @@ _STATUS_DESCRIPTIONS = {
     400: "malformed request (problem+json)",
     401: "missing, malformed, unknown or revoked bearer token (problem+json; WWW-Authenticate: Bearer)",
     404: "unknown id, or another user's (problem+json)",
-    409: "conflict with the resource's current state (problem+json)",
+    409: "conflict with the resource's current state, e.g. an SAE still used by a job, or an Idempotency-Key in use "
+    "by a request still running (problem+json; Retry-After for the latter)",
     410: "gone: deleted by the retention rule (problem+json)",
     413: "request body too large (problem+json)",
     415: "unsupported media type (problem+json)",
     422: "invalid input; 'field' names it (problem+json)",
-    429: "too many unfinished jobs (problem+json; Retry-After)",
+    429: "too many requests: failed authentications or submissions over the rate limit (code rate_limited), "
+    "or too many unfinished jobs (problem+json; Retry-After)",
     503: "a dependency is unavailable (problem+json; Retry-After)",
 }
 

@@ -14,8 +14,8 @@ row's lease: ``lease_owner`` = its owner id and ``lease_expires_at`` in the futu
   process) handles expired leases: ``cancelling`` -> ``cancelled``; past the deadline -> ``failed``
   (``deadline_exceeded``); ``attempt >= max_attempts`` -> ``failed`` (``max_attempts_exceeded``); otherwise
   ``queued`` again and re-published. It also re-publishes jobs queued for long without a message,
-  delivers the webhook notices due (:func:`service.webhooks.deliver_due`) and deletes the scratch folders
-  of finished jobs.
+  delivers the webhook notices due (:func:`service.webhooks.deliver_due`), deletes the scratch folders
+  of finished jobs and the expired idempotency keys, and applies the storage rules (:mod:`service.storage`).
 
 Lease and deadline instants come from one clock, the database's (:class:`service.db.db_now` in the SQL
 statements), never from a worker's own clock: a worker whose clock is off cannot steal or keep a lease.
@@ -45,6 +45,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from service.config import Settings
 from service.db import db_now
+from service.idempotency import prune_expired
 from service.jobs import add_event, transition
 from service.models import TERMINAL_STATUSES, Job
 from service.storage import storage_pass
@@ -258,6 +259,8 @@ class ReapResult:
     """Jobs left ``publishing`` by a lost worker whose publish this pass completed (now ``succeeded``)."""
     webhooks: dict[str, str] = field(default_factory=dict)
     """Webhook delivery id -> outcome of the attempt made in this pass (:func:`service.webhooks.deliver_due`)."""
+    pruned_keys: int = 0
+    """Expired idempotency keys deleted (:func:`service.idempotency.prune_expired`)."""
 
 
 def discard_dirs(settings: Settings, job_id: str, *, keep_artifacts: bool = False) -> None:
@@ -435,6 +438,7 @@ def reap_once(settings: Settings, make_session: sessionmaker[Session], publish: 
     out.webhooks = deliver_due(settings, make_session).outcomes
     out.swept = sweep_dirs(settings, make_session)
     storage_pass(settings, make_session)  # deleted jobs, artifact retention, orphan folders (service.storage)
+    out.pruned_keys = db_retry(lambda: prune_expired(make_session))
     if out.requeued or out.cancelled or out.failed or out.published or out.finished_publishing:
         log.info(
             "reaper: requeued %s, cancelled %s, failed %s, published %s, finished publishing %s",

@@ -7,11 +7,14 @@ from typing import Annotated
 from celery import Celery
 from fastapi import Depends, Query, Request
 
+from service.auth import UserDep
 from service.config import Settings
 from service.db import SessionDep
+from service.models import User
 from service.problems import ProblemError
+from service.ratelimit import client_address, token_key
 
-__all__ = ["CeleryDep", "LimitDep", "SessionDep", "SettingsDep"]
+__all__ = ["CeleryDep", "LimitDep", "SessionDep", "SettingsDep", "SubmitterDep"]
 
 
 def get_app_settings(request: Request) -> Settings:
@@ -46,3 +49,21 @@ def page_limit(
 
 LimitDep = Annotated[int, Depends(page_limit)]
 """The page size of a list request."""
+
+
+def submitter(request: Request, user: UserDep) -> User:
+    """The authenticated user of a submission (``POST /jobs``, ``POST /saes``), counted against the
+    submission rate limits of its token and its client address before the body is read
+    (:meth:`service.ratelimit.RateLimits.submission`).
+
+    Raises:
+        service.auth.AuthError: 401, as for :data:`service.auth.UserDep`.
+        service.ratelimit.RateLimited: 429 with Retry-After beyond ``rate_limit_submissions_per_token`` or
+            ``rate_limit_submissions_per_address``.
+    """
+    request.app.state.rate_limits.submission(client_address(request), token_key(request.headers.get("authorization")))
+    return user
+
+
+SubmitterDep = Annotated[User, Depends(submitter)]
+"""The authenticated user of a submission route, after the submission rate limits."""

@@ -27,7 +27,16 @@ from service.config import Settings, get_settings
 from service.db import get_sessionmaker
 from service.migrate import alembic_config, upgrade
 from service.models import Artifact, Base, Job, JobEvent, utcnow
-from support.servers import assert_problem, bearer, job_body, make_token, post_sae, queued_messages
+from support.servers import (
+    API_REDIS_DB,
+    REDIS_URL,
+    assert_problem,
+    bearer,
+    job_body,
+    make_token,
+    post_sae,
+    queued_messages,
+)
 from worker.tasks import JobReporter
 
 
@@ -363,7 +372,7 @@ def test_sqlite_mode(
     """SQLite (the default database): migrations, aware timestamps and the cursor work there too."""
     monkeypatch.delenv("RSAE_DATABASE_URL", raising=False)
     monkeypatch.setenv("RSAE_DATA_DIR", str(tmp_path / "data"))
-    monkeypatch.setenv("RSAE_BROKER_URL", "redis://127.0.0.1:6379/15")
+    monkeypatch.setenv("RSAE_BROKER_URL", f"{REDIS_URL}/{API_REDIS_DB}")  # the broker fixture's database
     get_settings.cache_clear()
     url = get_settings().database_url
     assert url == f"sqlite:///{tmp_path / 'data' / 'rsae.db'}"

@@ -6,42 +6,17 @@ a deliberately small SQL pool, so that streams holding connections would starve 
 
 from __future__ import annotations
 
-import socket
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 import httpx
 import pytest
-import uvicorn
 from fastapi.testclient import TestClient
 
-from service.app import create_app
 from service.config import Settings
-from support.servers import assert_problem, bearer, job_body
+from support.servers import assert_problem, bearer, job_body, served
 
 SSE = {"Accept": "text/event-stream"}
-
-
-@contextmanager
-def served(settings: Settings) -> Iterator[str]:
-    """The API for ``settings`` under uvicorn on a free loopback port; yields its base URL."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "uvicorn did not start"
-        time.sleep(0.05)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
 
 
 class Streams:

@@ -12,13 +12,18 @@ import base64
 import json
 import os
 import secrets
+import socket
+import threading
+import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import psycopg
 import pytest
 import redis
+import uvicorn
 from fastapi.testclient import TestClient
 from sqlalchemy import text
 from sqlalchemy.engine import make_url
@@ -228,3 +233,23 @@ def queued_messages(broker: redis.Redis, queue: str = "gpu") -> list[tuple[str, 
         args, _kwargs, _embed = json.loads(base64.b64decode(msg["body"]))
         out.append((msg["headers"]["task"], args))
     return out
+
+
+@contextmanager
+def served(settings: Settings) -> Iterator[str]:
+    """The API for ``settings`` under uvicorn on a free loopback port; yields its base URL."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert time.monotonic() < deadline and thread.is_alive(), "uvicorn did not start"
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)

@@ -12,26 +12,16 @@ import logging
 from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.responses import FileResponse
 from sqlalchemy import and_, or_, select
-from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import selectinload
 
-from service.api.deps import CeleryDep, LimitDep, SessionDep, SettingsDep
+from service import idempotency
+from service.api.deps import CeleryDep, LimitDep, SessionDep, SettingsDep, SubmitterDep
 from service.auth import UserDep
 from service.events import EventStreamResponse, job_event_stream
 from service.jobs import add_event, transition
 from service.jsonbody import StrictJSONRoute
-from service.models import Job, JobEvent, User
-from service.policies import (
-    check_idempotency_key,
-    check_job_request,
-    check_quota,
-    decode_cursor,
-    encode_cursor,
-    job_or_404,
-    publish_job,
-    replay,
-    request_sha256,
-)
+from service.models import Job, JobEvent
+from service.policies import admit, check_job_request, decode_cursor, encode_cursor, job_or_404, publish_job
 from service.problems import ProblemError, problem_responses
 from service.schemas import ArtifactOut, EventOut, JobCreate, JobOut, JobPage, JobStatus
 from service.storage import check_storage, job_output_estimates, request_job_deletion
@@ -39,7 +29,7 @@ from service.webhooks import notify_in_background
 
 log = logging.getLogger(__name__)
 router = APIRouter(
-    prefix="/jobs", tags=["jobs"], responses=problem_responses(400, 401, 413, 422), route_class=StrictJSONRoute
+    prefix="/jobs", tags=["jobs"], responses=problem_responses(400, 401, 413, 422, 429), route_class=StrictJSONRoute
 )
 
 _NOT_FOUND = problem_responses(404, s404="unknown job, or another user's (problem+json)")
@@ -50,76 +40,103 @@ _NOT_FOUND = problem_responses(404, s404="unknown job, or another user's (proble
     "",
     status_code=202,
     responses={
-        200: {"description": "replay: a job was already created with this Idempotency-Key and body", "model": JobOut},
+        202: {
+            "description": "job created and queued; also the replay of an earlier request with the same "
+            "Idempotency-Key and body (same status and body, header Idempotent-Replayed: true)",
+            "headers": {
+                "Location": {"description": "/jobs/{id}", "schema": {"type": "string"}},
+                "Idempotent-Replayed": {
+                    "description": "'true' on a replay of a stored response",
+                    "schema": {"type": "string"},
+                },
+            },
+        },
         **problem_responses(
+            409,
             413,
             429,
             503,
+            s409="a request with this Idempotency-Key is still running (code idempotency_key_in_use; "
+            "problem+json; Retry-After)",
             s413="request body too large, or storage quota exceeded (code storage_quota_exceeded, with "
             "used_bytes, limit_bytes, requested_bytes; problem+json)",
-            s503="job recorded as failed: the broker is unreachable (code enqueue_failed; problem+json)",
+            s429="over the submission rate limit (code rate_limited) or too many unfinished jobs (code "
+            "too_many_jobs) (problem+json; Retry-After)",
+            s503="job recorded as failed: the broker is unreachable (code enqueue_failed; problem+json); the "
+            "Idempotency-Key is not bound, retry with it",
         ),
     },
 )
 def create_job(
     body: JobCreate,
-    response: Response,
     session: SessionDep,
     settings: SettingsDep,
     celery: CeleryDep,
-    user: UserDep,
+    user: SubmitterDep,
     idempotency_key: str | None = Header(
         None,
         alias="Idempotency-Key",
-        description="Client-chosen key (1-255 printable ASCII "
-        "characters): the same key with the same body returns the same job (200) instead of "
-        "creating another; the same key with another body is a 422.",
+        description="Client-chosen key (1-255 printable ASCII characters), remembered for "
+        "RSAE_IDEMPOTENCY_KEY_TTL_SECONDS (default 24 h): the same key with the same body replays the first "
+        "response (202, same body, Idempotent-Replayed: true) instead of creating another job; with another "
+        "body it is a 422; while the first request still runs, a 409. A request refused before it created a "
+        "job (4xx, or the 503 of an unreachable broker) leaves the key free.",
     ),
 ) -> JobOut:
     """Create an upgrade job: validate it fully, commit the row (status ``queued``), then enqueue its id.
 
-    If publishing to the broker fails after the commit, the job is marked ``failed`` with error code
-    ``enqueue_failed`` (so it never lingers as ``queued``) and the answer is a 503 problem carrying
-    ``job_id``. The user's row is locked for the duration, so one user's concurrent submissions are
-    serialised (the quota and the idempotency check cannot be raced).
+    Admission is exact under concurrency: the quota is counted and the row inserted in one transaction that
+    holds the user's submission lock (:func:`service.policies.admit`). If publishing to the broker fails
+    after the commit, the job is marked ``failed`` with error code ``enqueue_failed`` (so it never lingers
+    as ``queued``) and the answer is a 503 problem carrying ``job_id``. With an ``Idempotency-Key`` the
+    request holds the key while it runs and stores its response for replays (:mod:`service.idempotency`).
 
     Storage quota: the job's artifacts are estimated from its teacher (8 bytes x ``d_in`` x ``d_sae`` + 1 MiB
     for an uploaded SAE; 0 for hub and server-side teachers) and must fit beside what the user already stores
-    (``RSAE_MAX_STORAGE_BYTES_PER_USER``), else 413 ``storage_quota_exceeded`` with the figures.
+    (``RSAE_MAX_STORAGE_BYTES_PER_USER``), else 413 ``storage_quota_exceeded`` with the figures; checked
+    under the same submission lock as the quota.
     """
-    key = check_idempotency_key(idempotency_key)
-    digest = request_sha256(body)
-    session.scalar(select(User.id).where(User.id == user.id).with_for_update())  # no-op lock on SQLite
-    if key is not None and (replayed := replay(session, user, key, digest, response)) is not None:
-        return replayed
-    check_quota(session, user, settings)
-    check_job_request(session, settings, body, user)
-    estimate = job_output_estimates(session, [body.model_dump(mode="json")])[0]
-    check_storage(session, settings, user.id, estimate, what="this job's estimated artifacts")
-    job = Job(
-        status="queued",
-        stage=None,
-        progress=0.0,
-        attempt=0,
-        request=body.model_dump(mode="json"),
-        owner_id=user.id,
-        idempotency_key=key,
-        request_sha256=digest,
-    )
-    session.add(job)
+    key = idempotency.check_key(idempotency_key)
+    digest = idempotency.request_sha256(body)
+    held = None
+    if key is not None:
+        claimed = idempotency.claim(session, user.id, key, digest, settings)
+        if isinstance(claimed, idempotency.Replay):
+            return claimed.response()
+        held = claimed
     try:
+        check_job_request(session, settings, body, user)
+        session.commit()  # end the reads: the admission transaction begins with the lock
+        admit(session, user, settings)
+        estimate = job_output_estimates(session, [body.model_dump(mode="json")])[0]
+        check_storage(session, settings, user.id, estimate, what="this job's estimated artifacts")
+        job = Job(
+            status="queued",
+            stage=None,
+            progress=0.0,
+            attempt=0,
+            request=body.model_dump(mode="json"),
+            owner_id=user.id,
+            idempotency_key=key,
+            request_sha256=digest,
+        )
+        session.add(job)
         session.flush()
-    except IntegrityError:  # the same key committed by a concurrent request (only without the row lock)
+        add_event(session, job.id, "status", {"status": "queued"})
+        if held is not None:
+            idempotency.bind_job(session, held, job.id)
+        session.commit()
+        publish_job(session, celery, settings, job.id)  # 503 after marking the job failed
+    except Exception:
         session.rollback()
-        if key is not None and (replayed := replay(session, user, key, digest, response)) is not None:
-            return replayed
+        if held is not None:
+            idempotency.release(session, held)
         raise
-    add_event(session, job.id, "status", {"status": "queued"})
-    session.commit()
-    publish_job(session, celery, settings, job.id)
     session.refresh(job)
-    response.headers["Location"] = f"/jobs/{job.id}"
-    return JobOut.from_row(job)
+    out = idempotency.json_body(JobOut.from_row(job).model_dump(mode="json"))
+    if held is not None:
+        idempotency.complete(session, held, 202, out)
+    return Response(out, status_code=202, headers={"Location": f"/jobs/{job.id}"}, media_type="application/json")
 
 
 @router.get("")

@@ -15,7 +15,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from service import storage
-from service.api.deps import LimitDep, SessionDep, SettingsDep
+from service.api.deps import LimitDep, SessionDep, SettingsDep, SubmitterDep
 from service.auth import UserDep
 from service.config import Settings
 from service.jsonbody import StrictJSONRoute
@@ -26,7 +26,7 @@ from service.teachers import MAX_NAME_CHARS, UPLOAD_FILES, check_upload_form, im
 from service.uploads import receive_multipart
 
 router = APIRouter(
-    prefix="/saes", tags=["saes"], responses=problem_responses(400, 401, 413, 422), route_class=StrictJSONRoute
+    prefix="/saes", tags=["saes"], responses=problem_responses(400, 401, 413, 422, 429), route_class=StrictJSONRoute
 )
 
 _UPLOAD_BODY = {
@@ -98,7 +98,7 @@ _UPLOAD_BODY = {
         s422="invalid teacher: 'field' names the form field and key, e.g. cfg.d_in or weights.W_enc (problem+json)",
     ),
 )
-async def upload_sae(request: Request, response: Response, settings: SettingsDep, user: UserDep) -> SaeOut:
+async def upload_sae(request: Request, response: Response, settings: SettingsDep, user: SubmitterDep) -> SaeOut:
     """Upload a teacher SAE in any of four formats (multipart; see docs/formats.md):
 
     - SAELens: ``cfg`` + ``weights`` (sae_weights.safetensors);
@@ -115,6 +115,8 @@ async def upload_sae(request: Request, response: Response, settings: SettingsDep
     of unfinished jobs): a user already at it is refused before the body is read, and an upload whose stored
     folder does not fit is refused after the import; both are 413 ``storage_quota_exceeded`` carrying
     ``used_bytes``, ``limit_bytes`` and ``requested_bytes``.
+
+    Uploads count against the submission rate limits (429 with Retry-After, before the body is read).
     """
     await run_in_threadpool(_room_left, request.app.state.sessionmaker, settings, user.id)
     settings.uploads_dir.mkdir(parents=True, exist_ok=True)

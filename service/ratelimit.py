@@ -1,0 +1,195 @@
+"""Rate limits on failed authentications and on submissions, by the ``limits`` library.
+
+Two kinds of limits, both configured in ``limits``' string notation (``"30/minute"``, ``"5/second;100/hour"``;
+an empty string turns one off) and counted with its moving-window strategy
+(:class:`limits.strategies.MovingWindowRateLimiter`, exact: at most N hits in any window of the period):
+
+- **authentication failures** (``rate_limit_auth_failures``), per client address and per presented token:
+  every 401 counts; once either counter is full, requests from that address or with that token answer 429
+  *before* the token is looked up (no database work for a guesser) until the window frees. A valid token from
+  another address is not affected.
+- **submissions** (``POST /jobs``, ``POST /saes``), per API token (``rate_limit_submissions_per_token``) and per
+  client address (``rate_limit_submissions_per_address``), counted before the request body is read.
+
+Refusals are 429 problem+json (code ``rate_limited``) with ``Retry-After``: whole seconds until the oldest
+counted hit leaves the window. Counters live in Redis at the broker URL when the service has one (shared by
+all API processes; keys under ``rsae:ratelimit``), else in process memory. If Redis cannot be reached the
+limits fail open (logged): an unreachable limiter must not take the API down with it.
+
+The client address is the ASGI ``client`` host (behind a reverse proxy run uvicorn with ``--proxy-headers``
+and ``--forwarded-allow-ips`` so that it is the original client's); IPv6 addresses are bucketed by /64, the
+block one host usually holds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import logging
+import math
+import time
+from collections.abc import Sequence
+
+from fastapi import Request
+from limits import RateLimitItem, parse_many
+from limits.storage import Storage, storage_from_string
+from limits.strategies import MovingWindowRateLimiter
+
+from .config import Settings
+from .problems import ProblemError
+
+log = logging.getLogger(__name__)
+
+KEY_PREFIX = "rsae:ratelimit"
+"""Prefix of the limiter's Redis keys."""
+REDIS_TIMEOUT_SECONDS = 1.0
+"""Connect and read timeout of the limiter's Redis connection (fail open after it)."""
+_WARN_EVERY_SECONDS = 60.0
+
+
+class RateLimited(ProblemError):
+    """429 ``rate_limited`` problem with ``Retry-After`` (RFC 6585 section 4, RFC 9110 section 10.2.3).
+
+    Args:
+        detail: what was limited and how to proceed.
+        retry_after: seconds until the next attempt may pass (rounded up, at least 1).
+        field: the input the limit is keyed on, if any (``Authorization``).
+    """
+
+    def __init__(self, detail: str, retry_after: float, *, field: str | None = None) -> None:
+        seconds = max(1, math.ceil(retry_after))
+        super().__init__(
+            429, "rate_limited", detail, field=field, headers={"Retry-After": str(seconds)}, retry_after=seconds
+        )
+
+
+def client_address(request: Request) -> str:
+    """The rate-limit key of the request's client: its IPv4 address, its IPv6 /64 network, or the ASGI
+    client host as given when it is not an IP address (``"unknown"`` without one)."""
+    host = request.client.host if request.client else "unknown"
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return host
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.ip_network(f"{ip}/64", strict=False))
+    return str(ip)
+
+
+def token_key(authorization: str | None) -> str | None:
+    """The rate-limit key of a presented bearer token: the first 32 hex digits of the SHA-256 of the
+    ``Authorization`` header's credentials (never the token itself); None without credentials."""
+    if not authorization:
+        return None
+    credentials = authorization.strip().partition(" ")[2].strip()
+    return hashlib.sha256(credentials.encode("utf-8", "replace")).hexdigest()[:32] if credentials else None
+
+
+class RateLimits:
+    """The API's rate limiter (one per application, ``app.state.rate_limits``).
+
+    Args:
+        settings: rates (``rate_limit_*``) and the storage: Redis at ``broker_url`` if set, else memory.
+        storage_uri: overrides the storage (a ``limits`` storage URI such as ``memory://``).
+    """
+
+    def __init__(self, settings: Settings, storage_uri: str | None = None) -> None:
+        uri = storage_uri or settings.broker_url or "memory://"
+        options: dict[str, float | str] = {}
+        if uri.startswith(("redis://", "rediss://", "unix://")):
+            options = {
+                "key_prefix": KEY_PREFIX,
+                "socket_connect_timeout": REDIS_TIMEOUT_SECONDS,
+                "socket_timeout": REDIS_TIMEOUT_SECONDS,
+            }
+        self.storage: Storage = storage_from_string(uri, **options)
+        self.limiter = MovingWindowRateLimiter(self.storage)
+        self.auth_failures = _rates(settings.rate_limit_auth_failures)
+        self.per_token = _rates(settings.rate_limit_submissions_per_token)
+        self.per_address = _rates(settings.rate_limit_submissions_per_address)
+        self._warned_at = -math.inf
+
+    # -- authentication failures ------------------------------------------------------------------
+    def check_auth(self, address: str, token: str | None) -> None:
+        """Refuse a request whose address or presented token used up its authentication failures.
+
+        Raises:
+            RateLimited: 429 naming ``Authorization``, Retry-After until the oldest failure expires.
+        """
+        wait = self._full(self.auth_failures, "auth", _keys(address, token))
+        if wait is not None:
+            raise RateLimited(
+                "too many failed authentications from this address or with this token; wait and retry with a "
+                "valid token (create one with 'rsae-service token create --user NAME')",
+                wait,
+                field="Authorization",
+            )
+
+    def auth_failed(self, address: str, token: str | None) -> None:
+        """Count one failed authentication against ``address`` and ``token``."""
+        self._hit(self.auth_failures, "auth", _keys(address, token))
+
+    # -- submissions -------------------------------------------------------------------------------
+    def submission(self, address: str, token: str | None) -> None:
+        """Count one submission of ``token`` from ``address``; refuse it when a limit is used up.
+
+        Raises:
+            RateLimited: 429 with Retry-After until the oldest counted submission leaves the window.
+        """
+        # Test both before counting either: a request refused by one limit does not use up the other's budget.
+        # (The hits themselves are atomic: two racing requests cannot both take the last slot.)
+        checks = (
+            (self.per_token, [("token", token)] if token else [], "with this token"),
+            (self.per_address, [("addr", address)], "from this address"),
+        )
+        for count in (self._full, self._hit):
+            for rates, keys, whose in checks:
+                wait = count(rates, "submit", keys)
+                if wait is not None:
+                    raise RateLimited(
+                        f"too many submissions (POST /jobs, POST /saes) {whose}; retry after the time in Retry-After",
+                        wait,
+                    )
+
+    # -- counting ----------------------------------------------------------------------------------
+    def _full(self, rates: Sequence[RateLimitItem], scope: str, keys: Sequence[tuple[str, str]]) -> float | None:
+        """Seconds until a used-up (rate, key) frees, without counting a hit; None if none is used up."""
+        waits = []
+        try:
+            for kind, key in keys:
+                for rate in rates:
+                    if not self.limiter.test(rate, scope, kind, key):
+                        waits.append(self.limiter.get_window_stats(rate, scope, kind, key).reset_time - time.time())
+        except Exception as e:  # noqa: BLE001 - storage unreachable: fail open
+            self._storage_down(e)
+            return None
+        return max(waits) if waits else None
+
+    def _hit(self, rates: Sequence[RateLimitItem], scope: str, keys: Sequence[tuple[str, str]]) -> float | None:
+        """Count a hit on every (rate, key); seconds until the longest refused one frees, None if all passed."""
+        waits = []
+        try:
+            for kind, key in keys:
+                for rate in rates:
+                    if not self.limiter.hit(rate, scope, kind, key):
+                        waits.append(self.limiter.get_window_stats(rate, scope, kind, key).reset_time - time.time())
+        except Exception as e:  # noqa: BLE001 - storage unreachable: fail open
+            self._storage_down(e)
+            return None
+        return max(waits) if waits else None
+
+    def _storage_down(self, e: Exception) -> None:
+        now = time.monotonic()
+        if now - self._warned_at > _WARN_EVERY_SECONDS:
+            self._warned_at = now
+            log.warning("rate limiter storage unreachable (%s: %s); limits are not enforced", type(e).__name__, e)
+
+
+def _rates(spec: str) -> list[RateLimitItem]:
+    return parse_many(spec) if spec else []
+
+
+def _keys(address: str, token: str | None) -> list[tuple[str, str]]:
+    return [("addr", address)] + ([("token", token)] if token else [])
