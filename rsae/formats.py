@@ -152,13 +152,16 @@ def _k(v: Any, d_sae: int, field_: str) -> int:
 
 
 def _read_json(f: Path, field_: str) -> dict[str, Any]:
-    """The JSON object in ``f``; TeacherError(field=field_) if missing, not UTF-8 JSON, or not an object."""
+    """The JSON object in ``f``; TeacherError(field=field_) if missing, not UTF-8 JSON, nested too deeply, or not
+    an object."""
     if not f.is_file():
         raise TeacherError(f"missing {f.name} in {f.parent}", field=field_)
     try:
         d = json.loads(f.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise TeacherError(f"{f.name} is not valid JSON: {e}", field=field_) from None
+    except RecursionError:  # nested past the interpreter's recursion limit (~1000 levels): was a 500
+        raise TeacherError(f"{f.name} is nested too deeply to be a config", field=field_) from None
     if not isinstance(d, dict):
         raise TeacherError(f"{f.name} must be a JSON object", field=field_)
     return d
@@ -668,7 +671,7 @@ def _sparsify_hook(folder: Path, conv: list[str]) -> tuple[str | None, int | Non
         try:
             rc = json.loads(run_cfg.read_text(encoding="utf-8"))
             model = rc.get("model") if isinstance(rc, dict) and isinstance(rc.get("model"), str) else None
-        except (UnicodeDecodeError, json.JSONDecodeError):
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
             conv.append("run config.json one folder up is not valid JSON; ignored")
     return hook, layer, model
 
@@ -1082,7 +1085,7 @@ def provenance(teacher_path: str | Path) -> dict[str, Any]:
         try:
             meta = json.loads((folder / CFG_NAME).read_text(encoding="utf-8")).get("metadata") or {}
             original = meta.get("source") if isinstance(meta, dict) else None
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError, RecursionError):
             original = None
     return {
         "source": str(teacher_path),
