@@ -151,6 +151,15 @@ def _k(v: Any, d_sae: int, field_: str) -> int:
     return v
 
 
+def _raise_if_out_of_memory(e: BaseException) -> None:
+    """Re-raise an allocation failure (``MemoryError``, torch's "can't allocate memory" ``RuntimeError``) caught
+    by a broad handler of untrusted bytes: running out of memory is not a malformed file, and a caller bounding
+    the reader's memory (the API's import child) must see it."""
+    text = str(e).lower()
+    if isinstance(e, MemoryError) or (isinstance(e, RuntimeError) and ("allocate" in text or "out of memory" in text)):
+        raise e
+
+
 def _read_json(f: Path, field_: str) -> dict[str, Any]:
     """The JSON object in ``f``; TeacherError(field=field_) if missing, not UTF-8 JSON, nested too deeply, or not
     an object."""
@@ -177,6 +186,7 @@ def _read_safetensors(f: Path, field_: str) -> dict[str, torch.Tensor]:
     try:
         return load_file(str(f))
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        _raise_if_out_of_memory(e)
         raise TeacherError(f"{f.name} is not a readable safetensors file: {e}", field=field_) from None
 
 
@@ -547,6 +557,7 @@ def load_gemma_scope(path: str | Path) -> LoadedTeacher:
             arrays = {("W_" + key[2:] if key.startswith("w_") else key): data[key] for key in data.files}
     except Exception as e:  # noqa: BLE001 - untrusted bytes: zipfile / numpy raise ValueError, OSError,
         # BadZipFile, KeyError, NotImplementedError ("compressed patched data", found by fuzzing), ...
+        _raise_if_out_of_memory(e)
         raise TeacherError(
             f"{GEMMA_SCOPE_PARAMS} is not a readable numpy .npz of plain arrays: {e}", field=GEMMA_SCOPE_PARAMS
         ) from None
@@ -756,6 +767,7 @@ def _dl_state_dict(folder: Path) -> dict[str, torch.Tensor]:
         ) from None
     except Exception as e:  # noqa: BLE001 - untrusted bytes: the weights-only unpickler raises IndexError,
         # KeyError, TypeError, ... on garbage (seen: "pop from empty list"), besides the usual file errors
+        _raise_if_out_of_memory(e)
         raise TeacherError(f"ae.pt is not a readable torch file: {type(e).__name__}: {e}", field=DL_WEIGHTS) from None
     if not isinstance(sd, dict) or not all(isinstance(k_, str) and isinstance(v, torch.Tensor) for k_, v in sd.items()):
         raise TeacherError("ae.pt must hold a state dict (names -> tensors)", field=DL_WEIGHTS)
