@@ -122,17 +122,19 @@ def run_bounded(
     proc = ctx.Process(target=_child, args=(sender, fn, args, memory_bytes), daemon=True)
     proc.start()
     sender.close()
+    grace = 5.0  # seconds a child that answered (or died) gets to exit before it is killed
     try:
         if not receiver.poll(timeout):
+            grace = 0.0
             raise ChildFailed("timeout", f"no result after {timeout:g} s")
         try:
             kind, value = receiver.recv()
         except (EOFError, OSError):
-            proc.join(5)
+            proc.join(grace)
             raise ChildFailed("memory", f"the child died without a result (exit code {proc.exitcode})") from None
     finally:
         receiver.close()
-        proc.join(5)
+        proc.join(grace)
         if proc.is_alive():
             proc.kill()
             proc.join()

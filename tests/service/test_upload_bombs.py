@@ -186,3 +186,15 @@ def test_degenerate_teacher_is_422_naming_the_cause(
     body = assert_problem(post_sae(client, *_tensors_with(make_teacher(), edit, **cfg)), 422, field=field, code=code)
     assert "Hint" in body["detail"]
     assert client.get("/saes").json() == []
+
+
+def test_import_past_its_time_limit_is_422_naming_the_field(
+    client: TestClient, settings: Settings, make_teacher: Callable[..., Path]
+) -> None:
+    client.app.state.settings = settings.model_copy(update={"teacher_import_seconds": 0.001})
+    folder = make_teacher()
+    r = post_sae(client, (folder / "cfg.json").read_bytes(), (folder / "sae_weights.safetensors").read_bytes())
+    assert_problem(r, 422, field="weights", code="teacher_import_timeout")
+    client.app.state.settings = settings
+    r = post_sae(client, (folder / "cfg.json").read_bytes(), (folder / "sae_weights.safetensors").read_bytes())
+    assert r.status_code == 201, r.text  # the next import is served normally
