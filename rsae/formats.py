@@ -151,14 +151,26 @@ def _k(v: Any, d_sae: int, field_: str) -> int:
     return v
 
 
+def _raise_if_out_of_memory(e: BaseException) -> None:
+    """Re-raise an allocation failure (``MemoryError``, torch's "can't allocate memory" ``RuntimeError``) caught
+    by a broad handler of untrusted bytes: running out of memory is not a malformed file, and a caller bounding
+    the reader's memory (the API's import child) must see it."""
+    text = str(e).lower()
+    if isinstance(e, MemoryError) or (isinstance(e, RuntimeError) and ("allocate" in text or "out of memory" in text)):
+        raise e
+
+
 def _read_json(f: Path, field_: str) -> dict[str, Any]:
-    """The JSON object in ``f``; TeacherError(field=field_) if missing, not UTF-8 JSON, or not an object."""
+    """The JSON object in ``f``; TeacherError(field=field_) if missing, not UTF-8 JSON, nested too deeply, or not
+    an object."""
     if not f.is_file():
         raise TeacherError(f"missing {f.name} in {f.parent}", field=field_)
     try:
         d = json.loads(f.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise TeacherError(f"{f.name} is not valid JSON: {e}", field=field_) from None
+    except RecursionError:  # nested past the interpreter's recursion limit (~1000 levels): was a 500
+        raise TeacherError(f"{f.name} is nested too deeply to be a config", field=field_) from None
     if not isinstance(d, dict):
         raise TeacherError(f"{f.name} must be a JSON object", field=field_)
     return d
@@ -174,6 +186,7 @@ def _read_safetensors(f: Path, field_: str) -> dict[str, torch.Tensor]:
     try:
         return load_file(str(f))
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        _raise_if_out_of_memory(e)
         raise TeacherError(f"{f.name} is not a readable safetensors file: {e}", field=field_) from None
 
 
@@ -544,6 +557,7 @@ def load_gemma_scope(path: str | Path) -> LoadedTeacher:
             arrays = {("W_" + key[2:] if key.startswith("w_") else key): data[key] for key in data.files}
     except Exception as e:  # noqa: BLE001 - untrusted bytes: zipfile / numpy raise ValueError, OSError,
         # BadZipFile, KeyError, NotImplementedError ("compressed patched data", found by fuzzing), ...
+        _raise_if_out_of_memory(e)
         raise TeacherError(
             f"{GEMMA_SCOPE_PARAMS} is not a readable numpy .npz of plain arrays: {e}", field=GEMMA_SCOPE_PARAMS
         ) from None
@@ -668,7 +682,7 @@ def _sparsify_hook(folder: Path, conv: list[str]) -> tuple[str | None, int | Non
         try:
             rc = json.loads(run_cfg.read_text(encoding="utf-8"))
             model = rc.get("model") if isinstance(rc, dict) and isinstance(rc.get("model"), str) else None
-        except (UnicodeDecodeError, json.JSONDecodeError):
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
             conv.append("run config.json one folder up is not valid JSON; ignored")
     return hook, layer, model
 
@@ -753,6 +767,7 @@ def _dl_state_dict(folder: Path) -> dict[str, torch.Tensor]:
         ) from None
     except Exception as e:  # noqa: BLE001 - untrusted bytes: the weights-only unpickler raises IndexError,
         # KeyError, TypeError, ... on garbage (seen: "pop from empty list"), besides the usual file errors
+        _raise_if_out_of_memory(e)
         raise TeacherError(f"ae.pt is not a readable torch file: {type(e).__name__}: {e}", field=DL_WEIGHTS) from None
     if not isinstance(sd, dict) or not all(isinstance(k_, str) and isinstance(v, torch.Tensor) for k_, v in sd.items()):
         raise TeacherError("ae.pt must hold a state dict (names -> tensors)", field=DL_WEIGHTS)
@@ -1082,7 +1097,7 @@ def provenance(teacher_path: str | Path) -> dict[str, Any]:
         try:
             meta = json.loads((folder / CFG_NAME).read_text(encoding="utf-8")).get("metadata") or {}
             original = meta.get("source") if isinstance(meta, dict) else None
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError, RecursionError):
             original = None
     return {
         "source": str(teacher_path),

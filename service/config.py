@@ -43,6 +43,24 @@ class Settings(BaseSettings):
     )
     max_upload_bytes: int = Field(2 * 1024**3, ge=1, description="Largest accepted POST /saes body.")
     max_cfg_bytes: int = Field(1024**2, ge=1, description="Largest accepted cfg.json part of an upload.")
+    max_teacher_expanded_bytes: int | None = Field(
+        None,
+        ge=1,
+        description="Largest teacher weights file once read, as its headers declare it (zip members' uncompressed "
+        "sizes, .npy and safetensors shapes, counted as float32), checked before any member is read: a compressed "
+        "params.npz or ae.pt that would expand past it is refused with 413. Default: max_upload_bytes (a compressed "
+        "upload may not hold more than an uncompressed one could).",
+    )
+    teacher_import_memory_bytes: int | None = Field(
+        None,
+        ge=64 * 1024**2,
+        description="Address space (RLIMIT_AS) the child process that reads and checks an uploaded teacher may add "
+        "to what it starts with; past it the import stops with 413. Default: 4 x the expanded limit + 1 GiB "
+        "(reading holds the file's arrays, their float32 copies and the SAE).",
+    )
+    teacher_import_seconds: float = Field(
+        600.0, gt=0, description="Longest time the child process that reads and checks an uploaded teacher may run."
+    )
     max_body_bytes: int = Field(
         1024**2, ge=1024, description="Largest accepted request body other than a POST /saes upload (413 beyond)."
     )
@@ -295,6 +313,16 @@ class Settings(BaseSettings):
                 "'rsae-service up', which starts its own redis-server"
             )
         return self.broker_url
+
+    @property
+    def teacher_expanded_limit(self) -> int:
+        """``max_teacher_expanded_bytes``, or ``max_upload_bytes`` when unset."""
+        return self.max_teacher_expanded_bytes or self.max_upload_bytes
+
+    @property
+    def teacher_import_memory_limit(self) -> int:
+        """``teacher_import_memory_bytes``, or 4 x :attr:`teacher_expanded_limit` + 1 GiB when unset."""
+        return self.teacher_import_memory_bytes or 4 * self.teacher_expanded_limit + 1024**3
 
     @property
     def heartbeat_interval(self) -> float:

@@ -85,11 +85,14 @@ def resolve_teacher(
 
     Raises:
         rsae.errors.TeacherError: ``teacher.sae_id`` names no uploaded SAE (of ``owner_id``); a malformed or
-            unknown hub reference (fields ``teacher.hub.*``); hub files neither cached nor downloadable.
+            unknown hub reference (fields ``teacher.hub.*``); hub files neither cached nor downloadable;
+            ``TeacherTooLargeError`` for hub files declaring more than ``settings.teacher_expanded_limit``
+            bytes (checked from their headers before they are read).
     """
     if ref.path is not None:
         return ref.path
     if ref.hub is not None:
+        from rsae.declared import check_declared_size
         from rsae.formats import import_teacher
         from rsae.hub import check_hub_ref, resolve_hub_teacher
         from rsae.saes import CFG_NAME
@@ -100,12 +103,14 @@ def resolve_teacher(
                 check_hub_ref(**hub)
                 return ""
             if not (dest / CFG_NAME).is_file():  # imported by an earlier attempt: reuse
-                import_teacher(resolve_hub_teacher(**hub).path, dest)
+                fetched = resolve_hub_teacher(**hub).path
+                check_declared_size(fetched, settings.teacher_expanded_limit)  # before any tensor is read
+                import_teacher(fetched, dest)
             return str(dest)
         except TeacherError as e:
             # rsae.hub names fields teacher / teacher.<key>; here they sit under teacher.hub
             tail = e.field[len("teacher") :] if e.field and e.field.startswith("teacher") else ""
-            raise TeacherError(e.message, field="teacher.hub" + tail) from None
+            raise type(e)(e.message, field="teacher.hub" + tail) from None
     sae = session.get(Sae, ref.sae_id) if is_uuid(ref.sae_id) else None
     if sae is None or (owner_id is not None and sae.owner_id != owner_id):
         raise TeacherError(f"no uploaded SAE with id {ref.sae_id!r} (POST /saes first)", field="teacher.sae_id")

@@ -42,6 +42,8 @@ class InvalidBody(HTTPException):
     """
 
     def __init__(self, errors: list[dict[str, Any]]) -> None:
+        self.errors = errors
+        """``[{field, code, detail}]``; ``field`` is ``body`` or a dotted path inside the body."""
         self.problem = validation_error(errors)
         super().__init__(422, self.problem.detail)
 

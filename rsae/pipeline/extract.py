@@ -65,11 +65,13 @@ def activations(
 
 
 def extract(state: UpgradeState, ctx: RunContext) -> None:
-    """Check the host model against the teacher, then fill ``state.host``, ``state.train``, ``state.evals``.
+    """Check the host model against the teacher, then fill ``state.host``, ``state.train``, ``state.evals``,
+    and check the teacher on the first real activations (:meth:`UpgradeState.calibration_data`, kept for init).
 
     Raises:
         ModelError: unknown model or layer out of range. TeacherError: teacher d_in != the model's width.
-        DataError: unreadable or too small data set.
+        DataError: unreadable or too small data set. DeadTeacherError, NonFiniteTeacherError: no latent
+        fires on the calibration tokens, or the teacher is not finite on them (:func:`rsae.checks.check_activations`).
     """
     cfg, teacher = state.cfg, state.teacher
     model, _ = state.host_model()
@@ -92,3 +94,4 @@ def extract(state: UpgradeState, ctx: RunContext) -> None:
     )
     state.train = activations(state, ctx, "train", cfg.data.train_tokens, state.work_dir / "acts-train", 0.0, 0.8)
     state.evals = activations(state, ctx, "eval", cfg.data.eval_tokens, state.work_dir / "acts-eval", 0.8, 1.0)
+    state.calibration_data()  # the data-dependent teacher checks, here rather than at the end of the job

@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from ..checks import check_rational_init
 from ..config import UpgradeConfig
 from ..remez import cached_remez_fit
 from ..report import FitParams
@@ -97,7 +98,12 @@ def _data_c(state: UpgradeState) -> tuple[float | None, str]:
 
 def initialize(state: UpgradeState, ctx: RunContext) -> None:
     """Fill ``state.init`` (the Remez fit and its inputs) and ``state.rsae`` (the teacher's weights, the
-    fitted gate, scales from the jump rule; uncalibrated)."""
+    fitted gate, scales from the jump rule; uncalibrated).
+
+    Raises:
+        InvalidThresholdsError: the initial RSAE is not finite on the calibration rows because thresholds are
+            tiny compared with the pre-activations (:func:`rsae.checks.check_rational_init`).
+    """
     cfg, family, teacher = state.cfg, state.family, state.teacher
     cal = state.calibration_data()
     rule = cal.rule
@@ -137,5 +143,7 @@ def initialize(state: UpgradeState, ctx: RunContext) -> None:
     state.rsae = RationalSAE.from_teacher(
         teacher, a=fit.a, b=fit.b, c_in=c_in, c_out=c_in, scale=scale, rational=rational_cfg
     ).to(state.device)
+    with torch.no_grad():
+        check_rational_init(state.rsae.gate(cal.h), cal.h, teacher)
     state.init = InitResult(fit=fit, params=FitParams(**fp), c_in=c_in, thresholds=info, rank_capped=rule.rank_capped)
     ctx.progress.report(1.0)

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from ..activations import ActivationStore
+from ..checks import check_activations, check_teacher
 from ..config import UpgradeConfig
 from ..errors import TeacherError
 from ..remez import RationalFit
@@ -125,12 +126,19 @@ class UpgradeState:
         return self._model, self._tokenizer
 
     def calibration_data(self) -> CalibrationData:
-        """The teacher on the first ``cfg.calibrate.tokens`` training rows (computed on first use)."""
+        """The teacher on the first ``cfg.calibrate.tokens`` training rows (computed on first use).
+
+        Raises:
+            NonFiniteTeacherError, DeadTeacherError: the teacher is not finite on these rows, or no latent
+                fires on any of them (:func:`rsae.checks.check_activations`).
+        """
         if self._cal is None:
             x = self.train.load(self.cfg.calibrate.tokens).to(self.device)
             h = sample_pre_acts(self.teacher, x)
             with torch.no_grad():
                 target = self.teacher.gate(h).detach()
+            where = f"the calibration tokens of {self.cfg.model} layer {self.cfg.layer}"
+            check_activations(self.teacher, h, target, where=where)
             rule = self.family.jump_rule(self.teacher, h, self.cfg.remez)
             self._cal = CalibrationData(x, h, target, target != 0, rule)
         return self._cal
@@ -238,8 +246,9 @@ def load_teacher(cfg: UpgradeConfig) -> tuple[SAE, Family]:
     """The teacher SAE of ``cfg`` and its registered family.
 
     Raises:
-        TeacherError: unreadable teacher, a family that cannot be upgraded (e.g. already rational), or a
-            family other than the one requested.
+        TeacherError: unreadable teacher, a family that cannot be upgraded (e.g. already rational), a
+            family other than the one requested, or a teacher that fails :func:`rsae.checks.check_teacher`
+            (invalid thresholds, a non-finite forward, no live latent; typed subclasses naming the cause).
     """
     teacher = load_sae(cfg.teacher)
     if teacher.family not in family_names():
@@ -254,6 +263,7 @@ def load_teacher(cfg: UpgradeConfig) -> tuple[SAE, Family]:
         )
     family = get_family(teacher.family)
     family.check_teacher(teacher)
+    check_teacher(teacher)
     return teacher, family
 
 

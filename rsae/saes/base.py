@@ -194,6 +194,8 @@ def _read_cfg(path: Path) -> dict[str, Any]:
         cfg = json.loads(f.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise TeacherError(f"{CFG_NAME} is not valid JSON: {e}", field="cfg.json") from None
+    except RecursionError:  # nested past the interpreter's recursion limit
+        raise TeacherError(f"{CFG_NAME} is nested too deeply to be a config", field="cfg.json") from None
     if not isinstance(cfg, dict):
         raise TeacherError(f"{CFG_NAME} must be a JSON object", field="cfg.json")
     for key in ("d_in", "d_sae"):

@@ -22,7 +22,17 @@ from service.jsonbody import StrictJSONRoute
 from service.models import Sae
 from service.problems import problem_responses
 from service.schemas import SaeOut
-from service.teachers import MAX_NAME_CHARS, UPLOAD_FILES, check_upload_form, import_upload, register_upload, sae_or_404
+from service.teachers import (
+    MAX_NAME_CHARS,
+    UPLOAD_FILES,
+    check_json_parts,
+    check_upload_form,
+    check_upload_size,
+    import_upload_bounded,
+    register_upload,
+    sae_or_404,
+    weights_field,
+)
 from service.uploads import receive_multipart
 
 router = APIRouter(
@@ -106,10 +116,15 @@ async def upload_sae(request: Request, response: Response, settings: SettingsDep
     - Gemma Scope: ``params`` (params.npz);
     - dictionary_learning: ``ae`` (ae.pt) + ``config``.
 
-    The body is streamed to a temporary folder under the uploads dir (413 past ``max_upload_bytes``), read
-    with :func:`rsae.formats.load_teacher` (format and conventions detected, reported back in
-    ``source``), checked (shapes, dtypes, finite values, config keys: 422 naming the offending field such
-    as ``cfg.d_in`` or ``weights.W_enc``), stored in the SAELens layout and moved to ``<uploads>/<id>/``.
+    The body is streamed to a temporary folder under the uploads dir (413 past ``max_upload_bytes``); its
+    JSON parts are parsed with the depth limit of request bodies (422 ``cfg`` / ``config``); the size the
+    weights file declares once read is checked from its headers alone (413 past
+    ``max_teacher_expanded_bytes``: decompression bombs); then, in a child process bounded by
+    ``teacher_import_memory_bytes`` (413) and ``teacher_import_seconds``, it is read with
+    :func:`rsae.formats.load_teacher` (format and conventions detected, reported back in ``source``), checked
+    (shapes, dtypes, finite values, config keys: 422 naming the offending field such as ``cfg.d_in`` or
+    ``weights.W_enc``; thresholds, a finite forward and a live latent: 422 ``invalid_thresholds``,
+    ``non_finite_teacher``, ``dead_teacher``), stored in the SAELens layout and moved to ``<uploads>/<id>/``.
 
     Storage quota (``RSAE_MAX_STORAGE_BYTES_PER_USER``; uploads + job artifacts + the estimated artifacts
     of unfinished jobs): a user already at it is refused before the body is read, and an upload whose stored
@@ -133,7 +148,10 @@ async def upload_sae(request: Request, response: Response, settings: SettingsDep
             part_limits={"cfg": settings.max_cfg_bytes, "config": settings.max_cfg_bytes},
         )
         options = check_upload_form(form)
-        teacher = await run_in_threadpool(import_upload, tmp / "src", tmp / "sae", options.format)
+        check_json_parts(form)
+        src, field = tmp / "src", weights_field(form)
+        await run_in_threadpool(check_upload_size, src, options.format, settings.teacher_expanded_limit)
+        teacher = await run_in_threadpool(import_upload_bounded, src, tmp / "sae", options.format, field, settings)
         row = await run_in_threadpool(
             register_upload, request.app.state.sessionmaker, settings, tmp / "sae", form, options, teacher, user.id
         )
