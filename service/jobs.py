@@ -6,7 +6,7 @@ racing on one job (a cancel and a worker start, two workers) cannot both win.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -59,7 +59,14 @@ def transition(
 
 
 def resolve_teacher(
-    session: Session, settings: Settings, ref: TeacherRef, owner_id: str | None = None, dest: Path | None = None
+    session: Session,
+    settings: Settings,
+    ref: TeacherRef,
+    owner_id: str | None = None,
+    dest: Path | None = None,
+    *,
+    hub_files: list[Any] | None = None,
+    should_cancel: Callable[[], bool] | None = None,
 ) -> str:
     """The teacher folder a job reads: the uploaded SAE's folder, the given server-side path, or a hub
     reference fetched and converted to ``dest``.
@@ -69,10 +76,14 @@ def resolve_teacher(
             exactly like a missing one. The worker passes None (the job was checked when it was accepted).
         dest: where a hub teacher is imported (the worker passes ``<work dir>/<job>/teacher``). None (the
             API): a hub reference is only validated, without network, and ``""`` is returned.
+        hub_files, should_cancel: the hub repository's files (:class:`rsae.hub.HubFile`, as listed and
+            size-checked by :func:`service.bounds.check_hub_sizes`) and the cancellation check: the worker then
+            fetches the folder file by file, stopping between files (:func:`rsae.hub.resolve_hub_teacher`).
 
     Raises:
         rsae.errors.TeacherError: ``teacher.sae_id`` names no uploaded SAE (of ``owner_id``); a malformed or
             unknown hub reference (fields ``teacher.hub.*``); hub files neither cached nor downloadable.
+        rsae.errors.Cancelled: ``should_cancel`` returned True during the download.
     """
     if ref.path is not None:
         return ref.path
@@ -87,7 +98,8 @@ def resolve_teacher(
                 check_hub_ref(**hub)
                 return ""
             if not (dest / CFG_NAME).is_file():  # imported by an earlier attempt: reuse
-                import_teacher(resolve_hub_teacher(**hub).path, dest)
+                fetched = resolve_hub_teacher(**hub, files=hub_files, should_cancel=should_cancel)
+                import_teacher(fetched.path, dest)
             return str(dest)
         except TeacherError as e:
             # rsae.hub names fields teacher / teacher.<key>; here they sit under teacher.hub

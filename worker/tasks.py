@@ -28,10 +28,12 @@ from sqlalchemy.orm import Session, sessionmaker
 from rsae.config import STAGES
 from rsae.errors import Cancelled, RSAEError
 from rsae.pipeline import ARTIFACT_FILES, run_upgrade
+from service.bounds import check_disk_budget, fetch_model, job_width, worker_preflight
 from service.config import Settings, get_settings
 from service.db import get_sessionmaker
 from service.jobs import add_event, build_upgrade_config, resolve_teacher, transition
 from service.models import Artifact, Job, utcnow
+from service.problems import ProblemError
 from service.queue import TASK_UPGRADE, create_celery, enqueue_upgrade
 from service.schemas import JobCreate
 from service.webhooks import notify_in_background
@@ -360,7 +362,9 @@ def run_job(job_id: str, settings: Settings) -> str | None:
     Steps: :func:`worker.lease.claim` (conditional UPDATE from ``queued``); a :class:`worker.lease.Heartbeat`
     renews the lease; the pipeline runs with checkpoints in ``<work_dir>/<job id>`` (kept across attempts,
     so a re-queued job resumes) and writes artifacts to a per-attempt staging folder, published by
-    :func:`_succeed`. Cancellation, lease loss and the deadline are checked between steps. Errors:
+    :func:`_succeed`. Before anything is fetched, :func:`service.bounds.worker_preflight` checks paths and bounds
+    again; hub files are downloaded one by one. Cancellation, lease loss and the deadline are checked between
+    steps, downloaded files and extraction batches. Errors (also a bound exceeded, with its code and field):
     ``RSAEError`` (bad teacher, model, data) and out-of-memory fail at once with an actionable message;
     transient database errors are retried (tenacity) and, if they persist, leave the job to the reaper.
     """
@@ -383,9 +387,20 @@ def run_job(job_id: str, settings: Settings) -> str | None:
     status: str | None = None
     try:
         reporter.check_stop()
+        req = JobCreate.model_validate(c.request)
+        plan = worker_preflight(req, settings)  # paths resolved under the roots, bounds, hub sizes
         with make_session() as s:
-            req = JobCreate.model_validate(c.request)
-            cfg = build_upgrade_config(req, resolve_teacher(s, settings, req.teacher, dest=work_dir / "teacher"))
+            teacher = resolve_teacher(
+                s,
+                settings,
+                req.teacher,
+                dest=work_dir / "teacher",
+                hub_files=plan.teacher,
+                should_cancel=reporter.should_cancel,
+            )
+        fetch_model(req, plan, reporter.should_cancel)  # file by file, cancellable between files
+        check_disk_budget(req, settings, *job_width(None, req, teacher))
+        cfg = build_upgrade_config(req, teacher)
         shutil.rmtree(staging, ignore_errors=True)
         report = run_upgrade(
             cfg,
@@ -421,6 +436,8 @@ def run_job(job_id: str, settings: Settings) -> str | None:
             status = "cancelled" if _finish(make_session, settings, job_id, owner, "cancelled") else None
     except RSAEError as e:
         status = "failed" if _fail(make_session, settings, job_id, owner, e.code, e.message, e.field) else None
+    except ProblemError as e:  # a bound or path rule of service.bounds (settings may have changed since)
+        status = "failed" if _fail(make_session, settings, job_id, owner, e.code, e.detail, e.field) else None
     except ValidationError as e:
         status = (
             "failed"
