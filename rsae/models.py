@@ -89,11 +89,13 @@ def model_spec_kind(spec: str) -> Literal["bundled", "hub", "path"]:
     relative name exists; anything else is a path (relative paths included).
 
     Raises:
-        ModelError: the spec is a URL (field ``model``; URLs are never fetched).
+        ModelError: the spec is empty or a URL (field ``model``; URLs are never fetched).
     """
     spec = spec.strip()
     if spec in BUNDLED:
         return "bundled"
+    if not spec:
+        raise ModelError("model must not be empty", field="model")
     if "://" in spec:
         raise ModelError(f"model {spec!r}: URLs are not fetched; give a hub id 'org/name'", field="model")
     return "hub" if REPO_ID.match(spec) else "path"

@@ -60,8 +60,8 @@ def path_specs(req: JobCreate) -> dict[str, str]:
     out: dict[str, str] = {}
     if req.teacher.path is not None:
         out["teacher.path"] = req.teacher.path
-    if model_spec_kind(req.model) == "path":
-        out["model"] = req.model
+    if req.model.strip() and model_spec_kind(req.model) == "path":  # empty: the core's validation names it
+        out["model"] = req.model.strip()
     if req.settings.data.dataset not in BUNDLED_DATASETS:
         out["settings.data.dataset"] = req.settings.data.dataset
     return out

@@ -170,7 +170,7 @@ def check_model_fit(session: Session, req: JobCreate) -> None:
         rsae.errors.ModelError: malformed model spec (422, field ``model``).
         ProblemError: 422 naming ``layer`` or ``teacher.sae_id``.
     """
-    shape = model_shape(req.model)
+    shape = model_shape(req.model) if req.model.strip() else None  # empty: the core's validation names it
     if shape is None:
         return
     n_layers, d_model = shape

@@ -190,14 +190,14 @@ def test_local_teacher_path_when_allowed(
     make_teacher: Callable[..., Path],
 ) -> None:
     folder = make_teacher()
-    with fresh_app(monkeypatch, allow_local_paths="true") as c:
+    with fresh_app(monkeypatch, allow_local_paths="true", local_path_roots=json.dumps([str(folder.parent)])) as c:
         r = c.post("/jobs", json={"layer": 3, "teacher": {"path": str(folder)}})
         assert r.status_code == 202, r.text
         assert_problem(
             c.post("/jobs", json={"layer": 3, "teacher": {"path": "relative/dir"}}),
             422,
             field="teacher.path",
-            code="invalid_teacher",
+            code="path_not_allowed",
         )
 
 
