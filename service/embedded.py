@@ -7,6 +7,7 @@ groups, so Ctrl-C reaches only this process, which then stops them in order (API
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -244,6 +245,8 @@ class Stack:
             RSAE_DATABASE_URL=self.settings.database_url,
         )
         env["RSAE_ALLOW_LOCAL_PATHS"] = "true" if self.local_paths else "false"
+        if self.local_paths:
+            env["RSAE_LOCAL_PATH_ROOTS"] = json.dumps([str(r) for r in self.settings.local_path_roots])
         return env
 
     def __enter__(self) -> "Stack":
