@@ -208,7 +208,7 @@ def test_hub_unreachable_at_submission_then_the_worker_checks(
     assert f"{HUGE / 1024**3:.2f} GiB" in job["error"]["detail"] and hub.downloads == []
 
 
-@pytest.mark.parametrize("stop", ["cancel", "deadline"])
+@pytest.mark.parametrize("stop", ["cancel", "deadline", "cancel-teacher"])
 def test_download_stops_between_files(
     stop: str,
     settings: Settings,
@@ -218,19 +218,24 @@ def test_download_stops_between_files(
     make_teacher: Callable[..., Path],
     hub: FakeHub,
 ) -> None:
-    """A model of 8 files at 0.5 s each: a cancel (or the deadline) during the download ends the job within
-    a file plus one status poll (2 s), not after the whole repository."""
+    """A model (or a teacher folder) of 8 files at 0.5 s each: a cancel (or the deadline) during the download
+    ends the job within a file plus one status poll (2 s), not after the whole repository."""
     from worker.tasks import run_job
 
     shards = {f"model-{i}.safetensors": f"w{i}".encode() * 100 for i in range(7)}  # distinct blobs
     hub.add("org/slow", {"config.json": CONFIG, **shards})
+    hub.add("org/slow-saes", {f"layer_3/{name}": data for name, data in {"cfg.json": CONFIG, **shards}.items()})
     hub.delay = 0.5
-    env = {"allowed_models": json.dumps(["org/*"])}
+    env = {"allowed_models": json.dumps(["org/*", "smollm2-135m"])}
     if stop == "deadline":
         env["job_deadline_seconds"] = "1.2"
     with fresh_app(monkeypatch, **env) as c:
         sae_id = upload_sae(c, make_teacher())["id"]
-        job_id = c.post("/jobs", json={**job_body(sae_id), "model": "org/slow"}).json()["id"]
+        if stop == "cancel-teacher":
+            body = {"layer": 3, "teacher": {"hub": {"repo_id": "org/slow-saes", "subfolder": "layer_3"}}}
+        else:
+            body = {**job_body(sae_id), "model": "org/slow"}
+        job_id = c.post("/jobs", json=body).json()["id"]
         result: list[str | None] = []
         worker = threading.Thread(target=lambda: result.append(run_job(job_id, get_settings())))
         worker.start()
@@ -238,14 +243,14 @@ def test_download_stops_between_files(
         while not hub.downloads and time.monotonic() < deadline:
             time.sleep(0.05)
         t0 = time.monotonic()
-        if stop == "cancel":
+        if stop != "deadline":
             assert c.post(f"/jobs/{job_id}/cancel").json()["status"] == "cancelling"
         worker.join(30)
         took = time.monotonic() - t0
         job = c.get(f"/jobs/{job_id}").json()
     assert not worker.is_alive()
     assert len(hub.downloads) < 8, hub.downloads
-    if stop == "cancel":
+    if stop != "deadline":
         assert result == ["cancelled"] and job["status"] == "cancelled" and took < 3.5, took
     else:
         assert result == ["failed"] and job["error"]["code"] == "deadline_exceeded"
