@@ -341,10 +341,12 @@ def fetch_model(req: JobCreate, plan: HubPlan, should_cancel: Callable[[], bool]
     """
     if not plan.model:
         return
-    from rsae.errors import ModelError
+    from rsae.errors import ModelError, RSAEError
     from rsae.hub import download_files
 
     try:
         download_files(req.model, plan.model, should_cancel=should_cancel)
-    except (OSError, ValueError) as e:
+    except RSAEError:
+        raise
+    except Exception as e:  # noqa: BLE001 - any hub or network failure: the job fails naming the model
         raise ModelError(f"could not download {req.model}: {type(e).__name__}: {e}", field="model") from None
