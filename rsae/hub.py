@@ -20,6 +20,7 @@ import functools
 import importlib.util
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -154,6 +155,8 @@ def resolve_hub_teacher(
     release: str | None = None,
     sae_id: str | None = None,
     cache_dir: str | Path | None = None,
+    files: list[HubFile] | None = None,
+    should_cancel: Callable[[], bool] | None = None,
 ) -> HubTeacher:
     """Resolve a hub reference to a local teacher folder (download it unless offline).
 
@@ -161,11 +164,16 @@ def resolve_hub_teacher(
         repo_id, subfolder, revision: a hub repo ``org/name``, the SAE's folder in it, a branch/tag/commit.
         release, sae_id: a SAELens release and SAE id (instead of ``repo_id``; ``revision`` still applies).
         cache_dir: hub cache folder; default ``$HF_HUB_CACHE`` or the hub client's default.
+        files: the repository's files as :func:`repo_files` listed them (the caller checked their size):
+            the folder's files are then fetched one by one (:func:`download_files`, ``should_cancel`` asked
+            before each). None: one ``snapshot_download`` (the cache alone when offline).
+        should_cancel: see :func:`download_files` (only with ``files``).
 
     Returns:
         :class:`HubTeacher` with ``path`` = the snapshot folder joined with the subfolder.
 
     Raises:
+        rsae.errors.Cancelled: ``should_cancel`` returned True between two files.
         TeacherError: malformed or URL-like ids (``field`` ``teacher.repo_id`` / ``teacher.subfolder`` /
             ``teacher.revision`` / ``teacher.release`` / ``teacher.sae_id``), an unknown release or SAE id, or the
             files are neither cached nor downloadable (offline, not found, no network): ``field="teacher"``.
@@ -179,9 +187,13 @@ def resolve_hub_teacher(
     cache = cache_dir or os.environ.get("HF_HUB_CACHE") or None
     patterns = [f"{subfolder}/*"] if subfolder else None
     try:
-        root = snapshot_download(
-            repo_id, revision=revision, cache_dir=cache, allow_patterns=patterns, local_files_only=offline()
-        )
+        wanted = folder_files(files, subfolder) if files is not None else []
+        if wanted:
+            root = download_files(repo_id, wanted, revision=revision, cache_dir=cache, should_cancel=should_cancel)
+        else:
+            root = snapshot_download(
+                repo_id, revision=revision, cache_dir=cache, allow_patterns=patterns, local_files_only=offline()
+            )
     except (LocalEntryNotFoundError, OfflineModeIsEnabled) as e:
         raise TeacherError(
             f"{repo_id}{'/' + subfolder if subfolder else ''} is not in the local hub cache "
@@ -198,3 +210,106 @@ def resolve_hub_teacher(
             field="teacher.subfolder" if release is None else "teacher.sae_id",
         )
     return HubTeacher(path, repo_id, subfolder, revision, release, sae_id, conversion)
+
+
+# -- repository metadata and cancellable downloads ---------------------------------------------------
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".h5", ".msgpack", ".ckpt", ".onnx", ".gguf", ".ot")
+"""Suffixes of weight files; a model download takes one format of them (:func:`model_files`)."""
+_SIDE_SUFFIXES = (".json", ".txt", ".model", ".tiktoken", ".jinja")
+
+
+@dataclass(frozen=True)
+class HubFile:
+    """One file of a hub repository: its path in the repo and its size in bytes (from the hub's metadata)."""
+
+    name: str
+    size: int
+
+
+def endpoint() -> str | None:
+    """The hub endpoint to use, ``$HF_ENDPOINT`` read now (None: the hub client's default, huggingface.co)."""
+    return os.environ.get("HF_ENDPOINT") or None
+
+
+def repo_files(repo_id: str, revision: str | None = None, *, timeout: float = 10.0) -> list[HubFile] | None:
+    """The files of model repository ``repo_id`` with their sizes, read from the hub's metadata (``GET
+    /api/models/{repo_id}/revision/{revision}?blobs=true`` via ``HfApi.model_info(files_metadata=True)``);
+    nothing is downloaded.
+
+    Returns:
+        The files, or None when the answer is unknown here: offline mode (:func:`offline`), the hub
+        unreachable, timed out (``timeout`` seconds), or answering an error other than "not found".
+
+    Raises:
+        LookupError: the hub says the repository or revision does not exist (or is private to others).
+    """
+    if offline():
+        return None
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
+
+    try:
+        info = HfApi(endpoint=endpoint()).model_info(repo_id, revision=revision, files_metadata=True, timeout=timeout)
+    except RevisionNotFoundError:
+        raise LookupError(f"{repo_id} has no revision {revision!r} on the hub") from None
+    except RepositoryNotFoundError:
+        raise LookupError(f"{repo_id} is not a model repository on the hub (or it is private)") from None
+    except Exception:  # noqa: BLE001 - network down, timeout, 5xx, odd answer: unknown, not wrong
+        return None
+    return [HubFile(s.rfilename, int(s.size or 0)) for s in (info.siblings or [])]
+
+
+def model_files(files: list[HubFile]) -> list[HubFile]:
+    """The files of a model repository that loading it with ``from_pretrained`` uses: the top-level
+    configuration and tokenizer files (``.json``, ``.txt``, ``.model``, ``.tiktoken``, ``.jinja``) and the
+    weights in one format, safetensors when present, else PyTorch ``.bin``. Other formats (ONNX, GGUF, Flax,
+    TF) and sub-folders are not counted nor fetched."""
+    top = [f for f in files if "/" not in f.name]
+    weights = [f for f in top if f.name.endswith(".safetensors")] or [f for f in top if f.name.endswith(".bin")]
+    side = [f for f in top if f.name.endswith(_SIDE_SUFFIXES) and not f.name.endswith(WEIGHT_SUFFIXES)]
+    return sorted(side, key=lambda f: f.name) + sorted(weights, key=lambda f: f.name)
+
+
+def folder_files(files: list[HubFile], subfolder: str | None) -> list[HubFile]:
+    """The files under ``subfolder`` of a repository (all of them when None): what a teacher reference fetches."""
+    if not subfolder:
+        return list(files)
+    prefix = subfolder.strip("/") + "/"
+    return [f for f in files if f.name.startswith(prefix)]
+
+
+def download_files(
+    repo_id: str,
+    files: list[HubFile],
+    *,
+    revision: str | None = None,
+    cache_dir: str | Path | None = None,
+    should_cancel: Callable[[], bool] | None = None,
+) -> Path:
+    """Download ``files`` of ``repo_id`` one at a time into the hub cache (``huggingface_hub.hf_hub_download``,
+    endpoint :func:`endpoint`), asking ``should_cancel`` before each file, so that a cancelled job stops
+    between files instead of after the whole repository.
+
+    Returns:
+        The local snapshot folder holding them (the files keep their repo paths under it).
+
+    Raises:
+        rsae.errors.Cancelled: ``should_cancel`` returned True (files already fetched stay in the cache).
+        OSError, huggingface_hub errors: a download failed.
+    """
+    from huggingface_hub import hf_hub_download
+
+    from .errors import Cancelled
+
+    cache = cache_dir or os.environ.get("HF_HUB_CACHE") or None
+    root: Path | None = None
+    for f in files:
+        if should_cancel is not None and should_cancel():
+            raise Cancelled(f"cancelled while downloading {repo_id} (before {f.name})")
+        local = hf_hub_download(repo_id, f.name, revision=revision, cache_dir=cache, endpoint=endpoint())
+        root = Path(local).parents[len(Path(f.name).parts) - 1]
+    if should_cancel is not None and should_cancel():
+        raise Cancelled(f"cancelled while downloading {repo_id}")
+    if root is None:
+        raise LookupError(f"{repo_id}: nothing to download")
+    return root

@@ -21,6 +21,7 @@ import shutil
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from .errors import ModelError
 from .hub import REPO_ID
@@ -81,27 +82,50 @@ def _bundled_folder(spec: str) -> Path:
     return out
 
 
-def resolve_model(spec: str) -> ResolvedModel:
-    """Turn a model spec into something ``from_pretrained`` accepts.
+def model_spec_kind(spec: str) -> Literal["bundled", "hub", "path"]:
+    """What a model spec names: a bundled model, a hub id, or a local folder.
+
+    The one rule (also the service's, :mod:`service.bounds`): a name in :data:`BUNDLED` is bundled; a spec
+    matching :data:`rsae.hub.REPO_ID` (``org/name``) is a hub id, never a folder, even when a folder of that
+    relative name exists; anything else is a path (relative paths included).
 
     Raises:
-        ModelError: the spec is neither bundled, an existing folder, nor a well-formed hub id.
+        ModelError: the spec is empty or a URL (field ``model``; URLs are never fetched).
     """
     spec = spec.strip()
     if spec in BUNDLED:
+        return "bundled"
+    if not spec:
+        raise ModelError("model must not be empty", field="model")
+    if "://" in spec:
+        raise ModelError(f"model {spec!r}: URLs are not fetched; give a hub id 'org/name'", field="model")
+    return "hub" if REPO_ID.match(spec) else "path"
+
+
+def resolve_model(spec: str) -> ResolvedModel:
+    """Turn a model spec into something ``from_pretrained`` accepts (kinds: :func:`model_spec_kind`).
+
+    A path is read relative to the current directory when relative (the CLI; the service only passes
+    absolute paths under its roots).
+
+    Raises:
+        ModelError: a URL, or a path that is not an existing folder with a ``config.json``.
+    """
+    spec = spec.strip()
+    kind = model_spec_kind(spec)
+    if kind == "bundled":
         return ResolvedModel(spec, str(_bundled_folder(spec)))
+    if kind == "hub":
+        return ResolvedModel(spec, spec)
     p = Path(spec).expanduser()
-    if p.is_dir():
-        if not (p / "config.json").is_file():
-            raise ModelError(f"model folder {spec} has no config.json", field="model")
-        return ResolvedModel(spec, str(p.resolve()))
-    if spec.startswith(("/", ".", "~")) or "://" in spec:
-        raise ModelError(f"model {spec!r}: local folder not found (URLs are not fetched)", field="model")
-    if not REPO_ID.match(spec):
+    if not p.is_dir():
         raise ModelError(
-            f"model {spec!r} is not a bundled name {sorted(BUNDLED)}, a folder or a hub id 'org/name'", field="model"
+            f"model {spec!r} is not a bundled name {sorted(BUNDLED)}, a hub id 'org/name' or an existing folder",
+            field="model",
         )
-    return ResolvedModel(spec, spec)
+    if not (p / "config.json").is_file():
+        raise ModelError(f"model folder {spec} has no config.json", field="model")
+    return ResolvedModel(spec, str(p.resolve()))
 
 
 def model_shape(spec: str) -> tuple[int, int] | None:
@@ -120,14 +144,14 @@ def model_shape(spec: str) -> tuple[int, int] | None:
     spec = spec.strip()
     if spec in BUNDLED_SHAPES:
         return BUNDLED_SHAPES[spec]
-    p = Path(spec).expanduser()
-    config: Path | None = p / "config.json" if p.is_dir() else None
-    if config is None:
-        resolve_model(spec)  # raises on a malformed spec
+    config: Path | None = None
+    if model_spec_kind(spec) == "path":
+        config = Path(resolve_model(spec).path_or_id) / "config.json"  # raises on a missing folder
+    else:
         try:
             from huggingface_hub import try_to_load_from_cache
 
-            hit = try_to_load_from_cache(spec, "config.json")
+            hit = try_to_load_from_cache(spec, "config.json", cache_dir=os.environ.get("HF_HUB_CACHE") or None)
         except Exception:  # noqa: BLE001 - any cache problem just means "unknown"
             hit = None
         config = Path(hit) if isinstance(hit, str) else None

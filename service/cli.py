@@ -7,6 +7,7 @@ Examples:
     rsae-service worker                       # Celery worker on queue 'gpu', concurrency 1, prefork
     rsae-service up                           # one machine: own Redis (if RSAE_BROKER_URL unset), SQLite
                                               # (if RSAE_DATABASE_URL unset), worker and API; Ctrl-C stops
+    rsae-service up --local-paths             # ... and jobs may read paths under RSAE_LOCAL_PATH_ROOTS
     rsae-service demo                         # train a teacher, upgrade it over HTTP, print the metrics
     rsae-service token create --user alice    # print a new API token for alice (shown once)
     rsae-service token list                   # tokens: prefix, user, label, created, last used, revoked
@@ -81,7 +82,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     from .embedded import Stack
 
     _interrupt_on_sigterm()
-    with Stack(get_settings(), host=args.host, port=args.port) as stack:
+    with Stack(get_settings(), host=args.host, port=args.port, local_paths=args.local_paths) as stack:
         print(f"RSAE service ready at {stack.base_url}  (docs: {stack.base_url}/docs; Ctrl-C stops)", flush=True)
         try:
             stack.wait()
@@ -175,6 +176,12 @@ def build_parser() -> argparse.ArgumentParser:
     u = sub.add_parser("up", help="one machine: own Redis if needed, migrate, worker + API")
     u.add_argument("--host", default="127.0.0.1")
     u.add_argument("--port", type=int, default=8000)
+    u.add_argument(
+        "--local-paths",
+        action="store_true",
+        help="accept server-side paths under RSAE_LOCAL_PATH_ROOTS in job requests (one user on this machine: "
+        "needs a loopback --host and at most one user with tokens)",
+    )
     u.set_defaults(func=cmd_up)
 
     d = sub.add_parser("demo", help="train a teacher, upgrade it over HTTP, print before/after metrics")

@@ -208,8 +208,46 @@ class Settings(BaseSettings):
     allow_local_paths: bool = Field(
         False,
         description="Accept server-side paths in job requests (teacher.path, a local model folder, "
-        "a local dataset). Off by default (a client must not read the server's disk); "
-        "'rsae-service up' and 'demo' turn it on for their children unless it is set.",
+        "a local dataset), and only under local_path_roots. Off by default (a client must not read the "
+        "server's disk); 'rsae-service up' refuses it unless it binds to loopback and roots are given.",
+    )
+    local_path_roots: list[Path] = Field(
+        default_factory=list,
+        description="Absolute folders under which server-side paths may lie, as JSON "
+        "(RSAE_LOCAL_PATH_ROOTS='[\"/srv/rsae/data\"]'). A path is accepted only if it is absolute and its "
+        "resolve()d form (symlinks followed, '..' collapsed) lies under a resolve()d root. Empty: no path is.",
+    )
+    allowed_models: list[str] = Field(
+        default_factory=lambda: ["smollm2-135m"],
+        description="Host models a job may name: bundled names and hub ids 'org/name', exact or as "
+        "fnmatch globs ('EleutherAI/pythia-*'), as JSON. Default: the bundled model only. Local model folders "
+        "are governed by local_path_roots instead.",
+    )
+    max_hub_download_bytes: int = Field(
+        4 * 1024**3,
+        ge=1,
+        description="Largest hub download of one job, per repository: the model's files (configuration, "
+        "tokenizer, weights in one format) and the teacher's folder, summed from the hub's metadata before "
+        "any download (422 at submission, the job fails 'download_too_large' in the worker).",
+    )
+    max_job_disk_bytes: int = Field(
+        10 * 1024**3,
+        ge=1,
+        description="Largest activation scratch of one job, estimated as (train_tokens + eval_tokens) x "
+        "d_model x 4 bytes (float32 rows); d_model from the model's config or the teacher's d_in.",
+    )
+    max_train_tokens: int = Field(
+        4_194_304, ge=256, description="Largest accepted settings.data.train_tokens (the core allows 2e8)."
+    )
+    max_eval_tokens: int = Field(
+        1_048_576, ge=128, description="Largest accepted settings.data.eval_tokens (the core allows 5e7)."
+    )
+    hub_timeout_seconds: float = Field(
+        10.0,
+        gt=0,
+        le=300,
+        description="Timeout of one hub metadata request (the API asks at submission; when the hub does "
+        "not answer in time the job is accepted and the worker checks the size before downloading).",
     )
     enqueue_retries: int = Field(2, ge=0, le=10, description="Broker publish retries before giving up.")
     # -- durability (worker/lease.py, docs/reliability.md) ----------------------------------------------
@@ -296,6 +334,12 @@ class Settings(BaseSettings):
         self.artifacts_dir = (self.artifacts_dir or self.data_dir / "artifacts").expanduser().resolve()
         self.uploads_dir = (self.uploads_dir or self.data_dir / "saes").expanduser().resolve()
         self.work_dir = (self.work_dir or self.data_dir / "work").expanduser().resolve()
+        roots = []
+        for root in self.local_path_roots:
+            if not root.is_absolute():
+                raise ValueError(f"local_path_roots: {str(root)!r} is not an absolute path")
+            roots.append(root.resolve())
+        self.local_path_roots = roots
         if self.database_url is None:
             self.database_url = f"sqlite:///{self.data_dir / 'rsae.db'}"
         return self

@@ -7,6 +7,7 @@ groups, so Ctrl-C reaches only this process, which then stops them in order (API
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -23,7 +24,7 @@ from typing import IO
 import httpx
 import redis
 
-from .config import Settings
+from .config import ConfigError, Settings
 from .migrate import upgrade
 
 log = logging.getLogger(__name__)
@@ -165,6 +166,41 @@ def start_redis(data_dir: Path, log_dir: Path | None = None, attempts: int = 3) 
     raise AssertionError("unreachable")
 
 
+LOOPBACK_HOSTS = ("127.0.0.1", "::1", "localhost")
+"""Bind addresses that only this machine can reach."""
+
+
+def check_local_paths_exposure(host: str, settings: Settings) -> None:
+    """Refuse server-side paths in the embedded stack unless it serves one user on this machine: it binds to
+    loopback, ``local_path_roots`` is set, and at most one user holds an unrevoked API token (checked at
+    start; tokens made later are the operator's responsibility).
+
+    Raises:
+        ConfigError: naming what is missing.
+    """
+    from sqlalchemy import func, select
+
+    from .db import get_sessionmaker
+    from .models import ApiToken
+
+    if host not in LOOPBACK_HOSTS:
+        raise ConfigError(
+            f"server-side paths (RSAE_ALLOW_LOCAL_PATHS / --local-paths) are for one user on this machine: "
+            f"bind to 127.0.0.1, not {host!r}, or turn them off"
+        )
+    if not settings.local_path_roots:
+        raise ConfigError(
+            "server-side paths need RSAE_LOCAL_PATH_ROOTS (a JSON list of absolute folders jobs may read)"
+        )
+    with get_sessionmaker(settings.database_url)() as s:
+        users = s.scalar(select(func.count(func.distinct(ApiToken.user_id))).where(ApiToken.revoked_at.is_(None)))
+    if users and users > 1:
+        raise ConfigError(
+            f"server-side paths are for one user, but {users} users hold API tokens; revoke the others "
+            "('rsae-service token revoke') or turn local paths off"
+        )
+
+
 class Stack:
     """Broker, migrated database, worker and API, as one context manager.
 
@@ -173,6 +209,8 @@ class Stack:
         host, port: where uvicorn listens (port 0 picks a free one).
         log_dir: children's output files; None lets it through to this terminal.
         ready_timeout: seconds to wait for ``/readyz``.
+        local_paths: accept server-side paths in job requests (also when ``settings.allow_local_paths``);
+            only for one user on this machine: :func:`check_local_paths_exposure` refuses it otherwise.
     """
 
     def __init__(
@@ -183,8 +221,10 @@ class Stack:
         port: int = 8000,
         log_dir: Path | None = None,
         ready_timeout: float = 60.0,
+        local_paths: bool = False,
     ) -> None:
         self.settings = settings
+        self.local_paths = local_paths or settings.allow_local_paths
         self.host, self.port = host, port or free_port(host)
         self.log_dir = log_dir
         self.ready_timeout = ready_timeout
@@ -204,7 +244,9 @@ class Stack:
             RSAE_DATA_DIR=str(self.settings.data_dir),
             RSAE_DATABASE_URL=self.settings.database_url,
         )
-        env.setdefault("RSAE_ALLOW_LOCAL_PATHS", "true")  # single machine: API and worker share the disk
+        env["RSAE_ALLOW_LOCAL_PATHS"] = "true" if self.local_paths else "false"
+        if self.local_paths:
+            env["RSAE_LOCAL_PATH_ROOTS"] = json.dumps([str(r) for r in self.settings.local_path_roots])
         return env
 
     def __enter__(self) -> "Stack":
@@ -231,6 +273,8 @@ class Stack:
             self.children.append(child)
             log.info("embedded Redis at %s", broker)
         upgrade(self.settings.database_url)
+        if self.local_paths:
+            check_local_paths_exposure(self.host, self.settings)
         env = self._env(broker)
         cli = [sys.executable, "-m", "service.cli"]
         self.children.append(Child("worker", [*cli, "worker"], env, self.log_dir))

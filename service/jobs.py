@@ -7,7 +7,7 @@ racing on one job (a cancel and a worker start, two workers) cannot both win.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -15,9 +15,10 @@ from pydantic import ValidationError
 from sqlalchemy import update
 from sqlalchemy.orm import Session
 
-from rsae.config import DEFAULT_DATASET, ArtifactRefs, UpgradeConfig
+from rsae.config import ArtifactRefs, UpgradeConfig
 from rsae.errors import TeacherError
 
+from .bounds import path_specs
 from .config import Settings
 from .models import TERMINAL_STATUSES, Job, JobEvent, Sae, is_uuid, utcnow
 from .problems import validation_errors
@@ -72,7 +73,14 @@ def transition(
 
 
 def resolve_teacher(
-    session: Session, settings: Settings, ref: TeacherRef, owner_id: str | None = None, dest: Path | None = None
+    session: Session,
+    settings: Settings,
+    ref: TeacherRef,
+    owner_id: str | None = None,
+    dest: Path | None = None,
+    *,
+    hub_files: list[Any] | None = None,
+    should_cancel: Callable[[], bool] | None = None,
 ) -> str:
     """The teacher folder a job reads: the uploaded SAE's folder, the given server-side path, or a hub
     reference fetched and converted to ``dest``.
@@ -82,12 +90,16 @@ def resolve_teacher(
             exactly like a missing one. The worker passes None (the job was checked when it was accepted).
         dest: where a hub teacher is imported (the worker passes ``<work dir>/<job>/teacher``). None (the
             API): a hub reference is only validated, without network, and ``""`` is returned.
+        hub_files, should_cancel: the hub repository's files (:class:`rsae.hub.HubFile`, as listed and
+            size-checked by :func:`service.bounds.check_hub_sizes`) and the cancellation check: the worker then
+            fetches the folder file by file, stopping between files (:func:`rsae.hub.resolve_hub_teacher`).
 
     Raises:
         rsae.errors.TeacherError: ``teacher.sae_id`` names no uploaded SAE (of ``owner_id``); a malformed or
             unknown hub reference (fields ``teacher.hub.*``); hub files neither cached nor downloadable;
             ``TeacherTooLargeError`` for hub files declaring more than ``settings.teacher_expanded_limit``
             bytes (checked from their headers before they are read).
+        rsae.errors.Cancelled: ``should_cancel`` returned True during the download.
     """
     if ref.path is not None:
         return ref.path
@@ -103,7 +115,7 @@ def resolve_teacher(
                 check_hub_ref(**hub)
                 return ""
             if not (dest / CFG_NAME).is_file():  # imported by an earlier attempt: reuse
-                fetched = resolve_hub_teacher(**hub).path
+                fetched = resolve_hub_teacher(**hub, files=hub_files, should_cancel=should_cancel).path
                 check_declared_size(fetched, settings.teacher_expanded_limit)  # before any tensor is read
                 import_teacher(fetched, dest)
             return str(dest)
@@ -176,11 +188,10 @@ def artifact_refs(session: Session, req: JobCreate) -> ArtifactRefs:
         teacher += f"@{hub.revision}" if hub.revision else ""
     else:
         teacher = _local_ref(ref.path or "")
+    paths = path_specs(req)
     dataset = req.settings.data.dataset
-    from .policies import is_local_path  # here: policies imports this module
-
     return ArtifactRefs(
         teacher=teacher,
-        dataset=dataset if dataset == DEFAULT_DATASET or not is_local_path(dataset) else _local_ref(dataset),
-        model=f"local:{Path(req.model).name}" if is_local_path(req.model) else None,
+        dataset=_local_ref(dataset) if "settings.data.dataset" in paths else dataset,
+        model=f"local:{Path(req.model).name}" if "model" in paths else None,
     )

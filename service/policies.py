@@ -3,7 +3,7 @@
 - ownership: :func:`job_or_404` (another user's job is a 404 exactly like an unknown id);
 - admission: :func:`admit` (the submission's write lock, then :func:`check_quota`: 429),
   :func:`check_job_request` (server-side paths, webhook host, teacher, layer and width, the core's
-  configuration rules; 422 naming the field);
+  configuration rules, job bounds; 422 naming the field);
 - publishing: :func:`publish_job` (enqueue after commit; a broker failure marks the job failed, 503);
 - pagination: :func:`encode_cursor` / :func:`decode_cursor` (opaque keyset cursors of ``GET /jobs``).
 
@@ -19,7 +19,6 @@ import base64
 import binascii
 import json
 import logging
-import os
 from datetime import datetime
 
 from celery import Celery
@@ -27,9 +26,9 @@ from pydantic import ValidationError
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, selectinload
 
-from rsae.config import DEFAULT_DATASET
 from rsae.models import model_shape
 
+from . import bounds
 from .config import Settings
 from .db import lock_for_write
 from .jobs import build_upgrade_config, resolve_teacher, transition, upgrade_config_errors
@@ -95,42 +94,17 @@ def admit(session: Session, user: User, settings: Settings) -> None:
     check_quota(session, user, settings)
 
 
-def is_local_path(value: str) -> bool:
-    """Whether a model or dataset spec names a server-side path (absolute, ``./``, ``../``, ``~``, ``.``)."""
-    return os.path.isabs(value) or value.startswith(("./", "../", "~")) or value in (".", "..")
-
-
 def check_local_paths(req: JobCreate, settings: Settings) -> None:
-    """Server-side paths are refused unless ``allow_local_paths``; allowed ones must be absolute folders.
+    """Server-side paths (``teacher.path``, a model or dataset that is not a bundled name or hub id) only when
+    ``allow_local_paths`` is on, absolute, under ``local_path_roots`` once resolved, and existing
+    (:func:`service.bounds.check_local_paths`).
 
     Raises:
-        ProblemError: 422 ``local_paths_disabled`` naming ``teacher.path``, ``model`` or
-            ``settings.data.dataset``; 422 ``invalid_teacher`` for a ``teacher.path`` that is no folder.
+        ProblemError: 422 ``local_paths_disabled``, ``path_not_allowed``, ``invalid_teacher``, ``invalid_model``
+            or ``invalid_dataset`` naming ``teacher.path``, ``model`` or ``settings.data.dataset``.
+        rsae.errors.ModelError: the model is a URL (422 naming ``model``).
     """
-    dataset = req.settings.data.dataset
-    candidates = {
-        "teacher.path": req.teacher.path,
-        "model": req.model if is_local_path(req.model) else None,
-        "settings.data.dataset": dataset if dataset != DEFAULT_DATASET and is_local_path(dataset) else None,
-    }
-    if not settings.allow_local_paths:
-        field = next((f for f, v in candidates.items() if v is not None), None)
-        if field is not None:
-            raise ProblemError(
-                422,
-                "local_paths_disabled",
-                f"{field}: server-side paths are disabled on "
-                "this server (RSAE_ALLOW_LOCAL_PATHS=false); upload teachers with POST /saes",
-                field=field,
-            )
-    path = req.teacher.path
-    if path is not None and not (os.path.isabs(path) and os.path.isdir(path)):
-        raise ProblemError(
-            422,
-            "invalid_teacher",
-            f"teacher.path {path!r} is not an absolute path to an existing folder",
-            field="teacher.path",
-        )
+    bounds.check_local_paths(req, settings)
 
 
 def check_webhook(req: JobCreate, settings: Settings) -> None:
@@ -167,7 +141,7 @@ def check_model_fit(session: Session, req: JobCreate) -> None:
         rsae.errors.ModelError: malformed model spec (422, field ``model``).
         ProblemError: 422 naming ``layer`` or ``teacher.sae_id``.
     """
-    shape = model_shape(req.model)
+    shape = model_shape(req.model) if req.model.strip() else None  # empty: the core's validation names it
     if shape is None:
         return
     n_layers, d_model = shape
@@ -192,8 +166,9 @@ def check_job_request(session: Session, settings: Settings, req: JobCreate, user
     """Everything a job request must pass before its row is written, in this order: server-side paths
     (:func:`check_local_paths`), webhook host (:func:`check_webhook`), the teacher
     (:func:`service.jobs.resolve_teacher`, owned by ``user``; hub references checked without network),
-    layer and width (:func:`check_model_fit`) and the core's own configuration rules
-    (:func:`service.jobs.build_upgrade_config`).
+    layer and width (:func:`check_model_fit`), the core's own configuration rules
+    (:func:`service.jobs.build_upgrade_config`), and the job bounds (:func:`service.bounds.check_request_bounds`:
+    allowed model, token and disk budgets, hub download size; the last asks the hub's metadata).
 
     Raises:
         ProblemError: 422 naming the field (see the checks above; configuration errors name ``settings.*``).
@@ -207,6 +182,7 @@ def check_job_request(session: Session, settings: Settings, req: JobCreate, user
         build_upgrade_config(req, teacher)
     except ValidationError as e:
         raise validation_error(upgrade_config_errors(e)) from None
+    bounds.check_request_bounds(session, settings, req)
 
 
 # -- publishing ------------------------------------------------------------------------------------

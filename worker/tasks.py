@@ -27,11 +27,12 @@ from sqlalchemy.orm import Session, sessionmaker
 from rsae.config import STAGES
 from rsae.errors import Cancelled, RSAEError
 from rsae.pipeline import run_upgrade
+from service.bounds import check_disk_budget, fetch_model, job_width, worker_preflight
 from service.config import Settings, get_settings
 from service.db import DbTimeouts, get_sessionmaker
 from service.jobs import add_event, artifact_refs, build_upgrade_config, resolve_teacher, transition
 from service.models import Job, utcnow
-from service.problems import validation_errors
+from service.problems import ProblemError, validation_errors
 from service.queue import TASK_UPGRADE, create_celery, enqueue_upgrade
 from service.redact import redact
 from service.schemas import JobCreate
@@ -351,7 +352,10 @@ def run_job(job_id: str, settings: Settings) -> str | None:
     ``publishing`` first, then the files move, then ``succeeded``; the work dir is deleted after that).
     A cancel that arrives before the publish commit ends the job ``cancelled``, even if the pipeline
     already finished. Cancellation, lease loss and the deadline are checked between steps; Celery's soft
-    time limit (``SoftTimeLimitExceeded``) ends the job ``deadline_exceeded``. Errors:
+    time limit (``SoftTimeLimitExceeded``) ends the job ``deadline_exceeded``. Before anything is fetched,
+    :func:`service.bounds.worker_preflight` checks paths and bounds again; hub files are downloaded one by one,
+    and cancellation and the deadline are also checked between downloaded files and extraction batches.
+    Errors (also a bound exceeded, with its code and field):
     ``RSAEError`` (bad teacher, model, data) and out-of-memory fail at once with an actionable message;
     transient database errors are retried (tenacity) and, if they persist, leave the job to the reaper.
     """
@@ -382,10 +386,21 @@ def run_job(job_id: str, settings: Settings) -> str | None:
     publishing = False  # once committed, the staging folder belongs to the publish (never deleted here)
     try:
         reporter.check_stop()
+        req = JobCreate.model_validate(c.request)
+        plan = worker_preflight(req, settings)  # paths resolved under the roots, bounds, hub sizes
         with make_session() as s:
-            req = JobCreate.model_validate(c.request)
-            cfg = build_upgrade_config(req, resolve_teacher(s, settings, req.teacher, dest=work_dir / "teacher"))
+            teacher = resolve_teacher(
+                s,
+                settings,
+                req.teacher,
+                dest=work_dir / "teacher",
+                hub_files=plan.teacher,
+                should_cancel=reporter.should_cancel,
+            )
             refs = artifact_refs(s, req)  # the artifacts name the inputs by id, name and sha256, not by folder
+        fetch_model(req, plan, reporter.should_cancel)  # file by file, cancellable between files
+        check_disk_budget(req, settings, *job_width(None, req, teacher))
+        cfg = build_upgrade_config(req, teacher)
         shutil.rmtree(staging, ignore_errors=True)
         report = run_upgrade(
             cfg,
@@ -436,6 +451,8 @@ def run_job(job_id: str, settings: Settings) -> str | None:
             status = "cancelled" if _finish(make_session, settings, job_id, owner, "cancelled") else None
     except RSAEError as e:
         status = "failed" if _fail(make_session, settings, job_id, owner, e.code, e.message, e.field) else None
+    except ProblemError as e:  # a bound or path rule of service.bounds (settings may have changed since)
+        status = "failed" if _fail(make_session, settings, job_id, owner, e.code, e.detail, e.field) else None
     except ValidationError as e:
         log.error("job %s: stored request no longer validates: %s", job_id, e)
         problems = "; ".join(f"{x['field']}: {x['detail']}" for x in validation_errors(e.errors())[:5])

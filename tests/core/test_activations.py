@@ -127,3 +127,61 @@ def test_too_few_tokens_is_a_data_error(lm, tmp_path):
             ctx_len=8,
             eval_fraction=0.01,
         )
+
+
+def test_spec_kinds_never_resolve_a_hub_id_against_the_working_directory(tmp_path, monkeypatch):
+    """A well-formed hub id is a hub id even when a folder of that relative name exists here; anything that is
+    neither bundled nor a hub id is a path (relative ones included); URLs are refused."""
+    from rsae.models import model_spec_kind
+
+    (tmp_path / "org" / "name").mkdir(parents=True)
+    (tmp_path / "org" / "name" / "config.json").write_text(json.dumps({"n_layer": 2, "n_embd": 8}))
+    monkeypatch.chdir(tmp_path)
+    assert model_spec_kind("smollm2-135m") == "bundled"
+    assert model_spec_kind("org/name") == "hub"
+    assert resolve_model("org/name").path_or_id == "org/name"  # not the folder ./org/name
+    for spec in ("README.md", "rsae/../../../etc/passwd", "org/name/../../x", "/etc", "~/x", "./org/name", "gpt2"):
+        assert model_spec_kind(spec) == "path", spec
+    assert model_shape("./org/name") == (2, 8)  # the CLI may still name a relative folder explicitly
+    with pytest.raises(ModelError):
+        model_spec_kind("https://evil.example/org/name")
+
+
+def test_folder_dataset_skips_symlinks_out_of_the_folder(tmp_path):
+    (tmp_path / "data" / "news").mkdir(parents=True)
+    (tmp_path / "data" / "news" / "a.txt").write_text("inside")
+    (tmp_path / "secret.txt").write_text("outside")
+    (tmp_path / "data" / "news" / "b.txt").symlink_to(tmp_path / "secret.txt")
+    (tmp_path / "data" / "link").symlink_to(tmp_path, target_is_directory=True)
+    assert [d.text for d in iter_documents(str(tmp_path / "data"))] == ["inside"]
+
+
+def test_extraction_checks_the_caller_between_batches(lm, tmp_path):
+    """``on_progress`` runs after every batch, so a cancellation raised from it stops extraction at once
+    (not at the next shard: here the one shard would hold all 1,000 rows)."""
+    from rsae.errors import Cancelled
+
+    model, tok = lm
+    calls = []
+
+    def progress(frac):
+        calls.append(frac)
+        if len(calls) == 3:
+            raise Cancelled("stop")
+
+    with pytest.raises(Cancelled):
+        extract_activations(
+            model,
+            tok,
+            layer=1,
+            dataset="bbc-news",
+            split="eval",
+            n_tokens=1000,
+            out_dir=tmp_path,
+            ctx_len=32,
+            shard_tokens=10_000,
+            batch_size=4,
+            on_progress=progress,
+        )
+    assert calls == pytest.approx([4 * 31 / 1000, 8 * 31 / 1000, 12 * 31 / 1000])
+    assert not (tmp_path / "manifest.json").exists()

@@ -10,6 +10,7 @@ the fused gate kernel, on a random 576 x 256 ReLU teacher and a few thousand tok
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import signal
@@ -72,6 +73,8 @@ def dsettings(database_url: str, clean_db: None, e2e_broker_url: str, tmp_path: 
         checkpoint_every_steps=10,
         max_attempts=3,
         broker_visibility_timeout=30,
+        allow_local_paths=True,  # the jobs name their teacher by server-side path, under tmp_path
+        local_path_roots=[tmp_path],
     )
     s.ensure_dirs()
     return s
@@ -102,6 +105,8 @@ def worker_env(settings: Settings) -> dict[str, str]:
         value = getattr(settings, name)
         if value is not None:
             env[f"RSAE_{name.upper()}"] = str(value)
+    env["RSAE_ALLOW_LOCAL_PATHS"] = str(settings.allow_local_paths).lower()
+    env["RSAE_LOCAL_PATH_ROOTS"] = json.dumps([str(r) for r in settings.local_path_roots])
     return env
 
 

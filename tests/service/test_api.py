@@ -180,8 +180,10 @@ def test_malformed_json_body(client: TestClient) -> None:
 
 def test_unstorable_values_are_4xx(client: TestClient, sae_id: str, db: Session) -> None:
     """Values Postgres refuses (NUL characters, out-of-range integers) are bad input, not a 500."""
-    assert_problem(
-        client.post("/jobs", json=job_body(sae_id, data={"dataset": "bbc\u0000news"})), 422, code="invalid_value"
+    assert_problem(  # not the bundled name, so a path: refused before it reaches Postgres
+        client.post("/jobs", json=job_body(sae_id, data={"dataset": "bbc\u0000news"})),
+        422,
+        field="settings.data.dataset",
     )
     assert_problem(client.post("/jobs", json=job_body("a\u0000b")), 422, field="teacher.sae_id")
     assert_problem(client.get("/jobs/%00"), 404, code="job_not_found")
@@ -199,14 +201,14 @@ def test_local_teacher_path_when_allowed(
     make_teacher: Callable[..., Path],
 ) -> None:
     folder = make_teacher()
-    with fresh_app(monkeypatch, allow_local_paths="true") as c:
+    with fresh_app(monkeypatch, allow_local_paths="true", local_path_roots=json.dumps([str(folder.parent)])) as c:
         r = c.post("/jobs", json={"layer": 3, "teacher": {"path": str(folder)}})
         assert r.status_code == 202, r.text
         assert_problem(
             c.post("/jobs", json={"layer": 3, "teacher": {"path": "relative/dir"}}),
             422,
             field="teacher.path",
-            code="invalid_teacher",
+            code="path_not_allowed",
         )
 
 

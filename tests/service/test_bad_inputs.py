@@ -186,7 +186,11 @@ INVALID_JOBS: dict[str, tuple[Callable[[str], dict[str, Any]], str, str]] = {
         "validation_error",
     ),
     "URL as model": (lambda s: {"json": {**job_body(s), "model": "https://evil.example/m"}}, "model", "invalid_model"),
-    "malformed hub id": (lambda s: {"json": {**job_body(s), "model": "org/name/../../x"}}, "model", "invalid_model"),
+    "malformed hub id (a relative path)": (
+        lambda s: {"json": {**job_body(s), "model": "org/name/../../x"}},
+        "model",
+        "local_paths_disabled",
+    ),
     "empty model": (lambda s: {"json": {**job_body(s), "model": "  "}}, "model", "validation_error"),
     "steps a word": (
         lambda s: {"json": job_body(s, finetune={"steps": "abc"})},
@@ -234,6 +238,37 @@ INVALID_JOBS: dict[str, tuple[Callable[[str], dict[str, Any]], str, str]] = {
         "local_paths_disabled",
     ),
     "local model refused": (lambda s: {"json": {**job_body(s), "model": "/root"}}, "model", "local_paths_disabled"),
+    "relative dataset (a file in the worker's directory)": (
+        lambda s: {"json": job_body(s, data={"dataset": "README.md"})},
+        "settings.data.dataset",
+        "local_paths_disabled",
+    ),
+    "relative dataset escaping with ..": (
+        lambda s: {"json": job_body(s, data={"dataset": "rsae/../../../etc/passwd"})},
+        "settings.data.dataset",
+        "local_paths_disabled",
+    ),
+    "relative model folder": (lambda s: {"json": {**job_body(s), "model": "rsae"}}, "model", "local_paths_disabled"),
+    "hub model not allowed (405B)": (
+        lambda s: {"json": {**job_body(s), "model": "meta-llama/Llama-3.1-405B"}},
+        "model",
+        "model_not_allowed",
+    ),
+    "train_tokens over the server's budget": (
+        lambda s: {"json": job_body(s, data={"train_tokens": 200_000_000})},
+        "settings.data.train_tokens",
+        "token_budget_exceeded",
+    ),
+    "eval_tokens over the server's budget": (
+        lambda s: {"json": job_body(s, data={"eval_tokens": 50_000_000})},
+        "settings.data.eval_tokens",
+        "token_budget_exceeded",
+    ),
+    "activation scratch over the disk budget": (
+        lambda s: {"json": job_body(s, data={"train_tokens": 4_194_304, "eval_tokens": 1_048_576})},
+        "settings.data.train_tokens",
+        "disk_budget_exceeded",
+    ),
     "body a JSON array": (lambda s: {"json": [job_body(s)]}, "body", "validation_error"),
     "body empty": (lambda s: _raw(b""), "body", "validation_error"),
     "body not JSON": (lambda s: _raw(b"{oops"), "body", "validation_error"),
