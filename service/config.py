@@ -383,3 +383,28 @@ class Settings(BaseSettings):
 def get_settings() -> Settings:
     """The process-wide settings, read once from the environment (``get_settings.cache_clear()`` re-reads)."""
     return Settings()
+
+
+def settings_markdown() -> str:
+    """Every setting as a Markdown table (environment variable, default, description), in field order: the
+    body of ``docs/settings.md`` (regenerate with ``python -m service.config > docs/settings.md``; a test
+    checks the checked-in file equals this)."""
+    rows = [
+        "# Settings",
+        "",
+        "Generated from `service/config.py` by `python -m service.config > docs/settings.md`; every variable is",
+        "read by the API, the worker and the CLI (pydantic-settings, prefix `RSAE_`). Lists and sets are JSON.",
+        "",
+        "| variable | default | what it sets |",
+        "|---|---|---|",
+    ]
+    for name, field in Settings.model_fields.items():
+        default = field.default_factory() if field.default_factory is not None else field.default
+        shown = "unset" if default is None else f"`{default}`"
+        text = " ".join((field.description or "").split()).replace("|", "\\|")
+        rows.append(f"| `RSAE_{name.upper()}` | {shown} | {text} |")
+    return "\n".join(rows) + "\n"
+
+
+if __name__ == "__main__":
+    print(settings_markdown(), end="")
