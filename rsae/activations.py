@@ -261,10 +261,15 @@ def extract_activations(
         ),
         **(meta or {}),
     }
-    tmp = out_dir / f".{MANIFEST}.{uuid.uuid4().hex}.tmp"  # written last and atomically: never a torn manifest
+    _write_manifest(out_dir, manifest)
+    return manifest
+
+
+def _write_manifest(out_dir: Path, manifest: dict) -> None:
+    """Write ``manifest.json`` last and atomically (unique temp name, then ``os.replace``): never a torn one."""
+    tmp = out_dir / f".{MANIFEST}.{uuid.uuid4().hex}.tmp"
     tmp.write_text(json.dumps(manifest, indent=2))
     os.replace(tmp, out_dir / MANIFEST)
-    return manifest
 
 
 class ActivationStore:

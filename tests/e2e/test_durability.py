@@ -572,8 +572,10 @@ def test_redis_restart_while_a_job_runs_and_others_are_queued(
         heartbeat_seconds=0.5,
         reaper_interval_seconds=1.0,
         checkpoint_every_steps=10,
-        broker_visibility_timeout=5,
-    )  # shorter than job 1: its message comes back while it runs
+        broker_visibility_timeout=5,  # shorter than job 1: its message comes back while it runs
+        allow_local_paths=True,  # the jobs name their teacher by server-side path, under tmp_path
+        local_path_roots=[tmp_path],
+    )
     settings.ensure_dirs()
     server = _start_redis(port, rdir, logs)
     w = Workers(settings, logs)
@@ -585,8 +587,14 @@ def test_redis_restart_while_a_job_runs_and_others_are_queued(
         ]
         for job_id in jobs:
             enqueue_upgrade(celery, job_id)
+
+        def fine_tuning() -> bool:
+            job = get_job(make_session, jobs[0])
+            assert job.status in ("queued", "running"), (job.status, job.error)  # fail fast, with the cause
+            return ((job.checkpoint or {}).get("step") or 0) >= 10
+
         wait_until(
-            lambda: ((get_job(make_session, jobs[0]).checkpoint or {}).get("step") or 0) >= 10,
+            fine_tuning,
             300,
             "job 1 fine-tuning",
             alive=worker.check,

@@ -9,6 +9,7 @@ SQLite file, as the embedded single-machine stack does. Concurrency goes through
 from __future__ import annotations
 
 import secrets
+import sqlite3
 import threading
 import time
 from collections import Counter
@@ -98,6 +99,33 @@ def test_quota_is_exact_under_60_parallel_submissions(
     assert {j.id for j in jobs} == {r.json()["id"] for r in answers if r.status_code == 202}
     assert len(queued_messages(broker)) == 20
     print(f"60 parallel submissions on {s.database_url.split(':')[0]}: {took:.2f} s")
+
+
+def test_a_locked_sqlite_database_is_503_with_retry_after(
+    settings: Settings, clean_db: None, broker: redis.Redis, tmp_path: Path, make_teacher: Callable[..., Path]
+) -> None:
+    """Another writer holds SQLite's lock past the busy timeout: POST /jobs answers 503 database_unavailable
+    with Retry-After (it was a 500 "database is locked"), the key stays free, and once the lock is gone the
+    same request is accepted."""
+    db_file = tmp_path / "locked.db"
+    url = f"sqlite:///{db_file}"
+    upgrade(url)
+    s = settings.model_copy(update={"database_url": url, "db_busy_timeout_seconds": 0.3, **UNLIMITED})
+    token = make_token(url)
+    with served(s) as base, httpx.Client(base_url=base, headers=bearer(token), timeout=60) as http:
+        sae_id = upload_sae(http, make_teacher())["id"]
+        other = sqlite3.connect(db_file, isolation_level=None)
+        other.execute("BEGIN IMMEDIATE")  # another writer holds the lock
+        try:
+            r = http.post("/jobs", json=job_body(sae_id), headers={"Idempotency-Key": "k1"})
+        finally:
+            other.execute("ROLLBACK")
+            other.close()
+        body = assert_problem(r, 503, code="database_unavailable")
+        assert int(r.headers["retry-after"]) > 0 and "locked" not in body["detail"]
+        again = http.post("/jobs", json=job_body(sae_id), headers={"Idempotency-Key": "k1"})
+    assert again.status_code == 202, again.text
+    assert [j.status for j in jobs_of(s)] == ["queued"]
 
 
 def test_parallel_uses_of_one_key_create_one_job(backend: Settings, make_teacher: Callable[..., Path]) -> None:
