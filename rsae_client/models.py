@@ -339,21 +339,37 @@ class Checkpoint(ApiModel):
     )
 
 
+def _page_example(item: dict[str, Any], cursor: str | None = None) -> ConfigDict:
+    return ConfigDict(
+        json_schema_extra={"examples": [{"data": [item], "has_more": cursor is not None, "next_cursor": cursor}]}
+    )
+
+
 class JobList(Page[Job]):
     """A page of jobs, newest first."""
+
+    model_config = _page_example(JOB_EXAMPLE, "WyIyMDI2LTExLTIzVDEwOjAwOjAwWiIsICIzZDBjIl0")
 
 
 class SaeList(Page[Sae]):
     """A page of uploaded SAEs, newest first."""
 
+    model_config = _page_example(Sae.model_config["json_schema_extra"]["examples"][0])  # type: ignore[index]
+
 
 class EventList(Page[Event]):
     """A page of a job's events, oldest first (``next_cursor`` is the last event's id)."""
+
+    model_config = _page_example(Event.model_config["json_schema_extra"]["examples"][0], "12")  # type: ignore[index]
 
 
 class ArtifactList(Page[Artifact]):
     """A job's artifacts (all of them: ``has_more`` is always false)."""
 
+    model_config = _page_example(JOB_EXAMPLE["artifacts"][0])
+
 
 class CheckpointList(Page[Checkpoint]):
     """A job's checkpoints, oldest first (all of them: ``has_more`` is always false)."""
+
+    model_config = _page_example(Checkpoint.model_config["json_schema_extra"]["examples"][0])  # type: ignore[index]

@@ -396,7 +396,9 @@ def test_cli_and_server_sent_events(
         ids = [int(line[3:].strip()) for line in r.iter_lines() if line.startswith("id:")]
     assert ids == [e["id"] for e in listed if e["id"] > middle]
 
-    status = subprocess.run([*rsae_cli, "status", job_id], env=env, capture_output=True, text=True, timeout=60)
+    status = subprocess.run(
+        [*rsae_cli, "status", job_id, "--json"], env=env, capture_output=True, text=True, timeout=60
+    )
     assert json.loads(status.stdout)["status"] == "succeeded"
     down = subprocess.run(
         [*rsae_cli, "download", job_id, "--out", str(tmp_path / "out")],

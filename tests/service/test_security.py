@@ -103,7 +103,7 @@ def test_tokens_are_stored_hashed_and_cli_prints_them_once(
     )
     assert bad.returncode == 2 and "invalid user name" in bad.stderr
     with TestClient(create_app(), headers=bearer(token)) as c:
-        assert c.get("/v1/jobs").json() == {"items": [], "next_cursor": None}
+        assert c.get("/v1/jobs").json() == {"data": [], "has_more": False, "next_cursor": None}
 
 
 def test_other_users_resources_are_404_on_every_route(
@@ -145,7 +145,7 @@ def test_other_users_resources_are_404_on_every_route(
         assert body["code"] in ("job_not_found", "sae_not_found"), (method, own, body)
         unknown = other_client.request(method, path)
         assert unknown.json()["code"] == body["code"]  # indistinguishable from an unknown id
-    assert other_client.get("/v1/jobs").json() == {"items": [], "next_cursor": None}
+    assert other_client.get("/v1/jobs").json() == {"data": [], "has_more": False, "next_cursor": None}
     assert other_client.get("/v1/saes").json()["data"] == []
     # Using alice's SAE as a teacher is refused as if it did not exist.
     assert_problem(

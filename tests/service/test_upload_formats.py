@@ -19,67 +19,16 @@ from service.config import Settings
 from service.teachers import UPLOAD_FILES
 from support.hub import hub_cache
 from support.servers import assert_problem, job_body
-
-D_IN, D_SAE, K = 576, 96, 8
-
-
-def _weights(seed: int) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    return {
-        "W_enc": torch.randn(D_IN, D_SAE, generator=g) / 24,
-        "b_enc": torch.randn(D_SAE, generator=g) / 10,
-        "W_dec": torch.randn(D_SAE, D_IN, generator=g) / 10,
-        "b_dec": torch.randn(D_IN, generator=g) / 10,
-    }
+from support.teachers import D_IN, D_SAE
+from support.teachers import write_dictionary_learning as _dictionary_learning
+from support.teachers import write_gemma_scope as _gemma_scope
+from support.teachers import write_sparsify as _sparsify
 
 
 def _files(folder: Path) -> dict[str, tuple[str, bytes]]:
     """The multipart files of POST /saes for the format files in ``folder`` (form field per file name)."""
     field = {name: form for form, name in UPLOAD_FILES.items()}
     return {field[p.name]: (p.name, p.read_bytes()) for p in folder.iterdir() if p.name in field}
-
-
-def _gemma_scope(folder: Path) -> None:
-    d = {k: v.numpy() for k, v in _weights(1).items()}
-    d["threshold"] = np.full(D_SAE, 0.05, dtype=np.float32)
-    np.savez(folder / "params.npz", **d)
-
-
-def _sparsify(folder: Path) -> None:
-    from sparsify import SparseCoder, SparseCoderConfig
-
-    w = _weights(2)
-    coder = SparseCoder(D_IN, SparseCoderConfig(num_latents=D_SAE, k=K))
-    with torch.no_grad():
-        coder.encoder.weight.copy_(w["W_enc"].T)
-        coder.encoder.bias.copy_(w["b_enc"])
-        coder.W_dec.copy_(w["W_dec"])
-        coder.b_dec.copy_(w["b_dec"])
-    coder.save_to_disk(folder)
-
-
-def _dictionary_learning(folder: Path) -> None:
-    w = _weights(3)
-    state = {
-        "encoder.weight": w["W_enc"].T.contiguous(),
-        "encoder.bias": w["b_enc"],
-        "decoder.weight": w["W_dec"].T.contiguous(),
-        "bias": w["b_dec"],
-    }
-    torch.save(state, folder / "ae.pt")
-    (folder / "config.json").write_text(
-        json.dumps(
-            {
-                "trainer": {
-                    "dict_class": "AutoEncoder",
-                    "activation_dim": D_IN,
-                    "dict_size": D_SAE,
-                    "layer": 3,
-                    "lm_name": "HuggingFaceTB/SmolLM2-135M-Instruct",
-                }
-            }
-        )
-    )
 
 
 @pytest.mark.parametrize(
