@@ -26,7 +26,7 @@ import torch
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from service.client import download_artifacts, submit_job, upload_sae, wait_for_job
+from service.client import download_artifacts, get_job, submit_job, upload_sae, wait_for_job
 from service.config import Settings
 from service.embedded import Stack, wait_until
 from service.models import Job, User, utcnow
@@ -122,10 +122,10 @@ def test_worker_records_failure_and_ignores_duplicate_messages(stack: Stack, htt
         enqueue_upgrade(celery, job.id)
         done = wait_for_job(http, job.id, timeout=120, interval=0.5)
         assert done["status"] == "failed" and done["attempt"] == 1
-        assert done["error"] == {
+        assert done.error.model_dump() == {
             "code": "invalid_teacher",
             "field": "teacher.sae_id",
-            "detail": done["error"]["detail"],
+            "detail": done.error.detail,
         }
         assert done["started_at"] and done["finished_at"] >= done["started_at"]
         events = http.get(f"/v1/jobs/{job.id}/events").json()["data"]
@@ -133,8 +133,8 @@ def test_worker_records_failure_and_ignores_duplicate_messages(stack: Stack, htt
         enqueue_upgrade(celery, job.id)  # duplicate delivery
         worker = next(c for c in stack.children if c.name == "worker")
         wait_until(lambda: f"job {job.id} is not queued" in worker.tail(200), 60, "duplicate skipped")
-        again = http.get(f"/v1/jobs/{job.id}").json()
-        assert (again["status"], again["attempt"], again["updated_at"]) == ("failed", 1, done["updated_at"])
+        again = get_job(http, job.id)
+        assert (again.status, again.attempt, again.updated_at) == ("failed", 1, done.updated_at)
         wait_until(lambda: hook.received, 30, "webhook delivered")
         (headers, body), *more = hook.received
         assert not more and verify(WEBHOOK_SECRET, headers, body)
