@@ -115,8 +115,11 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argparse parser of the ``rsae`` command."""
+    from . import __version__
+
     p = argparse.ArgumentParser(prog="rsae", description=__doc__)
     p.add_argument("-v", "--verbose", action="store_true")
+    p.add_argument("--version", action="version", version=f"rsae {__version__}", help="print the version and exit")
     sub = p.add_subparsers(dest="cmd", required=True)
 
     t = sub.add_parser("train-teacher", help=cmd_train_teacher.__doc__)

@@ -5,8 +5,11 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI
+from fastapi import APIRouter, FastAPI
+from fastapi.routing import APIRoute
 from sqlalchemy.orm import sessionmaker
+
+from rsae_client.models import API_PREFIX
 
 from .api.routes import health, jobs, saes
 from .config import Settings, get_settings
@@ -16,6 +19,19 @@ from .limits import BodyLimitMiddleware
 from .problems import install_problem_handlers
 from .queue import create_celery
 from .ratelimit import RateLimits
+from .versioning import LegacyPathRedirect
+
+V1_ROUTERS: list[APIRouter] = [saes.router, jobs.router]
+"""The resource routers, mounted under ``/v1`` (each with its own prefix: ``/saes``, ``/jobs``). A new resource
+(e.g. ``POST /v1/datasets``) appends its router here; its old unversioned path then redirects too."""
+UNVERSIONED_ROUTERS: list[APIRouter] = [health.router]
+"""Routers outside the version prefix: the probes ``/healthz`` and ``/readyz``."""
+
+
+def operation_id(route: APIRoute) -> str:
+    """The OpenAPI ``operationId`` of ``route``: its function's name (``create_job``, ``list_jobs``, ...), the
+    names SDK generators turn into method names (FastAPI's default would be ``create_job_v1_jobs_post``)."""
+    return route.name
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -45,7 +61,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         title="RSAE upgrade service",
         version="0.1.0",
         summary="Upgrade a pretrained sparse autoencoder's gate to a trainable rational function.",
+        description="Resource routes live under /v1; the old unversioned paths (/jobs, /saes, ...) answer "
+        "308 Permanent Redirect to them. Lists answer {data, has_more, next_cursor}: pass next_cursor as "
+        "'after' for the next page. Errors are RFC 9457 problem+json.",
         lifespan=lifespan,
+        generate_unique_id_function=operation_id,
     )
     app.state.settings = settings
     app.state.sessionmaker = sessionmaker(engine, expire_on_commit=False)
@@ -54,8 +74,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.rate_limits = RateLimits(settings)
     install_problem_handlers(app)
     app.add_middleware(
-        BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes, max_upload_bytes=settings.max_upload_bytes
+        BodyLimitMiddleware,
+        max_body_bytes=settings.max_body_bytes,
+        max_upload_bytes=settings.max_upload_bytes,
+        upload_path=f"{API_PREFIX}/saes",
     )
-    for module in (health, saes, jobs):
-        app.include_router(module.router)
+    # added last, so outermost: an old path is redirected before any body limit or authentication
+    app.add_middleware(
+        LegacyPathRedirect, prefix=API_PREFIX, roots={r.prefix.strip("/").split("/")[0] for r in V1_ROUTERS}
+    )
+    for router in UNVERSIONED_ROUTERS:
+        app.include_router(router)
+    for router in V1_ROUTERS:
+        app.include_router(router, prefix=API_PREFIX)
     return app

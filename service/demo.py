@@ -18,6 +18,7 @@ from typing import Any
 import httpx
 
 from rsae.config import DEFAULT_MODEL
+from rsae_client import Job
 
 from .auth import issue_token
 from .client import ApiError, download_artifacts, submit_job, upload_sae, wait_for_job
@@ -89,20 +90,17 @@ def curl_commands(base: str, teacher: Path, body: dict[str, Any], job_id: str) -
         [
             "export RSAE_TOKEN=$(rsae-service token create --user $USER)",
             f"curl -sS {auth} -F cfg=@{q(str(teacher / 'cfg.json'))} "
-            f"-F weights=@{q(str(teacher / 'sae_weights.safetensors'))} -F name=demo-teacher {base}/saes",
-            f"curl -sS {auth} -X POST -H 'Content-Type: application/json' -d {q(json.dumps(body))} {base}/jobs",
-            f"curl -sS {auth} {base}/jobs/{job_id}",
-            f"curl -sS {auth} {base}/jobs/{job_id}/artifacts",
-            f"curl -sS {auth} -OJ {base}/jobs/{job_id}/artifacts/sae_weights.safetensors",
+            f"-F weights=@{q(str(teacher / 'sae_weights.safetensors'))} -F name=demo-teacher {base}/v1/saes",
+            f"curl -sS {auth} -X POST -H 'Content-Type: application/json' -d {q(json.dumps(body))} {base}/v1/jobs",
+            f"curl -sS {auth} {base}/v1/jobs/{job_id}",
+            f"curl -sS {auth} {base}/v1/jobs/{job_id}/artifacts",
+            f"curl -sS {auth} -OJ {base}/v1/jobs/{job_id}/artifacts/sae_weights.safetensors",
         ]
     )
 
 
-def _print_progress(job: dict[str, Any]) -> None:
-    _say(
-        f"\rjob {job['id'][:8]}: {job['status']:<10} stage {job['stage'] or '-':<10} {100 * job['progress']:5.1f}%",
-        end="",
-    )
+def _print_progress(job: Job) -> None:
+    _say(f"\rjob {job.id[:8]}: {job.status:<10} stage {job.stage or '-':<10} {100 * job.progress:5.1f}%", end="")
 
 
 def run_demo(port: int = 0, timeout: float = 3 * 3600) -> int:
@@ -121,21 +119,21 @@ def run_demo(port: int = 0, timeout: float = 3 * 3600) -> int:
                 token = issue_token(s, "demo", "rsae-service demo").token
             with httpx.Client(base_url=base, timeout=120, headers={"Authorization": f"Bearer {token}"}) as client:
                 sae = upload_sae(client, teacher, name="demo-teacher")
-                _say(f"uploaded teacher: sae id {sae['id']} ({sae['family']}, {sae['d_in']} -> {sae['d_sae']})")
-                body = {"model": DEFAULT_MODEL, "layer": DEMO_LAYER, "teacher": {"sae_id": sae["id"]}}
+                _say(f"uploaded teacher: sae id {sae.id} ({sae.family}, {sae.d_in} -> {sae.d_sae})")
+                body = {"model": DEFAULT_MODEL, "layer": DEMO_LAYER, "teacher": {"sae_id": sae.id}}
                 job = submit_job(client, body)
-                _say(f"submitted job {job['id']}")
-                job = wait_for_job(client, job["id"], timeout=timeout, interval=2.0, on_update=_print_progress)
+                _say(f"submitted job {job.id}")
+                job = wait_for_job(client, job.id, timeout=timeout, interval=2.0, on_update=_print_progress)
                 _say()
-                if job["status"] != "succeeded":
-                    err = job.get("error") or {}
+                if job.status != "succeeded":
+                    err = job.error
                     print(
-                        f"job {job['status']}: {err.get('code')}: {err.get('detail')}"
-                        + (f" [field {err['field']}]" if err.get("field") else ""),
+                        f"job {job.status}: {err.code if err else None}: {err.detail if err else None}"
+                        + (f" [field {err.field}]" if err and err.field else ""),
                         file=sys.stderr,
                     )
                     return 1
-                paths = download_artifacts(client, job, settings.data_dir / "downloads" / job["id"])
+                paths = download_artifacts(client, job, settings.data_dir / "downloads" / job.id)
         except (ApiError, TimeoutError, ValueError, RuntimeError) as e:
             _say()
             print(f"demo failed: {e}", file=sys.stderr)

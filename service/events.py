@@ -2,7 +2,7 @@
 
 Wire format: the WHATWG HTML "Server-sent events" event stream (``text/event-stream``). Each job event
 becomes one SSE event with ``id`` = the event's id, ``event`` = its type (``status``, ``progress``,
-``metrics``, ``log``) and ``data`` = the JSON of :class:`service.schemas.EventOut`. A client resumes after
+``metrics``, ``log``) and ``data`` = the JSON of :class:`rsae_client.models.Event`. A client resumes after
 a dropped connection with the standard ``Last-Event-ID`` header (or ``?after=``). The stream ends after
 the event that puts the job in a terminal status; while nothing happens, a comment line is sent every
 :data:`KEEPALIVE_SECONDS` so proxies keep the connection open. New events are found by polling SQL (the
@@ -25,7 +25,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from .models import TERMINAL_STATUSES, Job, JobEvent
-from .schemas import EventOut
+from .schemas import EventModel, event_out
 
 POLL_SECONDS = 0.5
 """Time between two reads of new events while events arrive."""
@@ -81,7 +81,7 @@ class StreamSlots:
                 del self._open[user_id]
 
 
-def _read(make_session: sessionmaker[Session], job_id: str, after: int) -> tuple[list[EventOut], str | None]:
+def _read(make_session: sessionmaker[Session], job_id: str, after: int) -> tuple[list[EventModel], str | None]:
     """Events of ``job_id`` with id > ``after`` (at most :data:`BATCH`) and the job's status.
 
     The status is read first: a terminal status and its event are committed together, so when the status
@@ -94,7 +94,7 @@ def _read(make_session: sessionmaker[Session], job_id: str, after: int) -> tuple
         rows = s.scalars(
             select(JobEvent).where(JobEvent.job_id == job_id, JobEvent.id > after).order_by(JobEvent.id).limit(BATCH)
         )
-        events = [EventOut.from_row(e) for e in rows]
+        events = [event_out(e) for e in rows]
     return events, status
 
 

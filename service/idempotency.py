@@ -35,7 +35,7 @@ from sqlalchemy.orm import Session, selectinload, sessionmaker
 from .config import Settings
 from .models import IdempotencyKey, Job, utcnow
 from .problems import ProblemError
-from .schemas import JobCreate, JobOut
+from .schemas import API_PREFIX, JobCreate, job_out
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +101,7 @@ class Replay:
         ``Location``."""
         headers = {"Idempotent-Replayed": "true"}
         if self.job_id is not None:
-            headers["Location"] = f"/jobs/{self.job_id}"
+            headers["Location"] = f"{API_PREFIX}/jobs/{self.job_id}"
         return Response(self.body, status_code=self.status, headers=headers, media_type="application/json")
 
 
@@ -163,7 +163,7 @@ def claim(session: Session, user_id: str, key: str, digest: str, settings: Setti
     # The request holding the key died. If it had created its job, that job is the answer; else run again.
     if row.job_id is not None:
         job = session.get(Job, row.job_id, options=[selectinload(Job.artifacts)])
-        body = json_body(JobOut.from_row(job).model_dump(mode="json")) if job is not None else None
+        body = json_body(job_out(job).model_dump(mode="json")) if job is not None else None
         if body is not None and _set_done(session, row.id, row.locked_at, 202, body):
             log.warning("idempotency key %r: its request died after creating job %s; finished it", key, row.job_id)
             return Replay(202, body, row.job_id)
@@ -249,7 +249,7 @@ def _replay(session: Session, row: IdempotencyKey) -> Replay:
             "this Idempotency-Key was used for a job that no longer exists; use a new key",
             field="Idempotency-Key",
         )
-    return Replay(row.response_status or 202, json_body(JobOut.from_row(job).model_dump(mode="json")), job.id)
+    return Replay(row.response_status or 202, json_body(job_out(job).model_dump(mode="json")), job.id)
 
 
 def _set_done(session: Session, row_id: int, locked_at: datetime, status: int, body: str) -> bool:

@@ -2,13 +2,20 @@
 
 Examples (``RSAE_URL`` and ``RSAE_TOKEN`` from the environment, or ``--url`` / ``--token``)::
 
-    rsae jobs submit --teacher teacher/ --layer 3 --wait          # upload, submit, follow with a progress bar
-    rsae jobs submit --sae-id 6f1c... --layer 3 --settings '{"finetune": {"steps": 200}}'
-    rsae jobs status <job id>                                     # the job object as JSON
+    rsae jobs submit --teacher teacher/ --layer 3 --wait          # upload (any of the 4 formats), submit, follow
+    rsae jobs submit --sae-id 6f1c... --layer 3 --settings '{"finetune": {"steps": 200}}' --metadata run=a
+    rsae jobs submit --hub-release <SAELens release> --hub-sae-id <id> --layer 3
+    rsae jobs submit --hub-repo org/name --hub-subfolder layer_3 --layer 3
+    rsae jobs status <job id> [--json]                            # a summary, or the job object as JSON
     rsae jobs wait <job id>                                       # progress bar until terminal; exit 0 if succeeded
     rsae jobs download <job id> --out upgraded/                   # sha256-checked artifacts
     rsae jobs cancel <job id>
-    rsae jobs list [--status running]
+    rsae jobs list [--status running] [--metadata run=a] [--json]
+
+The teacher folder may hold any supported format (detected from its files: SAELens cfg.json +
+sae_weights.safetensors, sparsify cfg.json + sae.safetensors, Gemma Scope params.npz, dictionary_learning
+ae.pt + config.json). ``submit`` prints the job as JSON (with ``--wait``: a summary, or with ``--json`` the
+final job as JSON).
 
 Exit codes: 0 success (for ``wait``: the job succeeded), 1 the job failed or was cancelled, 2 bad input or
 an API error (the problem's code, detail and field are printed).
@@ -23,7 +30,8 @@ import os
 import sys
 from typing import Any
 
-from .client import TERMINAL, ApiError, RSAEClient
+from rsae_client import ApiError, HubRef, Job, RSAEClient
+from rsae_client.models import JOB_STATUSES
 
 
 def _client(args: argparse.Namespace) -> RSAEClient:
@@ -31,7 +39,40 @@ def _client(args: argparse.Namespace) -> RSAEClient:
 
 
 def _print(obj: Any) -> None:
+    if hasattr(obj, "model_dump"):
+        obj = obj.model_dump(mode="json")
+    elif isinstance(obj, list):
+        obj = [o.model_dump(mode="json") if hasattr(o, "model_dump") else o for o in obj]
     print(json.dumps(obj, indent=2))
+
+
+def _metadata(pairs: list[str] | None) -> dict[str, str]:
+    """``["k=v", ...]`` -> ``{"k": "v"}``.
+
+    Raises:
+        ValueError: an item without ``=``.
+    """
+    out: dict[str, str] = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise ValueError(f"--metadata {pair!r}: expected KEY=VALUE")
+        out[key] = value
+    return out
+
+
+def _hub(args: argparse.Namespace) -> HubRef | None:
+    """The hub reference of ``--hub-*`` flags, or None when none is given."""
+    fields = {
+        "repo_id": args.hub_repo,
+        "subfolder": args.hub_subfolder,
+        "revision": args.hub_revision,
+        "release": args.hub_release,
+        "sae_id": args.hub_sae_id,
+    }
+    if all(v is None for v in fields.values()):
+        return None
+    return HubRef(**fields)
 
 
 class _ProgressBar:
@@ -65,7 +106,7 @@ class _ProgressBar:
         self.bar.close()
 
 
-def _wait(c: RSAEClient, job_id: str, quiet: bool, timeout: float | None) -> int:
+def _wait(c: RSAEClient, job_id: str, quiet: bool, timeout: float | None, as_json: bool = False) -> int:
     bar = None if quiet else _ProgressBar(job_id)
     try:
         job = c.wait(job_id, timeout=timeout, on_event=bar)
@@ -73,49 +114,73 @@ def _wait(c: RSAEClient, job_id: str, quiet: bool, timeout: float | None) -> int
         if bar is not None:
             bar.close()
     _summary(job)
-    return 0 if job["status"] == "succeeded" else 1
+    if as_json:
+        _print(job)
+    return 0 if job.status == "succeeded" else 1
 
 
-def _summary(job: dict[str, Any]) -> None:
-    print(f"job {job['id']} {job['status']}", file=sys.stderr)
-    if job.get("error"):
-        err = job["error"]
-        print(
-            f"  {err['code']}: {err['detail']}" + (f" [field {err['field']}]" if err.get("field") else ""),
-            file=sys.stderr,
-        )
-    m = job.get("metrics") or {}
+def _summary(job: Job, file: Any = None) -> None:
+    file = file or sys.stderr
+    print(f"job {job.id} {job.status}", file=file)
+    if job.error:
+        err = job.error
+        print(f"  {err.code}: {err.detail}" + (f" [field {err.field}]" if err.field else ""), file=file)
+    m = job.metrics or {}
     if m:
-        print("  " + ", ".join(f"{k} {v:.4g}" for k, v in m.items() if isinstance(v, (int, float))), file=sys.stderr)
+        print("  " + ", ".join(f"{k} {v:.4g}" for k, v in m.items() if isinstance(v, (int, float))), file=file)
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
-    """Upload the teacher (unless --sae-id) and create a job; prints the job (or follows it with --wait)."""
+    """Upload the teacher (any supported format; unless --sae-id or --hub-*) and create a job; prints the job as
+    JSON (or follows it with --wait)."""
     if args.webhook_url and not args.webhook_secret:
         print("error: --webhook-url needs --webhook-secret (or $RSAE_WEBHOOK_SECRET)", file=sys.stderr)
         return 2
     try:
         settings = json.loads(args.settings) if args.settings else {}
-    except json.JSONDecodeError as e:
-        print(f"error: --settings is not JSON: {e}", file=sys.stderr)
+        metadata = _metadata(args.metadata)
+        hub = _hub(args)
+    except (json.JSONDecodeError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    sources = [x for x in (args.teacher, args.sae_id, hub) if x is not None]
+    if len(sources) != 1:
+        print("error: give exactly one teacher: --teacher FOLDER, --sae-id ID or --hub-*", file=sys.stderr)
         return 2
     with _client(args) as c:
-        sae_id = args.sae_id or c.upload_sae(args.teacher, name=args.name)["id"]
-        body = {"model": args.model, "layer": args.layer, "teacher": {"sae_id": sae_id}, "settings": settings}
+        if hub is not None:
+            teacher: dict[str, Any] = {"hub": hub}
+        else:
+            try:
+                sae_id = args.sae_id or c.upload_sae(args.teacher, name=args.name, format=args.format).id
+            except (ValueError, FileNotFoundError) as e:
+                print(f"error: --teacher: {e}", file=sys.stderr)
+                return 2
+            teacher = {"sae_id": sae_id}
+        body: dict[str, Any] = {"model": args.model, "layer": args.layer, "teacher": teacher, "settings": settings}
+        if metadata:
+            body["metadata"] = metadata
         if args.webhook_url:
             body["webhook"] = {"url": args.webhook_url, "secret": args.webhook_secret}
-        job = c.submit(body, idempotency_key=args.idempotency_key)
+        job = c.create_job(body, idempotency_key=args.idempotency_key)
         if not args.wait:
             _print(job)
             return 0
-        print(f"submitted job {job['id']}", file=sys.stderr)
-        return _wait(c, job["id"], args.quiet, args.timeout)
+        print(f"submitted job {job.id}", file=sys.stderr)
+        return _wait(c, job.id, args.quiet, args.timeout, args.json)
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    """Print the job object as JSON."""
+    """Print the job: a summary (status, stage, progress, error, metrics), or with --json the job object."""
     with _client(args) as c:
-        _print(c.get(args.job_id))
+        job = c.get_job(args.job_id)
+    if args.json:
+        _print(job)
+        return 0
+    print(f"job {job.id} {job.status}  stage {job.stage or '-'}  {100 * job.progress:.1f}%  created {job.created_at}")
+    if job.metadata:
+        print("  metadata: " + ", ".join(f"{k}={v}" for k, v in job.metadata.items()))
+    _summary(job, file=sys.stdout)
     return 0
 
 
@@ -128,9 +193,9 @@ def cmd_wait(args: argparse.Namespace) -> int:
 def cmd_download(args: argparse.Namespace) -> int:
     """Download the job's artifacts (sha256-checked) into --out."""
     with _client(args) as c:
-        job = c.get(args.job_id)
-        if job["status"] != "succeeded":
-            print(f"error: job {job['id']} is {job['status']}; only succeeded jobs have artifacts", file=sys.stderr)
+        job = c.get_job(args.job_id)
+        if job.status != "succeeded":
+            print(f"error: job {job.id} is {job.status}; only succeeded jobs have artifacts", file=sys.stderr)
             return 1
         for name, path in c.download(args.job_id, args.out).items():
             print(f"{name}\t{path}")
@@ -140,18 +205,25 @@ def cmd_download(args: argparse.Namespace) -> int:
 def cmd_cancel(args: argparse.Namespace) -> int:
     """Request cancellation (idempotent); prints the job's status."""
     with _client(args) as c:
-        job = c.cancel(args.job_id)
-    print(f"job {job['id']} {job['status']}")
+        job = c.cancel_job(args.job_id)
+    print(f"job {job.id} {job.status}")
     return 0
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    """List your jobs: id, status, stage, progress, created."""
+    """List your jobs (every page): id, status, stage, progress, created; with --json a JSON array of jobs."""
+    try:
+        metadata = _metadata(args.metadata)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     with _client(args) as c:
-        for j in c.list(status=args.status):
-            print(
-                f"{j['id']}  {j['status']:<10} {j['stage'] or '-':<10} {100 * j['progress']:5.1f}%  {j['created_at']}"
-            )
+        jobs = c.iter_jobs(status=args.status, metadata=metadata or None)
+        if args.json:
+            _print(list(jobs))
+            return 0
+        for j in jobs:
+            print(f"{j.id}  {j.status:<10} {j.stage or '-':<10} {100 * j.progress:5.1f}%  {j.created_at}")
     return 0
 
 
@@ -169,10 +241,29 @@ def add_jobs_parser(sub: Any) -> None:
     js = j.add_subparsers(dest="jobs_cmd", required=True)
 
     s = js.add_parser("submit", help=cmd_submit.__doc__, parents=[common])
-    src = s.add_mutually_exclusive_group(required=True)
-    src.add_argument("--teacher", help="teacher SAE folder (cfg.json + sae_weights.safetensors) to upload")
-    src.add_argument("--sae-id", help="id of an SAE uploaded earlier")
+    s.add_argument(
+        "--teacher",
+        default=None,
+        help="teacher SAE folder to upload: SAELens (cfg.json + sae_weights.safetensors), sparsify (cfg.json + "
+        "sae.safetensors), Gemma Scope (params.npz) or dictionary_learning (ae.pt + config.json)",
+    )
+    s.add_argument(
+        "--format",
+        default=None,
+        choices=["saelens", "sparsify", "gemma_scope", "dictionary_learning"],
+        help="the teacher folder's format (default: detected from its files)",
+    )
+    s.add_argument("--sae-id", default=None, help="id of an SAE uploaded earlier")
+    s.add_argument("--hub-repo", default=None, help="teacher on the hub: repo id 'org/name'")
+    s.add_argument("--hub-subfolder", default=None, help="folder of the SAE inside --hub-repo")
+    s.add_argument("--hub-revision", default=None, help="branch, tag or commit of --hub-repo")
+    s.add_argument("--hub-release", default=None, help="teacher on the hub: SAELens release name")
+    s.add_argument("--hub-sae-id", default=None, help="SAE id within --hub-release")
     s.add_argument("--name", default=None, help="label of the uploaded teacher")
+    s.add_argument(
+        "--metadata", action="append", default=None, metavar="KEY=VALUE", help="a label of the job (repeatable)"
+    )
+    s.add_argument("--json", action="store_true", help="with --wait: print the final job as JSON")
     s.add_argument("--model", default="smollm2-135m")
     s.add_argument("--layer", type=int, required=True)
     s.add_argument("--settings", default=None, help="JSON object of job settings (see POST /jobs)")
@@ -192,6 +283,8 @@ def add_jobs_parser(sub: Any) -> None:
     for name, func in (("status", cmd_status), ("wait", cmd_wait), ("cancel", cmd_cancel)):
         p = js.add_parser(name, help=func.__doc__, parents=[common])
         p.add_argument("job_id")
+        if name == "status":
+            p.add_argument("--json", action="store_true", help="print the job object as JSON")
         if name == "wait":
             p.add_argument("--quiet", action="store_true", help="no progress bar")
             p.add_argument("--timeout", type=float, default=None, help="seconds to wait at most")
@@ -201,9 +294,11 @@ def add_jobs_parser(sub: Any) -> None:
     d.add_argument("--out", required=True, help="destination folder")
     d.set_defaults(func=cmd_download)
     ls = js.add_parser("list", help=cmd_list.__doc__, parents=[common])
+    ls.add_argument("--status", default=None, choices=sorted(JOB_STATUSES))
     ls.add_argument(
-        "--status", default=None, choices=sorted(TERMINAL | {"queued", "running", "publishing", "cancelling"})
+        "--metadata", action="append", default=None, metavar="KEY=VALUE", help="only jobs with this label (repeatable)"
     )
+    ls.add_argument("--json", action="store_true", help="print a JSON array of the jobs")
     ls.set_defaults(func=cmd_list)
     for parser in (s, d, ls, *(js.choices[n] for n in ("status", "wait", "cancel"))):
         cmd = parser.get_default("func")

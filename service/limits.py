@@ -1,6 +1,6 @@
 """Request body size limit as a pure ASGI middleware.
 
-Every request body is capped: ``POST /saes`` (teacher uploads, streamed to disk by :mod:`service.uploads`,
+Every request body is capped: ``POST /v1/saes`` (teacher uploads, streamed to disk by :mod:`service.uploads`,
 which enforces its own per-field limits) at ``max_upload_bytes``, everything else at ``max_body_bytes``. A
 declared ``Content-Length`` over the cap is refused before any byte is read; a chunked body is counted as it
 streams and refused as soon as it crosses the cap. Both answer 413 problem+json naming ``body``.
@@ -35,10 +35,12 @@ class BodyLimitMiddleware:
         max_body_bytes: cap for every route but the upload route.
         max_upload_bytes: cap for ``POST`` on ``upload_path`` (checked here against ``Content-Length``
             only; the streamed count is :func:`service.uploads.receive_multipart`'s, naming the part).
-        upload_path: path of the upload route (default ``/saes``).
+        upload_path: path of the upload route (default ``/v1/saes``).
     """
 
-    def __init__(self, app: ASGIApp, *, max_body_bytes: int, max_upload_bytes: int, upload_path: str = "/saes") -> None:
+    def __init__(
+        self, app: ASGIApp, *, max_body_bytes: int, max_upload_bytes: int, upload_path: str = "/v1/saes"
+    ) -> None:
         self.app, self.max_body, self.max_upload, self.upload_path = app, max_body_bytes, max_upload_bytes, upload_path
 
     def _is_upload(self, scope: Scope) -> bool:

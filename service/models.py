@@ -28,18 +28,14 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
-JOB_STATUSES: tuple[str, ...] = (
-    "queued",
-    "running",
-    "publishing",
-    "succeeded",
-    "failed",
-    "cancelling",
-    "cancelled",
-)
+from rsae_client.models import JOB_STATUSES as _API_JOB_STATUSES
+from rsae_client.models import TERMINAL_STATUSES as _API_TERMINAL_STATUSES
+
+# The statuses are the API's (shared with the thin client, so both list the same values).
+JOB_STATUSES: tuple[str, ...] = _API_JOB_STATUSES
 """Every value of ``jobs.status``. ``publishing``: the pipeline finished and the lease holder committed to
 publishing its staged artifacts (``jobs.publish_dir``); only ``succeeded`` follows (see ``worker.tasks``)."""
-TERMINAL_STATUSES: frozenset[str] = frozenset({"succeeded", "failed", "cancelled"})
+TERMINAL_STATUSES: frozenset[str] = _API_TERMINAL_STATUSES
 """Statuses a job never leaves."""
 EVENT_TYPES: tuple[str, ...] = ("status", "progress", "metrics", "log")
 """Every value of ``job_events.type``."""
@@ -178,6 +174,10 @@ class Job(Base):
     stage: Mapped[str | None] = mapped_column(String(32))
     progress: Mapped[float] = mapped_column(Float, default=0.0)
     request: Mapped[dict[str, Any]] = mapped_column(JSONType)
+    # ``metadata`` is a reserved attribute of declarative classes: the column keeps the API's name.
+    job_metadata: Mapped[dict[str, str] | None] = mapped_column(
+        "metadata", JSONType, doc="The job's string labels (API field 'metadata'; list filter ?metadata[k]=v)."
+    )
     metrics: Mapped[dict[str, Any] | None] = mapped_column(JSONType)
     error: Mapped[dict[str, Any] | None] = mapped_column(JSONType)
     attempt: Mapped[int] = mapped_column(Integer, default=0)

@@ -5,7 +5,9 @@
   :func:`check_job_request` (server-side paths, webhook host, teacher, layer and width, the core's
   configuration rules, job bounds; 422 naming the field);
 - publishing: :func:`publish_job` (enqueue after commit; a broker failure marks the job failed, 503);
-- pagination: :func:`encode_cursor` / :func:`decode_cursor` (opaque keyset cursors of ``GET /jobs``).
+- pagination: :func:`encode_cursor` / :func:`decode_cursor` (opaque keyset cursors of ``GET /v1/jobs`` and
+  ``GET /v1/saes``); list filters: :func:`metadata_filters` (``?metadata[key]=value``);
+- checkpoints: :func:`job_checkpoints` (``GET /v1/jobs/{id}/checkpoints``).
 
 Idempotent submission (``Idempotency-Key``) is :mod:`service.idempotency`.
 
@@ -19,7 +21,10 @@ import base64
 import binascii
 import json
 import logging
+import re
+from collections.abc import Iterable
 from datetime import datetime
+from typing import Any
 
 from celery import Celery
 from pydantic import ValidationError
@@ -32,10 +37,18 @@ from . import bounds
 from .config import Settings
 from .db import lock_for_write
 from .jobs import build_upgrade_config, resolve_teacher, transition, upgrade_config_errors
-from .models import TERMINAL_STATUSES, Job, Sae, User, is_uuid
+from .models import TERMINAL_STATUSES, Job, JobEvent, Sae, User, is_uuid
 from .problems import NotFound, ProblemError, validation_error
 from .queue import enqueue_upgrade
-from .schemas import JobCreate
+from .schemas import (
+    API_PREFIX,
+    METADATA_KEY_MAX_CHARS,
+    METADATA_KEY_PATTERN,
+    METADATA_MAX_KEYS,
+    METADATA_VALUE_MAX_CHARS,
+    Checkpoint,
+    JobCreate,
+)
 from .webhooks import Policy, WebhookRefused, check_url
 
 log = logging.getLogger(__name__)
@@ -215,14 +228,15 @@ def publish_job(session: Session, celery: Celery, settings: Settings, job_id: st
             "the job was recorded but could not be queued (broker "
             "unreachable); it is marked failed, submit it again later",
             job_id=job_id,
-            headers={"Location": f"/jobs/{job_id}", "Retry-After": "30"},
+            headers={"Location": f"{API_PREFIX}/jobs/{job_id}", "Retry-After": "30"},
         ) from None
 
 
 # -- pagination ------------------------------------------------------------------------------------
-def encode_cursor(job: Job) -> str:
-    """The opaque ``next_cursor`` after ``job``: its (created_at, id) as unpadded URL-safe base64 JSON."""
-    raw = json.dumps([job.created_at.isoformat(), job.id]).encode()
+def encode_cursor(created_at: datetime, row_id: str) -> str:
+    """The opaque ``next_cursor`` after the row (a job or an SAE) created at ``created_at`` with id ``row_id``:
+    the pair as unpadded URL-safe base64 JSON."""
+    raw = json.dumps([created_at.isoformat(), row_id]).encode()
     return base64.urlsafe_b64encode(raw).decode().rstrip("=")
 
 
@@ -242,3 +256,99 @@ def decode_cursor(cursor: str) -> tuple[datetime, str]:
         raise ProblemError(
             422, "invalid_cursor", "'after' is not a cursor returned by this API", field="after"
         ) from None
+
+
+_METADATA_PARAM = re.compile(r"metadata\[(.*)\]", re.DOTALL)
+
+
+def metadata_filters(query: Iterable[tuple[str, str]]) -> dict[str, str]:
+    """The ``?metadata[key]=value`` filters among the query parameters ``query``, as ``{key: value}``.
+
+    Raises:
+        ProblemError: 422 naming ``metadata[key]`` for a key that could not be set on a job (empty, over
+            ``METADATA_KEY_MAX_CHARS`` characters or outside ``[A-Za-z0-9_.:-]``), a value over
+            ``METADATA_VALUE_MAX_CHARS``, the same key twice, or more than ``METADATA_MAX_KEYS`` filters.
+    """
+    out: dict[str, str] = {}
+    for name, value in query:
+        if not name.startswith("metadata"):
+            continue
+        m = _METADATA_PARAM.fullmatch(name)
+        field = name[:MAX_FILTER_FIELD_CHARS]
+        if m is None:
+            raise ProblemError(422, "validation_error", "filter by metadata as metadata[key]=value", field=field)
+        key = m.group(1)
+        if not (0 < len(key) <= METADATA_KEY_MAX_CHARS and re.fullmatch(METADATA_KEY_PATTERN, key)):
+            raise ProblemError(
+                422,
+                "validation_error",
+                f"a metadata key has 1-{METADATA_KEY_MAX_CHARS} characters among A-Z a-z 0-9 _ . : -",
+                field=field,
+            )
+        if len(value) > METADATA_VALUE_MAX_CHARS:
+            raise ProblemError(
+                422,
+                "validation_error",
+                f"a metadata value has at most {METADATA_VALUE_MAX_CHARS} characters",
+                field=field,
+            )
+        if key in out:
+            raise ProblemError(422, "validation_error", f"metadata[{key}] given twice", field=field)
+        out[key] = value
+    if len(out) > METADATA_MAX_KEYS:
+        raise ProblemError(422, "validation_error", f"at most {METADATA_MAX_KEYS} metadata filters", field="metadata")
+    return out
+
+
+MAX_FILTER_FIELD_CHARS = 60
+"""Longest query parameter name echoed as a problem's ``field``."""
+
+CHECKPOINT_EVENT_KEY = "checkpoint"
+"""Key of the ``log`` event the worker writes for every saved checkpoint (``worker.tasks.JobReporter``)."""
+
+
+def job_checkpoints(session: Session, job: Job) -> list[Checkpoint]:
+    """The checkpoints the worker saved for ``job``, oldest first, each with its metrics.
+
+    Source: the ``log`` events carrying ``checkpoint`` (``{name, stage, step, at}``, one per checkpoint saved,
+    written by the worker with ``jobs.checkpoint``); a job run before those events existed shows only
+    ``jobs.checkpoint``, its last one. ``metrics`` is the ``metrics`` event of the same stage (and, in
+    fine-tuning, the same run: ``finetune-rsae`` -> ``run: rsae``) at the checkpoint's step, else the last one
+    recorded before the checkpoint; its ``stage`` and ``run`` keys are dropped (they are the checkpoint's).
+    """
+    rows = session.scalars(
+        select(JobEvent).where(JobEvent.job_id == job.id, JobEvent.type.in_(("log", "metrics"))).order_by(JobEvent.id)
+    )
+    seen: list[dict[str, Any]] = []
+    out: list[Checkpoint] = []
+    for e in rows:
+        if e.type == "metrics":
+            seen.append(e.data)
+            continue
+        info = e.data.get(CHECKPOINT_EVENT_KEY)
+        if isinstance(info, dict):
+            out.append(_checkpoint(info, e.created_at, seen))
+    if not out and job.checkpoint:
+        at = job.checkpoint.get("at")
+        when = datetime.fromisoformat(at) if isinstance(at, str) else job.updated_at
+        out.append(_checkpoint(job.checkpoint, when, seen))
+    return out
+
+
+def _checkpoint(info: dict[str, Any], when: datetime, seen: list[dict[str, Any]]) -> Checkpoint:
+    name, stage, step = info.get("name"), info.get("stage"), info.get("step")
+    run = name.split("-", 1)[1] if isinstance(name, str) and name.startswith("finetune-") else None
+    candidates = [m for m in seen if m.get("stage") == stage and (run is None or m.get("run") in (None, run))]
+    if step is not None:
+        at_or_before = [m for m in candidates if isinstance(m.get("step"), int) and m["step"] <= step]
+        exact = [m for m in at_or_before if m["step"] == step]
+        candidates = exact or at_or_before
+    metrics = candidates[-1] if candidates else None
+    return Checkpoint(
+        name=name,
+        stage=stage,
+        step=step,
+        attempt=info.get("attempt"),
+        created_at=when,
+        metrics={k: v for k, v in metrics.items() if k not in ("stage", "run")} if metrics else None,
+    )

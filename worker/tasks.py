@@ -158,17 +158,29 @@ class JobReporter:
         self._stage, self._last_write = stage, now
 
     def on_checkpoint(self, kind: str, info: dict[str, Any]) -> None:
-        """Record a saved checkpoint on ``jobs.checkpoint``, a resume on ``jobs.resumed_from`` plus a log
+        """Record a saved checkpoint on ``jobs.checkpoint`` and as a ``log`` event carrying ``checkpoint`` (the
+        history of ``GET /v1/jobs/{id}/checkpoints``), a resume on ``jobs.resumed_from`` plus a log
         event ("resumed from stage finetune (finetune-rsae) at step N; reused: extract")."""
         info = json_safe({**info, "at": utcnow().isoformat()})
 
         def tx() -> None:
             with self.make_session.begin() as s:
                 if kind == "saved":
-                    s.execute(
+                    res = s.execute(
                         update(Job).where(Job.id == self.job_id, *self._mine()).values(checkpoint=info),
                         execution_options={"synchronize_session": False},
                     )
+                    if res.rowcount == 1:  # the history behind GET /v1/jobs/{id}/checkpoints
+                        step = "" if info.get("step") is None else f" at step {info['step']}"
+                        add_event(
+                            s,
+                            self.job_id,
+                            "log",
+                            {
+                                "message": f"checkpoint {info.get('name')} saved (stage {info.get('stage')}{step})",
+                                "checkpoint": {**info, "attempt": self.attempt},
+                            },
+                        )
                     return
                 resumed = {**info, "attempt": self.attempt}
                 s.execute(

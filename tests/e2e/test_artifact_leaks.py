@@ -39,17 +39,17 @@ def test_artifacts_and_events_of_an_upgraded_job_name_no_server_folder(
     import worker.tasks
 
     sae = upload_sae(client, make_teacher(d_sae=128), name="tiny teacher")
-    job_id = client.post("/jobs", json=job_body(sae["id"], **TINY)).json()["id"]
+    job_id = client.post("/v1/jobs", json=job_body(sae["id"], **TINY)).json()["id"]
     assert worker.tasks.run_job(job_id, settings) == "succeeded"
 
-    job = client.get(f"/jobs/{job_id}").json()
+    job = client.get(f"/v1/jobs/{job_id}").json()
     files = {a["name"]: client.get(a["url"]).text for a in job["artifacts"]}
     assert set(files) == {"cfg.json", "report.json", "report.html", "sae_weights.safetensors"}
     texts = {
         "cfg.json": files["cfg.json"],
         "report.json": files["report.json"],
         "report.html": re.sub(r"data:[^\"')\s]*", "", files["report.html"]),  # not embedded images' base64
-        "events": client.get(f"/jobs/{job_id}/events").text,
+        "events": client.get(f"/v1/jobs/{job_id}/events").text,
         "job": json.dumps(job),
     }
     leaks = [str(settings.data_dir), tempfile.gettempdir(), str(Path.home()), f":{os.getpid()}:"]

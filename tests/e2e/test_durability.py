@@ -354,12 +354,12 @@ def test_cancel_while_the_lease_is_expired_ends_cancelled(
         started_at=past,
     )
     queued = insert_job(make_session, teacher, owner_id=alice)
-    assert client.post(f"/jobs/{dead}/cancel").json()["status"] == "cancelling"
-    assert client.post(f"/jobs/{queued}/cancel").json()["status"] == "cancelled"
+    assert client.post(f"/v1/jobs/{dead}/cancel").json()["status"] == "cancelling"
+    assert client.post(f"/v1/jobs/{queued}/cancel").json()["status"] == "cancelled"
     r = reap_once(settings, make_session, lambda job_id: pytest.fail(f"{job_id} must not be published"))
     assert r.cancelled == [dead] and not r.requeued
     for job_id in (dead, queued):
-        again = client.post(f"/jobs/{job_id}/cancel")
+        again = client.post(f"/v1/jobs/{job_id}/cancel")
         assert again.status_code == 200 and again.json()["status"] == "cancelled"
     assert statuses(make_session, dead)[-2:] == ["cancelling", "cancelled"]
 
@@ -637,9 +637,9 @@ def test_api_restart_keeps_state(dsettings: Settings, make_session, teacher, api
         Stack(dsettings, port=0, log_dir=tmp_path / "stack", ready_timeout=120) as stack,
         httpx.Client(base_url=stack.base_url, headers=bearer(api_token), timeout=30) as http,
     ):
-        before = {j: http.get(f"/jobs/{j}").json() for j in ids}
+        before = {j: http.get(f"/v1/jobs/{j}").json() for j in ids}
         assert [before[j]["status"] for j in ids] == ["queued", "cancelled", "failed"], before
-        listing = http.get("/jobs").json()
+        listing = http.get("/v1/jobs").json()
         api = next(c for c in stack.children if c.name == "api")
         api.stop()
         with pytest.raises(httpx.TransportError):
@@ -662,5 +662,5 @@ def test_api_restart_keeps_state(dsettings: Settings, make_session, teacher, api
         )
         stack.children[stack.children.index(api)] = restarted
         wait_until(lambda: http.get("/readyz").status_code == 200, 60, "restarted API", alive=restarted.check)
-        assert {j: http.get(f"/jobs/{j}").json() for j in ids} == before
-        assert http.get("/jobs").json() == listing
+        assert {j: http.get(f"/v1/jobs/{j}").json() for j in ids} == before
+        assert http.get("/v1/jobs").json() == listing

@@ -26,7 +26,7 @@ import torch
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from service.client import download_artifacts, submit_job, upload_sae, wait_for_job
+from service.client import download_artifacts, get_job, submit_job, upload_sae, wait_for_job
 from service.config import Settings
 from service.embedded import Stack, wait_until
 from service.models import Job, User, utcnow
@@ -122,24 +122,24 @@ def test_worker_records_failure_and_ignores_duplicate_messages(stack: Stack, htt
         enqueue_upgrade(celery, job.id)
         done = wait_for_job(http, job.id, timeout=120, interval=0.5)
         assert done["status"] == "failed" and done["attempt"] == 1
-        assert done["error"] == {
+        assert done.error.model_dump() == {
             "code": "invalid_teacher",
             "field": "teacher.sae_id",
-            "detail": done["error"]["detail"],
+            "detail": done.error.detail,
         }
         assert done["started_at"] and done["finished_at"] >= done["started_at"]
-        events = http.get(f"/jobs/{job.id}/events").json()
+        events = http.get(f"/v1/jobs/{job.id}/events").json()["data"]
         assert [e["data"].get("status") for e in events if e["type"] == "status"] == ["running", "failed"]
         enqueue_upgrade(celery, job.id)  # duplicate delivery
         worker = next(c for c in stack.children if c.name == "worker")
         wait_until(lambda: f"job {job.id} is not queued" in worker.tail(200), 60, "duplicate skipped")
-        again = http.get(f"/jobs/{job.id}").json()
-        assert (again["status"], again["attempt"], again["updated_at"]) == ("failed", 1, done["updated_at"])
+        again = get_job(http, job.id)
+        assert (again.status, again.attempt, again.updated_at) == ("failed", 1, done.updated_at)
         wait_until(lambda: hook.received, 30, "webhook delivered")
         (headers, body), *more = hook.received
         assert not more and verify(WEBHOOK_SECRET, headers, body)
         assert json.loads(body)["job"]["error"]["code"] == "invalid_teacher"
-        logs = [e["data"] for e in http.get(f"/jobs/{job.id}/events").json() if e["type"] == "log"]
+        logs = [e["data"] for e in http.get(f"/v1/jobs/{job.id}/events").json()["data"] if e["type"] == "log"]
         assert [d["webhook"] for d in logs if "webhook" in d] == ["delivered"]
     finally:
         celery.close()
@@ -189,17 +189,17 @@ def test_cancel_a_running_job(stack: Stack, http: httpx.Client, teacher_dir: Pat
     """A running job stops at the worker's next cancellation check and ends cancelled, without artifacts."""
     job = _submit_small_job(http, teacher_dir)
     deadline = time.monotonic() + 120
-    while (j := http.get(f"/jobs/{job['id']}").json())["status"] != "running" or j["stage"] is None:
+    while (j := http.get(f"/v1/jobs/{job['id']}").json())["status"] != "running" or j["stage"] is None:
         assert j["status"] in ("queued", "running") and time.monotonic() < deadline, j
         time.sleep(0.2)
-    assert http.post(f"/jobs/{job['id']}/cancel").json()["status"] in ("cancelling", "cancelled")
+    assert http.post(f"/v1/jobs/{job['id']}/cancel").json()["status"] in ("cancelling", "cancelled")
     done = wait_for_job(http, job["id"], timeout=JOB_TIMEOUT, interval=0.5)
     assert done["status"] == "cancelled" and done["artifacts"] == [] and done["error"] is None
     assert not (stack.settings.work_dir / job["id"]).exists()
     assert not (stack.settings.artifacts_dir / job["id"]).exists()
     statuses = [
         e["data"]["status"]
-        for e in http.get(f"/jobs/{job['id']}/events", params={"limit": 100}).json()
+        for e in http.get(f"/v1/jobs/{job['id']}/events", params={"limit": 100}).json()["data"]
         if e["type"] == "status"
     ]
     assert statuses == ["queued", "running", "cancelling", "cancelled"]
@@ -221,10 +221,10 @@ def test_full_upgrade_over_http(stack: Stack, http: httpx.Client, teacher_dir: P
     assert len({p for _, p in seen}) >= 3, seen  # and so did the progress
     assert not (stack.settings.work_dir / job["id"]).exists()  # scratch deleted
 
-    events = http.get(f"/jobs/{job['id']}/events", params={"limit": 100}).json()
+    events = http.get(f"/v1/jobs/{job['id']}/events", params={"limit": 100}).json()["data"]
     assert {"status", "progress", "metrics"} <= {e["type"] for e in events}, events
 
-    listing = http.get(f"/jobs/{job['id']}/artifacts").json()
+    listing = http.get(f"/v1/jobs/{job['id']}/artifacts").json()["data"]
     assert {"sae_weights.safetensors", "cfg.json", "report.json", "report.html"} <= {a["name"] for a in listing}, (
         listing
     )
@@ -380,7 +380,7 @@ def test_cli_and_server_sent_events(
 
     # The stream delivered every event once, in order, from 'queued' to 'succeeded', then closed.
     # (After the terminal status only 'log' events can follow: the webhook's delivery record.)
-    listed = http.get(f"/jobs/{job_id}/events", params={"limit": 100}).json()
+    listed = http.get(f"/v1/jobs/{job_id}/events", params={"limit": 100}).json()["data"]
     end = next(i for i, e in enumerate(listed) if e["data"].get("status") == "succeeded")
     assert [e["id"] for e in streamed][: end + 1] == [e["id"] for e in listed][: end + 1]
     assert all(e["type"] == "log" for e in streamed[end + 1 :] + listed[end + 1 :])
@@ -390,13 +390,15 @@ def test_cli_and_server_sent_events(
     # Resumption: Last-Event-ID = a middle event -> exactly the later ones.
     middle = listed[len(listed) // 2]["id"]
     with http.stream(
-        "GET", f"/jobs/{job_id}/events", headers={"Accept": "text/event-stream", "Last-Event-ID": str(middle)}
+        "GET", f"/v1/jobs/{job_id}/events", headers={"Accept": "text/event-stream", "Last-Event-ID": str(middle)}
     ) as r:
         assert r.headers["content-type"].startswith("text/event-stream")
         ids = [int(line[3:].strip()) for line in r.iter_lines() if line.startswith("id:")]
     assert ids == [e["id"] for e in listed if e["id"] > middle]
 
-    status = subprocess.run([*rsae_cli, "status", job_id], env=env, capture_output=True, text=True, timeout=60)
+    status = subprocess.run(
+        [*rsae_cli, "status", job_id, "--json"], env=env, capture_output=True, text=True, timeout=60
+    )
     assert json.loads(status.stdout)["status"] == "succeeded"
     down = subprocess.run(
         [*rsae_cli, "download", job_id, "--out", str(tmp_path / "out")],

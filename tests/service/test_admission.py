@@ -63,7 +63,7 @@ def post_in_parallel(base: str, token: str, body: dict[str, Any], n: int, header
 
         def one(_: int) -> httpx.Response:
             start.wait()
-            return http.post("/jobs", json=body, headers=headers)
+            return http.post("/v1/jobs", json=body, headers=headers)
 
         with ThreadPoolExecutor(n) as pool:
             return list(pool.map(one, range(n)))
@@ -117,13 +117,13 @@ def test_a_locked_sqlite_database_is_503_with_retry_after(
         other = sqlite3.connect(db_file, isolation_level=None)
         other.execute("BEGIN IMMEDIATE")  # another writer holds the lock
         try:
-            r = http.post("/jobs", json=job_body(sae_id), headers={"Idempotency-Key": "k1"})
+            r = http.post("/v1/jobs", json=job_body(sae_id), headers={"Idempotency-Key": "k1"})
         finally:
             other.execute("ROLLBACK")
             other.close()
         body = assert_problem(r, 503, code="database_unavailable")
         assert int(r.headers["retry-after"]) > 0 and "locked" not in body["detail"]
-        again = http.post("/jobs", json=job_body(sae_id), headers={"Idempotency-Key": "k1"})
+        again = http.post("/v1/jobs", json=job_body(sae_id), headers={"Idempotency-Key": "k1"})
     assert again.status_code == 202, again.text
     assert [j.status for j in jobs_of(s)] == ["queued"]
 
@@ -138,7 +138,7 @@ def test_parallel_uses_of_one_key_create_one_job(backend: Settings, make_teacher
             sae_id = upload_sae(http, make_teacher())["id"]
         answers = post_in_parallel(base, token, job_body(sae_id), 20, headers={"Idempotency-Key": "same"})
         with httpx.Client(base_url=base, headers=bearer(token), timeout=60) as http:
-            later = http.post("/jobs", json=job_body(sae_id), headers={"Idempotency-Key": "same"})
+            later = http.post("/v1/jobs", json=job_body(sae_id), headers={"Idempotency-Key": "same"})
     codes = Counter(r.status_code for r in answers)
     assert set(codes) <= {202, 409} and codes[202] >= 1, codes
     created = [r for r in answers if r.status_code == 202]
@@ -163,14 +163,14 @@ def test_a_refused_request_does_not_bind_its_key(
     with TestClient(create_app(s), headers=bearer(make_token(s.database_url))) as c:
         sae_id = upload_sae(c, make_teacher())["id"]
         key = {"Idempotency-Key": "k-1"}
-        assert_problem(c.post("/jobs", json={**job_body(sae_id), "layer": 99}, headers=key), 422, field="layer")
-        first = c.post("/jobs", json=job_body(sae_id), headers=key)
+        assert_problem(c.post("/v1/jobs", json={**job_body(sae_id), "layer": 99}, headers=key), 422, field="layer")
+        first = c.post("/v1/jobs", json=job_body(sae_id), headers=key)
         assert first.status_code == 202 and "idempotent-replayed" not in first.headers
         # Quota full: a 429 with key k-2 does not bind k-2 either.
         key2 = {"Idempotency-Key": "k-2"}
-        assert_problem(c.post("/jobs", json=job_body(sae_id, seed=1), headers=key2), 429, code="too_many_jobs")
-        assert c.post(f"/jobs/{first.json()['id']}/cancel").json()["status"] == "cancelled"
-        second = c.post("/jobs", json=job_body(sae_id, seed=2), headers=key2)  # another body: the key is free
+        assert_problem(c.post("/v1/jobs", json=job_body(sae_id, seed=1), headers=key2), 429, code="too_many_jobs")
+        assert c.post(f"/v1/jobs/{first.json()['id']}/cancel").json()["status"] == "cancelled"
+        second = c.post("/v1/jobs", json=job_body(sae_id, seed=2), headers=key2)  # another body: the key is free
         assert second.status_code == 202 and "idempotent-replayed" not in second.headers
     assert db.scalar(select(func.count()).select_from(Job)) == 2
     assert set(db.scalars(select(IdempotencyKey.key))) == {"k-1", "k-2"}
@@ -186,16 +186,16 @@ def test_a_failed_enqueue_frees_the_key(
     down = settings.model_copy(update={"broker_url": "redis://127.0.0.1:1/0", "enqueue_retries": 0})
     with TestClient(create_app(down), headers=bearer(token)) as c:
         sae_id = upload_sae(c, make_teacher())["id"]  # the limiter's Redis is down too: it fails open
-        failed = assert_problem(c.post("/jobs", json=job_body(sae_id), headers=key), 503, code="enqueue_failed")
+        failed = assert_problem(c.post("/v1/jobs", json=job_body(sae_id), headers=key), 503, code="enqueue_failed")
     assert db.scalar(select(func.count()).select_from(IdempotencyKey)) == 0
     with TestClient(create_app(settings), headers=bearer(token)) as c:
-        created = c.post("/jobs", json=job_body(sae_id), headers=key)
+        created = c.post("/v1/jobs", json=job_body(sae_id), headers=key)
         assert created.status_code == 202 and created.json()["id"] != failed["job_id"]
         assert created.json()["status"] == "queued"
-        replayed = c.post("/jobs", json=job_body(sae_id), headers=key)
+        replayed = c.post("/v1/jobs", json=job_body(sae_id), headers=key)
         assert replayed.status_code == 202 and replayed.content == created.content
         assert replayed.headers["idempotent-replayed"] == "true"
-        assert c.get(f"/jobs/{failed['job_id']}").json()["error"]["code"] == "enqueue_failed"
+        assert c.get(f"/v1/jobs/{failed['job_id']}").json()["error"]["code"] == "enqueue_failed"
     assert queued_messages(broker) == [("rsae.upgrade", [created.json()["id"]])]
 
 
@@ -223,18 +223,18 @@ def test_key_in_flight_is_409_and_a_dead_holder_is_taken_over(client: TestClient
     died): before creating a job, the next request takes it over; after creating one, that job is replayed."""
     body = job_body(sae_id)
     _hold_key(settings.database_url, "busy", body, age=timedelta(seconds=1))
-    r = client.post("/jobs", json=body, headers={"Idempotency-Key": "busy"})
+    r = client.post("/v1/jobs", json=body, headers={"Idempotency-Key": "busy"})
     assert_problem(r, 409, code="idempotency_key_in_use", field="Idempotency-Key")
     assert r.headers["retry-after"] == "1"
     stale = IN_FLIGHT_TIMEOUT + timedelta(seconds=5)
     _hold_key(settings.database_url, "died-early", body, age=stale)
-    r = client.post("/jobs", json=body, headers={"Idempotency-Key": "died-early"})
+    r = client.post("/v1/jobs", json=body, headers={"Idempotency-Key": "died-early"})
     assert r.status_code == 202 and "idempotent-replayed" not in r.headers
     job_id = r.json()["id"]
     _hold_key(settings.database_url, "died-late", body, age=stale, job_id=job_id)
-    r = client.post("/jobs", json=body, headers={"Idempotency-Key": "died-late"})
+    r = client.post("/v1/jobs", json=body, headers={"Idempotency-Key": "died-late"})
     assert r.status_code == 202 and r.json()["id"] == job_id and r.headers["idempotent-replayed"] == "true"
-    assert len(client.get("/jobs").json()["items"]) == 1
+    assert len(client.get("/v1/jobs").json()["data"]) == 1
 
 
 def test_keys_expire_and_are_pruned(backend: Settings, make_teacher: Callable[..., Path]) -> None:
@@ -245,24 +245,26 @@ def test_keys_expire_and_are_pruned(backend: Settings, make_teacher: Callable[..
     with TestClient(create_app(s), headers=bearer(make_token(s.database_url))) as c:
         sae_id = upload_sae(c, make_teacher())["id"]
         key = {"Idempotency-Key": "weekly"}
-        first = c.post("/jobs", json=job_body(sae_id), headers=key)
+        first = c.post("/v1/jobs", json=job_body(sae_id), headers=key)
         assert first.status_code == 202
         with make() as db:
             row = db.scalar(select(IdempotencyKey))
             assert row.state == "done" and row.response_status == 202 and row.job_id == first.json()["id"]
             assert row.expires_at - row.created_at == timedelta(hours=1)
-        assert_problem(c.post("/jobs", json=job_body(sae_id, seed=3), headers=key), 422, code="idempotency_key_reused")
+        assert_problem(
+            c.post("/v1/jobs", json=job_body(sae_id, seed=3), headers=key), 422, code="idempotency_key_reused"
+        )
         with make.begin() as db:
             db.execute(update(IdempotencyKey).values(expires_at=utcnow() - timedelta(seconds=1)))
-        again = c.post("/jobs", json=job_body(sae_id, seed=3), headers=key)
+        again = c.post("/v1/jobs", json=job_body(sae_id, seed=3), headers=key)
         assert again.status_code == 202 and again.json()["id"] != first.json()["id"]
         assert "idempotent-replayed" not in again.headers
-        c.post("/jobs", json=job_body(sae_id), headers={"Idempotency-Key": "other"})
+        c.post("/v1/jobs", json=job_body(sae_id), headers={"Idempotency-Key": "other"})
     with make.begin() as db:
         db.execute(update(IdempotencyKey).values(expires_at=utcnow() - timedelta(seconds=1)))
     assert prune_expired(make) == 2 and prune_expired(make) == 0
     c2 = TestClient(create_app(s), headers=bearer(make_token(s.database_url)))
-    assert c2.post("/jobs", json=job_body(sae_id), headers={"Idempotency-Key": "third"}).status_code == 202
+    assert c2.post("/v1/jobs", json=job_body(sae_id), headers={"Idempotency-Key": "third"}).status_code == 202
     with make.begin() as db:
         db.execute(update(IdempotencyKey).values(expires_at=utcnow() - timedelta(seconds=1)))
     assert reap_once(s, make, lambda job_id: None).pruned_keys == 1
@@ -288,7 +290,7 @@ def test_300_bad_tokens_from_one_address_are_429_and_others_still_work(
     app = create_app(app_settings)
     attacker = TestClient(app, client=("203.0.113.7", 40000))
     t0 = time.monotonic()
-    answers = [attacker.get("/jobs", headers=bearer(bad_token())) for _ in range(300)]
+    answers = [attacker.get("/v1/jobs", headers=bearer(bad_token())) for _ in range(300)]
     took = time.monotonic() - t0
     assert Counter(r.status_code for r in answers) == {401: 30, 429: 270}
     assert [r.status_code for r in answers[:30]] == [401] * 30  # the first 30 failures are answered as such
@@ -297,11 +299,11 @@ def test_300_bad_tokens_from_one_address_are_429_and_others_still_work(
         assert 1 <= int(r.headers["retry-after"]) <= 60
     good = make_token(database_url, "alice")
     # A valid token from another address works; from the blocked address it waits like everything else.
-    assert TestClient(app, client=("198.51.100.20", 40000)).get("/jobs", headers=bearer(good)).status_code == 200
-    assert_problem(attacker.get("/jobs", headers=bearer(good)), 429, code="rate_limited")
+    assert TestClient(app, client=("198.51.100.20", 40000)).get("/v1/jobs", headers=bearer(good)).status_code == 200
+    assert_problem(attacker.get("/v1/jobs", headers=bearer(good)), 429, code="rate_limited")
     # The counters are in Redis: another API process (another app) refuses the address as well.
     other_process = TestClient(create_app(app_settings), client=("203.0.113.7", 40001))
-    assert_problem(other_process.get("/jobs", headers=bearer(good)), 429, code="rate_limited")
+    assert_problem(other_process.get("/v1/jobs", headers=bearer(good)), 429, code="rate_limited")
     print(f"300 bad tokens in {took:.2f} s: 30 x 401, 270 x 429")
 
 
@@ -309,13 +311,13 @@ def test_one_bad_token_from_many_addresses_is_429(app_settings: Settings, databa
     app = create_app(app_settings)
     token = bad_token()
     codes = [
-        TestClient(app, client=(f"10.1.{i // 250}.{i % 250}", 1)).get("/jobs", headers=bearer(token)).status_code
+        TestClient(app, client=(f"10.1.{i // 250}.{i % 250}", 1)).get("/v1/jobs", headers=bearer(token)).status_code
         for i in range(40)
     ]
     assert codes == [401] * 30 + [429] * 10
     # Another (valid) token from a fresh address is not affected.
     good = make_token(database_url, "alice")
-    assert TestClient(app, client=("10.9.9.9", 1)).get("/jobs", headers=bearer(good)).status_code == 200
+    assert TestClient(app, client=("10.9.9.9", 1)).get("/v1/jobs", headers=bearer(good)).status_code == 200
 
 
 def test_submissions_beyond_the_rate_are_429(
@@ -328,21 +330,21 @@ def test_submissions_beyond_the_rate_are_429(
     app = create_app(s)
     alice = TestClient(app, headers=bearer(make_token(database_url, "alice")), client=("192.0.2.1", 1))
     sae_id = upload_sae(alice, make_teacher())["id"]  # 1
-    assert [alice.post("/jobs", json=job_body(sae_id, seed=i)).status_code for i in range(2)] == [202, 202]  # 2, 3
-    r = alice.post("/jobs", json=job_body(sae_id, seed=9))
+    assert [alice.post("/v1/jobs", json=job_body(sae_id, seed=i)).status_code for i in range(2)] == [202, 202]  # 2, 3
+    r = alice.post("/v1/jobs", json=job_body(sae_id, seed=9))
     body = assert_problem(r, 429, code="rate_limited")
     assert 1 <= int(r.headers["retry-after"]) <= 60 and "token" in body["detail"]
-    r = alice.post("/saes", files={"cfg": ("cfg.json", b"{}")})
+    r = alice.post("/v1/saes", files={"cfg": ("cfg.json", b"{}")})
     assert_problem(r, 429, code="rate_limited")  # refused before the upload is read
-    assert alice.get("/jobs").status_code == 200  # reading is not limited
+    assert alice.get("/v1/jobs").status_code == 200  # reading is not limited
     mallory_token = make_token(database_url, "mallory")
     mallory = TestClient(app, headers=bearer(mallory_token), client=("192.0.2.1", 2))
     mallory_sae = upload_sae(mallory, make_teacher("t2"))["id"]  # the address's 4th (alice's refusals do not count)
-    assert mallory.post("/jobs", json=job_body(mallory_sae)).status_code == 202  # 5th
-    body = assert_problem(mallory.post("/jobs", json=job_body(mallory_sae, seed=1)), 429, code="rate_limited")
+    assert mallory.post("/v1/jobs", json=job_body(mallory_sae)).status_code == 202  # 5th
+    body = assert_problem(mallory.post("/v1/jobs", json=job_body(mallory_sae, seed=1)), 429, code="rate_limited")
     assert "address" in body["detail"]
     elsewhere = TestClient(app, headers=bearer(mallory_token), client=("192.0.2.99", 2))
-    assert elsewhere.post("/jobs", json=job_body(mallory_sae, seed=1)).status_code == 202
+    assert elsewhere.post("/v1/jobs", json=job_body(mallory_sae, seed=1)).status_code == 202
 
 
 def test_rate_limiter_storage_and_settings(settings: Settings) -> None:
@@ -408,7 +410,7 @@ def test_migration_carries_the_keys_of_existing_jobs(tmp_path: Path, broker: red
         assert rows.all() == [("old", "done", 202, None, "j-ok")]
     s = settings.model_copy(update={"database_url": url})
     with TestClient(create_app(s), headers=bearer(make_token(url, "alice"))) as c:
-        r = c.post("/jobs", json=body, headers={"Idempotency-Key": "old"})
+        r = c.post("/v1/jobs", json=body, headers={"Idempotency-Key": "old"})
         assert r.status_code == 202 and r.json()["id"] == "j-ok" and r.headers["idempotent-replayed"] == "true"
     command.downgrade(cfg, "0003")
     with engine.connect() as conn:

@@ -78,7 +78,7 @@ def test_readyz_503_when_broker_is_down(settings: Settings, monkeypatch: pytest.
 
 def test_unknown_route_is_a_problem(client: TestClient) -> None:
     assert_problem(client.get("/nope"), 404, code="not_found")
-    assert_problem(client.delete("/jobs"), 405)
+    assert_problem(client.delete("/v1/jobs"), 405)
 
 
 # -- uploads ---------------------------------------------------------------------------------------
@@ -88,15 +88,15 @@ def test_upload_teacher(client: TestClient, settings: Settings, make_teacher: Ca
     r = post_sae(client, (folder / "cfg.json").read_bytes(), weights, name="tiny")
     assert r.status_code == 201, r.text
     sae = r.json()
-    assert r.headers["location"] == f"/saes/{sae['id']}"
+    assert r.headers["location"] == f"/v1/saes/{sae['id']}"
     assert sae["name"] == "tiny" and sae["family"] == "relu" and sae["architecture"] == "standard"
     assert (sae["d_in"], sae["d_sae"]) == (576, 64)
     assert sae["sha256"] == hashlib.sha256(weights).hexdigest()
     stored = settings.uploads_dir / sae["id"]
     assert (stored / "sae_weights.safetensors").read_bytes() == weights
-    assert client.get(f"/saes/{sae['id']}").json() == sae
-    assert [s["id"] for s in client.get("/saes").json()] == [sae["id"]]
-    assert_problem(client.get("/saes/nope"), 404, field="id", code="sae_not_found")
+    assert client.get(f"/v1/saes/{sae['id']}").json() == sae
+    assert [s["id"] for s in client.get("/v1/saes").json()["data"]] == [sae["id"]]
+    assert_problem(client.get("/v1/saes/nope"), 404, field="id", code="sae_not_found")
     assert [p.name for p in settings.uploads_dir.iterdir()] == [sae["id"]]  # no temp folder left
 
 
@@ -104,20 +104,20 @@ def test_upload_form_errors(client: TestClient, make_teacher: Callable[..., Path
     folder = make_teacher()
     cfg = ("cfg.json", (folder / "cfg.json").read_bytes(), "application/json")
     weights = ("w.safetensors", (folder / "sae_weights.safetensors").read_bytes(), "application/octet-stream")
-    assert_problem(client.post("/saes", files={"cfg": cfg}), 422, field="weights", code="missing_field")
+    assert_problem(client.post("/v1/saes", files={"cfg": cfg}), 422, field="weights", code="missing_field")
     assert_problem(
-        client.post("/saes", files={"cfg": cfg, "weights": weights, "extra": cfg}),
+        client.post("/v1/saes", files={"cfg": cfg, "weights": weights, "extra": cfg}),
         422,
         field="extra",
         code="unknown_field",
     )
     for name in ("x" * 201, "tab\there"):
         assert_problem(
-            client.post("/saes", files={"cfg": cfg, "weights": weights}, data={"name": name}), 422, field="name"
+            client.post("/v1/saes", files={"cfg": cfg, "weights": weights}, data={"name": name}), 422, field="name"
         )
-    assert_problem(client.post("/saes", json={"cfg": {}}), 415, code="unsupported_media_type")
+    assert_problem(client.post("/v1/saes", json={"cfg": {}}), 415, code="unsupported_media_type")
     r = client.post(
-        "/saes",
+        "/v1/saes",
         content=b'--b\r\nContent-Disposition: form-data; name="cfg"\r\n\r\n{}',
         headers={"content-type": "multipart/form-data; boundary=b"},
     )
@@ -147,7 +147,7 @@ def test_upload_size_limits(
             + f"\r\n--{boundary}--\r\n".encode()
         )
         r = c.post(
-            "/saes",
+            "/v1/saes",
             content=iter([body[i : i + 65536] for i in range(0, len(body), 65536)]),
             headers={"content-type": f"multipart/form-data; boundary={boundary}"},
         )
@@ -157,10 +157,10 @@ def test_upload_size_limits(
 
 # -- jobs: create ----------------------------------------------------------------------------------
 def test_create_job_commits_then_enqueues(client: TestClient, sae_id: str, db: Session, broker: redis.Redis) -> None:
-    r = client.post("/jobs", json=job_body(sae_id, finetune={"steps": 5}))
+    r = client.post("/v1/jobs", json=job_body(sae_id, finetune={"steps": 5}))
     assert r.status_code == 202, r.text
     job = r.json()
-    assert r.headers["location"] == f"/jobs/{job['id']}"
+    assert r.headers["location"] == f"/v1/jobs/{job['id']}"
     assert job["status"] == "queued" and job["stage"] is None and job["progress"] == 0.0
     assert job["attempt"] == 0 and job["artifacts"] == [] and job["error"] is None
     assert job["request"]["settings"]["finetune"]["steps"] == 5
@@ -170,26 +170,26 @@ def test_create_job_commits_then_enqueues(client: TestClient, sae_id: str, db: S
     assert [e.data for e in db.scalars(select(JobEvent).where(JobEvent.job_id == job["id"]))] == [{"status": "queued"}]
     assert queued_messages(broker) == [("rsae.upgrade", [job["id"]])]
     broker.delete("gpu")
-    assert client.get(f"/jobs/{job['id']}").json() == job
+    assert client.get(f"/v1/jobs/{job['id']}").json() == job
 
 
 def test_malformed_json_body(client: TestClient) -> None:
-    r = client.post("/jobs", content=b"{oops", headers={"content-type": "application/json"})
+    r = client.post("/v1/jobs", content=b"{oops", headers={"content-type": "application/json"})
     assert_problem(r, 422, field="body", code="validation_error")
 
 
 def test_unstorable_values_are_4xx(client: TestClient, sae_id: str, db: Session) -> None:
     """Values Postgres refuses (NUL characters, out-of-range integers) are bad input, not a 500."""
     assert_problem(  # not the bundled name, so a path: refused before it reaches Postgres
-        client.post("/jobs", json=job_body(sae_id, data={"dataset": "bbc\u0000news"})),
+        client.post("/v1/jobs", json=job_body(sae_id, data={"dataset": "bbc\u0000news"})),
         422,
         field="settings.data.dataset",
     )
-    assert_problem(client.post("/jobs", json=job_body("a\u0000b")), 422, field="teacher.sae_id")
-    assert_problem(client.get("/jobs/%00"), 404, code="job_not_found")
-    assert_problem(client.get("/saes/%00"), 404, code="sae_not_found")
-    job_id = client.post("/jobs", json=job_body(sae_id)).json()["id"]
-    assert_problem(client.get(f"/jobs/{job_id}/events", params={"after": 2**64}), 422, field="after")
+    assert_problem(client.post("/v1/jobs", json=job_body("a\u0000b")), 422, field="teacher.sae_id")
+    assert_problem(client.get("/v1/jobs/%00"), 404, code="job_not_found")
+    assert_problem(client.get("/v1/saes/%00"), 404, code="sae_not_found")
+    job_id = client.post("/v1/jobs", json=job_body(sae_id)).json()["id"]
+    assert_problem(client.get(f"/v1/jobs/{job_id}/events", params={"after": 2**64}), 422, field="after")
     assert db.scalar(select(func.count()).select_from(Job)) == 1
 
 
@@ -202,10 +202,10 @@ def test_local_teacher_path_when_allowed(
 ) -> None:
     folder = make_teacher()
     with fresh_app(monkeypatch, allow_local_paths="true", local_path_roots=json.dumps([str(folder.parent)])) as c:
-        r = c.post("/jobs", json={"layer": 3, "teacher": {"path": str(folder)}})
+        r = c.post("/v1/jobs", json={"layer": 3, "teacher": {"path": str(folder)}})
         assert r.status_code == 202, r.text
         assert_problem(
-            c.post("/jobs", json={"layer": 3, "teacher": {"path": "relative/dir"}}),
+            c.post("/v1/jobs", json={"layer": 3, "teacher": {"path": "relative/dir"}}),
             422,
             field="teacher.path",
             code="path_not_allowed",
@@ -217,8 +217,8 @@ def test_enqueue_failure_marks_job_failed(
 ) -> None:
     with fresh_app(monkeypatch, broker_url="redis://127.0.0.1:1/0", enqueue_retries="0") as c:
         sae_id = upload_sae(c, make_teacher())["id"]
-        body = assert_problem(c.post("/jobs", json=job_body(sae_id)), 503, code="enqueue_failed")
-        job = c.get(f"/jobs/{body['job_id']}").json()
+        body = assert_problem(c.post("/v1/jobs", json=job_body(sae_id)), 503, code="enqueue_failed")
+        job = c.get(f"/v1/jobs/{body['job_id']}").json()
     assert job["status"] == "failed" and job["error"]["code"] == "enqueue_failed"
     assert job["finished_at"] is not None
 
@@ -226,39 +226,39 @@ def test_enqueue_failure_marks_job_failed(
 # -- jobs: read, list ------------------------------------------------------------------------------
 def test_unknown_job_is_404(client: TestClient) -> None:
     for path in (
-        "/jobs/0b5e8a3c-0000-4000-8000-000000000000",
-        "/jobs/not-a-uuid",
-        "/jobs/nope/events",
-        "/jobs/nope/artifacts",
-        "/jobs/nope/artifacts/cfg.json",
+        "/v1/jobs/0b5e8a3c-0000-4000-8000-000000000000",
+        "/v1/jobs/not-a-uuid",
+        "/v1/jobs/nope/events",
+        "/v1/jobs/nope/artifacts",
+        "/v1/jobs/nope/artifacts/cfg.json",
     ):
         assert_problem(client.get(path), 404, field="id", code="job_not_found")
-    assert_problem(client.post("/jobs/nope/cancel"), 404, code="job_not_found")
+    assert_problem(client.post("/v1/jobs/nope/cancel"), 404, code="job_not_found")
 
 
 def test_list_jobs_cursor_pagination_and_status_filter(client: TestClient, sae_id: str) -> None:
-    created = [client.post("/jobs", json=job_body(sae_id, seed=i)).json()["id"] for i in range(5)]
+    created = [client.post("/v1/jobs", json=job_body(sae_id, seed=i)).json()["id"] for i in range(5)]
     seen, cursor, pages = [], None, 0
     while True:
-        page = client.get("/jobs", params={"limit": 2, **({"after": cursor} if cursor else {})}).json()
-        seen += [j["id"] for j in page["items"]]
+        page = client.get("/v1/jobs", params={"limit": 2, **({"after": cursor} if cursor else {})}).json()
+        seen += [j["id"] for j in page["data"]]
         pages += 1
         cursor = page["next_cursor"]
         if cursor is None:
             break
     assert pages == 3 and seen == created[::-1]  # newest first, no duplicates, nothing missed
-    client.post(f"/jobs/{created[1]}/cancel")
-    client.post(f"/jobs/{created[3]}/cancel")
-    cancelled = client.get("/jobs", params={"status": "cancelled"}).json()
-    assert [j["id"] for j in cancelled["items"]] == [created[3], created[1]]
+    client.post(f"/v1/jobs/{created[1]}/cancel")
+    client.post(f"/v1/jobs/{created[3]}/cancel")
+    cancelled = client.get("/v1/jobs", params={"status": "cancelled"}).json()
+    assert [j["id"] for j in cancelled["data"]] == [created[3], created[1]]
     assert cancelled["next_cursor"] is None
-    assert len(client.get("/jobs", params={"status": "queued"}).json()["items"]) == 3
-    assert_problem(client.get("/jobs", params={"status": "done"}), 422, field="status")
-    assert_problem(client.get("/jobs", params={"limit": 101}), 422, field="limit")
-    assert_problem(client.get("/jobs", params={"limit": 0}), 422, field="limit")
+    assert len(client.get("/v1/jobs", params={"status": "queued"}).json()["data"]) == 3
+    assert_problem(client.get("/v1/jobs", params={"status": "done"}), 422, field="status")
+    assert_problem(client.get("/v1/jobs", params={"limit": 101}), 422, field="limit")
+    assert_problem(client.get("/v1/jobs", params={"limit": 0}), 422, field="limit")
     naive = base64.urlsafe_b64encode(json.dumps(["2026-01-01T00:00:00", created[0]]).encode()).decode()
     for bad in ("garbage!", naive):
-        assert_problem(client.get("/jobs", params={"after": bad}), 422, field="after", code="invalid_cursor")
+        assert_problem(client.get("/v1/jobs", params={"after": bad}), 422, field="after", code="invalid_cursor")
 
 
 # -- jobs: cancel, progress, events -------------------------------------------------------------------
@@ -268,54 +268,57 @@ def _set_status(db: Session, job_id: str, status: str) -> None:
 
 
 def test_cancel(client: TestClient, sae_id: str, db: Session) -> None:
-    queued = client.post("/jobs", json=job_body(sae_id)).json()["id"]
+    queued = client.post("/v1/jobs", json=job_body(sae_id)).json()["id"]
     for _ in range(2):  # idempotent
-        job = client.post(f"/jobs/{queued}/cancel").json()
+        job = client.post(f"/v1/jobs/{queued}/cancel").json()
         assert job["status"] == "cancelled" and job["finished_at"] is not None
-    events = client.get(f"/jobs/{queued}/events").json()
+    events = client.get(f"/v1/jobs/{queued}/events").json()["data"]
     assert [(e["type"], e["data"]["status"]) for e in events] == [("status", "queued"), ("status", "cancelled")]
 
-    running = client.post("/jobs", json=job_body(sae_id)).json()["id"]
+    running = client.post("/v1/jobs", json=job_body(sae_id)).json()["id"]
     _set_status(db, running, "running")
     reporter = JobReporter(get_sessionmaker(get_settings().database_url), running)
     assert reporter.should_cancel() is False
     for _ in range(2):
-        assert client.post(f"/jobs/{running}/cancel").json()["status"] == "cancelling"
+        assert client.post(f"/v1/jobs/{running}/cancel").json()["status"] == "cancelling"
     reporter._last_poll = float("-inf")  # skip the poll throttle
     assert reporter.should_cancel() is True
 
-    done = client.post("/jobs", json=job_body(sae_id)).json()["id"]
+    done = client.post("/v1/jobs", json=job_body(sae_id)).json()["id"]
     _set_status(db, done, "succeeded")
-    assert client.post(f"/jobs/{done}/cancel").json()["status"] == "succeeded"
+    assert client.post(f"/v1/jobs/{done}/cancel").json()["status"] == "succeeded"
 
 
 def test_worker_progress_and_metrics_are_visible(client: TestClient, sae_id: str, db: Session) -> None:
-    job_id = client.post("/jobs", json=job_body(sae_id)).json()["id"]
+    job_id = client.post("/v1/jobs", json=job_body(sae_id)).json()["id"]
     _set_status(db, job_id, "running")
     now = [100.0]
     report = JobReporter(get_sessionmaker(get_settings().database_url), job_id, clock=lambda: now[0])
     report("extract", 0.0)
     now[0] += 0.1
     report("extract", 0.1)  # throttled: not written
-    assert client.get(f"/jobs/{job_id}").json()["progress"] == 0.0
+    assert client.get(f"/v1/jobs/{job_id}").json()["progress"] == 0.0
     now[0] += 0.5
     report("extract", 0.2)
-    job = client.get(f"/jobs/{job_id}").json()
+    job = client.get(f"/v1/jobs/{job_id}").json()
     assert (job["stage"], job["progress"]) == ("extract", 0.2)
     report("finetune", 0.5, {"step": 30, "mse": 1.5, "fvu": float("nan")})
-    job = client.get(f"/jobs/{job_id}").json()
+    job = client.get(f"/v1/jobs/{job_id}").json()
     assert (job["stage"], job["progress"]) == ("finetune", 0.5)
-    events = client.get(f"/jobs/{job_id}/events").json()
+    events = client.get(f"/v1/jobs/{job_id}/events").json()["data"]
     assert [e["type"] for e in events] == ["status", "progress", "progress", "progress", "metrics"]
     assert events[-1]["data"] == {"stage": "finetune", "step": 30, "mse": 1.5, "fvu": None}
-    after = client.get(f"/jobs/{job_id}/events", params={"after": events[2]["id"]}).json()
+    after = client.get(f"/v1/jobs/{job_id}/events", params={"after": events[2]["id"]}).json()["data"]
     assert after == events[3:]
-    assert client.get(f"/jobs/{job_id}/events", params={"after": events[2]["id"], "limit": 1}).json() == events[3:4]
+    assert (
+        client.get(f"/v1/jobs/{job_id}/events", params={"after": events[2]["id"], "limit": 1}).json()["data"]
+        == events[3:4]
+    )
 
 
 # -- artifacts -------------------------------------------------------------------------------------
 def test_artifact_listing_and_download(client: TestClient, settings: Settings, sae_id: str, db: Session) -> None:
-    job_id = client.post("/jobs", json=job_body(sae_id)).json()["id"]
+    job_id = client.post("/v1/jobs", json=job_body(sae_id)).json()["id"]
     _set_status(db, job_id, "succeeded")
     data = bytes(range(256)) * 4
     path = settings.artifacts_dir / job_id / "sae" / "report.json"
@@ -336,7 +339,7 @@ def test_artifact_listing_and_download(client: TestClient, settings: Settings, s
     )
     db.commit()
 
-    listing = client.get(f"/jobs/{job_id}/artifacts").json()
+    listing = client.get(f"/v1/jobs/{job_id}/artifacts").json()["data"]
     assert listing == [
         {
             "name": "report.json",
@@ -344,10 +347,10 @@ def test_artifact_listing_and_download(client: TestClient, settings: Settings, s
             "content_type": "application/json",
             "size": len(data),
             "sha256": sha,
-            "url": f"/jobs/{job_id}/artifacts/report.json",
+            "url": f"/v1/jobs/{job_id}/artifacts/report.json",
         }
     ]
-    assert client.get(f"/jobs/{job_id}").json()["artifacts"] == listing
+    assert client.get(f"/v1/jobs/{job_id}").json()["artifacts"] == listing
 
     r = client.get(listing[0]["url"])
     assert r.status_code == 200 and r.content == data
@@ -361,8 +364,8 @@ def test_artifact_listing_and_download(client: TestClient, settings: Settings, s
     assert r.headers["content-range"] == f"bytes 10-19/{len(data)}"
     assert client.get(listing[0]["url"], headers={"If-None-Match": f'"{sha}"'}).status_code == 304
 
-    assert_problem(client.get(f"/jobs/{job_id}/artifacts/cfg.json"), 404, field="name", code="artifact_not_found")
-    assert_problem(client.get(f"/jobs/{job_id}/artifacts/..%2F..%2Fsaes"), 404)  # never a path join
+    assert_problem(client.get(f"/v1/jobs/{job_id}/artifacts/cfg.json"), 404, field="name", code="artifact_not_found")
+    assert_problem(client.get(f"/v1/jobs/{job_id}/artifacts/..%2F..%2Fsaes"), 404)  # never a path join
     path.unlink()
     assert_problem(client.get(listing[0]["url"]), 500, code="artifact_missing")
 
@@ -381,11 +384,11 @@ def test_sqlite_mode(
     upgrade(url)
     with TestClient(create_app(), headers=bearer(make_token(url))) as c:
         sae_id = upload_sae(c, make_teacher())["id"]
-        ids = [c.post("/jobs", json=job_body(sae_id)).json()["id"] for _ in range(3)]
-        first = c.get("/jobs", params={"limit": 2}).json()
-        rest = c.get("/jobs", params={"limit": 2, "after": first["next_cursor"]}).json()
-        assert [j["id"] for j in first["items"] + rest["items"]] == ids[::-1]
-        assert first["items"][0]["created_at"].endswith("Z")
+        ids = [c.post("/v1/jobs", json=job_body(sae_id)).json()["id"] for _ in range(3)]
+        first = c.get("/v1/jobs", params={"limit": 2}).json()
+        rest = c.get("/v1/jobs", params={"limit": 2, "after": first["next_cursor"]}).json()
+        assert [j["id"] for j in first["data"] + rest["data"]] == ids[::-1]
+        assert first["data"][0]["created_at"].endswith("Z")
     assert len(queued_messages(broker)) == 3
     get_settings.cache_clear()
 
@@ -393,19 +396,19 @@ def test_sqlite_mode(
 def test_event_stream_of_a_finished_job_replays_and_ends(client: TestClient, sae_id: str) -> None:
     """``Accept: text/event-stream`` on a terminal job: every event as SSE (id, event type, JSON data), then
     the stream closes; ``Last-Event-ID`` resumes after the given event; a bad one is a 422."""
-    job_id = client.post("/jobs", json=job_body(sae_id)).json()["id"]
-    assert client.post(f"/jobs/{job_id}/cancel").json()["status"] == "cancelled"
-    listed = client.get(f"/jobs/{job_id}/events").json()
+    job_id = client.post("/v1/jobs", json=job_body(sae_id)).json()["id"]
+    assert client.post(f"/v1/jobs/{job_id}/cancel").json()["status"] == "cancelled"
+    listed = client.get(f"/v1/jobs/{job_id}/events").json()["data"]
     sse = {"Accept": "text/event-stream"}
-    r = client.get(f"/jobs/{job_id}/events", headers=sse)
+    r = client.get(f"/v1/jobs/{job_id}/events", headers=sse)
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
     ids = [int(line[3:]) for line in r.text.splitlines() if line.startswith("id:")]
     types = [line[6:].strip() for line in r.text.splitlines() if line.startswith("event:")]
     data = [json.loads(line[5:]) for line in r.text.splitlines() if line.startswith("data:")]
     assert ids == [e["id"] for e in listed] and types == ["status", "status"]
     assert [d["data"]["status"] for d in data] == ["queued", "cancelled"]
-    r = client.get(f"/jobs/{job_id}/events", headers={**sse, "Last-Event-ID": str(ids[0])})
+    r = client.get(f"/v1/jobs/{job_id}/events", headers={**sse, "Last-Event-ID": str(ids[0])})
     assert [int(line[3:]) for line in r.text.splitlines() if line.startswith("id:")] == ids[1:]
     assert_problem(
-        client.get(f"/jobs/{job_id}/events", headers={**sse, "Last-Event-ID": "x"}), 422, field="Last-Event-ID"
+        client.get(f"/v1/jobs/{job_id}/events", headers={**sse, "Last-Event-ID": "x"}), 422, field="Last-Event-ID"
     )

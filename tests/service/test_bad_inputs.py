@@ -156,7 +156,7 @@ def test_bad_upload_is_422_naming_the_field(
     body = assert_problem(post_sae(client, cfg, weights), 422, field=field)
     assert body["code"] == "invalid_teacher" and len(body["detail"]) > 10
     assert list(settings.uploads_dir.iterdir()) == []  # the temp folder was removed
-    assert client.get("/saes").json() == []
+    assert client.get("/v1/saes").json()["data"] == []
     assert client.get("/healthz").status_code == 200
 
 
@@ -285,7 +285,7 @@ def test_invalid_job_is_4xx_naming_the_field(
     case: str, client: TestClient, sae_id: str, db: Session, broker: redis.Redis
 ) -> None:
     make_request, field, code = INVALID_JOBS[case]
-    r = client.post("/jobs", **make_request(sae_id))
+    r = client.post("/v1/jobs", **make_request(sae_id))
     body = assert_problem(r, 422, code=code)
     fields = [body["field"]] + [e["field"] for e in body.get("errors", [])]
     assert field in fields or any(f.startswith(field) for f in fields), body
@@ -296,7 +296,7 @@ def test_invalid_job_is_4xx_naming_the_field(
 
 def test_teacher_width_must_match_the_model(client: TestClient, make_teacher: Callable[..., Path], db: Session) -> None:
     narrow = upload_sae(client, make_teacher("narrow", d_in=64))["id"]
-    assert_problem(client.post("/jobs", json=job_body(narrow)), 422, field="teacher.sae_id", code="invalid_teacher")
+    assert_problem(client.post("/v1/jobs", json=job_body(narrow)), 422, field="teacher.sae_id", code="invalid_teacher")
     assert db.scalar(select(Job.id)) is None
 
 

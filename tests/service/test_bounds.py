@@ -107,21 +107,21 @@ def test_paths_only_under_the_roots(
             "relative teacher folder": ({"layer": 3, "teacher": {"path": "root/teacher"}}, "teacher.path"),
         }
         for case, (body, field) in refused.items():
-            problem = assert_problem(c.post("/jobs", json=body), 422, field=field, code="path_not_allowed")
+            problem = assert_problem(c.post("/v1/jobs", json=body), 422, field=field, code="path_not_allowed")
             assert field in problem["detail"], case
         missing = assert_problem(
-            c.post("/jobs", json=dataset(str(root / "missing.txt"))), 422, field="settings.data.dataset"
+            c.post("/v1/jobs", json=dataset(str(root / "missing.txt"))), 422, field="settings.data.dataset"
         )
         assert missing["code"] == "invalid_dataset"
-        assert c.get("/jobs").json()["items"] == []
+        assert c.get("/v1/jobs").json()["data"] == []
         for body in (
             dataset(str(root / "data.txt")),
             dataset(str(root / "corpus")),
             {"layer": 3, "teacher": {"path": str(teacher)}},
         ):
-            r = c.post("/jobs", json=body)
+            r = c.post("/v1/jobs", json=body)
             assert r.status_code == 202, r.text
-        assert len(c.get("/jobs").json()["items"]) == 3
+        assert len(c.get("/v1/jobs").json()["data"]) == 3
 
 
 def test_paths_refused_without_roots_and_roots_must_be_absolute(
@@ -130,7 +130,7 @@ def test_paths_refused_without_roots_and_roots_must_be_absolute(
     with fresh_app(monkeypatch, allow_local_paths="true") as c:
         sae_id = upload_sae(c, _teacher_dir(tree["root"]))["id"]
         body = job_body(sae_id, data={"dataset": str(tree["root"] / "data.txt")})
-        problem = assert_problem(c.post("/jobs", json=body), 422, field="settings.data.dataset")
+        problem = assert_problem(c.post("/v1/jobs", json=body), 422, field="settings.data.dataset")
         assert problem["code"] == "local_paths_disabled" and "RSAE_LOCAL_PATH_ROOTS" in problem["detail"]
     with pytest.raises(ValidationError, match="not an absolute path"):
         Settings(local_path_roots=["relative/root"])
@@ -161,24 +161,24 @@ def test_model_allow_list_and_hub_sizes_at_submission(
         def model(spec: str) -> dict:
             return {**job_body(sae_id), "model": spec}
 
-        p = assert_problem(c.post("/jobs", json=model("meta-llama/Llama-3.1-405B")), 422, field="model")
+        p = assert_problem(c.post("/v1/jobs", json=model("meta-llama/Llama-3.1-405B")), 422, field="model")
         assert p["code"] == "model_not_allowed" and "RSAE_ALLOWED_MODELS" in p["detail"]
         asked = hub.metadata_requests
-        p = assert_problem(c.post("/jobs", json=model("org/huge-405b")), 422, field="model")
+        p = assert_problem(c.post("/v1/jobs", json=model("org/huge-405b")), 422, field="model")
         assert p["code"] == "download_too_large" and f"{HUGE / 1024**3:.2f} GiB" in p["detail"], p["detail"]
         assert "192 files" in p["detail"] and "RSAE_MAX_HUB_DOWNLOAD_BYTES" in p["detail"]
         assert hub.metadata_requests == asked + 1 and hub.downloads == []  # metadata only, nothing fetched
-        p = assert_problem(c.post("/jobs", json=model("org/missing")), 422, field="model")
+        p = assert_problem(c.post("/v1/jobs", json=model("org/missing")), 422, field="model")
         assert p["code"] == "invalid_model"
         whole = {"layer": 3, "teacher": {"hub": {"repo_id": "org/saes"}}}
-        p = assert_problem(c.post("/jobs", json=whole), 422, field="teacher.hub", code="download_too_large")
+        p = assert_problem(c.post("/v1/jobs", json=whole), 422, field="teacher.hub", code="download_too_large")
         assert "the whole repository org/saes" in p["detail"]
         for body in (
             model("org/small"),
             model("org/dual"),
             {**whole, "teacher": {"hub": {**whole["teacher"]["hub"], "subfolder": "small"}}},
         ):
-            r = c.post("/jobs", json=body)
+            r = c.post("/v1/jobs", json=body)
             assert r.status_code == 202, r.text
         assert hub.downloads == []
 
@@ -199,11 +199,11 @@ def test_hub_unreachable_at_submission_then_the_worker_checks(
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens: connection refused
     with fresh_app(monkeypatch, allowed_models=json.dumps(["org/*"])) as c:
         sae_id = upload_sae(c, make_teacher())["id"]
-        r = c.post("/jobs", json={**job_body(sae_id), "model": "org/huge-405b"})
+        r = c.post("/v1/jobs", json={**job_body(sae_id), "model": "org/huge-405b"})
         assert r.status_code == 202, r.text
         monkeypatch.setenv("HF_ENDPOINT", url)
         assert run_job(r.json()["id"], get_settings()) == "failed"
-        job = c.get(f"/jobs/{r.json()['id']}").json()
+        job = c.get(f"/v1/jobs/{r.json()['id']}").json()
     assert job["error"]["code"] == "download_too_large" and job["error"]["field"] == "model"
     assert f"{HUGE / 1024**3:.2f} GiB" in job["error"]["detail"] and hub.downloads == []
 
@@ -235,7 +235,7 @@ def test_download_stops_between_files(
             body = {"layer": 3, "teacher": {"hub": {"repo_id": "org/slow-saes", "subfolder": "layer_3"}}}
         else:
             body = {**job_body(sae_id), "model": "org/slow"}
-        job_id = c.post("/jobs", json=body).json()["id"]
+        job_id = c.post("/v1/jobs", json=body).json()["id"]
         result: list[str | None] = []
         worker = threading.Thread(target=lambda: result.append(run_job(job_id, get_settings())))
         worker.start()
@@ -244,10 +244,10 @@ def test_download_stops_between_files(
             time.sleep(0.05)
         t0 = time.monotonic()
         if stop != "deadline":
-            assert c.post(f"/jobs/{job_id}/cancel").json()["status"] == "cancelling"
+            assert c.post(f"/v1/jobs/{job_id}/cancel").json()["status"] == "cancelling"
         worker.join(30)
         took = time.monotonic() - t0
-        job = c.get(f"/jobs/{job_id}").json()
+        job = c.get(f"/v1/jobs/{job_id}").json()
     assert not worker.is_alive()
     assert len(hub.downloads) < 8, hub.downloads
     if stop != "deadline":

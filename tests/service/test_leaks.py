@@ -32,7 +32,7 @@ HOST = socket.gethostname()
 
 
 def _raw(client: TestClient, body: bytes) -> Any:
-    return client.post("/jobs", content=body, headers={"content-type": "application/json"})
+    return client.post("/v1/jobs", content=body, headers={"content-type": "application/json"})
 
 
 def _body(sae_id: str, replace: tuple[str, str] = ("", ""), **settings: Any) -> bytes:
@@ -117,10 +117,10 @@ def test_broker_down_503_and_job_error_name_no_host(
 
     with TestClient(create_app(), headers=bearer(api_token)) as c:
         sae_id = upload_sae(c, make_teacher())["id"]
-        r = c.post("/jobs", json=job_body(sae_id))
+        r = c.post("/v1/jobs", json=job_body(sae_id))
         body = assert_problem(r, 503, code="enqueue_failed")
-        job = c.get(f"/jobs/{body['job_id']}").json()
-        events = c.get(f"/jobs/{body['job_id']}/events").text
+        job = c.get(f"/v1/jobs/{body['job_id']}").json()
+        events = c.get(f"/v1/jobs/{body['job_id']}/events").text
         ready = c.get("/readyz")
     assert job["status"] == "failed" and job["error"]["code"] == "enqueue_failed"
     for text in (r.text, json.dumps(job), events, ready.text):
@@ -139,7 +139,7 @@ def test_failed_job_error_and_events_name_no_path_host_or_pid(
 
     import worker.tasks
 
-    job_ids = [client.post("/jobs", json=job_body(sae_id)).json()["id"] for _ in range(2)]
+    job_ids = [client.post("/v1/jobs", json=job_body(sae_id)).json()["id"] for _ in range(2)]
 
     def boom(cfg: Any, out_dir: Any, **_: Any) -> None:
         raise OSError(f"cannot write {out_dir}/x: broker 10.1.2.3:6379 said no (pid {os.getpid()}) on {HOST}")
@@ -151,14 +151,14 @@ def test_failed_job_error_and_events_name_no_path_host_or_pid(
     assert worker.tasks.run_job(job_ids[1], settings) == "failed"
     leaks = [str(settings.data_dir), "/tmp", "10.1.2.3", "6379", HOST, str(os.getpid())]
     for job_id in job_ids:
-        job = client.get(f"/jobs/{job_id}").json()
-        events = client.get(f"/jobs/{job_id}/events").text
+        job = client.get(f"/v1/jobs/{job_id}").json()
+        events = client.get(f"/v1/jobs/{job_id}/events").text
         stored = [e.data for e in db.scalars(select(JobEvent).where(JobEvent.job_id == job_id))]
         for text in (json.dumps(job["error"]), events, json.dumps(stored)):
             for leak in leaks:
                 assert leak not in text, (leak, text)
         assert "worker-" in events
-    assert client.get(f"/jobs/{job_ids[0]}").json()["error"]["code"] == "internal_error"
+    assert client.get(f"/v1/jobs/{job_ids[0]}").json()["error"]["code"] == "internal_error"
 
 
 # -- the API server's connection limits (real uvicorn) -----------------------------------------------------

@@ -42,11 +42,11 @@ def _routes(client: TestClient) -> list[tuple[str, str]]:
 def test_every_route_but_health_requires_a_token(client: TestClient, database_url: str) -> None:
     routes = _routes(client)
     assert {
-        ("POST", "/jobs"),
-        ("GET", "/jobs"),
-        ("POST", "/saes"),
-        ("GET", "/saes"),
-        ("GET", f"/jobs/{ZERO_ID}/artifacts/cfg.json"),
+        ("POST", "/v1/jobs"),
+        ("GET", "/v1/jobs"),
+        ("POST", "/v1/saes"),
+        ("GET", "/v1/saes"),
+        ("GET", f"/v1/jobs/{ZERO_ID}/artifacts/cfg.json"),
     } <= set(routes)
     revoked = make_token(database_url, "carol")
     assert subprocess.run(
@@ -103,7 +103,7 @@ def test_tokens_are_stored_hashed_and_cli_prints_them_once(
     )
     assert bad.returncode == 2 and "invalid user name" in bad.stderr
     with TestClient(create_app(), headers=bearer(token)) as c:
-        assert c.get("/jobs").json() == {"items": [], "next_cursor": None}
+        assert c.get("/v1/jobs").json() == {"data": [], "has_more": False, "next_cursor": None}
 
 
 def test_other_users_resources_are_404_on_every_route(
@@ -115,7 +115,7 @@ def test_other_users_resources_are_404_on_every_route(
     broker: redis.Redis,
 ) -> None:
     sae_id = upload_sae(client, make_teacher())["id"]
-    job_id = client.post("/jobs", json=job_body(sae_id)).json()["id"]
+    job_id = client.post("/v1/jobs", json=job_body(sae_id)).json()["id"]
     # Give alice's job a real artifact on disk, as a finished job has.
     folder = settings.artifacts_dir / job_id / "sae"
     folder.mkdir(parents=True)
@@ -133,25 +133,25 @@ def test_other_users_resources_are_404_on_every_route(
         )
     )
     db.commit()
-    assert client.get(f"/jobs/{job_id}/artifacts/cfg.json").status_code == 200
-    before = client.get(f"/jobs/{job_id}").json()
+    assert client.get(f"/v1/jobs/{job_id}/artifacts/cfg.json").status_code == 200
+    before = client.get(f"/v1/jobs/{job_id}").json()
 
     for method, path in _routes(client):
         if "{" in path or ZERO_ID not in path:
             continue
-        own = path.replace(ZERO_ID, sae_id if path.startswith("/saes") else job_id)
+        own = path.replace(ZERO_ID, sae_id if path.startswith("/v1/saes") else job_id)
         r = other_client.request(method, own)
         body = assert_problem(r, 404)
         assert body["code"] in ("job_not_found", "sae_not_found"), (method, own, body)
         unknown = other_client.request(method, path)
         assert unknown.json()["code"] == body["code"]  # indistinguishable from an unknown id
-    assert other_client.get("/jobs").json() == {"items": [], "next_cursor": None}
-    assert other_client.get("/saes").json() == []
+    assert other_client.get("/v1/jobs").json() == {"data": [], "has_more": False, "next_cursor": None}
+    assert other_client.get("/v1/saes").json()["data"] == []
     # Using alice's SAE as a teacher is refused as if it did not exist.
     assert_problem(
-        other_client.post("/jobs", json=job_body(sae_id)), 422, field="teacher.sae_id", code="invalid_teacher"
+        other_client.post("/v1/jobs", json=job_body(sae_id)), 422, field="teacher.sae_id", code="invalid_teacher"
     )
-    after = client.get(f"/jobs/{job_id}").json()
+    after = client.get(f"/v1/jobs/{job_id}").json()
     assert after == before and after["status"] == "queued"  # mallory's cancel did nothing
     assert db.scalar(select(func.count()).select_from(Job)) == 1
     assert len(queued_messages(broker)) == 1
@@ -162,31 +162,31 @@ def test_idempotency_key(
 ) -> None:
     sae_id = upload_sae(client, make_teacher())["id"]
     key = {"Idempotency-Key": "run-2026-11-23-a"}
-    first = client.post("/jobs", json=job_body(sae_id), headers=key)
+    first = client.post("/v1/jobs", json=job_body(sae_id), headers=key)
     assert first.status_code == 202, first.text
     # Same key, same body (defaults written out explicitly: the same request) -> same job, not a new one.
     explicit = job_body(sae_id, finetune={"steps": first.json()["request"]["settings"]["finetune"]["steps"]})
-    again = client.post("/jobs", json=explicit, headers=key)
+    again = client.post("/v1/jobs", json=explicit, headers=key)
     # The original response replayed: status 202 and the same body, byte for byte (the job as created).
     assert again.status_code == 202 and again.content == first.content
     assert again.headers["idempotent-replayed"] == "true" and "idempotent-replayed" not in first.headers
-    assert again.headers["location"] == f"/jobs/{first.json()['id']}"
+    assert again.headers["location"] == f"/v1/jobs/{first.json()['id']}"
     # Same key, another body -> 422 naming the header, nothing created.
     body = assert_problem(
-        client.post("/jobs", json=job_body(sae_id, seed=7), headers=key),
+        client.post("/v1/jobs", json=job_body(sae_id, seed=7), headers=key),
         422,
         field="Idempotency-Key",
         code="idempotency_key_reused",
     )
     assert body["job_id"] == first.json()["id"]
     # Keys are per user: mallory's identical key is unrelated (and her body fails on her own terms).
-    assert_problem(other_client.post("/jobs", json=job_body(sae_id), headers=key), 422, field="teacher.sae_id")
+    assert_problem(other_client.post("/v1/jobs", json=job_body(sae_id), headers=key), 422, field="teacher.sae_id")
     # Bad keys.
     for bad in (b"", b"x" * 256, "caf\u00e9".encode(), b"tab\there"):
-        r = client.post("/jobs", json=job_body(sae_id), headers={"Idempotency-Key": bad})
+        r = client.post("/v1/jobs", json=job_body(sae_id), headers={"Idempotency-Key": bad})
         assert_problem(r, 422, field="Idempotency-Key")
     # A new key is a new job.
-    assert client.post("/jobs", json=job_body(sae_id), headers={"Idempotency-Key": "b"}).status_code == 202
+    assert client.post("/v1/jobs", json=job_body(sae_id), headers={"Idempotency-Key": "b"}).status_code == 202
     assert db.scalar(select(func.count()).select_from(Job)) == 2
     assert len(queued_messages(broker)) == 2
 
@@ -208,25 +208,25 @@ def test_active_job_quota_is_429_with_retry_after(
         TestClient(c.app, headers=bearer(make_token(database_url, "mallory"))) as m,
     ):
         sae_id = upload_sae(c, make_teacher())["id"]
-        ids = [c.post("/jobs", json=job_body(sae_id)).json()["id"] for _ in range(2)]
-        r = c.post("/jobs", json=job_body(sae_id))
+        ids = [c.post("/v1/jobs", json=job_body(sae_id)).json()["id"] for _ in range(2)]
+        r = c.post("/v1/jobs", json=job_body(sae_id))
         assert_problem(r, 429, code="too_many_jobs")
         assert int(r.headers["retry-after"]) > 0
         # Other users are not affected.
         assert (
             upload_sae(m, make_teacher("t2"))
-            and m.post("/jobs", json=job_body(m.get("/saes").json()[0]["id"])).status_code == 202
+            and m.post("/v1/jobs", json=job_body(m.get("/v1/saes").json()["data"][0]["id"])).status_code == 202
         )
         # A cancelled job frees a slot.
-        assert c.post(f"/jobs/{ids[0]}/cancel").json()["status"] == "cancelled"
-        assert c.post("/jobs", json=job_body(sae_id)).status_code == 202
+        assert c.post(f"/v1/jobs/{ids[0]}/cancel").json()["status"] == "cancelled"
+        assert c.post("/v1/jobs", json=job_body(sae_id)).status_code == 202
     assert len(queued_messages(broker)) == 4
 
 
 def test_request_body_limit(client: TestClient, settings: Settings) -> None:
     big = b'{"layer": 3, "model": "' + b"x" * (settings.max_body_bytes + 10) + b'"}'
     assert_problem(
-        client.post("/jobs", content=big, headers={"content-type": "application/json"}),
+        client.post("/v1/jobs", content=big, headers={"content-type": "application/json"}),
         413,
         field="body",
         code="payload_too_large",
@@ -234,19 +234,19 @@ def test_request_body_limit(client: TestClient, settings: Settings) -> None:
     # Chunked (no Content-Length): counted while streaming.
     chunks = iter([big[i : i + 65536] for i in range(0, len(big), 65536)])
     assert_problem(
-        client.post("/jobs", content=chunks, headers={"content-type": "application/json"}),
+        client.post("/v1/jobs", content=chunks, headers={"content-type": "application/json"}),
         413,
         field="body",
         code="payload_too_large",
     )
-    assert client.get("/jobs").status_code == 200  # the server is fine
+    assert client.get("/v1/jobs").status_code == 200  # the server is fine
 
 
 def test_artifact_names_never_reach_the_filesystem(
     client: TestClient, settings: Settings, make_teacher: Callable[..., Path], db: Session
 ) -> None:
     sae_id = upload_sae(client, make_teacher())["id"]
-    job_id = client.post("/jobs", json=job_body(sae_id)).json()["id"]
+    job_id = client.post("/v1/jobs", json=job_body(sae_id)).json()["id"]
     secret = settings.data_dir / "secret.txt"
     secret.write_text("do not serve")
     for name in (
@@ -258,7 +258,7 @@ def test_artifact_names_never_reach_the_filesystem(
         "sae/../../secret.txt",
         "cfg.json%00.txt",
     ):
-        r = client.get(f"/jobs/{job_id}/artifacts/{name}")
+        r = client.get(f"/v1/jobs/{job_id}/artifacts/{name}")
         assert "do not serve" not in r.text
         if r.status_code == 200:  # the client normalised the dots away and asked for the job itself
             assert r.json()["id"] == job_id, name

@@ -93,35 +93,35 @@ def delete_flow(
     assert stored.is_dir()
 
     # Another user's SAE is a 404 and stays.
-    assert_problem(other.delete(f"/saes/{sae}"), 404, code="sae_not_found", field="id")
+    assert_problem(other.delete(f"/v1/saes/{sae}"), 404, code="sae_not_found", field="id")
     # In use by an unfinished job: 409 naming the job.
-    queued = c.post("/jobs", json=job_body(sae)).json()["id"]
-    body = assert_problem(c.delete(f"/saes/{sae}"), 409, code="sae_in_use", field="id")
+    queued = c.post("/v1/jobs", json=job_body(sae)).json()["id"]
+    body = assert_problem(c.delete(f"/v1/saes/{sae}"), 409, code="sae_in_use", field="id")
     assert body["job_ids"] == [queued] and queued in body["detail"]
-    assert stored.is_dir() and c.get(f"/saes/{sae}").status_code == 200
+    assert stored.is_dir() and c.get(f"/v1/saes/{sae}").status_code == 200
 
     # A queued job (scratch kept by an earlier attempt) is deleted at once: 204, rows and files gone.
     (settings.work_dir / queued).mkdir(parents=True)
-    assert_problem(other.delete(f"/jobs/{queued}"), 404, code="job_not_found")
+    assert_problem(other.delete(f"/v1/jobs/{queued}"), 404, code="job_not_found")
     assert rows_of(make_session, queued)[0] == 1
-    r = c.delete(f"/jobs/{queued}")
+    r = c.delete(f"/v1/jobs/{queued}")
     assert r.status_code == 204 and r.content == b""
     assert rows_of(make_session, queued) == (0, 0, 0)
     assert not (settings.work_dir / queued).exists()
-    assert_problem(c.get(f"/jobs/{queued}"), 404, code="job_not_found")
-    assert_problem(c.delete(f"/jobs/{queued}"), 404, code="job_not_found")  # repeating: 404
+    assert_problem(c.get(f"/v1/jobs/{queued}"), 404, code="job_not_found")
+    assert_problem(c.delete(f"/v1/jobs/{queued}"), 404, code="job_not_found")  # repeating: 404
 
     # A finished job: its artifact files and rows, events and scratch go.
-    done = c.post("/jobs", json=job_body(sae)).json()["id"]
+    done = c.post("/v1/jobs", json=job_body(sae)).json()["id"]
     art = finish_with_artifacts(make_session, settings, done)
-    assert c.get(f"/jobs/{done}/artifacts/report.json").content == art.read_bytes()
-    assert c.delete(f"/jobs/{done}").status_code == 204
+    assert c.get(f"/v1/jobs/{done}/artifacts/report.json").content == art.read_bytes()
+    assert c.delete(f"/v1/jobs/{done}").status_code == 204
     assert rows_of(make_session, done) == (0, 0, 0)
     assert not (settings.artifacts_dir / done).exists() and not (settings.work_dir / done).exists()
-    assert_problem(c.get(f"/jobs/{done}/artifacts/report.json"), 404, code="job_not_found")
+    assert_problem(c.get(f"/v1/jobs/{done}/artifacts/report.json"), 404, code="job_not_found")
 
     # A running job: cancelled first (202, cancelling, deleted_at), removed by the reaper once it ended.
-    running = c.post("/jobs", json=job_body(sae)).json()["id"]
+    running = c.post("/v1/jobs", json=job_body(sae)).json()["id"]
     with make_session.begin() as s:
         s.execute(
             update(Job)
@@ -137,12 +137,12 @@ def delete_flow(
     (settings.work_dir / running).mkdir(parents=True)
     (settings.artifacts_dir / running / ".staging-1-x").mkdir(parents=True)
     for _ in range(2):  # repeating while pending: 202 again
-        r = c.delete(f"/jobs/{running}")
+        r = c.delete(f"/v1/jobs/{running}")
         assert r.status_code == 202, r.text
         job = r.json()
         assert job["status"] == "cancelling" and job["deleted_at"] is not None
-    assert c.get(f"/jobs/{running}").json()["deleted_at"] == job["deleted_at"]
-    assert_problem(c.delete(f"/saes/{sae}"), 409, code="sae_in_use")  # still unfinished
+    assert c.get(f"/v1/jobs/{running}").json()["deleted_at"] == job["deleted_at"]
+    assert_problem(c.delete(f"/v1/saes/{sae}"), 409, code="sae_in_use")  # still unfinished
     reap_once(settings, make_session, no_publish)  # lease still held: the worker has not stopped yet
     assert rows_of(make_session, running)[0] == 1
     with make_session.begin() as s:  # the worker died (or stopped) and its lease lapsed
@@ -151,23 +151,23 @@ def delete_flow(
     assert r.cancelled == [running]
     assert rows_of(make_session, running) == (0, 0, 0)  # purged in the same reaper pass
     assert not (settings.work_dir / running).exists() and not (settings.artifacts_dir / running).exists()
-    assert_problem(c.get(f"/jobs/{running}"), 404, code="job_not_found")
+    assert_problem(c.get(f"/v1/jobs/{running}"), 404, code="job_not_found")
 
     # No unfinished job uses the SAE any more: deleted (row, then files); repeating is a 404.
-    assert c.delete(f"/saes/{sae}").status_code == 204
+    assert c.delete(f"/v1/saes/{sae}").status_code == 204
     assert not stored.exists()
     with make_session() as s:
         assert s.get(Sae, sae) is None
-    assert_problem(c.get(f"/saes/{sae}"), 404, code="sae_not_found")
-    assert_problem(c.delete(f"/saes/{sae}"), 404, code="sae_not_found")
-    assert_problem(c.delete("/saes/not-an-id"), 404, code="sae_not_found")
+    assert_problem(c.get(f"/v1/saes/{sae}"), 404, code="sae_not_found")
+    assert_problem(c.delete(f"/v1/saes/{sae}"), 404, code="sae_not_found")
+    assert_problem(c.delete("/v1/saes/not-an-id"), 404, code="sae_not_found")
 
 
 def retention_flow(c: TestClient, settings: Settings, make_session: sessionmaker[Session], teacher: Path) -> None:
     """RSAE_RETENTION_DAYS: the reaper deletes old succeeded jobs' artifacts; the rows stay, marked expired;
     downloads answer 410."""
     sae = upload_sae(c, teacher)["id"]
-    old, recent, failed = (c.post("/jobs", json=job_body(sae, seed=i)).json()["id"] for i in range(3))
+    old, recent, failed = (c.post("/v1/jobs", json=job_body(sae, seed=i)).json()["id"] for i in range(3))
     old_file = finish_with_artifacts(make_session, settings, old, days_ago=10)
     recent_file = finish_with_artifacts(make_session, settings, recent, days_ago=1)
     with make_session.begin() as s:
@@ -184,19 +184,19 @@ def retention_flow(c: TestClient, settings: Settings, make_session: sessionmaker
     reap_once(week, make_session, no_publish)  # the reaper applies it
     assert not old_file.exists() and not (settings.artifacts_dir / old).exists()
     assert recent_file.exists()
-    job = c.get(f"/jobs/{old}").json()
+    job = c.get(f"/v1/jobs/{old}").json()
     assert job["status"] == "succeeded" and job["artifacts"] == [] and job["expired_at"] is not None
     assert job["metrics"] is None or isinstance(job["metrics"], dict)
     assert rows_of(make_session, old)[:2] == (1, 1)  # row and events kept
     assert rows_of(make_session, old)[2] == 0
-    body = assert_problem(c.get(f"/jobs/{old}/artifacts/report.json"), 410, code="artifact_expired", field="name")
+    body = assert_problem(c.get(f"/v1/jobs/{old}/artifacts/report.json"), 410, code="artifact_expired", field="name")
     assert body["expired_at"]
-    assert c.get(f"/jobs/{recent}/artifacts/report.json").content == recent_file.read_bytes()
-    assert c.get(f"/jobs/{failed}").json()["expired_at"] is None  # only succeeded jobs have artifacts
+    assert c.get(f"/v1/jobs/{recent}/artifacts/report.json").content == recent_file.read_bytes()
+    assert c.get(f"/v1/jobs/{failed}").json()["expired_at"] is None  # only succeeded jobs have artifacts
     with make_session() as s:
         assert storage_usage(s, settings, owner).artifacts == recent_file.stat().st_size
     assert expire_artifacts(week, make_session) == []  # nothing left to do
-    assert c.delete(f"/jobs/{old}").status_code == 204  # an expired job can still be deleted
+    assert c.delete(f"/v1/jobs/{old}").status_code == 204  # an expired job can still be deleted
 
 
 # -- Postgres --------------------------------------------------------------------------------------
@@ -238,10 +238,10 @@ def test_storage_quota(
     cfg, weights = (teacher / "cfg.json").read_bytes(), (teacher / "sae_weights.safetensors").read_bytes()
 
     with app_client(monkeypatch, max_storage_bytes_per_user=str(size + estimate)) as c:
-        job = c.post("/jobs", json=job_body(first))  # exactly fits
+        job = c.post("/v1/jobs", json=job_body(first))  # exactly fits
         assert job.status_code == 202, job.text
         # The job's estimate is reserved: nothing more fits, not even before the upload is read.
-        body = assert_problem(c.post("/jobs", json=job_body(first, seed=1)), 413, code="storage_quota_exceeded")
+        body = assert_problem(c.post("/v1/jobs", json=job_body(first, seed=1)), 413, code="storage_quota_exceeded")
         assert (body["used_bytes"], body["limit_bytes"], body["requested_bytes"]) == (
             size + estimate,
             size + estimate,
@@ -252,27 +252,29 @@ def test_storage_quota(
         body = assert_problem(post_sae(c, cfg, weights), 413, code="storage_quota_exceeded")
         assert body["requested_bytes"] == 0 and body["used_bytes"] == size + estimate
         # Cancelling frees the reservation; a second upload fits, then a job no longer does.
-        assert c.post(f"/jobs/{job.json()['id']}/cancel").json()["status"] == "cancelled"
+        assert c.post(f"/v1/jobs/{job.json()['id']}/cancel").json()["status"] == "cancelled"
         second = upload_sae(c, teacher)["id"]
-        body = assert_problem(c.post("/jobs", json=job_body(first)), 413, code="storage_quota_exceeded")
+        body = assert_problem(c.post("/v1/jobs", json=job_body(first)), 413, code="storage_quota_exceeded")
         assert (body["used_bytes"], body["requested_bytes"]) == (2 * size, estimate)
         # Deleting an SAE frees its bytes.
-        assert c.delete(f"/saes/{second}").status_code == 204
-        assert c.post("/jobs", json=job_body(first)).status_code == 202
+        assert c.delete(f"/v1/saes/{second}").status_code == 204
+        assert c.post("/v1/jobs", json=job_body(first)).status_code == 202
         # Another user has their own quota.
         with TestClient(c.app, headers=bearer(make_token(database_url, "mallory"))) as m:
             assert upload_sae(m, teacher)["id"]
 
     # Concurrent submissions of one user cannot overshoot it (the user's row lock serialises the checks).
     with app_client(monkeypatch, max_storage_bytes_per_user=str(size + 2 * estimate)) as c:
-        queued = [j["id"] for j in c.get("/jobs", params={"status": "queued"}).json()["items"]]
+        queued = [j["id"] for j in c.get("/v1/jobs", params={"status": "queued"}).json()["data"]]
         assert len(queued) == 1  # one estimate reserved: room for one more job
         with ThreadPoolExecutor(6) as pool:
-            codes = sorted(pool.map(lambda i: c.post("/jobs", json=job_body(first, seed=10 + i)).status_code, range(6)))
+            codes = sorted(
+                pool.map(lambda i: c.post("/v1/jobs", json=job_body(first, seed=10 + i)).status_code, range(6))
+            )
         assert codes == [202] + [413] * 5, codes
-        for job in c.get("/jobs", params={"status": "queued"}).json()["items"]:
+        for job in c.get("/v1/jobs", params={"status": "queued"}).json()["data"]:
             if job["id"] not in queued:
-                assert c.delete(f"/jobs/{job['id']}").status_code == 204  # frees its reservation again
+                assert c.delete(f"/v1/jobs/{job['id']}").status_code == 204  # frees its reservation again
 
     # The stored folder does not fit although the user is under the quota: refused after the import,
     # nothing left in the uploads folder.
@@ -296,8 +298,8 @@ def test_sweep_orphans(client: TestClient, settings: Settings, database_url: str
     """Folders no row owns (a crash between a committed deletion and the file removal, a job gone while a
     lost worker still wrote) are removed once old enough; owned and temporary folders stay."""
     make_session = get_sessionmaker(database_url)
-    job = client.post("/jobs", json=job_body(sae_id)).json()["id"]
-    expired = client.post("/jobs", json=job_body(sae_id, seed=1)).json()["id"]
+    job = client.post("/v1/jobs", json=job_body(sae_id)).json()["id"]
+    expired = client.post("/v1/jobs", json=job_body(sae_id, seed=1)).json()["id"]
     finish_with_artifacts(make_session, settings, expired, days_ago=3)
     with make_session.begin() as s:
         s.execute(update(Job).where(Job.id == expired).values(expired_at=utcnow()))

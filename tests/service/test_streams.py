@@ -55,7 +55,7 @@ class Streams:
 @pytest.fixture
 def queued_job(client: TestClient, sae_id: str) -> str:
     """A job that stays queued (no worker runs in these tests): its event stream never ends by itself."""
-    r = client.post("/jobs", json=job_body(sae_id))
+    r = client.post("/v1/jobs", json=job_body(sae_id))
     assert r.status_code == 202, r.text
     return r.json()["id"]
 
@@ -67,24 +67,24 @@ def test_100_open_streams_leave_the_other_routes_working(settings: Settings, api
     with served(small) as base:
         limits = httpx.Limits(max_connections=200, max_keepalive_connections=200)
         with httpx.Client(base_url=base, headers=bearer(api_token), timeout=20, limits=limits) as http:
-            streams = Streams(http, f"/jobs/{queued_job}/events")
+            streams = Streams(http, f"/v1/jobs/{queued_job}/events")
             try:
                 for _ in range(10):  # 10 at a time: the point is open streams, not a burst of 100 requests
                     streams.open(10)
                 assert streams.statuses == [200] * 100
                 for _ in range(20):
                     t0 = time.monotonic()
-                    assert http.get(f"/jobs/{queued_job}").status_code == 200
-                    assert http.get("/jobs").status_code == 200
+                    assert http.get(f"/v1/jobs/{queued_job}").status_code == 200
+                    assert http.get("/v1/jobs").status_code == 200
                     assert time.monotonic() - t0 < 5
-                r = http.get(f"/jobs/{queued_job}/events", headers=SSE)
+                r = http.get(f"/v1/jobs/{queued_job}/events", headers=SSE)
                 body = assert_problem(r, 429, code="too_many_streams")
                 assert int(r.headers["Retry-After"]) > 0 and "100" in body["detail"]
             finally:
                 streams.close()
             deadline = time.monotonic() + 20  # the server notices the closed connections at its next poll
             while True:
-                with http.stream("GET", f"/jobs/{queued_job}/events", headers=SSE) as r:
+                with http.stream("GET", f"/v1/jobs/{queued_job}/events", headers=SSE) as r:
                     if r.status_code == 200:
                         break
                 assert time.monotonic() < deadline, "slots were not given back"
@@ -98,12 +98,12 @@ def test_a_stream_ends_after_its_maximum_life(settings: Settings, api_token: str
     with served(short) as base, httpx.Client(base_url=base, headers=bearer(api_token), timeout=20) as http:
         for _ in range(2):
             t0 = time.monotonic()
-            r = http.get(f"/jobs/{queued_job}/events", headers=SSE)  # reads the whole stream: it must end
+            r = http.get(f"/v1/jobs/{queued_job}/events", headers=SSE)  # reads the whole stream: it must end
             assert r.status_code == 200 and r.text.startswith(": rsae job events")
             assert time.monotonic() - t0 < 10
 
 
 def test_last_event_id_must_be_ascii_digits(client: TestClient, queued_job: str):
     """A non-ASCII digit (``²``) is a 422 naming the header, not a 500."""
-    r = client.get(f"/jobs/{queued_job}/events", headers={**SSE, "Last-Event-ID": "²".encode("latin-1")})
+    r = client.get(f"/v1/jobs/{queued_job}/events", headers={**SSE, "Last-Event-ID": "²".encode("latin-1")})
     assert_problem(r, 422, field="Last-Event-ID")

@@ -109,13 +109,13 @@ def bombs() -> dict[str, dict[str, tuple[str, bytes]]]:
 
 def _post(client: TestClient, files: dict, case: str) -> tuple[dict, int]:
     size = sum(len(v[1]) for v in files.values())
-    r, growth = measure(lambda: client.post("/saes", files=files))
+    r, growth = measure(lambda: client.post("/v1/saes", files=files))
     print(
         f"\n{case}: {size / 1e3:.0f} KB uploaded -> {r.status_code} {r.json().get('code')}, RSS +{growth / 1e6:.1f} MB"
     )
     assert 400 <= r.status_code < 500, r.text
     assert r.headers["content-type"].startswith("application/problem+json")
-    assert client.get("/saes").json() == []
+    assert client.get("/v1/saes").json()["data"] == []
     return r.json() | {"status": r.status_code}, growth
 
 
@@ -171,7 +171,7 @@ def test_json_part_is_parsed_as_strictly_as_a_body(client: TestClient, make_teac
     huge = (cfg[:-1] + ', "k": ' + "9" * 5000 + "}").encode()
     body = assert_problem(post_sae(client, huge, weights), 422, field="cfg.k")
     assert body["errors"][0]["code"] == "int_too_long"
-    assert client.get("/saes").json() == []
+    assert client.get("/v1/saes").json()["data"] == []
 
 
 def _tensors_with(folder: Path, edit: Callable[[dict[str, torch.Tensor]], None], **cfg: Any) -> tuple[bytes, bytes]:
@@ -199,7 +199,7 @@ def test_degenerate_teacher_is_422_naming_the_cause(
     edit, cfg, code, field = DEGENERATE[case]
     body = assert_problem(post_sae(client, *_tensors_with(make_teacher(), edit, **cfg)), 422, field=field, code=code)
     assert "Hint" in body["detail"]
-    assert client.get("/saes").json() == []
+    assert client.get("/v1/saes").json()["data"] == []
 
 
 def test_import_past_its_time_limit_is_422_naming_the_field(

@@ -19,67 +19,16 @@ from service.config import Settings
 from service.teachers import UPLOAD_FILES
 from support.hub import hub_cache
 from support.servers import assert_problem, job_body
-
-D_IN, D_SAE, K = 576, 96, 8
-
-
-def _weights(seed: int) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    return {
-        "W_enc": torch.randn(D_IN, D_SAE, generator=g) / 24,
-        "b_enc": torch.randn(D_SAE, generator=g) / 10,
-        "W_dec": torch.randn(D_SAE, D_IN, generator=g) / 10,
-        "b_dec": torch.randn(D_IN, generator=g) / 10,
-    }
+from support.teachers import D_IN, D_SAE
+from support.teachers import write_dictionary_learning as _dictionary_learning
+from support.teachers import write_gemma_scope as _gemma_scope
+from support.teachers import write_sparsify as _sparsify
 
 
 def _files(folder: Path) -> dict[str, tuple[str, bytes]]:
     """The multipart files of POST /saes for the format files in ``folder`` (form field per file name)."""
     field = {name: form for form, name in UPLOAD_FILES.items()}
     return {field[p.name]: (p.name, p.read_bytes()) for p in folder.iterdir() if p.name in field}
-
-
-def _gemma_scope(folder: Path) -> None:
-    d = {k: v.numpy() for k, v in _weights(1).items()}
-    d["threshold"] = np.full(D_SAE, 0.05, dtype=np.float32)
-    np.savez(folder / "params.npz", **d)
-
-
-def _sparsify(folder: Path) -> None:
-    from sparsify import SparseCoder, SparseCoderConfig
-
-    w = _weights(2)
-    coder = SparseCoder(D_IN, SparseCoderConfig(num_latents=D_SAE, k=K))
-    with torch.no_grad():
-        coder.encoder.weight.copy_(w["W_enc"].T)
-        coder.encoder.bias.copy_(w["b_enc"])
-        coder.W_dec.copy_(w["W_dec"])
-        coder.b_dec.copy_(w["b_dec"])
-    coder.save_to_disk(folder)
-
-
-def _dictionary_learning(folder: Path) -> None:
-    w = _weights(3)
-    state = {
-        "encoder.weight": w["W_enc"].T.contiguous(),
-        "encoder.bias": w["b_enc"],
-        "decoder.weight": w["W_dec"].T.contiguous(),
-        "bias": w["b_dec"],
-    }
-    torch.save(state, folder / "ae.pt")
-    (folder / "config.json").write_text(
-        json.dumps(
-            {
-                "trainer": {
-                    "dict_class": "AutoEncoder",
-                    "activation_dim": D_IN,
-                    "dict_size": D_SAE,
-                    "layer": 3,
-                    "lm_name": "HuggingFaceTB/SmolLM2-135M-Instruct",
-                }
-            }
-        )
-    )
 
 
 @pytest.mark.parametrize(
@@ -96,7 +45,7 @@ def test_upload_each_format(
     src = tmp_path / fmt
     src.mkdir()
     make(src)
-    r = client.post("/saes", files=_files(src), data={"name": fmt})
+    r = client.post("/v1/saes", files=_files(src), data={"name": fmt})
     assert r.status_code == 201, r.text
     sae = r.json()
     assert (sae["family"], sae["d_in"], sae["d_sae"]) == (family, D_IN, D_SAE)
@@ -108,7 +57,7 @@ def test_upload_each_format(
     with torch.no_grad():
         torch.testing.assert_close(stored.encode(x), reference.encode(x))
         torch.testing.assert_close(stored(x), reference(x))
-    assert client.post("/jobs", json=job_body(sae["id"])).status_code == 202
+    assert client.post("/v1/jobs", json=job_body(sae["id"])).status_code == 202
 
 
 def test_upload_format_errors(client: TestClient, tmp_path: Path) -> None:
@@ -121,24 +70,26 @@ def test_upload_format_errors(client: TestClient, tmp_path: Path) -> None:
     (tmp_path / "config.json").write_text(
         json.dumps({"trainer": {"dict_class": "AutoEncoder", "activation_dim": D_IN, "dict_size": D_SAE}})
     )
-    assert_problem(client.post("/saes", files=_files(tmp_path)), 422, field="ae", code="invalid_teacher")
+    assert_problem(client.post("/v1/saes", files=_files(tmp_path)), 422, field="ae", code="invalid_teacher")
     # Garbage ae.pt bytes that send torch's weights-only unpickler off its stack (IndexError; found by the
     # Schemathesis run as a 500): a 4xx naming the field, like every other unreadable file.
     for garbage in (b"R.", b"\x80\x02t.", b"a", b"\x80\x02}q\x00(X"):
         (tmp_path / "ae.pt").write_bytes(garbage)
-        assert_problem(client.post("/saes", files=_files(tmp_path)), 422, field="ae", code="invalid_teacher")
+        assert_problem(client.post("/v1/saes", files=_files(tmp_path)), 422, field="ae", code="invalid_teacher")
     # Two weights files at once, and none at all.
     both = {"weights": ("a", b"x"), "params": ("b", b"y")}
-    assert_problem(client.post("/saes", files=both), 422, field="params")
-    assert_problem(client.post("/saes", files={"cfg": ("cfg.json", b"{}")}), 422, field="weights", code="missing_field")
+    assert_problem(client.post("/v1/saes", files=both), 422, field="params")
+    assert_problem(
+        client.post("/v1/saes", files={"cfg": ("cfg.json", b"{}")}), 422, field="weights", code="missing_field"
+    )
     # An npz whose arrays are pickled objects is refused (allow_pickle=False).
     np.savez(tmp_path / "params.npz", W_enc=np.array([{"x": 1}], dtype=object))
     assert_problem(
-        client.post("/saes", files={"params": ("params.npz", (tmp_path / "params.npz").read_bytes())}),
+        client.post("/v1/saes", files={"params": ("params.npz", (tmp_path / "params.npz").read_bytes())}),
         422,
         code="invalid_teacher",
     )
-    assert client.get("/saes").json() == []
+    assert client.get("/v1/saes").json()["data"] == []
 
 
 def test_hub_teacher_reference(
@@ -152,16 +103,16 @@ def test_hub_teacher_reference(
     from service.schemas import TeacherRef
 
     ref = {"repo_id": "some-org/smollm2-saes", "subfolder": "layer_3"}
-    assert client.post("/jobs", json={"layer": 3, "teacher": {"hub": ref}}).status_code == 202
+    assert client.post("/v1/jobs", json={"layer": 3, "teacher": {"hub": ref}}).status_code == 202
     for bad, field in (
         (({"repo_id": "https://evil.example/x"}), "teacher.hub.repo_id"),
         ({"repo_id": "a/b", "subfolder": "../../etc"}, "teacher.hub.subfolder"),
         ({"release": "no-such-release", "sae_id": "x"}, "teacher.hub.release"),
         ({"repo_id": "a/b", "revision": "../x"}, "teacher.hub.revision"),
     ):
-        assert_problem(client.post("/jobs", json={"layer": 3, "teacher": {"hub": bad}}), 422, field=field)
+        assert_problem(client.post("/v1/jobs", json={"layer": 3, "teacher": {"hub": bad}}), 422, field=field)
     assert_problem(
-        client.post("/jobs", json={"layer": 3, "teacher": {"hub": ref, "sae_id": "x"}}), 422, field="teacher"
+        client.post("/v1/jobs", json={"layer": 3, "teacher": {"hub": ref, "sae_id": "x"}}), 422, field="teacher"
     )
 
     src = tmp_path / "src"

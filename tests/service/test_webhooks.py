@@ -259,7 +259,7 @@ def test_api_accepts_only_allowed_webhooks_and_never_echoes_the_secret(
     with TestClient(create_app(), headers=bearer(make_token(database_url))) as c:
         sae_id = upload_sae(c, make_teacher())["id"]
         assert_problem(
-            c.post("/jobs", json={**job_body(sae_id), "webhook": hook}),
+            c.post("/v1/jobs", json={**job_body(sae_id), "webhook": hook}),
             422,
             field="webhook.url",
             code="webhook_not_allowed",
@@ -267,12 +267,12 @@ def test_api_accepts_only_allowed_webhooks_and_never_echoes_the_secret(
     monkeypatch.setenv("RSAE_WEBHOOK_ALLOWED_HOSTS", '["hooks.example.org", "169.254.169.254", "127.0.0.1"]')
     get_settings.cache_clear()
     with TestClient(create_app(), headers=bearer(make_token(database_url))) as c:
-        r = c.post("/jobs", json={**job_body(sae_id), "webhook": hook})
+        r = c.post("/v1/jobs", json={**job_body(sae_id), "webhook": hook})
         assert r.status_code == 202, r.text
         assert r.json()["request"]["webhook"] == {"url": hook["url"], "secret": "***"}
-        assert SECRET not in c.get(f"/jobs/{r.json()['id']}").text and SECRET not in c.get("/jobs").text
+        assert SECRET not in c.get(f"/v1/jobs/{r.json()['id']}").text and SECRET not in c.get("/v1/jobs").text
         whsec = {**hook, "secret": "whsec_" + base64.b64encode(bytes(24)).decode()}
-        assert c.post("/jobs", json={**job_body(sae_id), "webhook": whsec}).status_code == 202
+        assert c.post("/v1/jobs", json={**job_body(sae_id), "webhook": whsec}).status_code == 202
         for bad, field in (
             ({**hook, "url": "https://evil.example.net/"}, "webhook.url"),
             ({**hook, "url": "file:///etc/passwd"}, "webhook.url"),
@@ -285,13 +285,13 @@ def test_api_accepts_only_allowed_webhooks_and_never_echoes_the_secret(
             ({**hook, "secret": "whsec_" + base64.b64encode(b"tiny").decode()}, "webhook.secret"),
             ({"url": hook["url"]}, "webhook.secret"),
         ):
-            body = assert_problem(c.post("/jobs", json={**job_body(sae_id), "webhook": bad}), 422, field=field)
+            body = assert_problem(c.post("/v1/jobs", json={**job_body(sae_id), "webhook": bad}), 422, field=field)
             assert SECRET not in json.dumps(body)
 
 
 def _events(c: TestClient, job_id: str, deadline: float) -> list[dict]:
     while time.monotonic() < deadline:
-        logs = [e["data"] for e in c.get(f"/jobs/{job_id}/events").json() if e["type"] == "log"]
+        logs = [e["data"] for e in c.get(f"/v1/jobs/{job_id}/events").json()["data"] if e["type"] == "log"]
         if logs:
             return logs
         time.sleep(0.1)
@@ -315,8 +315,8 @@ def test_cancelling_a_queued_job_sends_its_webhook(
     get_settings.cache_clear()
     with TestClient(create_app(), headers=bearer(make_token(database_url))) as c:
         sae_id = upload_sae(c, make_teacher())["id"]
-        job = c.post("/jobs", json={**job_body(sae_id), "webhook": {"url": receiver.url, "secret": SECRET}}).json()
-        assert c.post(f"/jobs/{job['id']}/cancel").json()["status"] == "cancelled"
+        job = c.post("/v1/jobs", json={**job_body(sae_id), "webhook": {"url": receiver.url, "secret": SECRET}}).json()
+        assert c.post(f"/v1/jobs/{job['id']}/cancel").json()["status"] == "cancelled"
         logs = _events(c, job["id"], time.monotonic() + 30)
         assert [entry["webhook"] for entry in logs] == ["delivered"], logs
         assert len(receiver.received) == 1
@@ -353,8 +353,8 @@ def test_a_name_resolving_to_loopback_is_refused_with_a_generic_event(
     url = f"http://localhost:{receiver.port}/hook"
     with TestClient(create_app(), headers=bearer(make_token(database_url))) as c:
         sae_id = upload_sae(c, make_teacher())["id"]
-        job = c.post("/jobs", json={**job_body(sae_id), "webhook": {"url": url, "secret": SECRET}}).json()
-        assert c.post(f"/jobs/{job['id']}/cancel").json()["status"] == "cancelled"
+        job = c.post("/v1/jobs", json={**job_body(sae_id), "webhook": {"url": url, "secret": SECRET}}).json()
+        assert c.post(f"/v1/jobs/{job['id']}/cancel").json()["status"] == "cancelled"
         logs = _events(c, job["id"], time.monotonic() + 30)
     assert [(e["message"], e["webhook"]) for e in logs] == [("webhook refused: address not allowed", "refused")]
     assert "127.0.0.1" not in json.dumps(logs) and "::1" not in json.dumps(logs)

@@ -217,7 +217,7 @@ def post_sae(client: TestClient, cfg: bytes, weights: bytes, **data: str) -> Any
         "cfg": ("cfg.json", cfg, "application/json"),
         "weights": ("sae_weights.safetensors", weights, "application/octet-stream"),
     }
-    return client.post("/saes", files=files, data=data or None)
+    return client.post("/v1/saes", files=files, data=data or None)
 
 
 def job_body(sae_id: str, **settings: Any) -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""Upgrade jobs: create, list, read, cancel, delete, events, artifacts.
+"""Upgrade jobs: create, list, read, cancel, delete, events, artifacts, checkpoints (mounted under ``/v1``).
 
 Routes only: ownership, idempotency, admission, publishing and cursors are :mod:`service.policies`; deletion,
 the storage quota and retention are :mod:`service.storage`.
@@ -21,9 +21,30 @@ from service.events import EventStreamResponse, job_event_stream
 from service.jobs import add_event, transition
 from service.jsonbody import StrictJSONRoute
 from service.models import Job, JobEvent
-from service.policies import admit, check_job_request, decode_cursor, encode_cursor, job_or_404, publish_job
+from service.policies import (
+    admit,
+    check_job_request,
+    decode_cursor,
+    encode_cursor,
+    job_checkpoints,
+    job_or_404,
+    metadata_filters,
+    publish_job,
+)
 from service.problems import ProblemError, problem_responses
-from service.schemas import ArtifactOut, EventOut, JobCreate, JobOut, JobPage, JobStatus
+from service.schemas import (
+    API_PREFIX,
+    ArtifactList,
+    CheckpointList,
+    EventList,
+    JobCreate,
+    JobList,
+    JobModel,
+    JobStatus,
+    artifact_out,
+    event_out,
+    job_out,
+)
 from service.storage import check_storage, job_output_estimates, request_job_deletion
 from service.webhooks import notify_in_background
 
@@ -44,7 +65,7 @@ _NOT_FOUND = problem_responses(404, s404="unknown job, or another user's (proble
             "description": "job created and queued; also the replay of an earlier request with the same "
             "Idempotency-Key and body (same status and body, header Idempotent-Replayed: true)",
             "headers": {
-                "Location": {"description": "/jobs/{id}", "schema": {"type": "string"}},
+                "Location": {"description": "/v1/jobs/{id}", "schema": {"type": "string"}},
                 "Idempotent-Replayed": {
                     "description": "'true' on a replay of a stored response",
                     "schema": {"type": "string"},
@@ -82,7 +103,7 @@ def create_job(
         "body it is a 422; while the first request still runs, a 409. A request refused before it created a "
         "job (4xx, or the 503 of an unreachable broker) leaves the key free.",
     ),
-) -> JobOut:
+) -> JobModel:
     """Create an upgrade job: validate it fully, commit the row (status ``queued``), then enqueue its id.
 
     Admission is exact under concurrency: the quota is counted and the row inserted in one transaction that
@@ -116,6 +137,7 @@ def create_job(
             progress=0.0,
             attempt=0,
             request=body.model_dump(mode="json"),
+            job_metadata=body.metadata,
             owner_id=user.id,
             idempotency_key=key,
             request_sha256=digest,
@@ -133,21 +155,43 @@ def create_job(
             idempotency.release(session, held)
         raise
     session.refresh(job)
-    out = idempotency.json_body(JobOut.from_row(job).model_dump(mode="json"))
+    out = idempotency.json_body(job_out(job).model_dump(mode="json"))
     if held is not None:
         idempotency.complete(session, held, 202, out)
-    return Response(out, status_code=202, headers={"Location": f"/jobs/{job.id}"}, media_type="application/json")
+    return Response(
+        out, status_code=202, headers={"Location": f"{API_PREFIX}/jobs/{job.id}"}, media_type="application/json"
+    )
 
 
-@router.get("")
+_METADATA_QUERY = {
+    "parameters": [
+        {
+            "name": "metadata",
+            "in": "query",
+            "style": "deepObject",
+            "explode": True,
+            "required": False,
+            "description": "Only jobs whose metadata has these values: ?metadata[key]=value (repeat for more "
+            "keys; all must match).",
+            "schema": {"type": "object", "additionalProperties": {"type": "string"}},
+        }
+    ]
+}
+
+
+@router.get("", openapi_extra=_METADATA_QUERY)
 def list_jobs(
+    request: Request,
     session: SessionDep,
     limit: LimitDep,
     user: UserDep,
     after: str | None = Query(None, description="next_cursor of the previous page."),
     status: JobStatus | None = Query(None, description="Only jobs in this status."),  # type: ignore[valid-type]
-) -> JobPage:
-    """Your jobs, newest first, ``limit`` per page; follow ``next_cursor`` (null on the last page)."""
+) -> JobList:
+    """Your jobs, newest first, ``limit`` per page; follow ``next_cursor`` (null on the last page).
+
+    ``?metadata[key]=value`` keeps the jobs whose metadata has that value (several: all must match; a
+    malformed key is a 422 naming ``metadata[key]``)."""
     q = (
         select(Job)
         .options(selectinload(Job.artifacts))
@@ -156,23 +200,29 @@ def list_jobs(
     )
     if status is not None:
         q = q.where(Job.status == status)
+    for key, value in metadata_filters(request.query_params.multi_items()).items():
+        q = q.where(Job.job_metadata[key].as_string() == value)
     if after is not None:
         created, job_id = decode_cursor(after)
         q = q.where(or_(Job.created_at < created, and_(Job.created_at == created, Job.id < job_id)))
     rows = list(session.scalars(q.limit(limit + 1)))
     more = len(rows) > limit
     rows = rows[:limit]
-    return JobPage(items=[JobOut.from_row(j) for j in rows], next_cursor=encode_cursor(rows[-1]) if more else None)
+    return JobList(
+        data=[job_out(j) for j in rows],
+        has_more=more,
+        next_cursor=encode_cursor(rows[-1].created_at, rows[-1].id) if more else None,
+    )
 
 
 @router.get("/{job_id}", responses=_NOT_FOUND)
-def get_job(job_id: str, session: SessionDep, user: UserDep) -> JobOut:
-    """One job: status, stage, progress, timestamps, request echo, metrics, error, artifacts."""
-    return JobOut.from_row(job_or_404(session, job_id, user))
+def get_job(job_id: str, session: SessionDep, user: UserDep) -> JobModel:
+    """One job: status, stage, progress, timestamps, metadata, request echo, metrics, error, artifacts."""
+    return job_out(job_or_404(session, job_id, user))
 
 
 @router.post("/{job_id}/cancel", responses=_NOT_FOUND)
-def cancel_job(job_id: str, request: Request, session: SessionDep, settings: SettingsDep, user: UserDep) -> JobOut:
+def cancel_job(job_id: str, request: Request, session: SessionDep, settings: SettingsDep, user: UserDep) -> JobModel:
     """Cooperative cancel, safe to repeat: queued -> cancelled; running -> cancelling (the worker stops
     at its next check and sets cancelled); any other status is left as it is."""
     job = job_or_404(session, job_id, user)
@@ -183,13 +233,13 @@ def cancel_job(job_id: str, request: Request, session: SessionDep, settings: Set
     if cancelled_now:
         notify_in_background(request.app.state.sessionmaker, settings, job_id)
     session.refresh(job)
-    return JobOut.from_row(job)
+    return job_out(job)
 
 
 @router.delete(
     "/{job_id}",
     status_code=202,
-    response_model=JobOut,
+    response_model=JobModel,
     responses={
         202: {"description": "the job was running: it is cancelling, and is deleted once it has stopped"},
         204: {"description": "deleted: the job, its events, artifacts and scratch are gone"},
@@ -197,7 +247,7 @@ def cancel_job(job_id: str, request: Request, session: SessionDep, settings: Set
         **problem_responses(409, s409="the job kept changing status; try again (code job_busy; problem+json)"),
     },
 )
-def delete_job(job_id: str, session: SessionDep, settings: SettingsDep, user: UserDep) -> JobOut | Response:
+def delete_job(job_id: str, session: SessionDep, settings: SettingsDep, user: UserDep) -> JobModel | Response:
     """Delete one of your jobs with its events, artifacts (files and rows) and scratch, freeing storage quota.
 
     A queued or finished job is deleted at once: 204. A running (or cancelling) job is cancelled first: 202
@@ -211,15 +261,16 @@ def delete_job(job_id: str, session: SessionDep, settings: SettingsDep, user: Us
     if request_job_deletion(session, settings, job_id) == "deleted":
         return Response(status_code=204)
     session.refresh(job)
-    return JobOut.from_row(job)
+    return job_out(job)
 
 
 @router.get(
     "/{job_id}/events",
-    response_model=list[EventOut],
+    response_model=EventList,
     responses={
         200: {
-            "description": "the events as a JSON list, or, with 'Accept: text/event-stream', as a live "
+            "description": "a page of events as JSON ({data, has_more, next_cursor}), or, with "
+            "'Accept: text/event-stream', as a live "
             "server-sent event stream that ends when the job is terminal",
             "content": {
                 "text/event-stream": {
@@ -233,7 +284,7 @@ def delete_job(job_id: str, session: SessionDep, settings: SettingsDep, user: Us
         **problem_responses(429, s429="too many open event streams of yours (problem+json; Retry-After)"),
     },
 )
-def list_events(
+def list_job_events(
     job_id: str,
     request: Request,
     session: SessionDep,
@@ -245,8 +296,9 @@ def list_events(
         alias="Last-Event-ID",
         description="SSE resumption: id of the last event received (takes precedence over 'after').",
     ),
-) -> list[EventOut] | Response:
-    """The job's events in order (status, progress, metrics, log), after event id ``after``.
+) -> EventList | Response:
+    """The job's events in order (status, progress, metrics, log), after event id ``after``: ``limit`` per page,
+    ``next_cursor`` is the last event's id (pass it as ``after``).
 
     With ``Accept: text/event-stream`` the answer is a server-sent event stream instead
     (:mod:`service.events`): past events after ``after`` / ``Last-Event-ID`` first, then new ones as they
@@ -270,16 +322,28 @@ def list_events(
             max_seconds=request.app.state.settings.stream_max_seconds,
         )
         return EventStreamResponse(stream, on_close=lambda: slots.release(user.id))
-    q = select(JobEvent).where(JobEvent.job_id == job_id).order_by(JobEvent.id).limit(limit)
+    q = select(JobEvent).where(JobEvent.job_id == job_id).order_by(JobEvent.id).limit(limit + 1)
     if after is not None:
         q = q.where(JobEvent.id > after)
-    return [EventOut.from_row(e) for e in session.scalars(q)]
+    rows = list(session.scalars(q))
+    more = len(rows) > limit
+    rows = rows[:limit]
+    return EventList(data=[event_out(e) for e in rows], has_more=more, next_cursor=str(rows[-1].id) if more else None)
 
 
 @router.get("/{job_id}/artifacts", responses=_NOT_FOUND)
-def list_artifacts(job_id: str, session: SessionDep, user: UserDep) -> list[ArtifactOut]:
-    """The job's files: name, kind, content type, size, sha256, download url."""
-    return [ArtifactOut.from_row(a) for a in job_or_404(session, job_id, user).artifacts]
+def list_artifacts(job_id: str, session: SessionDep, user: UserDep) -> ArtifactList:
+    """The job's files: name, kind, content type, size, sha256, download url (all of them in one page)."""
+    arts = [artifact_out(a) for a in job_or_404(session, job_id, user).artifacts]
+    return ArtifactList(data=arts, has_more=False, next_cursor=None)
+
+
+@router.get("/{job_id}/checkpoints", responses=_NOT_FOUND)
+def list_checkpoints(job_id: str, session: SessionDep, user: UserDep) -> CheckpointList:
+    """The checkpoints the worker saved for the job, oldest first (all of them in one page): name, stage, step,
+    attempt, when, and the metrics recorded at that step (see :func:`service.policies.job_checkpoints`)."""
+    job = job_or_404(session, job_id, user)
+    return CheckpointList(data=job_checkpoints(session, job), has_more=False, next_cursor=None)
 
 
 @router.get(

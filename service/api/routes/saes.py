@@ -1,4 +1,5 @@
-"""Teacher SAE uploads: ``POST /saes``, ``GET /saes``, ``GET /saes/{id}``, ``DELETE /saes/{id}``.
+"""Teacher SAE uploads: ``POST /saes``, ``GET /saes``, ``GET /saes/{id}``, ``DELETE /saes/{id}`` (mounted under
+``/v1``).
 
 Routes only: the form fields, their checks, the import and the registration are :mod:`service.teachers`; deletion and
 the storage quota are :mod:`service.storage`.
@@ -9,9 +10,9 @@ from __future__ import annotations
 import shutil
 import uuid
 
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
-from sqlalchemy import select
+from sqlalchemy import and_, or_, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from service import storage
@@ -20,8 +21,9 @@ from service.auth import UserDep
 from service.config import Settings
 from service.jsonbody import StrictJSONRoute
 from service.models import Sae
+from service.policies import decode_cursor, encode_cursor
 from service.problems import problem_responses
-from service.schemas import SaeOut
+from service.schemas import API_PREFIX, SaeList, SaeModel, sae_out
 from service.teachers import (
     MAX_NAME_CHARS,
     UPLOAD_FILES,
@@ -108,7 +110,7 @@ _UPLOAD_BODY = {
         s422="invalid teacher: 'field' names the form field and key, e.g. cfg.d_in or weights.W_enc (problem+json)",
     ),
 )
-async def upload_sae(request: Request, response: Response, settings: SettingsDep, user: SubmitterDep) -> SaeOut:
+async def upload_sae(request: Request, response: Response, settings: SettingsDep, user: SubmitterDep) -> SaeModel:
     """Upload a teacher SAE in any of four formats (multipart; see docs/formats.md):
 
     - SAELens: ``cfg`` + ``weights`` (sae_weights.safetensors);
@@ -157,8 +159,8 @@ async def upload_sae(request: Request, response: Response, settings: SettingsDep
         )
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # the imported folder was moved out already
-    response.headers["Location"] = f"/saes/{row.id}"
-    return SaeOut.from_row(row)
+    response.headers["Location"] = f"{API_PREFIX}/saes/{row.id}"
+    return sae_out(row)
 
 
 def _room_left(make_session: sessionmaker[Session], settings: Settings, user_id: str) -> None:
@@ -169,18 +171,32 @@ def _room_left(make_session: sessionmaker[Session], settings: Settings, user_id:
 
 
 @router.get("")
-def list_saes(session: SessionDep, limit: LimitDep, user: UserDep) -> list[SaeOut]:
-    """Your ``limit`` most recently uploaded teacher SAEs, newest first."""
-    rows = session.scalars(
-        select(Sae).where(Sae.owner_id == user.id).order_by(Sae.created_at.desc(), Sae.id.desc()).limit(limit)
+def list_saes(
+    session: SessionDep,
+    limit: LimitDep,
+    user: UserDep,
+    after: str | None = Query(None, description="next_cursor of the previous page."),
+) -> SaeList:
+    """Your uploaded teacher SAEs, newest first, ``limit`` per page; follow ``next_cursor`` (null on the last
+    page)."""
+    q = select(Sae).where(Sae.owner_id == user.id).order_by(Sae.created_at.desc(), Sae.id.desc())
+    if after is not None:
+        created, sae_id = decode_cursor(after)
+        q = q.where(or_(Sae.created_at < created, and_(Sae.created_at == created, Sae.id < sae_id)))
+    rows = list(session.scalars(q.limit(limit + 1)))
+    more = len(rows) > limit
+    rows = rows[:limit]
+    return SaeList(
+        data=[sae_out(r) for r in rows],
+        has_more=more,
+        next_cursor=encode_cursor(rows[-1].created_at, rows[-1].id) if more else None,
     )
-    return [SaeOut.from_row(r) for r in rows]
 
 
 @router.get("/{sae_id}", responses=problem_responses(404))
-def get_sae(sae_id: str, session: SessionDep, user: UserDep) -> SaeOut:
+def get_sae(sae_id: str, session: SessionDep, user: UserDep) -> SaeModel:
     """One of your uploaded teacher SAEs (another user's id is a 404, like an unknown one)."""
-    return SaeOut.from_row(sae_or_404(session, sae_id, user.id))
+    return sae_out(sae_or_404(session, sae_id, user.id))
 
 
 @router.delete(
