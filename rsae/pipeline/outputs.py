@@ -48,8 +48,14 @@ uses each batch's mean)."""
 
 DATA_KEYS = ("context_size", "prepend_bos", "seqpos_slice", "dataset_path")
 """SAELens metadata keys that describe the training data: written for the upgrade's data."""
+RECORDED_KEYS = ("exclude_special_tokens", "sequence_separator_token", "disable_concat_sequences")
+"""SAELens data conventions written for the RSAE only when the activation manifest records them."""
 TEACHER_ONLY_KEYS = (
     *DATA_KEYS,
+    "exclude_special_tokens",  # the teacher's data conventions; the RSAE's are those of DATA_KEYS
+    "sequence_separator_token",
+    "disable_concat_sequences",
+    "position_0_dropped",  # rsae's demo teachers (rsae.teacher); the RSAE says it with seqpos_slice
     "model_name",
     "hook_name",
     "neuronpedia_id",  # the teacher's latent dashboards, not the RSAE's
@@ -98,17 +104,19 @@ def installed_version(dist: str) -> str | None:
 def data_conventions(state: UpgradeState, dataset: str) -> dict[str, Any]:
     """SAELens's data keys for the rows the RSAE was fitted on (the training split's manifest): ``context_size``
     (tokens per sequence), ``prepend_bos``, ``seqpos_slice`` (``[1, null]`` when position 0 was dropped) and
-    ``dataset_path`` (``dataset``, the public name)."""
+    ``dataset_path`` (``dataset``, the public name); plus those of :data:`RECORDED_KEYS` the manifest records."""
     m = state.train.manifest
     seqpos = m.get("seqpos_slice")
     if seqpos is None:
         seqpos = [1, None] if m.get("position_0_dropped", False) else [None]
-    return {
+    out = {
         "context_size": int(m["ctx_len"]),
         "prepend_bos": bool(m.get("prepend_bos", False)),
         "seqpos_slice": list(seqpos),
         "dataset_path": dataset,
     }
+    out.update({k: m[k] for k in RECORDED_KEYS if k in m})
+    return out
 
 
 def cfg_metadata(
