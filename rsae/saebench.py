@@ -169,8 +169,8 @@ class CoreEvalOutput(_Model):
 
 def _max_cosine(w: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
     """Per column of ``w`` [d, F]: its largest cosine similarity with any other column, [F] (chunked, F x F
-    never held; SAEBench's ``calculate_max_cosine_sim``)."""
-    u = torch.nn.functional.normalize(w.double(), dim=0)
+    never held; SAEBench's ``calculate_max_cosine_sim``, in float32 as there)."""
+    u = torch.nn.functional.normalize(w.float(), dim=0)
     out = torch.empty(u.shape[1], dtype=torch.float64)
     for s in range(0, u.shape[1], chunk):
         sims = u[:, s : s + chunk].T @ u
@@ -191,8 +191,8 @@ def weight_statistics(sae: SAE) -> dict[str, torch.Tensor]:
         "encoder_bias": sae.b_enc.detach().cpu().double(),
         "encoder_norm": w_enc.norm(dim=0),
         "encoder_decoder_cosine_sim": torch.nn.functional.cosine_similarity(w_enc.T, w_dec, dim=-1),
-        "max_encoder_cosine_sim": _max_cosine(w_enc),
-        "max_decoder_cosine_sim": _max_cosine(w_dec.T),
+        "max_encoder_cosine_sim": _max_cosine(sae.W_enc.detach().cpu()),
+        "max_decoder_cosine_sim": _max_cosine(sae.W_dec.detach().cpu().T),
     }
 
 
