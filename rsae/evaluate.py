@@ -14,12 +14,16 @@ Definitions (``docs/method.md``; SAEBench / SAELens names):
   loss is taken over the predictions made at positions 1..T-2 (targets 2..T-1), the ones the splice
   can change.
 - delta CE = CE spliced - CE clean; loss recovered = (CE zero - CE spliced) / (CE zero - CE clean).
-- KL: mean over the same positions of KL(p_clean || p_spliced), nats.
+- KL: mean over the same positions of KL(p_clean || p_spliced), nats; ``kl_zero`` the same with the zero
+  splice (SAEBench's ``kl_div_with_ablation``).
+- Core statistics (:func:`core_statistics`, the rest of SAEBench's ``core`` evaluation): L1, cosine similarity,
+  L2 norms and their ratio, relative reconstruction bias, the legacy explained variance, per-latent firing
+  counts (feature density) and the number of sequences each latent fires in.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 import torch.nn.functional as F
@@ -108,7 +112,7 @@ def downstream_metrics(
         input_ids: held-out sequences [s, T].
 
     Returns:
-        ``{"clean": {"ce": ..., "tokens": n}, "zero": {"ce": ...}, name: {"ce_spliced", "delta_ce",
+        ``{"clean": {"ce": ..., "tokens": n}, "zero": {"ce": ..., "kl": ...}, name: {"ce_spliced", "delta_ce",
         "delta_ce_se", "loss_recovered", "kl"}, ..., "paired": {"a-b": {"diff", "se"}}}`` (nats/token).
         ``delta_ce_se`` is the standard error of delta CE clustered by sequence (tokens of one sequence are
         correlated): std over sequences of the per-sequence mean of CE spliced - CE clean, / sqrt(#sequences).
@@ -119,7 +123,7 @@ def downstream_metrics(
     names = ["clean", "zero", *saes]
     sums = {k: 0.0 for k in names}
     per_seq: dict[str, list[torch.Tensor]] = {k: [] for k in names}  # mean CE of each sequence
-    kls = {k: 0.0 for k in saes}
+    kls = {k: 0.0 for k in ["zero", *saes]}
     count = 0
     n_batches = (input_ids.shape[0] + batch_size - 1) // batch_size
     try:
@@ -141,7 +145,7 @@ def downstream_metrics(
                 per_seq[k].append(ce.double().mean(-1).cpu())
                 if k == "clean":
                     clean_logp = logp
-                elif k != "zero":
+                else:
                     kls[k] += (clean_logp.exp() * (clean_logp - logp)).sum(-1).sum().item()
             count += targets.numel()
             if on_progress:
@@ -149,7 +153,7 @@ def downstream_metrics(
     finally:
         splice.remove()
     ce_clean, ce_zero = sums["clean"] / count, sums["zero"] / count
-    out: dict[str, dict[str, float]] = {"clean": {"ce": ce_clean}, "zero": {"ce": ce_zero}}
+    out: dict[str, dict[str, float]] = {"clean": {"ce": ce_clean}, "zero": {"ce": ce_zero, "kl": kls["zero"] / count}}
     for k in saes:
         ce_s = sums[k] / count
         out[k] = {
@@ -175,3 +179,85 @@ def _clustered_se(per_sequence: torch.Tensor) -> float | None:
     """Standard error of the mean of per-sequence values [s] (None for fewer than 2 sequences)."""
     n = per_sequence.numel()
     return None if n < 2 else (per_sequence.std(unbiased=True) / n**0.5).item()
+
+
+@torch.no_grad()
+def core_statistics(sae: SAE, batches: Iterable[torch.Tensor], rows_per_sequence: int | None = None) -> dict[str, Any]:
+    """The statistics of SAEBench's ``core`` evaluation (sae_bench 0.6.0 ``evals/core/main.py``, from SAELens's
+    ``evals.py``) that :func:`reconstruction_metrics` does not give, over ``batches`` of x [n, d_in].
+
+    Per token i (x_i, x_hat_i = SAE(x_i), z_i = latents), averaged over all tokens:
+
+    - ``l1``: sum_j |z_ij| (SAEBench sums z without the absolute value; equal for non-negative latents);
+    - ``cossim``: cos(x_i, x_hat_i) (0 where either is the zero vector);
+    - ``l2_norm_in`` / ``l2_norm_out``: ||x_i||, ||x_hat_i||; ``l2_ratio``: ||x_hat_i|| / ||x_i|| (a norm below
+      1e-4 divides by 1, as SAEBench does);
+    - ``explained_variance_legacy``: 1 - ||x_i - x_hat_i||^2 / ||x_i - mean_b||^2, mean_b the mean of x over
+      the token's batch (SAEBench's batch is 16 x 128 = 2048 tokens: pass batches of that size to match);
+
+    and over the whole set, ``relative_reconstruction_bias`` = mean ||x_hat||^2 / mean <x, x_hat> (eq. 10 of
+    Rajamanoharan et al. 2024, arXiv 2404.16014; SAEBench averages the per-batch ratios instead).
+
+    Per latent j: ``feature_counts`` [d_sae] (tokens with z_ij != 0) and ``feature_density`` = counts / n (the
+    firing rate SAELens stores as log10 in ``sparsity.safetensors``); with ``rows_per_sequence`` (rows are in
+    sequence order, each sequence contributing that many consecutive rows), ``feature_sequences`` [d_sae]: the
+    number of sequences in which latent j fires at least once (SAEBench's ``consistent_activation_heuristic``
+    is counts / sequences).
+
+    Accumulates in float64; memory is one batch.
+
+    Returns:
+        The scalars above as floats, ``n_tokens``, and the per-latent tensors (CPU; int64 counts, float64 density).
+
+    Raises:
+        ValueError: no tokens in ``batches``.
+    """
+    device = next(sae.parameters()).device
+    d_sae = sae.d_sae
+    sums = dict.fromkeys(("l1", "cossim", "l2_norm_in", "l2_norm_out", "l2_ratio", "ev_legacy", "xhat2", "xdot"), 0.0)
+    counts = torch.zeros(d_sae, dtype=torch.int64, device=device)
+    seqs = torch.zeros(d_sae, dtype=torch.int64, device=device)
+    prev_seq, prev_active = -1, torch.zeros(d_sae, dtype=torch.bool, device=device)
+    n = 0
+    for x in batches:
+        x = x.to(device)
+        z = sae.encode(x)
+        x_hat = sae.decode(z)
+        xd, hd = x.double(), x_hat.double()
+        n_in, n_out = xd.norm(dim=-1), hd.norm(dim=-1)
+        sums["l1"] += z.double().abs().sum().item()
+        sums["cossim"] += (torch.nn.functional.cosine_similarity(xd, hd, dim=-1, eps=1e-30)).sum().item()
+        sums["l2_norm_in"] += n_in.sum().item()
+        sums["l2_norm_out"] += n_out.sum().item()
+        sums["l2_ratio"] += (n_out / torch.where(n_in.abs() < 1e-4, torch.ones_like(n_in), n_in)).sum().item()
+        resid = (xd - hd).pow(2).sum(-1)
+        spread = (xd - xd.mean(0)).pow(2).sum(-1)
+        sums["ev_legacy"] += (1 - resid / spread).sum().item()
+        sums["xhat2"] += n_out.pow(2).sum().item()
+        sums["xdot"] += (xd * hd).sum().item()
+        nz = z != 0
+        counts += nz.sum(0)
+        if rows_per_sequence:
+            seq = torch.arange(n, n + x.shape[0], device=device) // rows_per_sequence
+            first = int(seq[0])
+            local = torch.zeros(int(seq[-1]) - first + 1, d_sae, device=device).index_add_(0, seq - first, nz.float())
+            active = local > 0
+            if first == prev_seq:  # a sequence split across two batches counts once
+                active[0] &= ~prev_active
+                prev_active = prev_active | (local[0] > 0) if active.shape[0] == 1 else local[-1] > 0
+            else:
+                prev_active = local[-1] > 0
+            prev_seq = int(seq[-1])
+            seqs += active.sum(0)
+        n += x.shape[0]
+    if n == 0:
+        raise ValueError("no evaluation tokens")
+    out: dict[str, Any] = {k: v / n for k, v in sums.items() if k not in ("ev_legacy", "xhat2", "xdot")}
+    out["explained_variance_legacy"] = sums["ev_legacy"] / n
+    out["relative_reconstruction_bias"] = sums["xhat2"] / sums["xdot"] if sums["xdot"] else float("nan")
+    out["n_tokens"] = n
+    out["feature_counts"] = counts.cpu()
+    out["feature_density"] = counts.cpu().double() / n
+    if rows_per_sequence:
+        out["feature_sequences"] = seqs.cpu()
+    return out

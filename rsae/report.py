@@ -16,8 +16,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from .config import UpgradeConfig
 from .remez import RationalFit
 
-REPORT_SCHEMA_VERSION = "rsae-report/4"
-"""4: typed sections (this module's models), ``config`` validated as :class:`rsae.config.UpgradeConfig`.
+REPORT_SCHEMA_VERSION = "rsae-report/5"
+"""5: ``SAEMetrics.kl_zero`` (the zero-ablation KL, SAEBench's ``kl_div_with_ablation``).
+4: typed sections (this module's models), ``config`` validated as :class:`rsae.config.UpgradeConfig`.
 3: ``SAEMetrics.delta_ce_se`` and ``Report.comparisons`` (paired delta CE differences with standard errors)."""
 
 Scalar = float | int | str | bool | None
@@ -50,6 +51,9 @@ class SAEMetrics(_Section):
     )
     loss_recovered: float | None = None
     kl: float | None = None
+    kl_zero: float | None = Field(
+        None, description="KL(p_clean || p_zero) with the hook's residual replaced by zeros (nats/token)."
+    )
     ce_tokens: int | None = None
     probe_accuracy: dict[str, float] | None = Field(
         None, description="k -> mean balanced accuracy of k-sparse one-vs-rest probes on the data set's labels."

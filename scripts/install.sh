@@ -23,6 +23,9 @@ fi
 # dictionary_learning's PyPI release, for tests/test_formats.py: --no-deps (its declared nnsight 0.3 pulls
 # torchvision and diffusers; the dictionary classes the tests use need only torch and einops, from sae-lens).
 .venv/bin/python -m pip install -q --no-deps "dictionary-learning==0.1.0"
+# SAEBench's release, for tests/core/test_outputs.py (our core_eval_results.json validated with its own output
+# model): --no-deps (it declares torchvision, numpy<2 and openai; the output model needs only pydantic).
+.venv/bin/python -m pip install -q --no-deps "sae-bench==0.6.0"
 rm -f .venv/.rsae-install-*
 touch "$stamp"
 echo "installed into $(pwd)/.venv"

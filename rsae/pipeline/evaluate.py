@@ -178,6 +178,7 @@ def _downstream(
             delta_ce_se=ds[k]["delta_ce_se"],
             loss_recovered=ds[k]["loss_recovered"],
             kl=ds[k]["kl"],
+            kl_zero=ds["zero"]["kl"],
             ce_tokens=ds["clean"]["tokens"],
         )
     return ds["paired"]

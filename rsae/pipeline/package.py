@@ -18,10 +18,12 @@ from ..config import ArtifactRefs, UpgradeConfig
 from ..errors import NumericalError
 from ..formats import provenance as teacher_provenance
 from ..report import DataSection, EvalSplit, RemezSection, Report, TeacherInfo, headline
+from ..saebench import CORE_EVAL_FILE
 from ..saes import WEIGHTS_NAME, sha256_file
 from ..versions import package_versions
 from .checkpoints import write_json_atomic
 from .evaluate import comparison_table
+from .outputs import MODEL_CARD_FILE, SPARSITY_FILE, cfg_metadata, write_hub_outputs
 from .progress import RunContext
 from .state import UpgradeState
 
@@ -31,10 +33,14 @@ ARTIFACT_FILES: dict[str, tuple[str, str]] = {
     # name -> (kind, content type)
     "sae_weights.safetensors": ("weights", "application/octet-stream"),
     "cfg.json": ("config", "application/json"),
+    SPARSITY_FILE: ("sparsity", "application/octet-stream"),
     "report.json": ("report", "application/json"),
     "report.html": ("report", "text/html"),
+    CORE_EVAL_FILE: ("eval", "application/json"),
+    MODEL_CARD_FILE: ("model_card", "text/markdown"),
 }
-"""Files of an upgraded SAE's artifact folder (SAELens layout plus the evaluation report)."""
+"""Files of an upgraded SAE's artifact folder: the SAELens layout (weights, cfg, log10 feature densities), the
+evaluation report, the SAEBench ``core`` result and the hub model card (docs/formats.md, "RSAEs out")."""
 
 
 def _without_path(source: Any) -> Any:
@@ -140,10 +146,13 @@ def build_report(state: UpgradeState, refs: ArtifactRefs | None = None) -> Repor
 
 
 def package(state: UpgradeState, ctx: RunContext) -> None:
-    """Write the RSAE and ``report.json`` / ``report.html`` to ``state.out_dir``; fill ``state.report``.
+    """Write the RSAE, ``report.json`` / ``report.html`` and the hub-ready files (``sparsity.safetensors``,
+    ``core_eval_results.json``, ``README.md``: :func:`rsae.pipeline.outputs.write_hub_outputs`) to
+    ``state.out_dir``; fill ``state.report``.
 
     ``cfg.json`` and the report name the teacher, data and model as ``ctx.refs`` says (a server's public
-    references instead of its folders), else as the request gave them.
+    references instead of its folders), else as the request gave them; the cfg's metadata follows SAELens's
+    conventions (:func:`rsae.pipeline.outputs.cfg_metadata`).
 
     Raises:
         NumericalError: the RSAE has non-finite weights (it is not written).
@@ -154,18 +163,7 @@ def package(state: UpgradeState, ctx: RunContext) -> None:
     inherited = dict(teacher.metadata)
     if refs is not None and refs.teacher is not None and "source" in inherited:
         inherited["source"] = _without_path(inherited["source"])
-    rsae.metadata = {
-        **inherited,
-        "model_name": cfg.model,
-        "hook_name": cfg.hook,
-        "hook_layer": cfg.layer,
-        # the cfg follows the SAELens 6 schema; with this key SAELens keeps the metadata on load
-        "sae_lens_version": "6.0.0",
-        "teacher": teacher_info(state, refs).model_dump(mode="json"),
-        "method": "rsae (Yin & Yu 2026, arXiv 2606.14990)",
-        "upgrade_config": cfg.model_dump(mode="json"),
-        "versions": package_versions(),
-    }
+    rsae.metadata = cfg_metadata(state, cfg, inherited, teacher_info(state, refs).model_dump(mode="json"))
     bad = [n for n, t in rsae.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()]
     if bad:  # never publish a broken SAE as a success
         raise NumericalError(
@@ -177,6 +175,7 @@ def package(state: UpgradeState, ctx: RunContext) -> None:
     state.notes += _notes(state)
     data = build_report(state, refs).model_dump(mode="json", by_alias=True)
     _write_html(data, state.out_dir)
+    write_hub_outputs(state, cfg, data, rsae.cfg_dict())
     data["timings_s"]["package"] = round(time.time() - t0, 2)
     write_json_atomic(state.out_dir / "report.json", data)
     state.report = data

@@ -179,3 +179,32 @@ def test_pipeline_output_loads_through_saelens(SAELensSAE, acts, tmp_path):
     cfg_json = json.loads((tmp_path / "out" / "cfg.json").read_text())
     assert cfg_json["architecture"] == "rational"
     assert cfg_json["metadata"]["teacher"]["sha256"]  # provenance recorded by the package stage
+
+    # hub-ready, faithful outputs (issues 12, 15): every file registered, metadata of the data really used
+    from pydantic import TypeAdapter
+    from sae_bench.evals.core.eval_output import CoreEvalOutput
+
+    from rsae.pipeline import ARTIFACT_FILES
+
+    out = tmp_path / "out"
+    assert sorted(p.name for p in out.iterdir()) == sorted(ARTIFACT_FILES)
+    meta = cfg_json["metadata"]
+    assert meta["model_name"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert meta["model_source"]["alias"] == "smollm2-135m"
+    assert meta["hook_name"] == f"blocks.{LAYER}.hook_resid_post"  # Gemma Scope's site, named as it does
+    assert (meta["context_size"], meta["prepend_bos"], meta["seqpos_slice"]) == (64, False, [1, None])
+    assert meta["dataset_path"] == "bbc-news"
+    from safetensors.torch import load_file
+
+    log_sparsity = load_file(out / "sparsity.safetensors")["sparsity"]
+    report = json.loads((out / "report.json").read_text())
+    assert log_sparsity.shape == (D_SAE,)
+    assert (log_sparsity > -10).float().mean().item() == pytest.approx(report["metrics"]["rsae"]["alive_fraction"])
+    core = json.loads((out / "core_eval_results.json").read_text())
+    TypeAdapter(CoreEvalOutput).validate_python(core)
+    assert core["eval_result_metrics"]["sparsity"]["l0"] == pytest.approx(report["metrics"]["rsae"]["l0"])
+    assert core["eval_config"]["compute_ce_loss"] is False  # ce_sequences 0: not evaluated, -1 as SAEBench
+    assert core["eval_result_metrics"]["model_performance_preservation"]["ce_loss_score"] == -1
+    assert set(core["eval_result_unstructured"]["other_saes"]) == {"teacher"}
+    card = (out / "README.md").read_text()
+    assert card.startswith("---\n") and "library_name: saelens" in card and "| **RSAE (this SAE)** |" in card

@@ -44,10 +44,14 @@ def test_artifacts_and_events_of_an_upgraded_job_name_no_server_folder(
 
     job = client.get(f"/v1/jobs/{job_id}").json()
     files = {a["name"]: client.get(a["url"]).text for a in job["artifacts"]}
-    assert set(files) == {"cfg.json", "report.json", "report.html", "sae_weights.safetensors"}
+    from rsae.pipeline import ARTIFACT_FILES
+
+    assert set(files) == set(ARTIFACT_FILES)
     texts = {
         "cfg.json": files["cfg.json"],
         "report.json": files["report.json"],
+        "README.md": files["README.md"],
+        "core_eval_results.json": files["core_eval_results.json"],
         "report.html": re.sub(r"data:[^\"')\s]*", "", files["report.html"]),  # not embedded images' base64
         "events": client.get(f"/v1/jobs/{job_id}/events").text,
         "job": json.dumps(job),
@@ -66,4 +70,6 @@ def test_artifacts_and_events_of_an_upgraded_job_name_no_server_folder(
     assert cfg["metadata"]["teacher"]["source"] == teacher_ref
     assert cfg["metadata"]["upgrade_config"]["teacher"] == teacher_ref
     assert "path" not in (cfg["metadata"].get("source") or {})
+    assert teacher_ref in files["README.md"]  # the model card names the public reference
+    assert json.loads(files["core_eval_results.json"])["sae_cfg_dict"] == cfg
     assert report["data"]["train"]["dataset"] == report["eval_split"]["dataset"] == "bbc-news"

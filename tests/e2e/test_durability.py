@@ -17,7 +17,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -228,14 +228,21 @@ def wait_status(
     return get_job(make_session, job_id)
 
 
-def check_single_artifact_set(settings: Settings, make_session: sessionmaker[Session], job_id: str) -> None:
-    """Exactly one artifact folder (``sae``, no staging leftovers), the four files, registered sha256s."""
+def check_single_artifact_set(
+    settings: Settings, make_session: sessionmaker[Session], job_id: str, names: Iterable[str] | None = None
+) -> None:
+    """Exactly one artifact folder (``sae``, no staging leftovers), the files ``names`` (default: all of
+    ``rsae.pipeline.ARTIFACT_FILES``, what a real upgrade writes), registered sha256s."""
+    if names is None:
+        from rsae.pipeline import ARTIFACT_FILES
+
+        names = ARTIFACT_FILES
     job_dir = settings.artifacts_dir / job_id
     assert sorted(p.name for p in job_dir.iterdir()) == ["sae"], list(job_dir.iterdir())
     with make_session() as s:
         arts = {a.name: a for a in s.scalars(select(Artifact).where(Artifact.job_id == job_id))}
     files = sorted(p.name for p in (job_dir / "sae").iterdir())
-    assert files == sorted(arts) == ["cfg.json", "report.html", "report.json", "sae_weights.safetensors"], files
+    assert files == sorted(arts) == sorted(names), files
     for name, a in arts.items():
         assert hashlib.sha256((settings.artifacts_dir / a.path).read_bytes()).hexdigest() == a.sha256, name
 

@@ -48,6 +48,10 @@ dsettings, make_session, teacher = test_durability.dsettings, test_durability.ma
 REPORT = {"headline": {"fvu": 0.1, "l0": 12.0}, "metrics": {"rsae": {"fvu": 0.1}}}
 
 
+FAKE_FILES = ("cfg.json", "report.json", "report.html", "sae_weights.safetensors")
+"""The files of :func:`fake_run_upgrade`'s artifact folder."""
+
+
 def fake_run_upgrade(on_package: Callable[[], None] | None = None) -> Callable[..., dict[str, Any]]:
     """A stand-in for ``rsae.pipeline.run_upgrade``: a checkpoint in the work dir, the four artifact files in
     ``out_dir``, then ``on_package()`` (e.g. a cancel arriving while packaging)."""
@@ -56,7 +60,7 @@ def fake_run_upgrade(on_package: Callable[[], None] | None = None) -> Callable[.
         (work_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
         (work_dir / "checkpoints" / "state.pt").write_bytes(b"checkpoint")
         out_dir.mkdir(parents=True, exist_ok=True)
-        for name in ("cfg.json", "report.json", "report.html", "sae_weights.safetensors"):
+        for name in FAKE_FILES:
             (out_dir / name).write_text(json.dumps({"file": name}))
         if on_package is not None:
             on_package()
@@ -167,7 +171,7 @@ def test_a_failed_final_commit_still_ends_with_one_artifact_set(
     j = get_job(make_session, job_id)
     assert (j.status, j.lease_owner, j.publish_dir, j.attempt) == ("succeeded", None, None, 1)
     assert statuses(make_session, job_id) == ["running", "publishing", "succeeded"]
-    check_single_artifact_set(dsettings, make_session, job_id)
+    check_single_artifact_set(dsettings, make_session, job_id, FAKE_FILES)
     assert not (dsettings.work_dir / job_id).exists()
 
 
