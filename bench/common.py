@@ -72,6 +72,19 @@ def machine_info() -> dict[str, Any]:
     }
 
 
+def bench_device() -> str:
+    """The torch device the benchmarks run on: ``$RSAE_BENCH_DEVICE`` (``bench/gpu.sh`` sets ``cuda``), default
+    ``cpu``."""
+    return os.environ.get("RSAE_BENCH_DEVICE") or "cpu"
+
+
+def device_sync() -> Callable[[], None]:
+    """A call that waits for the bench device's queued work (``torch.cuda.synchronize`` on CUDA, else a no-op)."""
+    import torch
+
+    return torch.cuda.synchronize if bench_device().startswith("cuda") else (lambda: None)
+
+
 def malloc_trim() -> None:
     """Return freed heap memory to the OS (glibc), so that a high-water mark sees the next call's own peak."""
     try:

@@ -1,8 +1,9 @@
 """Benchmark 2, extraction: our truncated forward (``rsae.activations.ResidualCapture``, which stops the model
 after block L) vs a full forward of the model capturing the same residual, and vs SAELens's
 ``ActivationsStore.get_activations`` on the same model (wrapped in SAELens's ``HookedProxyLM``), at layers 3, 5
-and 15 of the bundled SmolLM2-135M on the bundled BBC News text: tokens/s, interleaved, medians. Then peak RSS
-of the whole ``rsae.activations.extract_activations`` (tokenise, forward, shards to disk) at 100k and at 1M tokens.
+and 15 of the bundled SmolLM2-135M (float32 on CPU, bfloat16 on CUDA) on the bundled BBC News text: tokens/s,
+interleaved, medians. Then peak RSS of the whole ``rsae.activations.extract_activations`` (tokenise, forward,
+shards to disk) at 100k and at 1M tokens.
 
     .venv/bin/python bench/extraction.py [--quick]
 """
@@ -18,9 +19,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 try:
-    from bench.common import figure, interleaved, peak_during
+    from bench.common import bench_device, device_sync, figure, interleaved, peak_during
 except ModuleNotFoundError:  # run as a script
-    from common import figure, interleaved, peak_during  # type: ignore[no-redef]
+    from common import bench_device, device_sync, figure, interleaved, peak_during  # type: ignore[no-redef]
 
 import torch
 
@@ -62,7 +63,7 @@ def saelens_store(model, tok, layer: int, ids: torch.Tensor) -> tuple[Callable[[
             train_batch_size_tokens=ids.numel(),
             prepend_bos=False,
             normalize_activations="none",
-            device=torch.device("cpu"),
+            device=torch.device(bench_device()),
             dtype="float32",
         )
         store.get_activations(ids)  # proves it runs
@@ -73,7 +74,7 @@ def saelens_store(model, tok, layer: int, ids: torch.Tensor) -> tuple[Callable[[
 
 def forward_figures(model, tok, p: dict) -> list[dict]:
     """Truncated vs full forward (vs SAELens's store) tokens/s at each layer of ``p["layers"]``."""
-    ids = token_batch(tok, p["seqs"], p["ctx"])
+    ids = token_batch(tok, p["seqs"], p["ctx"]).to(bench_device())
     out: list[dict] = []
     for layer in p["layers"]:
         peers: dict[str, Callable[[], Any]] = {}  # each call registers its own hook: the two never fire together
@@ -82,8 +83,9 @@ def forward_figures(model, tok, p: dict) -> list[dict]:
         sl, why = saelens_store(model, tok, layer, ids)
         if sl is not None:
             peers["saelens_store"] = sl
-        t = interleaved(peers, rounds=p["rounds"], warmup=1)
+        t = interleaved(peers, rounds=p["rounds"], warmup=1, sync=device_sync())
         info = {"layer": layer, "tokens_per_call": ids.numel(), "n_layers": model.config.num_hidden_layers}
+        info |= {"device": bench_device(), "dtype": str(next(model.parameters()).dtype).removeprefix("torch.")}
         for n, r in t.items():
             out.append(figure(BENCH, "tokens_per_s", ids.numel() / r["wall_s"], "tokens/s", peer=n, **info))
         out.append(figure(BENCH, "speedup_truncated_vs_full", t["full"]["wall_s"] / t["truncated"]["wall_s"], "x",
@@ -116,7 +118,8 @@ def rss_figures(model, tok, p: dict) -> list[dict]:
 
             def go(d=d, n=n):
                 return extract_activations(model, tok, layer=3, dataset="bbc-news", split="train", n_tokens=n,
-                                           out_dir=Path(d), ctx_len=p["rss_ctx"], eval_fraction=0.02)  # fmt: skip
+                                           out_dir=Path(d), ctx_len=p["rss_ctx"], eval_fraction=0.02,
+                                           device=bench_device())  # fmt: skip
 
             try:
                 _, peak, above = peak_during(go)
@@ -138,7 +141,9 @@ def run(quick: bool = False) -> list[dict]:
     from rsae.models import load_model
 
     p = QUICK if quick else FULL
-    model, tok = load_model(MODEL)
+    model, tok = load_model(MODEL, device=bench_device())
+    if bench_device().startswith("cuda"):  # the GPU run's host model is bfloat16 (bench/gpu.sh)
+        model = model.to(torch.bfloat16)
     return forward_figures(model, tok, p) + rss_figures(model, tok, p)
 
 

@@ -30,9 +30,9 @@ import threading
 from typing import Any, Callable, Iterator
 
 try:
-    from bench.common import figure, gemm5, interleaved, peak_during
+    from bench.common import bench_device, device_sync, figure, gemm5, interleaved, peak_during
 except ModuleNotFoundError:  # run as a script: bench/ is on the path, the repository root is added by common
-    from common import figure, gemm5, interleaved, peak_during  # type: ignore[no-redef]
+    from common import bench_device, device_sync, figure, gemm5, interleaved, peak_during  # type: ignore[no-redef]
 
 import torch
 
@@ -211,7 +211,7 @@ def saelens_sae(family: str, teacher, lam: float, k: int):
     from sae_lens.saes.standard_sae import StandardTrainingSAE, StandardTrainingSAEConfig
     from sae_lens.saes.topk_sae import TopKTrainingSAE, TopKTrainingSAEConfig
 
-    common = {"d_in": teacher.d_in, "d_sae": teacher.d_sae, "dtype": "float32", "device": "cpu"}
+    common = {"d_in": teacher.d_in, "d_sae": teacher.d_sae, "dtype": "float32", "device": bench_device()}
     if family == "relu":
         sae = StandardTrainingSAE(StandardTrainingSAEConfig(**common, l1_coefficient=lam))
     elif family == "jumprelu":
@@ -223,7 +223,7 @@ def saelens_sae(family: str, teacher, lam: float, k: int):
             getattr(sae, n).copy_(getattr(teacher, n))
         if family == "jumprelu":
             sae.threshold.copy_(teacher.threshold)
-    return sae
+    return sae.to(bench_device())
 
 
 def saelens_step(sae, x: torch.Tensor, steps: int, lr: float = 1e-4) -> Callable[[], Any]:
@@ -236,7 +236,7 @@ def saelens_step(sae, x: torch.Tensor, steps: int, lr: float = 1e-4) -> Callable
         train_batch_size_samples=x.shape[0],
         lr=lr,
         lr_end=lr / 10,  # what LanguageModelSAERunnerConfig sets; unused by the constant schedule
-        device="cpu",
+        device=str(x.device),
     )
     trainer = SAETrainer(cfg, sae, data_provider=iter(()))
     sae.train()
@@ -267,6 +267,7 @@ def rsae_driver(peers: dict[str, Any], x: torch.Tensor, steps: int, path: str | 
         "l1_coefficient": peers["lam"],
         "param_groups": rsae.param_groups(1e-4, 1e-3, 1e-2),
         "l0_target": peers["l0_target"],
+        "device": str(x.device),
     }
     if path is not None:
         kw["path"] = path
@@ -293,6 +294,7 @@ def _one(family: str, x: torch.Tensor, d_sae: int, p: dict) -> list[dict]:
 
     batch, steps = x.shape[0], p["warmup"] + p["rounds"] + 2
     base = build_peers(family, x, d_sae, p["l0"])
+    x = x.to(bench_device())
     peers: dict[str, Callable[[], Any]] = {}
     drivers = []
     for path in rsae_paths():
@@ -301,14 +303,14 @@ def _one(family: str, x: torch.Tensor, d_sae: int, p: dict) -> list[dict]:
         drivers.append(d)
         peers[name] = d
     peers["saelens"] = saelens_step(base["saelens"], x, steps)
-    peers["gemm-roofline"] = gemm5(batch, x.shape[1], d_sae)
+    peers["gemm-roofline"] = gemm5(batch, x.shape[1], d_sae, device=bench_device())
     try:
-        times = interleaved(peers, rounds=p["rounds"], warmup=p["warmup"])
+        times = interleaved(peers, rounds=p["rounds"], warmup=p["warmup"], sync=device_sync())
         mem = {n: peak_during(fn)[2] for n, fn in peers.items() if n != "gemm-roofline"}
     finally:
         for d in drivers:
             d.close()
-    info = {"family": family, "batch": batch, "d_sae": d_sae, "d_in": x.shape[1]}
+    info = {"family": family, "batch": batch, "d_sae": d_sae, "d_in": x.shape[1], "device": bench_device()}
     info |= {"teacher_l0": base["teacher_l0"], "rsae_l0": base["rsae_l0"]}
     roof = batch / times.pop("gemm-roofline")["wall_s"]
     gflops = roof * 10 * x.shape[1] * d_sae / 1e9

@@ -150,7 +150,7 @@ def markdown(report: dict[str, Any]) -> str:
         f"- GPU: {m['gpu'] or 'none'}",
         f"- Python {m['python']}, torch {m['torch']}, transformers {m['transformers']}, sae-lens {m['sae_lens']}",
         "",
-        "## Targets (issue 14)",
+        "## Targets (issue 14)" + (" -- quick sizes: these verdicts decide nothing" if quick else ""),
         "",
         *(targets(report["results"]) or ["- (no figures decide a target in this run)"]),
         "",

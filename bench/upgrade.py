@@ -12,6 +12,8 @@
    (``report.timings_s``).
 
 Figures: seconds of each part, the ratio upgrade / SAELens, and each stage's share of the upgrade.
+On CUDA (``RSAE_BENCH_DEVICE=cuda``, ``bench/gpu.sh``) everything runs on the GPU; the pipeline loads its host
+model in float32 (it has no dtype option), so the upgrade's forwards are not bfloat16.
 ``--quick``: a tiny teacher (d_sae 256), a few thousand tokens, a handful of steps (the ratio means nothing).
 
     .venv/bin/python bench/upgrade.py [--quick] [--keep DIR]
@@ -28,9 +30,9 @@ from pathlib import Path
 from typing import Any
 
 try:
-    from bench.common import figure
+    from bench.common import bench_device, figure
 except ModuleNotFoundError:  # run as a script
-    from common import figure  # type: ignore[no-redef]
+    from common import bench_device, figure  # type: ignore[no-redef]
 
 BENCH = "upgrade"
 LAYER = 3
@@ -59,12 +61,14 @@ def saelens_teacher(store, d_sae: int, steps: int, batch: int, out: Path) -> tup
     torch.manual_seed(0)
     lam = 10.0
     sae = StandardTrainingSAE(StandardTrainingSAEConfig(d_in=store.d_in, d_sae=d_sae, l1_coefficient=lam))
+    dev = bench_device()
+    sae = sae.to(dev)
     cfg = SAETrainerConfig(
-        total_training_samples=steps * batch, train_batch_size_samples=batch, lr=3e-4, lr_end=3e-5, device="cpu"
+        total_training_samples=steps * batch, train_batch_size_samples=batch, lr=3e-4, lr_end=3e-5, device=dev
     )
     with torch.no_grad():  # SAELens's usual b_dec init: the activations' mean (geometric median off)
         sae.b_dec.copy_(store.load(min(store.rows, 16384)).mean(0))
-    trainer = SAETrainer(cfg, sae, data_provider=store.iter_batches(batch, seed=0))
+    trainer = SAETrainer(cfg, sae, data_provider=store.iter_batches(batch, seed=0, device=dev))
     t0 = time.perf_counter()
     trainer.fit()
     fit_s = time.perf_counter() - t0
@@ -95,16 +99,16 @@ def measured(quick: bool = False, keep: Path | None = None) -> tuple[list[dict],
     with tempfile.TemporaryDirectory(prefix="rsae-bench-upgrade-") as tmp:
         root = keep or Path(tmp)
         probe = UpgradeConfig(layer=LAYER, teacher="-", **p["request"])
-        model, tok = load_model(probe.model)
+        model, tok = load_model(probe.model, device=bench_device())
         t0 = time.perf_counter()
         extract_activations(model, tok, layer=LAYER, dataset=probe.data.dataset, split="train",
                             n_tokens=probe.data.train_tokens, out_dir=root / "acts", ctx_len=probe.data.ctx_len,
-                            eval_fraction=probe.data.eval_fraction, seed=probe.seed)  # fmt: skip
+                            eval_fraction=probe.data.eval_fraction, seed=probe.seed, device=bench_device())  # fmt: skip
         extract_s = time.perf_counter() - t0
         del model, tok
         store = ActivationStore(root / "acts")
         fit_s, teacher = saelens_teacher(store, p["d_sae"], p["saelens_steps"], p["saelens_batch"], root / "teacher")
-        cfg = UpgradeConfig(layer=LAYER, teacher=str(teacher), **p["request"])
+        cfg = UpgradeConfig(layer=LAYER, teacher=str(teacher), device=bench_device(), **p["request"])
         prof = ProfiledStage("evaluate")
         with prof:
             t0 = time.perf_counter()
@@ -186,7 +190,7 @@ class ProfiledStage:
 
 def _figures(p: dict, cfg, report: dict[str, Any], extract_s: float, fit_s: float, upgrade_s: float) -> list[dict]:
     """The benchmark's figures from its measured seconds and the upgrade's report."""
-    info = {"d_sae": p["d_sae"], "train_tokens": cfg.data.train_tokens, "layer": LAYER}
+    info = {"d_sae": p["d_sae"], "train_tokens": cfg.data.train_tokens, "layer": LAYER, "device": bench_device()}
     saelens_s = extract_s + fit_s
     tokens = p["saelens_steps"] * p["saelens_batch"]
     out = [
