@@ -48,7 +48,9 @@ def test_run_all_quick_writes_positive_figures(tmp_path):
             if f.get("skipped"):  # a peer that cannot run here says why (e.g. SAELens's store)
                 continue
             v = f["value"]
-            assert isinstance(v, (int, float)) and math.isfinite(v) and v > 0, f
+            assert isinstance(v, (int, float)) and math.isfinite(v), f
+            # stage times come from the report, rounded to 10 ms by the pipeline: a tiny stage may read 0
+            assert v > 0 or (f["name"] == "stage_s" and v == 0), f
     names = {(f["bench"], f["name"]) for n in OURS for f in report["results"][n]["figures"]}
     for want in [
         ("finetune_step", "tokens_per_s"),
