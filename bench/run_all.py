@@ -1,0 +1,219 @@
+"""Run every benchmark of issue 14 and write ``docs/benchmarks.md`` plus the raw figures as JSON.
+
+    .venv/bin/python bench/run_all.py                 # full sizes: docs/benchmarks.md, bench/results/<date>.json
+    .venv/bin/python bench/run_all.py --quick         # tiny sizes, a temporary folder (printed), not the docs
+    .venv/bin/python bench/run_all.py --quick --doc docs/benchmarks.md --json-dir bench/results
+    .venv/bin/python bench/run_all.py --only finetune_step,scaling
+
+Each benchmark is a module ``bench/<name>.py`` with ``run(quick: bool) -> list[dict]`` (one dict per figure:
+``bench``, ``name``, ``value``, ``unit`` and its parameters). :data:`MODULES` lists them in order; a module that does
+not exist (yet) is reported as skipped, one that raises as failed (the others still run; exit status 1).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import importlib
+import json
+import math
+import shlex
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+try:
+    from bench.common import ROOT, machine_info
+except ModuleNotFoundError:  # run as a script
+    from common import ROOT, machine_info  # type: ignore[no-redef]
+
+MODULES: list[tuple[str, str]] = [
+    ("finetune_step", "1. Fine-tuning throughput: RSAE step vs SAELens's training step"),
+    ("sparse_step", "1b. Dense vs sparse-aware RSAE step"),
+    ("extraction", "2. Extraction: truncated vs full forward vs SAELens's ActivationsStore"),
+    ("upgrade", "3. Whole upgrade vs SAELens training the teacher"),
+    ("evaluation", "4. Evaluation: time per SAE column, what dominates"),
+    ("api_load", "5. API latency under load"),
+    ("scaling", "6. Scaling of the step with d_sae and batch"),
+]
+"""(module under bench/, section title), in the order they run."""
+
+
+def run_module(name: str, quick: bool) -> dict[str, Any]:
+    """Import ``bench.<name>`` and run it: ``{"status": "ok"|"skipped"|"failed", "seconds", "figures"|"reason"}``."""
+    try:
+        mod = importlib.import_module(f"bench.{name}")
+    except ModuleNotFoundError as e:
+        if e.name in (f"bench.{name}", name):
+            return {"status": "skipped", "reason": f"bench/{name}.py does not exist", "seconds": 0.0}
+        raise
+    t0 = time.perf_counter()
+    try:
+        figs = mod.run(quick)
+    except Exception as e:  # noqa: BLE001 - one benchmark's failure is reported; the others run
+        traceback.print_exc()
+        return {"status": "failed", "reason": f"{type(e).__name__}: {e}", "seconds": time.perf_counter() - t0}
+    return {"status": "ok", "seconds": time.perf_counter() - t0, "figures": figs}
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, bool):
+        return str(v)
+    if isinstance(v, float):
+        if math.isnan(v):
+            return "nan"
+        a = abs(v)
+        return f"{v:.3g}" if a < 10 else f"{v:,.0f}" if a >= 1000 else f"{v:.1f}"
+    if isinstance(v, int):
+        return f"{v:,}" if abs(v) >= 10_000 else str(v)
+    return str(v).replace("|", "/")
+
+
+def table(figs: list[dict]) -> str:
+    """A markdown table of figures: name, value, unit, then every other key that occurs (first-seen order)."""
+    skip = {"bench", "name", "value", "unit"}
+    cols: list[str] = []
+    for f in figs:
+        cols += [k for k in f if k not in skip and k not in cols]
+    lines = ["| figure | value | unit | " + " | ".join(cols) + " |", "|---|---:|---|" + "---|" * len(cols)]
+    for f in figs:
+        cells = [f["name"], _fmt(f.get("value")), f.get("unit", "")] + [_fmt(f.get(c)) for c in cols]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def targets(results: dict[str, dict]) -> list[str]:
+    """The issue's targets that the figures decide, one markdown bullet each (met, or the gap)."""
+
+    def figs(mod: str, name: str) -> list[dict]:
+        r = results.get(mod, {})
+        return [f for f in r.get("figures", []) if f["name"] == name and f.get("value") is not None]
+
+    out = []
+    sp = figs("finetune_step", "speedup_vs_saelens")
+    if sp:
+        worst = min(sp, key=lambda f: f["value"])
+        out.append(f"- Fine-tune tokens/s >= 2x SAELens: worst {worst['value']:.2f}x ({worst['family']}, batch "
+                   f"{worst['batch']}, d_sae {worst['d_sae']}, peer {worst['peer']}): "
+                   f"{'met' if worst['value'] >= 2 else 'NOT met'}")  # fmt: skip
+    ex = [f for f in figs("extraction", "speedup_truncated_vs_full") if f["layer"] <= 8]
+    if ex:
+        worst = min(ex, key=lambda f: f["value"])
+        out.append(f"- Extraction >= 3x a full forward at layer <= 8: worst {worst['value']:.2f}x (layer "
+                   f"{worst['layer']}): {'met' if worst['value'] >= 3 else 'NOT met'}")  # fmt: skip
+    rss = figs("extraction", "extract_peak_rss_ratio")
+    if rss:
+        v = rss[0]["value"]
+        out.append(f"- Extraction peak RSS at 1M within 10% of 100k: {rss[0]['tokens']} tokens: {v:.2f}x: "
+                   f"{'met' if v <= 1.1 else 'NOT met'}")  # fmt: skip
+    up = figs("upgrade", "upgrade_over_saelens")
+    if up:
+        v = up[0]["value"]
+        verdict = "met" if v <= 0.5 else "NOT met"
+        out.append(f"- Whole upgrade <= 0.5x SAELens training the teacher: {v:.2f}x: {verdict}")
+    ev = figs("evaluation", "evaluate_share_of_job")
+    if ev:
+        v = ev[0]["value"]
+        out.append(f"- Evaluate <= 15% of the job: {v:.0%}: {'met' if v <= 0.15 else 'NOT met'}")
+    if "api_load" in results:
+        out.append("- API targets: see section 5.")
+    return out
+
+
+def markdown(report: dict[str, Any]) -> str:
+    """``docs/benchmarks.md`` from a run's report (machine, command, targets, one section per benchmark)."""
+    m, quick = report["machine"], report["quick"]
+    head = [
+        "# Benchmarks",
+        "",
+        "Generated by `bench/run_all.py` (method: `bench/README.md`); raw figures: "
+        f"`{report.get('json', '')}`. Do not edit by hand.",
+        "",
+    ]
+    if quick:
+        head += [
+            "> **Quick, preliminary, machine busy.** Produced by `--quick`: tiny sizes, on a machine shared with "
+            "other jobs (load average above). The figures prove that every benchmark runs; they say nothing about "
+            "speed. Regenerate on a quiet machine with `bench/run_all.py` (full sizes).",
+            "",
+        ]
+    head += [
+        f"- Command: `{report['command']}`",
+        f"- Date (UTC): {m['date_utc']}; wall time of the run {report['seconds']:.0f} s",
+        f"- CPU: {m['cpu']}, {m['logical_cores']} logical cores, torch threads {m['torch_threads']}, "
+        f"RAM {(m['ram_bytes'] or 0) / 2**30:.0f} GiB, load average (1 min) at start {m['load_avg_1m']:.2f}",
+        f"- GPU: {m['gpu'] or 'none'}",
+        f"- Python {m['python']}, torch {m['torch']}, transformers {m['transformers']}, sae-lens {m['sae_lens']}",
+        "",
+        "## Targets (issue 14)" + (" -- quick sizes: these verdicts decide nothing" if quick else ""),
+        "",
+        *(targets(report["results"]) or ["- (no figures decide a target in this run)"]),
+        "",
+    ]
+    body = []
+    for name, title in MODULES:
+        r = report["results"].get(name)
+        if r is None:
+            continue
+        body += [f"## {title}", "", f"`bench/{name}.py` -- {r['status']}, {r['seconds']:.0f} s", ""]
+        if r["status"] != "ok":
+            body += [f"{r['status']}: {r.get('reason')}", ""]
+            continue
+        body += [table(r["figures"]) if r["figures"] else "(no figures)", ""]
+    return "\n".join(head + body)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the benchmarks, write the JSON and the markdown; 1 if any benchmark failed."""
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="tiny sizes, under a minute on an idle machine")
+    ap.add_argument("--only", default=None, help="comma list of module names (default: all of MODULES)")
+    ap.add_argument("--doc", type=Path, default=None, help="markdown out (default: docs/benchmarks.md; quick: temp)")
+    ap.add_argument("--json-dir", type=Path, default=None, help="JSON folder (default: bench/results; quick: temp)")
+    a = ap.parse_args(argv)
+    names = [n for n, _ in MODULES] if not a.only else [n.strip() for n in a.only.split(",")]
+    unknown = set(names) - {n for n, _ in MODULES}
+    if unknown:
+        ap.error(f"unknown benchmark(s) {sorted(unknown)}; known: {[n for n, _ in MODULES]}")
+    tmp = Path(tempfile.mkdtemp(prefix="rsae-bench-")) if a.quick else None
+    doc = a.doc or (tmp / "benchmarks.md" if tmp else ROOT / "docs" / "benchmarks.md")
+    json_dir = a.json_dir or (tmp if tmp else ROOT / "bench" / "results")
+    json_dir.mkdir(parents=True, exist_ok=True)
+    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    out_json = json_dir / f"{'quick' if a.quick else 'full'}-{stamp}.json"
+    argv_shown = sys.argv[1:] if argv is None else argv
+    report: dict[str, Any] = {
+        "command": shlex.join([".venv/bin/python", "bench/run_all.py", *argv_shown]),
+        "quick": a.quick,
+        "machine": machine_info(),
+        "results": {},
+        "json": _rel(out_json),
+    }
+    t0 = time.perf_counter()
+    for name in names:
+        print(f"[run_all] {name} ...", file=sys.stderr, flush=True)
+        r = run_module(name, a.quick)
+        report["results"][name] = r
+        print(f"[run_all] {name}: {r['status']} in {r['seconds']:.1f} s", file=sys.stderr, flush=True)
+    report["seconds"] = time.perf_counter() - t0
+    out_json.write_text(json.dumps(report, indent=1, default=str))
+    doc.parent.mkdir(parents=True, exist_ok=True)
+    doc.write_text(markdown(report) + "\n")
+    print(json.dumps({"doc": str(doc), "json": str(out_json)}))
+    return 1 if any(r["status"] == "failed" for r in report["results"].values()) else 0
+
+
+def _rel(p: Path) -> str:
+    try:
+        return str(p.resolve().relative_to(ROOT))
+    except ValueError:
+        return str(p)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
