@@ -49,6 +49,25 @@ def _metrics_table(metrics: dict[str, dict[str, Any]]) -> list[str]:
     return lines
 
 
+_USE_SECTION: tuple[str, ...] = (
+    "## Use",
+    "",
+    "```python",
+    "import rsae.saelens_arch  # registers the 'rational' architecture with SAELens (pip install rsae-service)",
+    "from sae_lens import SAE",
+    "",
+    'sae = SAE.load_from_disk("path/to/this/folder")',
+    "# or, from a hub repository holding this folder at its root:",
+    'sae = SAE.from_pretrained("<org>/<repo>", ".")',
+    "z = sae.encode(x)  # x [..., d_in] -> latents [..., d_sae], exact zeros",
+    "```",
+    "",
+    "Without SAELens: `from rsae.saes import RationalSAE; sae = RationalSAE.load(folder)`.",
+    "",
+)
+"""The model card's "Use" section: how to load the folder in SAELens and in rsae."""
+
+
 def model_card(report: dict[str, Any], cfg: dict[str, Any], files: list[str]) -> str:
     """The text of ``README.md`` for an artifact folder.
 
@@ -113,20 +132,7 @@ def model_card(report: dict[str, Any], cfg: dict[str, Any], files: list[str]) ->
         "The same numbers in SAEBench's `core` schema: `core_eval_results.json`; all of them, with the fit, the "
         "calibration and the training curves: `report.json` / `report.html`.",
         "",
-        "## Use",
-        "",
-        "```python",
-        "import rsae.saelens_arch  # registers the 'rational' architecture with SAELens (pip install rsae-service)",
-        "from sae_lens import SAE",
-        "",
-        'sae = SAE.load_from_disk("path/to/this/folder")',
-        "# or, from a hub repository holding this folder at its root:",
-        'sae = SAE.from_pretrained("<org>/<repo>", ".")',
-        "z = sae.encode(x)  # x [..., d_in] -> latents [..., d_sae], exact zeros",
-        "```",
-        "",
-        "Without SAELens: `from rsae.saes import RationalSAE; sae = RationalSAE.load(folder)`.",
-        "",
+        *_USE_SECTION,
         "## Files",
         "",
         *[f"- `{f}`" for f in sorted(files)],
