@@ -215,6 +215,21 @@ def kept_rows(
     return [acts[i][keep[i]] for i in range(acts.shape[0])]
 
 
+def _kept(conv: ContextConventions, tokenizer) -> tuple[list[int], frozenset[int]]:
+    """``(kept positions, excluded token ids)`` of ``conv`` for ``tokenizer``.
+
+    Raises:
+        DataError: ``seqpos_slice`` keeps no position; a token of the conventions the tokenizer lacks.
+    """
+    positions = conv.kept_positions
+    if not positions:
+        raise DataError(
+            f"seqpos_slice {list(conv.seqpos_slice)} keeps no position of a {conv.context_size}-token sequence",
+            field="data.seqpos_slice",
+        )
+    return positions, special_tokens(conv, tokenizer).excluded
+
+
 def extract_activations(
     model,
     tokenizer,
@@ -238,41 +253,28 @@ def extract_activations(
     """Stream residual activations of ``split`` to shards in ``out_dir`` and write ``manifest.json``.
 
     Args:
-        model, tokenizer: from :func:`rsae.models.load_model`.
-        layer: block index L; activations are ``blocks.L.hook_resid_post``.
+        model, tokenizer: from :func:`rsae.models.load_model`. layer: block index L (``blocks.L.hook_resid_post``).
         dataset, split, eval_fraction, seed, options: see :func:`rsae.data.iter_sequences`.
-        conventions: the context conventions (:func:`rsae.data.resolve_conventions`); None: the legacy ones
-            with ``ctx_len`` tokens (no BOS, position 0 dropped).
-        n_tokens: activation rows wanted (the kept positions of whole sequences, then cut to exactly
-            ``n_tokens``).
+        conventions: :func:`rsae.data.resolve_conventions`; None: the legacy ones with ``ctx_len`` tokens.
+        n_tokens: activation rows wanted (kept positions of whole sequences, then cut to exactly ``n_tokens``).
         shard_tokens: rows per shard (rounded to whole sequences).
         on_progress: called after every batch with the fraction done; may raise (``Cancelled``) to stop.
 
-    Returns:
-        The manifest dict.
-
-    Raises:
-        DataError: the split has fewer tokens than ``n_tokens``; the conventions keep no position.
-        ModelError: ``layer`` out of range.
+    Returns the manifest dict. Raises: DataError (the split has fewer tokens than ``n_tokens``; the conventions
+    keep no position), ModelError (``layer`` out of range).
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     conv = conventions or legacy_conventions(ctx_len)
     ctx_len = conv.context_size
-    positions = conv.kept_positions
-    if not positions:
-        raise DataError(
-            f"seqpos_slice {list(conv.seqpos_slice)} keeps no position of a {ctx_len}-token sequence",
-            field="data.seqpos_slice",
-        )
-    excluded = special_tokens(conv, tokenizer).excluded
+    positions, excluded = _kept(conv, tokenizer)
     rows_per_seq = len(positions)
     seqs_per_shard = max(1, shard_tokens // rows_per_seq)
     writer = _ShardWriter(out_dir, n_tokens, None)
     it = iter_sequences(
         tokenizer, dataset, split, eval_fraction=eval_fraction, seed=seed, conventions=conv, options=options
     )
-    n_seq = rows = 0
+    rows = 0
     with ResidualCapture(model, layer) as cap:
         while rows < n_tokens:
             batch = _next_batch(it, min(batch_size, math.ceil((n_tokens - rows) / rows_per_seq)))
@@ -281,7 +283,6 @@ def extract_activations(
             ids = torch.tensor([b[0] for b in batch], dtype=torch.long)
             resid = kept_rows(cap.run(model, ids.to(device)).cpu(), ids, positions, excluded)
             writer.add_batch(resid, ids, [_label_index(doc.label) for _, doc in batch], seqs_per_shard)
-            n_seq += len(batch)
             rows += sum(r.shape[0] for r in resid)
             if on_progress:  # every batch, so that the caller's cancellation check runs between batches
                 on_progress(min(1.0, rows / n_tokens))
@@ -292,23 +293,20 @@ def extract_activations(
             f"split '{split}' of {dataset!r} yields only {done_rows} tokens at ctx_len={ctx_len}; {n_tokens} requested",
             field=f"data.{'eval' if split == 'eval' else 'train'}_tokens",
         )
-    manifest = {
-        **_manifest(
-            layer=layer,
-            d_in=writer.d_in,
-            ctx_len=ctx_len,
-            rows=done_rows,
-            dataset=dataset,
-            split=split,
-            eval_fraction=eval_fraction,
-            seed=seed,
-            shards=shards,
-            mean_norm=writer.sum_norm / max(1, rows),
-            norms_sample=torch.cat(writer.norms_sample),
-            conventions=conv,
-        ),
-        **(meta or {}),
-    }
+    manifest = _manifest(
+        layer=layer,
+        d_in=writer.d_in,
+        ctx_len=ctx_len,
+        rows=done_rows,
+        dataset=dataset,
+        split=split,
+        eval_fraction=eval_fraction,
+        seed=seed,
+        shards=shards,
+        mean_norm=writer.sum_norm / max(1, rows),
+        norms_sample=torch.cat(writer.norms_sample),
+        conventions=conv,
+    ) | (meta or {})
     _write_manifest(out_dir, manifest)
     return manifest
 
