@@ -8,7 +8,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from sqlalchemy.orm import sessionmaker
 
-from .api.routes import health, jobs, saes
+from .api.routes import datasets, health, jobs, saes
 from .config import Settings, get_settings
 from .db import DbTimeouts, make_engine
 from .events import StreamSlots
@@ -54,8 +54,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.rate_limits = RateLimits(settings)
     install_problem_handlers(app)
     app.add_middleware(
-        BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes, max_upload_bytes=settings.max_upload_bytes
+        BodyLimitMiddleware,
+        max_body_bytes=settings.max_body_bytes,
+        max_upload_bytes=settings.max_upload_bytes,
+        other_uploads={"/datasets": settings.max_dataset_upload_bytes},
     )
-    for module in (health, saes, jobs):
+    for module in (health, saes, datasets, jobs):
         app.include_router(module.router)
     return app

@@ -30,6 +30,7 @@ from rsae.models import model_shape
 
 from . import bounds
 from .config import Settings
+from .datasets import resolve_upload
 from .db import lock_for_write
 from .jobs import build_upgrade_config, resolve_teacher, transition, upgrade_config_errors
 from .models import TERMINAL_STATUSES, Job, Sae, User, is_uuid
@@ -165,7 +166,8 @@ def check_model_fit(session: Session, req: JobCreate) -> None:
 def check_job_request(session: Session, settings: Settings, req: JobCreate, user: User) -> None:
     """Everything a job request must pass before its row is written, in this order: server-side paths
     (:func:`check_local_paths`), webhook host (:func:`check_webhook`), the teacher
-    (:func:`service.jobs.resolve_teacher`, owned by ``user``; hub references checked without network),
+    (:func:`service.jobs.resolve_teacher`, owned by ``user``; hub references checked without network), an
+    uploaded corpus (``upload:<id>``, owned by ``user``: :func:`service.datasets.resolve_upload`),
     layer and width (:func:`check_model_fit`), the core's own configuration rules
     (:func:`service.jobs.build_upgrade_config`), and the job bounds (:func:`service.bounds.check_request_bounds`:
     allowed model, token and disk budgets, hub download size; the last asks the hub's metadata).
@@ -177,6 +179,7 @@ def check_job_request(session: Session, settings: Settings, req: JobCreate, user
     check_local_paths(req, settings)
     check_webhook(req, settings)
     teacher = resolve_teacher(session, settings, req.teacher, owner_id=user.id)
+    resolve_upload(session, settings, req.settings.data.dataset, user.id)  # upload:<id>: the user's own corpus
     check_model_fit(session, req)
     try:
         build_upgrade_config(req, teacher)

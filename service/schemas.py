@@ -16,7 +16,7 @@ from pydantic.fields import FieldInfo
 
 from rsae.config import UpgradeConfig
 
-from .models import JOB_STATUSES, Artifact, Job, JobEvent, Sae
+from .models import JOB_STATUSES, Artifact, Dataset, Job, JobEvent, Sae
 from .webhooks import secret_problem
 
 SETTINGS_FIELDS: tuple[str, ...] = ("data", "remez", "calibrate", "finetune", "eval", "seed")
@@ -257,6 +257,56 @@ class SaeOut(BaseModel):
             source={k: v for k, v in source.items() if k != "path"}  # a server path: not shown
             if isinstance(source, dict)
             else None,
+        )
+
+
+class DatasetOut(BaseModel):
+    """An uploaded text corpus (``POST /datasets``); a job reads it with ``settings.data.dataset =
+    "upload:<id>"`` (the ``use_as`` value)."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "id": "0b7f4c1e-2d3a-4e5f-8a9b-0c1d2e3f4a5b",
+                    "name": "kernel-docs",
+                    "format": "jsonl",
+                    "text_column": "text",
+                    "documents": 1532,
+                    "size_bytes": 4194304,
+                    "sha256": "5f1d0c2b7a4e3d6c9b8a7f6e5d4c3b2a19f8e7d6c5b4a3928170f6e5d4c3b2a1",
+                    "created_at": "2026-12-05T10:00:00Z",
+                    "use_as": "upload:0b7f4c1e-2d3a-4e5f-8a9b-0c1d2e3f4a5b",
+                }
+            ]
+        }
+    )
+
+    id: str
+    name: str | None
+    format: Literal["txt", "jsonl", "parquet"] = Field(description="The form field it was uploaded in.")
+    text_column: str | None = Field(
+        description="Column read from a table ('input_ids' / 'tokens': pre-tokenized); None for txt."
+    )
+    documents: int = Field(description="Non-empty documents (rows) found when the upload was checked.")
+    size_bytes: int = Field(description="Bytes stored (counted in your storage quota).")
+    sha256: str = Field(description="SHA-256 of the uploaded file.")
+    created_at: datetime
+    use_as: str = Field(description="The settings.data.dataset value that reads this corpus in a job.")
+
+    @classmethod
+    def from_row(cls, row: Dataset) -> "DatasetOut":
+        """From a ``datasets`` row."""
+        return cls(
+            id=row.id,
+            name=row.name,
+            format=row.format,
+            text_column=row.text_column,
+            documents=row.documents,
+            size_bytes=row.size_bytes,
+            sha256=row.sha256,
+            created_at=row.created_at,
+            use_as=f"upload:{row.id}",
         )
 
 
