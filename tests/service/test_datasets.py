@@ -257,3 +257,13 @@ def test_job_with_bos_teacher_of_context_256(client: TestClient, tmp_path: Path)
         "disable_concat_sequences": "default",
     }
     assert report["data"]["train"]["ctx_len"] == 256 and report["eval_split"]["ctx_len"] == 256
+
+
+def test_conventions_checked_at_submission(client: TestClient, sae_id: str, tmp_path: Path) -> None:
+    """Malformed conventions, in the request or in an uploaded teacher's metadata, are a 422 naming the setting
+    at submission (not a failed job later)."""
+    r = client.post("/jobs", json=job_body(sae_id, data={"seqpos_slice": [1, 2, 0]}))
+    assert_problem(r, 422, field="settings.data.seqpos_slice", code="invalid_dataset")
+    odd = upload_sae(client, _teacher_folder(tmp_path / "odd", {"context_size": 10**6, "prepend_bos": True}))["id"]
+    assert_problem(client.post("/jobs", json=job_body(odd)), 422, field="settings.data.ctx_len")
+    assert client.post("/jobs", json=job_body(odd, data={"ctx_len": 256})).status_code == 202  # the override
