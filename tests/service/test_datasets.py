@@ -267,3 +267,43 @@ def test_conventions_checked_at_submission(client: TestClient, sae_id: str, tmp_
     odd = upload_sae(client, _teacher_folder(tmp_path / "odd", {"context_size": 10**6, "prepend_bos": True}))["id"]
     assert_problem(client.post("/jobs", json=job_body(odd)), 422, field="settings.data.ctx_len")
     assert client.post("/jobs", json=job_body(odd, data={"ctx_len": 256})).status_code == 202  # the override
+
+
+def test_datasets_on_sqlite(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, broker: Any) -> None:
+    """The embedded default: migration 0009 on SQLite (up, down to 0007, up again), then upload, list, ownership
+    and the quota as on Postgres."""
+    from alembic import command
+    from sqlalchemy import text
+
+    from service.db import get_sessionmaker
+    from service.migrate import alembic_config, upgrade
+    from service.storage import storage_usage
+    from support.servers import API_REDIS_DB, REDIS_URL, make_token
+
+    monkeypatch.delenv("RSAE_DATABASE_URL", raising=False)
+    monkeypatch.setenv("RSAE_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setenv("RSAE_BROKER_URL", f"{REDIS_URL}/{API_REDIS_DB}")
+    get_settings.cache_clear()
+    settings = get_settings()
+    upgrade(settings.database_url)
+    cfg = alembic_config(settings.database_url)
+    command.downgrade(cfg, "0007")
+    command.upgrade(cfg, "head")
+    url = settings.database_url
+    try:
+        with (
+            TestClient(create_app(), headers=bearer(make_token(url))) as c,
+            TestClient(c.app, headers=bearer(make_token(url, "mallory"))) as other,
+        ):
+            content = _parquet({"input_ids": [[1, *range(10, 80)]] * 4})
+            d = _post(c, "parquet", content).json()
+            assert d["text_column"] == "input_ids" and d["documents"] == 4
+            assert [x["id"] for x in c.get("/datasets").json()] == [d["id"]]
+            assert_problem(other.get(f"/datasets/{d['id']}"), 404)
+            with get_sessionmaker(url)() as s:
+                alice = s.scalar(text("SELECT owner_id FROM datasets"))
+                assert storage_usage(s, settings, alice).datasets == len(content)
+            assert c.delete(f"/datasets/{d['id']}").status_code == 204
+            assert not (settings.datasets_dir / d["id"]).exists()
+    finally:
+        get_settings.cache_clear()
