@@ -32,6 +32,7 @@ from pathlib import Path
 from sqlalchemy.orm import Session
 
 from rsae.data import dataset_spec_kind
+from rsae.errors import DataError
 from rsae.hub import HubFile, check_hub_ref, folder_files, model_files, repo_files
 from rsae.models import model_shape, model_spec_kind
 
@@ -57,14 +58,18 @@ def path_specs(req: JobCreate) -> dict[str, str]:
 
     Raises:
         rsae.errors.ModelError: the model is a URL (422 ``invalid_model``).
-        rsae.errors.DataError: the dataset is empty or a URL (422 ``invalid_dataset``).
+        ProblemError: 422 ``invalid_dataset`` naming ``settings.data.dataset``: it is empty or a URL.
     """
     out: dict[str, str] = {}
     if req.teacher.path is not None:
         out["teacher.path"] = req.teacher.path
     if req.model.strip() and model_spec_kind(req.model) == "path":  # empty: the core's validation names it
         out["model"] = req.model.strip()
-    if dataset_spec_kind(req.settings.data.dataset) == "path":
+    try:
+        dataset_kind = dataset_spec_kind(req.settings.data.dataset)
+    except DataError as e:  # empty or a URL
+        raise ProblemError(422, e.code, e.message, field="settings.data.dataset") from None
+    if dataset_kind == "path":
         out["settings.data.dataset"] = req.settings.data.dataset
     return out
 

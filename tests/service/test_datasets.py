@@ -307,3 +307,11 @@ def test_datasets_on_sqlite(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, bro
             assert not (settings.datasets_dir / d["id"]).exists()
     finally:
         get_settings.cache_clear()
+
+
+@pytest.mark.parametrize("spec", ["", "https://example.com/corpus.txt", "upload:", "relative/../x.txt"])
+def test_bad_dataset_specs_name_the_field(client: TestClient, sae_id: str, spec: str) -> None:
+    """An empty dataset, a URL, an upload reference without id or a relative path: 422 naming the setting."""
+    assert_problem(
+        client.post("/jobs", json=job_body(sae_id, data={"dataset": spec})), 422, field="settings.data.dataset"
+    )
