@@ -5,13 +5,18 @@ residual stream ``blocks.L.hook_resid_post`` = ``hidden_states[L + 1]`` of the f
 :class:`_StopForward`, so later blocks, the final norm and the LM head never run. (Truncating the model and
 reading ``output_hidden_states`` instead is wrong: transformers applies the final norm to the last entry.)
 
-Position 0 of every sequence is dropped: on SmolLM2 it is an attention sink whose residual norm is
-~10-30x the median, and SAE work conventionally excludes it. The manifest records this.
+Which tokens go in and which positions are kept follow the context conventions
+(:class:`rsae.data.ContextConventions`, SAELens ``metadata``): sequences of ``context_size`` tokens (BOS first
+if ``prepend_bos``), documents concatenated and chunked as SAELens does; the activations of the positions
+``slice(*seqpos_slice)`` are kept, less special-token positions if ``exclude_special_tokens``. The default for
+a teacher without conventions drops position 0 only: on SmolLM2 it is an attention sink whose residual norm is
+~10-30x the median. The manifest records the conventions.
 
-Shard ``shard_NNNNN.safetensors`` holds whole sequences: ``acts`` [k * (ctx_len - 1), d_in] float32,
-``input_ids`` [k, ctx_len] int64 and ``label`` [k] int64 (category index or -1). Row
-``i * (ctx_len - 1) + (pos - 1)`` of ``acts`` is position ``pos`` of sequence ``i``. Memory during
-extraction is one shard plus one batch, independent of the token count.
+Shard ``shard_NNNNN.safetensors`` holds whole sequences: ``acts`` [rows, d_in] float32, ``input_ids``
+[k, context_size] int64, ``label`` [k] int64 (category index or -1) and ``row_counts`` [k] int64 (rows of each
+sequence, in order; all equal to ``len(kept positions)`` unless special tokens are excluded). Without exclusion,
+row ``i * r + j`` of ``acts`` is the ``j``-th kept position of sequence ``i`` (``r`` = ``rows_per_sequence`` of
+the manifest). Memory during extraction is one shard plus one batch, independent of the token count.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ from typing import Callable, Iterator
 import torch
 from safetensors.torch import load_file, save_file
 
-from .data import BBC_CATEGORIES, iter_sequences
+from .data import BBC_CATEGORIES, ContextConventions, SourceOptions, iter_sequences, legacy_conventions, special_tokens
 from .errors import DataError
 from .models import check_layer, decoder_layers
 
@@ -96,17 +101,22 @@ def _manifest(
     shards: list[dict],
     mean_norm: float,
     norms_sample: torch.Tensor,
+    conventions: ContextConventions | None = None,
 ) -> dict:
     """The ``manifest.json`` of an extracted split (format ``rsae-activations/1``); ``norms_sample``: residual
     norms [m] of a sample of rows, for the outlier statistics."""
     median = norms_sample.median().item()
+    conv = conventions or legacy_conventions(ctx_len)
+    kept = conv.kept_positions
     return {
         "format": "rsae-activations/1",
         "layer": layer,
         "hook": f"blocks.{layer}.hook_resid_post",
         "d_in": d_in,
         "ctx_len": ctx_len,
-        "position_0_dropped": True,
+        "position_0_dropped": 0 not in kept,
+        "rows_per_sequence": None if conv.exclude_special_tokens else len(kept),
+        "conventions": conv.to_dict(),
         "rows": rows,
         "dataset": dataset,
         "split": split,
@@ -134,21 +144,24 @@ class _ShardWriter:
         self.acts: list[torch.Tensor] = []
         self.ids: list[torch.Tensor] = []
         self.labels: list[int] = []
+        self.counts: list[int] = []
         self.d_in: int | None = None
         self.sum_norm = 0.0
         self.norms_sample: list[torch.Tensor] = []
 
-    def add_batch(self, resid: torch.Tensor, ids: torch.Tensor, labels: list[int], seqs_per_shard: int) -> None:
-        """Buffer a batch of sequences (activations ``resid`` [b, ctx_len - 1, d_in], token ids [b, ctx_len],
-        label indices [b]), flushing a shard whenever ``seqs_per_shard`` sequences are buffered (so a shard never
-        holds more than ``shard_tokens`` rows); record residual-norm statistics (the first 64 batches' norms)."""
-        self.d_in = resid.shape[-1]
-        norms = resid.reshape(-1, self.d_in).norm(dim=-1)
+    def add_batch(self, resid: list[torch.Tensor], ids: torch.Tensor, labels: list[int], seqs_per_shard: int) -> None:
+        """Buffer a batch of sequences (the kept activations of each, ``resid[i]`` [r_i, d_in], token ids
+        [b, context_size], label indices [b]), flushing a shard whenever ``seqs_per_shard`` sequences are buffered
+        (so a shard never holds more than ``shard_tokens`` rows); record residual-norm statistics (the first 64
+        batches' norms)."""
+        self.d_in = resid[0].shape[-1]
+        norms = torch.cat(list(resid)).norm(dim=-1)
         self.sum_norm += norms.sum().item()
         if len(self.norms_sample) < 64:
             self.norms_sample.append(norms)
         for i, label in enumerate(labels):
             self.acts.append(resid[i])
+            self.counts.append(resid[i].shape[0])
             self.ids.append(ids[i])
             self.labels.append(label)
             if len(self.ids) == seqs_per_shard:
@@ -163,12 +176,17 @@ class _ShardWriter:
         acts = acts[:keep].contiguous()
         name = f"shard_{len(self.shards):05d}.safetensors"
         tmp = self.out_dir / f".{name}.{uuid.uuid4().hex}.tmp"  # unique per write
-        tensors = {"acts": acts, "input_ids": torch.stack(self.ids), "label": torch.tensor(self.labels)}
+        tensors = {
+            "acts": acts,
+            "input_ids": torch.stack(self.ids),
+            "label": torch.tensor(self.labels),
+            "row_counts": torch.tensor(self.counts, dtype=torch.int64),
+        }
         save_file(tensors, str(tmp))
         os.replace(tmp, self.out_dir / name)
         self.shards.append({"file": name, "rows": keep, "sequences": len(self.ids)})
         self.done_rows += keep
-        self.acts, self.ids, self.labels = [], [], []
+        self.acts, self.ids, self.labels, self.counts = [], [], [], []
         if self.on_progress:
             self.on_progress(self.done_rows / self.n_tokens)
 
@@ -181,6 +199,35 @@ def _next_batch(it, size: int) -> list:
         if len(batch) == size:
             break
     return batch
+
+
+def kept_rows(
+    resid: torch.Tensor, ids: torch.Tensor, positions: list[int], excluded: frozenset[int]
+) -> list[torch.Tensor]:
+    """The activations each sequence contributes: positions ``positions`` of ``resid`` [b, T, d_in], less those
+    whose token (``ids`` [b, T]) is in ``excluded`` (SAELens: ``seqpos_slice``, then ``exclude_special_tokens``).
+    Returns ``b`` tensors [r_i, d_in]."""
+    idx = torch.tensor(positions, dtype=torch.long)
+    acts = resid[:, idx, :]
+    if not excluded:
+        return list(acts)
+    keep = ~torch.isin(ids[:, idx], torch.tensor(sorted(excluded), dtype=ids.dtype))
+    return [acts[i][keep[i]] for i in range(acts.shape[0])]
+
+
+def _kept(conv: ContextConventions, tokenizer) -> tuple[list[int], frozenset[int]]:
+    """``(kept positions, excluded token ids)`` of ``conv`` for ``tokenizer``.
+
+    Raises:
+        DataError: ``seqpos_slice`` keeps no position; a token of the conventions the tokenizer lacks.
+    """
+    positions = conv.kept_positions
+    if not positions:
+        raise DataError(
+            f"seqpos_slice {list(conv.seqpos_slice)} keeps no position of a {conv.context_size}-token sequence",
+            field="data.seqpos_slice",
+        )
+    return positions, special_tokens(conv, tokenizer).excluded
 
 
 def extract_activations(
@@ -200,44 +247,45 @@ def extract_activations(
     device: str = "cpu",
     meta: dict | None = None,
     on_progress: Callable[[float], None] | None = None,
+    conventions: ContextConventions | None = None,
+    options: SourceOptions | None = None,
 ) -> dict:
     """Stream residual activations of ``split`` to shards in ``out_dir`` and write ``manifest.json``.
 
     Args:
-        model, tokenizer: from :func:`rsae.models.load_model`.
-        layer: block index L; activations are ``blocks.L.hook_resid_post``.
-        dataset, split, ctx_len, eval_fraction, seed: see :func:`rsae.data.iter_sequences`.
-        n_tokens: activation rows wanted (positions 1..ctx_len-1 of whole sequences; rounded up to a
-            whole sequence, then cut to exactly ``n_tokens``).
+        model, tokenizer: from :func:`rsae.models.load_model`. layer: block index L (``blocks.L.hook_resid_post``).
+        dataset, split, eval_fraction, seed, options: see :func:`rsae.data.iter_sequences`.
+        conventions: :func:`rsae.data.resolve_conventions`; None: the legacy ones with ``ctx_len`` tokens.
+        n_tokens: activation rows wanted (kept positions of whole sequences, then cut to exactly ``n_tokens``).
         shard_tokens: rows per shard (rounded to whole sequences).
         on_progress: called after every batch with the fraction done; may raise (``Cancelled``) to stop.
 
-    Returns:
-        The manifest dict.
-
-    Raises:
-        DataError: the split has fewer tokens than ``n_tokens``.
-        ModelError: ``layer`` out of range.
+    Returns the manifest dict. Raises: DataError (the split has fewer tokens than ``n_tokens``; the conventions
+    keep no position), ModelError (``layer`` out of range).
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    rows_per_seq = ctx_len - 1
+    conv = conventions or legacy_conventions(ctx_len)
+    ctx_len = conv.context_size
+    positions, excluded = _kept(conv, tokenizer)
+    rows_per_seq = len(positions)
     seqs_per_shard = max(1, shard_tokens // rows_per_seq)
-    need_seqs = math.ceil(n_tokens / rows_per_seq)
     writer = _ShardWriter(out_dir, n_tokens, None)
-    it = iter_sequences(tokenizer, dataset, split, ctx_len=ctx_len, eval_fraction=eval_fraction, seed=seed)
-    n_seq = 0
+    it = iter_sequences(
+        tokenizer, dataset, split, eval_fraction=eval_fraction, seed=seed, conventions=conv, options=options
+    )
+    rows = 0
     with ResidualCapture(model, layer) as cap:
-        while n_seq < need_seqs:
-            batch = _next_batch(it, min(batch_size, need_seqs - n_seq))
+        while rows < n_tokens:
+            batch = _next_batch(it, min(batch_size, math.ceil((n_tokens - rows) / rows_per_seq)))
             if not batch:
                 break
             ids = torch.tensor([b[0] for b in batch], dtype=torch.long)
-            resid = cap.run(model, ids.to(device)).cpu()[:, 1:, :]  # drop position 0 (attention sink)
+            resid = kept_rows(cap.run(model, ids.to(device)).cpu(), ids, positions, excluded)
             writer.add_batch(resid, ids, [_label_index(doc.label) for _, doc in batch], seqs_per_shard)
-            n_seq += len(batch)
+            rows += sum(r.shape[0] for r in resid)
             if on_progress:  # every batch, so that the caller's cancellation check runs between batches
-                on_progress(min(1.0, n_seq * rows_per_seq / n_tokens))
+                on_progress(min(1.0, rows / n_tokens))
         writer.flush()
     done_rows, shards = writer.done_rows, writer.shards
     if done_rows < n_tokens:
@@ -245,22 +293,20 @@ def extract_activations(
             f"split '{split}' of {dataset!r} yields only {done_rows} tokens at ctx_len={ctx_len}; {n_tokens} requested",
             field=f"data.{'eval' if split == 'eval' else 'train'}_tokens",
         )
-    manifest = {
-        **_manifest(
-            layer=layer,
-            d_in=writer.d_in,
-            ctx_len=ctx_len,
-            rows=done_rows,
-            dataset=dataset,
-            split=split,
-            eval_fraction=eval_fraction,
-            seed=seed,
-            shards=shards,
-            mean_norm=writer.sum_norm / max(1, n_seq * rows_per_seq),
-            norms_sample=torch.cat(writer.norms_sample),
-        ),
-        **(meta or {}),
-    }
+    manifest = _manifest(
+        layer=layer,
+        d_in=writer.d_in,
+        ctx_len=ctx_len,
+        rows=done_rows,
+        dataset=dataset,
+        split=split,
+        eval_fraction=eval_fraction,
+        seed=seed,
+        shards=shards,
+        mean_norm=writer.sum_norm / max(1, rows),
+        norms_sample=torch.cat(writer.norms_sample),
+        conventions=conv,
+    ) | (meta or {})
     _write_manifest(out_dir, manifest)
     return manifest
 
@@ -287,6 +333,8 @@ class ActivationStore:
         self.d_in: int = self.manifest["d_in"]
         self.rows: int = self.manifest["rows"]
         self.ctx_len: int = self.manifest["ctx_len"]
+        self.rows_per_seq: int | None = self.manifest.get("rows_per_sequence", self.ctx_len - 1)
+        """Activation rows of every sequence; None when special tokens were excluded (see ``row_counts``)."""
 
     def shard(self, i: int) -> dict[str, torch.Tensor]:
         """Tensors of shard ``i`` (``acts`` cut to the manifest's row count)."""

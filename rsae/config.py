@@ -7,7 +7,7 @@ in minutes (see README, "Token counts").
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -26,20 +26,84 @@ class _Strict(BaseModel):
 
 
 class DataConfig(_Strict):
-    """Text and token budget for activation extraction.
+    """Text, context conventions and token budget for activation extraction.
 
     Documents are split into train and held-out eval sets *by document* (a document's sequences never
-    appear in both). Sequences are ``ctx_len`` tokens; position 0 of each sequence (the attention sink;
-    docs/method.md#defaults) is dropped from the activations, so each sequence yields ``ctx_len - 1``
-    activation rows.
+    appear in both). Data sources and chunking: :mod:`rsae.data`. The context conventions (``ctx_len`` =
+    SAELens ``context_size``, ``prepend_bos``, ``seqpos_slice``, ``exclude_special_tokens``,
+    ``sequence_separator_token``, ``disable_concat_sequences``) default to the teacher's ``cfg.json`` metadata,
+    then to SAELens's defaults, and for a teacher that records none of them to 128 tokens without BOS with
+    position 0 (the attention sink; docs/method.md#defaults) dropped (:func:`rsae.data.resolve_conventions`);
+    the report records each value and where it came from.
     """
 
     dataset: str = Field(
         DEFAULT_DATASET,
-        description="'bbc-news' (bundled), or a local path: a .txt file (one document per blank-line-"
-        "separated paragraph block), or a folder of .txt files (one document per file).",
+        description="'bbc-news' (bundled); a Hugging Face data set id 'org/name' (streamed with the datasets "
+        "library; honours HF_HUB_OFFLINE and the local datasets cache; see hf_config, hf_split, hf_revision, "
+        "text_column); 'upload:<id>' (a corpus you uploaded with POST /datasets); or a local path (servers: only "
+        "under RSAE_LOCAL_PATH_ROOTS): a .txt file (documents separated by blank lines), a .jsonl or .parquet "
+        "file (one document per row), a datasets save_to_disk folder, or a folder of .txt files. Rows with an "
+        "'input_ids' or 'tokens' column are pre-tokenized (used as they are, cut to ctx_len).",
     )
-    ctx_len: int = Field(128, ge=8, le=4096, description="Tokens per sequence, including position 0.")
+    hf_config: str | None = Field(
+        None, max_length=200, description="Configuration (subset) name of a Hugging Face data set (None: its default)."
+    )
+    hf_split: str = Field(
+        "train",
+        min_length=1,
+        max_length=200,
+        description="Split of a Hugging Face data set (or of a saved DatasetDict) to read; the train/eval split of "
+        "the upgrade is then made by document inside it (eval_fraction).",
+    )
+    hf_revision: str | None = Field(
+        None, max_length=200, description="Branch, tag or commit of a Hugging Face data set (None: main)."
+    )
+    text_column: str | None = Field(
+        None,
+        min_length=1,
+        max_length=200,
+        description="Column holding the text (or token ids) of a Hugging Face data set or table. None: "
+        "'input_ids' or 'tokens' if present (pre-tokenized), else 'text'.",
+    )
+    ctx_len: int | None = Field(
+        None,
+        ge=8,
+        le=4096,
+        description="Tokens per sequence, BOS included (SAELens context_size). None: the teacher's "
+        "context_size, else 128.",
+    )
+    prepend_bos: bool | None = Field(
+        None,
+        description="Start every sequence with the tokenizer's BOS token (SAELens prepend_bos). None: the "
+        "teacher's, else SAELens's default (true) for teachers recording SAELens conventions, else false.",
+    )
+    seqpos_slice: list[int | None] | None = Field(
+        None,
+        min_length=1,
+        max_length=3,
+        description="Positions whose activations are used, as Python slice(*seqpos_slice) (SAELens "
+        "seqpos_slice): [1, null] drops position 0 (the attention sink), [null] keeps all. None: the teacher's, "
+        "else [null] for teachers recording SAELens conventions, else [1, null].",
+    )
+    exclude_special_tokens: bool | list[int] | None = Field(
+        None,
+        description="Drop the activations at special-token positions (SAELens exclude_special_tokens): true = "
+        "the tokenizer's BOS, EOS, PAD, SEP and decoder-start ids, or a list of token ids. None: the teacher's, "
+        "else false.",
+    )
+    sequence_separator_token: int | Literal["bos", "eos", "sep", "none"] | None = Field(
+        None,
+        description="Token put between concatenated documents (SAELens sequence_separator_token): a token id, "
+        "'bos', 'eos', 'sep', or 'none' for no separator. None: the teacher's, else 'bos' for teachers recording "
+        "SAELens conventions, else none.",
+    )
+    disable_concat_sequences: bool | None = Field(
+        None,
+        description="One sequence per document (its first ctx_len tokens; shorter documents skipped) instead of "
+        "concatenating documents and cutting them into ctx_len chunks (SAELens disable_concat_sequences). None: "
+        "the teacher's, else false.",
+    )
     train_tokens: int = Field(
         131_072,
         ge=256,
@@ -55,6 +119,27 @@ class DataConfig(_Strict):
     shard_tokens: int = Field(
         16_384, ge=256, le=10_000_000, description="Activation rows per safetensors shard on disk."
     )
+
+    def requested_conventions(self) -> dict[str, Any]:
+        """The context conventions this request sets, by SAELens key (``ctx_len`` as ``context_size``); unset
+        ones are None (:func:`rsae.data.resolve_conventions` fills them from the teacher or the defaults)."""
+        return {
+            "context_size": self.ctx_len,
+            "prepend_bos": self.prepend_bos,
+            "seqpos_slice": self.seqpos_slice,
+            "exclude_special_tokens": self.exclude_special_tokens,
+            "sequence_separator_token": self.sequence_separator_token,
+            "disable_concat_sequences": self.disable_concat_sequences,
+        }
+
+    def source_options(self) -> dict[str, Any]:
+        """Keyword arguments of :class:`rsae.data.SourceOptions` (how to read hub data sets and tables)."""
+        return {
+            "hf_config": self.hf_config,
+            "hf_split": self.hf_split,
+            "hf_revision": self.hf_revision,
+            "text_column": self.text_column,
+        }
 
 
 class RemezConfig(_Strict):

@@ -11,8 +11,9 @@ Sources:
 
 Definitions:
 
-- Representation of a sequence: the mean over its token rows (positions 1..ctx_len-1; position 0 is
-  dropped at extraction) of the SAE latents ``z = sae.encode(x)``, giving ``[n_seq, d_sae]``. The dense
+- Representation of a sequence: the mean over its token rows (the positions the context conventions keep,
+  by default 1..ctx_len-1: position 0 is dropped at extraction; ``row_counts`` of each shard) of the SAE
+  latents ``z = sae.encode(x)``, giving ``[n_seq, d_sae]``. The dense
   baseline uses the mean of the raw residual activations ``x`` instead, ``[n_seq, d_in]``. SAEBench
   likewise encodes every token and then mean-pools over the non-BOS, non-pad tokens.
 - Tasks: one binary one-vs-rest task per category present in both splits (BBC News: 5 categories).
@@ -89,27 +90,41 @@ def _pool(
         raise ValueError(f"max_sequences must be a positive integer or None, got {max_sequences!r}")
     if isinstance(batch_rows, bool) or not isinstance(batch_rows, int) or batch_rows < 1:
         raise ValueError(f"batch_rows must be a positive integer, got {batch_rows!r}")
-    rows_per_seq = store.ctx_len - 1
-    if rows_per_seq < 1:
-        raise ValueError(f"store has ctx_len={store.ctx_len}; at least 2 is needed (position 0 is dropped)")
-    seqs_per_batch = max(1, batch_rows // rows_per_seq)
     feats: list[torch.Tensor] = []
     labels: list[torch.Tensor] = []
     n = 0
     for shard in store.iter_shards():
         acts, lab = shard["acts"], shard["label"].long()
-        # the last shard may end inside a sequence (extraction cuts to exactly n_tokens): drop that sequence
-        n_full = min(lab.shape[0], acts.shape[0] // rows_per_seq)
-        keep = torch.nonzero(lab[:n_full] >= 0).squeeze(1)
+        counts = shard.get("row_counts")
+        if counts is None:  # shards written before row_counts: ctx_len - 1 rows per sequence
+            counts = torch.full_like(lab, store.ctx_len - 1)
+        counts = counts.long()
+        ends = torch.cumsum(counts, 0)
+        starts = ends - counts
+        # the last shard may end inside a sequence (extraction cuts to exactly n_tokens): drop that sequence;
+        # so is a sequence without rows (all its positions excluded)
+        full = (ends <= acts.shape[0]) & (counts > 0)
+        keep = torch.nonzero(full & (lab >= 0)).squeeze(1)
         if max_sequences is not None:
             keep = keep[: max_sequences - n]
-        seq_acts = acts[: n_full * rows_per_seq].reshape(n_full, rows_per_seq, store.d_in)
-        for i in range(0, keep.shape[0], seqs_per_batch):
-            idx = keep[i : i + seqs_per_batch]
-            x = seq_acts[idx].to(device)  # [b, T-1, d_in]
+        i = 0
+        while i < keep.shape[0]:
+            j, rows = i, 0  # whole sequences, about batch_rows rows (at least one sequence)
+            while j < keep.shape[0] and (j == i or rows + int(counts[keep[j]]) <= batch_rows):
+                rows += int(counts[keep[j]])
+                j += 1
+            idx = keep[i:j]
+            x = torch.cat([acts[starts[k] : ends[k]] for k in idx.tolist()]).to(device)  # [rows, d_in]
             if encode is not None:
-                x = encode(x.reshape(-1, store.d_in)).reshape(idx.shape[0], rows_per_seq, -1)
-            feats.append(x.float().mean(dim=1).cpu())
+                x = encode(x)
+            c = counts[idx]
+            if bool((c == c[0]).all()):  # equal lengths (no special tokens excluded): a plain mean
+                feats.append(x.float().reshape(idx.shape[0], int(c[0]), -1).mean(dim=1).cpu())
+            else:
+                seg = torch.repeat_interleave(torch.arange(idx.shape[0], device=x.device), c.to(x.device))
+                sums = torch.zeros(idx.shape[0], x.shape[1], device=x.device).index_add_(0, seg, x.float())
+                feats.append((sums / c.to(x.device).unsqueeze(1)).cpu())
+            i = j
         labels.append(lab[keep])
         n += keep.shape[0]
         if max_sequences is not None and n >= max_sequences:
@@ -124,8 +139,8 @@ def pooled_latents(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean-pooled SAE latents of every labelled sequence of ``store``.
 
-    For sequence ``i`` with rows ``x_i`` [ctx_len - 1, d_in] (positions 1..ctx_len-1), the feature vector
-    is ``mean_over_rows(sae.encode(x_i))`` [d_sae] (latent units, as ``encode`` returns them). Sequences
+    For sequence ``i`` with rows ``x_i`` [r_i, d_in] (its kept positions, by default 1..ctx_len-1), the feature
+    vector is ``mean_over_rows(sae.encode(x_i))`` [d_sae] (latent units, as ``encode`` returns them). Sequences
     with label -1 (unlabelled text) are skipped; so is a sequence cut short at the end of the last shard.
     Source: SAEBench's ``get_sae_meaned_activations`` (encode each token, then mean over tokens).
 

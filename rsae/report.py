@@ -9,15 +9,16 @@ squared activation units per token; CE, KL and their differences in nats/token.
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from .config import UpgradeConfig
 from .remez import RationalFit
 
-REPORT_SCHEMA_VERSION = "rsae-report/5"
-"""5: ``SAEMetrics.kl_zero`` (the zero-ablation KL, SAEBench's ``kl_div_with_ablation``).
+REPORT_SCHEMA_VERSION = "rsae-report/6"
+"""6: ``data.conventions`` (the context conventions, each with its source) and ``data.source`` (hub data set
+options). 5: ``SAEMetrics.kl_zero`` (the zero-ablation KL, SAEBench's ``kl_div_with_ablation``).
 4: typed sections (this module's models), ``config`` validated as :class:`rsae.config.UpgradeConfig`.
 3: ``SAEMetrics.delta_ce_se`` and ``Report.comparisons`` (paired delta CE differences with standard errors)."""
 
@@ -105,11 +106,37 @@ class DataSplit(_Section):
     stats: ActivationStats
 
 
+class DataConventions(_Section):
+    """The context conventions the activations were extracted with (SAELens ``metadata`` names and meanings;
+    :class:`rsae.data.ContextConventions`) and, per key, where the value came from."""
+
+    context_size: int = Field(description="Tokens per sequence, BOS included.")
+    prepend_bos: bool = Field(description="Position 0 of every sequence is the tokenizer's BOS.")
+    seqpos_slice: list[int | None] = Field(description="slice(*seqpos_slice) of positions whose activations are used.")
+    exclude_special_tokens: bool | list[int] = Field(description="Special-token positions dropped.")
+    sequence_separator_token: int | str | None = Field(description="Token between concatenated documents.")
+    disable_concat_sequences: bool = Field(description="One sequence per document instead of concatenating.")
+    sources: dict[str, Literal["request", "teacher", "default"]] = Field(
+        description="Per key: set by the request, read from the teacher's cfg.json metadata, or the default."
+    )
+
+
+class DataSourceOptions(_Section):
+    """How a Hugging Face data set or a table was read (``settings.data``)."""
+
+    hf_config: str | None = None
+    hf_split: str = "train"
+    hf_revision: str | None = None
+    text_column: str | None = None
+
+
 class DataSection(_Section):
-    """The training and held-out activation splits."""
+    """The training and held-out activation splits, the context conventions and the data source options."""
 
     train: DataSplit
     eval: DataSplit
+    conventions: DataConventions | None = None
+    source: DataSourceOptions | None = None
 
 
 class FitParams(_Section):

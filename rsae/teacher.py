@@ -172,6 +172,11 @@ def train_teacher_from_text(
                 "context_size": ctx_len,
                 "prepend_bos": False,
                 "position_0_dropped": True,
+                # the context conventions of the extraction above (rsae.data.LEGACY_DEFAULTS), in SAELens names
+                "seqpos_slice": [1, None],
+                "exclude_special_tokens": False,
+                "sequence_separator_token": None,
+                "disable_concat_sequences": False,
             },
             on_progress=(lambda f: on_progress(0.3 + 0.7 * f)) if on_progress else None,
         )

@@ -11,7 +11,7 @@ from sqlalchemy.orm import sessionmaker
 
 from rsae_client.models import API_PREFIX
 
-from .api.routes import health, jobs, saes
+from .api.routes import datasets, health, jobs, saes
 from .config import Settings, get_settings
 from .db import DbTimeouts, make_engine
 from .events import StreamSlots
@@ -21,7 +21,7 @@ from .queue import create_celery
 from .ratelimit import RateLimits
 from .versioning import LegacyPathRedirect
 
-V1_ROUTERS: list[APIRouter] = [saes.router, jobs.router]
+V1_ROUTERS: list[APIRouter] = [saes.router, datasets.router, jobs.router]
 """The resource routers, mounted under ``/v1`` (each with its own prefix: ``/saes``, ``/jobs``). A new resource
 (e.g. ``POST /v1/datasets``) appends its router here; its old unversioned path then redirects too."""
 UNVERSIONED_ROUTERS: list[APIRouter] = [health.router]
@@ -78,6 +78,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         max_body_bytes=settings.max_body_bytes,
         max_upload_bytes=settings.max_upload_bytes,
         upload_path=f"{API_PREFIX}/saes",
+        other_uploads={f"{API_PREFIX}/datasets": settings.max_dataset_upload_bytes},
     )
     # added last, so outermost: an old path is redirected before any body limit or authentication
     app.add_middleware(

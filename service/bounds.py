@@ -31,7 +31,8 @@ from pathlib import Path
 
 from sqlalchemy.orm import Session
 
-from rsae.data import BUNDLED_DATASETS
+from rsae.data import dataset_spec_kind
+from rsae.errors import DataError
 from rsae.hub import HubFile, check_hub_ref, folder_files, model_files, repo_files
 from rsae.models import model_shape, model_spec_kind
 
@@ -52,17 +53,23 @@ def _gib(n: int) -> str:
 # -- server-side paths -----------------------------------------------------------------------------
 def path_specs(req: JobCreate) -> dict[str, str]:
     """The inputs of ``req`` that name server-side paths, by field (``teacher.path``, ``model``,
-    ``settings.data.dataset``): anything that is not a bundled name or a hub id is a path.
+    ``settings.data.dataset``): anything that is not a bundled name, a hub id or (a dataset) ``upload:<id>`` is
+    a path (:func:`rsae.models.model_spec_kind`, :func:`rsae.data.dataset_spec_kind`).
 
     Raises:
         rsae.errors.ModelError: the model is a URL (422 ``invalid_model``).
+        ProblemError: 422 ``invalid_dataset`` naming ``settings.data.dataset``: it is empty or a URL.
     """
     out: dict[str, str] = {}
     if req.teacher.path is not None:
         out["teacher.path"] = req.teacher.path
     if req.model.strip() and model_spec_kind(req.model) == "path":  # empty: the core's validation names it
         out["model"] = req.model.strip()
-    if req.settings.data.dataset not in BUNDLED_DATASETS:
+    try:
+        dataset_kind = dataset_spec_kind(req.settings.data.dataset)
+    except DataError as e:  # empty or a URL
+        raise ProblemError(422, e.code, e.message, field="settings.data.dataset") from None
+    if dataset_kind == "path":
         out["settings.data.dataset"] = req.settings.data.dataset
     return out
 

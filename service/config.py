@@ -41,7 +41,17 @@ class Settings(BaseSettings):
     work_dir: Path | None = Field(
         None, description="Per-job scratch (activation shards). Default '<data_dir>/work'; deleted when a job ends."
     )
+    datasets_dir: Path | None = Field(
+        None, description="Uploaded text corpora (POST /datasets). Default '<data_dir>/datasets'."
+    )
     max_upload_bytes: int = Field(2 * 1024**3, ge=1, description="Largest accepted POST /saes body.")
+    max_dataset_upload_bytes: int = Field(
+        256 * 1024**2,
+        ge=1,
+        description="Largest accepted POST /datasets body (413 beyond, naming the file field). A .parquet upload "
+        "whose column chunks declare more than 8 times this once decompressed is refused with 413 before it is "
+        "read.",
+    )
     max_cfg_bytes: int = Field(1024**2, ge=1, description="Largest accepted cfg.json part of an upload.")
     max_teacher_expanded_bytes: int | None = Field(
         None,
@@ -334,6 +344,7 @@ class Settings(BaseSettings):
         self.artifacts_dir = (self.artifacts_dir or self.data_dir / "artifacts").expanduser().resolve()
         self.uploads_dir = (self.uploads_dir or self.data_dir / "saes").expanduser().resolve()
         self.work_dir = (self.work_dir or self.data_dir / "work").expanduser().resolve()
+        self.datasets_dir = (self.datasets_dir or self.data_dir / "datasets").expanduser().resolve()
         roots = []
         for root in self.local_path_roots:
             if not root.is_absolute():
@@ -374,8 +385,8 @@ class Settings(BaseSettings):
         return self.heartbeat_seconds or self.lease_seconds / 4
 
     def ensure_dirs(self) -> None:
-        """Create the data, uploads, artifacts and work folders if missing."""
-        for d in (self.data_dir, self.uploads_dir, self.artifacts_dir, self.work_dir):
+        """Create the data, uploads, artifacts, work and datasets folders if missing."""
+        for d in (self.data_dir, self.uploads_dir, self.artifacts_dir, self.work_dir, self.datasets_dir):
             d.mkdir(parents=True, exist_ok=True)
 
 

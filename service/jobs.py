@@ -16,11 +16,12 @@ from sqlalchemy import update
 from sqlalchemy.orm import Session
 
 from rsae.config import ArtifactRefs, UpgradeConfig
+from rsae.data import UPLOAD_PREFIX
 from rsae.errors import TeacherError
 
 from .bounds import path_specs
 from .config import Settings
-from .models import TERMINAL_STATUSES, Job, JobEvent, Sae, is_uuid, utcnow
+from .models import TERMINAL_STATUSES, Dataset, Job, JobEvent, Sae, is_uuid, utcnow
 from .problems import validation_errors
 from .redact import redact_data
 from .schemas import SETTINGS_FIELDS, JobCreate, TeacherRef
@@ -170,8 +171,9 @@ def artifact_refs(session: Session, req: JobCreate) -> ArtifactRefs:
 
     The teacher: ``sae:<id> (<name>)`` for an upload; ``hub:<repo_id>[/<subfolder>][@<revision>]`` or
     ``hub:<release>/<sae_id>`` for a hub reference; ``local:<folder name> sha256:<hex>`` for a server path
-    (the core records the weights' sha256 beside it). The dataset: its name (``bbc-news``), or
-    ``local:<name> sha256:<hex>`` for a server-side file or folder. The model: ``local:<folder name>`` for
+    (the core records the weights' sha256 beside it). The dataset: its name (``bbc-news``, a hub id),
+    ``upload:<id> (<name>) sha256:<hex>`` for an uploaded corpus, or ``local:<name> sha256:<hex>`` for a
+    server-side file or folder. The model: ``local:<folder name>`` for
     a server-side folder, else None (a bundled name or hub id is shown as given).
     """
     ref = req.teacher
@@ -190,6 +192,9 @@ def artifact_refs(session: Session, req: JobCreate) -> ArtifactRefs:
         teacher = _local_ref(ref.path or "")
     paths = path_specs(req)
     dataset = req.settings.data.dataset
+    corpus = session.get(Dataset, dataset[len(UPLOAD_PREFIX) :]) if dataset.startswith(UPLOAD_PREFIX) else None
+    if corpus is not None:
+        dataset = f"{dataset}" + (f" ({corpus.name})" if corpus.name else "") + f" sha256:{corpus.sha256}"
     return ArtifactRefs(
         teacher=teacher,
         dataset=_local_ref(dataset) if "settings.data.dataset" in paths else dataset,

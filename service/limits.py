@@ -36,23 +36,33 @@ class BodyLimitMiddleware:
         max_upload_bytes: cap for ``POST`` on ``upload_path`` (checked here against ``Content-Length``
             only; the streamed count is :func:`service.uploads.receive_multipart`'s, naming the part).
         upload_path: path of the upload route (default ``/v1/saes``).
+        other_uploads: further streamed upload routes (``POST``), path -> cap (``/v1/datasets``: corpora).
     """
 
     def __init__(
-        self, app: ASGIApp, *, max_body_bytes: int, max_upload_bytes: int, upload_path: str = "/v1/saes"
+        self,
+        app: ASGIApp,
+        *,
+        max_body_bytes: int,
+        max_upload_bytes: int,
+        upload_path: str = "/v1/saes",
+        other_uploads: dict[str, int] | None = None,
     ) -> None:
-        self.app, self.max_body, self.max_upload, self.upload_path = app, max_body_bytes, max_upload_bytes, upload_path
+        self.app, self.max_body = app, max_body_bytes
+        self.uploads = {upload_path: max_upload_bytes, **(other_uploads or {})}
 
-    def _is_upload(self, scope: Scope) -> bool:
-        return scope["method"] == "POST" and scope["path"].rstrip("/") == self.upload_path
+    def _upload_limit(self, scope: Scope) -> int | None:
+        """The cap of a streamed upload route, None for any other request."""
+        return self.uploads.get(scope["path"].rstrip("/")) if scope["method"] == "POST" else None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         """ASGI entry point."""
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        is_upload = self._is_upload(scope)
-        limit = self.max_upload if is_upload else self.max_body
+        upload_limit = self._upload_limit(scope)
+        is_upload = upload_limit is not None
+        limit = upload_limit if is_upload else self.max_body
         headers = dict(scope.get("headers") or [])
         declared = headers.get(b"content-length")
         if declared is not None:

@@ -147,6 +147,27 @@ class Sae(Base):
     )
 
 
+class Dataset(Base):
+    """An uploaded text corpus (``POST /datasets``), usable by its owner as ``settings.data.dataset =
+    "upload:<id>"``. Its file lives in ``<datasets_dir>/<path>/corpus.<format>``."""
+
+    __tablename__ = "datasets"
+    __table_args__ = (Index("ix_datasets_owner_id_created_at", "owner_id", "created_at"),)
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
+    owner_id: Mapped[str | None] = mapped_column(String(36), ForeignKey("users.id", ondelete="CASCADE"))
+    name: Mapped[str | None] = mapped_column(String(200))
+    format: Mapped[str] = mapped_column(String(16), doc="'txt', 'jsonl' or 'parquet' (the form field it came in).")
+    text_column: Mapped[str | None] = mapped_column(
+        String(200), doc="Column read from a table (None: auto, 'input_ids'/'tokens' then 'text'; .txt: None)."
+    )
+    documents: Mapped[int] = mapped_column(Integer, doc="Non-empty documents (rows) found when it was checked.")
+    sha256: Mapped[str] = mapped_column(String(64))
+    size_bytes: Mapped[int] = mapped_column(BigInteger, doc="Bytes of the stored file (storage quota).")
+    path: Mapped[str] = mapped_column(Text, doc="Folder relative to the datasets dir.")
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
 class Job(Base):
     """One upgrade job. This row is the single source of truth about the job (never Celery's state)."""
 

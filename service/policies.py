@@ -31,10 +31,13 @@ from pydantic import ValidationError
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, selectinload
 
+from rsae.data import resolve_conventions
+from rsae.errors import DataError
 from rsae.models import model_shape
 
 from . import bounds
 from .config import Settings
+from .datasets import resolve_upload
 from .db import lock_for_write
 from .jobs import build_upgrade_config, resolve_teacher, transition, upgrade_config_errors
 from .models import TERMINAL_STATUSES, Job, JobEvent, Sae, User, is_uuid
@@ -175,10 +178,30 @@ def check_model_fit(session: Session, req: JobCreate) -> None:
         )
 
 
+def check_conventions(session: Session, req: JobCreate) -> None:
+    """The context conventions of ``req`` (``settings.data``) together with its teacher's, when the teacher's
+    cfg is at hand (an uploaded SAE): a malformed value on either side is refused now rather than by the worker
+    (:func:`rsae.data.resolve_conventions`).
+
+    Raises:
+        ProblemError: 422 ``invalid_dataset`` naming ``settings.data.<key>`` (``settings.data.ctx_len`` for the
+            context size).
+    """
+    meta: dict | None = None
+    if req.teacher.sae_id is not None and is_uuid(req.teacher.sae_id):
+        sae = session.get(Sae, req.teacher.sae_id)
+        meta = ((sae.cfg if sae is not None else None) or {}).get("metadata")
+    try:
+        resolve_conventions(req.settings.data.requested_conventions(), meta if isinstance(meta, dict) else None)
+    except DataError as e:
+        raise ProblemError(422, e.code, e.message, field=f"settings.{e.field}") from None
+
+
 def check_job_request(session: Session, settings: Settings, req: JobCreate, user: User) -> None:
     """Everything a job request must pass before its row is written, in this order: server-side paths
     (:func:`check_local_paths`), webhook host (:func:`check_webhook`), the teacher
-    (:func:`service.jobs.resolve_teacher`, owned by ``user``; hub references checked without network),
+    (:func:`service.jobs.resolve_teacher`, owned by ``user``; hub references checked without network), an
+    uploaded corpus (``upload:<id>``, owned by ``user``: :func:`service.datasets.resolve_upload`),
     layer and width (:func:`check_model_fit`), the core's own configuration rules
     (:func:`service.jobs.build_upgrade_config`), and the job bounds (:func:`service.bounds.check_request_bounds`:
     allowed model, token and disk budgets, hub download size; the last asks the hub's metadata).
@@ -190,6 +213,8 @@ def check_job_request(session: Session, settings: Settings, req: JobCreate, user
     check_local_paths(req, settings)
     check_webhook(req, settings)
     teacher = resolve_teacher(session, settings, req.teacher, owner_id=user.id)
+    resolve_upload(session, settings, req.settings.data.dataset, user.id)  # upload:<id>: the user's own corpus
+    check_conventions(session, req)
     check_model_fit(session, req)
     try:
         build_upgrade_config(req, teacher)

@@ -10,7 +10,8 @@ defaults, bounds and descriptions), so the API and the core cannot drift apart e
 from __future__ import annotations
 
 import copy
-from typing import Annotated
+from datetime import datetime
+from typing import Annotated, Literal
 from urllib.parse import quote
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, create_model, field_validator
@@ -32,6 +33,7 @@ from rsae_client.models import (
     JobError,
     JobList,
     JobStatus,
+    Page,
     SaeList,
     TeacherRef,
 )
@@ -40,7 +42,7 @@ from rsae_client.models import Event as EventModel
 from rsae_client.models import Job as JobModel
 from rsae_client.models import Sae as SaeModel
 
-from .models import Artifact, Job, JobEvent, Sae
+from .models import Artifact, Dataset, Job, JobEvent, Sae
 from .webhooks import secret_problem
 
 __all__ = [
@@ -240,3 +242,57 @@ def job_out(row: Job) -> JobModel:
 def event_out(row: JobEvent) -> EventModel:
     """The API's view of a ``job_events`` row."""
     return EventModel.model_validate(row, from_attributes=True)
+
+
+class DatasetOut(BaseModel):
+    """An uploaded text corpus (``POST /datasets``); a job reads it with ``settings.data.dataset =
+    "upload:<id>"`` (the ``use_as`` value)."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "id": "0b7f4c1e-2d3a-4e5f-8a9b-0c1d2e3f4a5b",
+                    "name": "kernel-docs",
+                    "format": "jsonl",
+                    "text_column": "text",
+                    "documents": 1532,
+                    "size_bytes": 4194304,
+                    "sha256": "5f1d0c2b7a4e3d6c9b8a7f6e5d4c3b2a19f8e7d6c5b4a3928170f6e5d4c3b2a1",
+                    "created_at": "2026-12-05T10:00:00Z",
+                    "use_as": "upload:0b7f4c1e-2d3a-4e5f-8a9b-0c1d2e3f4a5b",
+                }
+            ]
+        }
+    )
+
+    id: str
+    name: str | None
+    format: Literal["txt", "jsonl", "parquet"] = Field(description="The form field it was uploaded in.")
+    text_column: str | None = Field(
+        description="Column read from a table ('input_ids' / 'tokens': pre-tokenized); None for txt."
+    )
+    documents: int = Field(description="Non-empty documents (rows) found when the upload was checked.")
+    size_bytes: int = Field(description="Bytes stored (counted in your storage quota).")
+    sha256: str = Field(description="SHA-256 of the uploaded file.")
+    created_at: datetime
+    use_as: str = Field(description="The settings.data.dataset value that reads this corpus in a job.")
+
+    @classmethod
+    def from_row(cls, row: Dataset) -> "DatasetOut":
+        """From a ``datasets`` row."""
+        return cls(
+            id=row.id,
+            name=row.name,
+            format=row.format,
+            text_column=row.text_column,
+            documents=row.documents,
+            size_bytes=row.size_bytes,
+            sha256=row.sha256,
+            created_at=row.created_at,
+            use_as=f"upload:{row.id}",
+        )
+
+
+class DatasetList(Page[DatasetOut]):
+    """A page of your uploaded corpora, newest first."""

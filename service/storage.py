@@ -42,7 +42,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from .config import Settings
 from .jobs import transition
-from .models import TERMINAL_STATUSES, Artifact, Job, Sae, User, is_uuid, utcnow
+from .models import TERMINAL_STATUSES, Artifact, Dataset, Job, Sae, User, is_uuid, utcnow
 from .problems import ProblemError
 
 log = logging.getLogger(__name__)
@@ -103,17 +103,18 @@ def job_output_estimates(session: Session, requests: Iterable[dict[str, Any] | N
 # -- quota -----------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class StorageUsage:
-    """Bytes a user stores: ``uploads`` (teachers), ``artifacts`` (of their jobs) and ``reserved`` (the
-    estimated artifacts of their unfinished jobs)."""
+    """Bytes a user stores: ``uploads`` (teachers), ``artifacts`` (of their jobs), ``reserved`` (the
+    estimated artifacts of their unfinished jobs) and ``datasets`` (uploaded corpora, ``POST /datasets``)."""
 
     uploads: int
     artifacts: int
     reserved: int
+    datasets: int = 0
 
     @property
     def total(self) -> int:
-        """``uploads + artifacts + reserved``."""
-        return self.uploads + self.artifacts + self.reserved
+        """``uploads + artifacts + reserved + datasets``."""
+        return self.uploads + self.artifacts + self.reserved + self.datasets
 
 
 def unfinished_jobs(session: Session, user_id: str) -> list[tuple[str, dict[str, Any]]]:
@@ -142,7 +143,8 @@ def storage_usage(session: Session, settings: Settings, user_id: str) -> Storage
         .where(Job.owner_id == user_id)
     )
     reserved = sum(job_output_estimates(session, (req for _id, req in unfinished_jobs(session, user_id))))
-    return StorageUsage(uploads=int(uploads), artifacts=int(artifacts), reserved=int(reserved))
+    datasets = session.scalar(select(func.coalesce(func.sum(Dataset.size_bytes), 0)).where(Dataset.owner_id == user_id))
+    return StorageUsage(uploads=int(uploads), artifacts=int(artifacts), reserved=int(reserved), datasets=int(datasets))
 
 
 def _mib(n: int) -> str:
@@ -163,7 +165,7 @@ def check_storage(session: Session, settings: Settings, user_id: str, adding: in
 
     Raises:
         ProblemError: 413 ``storage_quota_exceeded`` (field ``body``) carrying ``used_bytes``, ``limit_bytes``,
-            ``requested_bytes`` and ``usage`` (``uploads``, ``artifacts``, ``reserved``).
+            ``requested_bytes`` and ``usage`` (``uploads``, ``artifacts``, ``reserved``, ``datasets``).
     """
     usage = storage_usage(session, settings, user_id)
     limit = settings.max_storage_bytes_per_user
@@ -172,14 +174,20 @@ def check_storage(session: Session, settings: Settings, user_id: str, adding: in
             413,
             "storage_quota_exceeded",
             f"storage quota exceeded: you store {usage.total} bytes ({_mib(usage.total)}: uploads "
-            f"{usage.uploads}, job artifacts {usage.artifacts}, reserved for unfinished jobs {usage.reserved}) "
+            f"{usage.uploads}, job artifacts {usage.artifacts}, reserved for unfinished jobs {usage.reserved}, "
+            f"corpora {usage.datasets}) "
             f"of your {limit} bytes ({_mib(limit)}, RSAE_MAX_STORAGE_BYTES_PER_USER); {what} needs {adding} "
-            "more. Free space with DELETE /saes/{id} or DELETE /jobs/{id}",
+            "more. Free space with DELETE /v1/saes/{id}, DELETE /v1/datasets/{id} or DELETE /v1/jobs/{id}",
             field="body",
             used_bytes=usage.total,
             limit_bytes=limit,
             requested_bytes=adding,
-            usage={"uploads": usage.uploads, "artifacts": usage.artifacts, "reserved": usage.reserved},
+            usage={
+                "uploads": usage.uploads,
+                "artifacts": usage.artifacts,
+                "reserved": usage.reserved,
+                "datasets": usage.datasets,
+            },
         )
     return usage
 
@@ -338,12 +346,13 @@ def sweep_orphans(
     settings: Settings, make_session: sessionmaker[Session], *, min_age: float = ORPHAN_MIN_AGE_SECONDS
 ) -> list[str]:
     """Delete folders, older than ``min_age`` seconds, that no row owns: ``<artifacts>/<id>`` of a job that
-    is gone or expired, ``<uploads>/<id>`` of an SAE that is gone (left by a crash between a committed
-    deletion and the removal of the files, or by a worker that lost its job). Only folders named like ids
-    are considered (temporary ``.upload-*`` folders are their request's). Returns the paths removed."""
+    is gone or expired, ``<uploads>/<id>`` of an SAE or ``<datasets>/<id>`` of a corpus that is gone (left by
+    a crash between a committed deletion and the removal of the files, or by a worker that lost its job). Only
+    folders named like ids are considered (temporary ``.upload-*`` folders are their request's). Returns the
+    paths removed."""
     cutoff = time.time() - min_age
     removed: list[str] = []
-    for root, model in ((settings.artifacts_dir, Job), (settings.uploads_dir, Sae)):
+    for root, model in ((settings.artifacts_dir, Job), (settings.uploads_dir, Sae), (settings.datasets_dir, Dataset)):
         if root is None or not root.is_dir():
             continue
         names = [p.name for p in root.iterdir() if p.is_dir() and is_uuid(p.name) and p.stat().st_mtime < cutoff]

@@ -29,6 +29,7 @@ from rsae.errors import Cancelled, RSAEError
 from rsae.pipeline import run_upgrade
 from service.bounds import check_disk_budget, fetch_model, job_width, worker_preflight
 from service.config import Settings, get_settings
+from service.datasets import resolve_upload, use_upload
 from service.db import DbTimeouts, get_sessionmaker
 from service.jobs import add_event, artifact_refs, build_upgrade_config, resolve_teacher, transition
 from service.models import Job, utcnow
@@ -410,6 +411,9 @@ def run_job(job_id: str, settings: Settings) -> str | None:
                 should_cancel=reporter.should_cancel,
             )
             refs = artifact_refs(s, req)  # the artifacts name the inputs by id, name and sha256, not by folder
+            corpus = resolve_upload(s, settings, req.settings.data.dataset, None)  # upload:<id> -> its file
+            if corpus is not None:
+                use_upload(req, settings, corpus)
         fetch_model(req, plan, reporter.should_cancel)  # file by file, cancellable between files
         check_disk_budget(req, settings, *job_width(None, req, teacher))
         cfg = build_upgrade_config(req, teacher)

@@ -11,6 +11,7 @@ import logging
 from pathlib import Path
 
 from ..activations import MANIFEST, ActivationStore, extract_activations
+from ..data import ContextConventions, SourceOptions, resolve_conventions
 from ..errors import TeacherError
 from ..models import check_layer
 from ..report import HostModel
@@ -20,16 +21,36 @@ from .state import UpgradeState
 log = logging.getLogger(__name__)
 
 
+def conventions(state: UpgradeState) -> ContextConventions:
+    """The upgrade's context conventions: the request's ``settings.data``, else the teacher's ``cfg.json``
+    metadata, else the defaults (:func:`rsae.data.resolve_conventions`).
+
+    Raises:
+        DataError: a malformed value, naming ``data.<key>``.
+    """
+    return resolve_conventions(state.cfg.data.requested_conventions(), state.teacher.metadata)
+
+
 def activations(
-    state: UpgradeState, ctx: RunContext, split: str, n: int, folder: Path, lo: float, hi: float
+    state: UpgradeState,
+    ctx: RunContext,
+    split: str,
+    n: int,
+    folder: Path,
+    lo: float,
+    hi: float,
+    conv: ContextConventions | None = None,
 ) -> ActivationStore:
-    """The ``split`` activations (``n`` rows) in ``folder``: reused when its manifest matches the request,
-    else extracted; progress runs from ``lo`` to ``hi`` of the stage."""
+    """The ``split`` activations (``n`` rows) in ``folder``: reused when its manifest matches the request
+    (conventions and data source included), else extracted; progress runs from ``lo`` to ``hi`` of the stage."""
     cfg = state.cfg
+    conv = conv or conventions(state)
     want = {
         "layer": cfg.layer,
         "rows": n,
-        "ctx_len": cfg.data.ctx_len,
+        "ctx_len": conv.context_size,
+        "conventions": conv.to_dict(),
+        "source": cfg.data.source_options(),
         "dataset": cfg.data.dataset,
         "split": split,
         "eval_fraction": cfg.data.eval_fraction,
@@ -52,13 +73,14 @@ def activations(
         split=split,
         n_tokens=n,
         out_dir=folder,
-        ctx_len=cfg.data.ctx_len,
+        conventions=conv,
+        options=SourceOptions(**cfg.data.source_options()),
         eval_fraction=cfg.data.eval_fraction,
         seed=cfg.seed,
         batch_size=cfg.data.batch_size,
         shard_tokens=cfg.data.shard_tokens,
         device=state.device,
-        meta={"model": cfg.model},
+        meta={"model": cfg.model, "source": cfg.data.source_options()},
         on_progress=ctx.progress.within(lo, hi),
     )
     return ActivationStore(folder)
@@ -92,6 +114,8 @@ def extract(state: UpgradeState, ctx: RunContext) -> None:
         n_layers=model.config.num_hidden_layers,
         device=state.device,
     )
-    state.train = activations(state, ctx, "train", cfg.data.train_tokens, state.work_dir / "acts-train", 0.0, 0.8)
-    state.evals = activations(state, ctx, "eval", cfg.data.eval_tokens, state.work_dir / "acts-eval", 0.8, 1.0)
+    conv = conventions(state)
+    work = state.work_dir
+    state.train = activations(state, ctx, "train", cfg.data.train_tokens, work / "acts-train", 0.0, 0.8, conv)
+    state.evals = activations(state, ctx, "eval", cfg.data.eval_tokens, work / "acts-eval", 0.8, 1.0, conv)
     state.calibration_data()  # the data-dependent teacher checks, here rather than at the end of the job

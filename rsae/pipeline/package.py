@@ -17,7 +17,7 @@ import torch
 from ..config import ArtifactRefs, UpgradeConfig
 from ..errors import NumericalError
 from ..formats import provenance as teacher_provenance
-from ..report import DataSection, EvalSplit, RemezSection, Report, TeacherInfo, headline
+from ..report import EvalSplit, RemezSection, Report, TeacherInfo, headline
 from ..saebench import CORE_EVAL_FILE
 from ..saes import WEIGHTS_NAME, sha256_file
 from ..versions import package_versions
@@ -110,9 +110,11 @@ def build_report(state: UpgradeState, refs: ArtifactRefs | None = None) -> Repor
     if refs is not None and refs.model is not None:
         host = host.model_copy(update={"name": refs.model})
     if refs is not None and refs.dataset is not None:
-        data = DataSection(
-            train=data.train.model_copy(update={"dataset": refs.dataset}),
-            eval=data.eval.model_copy(update={"dataset": refs.dataset}),
+        data = data.model_copy(
+            update={
+                "train": data.train.model_copy(update={"dataset": refs.dataset}),
+                "eval": data.eval.model_copy(update={"dataset": refs.dataset}),
+            }
         )
     return Report(
         created_at=dt.datetime.now(dt.timezone.utc).isoformat(),
@@ -136,7 +138,7 @@ def build_report(state: UpgradeState, refs: ArtifactRefs | None = None) -> Repor
             split="eval",
             eval_fraction=cfg.data.eval_fraction,
             seed=cfg.seed,
-            ctx_len=cfg.data.ctx_len,
+            ctx_len=state.evals.ctx_len,
             eval_tokens=cfg.data.eval_tokens,
         ),
         notes=state.notes,

@@ -151,8 +151,12 @@ class UpgradeState:
     def data_section(self) -> DataSection:
         """The report's ``data`` section from the two activation manifests."""
         keys = ("rows", "ctx_len", "dataset", "split", "stats")
+        m = self.train.manifest
         return DataSection(
-            train={k: self.train.manifest[k] for k in keys}, eval={k: self.evals.manifest[k] for k in keys}
+            train={k: m[k] for k in keys},
+            eval={k: self.evals.manifest[k] for k in keys},
+            conventions=m.get("conventions"),
+            source=m.get("source"),
         )
 
     # -- persistence -------------------------------------------------------------------------------

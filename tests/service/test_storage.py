@@ -247,7 +247,7 @@ def test_storage_quota(
             size + estimate,
             estimate,
         )
-        assert body["usage"] == {"uploads": size, "artifacts": 0, "reserved": estimate}
+        assert body["usage"] == {"uploads": size, "artifacts": 0, "reserved": estimate, "datasets": 0}
         assert body["field"] == "body" and str(size + estimate) in body["detail"]
         body = assert_problem(post_sae(c, cfg, weights), 413, code="storage_quota_exceeded")
         assert body["requested_bytes"] == 0 and body["used_bytes"] == size + estimate
