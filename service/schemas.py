@@ -296,3 +296,15 @@ class DatasetOut(BaseModel):
 
 class DatasetList(Page[DatasetOut]):
     """A page of your uploaded corpora, newest first."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "data": DatasetOut.model_config["json_schema_extra"]["examples"],  # type: ignore[index]
+                    "has_more": False,
+                    "next_cursor": None,
+                }
+            ]
+        }
+    )

@@ -245,6 +245,10 @@ def test_v1_paths_old_paths_redirect_and_operation_ids(client: TestClient, sae_i
         "list_artifacts",
         "list_checkpoints",
         "download_artifact",
+        "upload_dataset",
+        "list_datasets",
+        "get_dataset",
+        "delete_dataset",
     }
 
 
