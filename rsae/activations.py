@@ -53,8 +53,7 @@ def _label_index(label: str | None) -> int:
 
 def _manifest(
     *,
-    layer: int,
-    hook: str,
+    site: HookSite,
     d_in: int,
     ctx_len: int,
     rows: int,
@@ -71,8 +70,8 @@ def _manifest(
     median = norms_sample.median().item()
     return {
         "format": "rsae-activations/1",
-        "layer": layer,
-        "hook": hook,
+        "layer": site.layer,
+        "hook": site.name,
         "d_in": d_in,
         "ctx_len": ctx_len,
         "position_0_dropped": True,
@@ -171,21 +170,17 @@ def extract_activations(
     meta: dict | None = None,
     on_progress: Callable[[float], None] | None = None,
 ) -> dict:
-    """Stream residual activations of ``split`` to shards in ``out_dir`` and write ``manifest.json``.
+    """Stream the activations at a hook site of ``split`` to shards in ``out_dir``; write and return the manifest.
 
     Args:
         model, tokenizer: from :func:`rsae.models.load_model`.
-        layer: block index L; with ``hook`` None the activations are ``blocks.L.hook_resid_post``.
-        hook: the site to read instead (a name or a :class:`rsae.hooknames.HookSite`; :func:`rsae.hooks.site_for`),
-            e.g. ``blocks.5.hook_mlp_out`` or ``model.layers.5.mlp``.
+        layer, hook: the site (:func:`rsae.hooks.site_for`): ``hook`` a name (``blocks.5.hook_mlp_out``,
+            ``model.layers.5.mlp``) or a :class:`rsae.hooknames.HookSite`; None: ``blocks.{layer}.hook_resid_post``.
         dataset, split, ctx_len, eval_fraction, seed: see :func:`rsae.data.iter_sequences`.
         n_tokens: activation rows wanted (positions 1..ctx_len-1 of whole sequences; rounded up to a
             whole sequence, then cut to exactly ``n_tokens``).
         shard_tokens: rows per shard (rounded to whole sequences).
         on_progress: called after every batch with the fraction done; may raise (``Cancelled``) to stop.
-
-    Returns:
-        The manifest dict.
 
     Raises:
         DataError: the split has fewer tokens than ``n_tokens``.
@@ -199,8 +194,7 @@ def extract_activations(
     writer = _ShardWriter(out_dir, n_tokens, None)
     it = iter_sequences(tokenizer, dataset, split, ctx_len=ctx_len, eval_fraction=eval_fraction, seed=seed)
     n_seq = 0
-    site = site_for(model, layer, hook)
-    with HookCapture(model, site) as cap:
+    with HookCapture(model, site_for(model, layer, hook)) as cap:
         while n_seq < need_seqs:
             batch = _next_batch(it, min(batch_size, need_seqs - n_seq))
             if not batch:
@@ -220,8 +214,7 @@ def extract_activations(
         )
     manifest = {
         **_manifest(
-            layer=site.layer,
-            hook=site.name,
+            site=cap.site,
             d_in=writer.d_in,
             ctx_len=ctx_len,
             rows=done_rows,

@@ -83,12 +83,9 @@ def downstream_metrics(
     """CE clean / zero and, per SAE, CE spliced, delta CE, loss recovered and KL.
 
     Args:
-        model: host causal LM (full, not truncated).
-        layer: hook block L (the site is ``blocks.L.hook_resid_post`` unless ``hook`` names another).
-        hook: the site where the SAEs sit (a name or :class:`rsae.hooknames.HookSite`; :func:`rsae.hooks.site_for`):
-            the reconstruction, or zeros, replace the activations there.
-        saes: name -> SAE, evaluated in one pass over the data each.
-        input_ids: held-out sequences [s, T].
+        model, layer, hook: the full host causal LM and the SAEs' site, where x_hat or zeros replace the
+            activations (:func:`rsae.hooks.site_for`; ``hook`` None: ``blocks.{layer}.hook_resid_post``).
+        saes, input_ids: name -> SAE, each evaluated in one pass over the held-out sequences [s, T].
 
     Returns:
         ``{"clean": {"ce": ..., "tokens": n}, "zero": {"ce": ...}, name: {"ce_spliced", "delta_ce",

@@ -101,7 +101,8 @@ def cmd_submit(args: argparse.Namespace) -> int:
         return 2
     with _client(args) as c:
         sae_id = args.sae_id or c.upload_sae(args.teacher, name=args.name)["id"]
-        body = {"model": args.model, "layer": args.layer, "teacher": {"sae_id": sae_id}, "settings": settings}
+        body = {"model": args.model, "teacher": {"sae_id": sae_id}, "settings": settings}
+        body |= {k: v for k, v in (("layer", args.layer), ("hook", args.hook)) if v is not None}
         if args.webhook_url:
             body["webhook"] = {"url": args.webhook_url, "secret": args.webhook_secret}
         job = c.submit(body, idempotency_key=args.idempotency_key)
@@ -174,7 +175,8 @@ def add_jobs_parser(sub: Any) -> None:
     src.add_argument("--sae-id", help="id of an SAE uploaded earlier")
     s.add_argument("--name", default=None, help="label of the uploaded teacher")
     s.add_argument("--model", default="smollm2-135m")
-    s.add_argument("--layer", type=int, required=True)
+    s.add_argument("--layer", type=int, default=None, help="block index L (default: the teacher's cfg hook_name)")
+    s.add_argument("--hook", default=None, help="hook site, e.g. blocks.5.hook_mlp_out (default: the teacher's)")
     s.add_argument("--settings", default=None, help="JSON object of job settings (see POST /jobs)")
     s.add_argument("--idempotency-key", default=None, help="resubmitting with the same key returns the same job")
     s.add_argument("--webhook-url", default=None, help="POST a signed notice here when the job ends")
