@@ -1,8 +1,9 @@
-"""Residual-stream activation extraction to safetensors shards, and a bounded-memory reader.
+"""Activation extraction at a hook site to safetensors shards, and a bounded-memory reader.
 
-Extraction runs the host model only up to block L: a forward hook on block L captures its output (the
-residual stream ``blocks.L.hook_resid_post`` = ``hidden_states[L + 1]`` of the full model) and raises
-:class:`_StopForward`, so later blocks, the final norm and the LM head never run. (Truncating the model and
+Extraction runs the host model only up to the hook site (:mod:`rsae.hooks`; by default the residual stream
+``blocks.L.hook_resid_post`` = ``hidden_states[L + 1]`` of the full model; also ``hook_resid_pre``,
+``hook_attn_out``, ``hook_mlp_out``, ``attn.hook_z`` or a module path): a forward hook captures the tensor
+and ends the pass, so later modules, the final norm and the LM head never run. (Truncating the model and
 reading ``output_hidden_states`` instead is wrong: transformers applies the final norm to the last entry.)
 
 Which tokens go in and which positions are kept follow the context conventions
@@ -33,55 +34,22 @@ from safetensors.torch import load_file, save_file
 
 from .data import BBC_CATEGORIES, ContextConventions, SourceOptions, iter_sequences, legacy_conventions, special_tokens
 from .errors import DataError
-from .models import check_layer, decoder_layers
+from .hooknames import HookSite
+from .hooks import HookCapture, site_for
 
 MANIFEST = "manifest.json"
 
 
-class _StopForward(Exception):
-    """Raised by the capture hook to end the forward pass after block L."""
+class ResidualCapture(HookCapture):
+    """Context manager: :class:`rsae.hooks.HookCapture` at ``blocks.{layer}.hook_resid_post`` (the output of
+    block ``layer``), ending the forward there unless ``stop=False``.
 
-
-class ResidualCapture:
-    """Context manager: forward hook on block ``layer`` of ``model`` that stores its output.
-
-    Args:
-        model: a transformers causal LM.
-        layer: block index L (0-based).
-        stop: raise after capturing so that later blocks do not run (truncated forward).
+    Raises:
+        ModelError: ``layer`` out of range (field ``layer``).
     """
 
     def __init__(self, model, layer: int, *, stop: bool = True) -> None:
-        check_layer(model, layer)
-        self.block = decoder_layers(model)[layer]
-        self.stop = stop
-        self.value: torch.Tensor | None = None
-        self._handle = None
-
-    def _hook(self, module, args, output):
-        hidden = output[0] if isinstance(output, tuple) else output
-        self.value = hidden.detach()
-        if self.stop:
-            raise _StopForward
-
-    def __enter__(self) -> "ResidualCapture":
-        self._handle = self.block.register_forward_hook(self._hook)
-        return self
-
-    def __exit__(self, *exc) -> bool:
-        self._handle.remove()
-        return False
-
-    @torch.no_grad()
-    def run(self, model, input_ids: torch.Tensor) -> torch.Tensor:
-        """Residual after block L for ``input_ids`` [b, T] -> [b, T, d_in] float32."""
-        self.value = None
-        try:
-            model(input_ids=input_ids, use_cache=False)
-        except _StopForward:
-            pass
-        assert self.value is not None, "hook did not fire"
-        return self.value.float()
+        super().__init__(model, site_for(model, layer), stop=stop)
 
 
 def _label_index(label: str | None) -> int:
@@ -90,7 +58,7 @@ def _label_index(label: str | None) -> int:
 
 def _manifest(
     *,
-    layer: int,
+    site: HookSite,
     d_in: int,
     ctx_len: int,
     rows: int,
@@ -110,8 +78,8 @@ def _manifest(
     kept = conv.kept_positions
     return {
         "format": "rsae-activations/1",
-        "layer": layer,
-        "hook": f"blocks.{layer}.hook_resid_post",
+        "layer": site.layer,
+        "hook": site.name,
         "d_in": d_in,
         "ctx_len": ctx_len,
         "position_0_dropped": 0 not in kept,
@@ -234,10 +202,11 @@ def extract_activations(
     model,
     tokenizer,
     *,
-    layer: int,
+    layer: int | None,
     dataset: str,
     split: str,
     n_tokens: int,
+    hook: str | HookSite | None = None,
     out_dir: str | Path,
     ctx_len: int = 128,
     eval_fraction: float = 0.2,
@@ -250,10 +219,12 @@ def extract_activations(
     conventions: ContextConventions | None = None,
     options: SourceOptions | None = None,
 ) -> dict:
-    """Stream residual activations of ``split`` to shards in ``out_dir`` and write ``manifest.json``.
+    """Stream the activations at a hook site of ``split`` to shards in ``out_dir``; write and return the manifest.
 
     Args:
-        model, tokenizer: from :func:`rsae.models.load_model`. layer: block index L (``blocks.L.hook_resid_post``).
+        model, tokenizer: from :func:`rsae.models.load_model`.
+        layer, hook: the site (:func:`rsae.hooks.site_for`): ``hook`` a name (``blocks.5.hook_mlp_out``,
+            ``model.layers.5.mlp``) or a :class:`rsae.hooknames.HookSite`; None: ``blocks.{layer}.hook_resid_post``.
         dataset, split, eval_fraction, seed, options: see :func:`rsae.data.iter_sequences`.
         conventions: :func:`rsae.data.resolve_conventions`; None: the legacy ones with ``ctx_len`` tokens.
         n_tokens: activation rows wanted (kept positions of whole sequences, then cut to exactly ``n_tokens``).
@@ -261,7 +232,7 @@ def extract_activations(
         on_progress: called after every batch with the fraction done; may raise (``Cancelled``) to stop.
 
     Returns the manifest dict. Raises: DataError (the split has fewer tokens than ``n_tokens``; the conventions
-    keep no position), ModelError (``layer`` out of range).
+    keep no position), ModelError (``layer`` out of range, or a ``hook`` this model does not have).
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -275,7 +246,7 @@ def extract_activations(
         tokenizer, dataset, split, eval_fraction=eval_fraction, seed=seed, conventions=conv, options=options
     )
     rows = 0
-    with ResidualCapture(model, layer) as cap:
+    with HookCapture(model, site_for(model, layer, hook)) as cap:
         while rows < n_tokens:
             batch = _next_batch(it, min(batch_size, math.ceil((n_tokens - rows) / rows_per_seq)))
             if not batch:
@@ -294,7 +265,7 @@ def extract_activations(
             field=f"data.{'eval' if split == 'eval' else 'train'}_tokens",
         )
     manifest = _manifest(
-        layer=layer,
+        site=cap.site,
         d_in=writer.d_in,
         ctx_len=ctx_len,
         rows=done_rows,

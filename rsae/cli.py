@@ -35,6 +35,7 @@ def cmd_train_teacher(args: argparse.Namespace) -> int:
         args.model,
         args.layer,
         args.out,
+        hook=args.hook,
         family=args.family,
         dataset=args.dataset,
         d_sae=args.d_sae,
@@ -86,7 +87,7 @@ def cmd_upgrade(args: argparse.Namespace) -> int:
     from .pipeline import run_upgrade
 
     settings = json.loads(args.settings) if args.settings else {}
-    cfg = UpgradeConfig(model=args.model, layer=args.layer, teacher=args.teacher, **settings)
+    cfg = UpgradeConfig(model=args.model, layer=args.layer, hook=args.hook, teacher=args.teacher, **settings)
     bar = _bar()
 
     def prog(stage: str, progress: float, metrics=None) -> None:
@@ -113,6 +114,12 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+_HOOK_HELP = (
+    "hook site: blocks.L.hook_resid_pre|hook_resid_post|hook_attn_out|hook_mlp_out|attn.hook_z, a bare site with "
+    "--layer, or a module path such as model.layers.5.mlp"
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argparse parser of the ``rsae`` command."""
     from . import __version__
@@ -124,7 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train-teacher", help=cmd_train_teacher.__doc__)
     t.add_argument("--model", default="smollm2-135m")
-    t.add_argument("--layer", type=int, required=True, help="block index L (hook blocks.L.hook_resid_post)")
+    t.add_argument("--layer", type=int, default=None, help="block index L (alone: hook blocks.L.hook_resid_post)")
+    t.add_argument("--hook", default=None, help=_HOOK_HELP)
     t.add_argument("--out", required=True, help="output folder (SAELens layout)")
     t.add_argument(
         "--family",
@@ -151,7 +159,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     u = sub.add_parser("upgrade", help=cmd_upgrade.__doc__)
     u.add_argument("--model", default="smollm2-135m")
-    u.add_argument("--layer", type=int, required=True)
+    u.add_argument("--layer", type=int, default=None, help="block index L (default: the teacher's cfg hook_name)")
+    u.add_argument("--hook", default=None, help=_HOOK_HELP)
     u.add_argument("--teacher", required=True, help="teacher folder (SAELens layout)")
     u.add_argument("--out", required=True)
     u.add_argument("--work-dir", default=None)

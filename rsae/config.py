@@ -11,6 +11,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from .errors import HookError
+from .hooknames import parse_hook
+
 STAGES: tuple[str, ...] = ("extract", "init", "calibrate", "finetune", "evaluate", "package")
 """Pipeline stages in order. Each one is a checkpoint boundary."""
 
@@ -118,6 +121,12 @@ class DataConfig(_Strict):
     batch_size: int = Field(8, ge=1, le=1024, description="Sequences per forward pass during extraction.")
     shard_tokens: int = Field(
         16_384, ge=256, le=10_000_000, description="Activation rows per safetensors shard on disk."
+    )
+    allow_hook_override: bool = Field(
+        False,
+        description="Read activations at the request's 'layer' / 'hook' even where the teacher's cfg names "
+        "another hook site (recorded in the report's notes). False: such a request is refused (field 'hook' or "
+        "'layer').",
     )
 
     def requested_conventions(self) -> dict[str, Any]:
@@ -293,8 +302,11 @@ class EvalConfig(_Strict):
 class UpgradeConfig(_Strict):
     """Everything one RSAE upgrade needs. Serialisable; the service stores it as the job's request echo.
 
-    ``layer`` L names the residual stream after block L (0-based), i.e. SAELens / TransformerLens
-    ``blocks.{L}.hook_resid_post`` = ``hidden_states[L + 1]`` of a transformers forward.
+    The hook site (:mod:`rsae.hooknames`) comes from ``layer`` and ``hook`` and the teacher's cfg
+    ``hook_name`` (:func:`rsae.hooknames.choose_site`): ``layer`` L alone names the residual stream after block L
+    (0-based), SAELens / TransformerLens ``blocks.{L}.hook_resid_post`` = ``hidden_states[L + 1]`` of a
+    transformers forward, unless the teacher sits at another site of that block. The pipeline fills both fields
+    before it runs (``layer`` the block, ``hook`` the site's name, in the teacher's naming when they agree).
     """
 
     model: str = Field(
@@ -302,7 +314,24 @@ class UpgradeConfig(_Strict):
         description="'smollm2-135m' (bundled), a local folder with a transformers model, or a hub id "
         "'org/name' (honours HF_HUB_OFFLINE).",
     )
-    layer: int = Field(..., ge=0, le=1000, description="Block index L; the hook is blocks.L.hook_resid_post.")
+    layer: int | None = Field(
+        None,
+        ge=0,
+        le=1000,
+        description="Block index L of the hook site. Alone: the teacher's site when the teacher's cfg names one at "
+        "layer L, else blocks.L.hook_resid_post. None: the layer of 'hook', else of the teacher's cfg hook_name.",
+    )
+    hook: str | None = Field(
+        None,
+        min_length=1,
+        max_length=300,
+        description="Hook site: a TransformerLens name (blocks.5.hook_resid_pre, blocks.5.hook_resid_post, "
+        "blocks.5.hook_attn_out, blocks.5.hook_mlp_out, blocks.5.attn.hook_z: the per-head z flattened as SAELens's "
+        "reshape_activations 'hook_z'), a bare site with 'layer' (hook_mlp_out), or a transformers module path "
+        "inside a block (model.layers.5, model.layers.5.mlp: that module's output, as SAELens's HookedProxyLM). "
+        "None: the teacher's cfg hook_name. A site other than the teacher's is refused unless "
+        "data.allow_hook_override.",
+    )
     teacher: str = Field(..., description="Local folder of the teacher SAE in the SAELens layout.")
     family: Literal["relu", "jumprelu", "topk"] | None = Field(
         None, description="Teacher gate family; None reads it from the teacher's cfg.json."
@@ -324,10 +353,17 @@ class UpgradeConfig(_Strict):
             raise ValueError("model must not be empty")
         return v.strip()
 
-    @property
-    def hook(self) -> str:
-        """SAELens/TransformerLens hook name of the residual stream this upgrade reads."""
-        return f"blocks.{self.layer}.hook_resid_post"
+    @field_validator("hook")
+    @classmethod
+    def _hook_syntax(cls, v: str | None) -> str | None:
+        """A hook name :func:`rsae.hooknames.parse_hook` reads (a bare site's layer comes later)."""
+        if v is None:
+            return None
+        try:
+            parse_hook(v, layer=0)
+        except HookError as e:
+            raise ValueError(e.message) from None
+        return v.strip()
 
 
 class ArtifactRefs(_Strict):

@@ -34,6 +34,13 @@ class ModelError(RSAEError):
     code = "invalid_model"
 
 
+class HookError(ModelError):
+    """The hook site is unreadable, not in the host model, or contradicts the teacher's cfg (field ``hook`` or
+    ``layer``; :func:`rsae.hooknames.choose_site`)."""
+
+    code = "invalid_hook"
+
+
 class DataError(RSAEError):
     """The text data set cannot be read or yields too few tokens."""
 

@@ -8,8 +8,9 @@ Definitions (``docs/method.md``; SAEBench / SAELens names):
   Explained variance = 1 - FVU.
 - L0: mean number of exactly non-zero latents per token.
 - alive fraction: share of latents non-zero on at least one evaluation token.
-- CE clean / spliced / zero: next-token cross-entropy (nats/token) of the host model with the residual at
-  the hook left alone / replaced by x_hat / replaced by zeros, at positions 1..T-1 of each sequence
+- CE clean / spliced / zero: next-token cross-entropy (nats/token) of the host model with the activations
+  at the SAE's hook site (:mod:`rsae.hooks`) left alone / replaced by x_hat / replaced by zeros, at positions
+  1..T-1 of each sequence
   (position 0 is left alone in all variants: it is the attention sink the SAE was not trained on). The
   loss is taken over the predictions made at positions 1..T-2 (targets 2..T-1), the ones the splice
   can change.
@@ -28,7 +29,8 @@ from typing import Any, Callable, Iterable
 import torch
 import torch.nn.functional as F
 
-from .models import check_layer, decoder_layers
+from .hooknames import HookSite
+from .hooks import HookSplice, site_for
 from .saes import SAE
 
 
@@ -70,35 +72,14 @@ def reconstruction_metrics(sae: SAE, batches: Iterable[torch.Tensor]) -> dict[st
     }
 
 
-class _Splice:
-    """Forward hook on block L: replaces positions 1.. of the block output by ``fn(x)``."""
-
-    def __init__(self, model, layer: int) -> None:
-        check_layer(model, layer)
-        self.block = decoder_layers(model)[layer]
-        self.fn: Callable[[torch.Tensor], torch.Tensor] | None = None
-        self.handle = self.block.register_forward_hook(self._hook)
-
-    def _hook(self, module, args, output):
-        if self.fn is None:
-            return None
-        hidden = output[0] if isinstance(output, tuple) else output
-        new = hidden.clone()
-        x = hidden[:, 1:, :]
-        new[:, 1:, :] = self.fn(x.reshape(-1, x.shape[-1])).reshape(x.shape).to(hidden.dtype)
-        return (new, *output[1:]) if isinstance(output, tuple) else new
-
-    def remove(self) -> None:
-        self.handle.remove()
-
-
 @torch.no_grad()
 def downstream_metrics(
     model,
-    layer: int,
+    layer: int | None,
     saes: dict[str, SAE],
     input_ids: torch.Tensor,
     *,
+    hook: str | HookSite | None = None,
     batch_size: int = 8,
     device: str = "cpu",
     on_progress: Callable[[float], None] | None = None,
@@ -106,10 +87,9 @@ def downstream_metrics(
     """CE clean / zero and, per SAE, CE spliced, delta CE, loss recovered and KL.
 
     Args:
-        model: host causal LM (full, not truncated).
-        layer: hook block L.
-        saes: name -> SAE, evaluated in one pass over the data each.
-        input_ids: held-out sequences [s, T].
+        model, layer, hook: the full host causal LM and the SAEs' site, where x_hat or zeros replace the
+            activations (:func:`rsae.hooks.site_for`; ``hook`` None: ``blocks.{layer}.hook_resid_post``).
+        saes, input_ids: name -> SAE, each evaluated in one pass over the held-out sequences [s, T].
 
     Returns:
         ``{"clean": {"ce": ..., "tokens": n}, "zero": {"ce": ..., "kl": ...}, name: {"ce_spliced", "delta_ce",
@@ -119,7 +99,7 @@ def downstream_metrics(
         ``paired["a-b"]`` is delta CE of a minus delta CE of b on the same tokens, with the same clustered SE
         of the per-sequence differences, for every ordered pair of ``saes`` (a before b in ``saes``).
     """
-    splice = _Splice(model, layer)
+    splice = HookSplice(model, site_for(model, layer, hook))
     names = ["clean", "zero", *saes]
     sums = {k: 0.0 for k in names}
     per_seq: dict[str, list[torch.Tensor]] = {k: [] for k in names}  # mean CE of each sequence

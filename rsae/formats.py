@@ -517,15 +517,17 @@ def load_saelens(path: str | Path) -> LoadedTeacher:
 
 def _gemma_scope_site(folder: Path, conv: list[str]) -> tuple[str | None, int | None]:
     """``(hook_name, hook_layer)`` from the folder names (``.../gemma-scope-2b-pt-res/layer_12/width_16k/
-    average_l0_82``; residual or MLP-out site), noting width and average L0; None where they do not say."""
+    average_l0_82``; residual, MLP-out or attention (``-att``: ``attn.hook_z``, the heads' concatenated z)
+    site), noting width and average L0; None where they do not say."""
     parts = "/".join(folder.resolve().parts[-6:])  # hub cache: models--org--name/snapshots/<sha>/layer_N/...
     m = re.search(r"layer_(\d+)", parts)
     layer = int(m.group(1)) if m else None
     hook = None
     if layer is not None:
-        site = "resid_post" if re.search(r"-res\b|-res-|resid", parts) else None
-        site = site or ("mlp_out" if "-mlp" in parts else None)
-        hook = f"blocks.{layer}.hook_{site}" if site else None
+        site = "hook_resid_post" if re.search(r"-res\b|-res-|resid", parts) else None
+        site = site or ("hook_mlp_out" if "-mlp" in parts else None)
+        site = site or ("attn.hook_z" if re.search(r"-att\b|-att-", parts) else None)
+        hook = f"blocks.{layer}.{site}" if site else None
     w = re.search(r"width_(\w+?)(?:/|$)", parts)
     l0 = re.search(r"average_l0_(\d+)", parts)
     if w or l0:
@@ -1025,6 +1027,19 @@ def _metadata(meta: dict[str, Any], det: DetectedFormat) -> dict[str, Any]:
             out.setdefault(key, getattr(det, key))
     out.setdefault("source", det.to_dict())  # a re-loaded imported teacher keeps its original report
     return out
+
+
+def teacher_hook_name(path: str | Path) -> str | None:
+    """The hook site a teacher folder in the SAELens layout records (``metadata.hook_name``, pre-6.0
+    ``hook_name`` / ``hook_point``), read from ``cfg.json`` alone (no tensors); None when the folder is in
+    another layout, names no hook, or its cfg cannot be read (the pipeline reads it again and reports errors).
+    """
+    f = Path(path) / CFG_NAME
+    try:
+        cfg = _read_json(f, "cfg.json")
+    except TeacherError:
+        return None
+    return _saelens_hook(cfg)[1]
 
 
 def load_teacher(path: str | Path, *, format: str | None = None, hookpoint: str | None = None) -> LoadedTeacher:

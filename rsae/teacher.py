@@ -107,9 +107,10 @@ def train_teacher(
 
 def train_teacher_from_text(
     model: str = "smollm2-135m",
-    layer: int = 3,
+    layer: int | None = 3,
     out: str | Path = "teacher",
     *,
+    hook: str | None = None,
     family: str = "relu",
     dataset: str = "bbc-news",
     d_sae: int = 2304,
@@ -128,7 +129,9 @@ def train_teacher_from_text(
     """Extract ``train_tokens`` activations of the *train* split, train a teacher, save it to ``out``.
 
     The same ``dataset``/``eval_fraction``/``seed`` split as the upgrade's, so the teacher never sees
-    held-out documents. Progress: extraction is the first 30%, training the rest.
+    held-out documents. Progress: extraction is the first 30%, training the rest. The activations are read at
+    ``hook`` (:func:`rsae.hooks.site_for`: a TransformerLens name, a bare site with ``layer``, or a module path),
+    by default ``blocks.{layer}.hook_resid_post``; the cfg records the site as ``hook_name``.
 
     Returns:
         ``out`` (SAELens layout folder).
@@ -137,10 +140,11 @@ def train_teacher_from_text(
     t0 = time.time()
     lm, tok = load_model(model, device=dev)
     with tempfile.TemporaryDirectory(prefix="rsae-teacher-acts-") as tmp:
-        extract_activations(
+        manifest = extract_activations(
             lm,
             tok,
             layer=layer,
+            hook=hook,
             dataset=dataset,
             split="train",
             n_tokens=train_tokens,
@@ -166,8 +170,8 @@ def train_teacher_from_text(
             device=dev,
             metadata={
                 "model_name": model,
-                "hook_name": f"blocks.{layer}.hook_resid_post",
-                "hook_layer": layer,
+                "hook_name": manifest["hook"],
+                "hook_layer": manifest["layer"],
                 "dataset_path": dataset,
                 "context_size": ctx_len,
                 "prepend_bos": False,

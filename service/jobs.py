@@ -136,7 +136,9 @@ def build_upgrade_config(req: JobCreate, teacher_path: str) -> UpgradeConfig:
     Raises:
         pydantic.ValidationError: the combination is invalid (see :func:`upgrade_config_errors`).
     """
-    return UpgradeConfig(model=req.model, layer=req.layer, teacher=teacher_path, **req.settings.model_dump())
+    return UpgradeConfig(
+        model=req.model, layer=req.layer, hook=req.hook, teacher=teacher_path, **req.settings.model_dump()
+    )
 
 
 def upgrade_config_errors(exc: ValidationError) -> list[dict[str, Any]]:

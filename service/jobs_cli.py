@@ -157,7 +157,8 @@ def cmd_submit(args: argparse.Namespace) -> int:
                 print(f"error: --teacher: {e}", file=sys.stderr)
                 return 2
             teacher = {"sae_id": sae_id}
-        body: dict[str, Any] = {"model": args.model, "layer": args.layer, "teacher": teacher, "settings": settings}
+        body: dict[str, Any] = {"model": args.model, "teacher": teacher, "settings": settings}
+        body |= {k: v for k, v in (("layer", args.layer), ("hook", args.hook)) if v is not None}
         if metadata:
             body["metadata"] = metadata
         if args.webhook_url:
@@ -265,7 +266,8 @@ def add_jobs_parser(sub: Any) -> None:
     )
     s.add_argument("--json", action="store_true", help="with --wait: print the final job as JSON")
     s.add_argument("--model", default="smollm2-135m")
-    s.add_argument("--layer", type=int, required=True)
+    s.add_argument("--layer", type=int, default=None, help="block index L (default: the teacher's cfg hook_name)")
+    s.add_argument("--hook", default=None, help="hook site, e.g. blocks.5.hook_mlp_out (default: the teacher's)")
     s.add_argument("--settings", default=None, help="JSON object of job settings (see POST /jobs)")
     s.add_argument("--idempotency-key", default=None, help="resubmitting with the same key returns the same job")
     s.add_argument("--webhook-url", default=None, help="POST a signed notice here when the job ends")

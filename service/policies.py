@@ -2,8 +2,8 @@
 
 - ownership: :func:`job_or_404` (another user's job is a 404 exactly like an unknown id);
 - admission: :func:`admit` (the submission's write lock, then :func:`check_quota`: 429),
-  :func:`check_job_request` (server-side paths, webhook host, teacher, layer and width, the core's
-  configuration rules, job bounds; 422 naming the field);
+  :func:`check_job_request` (server-side paths, webhook host, teacher, the core's configuration rules,
+  hook site, layer and width, job bounds; 422 naming the field);
 - publishing: :func:`publish_job` (enqueue after commit; a broker failure marks the job failed, 503);
 - pagination: :func:`encode_cursor` / :func:`decode_cursor` (opaque keyset cursors of ``GET /v1/jobs`` and
   ``GET /v1/saes``); list filters: :func:`metadata_filters` (``?metadata[key]=value``);
@@ -33,7 +33,9 @@ from sqlalchemy.orm import Session, selectinload
 
 from rsae.data import resolve_conventions
 from rsae.errors import DataError
-from rsae.models import model_shape
+from rsae.formats import teacher_hook_name
+from rsae.hooknames import choose_site, layout_for_config, site_width
+from rsae.models import model_config, model_shape
 
 from . import bounds
 from .config import Settings
@@ -147,33 +149,52 @@ def check_webhook(req: JobCreate, settings: Settings) -> None:
         raise ProblemError(422, "webhook_not_allowed", f"webhook.url: {why}", field="webhook.url") from None
 
 
-def check_model_fit(session: Session, req: JobCreate) -> None:
-    """Reject, at submission, a layer the model does not have or a teacher of another width.
+def check_model_fit(session: Session, req: JobCreate, teacher_path: str = "") -> None:
+    """Reject, at submission, a hook site that contradicts the teacher's cfg, a layer the model does not have,
+    or a teacher of another width than the activations at the site.
 
-    Only when the model's shape is known without loading it (:func:`rsae.models.model_shape`: bundled
-    models, local folders, hub ids already cached); otherwise the worker checks it when the model loads.
+    The site is chosen as the pipeline will (:func:`rsae.hooknames.choose_site`: ``layer``, ``hook``, the
+    teacher's cfg ``hook_name`` read from ``teacher_path``, ``settings.data.allow_hook_override``), on the
+    model's layout when its ``config.json`` is known without loading it (:func:`rsae.models.model_config`:
+    bundled models, local folders, hub ids already cached); what cannot be decided here (a hub teacher, whose
+    cfg the worker fetches; a model not at hand) the worker checks when it runs.
 
     Raises:
         rsae.errors.ModelError: malformed model spec (422, field ``model``).
-        ProblemError: 422 naming ``layer`` or ``teacher.sae_id``.
+        rsae.errors.HookError: 422 ``invalid_hook`` naming ``hook`` or ``layer`` (a contradiction with the
+            teacher's cfg, an unreadable name, no site at all).
+        ProblemError: 422 naming ``layer`` (or ``hook``, when the layer came from it) or ``teacher.sae_id``.
     """
-    shape = model_shape(req.model) if req.model.strip() else None  # empty: the core's validation names it
+    config = model_config(req.model) if req.model.strip() else None  # empty: the core's validation names it
+    teacher_hook = teacher_hook_name(teacher_path) if teacher_path else None
+    if not teacher_path and req.layer is None and req.hook is None:
+        return  # a hub teacher names its site in a cfg only the worker fetches
+    site = choose_site(
+        req.layer,
+        req.hook,
+        teacher_hook,
+        layout_for_config(config),
+        allow_override=req.settings.data.allow_hook_override,
+    ).site
+    shape = model_shape(req.model) if config is not None else None
     if shape is None:
         return
-    n_layers, d_model = shape
-    if req.layer >= n_layers:
+    n_layers, _ = shape
+    if site.layer >= n_layers:
+        field = "layer" if req.layer is not None else "hook"
         raise ProblemError(
             422,
             "invalid_layer",
-            f"layer {req.layer} out of range: {req.model} has {n_layers} blocks (0..{n_layers - 1})",
-            field="layer",
+            f"layer {site.layer} ({site.name}) out of range: {req.model} has {n_layers} blocks (0..{n_layers - 1})",
+            field=field,
         )
+    width = site_width(config, site)
     sae = session.get(Sae, req.teacher.sae_id) if req.teacher.sae_id is not None else None
-    if sae is not None and sae.d_in != d_model:
+    if sae is not None and width is not None and sae.d_in != width:
         raise ProblemError(
             422,
             "invalid_teacher",
-            f"the teacher's d_in is {sae.d_in} but {req.model}'s residual stream has d_model {d_model}",
+            f"the teacher's d_in is {sae.d_in} but {req.model}'s activations at {site.name} are {width} wide",
             field="teacher.sae_id",
         )
 
@@ -201,10 +222,11 @@ def check_job_request(session: Session, settings: Settings, req: JobCreate, user
     """Everything a job request must pass before its row is written, in this order: server-side paths
     (:func:`check_local_paths`), webhook host (:func:`check_webhook`), the teacher
     (:func:`service.jobs.resolve_teacher`, owned by ``user``; hub references checked without network), an
-    uploaded corpus (``upload:<id>``, owned by ``user``: :func:`service.datasets.resolve_upload`),
-    layer and width (:func:`check_model_fit`), the core's own configuration rules
-    (:func:`service.jobs.build_upgrade_config`), and the job bounds (:func:`service.bounds.check_request_bounds`:
-    allowed model, token and disk budgets, hub download size; the last asks the hub's metadata).
+    uploaded corpus (``upload:<id>``, owned by ``user``: :func:`service.datasets.resolve_upload`), the
+    core's own configuration rules (:func:`service.jobs.build_upgrade_config`), the context conventions, the hook
+    site against the teacher's cfg, layer and width (:func:`check_model_fit`), and the job bounds
+    (:func:`service.bounds.check_request_bounds`: allowed model, token and disk budgets, hub download size;
+    the last asks the hub's metadata).
 
     Raises:
         ProblemError: 422 naming the field (see the checks above; configuration errors name ``settings.*``).
@@ -215,11 +237,11 @@ def check_job_request(session: Session, settings: Settings, req: JobCreate, user
     teacher = resolve_teacher(session, settings, req.teacher, owner_id=user.id)
     resolve_upload(session, settings, req.settings.data.dataset, user.id)  # upload:<id>: the user's own corpus
     check_conventions(session, req)
-    check_model_fit(session, req)
     try:
         build_upgrade_config(req, teacher)
     except ValidationError as e:
         raise validation_error(upgrade_config_errors(e)) from None
+    check_model_fit(session, req, teacher)
     bounds.check_request_bounds(session, settings, req)
 
 

@@ -73,7 +73,7 @@ __all__ = [
 ]
 
 SETTINGS_FIELDS: tuple[str, ...] = ("data", "remez", "calibrate", "finetune", "eval", "seed")
-"""The :class:`UpgradeConfig` fields a client sets under ``settings`` (model, layer, teacher are top-level;
+"""The :class:`UpgradeConfig` fields a client sets under ``settings`` (model, layer, hook, teacher are top-level;
 family is read from the teacher; device is the worker's choice)."""
 
 
@@ -165,7 +165,8 @@ class JobCreate(BaseModel):
     )
 
     model: str = _core_field("model")
-    layer: int = _core_field("layer")
+    layer: int | None = _core_field("layer")
+    hook: str | None = _core_field("hook")
     teacher: TeacherRef
     settings: JobSettings = Field(default_factory=JobSettings)  # type: ignore[valid-type]
     webhook: WebhookSpec | None = Field(None, description="Optional signed notice when the job ends.")

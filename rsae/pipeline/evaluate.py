@@ -165,6 +165,7 @@ def _downstream(
         cfg.layer,
         saes,
         ids,
+        hook=cfg.hook,
         batch_size=cfg.eval.batch_size,
         device=state.device,
         on_progress=ctx.progress.within(0.0, 0.8),

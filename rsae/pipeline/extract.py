@@ -13,7 +13,7 @@ from pathlib import Path
 from ..activations import MANIFEST, ActivationStore, extract_activations
 from ..data import ContextConventions, SourceOptions, resolve_conventions
 from ..errors import TeacherError
-from ..models import check_layer
+from ..hooks import site_for, site_width
 from ..report import HostModel
 from .progress import RunContext
 from .state import UpgradeState
@@ -47,6 +47,7 @@ def activations(
     conv = conv or conventions(state)
     want = {
         "layer": cfg.layer,
+        "hook": cfg.hook,
         "rows": n,
         "ctx_len": conv.context_size,
         "conventions": conv.to_dict(),
@@ -69,6 +70,7 @@ def activations(
         model,
         tok,
         layer=cfg.layer,
+        hook=cfg.hook,
         dataset=cfg.data.dataset,
         split=split,
         n_tokens=n,
@@ -91,25 +93,25 @@ def extract(state: UpgradeState, ctx: RunContext) -> None:
     and check the teacher on the first real activations (:meth:`UpgradeState.calibration_data`, kept for init).
 
     Raises:
-        ModelError: unknown model or layer out of range. TeacherError: teacher d_in != the model's width.
+        ModelError: unknown model, or a hook site it does not have (layer out of range, a missing module).
+        TeacherError: teacher d_in != the width of the activations at the hook site.
         DataError: unreadable or too small data set. DeadTeacherError, NonFiniteTeacherError: no latent
         fires on the calibration tokens, or the teacher is not finite on them (:func:`rsae.checks.check_activations`).
     """
     cfg, teacher = state.cfg, state.teacher
     model, _ = state.host_model()
-    check_layer(model, cfg.layer)
-    d_model = model.config.hidden_size
-    if teacher.d_in != d_model:
+    site = site_for(model, cfg.layer, cfg.hook)
+    width = site_width(model, site)
+    if teacher.d_in != width:
         raise TeacherError(
-            f"teacher d_in={teacher.d_in} but model {cfg.model!r} has hidden size {d_model}", field="teacher"
+            f"teacher d_in={teacher.d_in} but the activations of model {cfg.model!r} at {site.name} are {width} wide",
+            field="teacher",
         )
-    hook = teacher.metadata.get("hook_name")
-    if hook and hook != cfg.hook:
-        state.notes.append(f"teacher cfg names hook {hook!r}; this upgrade reads {cfg.hook!r}")
+    d_model = model.config.hidden_size
     state.host = HostModel(
         name=cfg.model,
-        layer=cfg.layer,
-        hook=cfg.hook,
+        layer=site.layer,
+        hook=site.name,
         d_model=d_model,
         n_layers=model.config.num_hidden_layers,
         device=state.device,

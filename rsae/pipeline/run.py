@@ -122,7 +122,7 @@ def run_upgrade(
     state = new_state(cfg, out_dir, work, dev)
     ckpts = None
     if checkpoint_every is not None:
-        key = hashlib.sha256(cfg.model_dump_json().encode()).hexdigest()
+        key = hashlib.sha256(state.cfg.model_dump_json().encode()).hexdigest()  # with the hook site resolved
         ckpts = Checkpoints(work / "checkpoints", checkpoint_every, key, on_checkpoint, fence)
         _resume(state, ckpts)
     ctx = RunContext(Progress(on_progress, should_cancel), ckpts, refs)

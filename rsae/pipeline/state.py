@@ -137,7 +137,7 @@ class UpgradeState:
             h = sample_pre_acts(self.teacher, x)
             with torch.no_grad():
                 target = self.teacher.gate(h).detach()
-            where = f"the calibration tokens of {self.cfg.model} layer {self.cfg.layer}"
+            where = f"the calibration tokens of {self.cfg.model} at {self.cfg.hook}"
             check_activations(self.teacher, h, target, where=where)
             rule = self.family.jump_rule(self.teacher, h, self.cfg.remez)
             self._cal = CalibrationData(x, h, target, target != 0, rule)
@@ -281,6 +281,40 @@ def new_state(cfg: UpgradeConfig, out_dir: Path, work_dir: Path, device: str) ->
     out_dir.mkdir(parents=True, exist_ok=True)
     work_dir.mkdir(parents=True, exist_ok=True)
     teacher, family = load_teacher(cfg)
-    return UpgradeState(
+    state = UpgradeState(
         cfg=cfg, out_dir=out_dir, work_dir=work_dir, device=device, family=family, teacher=teacher.to(device)
     )
+    state.cfg, notes = resolve_hook_site(state)
+    state.notes.extend(notes)
+    return state
+
+
+def resolve_hook_site(state: UpgradeState) -> tuple[UpgradeConfig, list[str]]:
+    """``state.cfg`` with ``layer`` and ``hook`` filled (:func:`rsae.hooknames.choose_site`: the request, the
+    teacher's cfg ``hook_name``, or both when they agree), and the notes to report. The model's layout comes
+    from its ``config.json`` when its ``model_type`` is known (:data:`rsae.hooknames.LAYOUTS`), else from the
+    loaded model's modules. Idempotent: a resolved cfg resolves to itself.
+
+    Raises:
+        ModelError: the request contradicts the teacher's site (field ``hook`` or ``layer``; allowed with
+            ``data.allow_hook_override``), names no site while the teacher's cfg names none, or names a site the
+            model does not have.
+    """
+    from ..hooknames import choose_site, layout_for_config
+    from ..models import model_config
+
+    cfg = state.cfg
+    layout = layout_for_config(model_config(cfg.model))
+    if layout is None:
+        from ..hooks import layout_of
+
+        layout = layout_of(state.host_model()[0])
+    teacher_hook = state.teacher.metadata.get("hook_name")
+    choice = choose_site(
+        cfg.layer,
+        cfg.hook,
+        teacher_hook if isinstance(teacher_hook, str) else None,
+        layout,
+        allow_override=cfg.data.allow_hook_override,
+    )
+    return cfg.model_copy(update={"layer": choice.site.layer, "hook": choice.site.name}), list(choice.notes)

@@ -172,10 +172,16 @@ INVALID_JOBS: dict[str, tuple[Callable[[str], dict[str, Any]], str, str]] = {
     "layer astronomically large": (lambda s: {"json": {**job_body(s), "layer": 10**30}}, "layer", "validation_error"),
     "layer a word": (lambda s: {"json": {**job_body(s), "layer": "three"}}, "layer", "validation_error"),
     "layer fractional": (lambda s: {"json": {**job_body(s), "layer": 3.5}}, "layer", "validation_error"),
-    "layer missing": (
+    "layer missing, and the teacher's cfg names no hook": (
         lambda s: {"json": {k: v for k, v in job_body(s).items() if k != "layer"}},
         "layer",
-        "validation_error",
+        "invalid_hook",
+    ),
+    "hook not a site": (lambda s: {"json": {**job_body(s), "hook": "blocks.3.hook_q"}}, "hook", "validation_error"),
+    "hook contradicting layer": (
+        lambda s: {"json": {**job_body(s), "hook": "blocks.4.hook_mlp_out"}},
+        "layer",
+        "invalid_hook",
     ),
     "unknown sae_id": (lambda s: {"json": job_body("no-such-sae")}, "teacher.sae_id", "invalid_teacher"),
     "sae_id far too long": (lambda s: {"json": job_body("x" * 10_000)}, "teacher.sae_id", "validation_error"),

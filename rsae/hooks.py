@@ -1,0 +1,207 @@
+"""Reading and replacing activations at a hook site of a transformers causal LM (:mod:`rsae.hooknames`).
+
+:class:`HookCapture` records the tensor at a site with a forward (pre-)hook and, by default, ends the forward
+pass right there by raising an internal exception: the truncated forward *is* the full forward interrupted,
+so the embeddings (Gemma's sqrt(d) scaling, GPT-2's learned positions), rotary position ids, causal and
+sliding-window masks are computed by the model's own code and the captured tensor equals what a full forward
+sees at that module bit for bit (``tests/core/test_hooks.py`` checks GPT-2, Llama, Gemma-2, Gemma-3,
+Qwen-2/3, GPT-NeoX and Mistral layouts, and SmolLM2). Later blocks, the final norm and the LM head never run.
+
+:class:`HookSplice` replaces the tensor at a site by ``fn(x)`` during a full forward (delta CE and KL are
+measured where the SAE sits). Activations are [batch, positions, width]; ``attn.hook_z`` is the
+attention output projection's input [b, T, n_heads * d_head] (heads flattened, head-major, as SAELens's
+``reshape_activations: "hook_z"``).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+
+from .errors import HookError, ModelError
+from .hooknames import LAYOUTS, HookSite, Layout, parse_hook, resolve
+from .models import decoder_layers
+
+_ATTN = ("self_attn", "attn", "attention")
+_MLP = ("mlp", "feed_forward")
+_OUT_PROJ = ("o_proj", "c_proj", "dense", "out_proj")
+
+
+class _StopForward(Exception):
+    """Raised by a capture hook to end the forward pass at the site (truncated forward)."""
+
+
+def _has(module, path: str) -> bool:
+    try:
+        module.get_submodule(path)
+        return True
+    except AttributeError:
+        return False
+
+
+def layout_of(model, *, table: bool = True) -> Layout:
+    """The :class:`rsae.hooknames.Layout` of a loaded model: its ``config.model_type`` entry of
+    :data:`rsae.hooknames.LAYOUTS` when every module of it exists, else found from the module structure
+    (blocks as :func:`rsae.models.decoder_layers`; attention ``self_attn``/``attn``/``attention``, MLP
+    ``mlp``/``feed_forward``, output projection ``o_proj``/``c_proj``/``dense``/``out_proj``; a block with
+    ``pre_``/``post_feedforward_layernorm`` has Gemma-2's post-sub-layer norms). Sites it cannot find are None.
+    ``table=False`` skips the table (the tests check that both agree).
+
+    Raises:
+        ModelError: the model's blocks cannot be found (field ``model``).
+    """
+    known = LAYOUTS.get(getattr(model.config, "model_type", None)) if table else None
+    if (
+        known is not None
+        and _has(model, f"{known.blocks}.0")
+        and all(_has(model, f"{known.blocks}.0.{p}") for p in (known.attn_out, known.mlp_out, known.z) if p)
+    ):
+        return known
+    blocks = decoder_layers(model)
+    path = next(n for n, m in model.named_modules() if m is blocks)
+    block = blocks[0]
+    attn = next((a for a in _ATTN if _has(block, a)), None)
+    mlp = next((a for a in _MLP if _has(block, a)), None)
+    proj = next((f"{attn}.{p}" for p in _OUT_PROJ if attn and _has(block, f"{attn}.{p}")), None)
+    if _has(block, "pre_feedforward_layernorm") and _has(block, "post_feedforward_layernorm"):
+        return Layout(path, "post_attention_layernorm", "post_feedforward_layernorm", proj)
+    return Layout(path, attn, mlp, proj)
+
+
+def site_for(model, layer: int | None = None, hook: str | HookSite | None = None) -> HookSite:
+    """The resolved site of ``model`` named by ``hook`` (a name or a :class:`HookSite`), or
+    ``blocks.{layer}.hook_resid_post`` when ``hook`` is None.
+
+    Raises:
+        ModelError: a layer out of range (field ``layer``). HookError: a bad name, a module that does not exist
+            (field ``hook``).
+    """
+    if hook is None:
+        if layer is None:
+            raise HookError("give a layer or a hook", field="layer")
+        site = HookSite(layer, "resid_post", f"blocks.{layer}.hook_resid_post")
+    else:
+        site = parse_hook(hook, layer=layer) if isinstance(hook, str) else hook
+    n = len(decoder_layers(model))
+    if not 0 <= site.layer < n:
+        raise ModelError(f"layer {site.layer} out of range: the model has {n} blocks (0..{n - 1})", field="layer")
+    site = resolve(site, layout_of(model)) if site.module is None else site
+    if not _has(model, site.module):
+        raise HookError(f"hook {site.name!r}: the model has no module {site.module!r}", field="hook")
+    return site
+
+
+def _first(value: Any) -> torch.Tensor:
+    """A hook's tensor: the value itself, or the first element of a tuple."""
+    return value[0] if isinstance(value, tuple) else value
+
+
+def _input_of(args: tuple, kwargs: dict) -> torch.Tensor:
+    """A module's first input (positional, or ``hidden_states=`` as transformers' blocks may be called)."""
+    return args[0] if args else kwargs["hidden_states"]
+
+
+class _SiteHook:
+    """Registers ``self._fire`` at a site (forward hook on the output, or pre-hook on the input) while entered."""
+
+    def __init__(self, model, site: HookSite) -> None:
+        self.site = site
+        self.module = model.get_submodule(site.module)
+        self._handle = None
+
+    def _on(self, x: torch.Tensor) -> torch.Tensor | None:
+        raise NotImplementedError
+
+    def _output_hook(self, module, args, output):
+        new = self._on(_first(output))
+        if new is None:
+            return None
+        return (new, *output[1:]) if isinstance(output, tuple) else new
+
+    def _input_hook(self, module, args, kwargs):
+        new = self._on(_input_of(args, kwargs))
+        if new is None:
+            return None
+        if args:
+            return (new, *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": new}
+
+    def __enter__(self):
+        if self.site.io == "input":
+            self._handle = self.module.register_forward_pre_hook(self._input_hook, with_kwargs=True)
+        else:
+            self._handle = self.module.register_forward_hook(self._output_hook)
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        self.remove()
+        return False
+
+    def remove(self) -> None:
+        """Unregister the hook (idempotent)."""
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+
+
+class HookCapture(_SiteHook):
+    """Context manager recording the activations at a site.
+
+    Args:
+        model: a transformers causal LM.
+        site: a resolved :class:`HookSite` (:func:`site_for`).
+        stop: end the forward pass at the site (truncated forward); False lets it run to the logits.
+    """
+
+    def __init__(self, model, site: HookSite, *, stop: bool = True) -> None:
+        super().__init__(model, site)
+        self.stop = stop
+        self.value: torch.Tensor | None = None
+
+    def _on(self, x: torch.Tensor) -> None:
+        self.value = x.detach()
+        if self.stop:
+            raise _StopForward
+
+    @torch.no_grad()
+    def run(self, model, input_ids: torch.Tensor) -> torch.Tensor:
+        """Activations at the site for ``input_ids`` [b, T] -> [b, T, width] float32 (must be entered)."""
+        self.value = None
+        try:
+            model(input_ids=input_ids, use_cache=False)
+        except _StopForward:
+            pass
+        if self.value is None:
+            raise HookError(f"hook {self.site.name!r} did not fire during the forward pass", field="hook")
+        return self.value.float()
+
+
+class HookSplice(_SiteHook):
+    """Replaces positions ``start:`` of the activations at a site by ``fn(x)`` while ``fn`` is set.
+
+    ``fn`` maps rows [n, width] to [n, width] (an SAE's forward); None leaves the forward untouched.
+    Registered on construction; call :meth:`remove` (or use it as a context manager).
+    """
+
+    def __init__(self, model, site: HookSite, *, start: int = 1) -> None:
+        super().__init__(model, site)
+        self.start = start
+        self.fn: Callable[[torch.Tensor], torch.Tensor] | None = None
+        self.__enter__()
+
+    def _on(self, x: torch.Tensor) -> torch.Tensor | None:
+        if self.fn is None:
+            return None
+        new = x.clone()
+        part = x[:, self.start :, :]
+        new[:, self.start :, :] = self.fn(part.reshape(-1, part.shape[-1])).reshape(part.shape).to(x.dtype)
+        return new
+
+
+@torch.no_grad()
+def site_width(model, site: HookSite) -> int:
+    """Width of the activations at ``site`` (one truncated forward of two tokens)."""
+    device = next(model.parameters()).device
+    with HookCapture(model, site) as cap:
+        return cap.run(model, torch.tensor([[1, 2]], device=device)).shape[-1]
