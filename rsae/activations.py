@@ -227,10 +227,9 @@ def extract_activations(
             ``model.layers.5.mlp``) or a :class:`rsae.hooknames.HookSite`; None: ``blocks.{layer}.hook_resid_post``.
         dataset, split, eval_fraction, seed, options: see :func:`rsae.data.iter_sequences`.
         conventions: :func:`rsae.data.resolve_conventions`; None: the legacy ones with ``ctx_len`` tokens.
-        n_tokens: activation rows wanted (kept positions of whole sequences, then cut to exactly ``n_tokens``).
-        shard_tokens: rows per shard (rounded to whole sequences).
+        n_tokens, shard_tokens: rows wanted (kept positions of whole sequences, cut to exactly ``n_tokens``);
+            rows per shard (rounded to whole sequences).
         on_progress: called after every batch with the fraction done; may raise (``Cancelled``) to stop.
-
     Returns the manifest dict. Raises: DataError (the split has fewer tokens than ``n_tokens``; the conventions
     keep no position), ModelError (``layer`` out of range, or a ``hook`` this model does not have).
     """
@@ -239,8 +238,7 @@ def extract_activations(
     conv = conventions or legacy_conventions(ctx_len)
     ctx_len = conv.context_size
     positions, excluded = _kept(conv, tokenizer)
-    rows_per_seq = len(positions)
-    seqs_per_shard = max(1, shard_tokens // rows_per_seq)
+    seqs_per_shard = max(1, shard_tokens // (rows_per_seq := len(positions)))
     writer = _ShardWriter(out_dir, n_tokens, None)
     it = iter_sequences(
         tokenizer, dataset, split, eval_fraction=eval_fraction, seed=seed, conventions=conv, options=options
@@ -253,7 +251,7 @@ def extract_activations(
                 break
             ids = torch.tensor([b[0] for b in batch], dtype=torch.long)
             resid = kept_rows(cap.run(model, ids.to(device)).cpu(), ids, positions, excluded)
-            writer.add_batch(resid, ids, [_label_index(doc.label) for _, doc in batch], seqs_per_shard)
+            writer.add_batch(resid, ids, [_label_index(d.label) for _, d in batch], seqs_per_shard)
             rows += sum(r.shape[0] for r in resid)
             if on_progress:  # every batch, so that the caller's cancellation check runs between batches
                 on_progress(min(1.0, rows / n_tokens))

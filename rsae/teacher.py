@@ -105,6 +105,25 @@ def train_teacher(
     return sae.cpu().eval()
 
 
+def _teacher_metadata(model: str, manifest: dict, dataset: str, ctx_len: int) -> dict:
+    """The SAELens ``metadata`` of a teacher trained on an extraction with the legacy context conventions
+    (:data:`rsae.data.LEGACY_DEFAULTS`): model, hook site, data and the conventions, in SAELens names."""
+    return {
+        "model_name": model,
+        "hook_name": manifest["hook"],
+        "hook_layer": manifest["layer"],
+        "dataset_path": dataset,
+        "context_size": ctx_len,
+        "prepend_bos": False,
+        "position_0_dropped": True,
+        # the context conventions of the extraction above (rsae.data.LEGACY_DEFAULTS), in SAELens names
+        "seqpos_slice": [1, None],
+        "exclude_special_tokens": False,
+        "sequence_separator_token": None,
+        "disable_concat_sequences": False,
+    }
+
+
 def train_teacher_from_text(
     model: str = "smollm2-135m",
     layer: int | None = 3,
@@ -168,20 +187,7 @@ def train_teacher_from_text(
             k=k,
             seed=seed,
             device=dev,
-            metadata={
-                "model_name": model,
-                "hook_name": manifest["hook"],
-                "hook_layer": manifest["layer"],
-                "dataset_path": dataset,
-                "context_size": ctx_len,
-                "prepend_bos": False,
-                "position_0_dropped": True,
-                # the context conventions of the extraction above (rsae.data.LEGACY_DEFAULTS), in SAELens names
-                "seqpos_slice": [1, None],
-                "exclude_special_tokens": False,
-                "sequence_separator_token": None,
-                "disable_concat_sequences": False,
-            },
+            metadata=_teacher_metadata(model, manifest, dataset, ctx_len),
             on_progress=(lambda f: on_progress(0.3 + 0.7 * f)) if on_progress else None,
         )
     sae.metadata["train_seconds"] = round(time.time() - t0, 1)
