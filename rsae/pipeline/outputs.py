@@ -142,7 +142,8 @@ def cfg_metadata(
     out: dict[str, Any] = {**inherited, "model_name": model_name}
     if source is not None:
         out["model_source"] = source
-    out["hook_name"] = output_hook_name(own.get("hook_name"), cfg.hook)
+    read = cfg.hook or f"blocks.{cfg.layer}.hook_resid_post"  # resolved by new_state; unresolved: the default site
+    out["hook_name"] = output_hook_name(own.get("hook_name"), read)
     out["hook_layer"] = cfg.layer
     out.update(data_conventions(state, cfg.data.dataset))
     sae_lens = installed_version("sae-lens")
