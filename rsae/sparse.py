@@ -111,7 +111,7 @@ class _RationalGate:
         return kernels.rational_support(h, self.a, self.b, self.c_in, self.s, self.floor)
 
     def _s_at(self, cols: torch.Tensor) -> torch.Tensor:
-        return self.s[cols] if self.s.numel() > 1 else self.s
+        return self.s.index_select(0, cols) if self.s.numel() > 1 else self.s
 
     def values(self, hv: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
         """phi(h) at support entries (no floor: they are in it), ``hv`` [nnz] of latents ``cols`` [nnz]."""
@@ -216,23 +216,26 @@ class _SparseSAEStepFn(torch.autograd.Function):
         xc = x - b_dec if cfg.apply_b_dec else x
         h = torch.addmm(b_enc, xc, W_enc)
         mask = gate.support(h)
-        nnz = int(mask.sum())
+        nnz = int(torch.count_nonzero(mask))  # (a bool .sum() converts the whole mask to int64 first)
         density = nnz / max(1, mask.numel())
         sparse = cfg.kernels == "sparse" or (cfg.kernels == "auto" and density <= SPARSE_MAX_DENSITY)
         cfg.info.update(density=density, kernels="sparse" if sparse else "dense")
         norms = W_dec.norm(dim=1)
         if sparse:
-            rows, cols = mask.nonzero().unbind(1)
-            zv = gate.values(h[rows, cols], cols)
-            offsets = _csr_offsets(mask.sum(1))[:-1]
+            d_sae, hf = h.shape[1], h.view(-1)
+            flat = mask.view(-1).nonzero().squeeze(1)  # row-major: i d_sae + j
+            cols = flat.remainder(d_sae)
+            zv = gate.values(hf.index_select(0, flat), cols)
+            offsets = _csr_offsets(torch.bincount(flat.div(d_sae, rounding_mode="floor"), minlength=n))[:-1]
             x_hat = F.embedding_bag(cols, W_dec, offsets, mode="sum", per_sample_weights=zv) + b_dec
-            l1 = (zv.abs() * norms[cols]).sum() / n
+            l1 = (zv.abs() * norms.index_select(0, cols)).sum() / n
             l0 = (zv != 0).sum() / n
             # The same support column by column, for the products with the transpose in backward.
-            cols_t, rows_t = mask.t().nonzero().unbind(1)
-            h_t = h[rows_t, cols_t]
+            flat_t = mask.t().nonzero()  # [nnz, 2] = (j, i), sorted by j then i
+            cols_t, rows_t = flat_t[:, 0].contiguous(), flat_t[:, 1].contiguous()
+            h_t = hf.index_select(0, rows_t * d_sae + cols_t)
             z_t = gate.values(h_t, cols_t)
-            col_ptr = _csr_offsets(torch.bincount(cols_t, minlength=W_enc.shape[1]))
+            col_ptr = _csr_offsets(torch.bincount(cols_t, minlength=d_sae))
             saved = (rows_t, cols_t, col_ptr, h_t, z_t)
         else:
             z = gate.dense(h)
@@ -261,7 +264,7 @@ class _SparseSAEStepFn(torch.autograd.Function):
             d_sae = W_dec.shape[0]
             pattern = _csr(col_ptr, rows_t, torch.zeros_like(z_t), (d_sae, n))
             gz = torch.sparse.sampled_addmm(pattern, W_dec, g.t(), beta=0.0).values()
-            gz = gz + c * torch.sign(z_t) * norms[cols_t]
+            gz = gz + c * torch.sign(z_t) * norms.index_select(0, cols_t)
             gh, gparams = gate.grad_sparse(h_t, cols_t, gz, needs[4:])
             offsets = col_ptr[:-1]
             dW_dec = F.embedding_bag(rows_t, g, offsets, mode="sum", per_sample_weights=z_t)
