@@ -69,14 +69,7 @@ def train_sae(
         checkpoint: if given, training resumes from ``checkpoint.load()`` (model, Adam, lambda controller,
             history, step; the batch stream is advanced to the same position) and the state is passed to
             ``checkpoint.save`` every ``checkpoint.every`` steps and after the last step (after ``on_step``).
-        path: the training step (:func:`rsae.sparse.training_loss`): "dense" (default; autograd on the
-            objective, as before), "sparse" or "auto" (the sparse-aware step of :mod:`rsae.sparse` for the
-            default objective on SAEs whose gate it supports, e.g. the RSAE and a ReLU control: the same loss and
-            gradients up to float rounding, computed from the active latents; "auto" picks its sparse or dense
-            kernels per batch by density). Other objectives and SAEs keep the dense step.
-
-    Raises:
-        ValueError: an unknown ``path``.
+        path: "dense" (autograd, as before), "sparse" or "auto" (:func:`rsae.sparse.training_loss`).
 
     Returns:
         Per-step history of the loss parts (each with the ``lambda`` used).
