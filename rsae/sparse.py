@@ -224,18 +224,19 @@ class _SparseSAEStepFn(torch.autograd.Function):
         if sparse:
             d_sae, hf = h.shape[1], h.view(-1)
             flat = mask.view(-1).nonzero().squeeze(1)  # row-major: i d_sae + j
-            cols = flat.remainder(d_sae)
-            zv = gate.values(hf.index_select(0, flat), cols)
-            offsets = _csr_offsets(torch.bincount(flat.div(d_sae, rounding_mode="floor"), minlength=n))[:-1]
+            rows = flat.div(d_sae, rounding_mode="floor")
+            cols = flat - rows * d_sae
+            hv = hf.index_select(0, flat)
+            zv = gate.values(hv, cols)
+            offsets = _csr_offsets(torch.bincount(rows, minlength=n))[:-1]
             x_hat = F.embedding_bag(cols, W_dec, offsets, mode="sum", per_sample_weights=zv) + b_dec
             l1 = (zv.abs() * norms.index_select(0, cols)).sum() / n
             l0 = (zv != 0).sum() / n
-            # The same support column by column, for the products with the transpose in backward.
-            flat_t = mask.t().nonzero()  # [nnz, 2] = (j, i), sorted by j then i
-            cols_t, rows_t = flat_t[:, 0].contiguous(), flat_t[:, 1].contiguous()
-            h_t = hf.index_select(0, rows_t * d_sae + cols_t)
-            z_t = gate.values(h_t, cols_t)
-            col_ptr = _csr_offsets(torch.bincount(cols_t, minlength=d_sae))
+            # The same support column by column (rows ascending in each), for the products with the transpose
+            # in backward: a stable sort by latent (measured 1.4 ms for 200k entries; mask.t().nonzero() 19 ms).
+            perm = torch.sort(cols.to(torch.int32), stable=True).indices
+            rows_t, cols_t, h_t, z_t = (t.index_select(0, perm) for t in (rows, cols, hv, zv))
+            col_ptr = _csr_offsets(torch.bincount(cols, minlength=d_sae))
             saved = (rows_t, cols_t, col_ptr, h_t, z_t)
         else:
             z = gate.dense(h)
