@@ -55,11 +55,12 @@ PATHS = ("auto", "dense", "sparse")
 bit); "sparse" = :class:`SparseStep` with the sparse kernels whatever the density; "auto" = :class:`SparseStep`
 choosing sparse or dense kernels per batch by its measured density (:data:`SPARSE_MAX_DENSITY`)."""
 
-SPARSE_MAX_DENSITY = 0.15
+SPARSE_MAX_DENSITY = 0.1
 """"auto" runs the sparse kernels on a batch whose support holds at most this fraction of its n x d_sae
 entries, else the dense-kernel variant of the same step. Measured with ``bench/sparse_step.py`` (2-core CPU,
-d_in 576, d_sae 2,304 and 16,384, batch 1,024 and 4,096): the sparse step stays faster than the dense-kernel
-step up to 20-30% density; 0.15 keeps a margin (``docs/performance.md``)."""
+d_in 576): the sparse step and the dense-kernel step cost the same near density 0.2 at d_sae 2,304 (batch
+1,024 and 4,096) and near 0.14 at d_sae 16,384 (batch 4,096); at 0.1 the sparse step was still 1.6-1.9x
+faster at both. RSAEs run at 0.003-0.03 (``docs/performance.md``)."""
 
 
 # -- gates --------------------------------------------------------------------------------------------------
