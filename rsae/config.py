@@ -260,6 +260,13 @@ class FinetuneConfig(_Strict):
         "fraction of the teacher's L0 (so the upgraded SAE does not buy lower MSE with a higher L0). None: "
         "fixed lambda.",
     )
+    step_path: Literal["auto", "dense", "sparse"] = Field(
+        "auto",
+        description="Training step: 'dense' = autograd on the full batch (the original step); 'sparse' = "
+        "decoder and gradients computed from the active latents only (same loss and gradients up to float "
+        "rounding; the RSAE and a ReLU control); 'auto' = the sparse step, with dense products on a batch "
+        "denser than rsae.sparse.SPARSE_MAX_DENSITY. Other controls always use 'dense'.",
+    )
     control: bool = Field(
         True,
         description="Also fine-tune the teacher itself with its own gate on the same "

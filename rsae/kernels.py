@@ -146,6 +146,15 @@ def _fwd_math(h, a, b, u, v, floor, p: int, q: int, use_floor: bool):
     return torch.where(r > floor, raw, 0.0) if use_floor else raw
 
 
+def _unit_math(h, a, b, u, p: int, q: int):
+    """r(t) for h [m, d], u = C_in * s broadcast against h; by the ops of :func:`_fwd_math`. (Compiled, a float
+    output and an eager ``r > floor`` after it cost 64 ms at 4096 x 4608 where a fused bool output, which inductor
+    does not vectorise here, cost 208 ms.)"""
+    t = h / u
+    P = _poly(a, t, p)
+    return P / (1.0 + (_poly(b, t, q - 1) * t).abs()) if q else P
+
+
 def _bwd_math(h, gz, a, b, c_in, c_out, s, floor, p: int, q: int, use_floor: bool, need_param: bool, need_s: bool):
     """(dL/dh [m, d], [dL/da [p+1], dL/db [q], dL/dC_in, dL/dC_out] or None, dL/ds [d] or None), given
     gz = dL/dz [m, d]. dr/dt = (P' - r sign(B) B') / Q; dr/da_k = t^k / Q; dr/db_k = -r sign(B) t^k / Q."""
@@ -311,6 +320,12 @@ def _get_compiled(kind: str, p: int, q: int, *flags: bool) -> Callable:
                         return _fwd_math(h, a, b, u, v, floor, p, q, use_floor)
 
                     fn = torch.compile(_own_code(fwd), dynamic=False, fullgraph=True, options=_options())
+                elif kind == "support":
+
+                    def support(h, a, b, u):
+                        return _unit_math(h, a, b, u, p, q)
+
+                    fn = torch.compile(_own_code(support), dynamic=False, fullgraph=True, options=_options())
                 else:
                     use_floor, need_param, need_s = flags
 
@@ -368,6 +383,21 @@ def _fwd(backend: str, h, a, b, c_in, c_out, s, floor, use_floor):
             _disable_compiled(e)
             return out
     return _fwd_fused(h, a, b, c_in, c_out, s, float(floor), use_floor)
+
+
+def _support_fused(h, a, b, c_in, s, floor: float) -> torch.Tensor:
+    """r(t) > floor [m, d] (bool) by row chunks (temporaries: ~3 chunk-sized tensors)."""
+    p, q = a.shape[0] - 1, b.shape[0]
+    al, bl = a.tolist(), b.tolist()
+    u = c_in if s is None else c_in * s
+    out = torch.empty(h.shape, dtype=torch.bool, device=h.device)
+    for sl in _chunks(h):
+        t = h[sl] / u
+        r = _horner_(al, t, p)
+        if q:
+            r.div_(_b_poly_(bl, t).abs_().add_(1.0))
+        torch.gt(r, floor, out=out[sl])
+    return out
 
 
 def _bwd(backend: str, h, gz, a, b, c_in, c_out, s, floor, use_floor, need_param, need_s):
@@ -524,6 +554,48 @@ def rational_raw(
     Shapes, units, errors and sources as :func:`rational_gate`; returns raw [..., d_sae].
     """
     return _apply(h, a, b, c_in, c_out, s, 0.0, False, impl)
+
+
+@torch.no_grad()
+def rational_support(
+    h: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    c_in: torch.Tensor,
+    s: torch.Tensor | None = None,
+    floor: float | torch.Tensor = 0.0,
+    impl: str | None = None,
+) -> torch.Tensor:
+    """The support of :func:`rational_gate`: ``r(t) > floor`` with ``t = h / (C_in * s)``, bool [..., d_sae].
+
+    Outside it the gate is exactly 0 and passes no gradient to h or to any gate parameter (the floor's mask
+    multiplies every backward term), so a training step may restrict its decoder and its gradients to these
+    entries (:mod:`rsae.sparse`). Compiled: one fused pass writing r, then ``r > floor``; fused: row chunks
+    writing only the mask (``impl`` as :func:`rational_gate`, "eager" runs the fused path). Inside the support the gate
+    can still be 0 where C_out s r(t) underflows or r(t) = 0 > floor (a negative floor); such entries carry a
+    gradient, as in :func:`rational_gate`. No autograd.
+
+    Args: as :func:`rational_gate` (``c_out`` is not needed). Returns: bool tensor of h's shape.
+    Raises: ValueError / TypeError: as :func:`rational_gate`.
+    """
+    c_in = torch.as_tensor(c_in, dtype=h.dtype, device=h.device)
+    _check(h, a, b, c_in, c_in, s)
+    dt = h.dtype
+    a, b, c_in = a.detach().to(dt), b.detach().to(dt), c_in.detach().reshape(())
+    s = s.detach().to(dt) if s is not None else None
+    floor = floor.detach() if isinstance(floor, torch.Tensor) else floor
+    shape = h.shape
+    h2 = h.detach().reshape(-1, shape[-1]).contiguous()
+    if resolve_impl(impl, h2.numel()) == "compiled":
+        u = c_in if s is None else c_in * s
+        try:
+            fn = _get_compiled("support", a.shape[0] - 1, b.shape[0])
+            return torch.gt(fn(h2, a, b, u), _floor_tensor(floor, h2)).reshape(shape)
+        except Exception as e:  # noqa: BLE001 - a compiler failure: run the fused path, and for good
+            out = _support_fused(h2, a, b, c_in, s, float(floor))
+            _disable_compiled(e)
+            return out.reshape(shape)
+    return _support_fused(h2, a, b, c_in, s, float(floor)).reshape(shape)
 
 
 def compile_status() -> dict[str, Any]:

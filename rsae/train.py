@@ -20,7 +20,8 @@ from typing import Any, Callable, Iterable, Protocol
 import torch
 
 from .activations import ActivationStore
-from .saes import SAE, LossFn, sae_loss
+from .saes import SAE, LossFn
+from .sparse import training_loss
 
 
 def train_sae(
@@ -44,6 +45,7 @@ def train_sae(
     grad_clip: float | None = 1e4,
     on_step: Callable[[int, dict[str, float]], None] | None = None,
     checkpoint: TrainCheckpoint | None = None,
+    path: str = "dense",
 ) -> list[dict[str, float]]:
     """Adam on :func:`sae_loss` over shuffled batches of ``store``.
 
@@ -67,6 +69,7 @@ def train_sae(
         checkpoint: if given, training resumes from ``checkpoint.load()`` (model, Adam, lambda controller,
             history, step; the batch stream is advanced to the same position) and the state is passed to
             ``checkpoint.save`` every ``checkpoint.every`` steps and after the last step (after ``on_step``).
+        path: "dense" (autograd, as before), "sparse" or "auto" (:func:`rsae.sparse.training_loss`).
 
     Returns:
         Per-step history of the loss parts (each with the ``lambda`` used).
@@ -79,7 +82,7 @@ def train_sae(
 
     history: list[dict[str, float]] = []
     batches = store.iter_batches(batch_size, seed=seed, device=device)
-    loss_fn = loss_fn or sae_loss
+    loss_fn = training_loss(sae, loss_fn, path)
     ctrl = L0Controller(float(l1_coefficient), l0_target, l0_adapt_every, l0_gain)
     params = [p for g in opt.param_groups for p in g["params"]]
     start = 0

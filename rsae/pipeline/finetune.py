@@ -1,9 +1,10 @@
 """Stage 4, finetune: train all of the RSAE's parameters, then the compute-matched control.
 
 The RSAE: Adam on MSE + lambda * decoder-norm-weighted L1 (:func:`finetune_sparsity` picks lambda), with the
-L0 controller holding its training L0 at the target. The control: the teacher with its own gate, trained on
-the same tokens, batches, steps, optimiser, learning rates and L0 target, with its family's control
-objective (:meth:`rsae.saes.Family.control_objective`).
+L0 controller holding its training L0 at the target, by the sparse-aware step of :mod:`rsae.sparse` unless
+``finetune.step_path`` is "dense" (a ReLU control too; other controls' objectives keep the dense step). The
+control: the teacher with its own gate, trained on the same tokens, batches, steps, optimiser, learning rates
+and L0 target, with its family's control objective (:meth:`rsae.saes.Family.control_objective`).
 """
 
 from __future__ import annotations
@@ -107,6 +108,7 @@ def _train_control(
         l0_target=l0_target,
         on_step=_on_step(state, ctx, control, curve, 1, 2),
         checkpoint=ctx.train_checkpoint("finetune-control", curve),
+        path=ft.step_path,
     )
     state.control = control.eval()
     state.control_section = ControlSection(
@@ -149,6 +151,7 @@ def finetune(state: UpgradeState, ctx: RunContext) -> None:
         l0_target=l0_target,
         on_step=_on_step(state, ctx, rsae, curve, 0, n_runs),
         checkpoint=ctx.train_checkpoint("finetune-rsae", curve),
+        path=ft.step_path,
     )
     if ft.control:
         _train_control(state, ctx, lam, lam_source, l0_target, threshold_lr)
