@@ -12,15 +12,16 @@ import logging
 from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.responses import FileResponse
 from sqlalchemy import and_, or_, select
-from sqlalchemy.orm import selectinload
+from sqlalchemy.orm import Session, selectinload
 
 from service import idempotency
 from service.api.deps import CeleryDep, LimitDep, SessionDep, SettingsDep, SubmitterDep
 from service.auth import UserDep
+from service.db import run_in_session
 from service.events import EventStreamResponse, job_event_stream
 from service.jobs import add_event, transition
 from service.jsonbody import StrictJSONRoute
-from service.models import Job, JobEvent
+from service.models import Job, JobEvent, User
 from service.policies import admit, check_job_request, decode_cursor, encode_cursor, job_or_404, publish_job
 from service.problems import ProblemError, problem_responses
 from service.schemas import ArtifactOut, EventOut, JobCreate, JobOut, JobPage, JobStatus
@@ -140,7 +141,7 @@ def create_job(
 
 
 @router.get("")
-def list_jobs(
+async def list_jobs(
     session: SessionDep,
     limit: LimitDep,
     user: UserDep,
@@ -148,6 +149,10 @@ def list_jobs(
     status: JobStatus | None = Query(None, description="Only jobs in this status."),  # type: ignore[valid-type]
 ) -> JobPage:
     """Your jobs, newest first, ``limit`` per page; follow ``next_cursor`` (null on the last page)."""
+    return await run_in_session(session, _job_page, session, user, limit, after, status)
+
+
+def _job_page(session: Session, user: User, limit: int, after: str | None, status: str | None) -> JobPage:
     q = (
         select(Job)
         .options(selectinload(Job.artifacts))
@@ -166,8 +171,12 @@ def list_jobs(
 
 
 @router.get("/{job_id}", responses=_NOT_FOUND)
-def get_job(job_id: str, session: SessionDep, user: UserDep) -> JobOut:
+async def get_job(job_id: str, session: SessionDep, user: UserDep) -> JobOut:
     """One job: status, stage, progress, timestamps, request echo, metrics, error, artifacts."""
+    return await run_in_session(session, _job_out, session, job_id, user)
+
+
+def _job_out(session: Session, job_id: str, user: User) -> JobOut:
     return JobOut.from_row(job_or_404(session, job_id, user))
 
 
@@ -277,8 +286,12 @@ def list_events(
 
 
 @router.get("/{job_id}/artifacts", responses=_NOT_FOUND)
-def list_artifacts(job_id: str, session: SessionDep, user: UserDep) -> list[ArtifactOut]:
+async def list_artifacts(job_id: str, session: SessionDep, user: UserDep) -> list[ArtifactOut]:
     """The job's files: name, kind, content type, size, sha256, download url."""
+    return await run_in_session(session, _artifacts_out, session, job_id, user)
+
+
+def _artifacts_out(session: Session, job_id: str, user: User) -> list[ArtifactOut]:
     return [ArtifactOut.from_row(a) for a in job_or_404(session, job_id, user).artifacts]
 
 
