@@ -356,7 +356,7 @@ def load(api: Api, sc: Scenario, rate: float | None, seconds: float, tmp: Path) 
     }
     run_s = seconds + RAMP_SECONDS
     cmd = [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless", "--only-summary", "--skip-log"]
-    cmd += ["-u", str(users), "-r", str(max(users, 1) / (RAMP_SECONDS * 0.8)), "-t", f"{run_s:g}s"]
+    cmd += ["-u", str(users), "-r", str(max(users, 1) / (RAMP_SECONDS * 0.8)), "-t", f"{math.ceil(run_s)}s"]
     cmd += ["--host", api.url, "--stop-timeout", "5", "--exit-code-on-error", "0"]
     started = time.time()
     server = psutil.Process(api.pid)
@@ -431,6 +431,7 @@ def _redis_flush() -> None:
 def run_backend(backend: str, plan: Plan, baseline: str | None, tmp: Path, echo: bool = True) -> list[dict]:
     """All runs of ``plan`` on one database backend (and, with ``baseline``, against both APIs alternately)."""
     rows: list[dict] = []
+    tmp.mkdir(parents=True, exist_ok=True)
     codes = [("current", ROOT)]
     if baseline is not None:
         codes.insert(0, (f"baseline@{baseline}", _git_export(baseline, tmp / f"baseline-{backend}")))
@@ -519,20 +520,15 @@ def run(quick: bool = False, *, plan: Plan | None = None, baseline: str | None =
 
 def machine() -> dict[str, Any]:
     """The machine and versions the figures were taken on."""
-    import fastapi
-    import locust
-    import sqlalchemy
-    import uvicorn
+    from importlib.metadata import version  # (importing locust here would monkey-patch this process)
 
+    packages = ("fastapi", "uvicorn", "sqlalchemy", "psycopg", "redis", "limits", "locust")
     return {
         "platform": platform.platform(),
         "python": platform.python_version(),
         "cpus": os.cpu_count(),
         "load_avg": os.getloadavg(),
-        "fastapi": fastapi.__version__,
-        "uvicorn": uvicorn.__version__,
-        "sqlalchemy": sqlalchemy.__version__,
-        "locust": locust.__version__,
+        **{p: version(p) for p in packages},
     }
 
 
