@@ -12,6 +12,7 @@ from sqlalchemy.orm import sessionmaker
 from rsae_client.models import API_PREFIX
 
 from .api.routes import datasets, health, jobs, saes
+from .auth import TokenCache
 from .config import Settings, get_settings
 from .db import DbTimeouts, make_engine
 from .events import StreamSlots
@@ -37,8 +38,9 @@ def operation_id(route: APIRoute) -> str:
 def create_app(settings: Settings | None = None) -> FastAPI:
     """Build the API for ``settings`` (default: read from the environment).
 
-    The app owns one SQL engine (disposed at shutdown), one Celery app used only to publish task messages
-    and one rate limiter (:class:`service.ratelimit.RateLimits`, Redis at the broker URL). It never creates
+    The app owns one SQL engine (disposed at shutdown), one Celery app used only to publish task messages,
+    one rate limiter (:class:`service.ratelimit.RateLimits`, Redis at the broker URL) and one cache of valid
+    tokens (:class:`service.auth.TokenCache`, ``RSAE_AUTH_CACHE_SECONDS``). It never creates
     the schema: run ``rsae-service migrate`` (``serve`` does it first).
     """
     settings = settings or get_settings()
@@ -72,6 +74,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.streams = StreamSlots(settings.max_streams_per_user)
     app.state.celery = create_celery(settings)
     app.state.rate_limits = RateLimits(settings)
+    app.state.token_cache = TokenCache(settings.auth_cache_seconds, settings.auth_cache_size)
     install_problem_handlers(app)
     app.add_middleware(
         BodyLimitMiddleware,

@@ -6,6 +6,12 @@ password hash such as bcrypt defends low-entropy secrets, which these are not), 
 indexed query. The first characters (``prefix``) identify a token in listings and revocation. The scheme
 follows RFC 6750 (``Authorization: Bearer <token>``; a missing or bad token answers 401 with
 ``WWW-Authenticate: Bearer``).
+
+Each API process remembers the tokens it has found valid for ``RSAE_AUTH_CACHE_SECONDS`` (default 5 s;
+:class:`TokenCache`, keyed by the token's SHA-256, never the token), so a client polling a job costs one token
+lookup per 5 s instead of one per request. The price is a bound on revocation: a token revoked (or whose user
+is deleted) keeps working for at most that long in a process that saw it just before; unknown, malformed and
+revoked tokens are never remembered (each failure is looked up and counted by the rate limiter).
 """
 
 from __future__ import annotations
@@ -14,15 +20,20 @@ import hashlib
 import hmac
 import re
 import secrets
+import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Annotated
 
+from cachetools import TTLCache
 from fastapi import Depends, Request
+from fastapi.concurrency import run_in_threadpool
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from .db import SessionDep
+from .db import SessionDep, run_in_session
 from .models import ApiToken, User, utcnow
 from .problems import ProblemError
 from .ratelimit import client_address, token_key
@@ -127,11 +138,52 @@ def revoke_tokens(session: Session, *, prefix: str | None = None, user_name: str
     return session.execute(q, execution_options={"synchronize_session": False}).rowcount
 
 
-def authenticate(session: Session, authorization: str | None) -> User:
-    """The user owning the bearer token in the ``Authorization`` header value.
+class TokenCache:
+    """Valid tokens one process has just looked up: SHA-256 digest of the token -> its user's id and name.
+
+    A :class:`cachetools.TTLCache` under a lock (requests are served by several threads): an entry expires
+    ``seconds`` after the database lookup that found the token valid (reading it does not extend it), so a
+    revocation is honoured within ``seconds``; beyond ``size`` entries the least recently used go first.
+
+    Args:
+        seconds: life of an entry (s); 0 turns the cache off (every :meth:`get` misses).
+        size: most entries.
+        timer: the clock (monotonic seconds; tests pass a fake one).
+    """
+
+    def __init__(self, seconds: float, size: int = 10_000, timer: Callable[[], float] = time.monotonic) -> None:
+        self.seconds = float(seconds)
+        self._entries: TTLCache[str, tuple[str, str]] | None = (
+            TTLCache(maxsize=size, ttl=self.seconds, timer=timer) if self.seconds > 0 else None
+        )
+        self._lock = threading.Lock()
+
+    def get(self, digest: str) -> User | None:
+        """A new detached :class:`User` (id and name) for the token hashed to ``digest``; None if not remembered."""
+        if self._entries is None:
+            return None
+        with self._lock:
+            hit = self._entries.get(digest)
+        return None if hit is None else User(id=hit[0], name=hit[1])
+
+    def put(self, digest: str, user: User) -> None:
+        """Remember that the token hashed to ``digest`` belongs to ``user`` (for :attr:`seconds` from now)."""
+        if self._entries is not None:
+            with self._lock:
+                self._entries[digest] = (user.id, user.name)
+
+    def clear(self) -> None:
+        """Forget every token."""
+        if self._entries is not None:
+            with self._lock:
+                self._entries.clear()
+
+
+def bearer_token(authorization: str | None) -> str:
+    """The token of an ``Authorization: Bearer <token>`` header value, checked for form only (no lookup).
 
     Raises:
-        AuthError: header missing, not ``Bearer <token>``, malformed token, unknown or revoked token.
+        AuthError: header missing, not ``Bearer <token>``, or a token not of the form ``rsae_`` + 43 characters.
     """
     if not authorization:
         raise AuthError(
@@ -145,7 +197,22 @@ def authenticate(session: Session, authorization: str | None) -> User:
         raise AuthError("the Authorization header must be 'Bearer <token>'", error="invalid_request")
     if not _TOKEN_RE.match(token):
         raise AuthError("malformed API token")
-    digest = hash_token(token)
+    return token
+
+
+def authenticate(session: Session, authorization: str | None, cache: TokenCache | None = None) -> User:
+    """The user owning the bearer token in the ``Authorization`` header value.
+
+    With ``cache``, a token found there is not looked up (the user returned is then a detached object with
+    ``id`` and ``name`` only); a token found valid in the database is put there. ``last_used_at`` is written
+    only when it is older than :data:`LAST_USED_RESOLUTION`.
+
+    Raises:
+        AuthError: header missing, not ``Bearer <token>``, malformed token, unknown or revoked token.
+    """
+    digest = hash_token(bearer_token(authorization))
+    if cache is not None and (user := cache.get(digest)) is not None:
+        return user
     row = session.scalar(select(ApiToken).where(ApiToken.token_hash == digest))
     # compare_digest: the lookup is by hash already; this keeps the final check constant-time.
     if row is None or not hmac.compare_digest(row.token_hash, digest):
@@ -158,15 +225,26 @@ def authenticate(session: Session, authorization: str | None) -> User:
         session.commit()
     user = session.get(User, row.user_id)
     assert user is not None  # FK with ON DELETE CASCADE: a token never outlives its user
+    if cache is not None:
+        cache.put(digest, user)
     return user
 
 
-def current_user(request: Request, session: SessionDep) -> User:
+async def current_user(request: Request, session: SessionDep) -> User:
     """FastAPI dependency: the authenticated user of the request.
 
     Failed authentications are rate-limited per client address and per presented token
     (:class:`service.ratelimit.RateLimits`, ``rate_limit_auth_failures``): once either has used up its
-    failures, the request is refused before the token is looked up.
+    failures, the request is refused before the token is looked up (also when the token is valid and
+    remembered by the app's :class:`TokenCache`, ``app.state.token_cache``, which spares the lookup).
+
+    ``async`` on purpose: a request whose token is remembered is authenticated on the event loop (the rate
+    limit check is one non-blocking Redis round trip, :meth:`~service.ratelimit.RateLimits.check_auth_async`),
+    without the worker-thread hop FastAPI gives a sync dependency; only a lookup in the database (a token not
+    remembered) and the counting of a failure run in a worker thread. The lookup ends its transaction before
+    returning (:func:`service.db.run_in_session`): a connection held while the request waits for its next
+    worker thread can deadlock a full thread pool against a full connection pool (100 event streams opened at
+    once on SQLite did: 40 requests answered 500 after the 30 s pool timeout).
 
     Raises:
         AuthError: 401 (see :func:`authenticate`); the failure is counted.
@@ -174,12 +252,17 @@ def current_user(request: Request, session: SessionDep) -> User:
     """
     authorization = request.headers.get("authorization")
     limits = request.app.state.rate_limits
+    cache: TokenCache | None = getattr(request.app.state, "token_cache", None)
     address, token = client_address(request), token_key(authorization)
-    limits.check_auth(address, token)
+    await limits.check_auth_async(address, token)
     try:
-        return authenticate(session, authorization)
+        digest = hash_token(bearer_token(authorization))
+        user = cache.get(digest) if cache is not None else None
+        if user is None:  # look it up, and end the transaction in the same hop: no connection held meanwhile
+            user = await run_in_session(session, authenticate, session, authorization, cache)
+        return user
     except AuthError:
-        limits.auth_failed(address, token)
+        await run_in_threadpool(limits.auth_failed, address, token)
         raise
 
 

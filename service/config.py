@@ -126,6 +126,20 @@ class Settings(BaseSettings):
         description="POST /jobs and POST /saes requests allowed per client address (IPv6: per /64), all "
         "tokens together ('limits' notation); beyond it 429 with Retry-After. Empty: no limit.",
     )
+    auth_cache_seconds: float = Field(
+        5.0,
+        ge=0,
+        le=300,
+        description="How long one API process remembers a valid token (keyed by its SHA-256) instead of looking it "
+        "up again: a revoked token (or its deleted user) keeps working for at most this long in a process that "
+        "has just seen it. 0: every request looks its token up in the database.",
+    )
+    auth_cache_size: int = Field(
+        10_000,
+        ge=1,
+        le=10_000_000,
+        description="Most tokens one API process remembers at once (least recently used are dropped first).",
+    )
     webhook_allowed_hosts: list[str] = Field(
         default_factory=list,
         description="Hosts a job's webhook may call: exact names or '*.suffix' globs, "

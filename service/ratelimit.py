@@ -23,17 +23,23 @@ block one host usually holds.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import ipaddress
 import logging
 import math
 import time
+import weakref
 from collections.abc import Sequence
 
+import anyio
+import anyio.to_thread
+import redis.asyncio as aioredis
 from fastapi import Request
 from limits import RateLimitItem, parse_many
-from limits.storage import Storage, storage_from_string
+from limits.storage import MemoryStorage, RedisStorage, Storage, storage_from_string
 from limits.strategies import MovingWindowRateLimiter
+from redis.exceptions import NoScriptError
 
 from .config import Settings
 from .problems import ProblemError
@@ -105,6 +111,8 @@ class RateLimits:
                 "socket_timeout": REDIS_TIMEOUT_SECONDS,
             }
         self.storage: Storage = storage_from_string(uri, **options)
+        self._uri, self._options = uri, options
+        self._async_client_of: tuple[weakref.ref[asyncio.AbstractEventLoop], aioredis.Redis] | None = None
         self.limiter = MovingWindowRateLimiter(self.storage)
         self.auth_failures = _rates(settings.rate_limit_auth_failures)
         self.per_token = _rates(settings.rate_limit_submissions_per_token)
@@ -118,14 +126,17 @@ class RateLimits:
         Raises:
             RateLimited: 429 naming ``Authorization``, Retry-After until the oldest failure expires.
         """
-        wait = self._full(self.auth_failures, "auth", _keys(address, token))
-        if wait is not None:
-            raise RateLimited(
-                "too many failed authentications from this address or with this token; wait and retry with a "
-                "valid token (create one with 'rsae-service token create --user NAME')",
-                wait,
-                field="Authorization",
-            )
+        _refuse_auth(self._full(self.auth_failures, "auth", _keys(address, token)))
+
+    async def check_auth_async(self, address: str, token: str | None) -> None:
+        """:meth:`check_auth` for the event loop, without blocking it and without a worker thread: on Redis
+        one pipelined round trip by ``redis.asyncio`` (a client per event loop, the limiter's URI and
+        timeouts); the in-memory storage is read directly (no I/O); other storages in a worker thread.
+
+        Raises:
+            RateLimited: as :meth:`check_auth`.
+        """
+        _refuse_auth(await self._full_async(self.auth_failures, "auth", _keys(address, token)))
 
     def auth_failed(self, address: str, token: str | None) -> None:
         """Count one failed authentication against ``address`` and ``token``."""
@@ -155,17 +166,69 @@ class RateLimits:
 
     # -- counting ----------------------------------------------------------------------------------
     def _full(self, rates: Sequence[RateLimitItem], scope: str, keys: Sequence[tuple[str, str]]) -> float | None:
-        """Seconds until a used-up (rate, key) frees, without counting a hit; None if none is used up."""
-        waits = []
+        """Seconds until a used-up (rate, key) frees, without counting a hit; None if none is used up.
+
+        All windows are read in one round trip (:meth:`_windows`), then judged as ``MovingWindowRateLimiter``
+        judges them (:func:`_longest_wait`)."""
+        pairs = _pairs(rates, scope, keys)
         try:
-            for kind, key in keys:
-                for rate in rates:
-                    if not self.limiter.test(rate, scope, kind, key):
-                        waits.append(self.limiter.get_window_stats(rate, scope, kind, key).reset_time - time.time())
+            windows = self._windows(pairs)
         except Exception as e:  # noqa: BLE001 - storage unreachable: fail open
             self._storage_down(e)
             return None
-        return max(waits) if waits else None
+        return _longest_wait(pairs, windows)
+
+    async def _full_async(
+        self, rates: Sequence[RateLimitItem], scope: str, keys: Sequence[tuple[str, str]]
+    ) -> float | None:
+        """:meth:`_full` for the event loop (see :meth:`check_auth_async`)."""
+        pairs = _pairs(rates, scope, keys)
+        if not pairs:
+            return None
+        if isinstance(self.storage, MemoryStorage):
+            return self._full(rates, scope, keys)
+        if type(self.storage) is not RedisStorage:
+            return await anyio.to_thread.run_sync(self._full, rates, scope, keys)
+        try:
+            client = self._async_client()
+            sha, now = self.storage.lua_moving_window.sha, time.time()
+            async with client.pipeline(transaction=False) as pipe:
+                for rate, key in pairs:
+                    pipe.evalsha(sha, 1, self.storage.prefixed_key(key), now - rate.get_expiry(), rate.amount)
+                raw = await pipe.execute()
+        except NoScriptError:  # Redis lost its scripts: the sync path reloads it
+            return await anyio.to_thread.run_sync(self._full, rates, scope, keys)
+        except Exception as e:  # noqa: BLE001 - storage unreachable: fail open
+            self._storage_down(e)
+            return None
+        return _longest_wait(pairs, [(float(w[0]), int(w[1])) if w else (now, 0) for w in raw])
+
+    def _async_client(self) -> aioredis.Redis:
+        """The ``redis.asyncio`` client of the running event loop: its connections belong to that loop, so a
+        new one is made when the loop changes (uvicorn runs one loop; test clients may start several)."""
+        loop = asyncio.get_running_loop()
+        if self._async_client_of is None or self._async_client_of[0]() is not loop:
+            timeouts = {k: v for k, v in self._options.items() if k.startswith("socket_")}
+            self._async_client_of = (weakref.ref(loop), aioredis.Redis.from_url(self._uri, **timeouts))
+        return self._async_client_of[1]
+
+    def _windows(self, pairs: Sequence[tuple[RateLimitItem, str]]) -> list[tuple[float, int]]:
+        """``(start, entries)`` of the moving window of each ``(rate, key)``, as the storage's
+        ``get_moving_window`` gives it. On Redis, one pipeline of limits' own moving-window script (its
+        ``lua_moving_window``, the script ``get_moving_window`` runs) for all pairs: one round trip, not one each.
+        """
+        storage = self.storage
+        if type(storage) is RedisStorage and len(pairs) > 1:
+            now = time.time()
+            pipe = storage.get_connection().pipeline(transaction=False)
+            sha = storage.lua_moving_window.sha
+            for rate, key in pairs:  # EVALSHA itself: a Script run in a pipeline asks SCRIPT EXISTS first
+                pipe.evalsha(sha, 1, storage.prefixed_key(key), now - rate.get_expiry(), rate.amount)
+            try:
+                return [(float(w[0]), int(w[1])) if w else (now, 0) for w in pipe.execute()]
+            except NoScriptError:  # Redis lost its scripts (restart, SCRIPT FLUSH): the calls below reload it
+                pass
+        return [storage.get_moving_window(key, rate.amount, rate.get_expiry()) for rate, key in pairs]
 
     def _hit(self, rates: Sequence[RateLimitItem], scope: str, keys: Sequence[tuple[str, str]]) -> float | None:
         """Count a hit on every (rate, key); seconds until the longest refused one frees, None if all passed."""
@@ -185,6 +248,35 @@ class RateLimits:
         if now - self._warned_at > _WARN_EVERY_SECONDS:
             self._warned_at = now
             log.warning("rate limiter storage unreachable (%s: %s); limits are not enforced", type(e).__name__, e)
+
+
+def _refuse_auth(wait: float | None) -> None:
+    if wait is not None:
+        raise RateLimited(
+            "too many failed authentications from this address or with this token; wait and retry with a "
+            "valid token (create one with 'rsae-service token create --user NAME')",
+            wait,
+            field="Authorization",
+        )
+
+
+def _pairs(
+    rates: Sequence[RateLimitItem], scope: str, keys: Sequence[tuple[str, str]]
+) -> list[tuple[RateLimitItem, str]]:
+    return [(rate, rate.key_for(scope, kind, key)) for kind, key in keys for rate in rates]
+
+
+def _longest_wait(pairs: Sequence[tuple[RateLimitItem, str]], windows: Sequence[tuple[float, int]]) -> float | None:
+    """Seconds until the last used-up window of ``pairs`` frees (None if none is used up): a moving window
+    holding ``amount`` entries is used up (``MovingWindowRateLimiter.test``) and frees ``expiry`` after its
+    oldest entry (``get_window_stats``)."""
+    now = time.time()
+    waits = [
+        start + rate.get_expiry() - now
+        for (rate, _), (start, count) in zip(pairs, windows, strict=True)
+        if count > rate.amount - 1
+    ]
+    return max(waits) if waits else None
 
 
 def _rates(spec: str) -> list[RateLimitItem]:

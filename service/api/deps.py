@@ -17,13 +17,13 @@ from service.ratelimit import client_address, token_key
 __all__ = ["CeleryDep", "LimitDep", "SessionDep", "SettingsDep", "SubmitterDep"]
 
 
-def get_app_settings(request: Request) -> Settings:
-    """The settings the application was created with."""
+async def get_app_settings(request: Request) -> Settings:
+    """The settings the application was created with (``async``: no I/O, so no worker-thread hop)."""
     return request.app.state.settings
 
 
-def get_celery(request: Request) -> Celery:
-    """The application's Celery app (used only to publish messages)."""
+async def get_celery(request: Request) -> Celery:
+    """The application's Celery app (used only to publish messages; ``async``: no I/O, no worker-thread hop)."""
     return request.app.state.celery
 
 
@@ -33,13 +33,13 @@ CeleryDep = Annotated[Celery, Depends(get_celery)]
 """The application's Celery app."""
 
 
-def page_limit(
+async def page_limit(
     settings: SettingsDep,
     limit: int | None = Query(
         None, ge=1, description="Page size (default RSAE_PAGE_SIZE_DEFAULT, at most RSAE_PAGE_SIZE_MAX)."
     ),
 ) -> int:
-    """The requested page size; 422 naming ``limit`` above the server's maximum."""
+    """The requested page size; 422 naming ``limit`` above the server's maximum (``async``: no I/O)."""
     if limit is None:
         return min(settings.page_size_default, settings.page_size_max)
     if limit > settings.page_size_max:

@@ -12,15 +12,16 @@ import logging
 from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.responses import FileResponse
 from sqlalchemy import and_, or_, select
-from sqlalchemy.orm import selectinload
+from sqlalchemy.orm import Session, selectinload
 
 from service import idempotency
 from service.api.deps import CeleryDep, LimitDep, SessionDep, SettingsDep, SubmitterDep
 from service.auth import UserDep
+from service.db import run_in_session
 from service.events import EventStreamResponse, job_event_stream
 from service.jobs import add_event, transition
 from service.jsonbody import StrictJSONRoute
-from service.models import Job, JobEvent
+from service.models import Job, JobEvent, User
 from service.policies import (
     admit,
     check_job_request,
@@ -180,7 +181,7 @@ _METADATA_QUERY = {
 
 
 @router.get("", openapi_extra=_METADATA_QUERY)
-def list_jobs(
+async def list_jobs(
     request: Request,
     session: SessionDep,
     limit: LimitDep,
@@ -192,6 +193,13 @@ def list_jobs(
 
     ``?metadata[key]=value`` keeps the jobs whose metadata has that value (several: all must match; a
     malformed key is a 422 naming ``metadata[key]``)."""
+    filters = metadata_filters(request.query_params.multi_items())
+    return await run_in_session(session, _job_page, session, user, limit, after, status, filters)
+
+
+def _job_page(
+    session: Session, user: User, limit: int, after: str | None, status: str | None, filters: dict[str, str]
+) -> JobList:
     q = (
         select(Job)
         .options(selectinload(Job.artifacts))
@@ -200,7 +208,7 @@ def list_jobs(
     )
     if status is not None:
         q = q.where(Job.status == status)
-    for key, value in metadata_filters(request.query_params.multi_items()).items():
+    for key, value in filters.items():
         q = q.where(Job.job_metadata[key].as_string() == value)
     if after is not None:
         created, job_id = decode_cursor(after)
@@ -216,8 +224,12 @@ def list_jobs(
 
 
 @router.get("/{job_id}", responses=_NOT_FOUND)
-def get_job(job_id: str, session: SessionDep, user: UserDep) -> JobModel:
+async def get_job(job_id: str, session: SessionDep, user: UserDep) -> JobModel:
     """One job: status, stage, progress, timestamps, metadata, request echo, metrics, error, artifacts."""
+    return await run_in_session(session, _job_out, session, job_id, user)
+
+
+def _job_out(session: Session, job_id: str, user: User) -> JobModel:
     return job_out(job_or_404(session, job_id, user))
 
 
@@ -332,8 +344,12 @@ def list_job_events(
 
 
 @router.get("/{job_id}/artifacts", responses=_NOT_FOUND)
-def list_artifacts(job_id: str, session: SessionDep, user: UserDep) -> ArtifactList:
+async def list_artifacts(job_id: str, session: SessionDep, user: UserDep) -> ArtifactList:
     """The job's files: name, kind, content type, size, sha256, download url (all of them in one page)."""
+    return await run_in_session(session, _artifacts_out, session, job_id, user)
+
+
+def _artifacts_out(session: Session, job_id: str, user: User) -> ArtifactList:
     arts = [artifact_out(a) for a in job_or_404(session, job_id, user).artifacts]
     return ArtifactList(data=arts, has_more=False, next_cursor=None)
 
