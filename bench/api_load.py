@@ -40,6 +40,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import importlib.util
 import json
 import math
 import os
@@ -534,6 +535,8 @@ def run(quick: bool = False, *, plan: Plan | None = None, baseline: str | None =
 
     A backend whose server (Postgres, Redis) is unreachable gives one row with ``skipped`` and the reason.
     """
+    if importlib.util.find_spec("locust") is None:  # the `bench` extra: pip install -e ".[bench]"
+        return [{"bench": "api_load", "skipped": "locust is not installed (pip install -e '.[bench]')"}]
     plan = plan or (quick_plan() if quick else full_plan())
     rows: list[dict] = []
     keep = os.environ.get("RSAE_BENCH_KEEP")  # a folder: keep the logs and databases there
