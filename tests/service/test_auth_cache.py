@@ -92,30 +92,30 @@ def test_a_revoked_token_is_refused_within_the_cache_bound(backend: Settings) ->
     clock = FakeClock()
     app.state.token_cache = TokenCache(2.0, timer=clock)
     with TestClient(app, headers=bearer(token)) as client:
-        assert client.get(f"/jobs/{job_id}").status_code == 200  # looked up, remembered
+        assert client.get(f"/v1/jobs/{job_id}").status_code == 200  # looked up, remembered
         with get_sessionmaker(url).begin() as s:
             assert revoke_tokens(s, prefix=token[:12]) == 1
         clock.now += 1.9
-        assert client.get(f"/jobs/{job_id}").status_code == 200  # within the bound: remembered
+        assert client.get(f"/v1/jobs/{job_id}").status_code == 200  # within the bound: remembered
         clock.now += 0.2
-        body = assert_problem(client.get(f"/jobs/{job_id}"), 401, field="Authorization", code="unauthorized")
+        body = assert_problem(client.get(f"/v1/jobs/{job_id}"), 401, field="Authorization", code="unauthorized")
         assert "revoked" in body["detail"]
-        assert client.get(f"/jobs/{job_id}").status_code == 401  # a refused token is never remembered
+        assert client.get(f"/v1/jobs/{job_id}").status_code == 401  # a refused token is never remembered
 
         other = make_token(url, "alice")
-        assert client.get(f"/jobs/{job_id}", headers=bearer(other)).status_code == 200
+        assert client.get(f"/v1/jobs/{job_id}", headers=bearer(other)).status_code == 200
         with get_sessionmaker(url).begin() as s:
             s.execute(delete(ApiToken).where(ApiToken.token_hash == hash_token(other)))
         clock.now += 2.1
-        assert_problem(client.get(f"/jobs/{job_id}", headers=bearer(other)), 401, code="unauthorized")
+        assert_problem(client.get(f"/v1/jobs/{job_id}", headers=bearer(other)), 401, code="unauthorized")
 
     fresh = make_token(url, "alice")
     uncached = create_app(backend.model_copy(update={"auth_cache_seconds": 0.0}))
     with TestClient(uncached, headers=bearer(fresh)) as client:
-        assert client.get(f"/jobs/{job_id}").status_code == 200
+        assert client.get(f"/v1/jobs/{job_id}").status_code == 200
         with get_sessionmaker(url).begin() as s:
             revoke_tokens(s, prefix=fresh[:12])
-        assert_problem(client.get(f"/jobs/{job_id}"), 401, code="unauthorized")
+        assert_problem(client.get(f"/v1/jobs/{job_id}"), 401, code="unauthorized")
 
 
 def test_a_remembered_token_from_a_blocked_address_is_still_429(backend: Settings) -> None:
@@ -124,11 +124,11 @@ def test_a_remembered_token_from_a_blocked_address_is_still_429(backend: Setting
     app = create_app(backend)
     good = make_token(url, "alice")
     attacker = TestClient(app, client=("203.0.113.9", 1))
-    assert attacker.get("/jobs", headers=bearer(good)).status_code == 200  # remembered now
+    assert attacker.get("/v1/jobs", headers=bearer(good)).status_code == 200  # remembered now
     bad = "rsae_" + secrets.token_urlsafe(32)
-    assert Counter(attacker.get("/jobs", headers=bearer(bad)).status_code for _ in range(31)) == {401: 30, 429: 1}
-    assert_problem(attacker.get("/jobs", headers=bearer(good)), 429, code="rate_limited", field="Authorization")
-    assert TestClient(app, client=("203.0.113.10", 1)).get("/jobs", headers=bearer(good)).status_code == 200
+    assert Counter(attacker.get("/v1/jobs", headers=bearer(bad)).status_code for _ in range(31)) == {401: 30, 429: 1}
+    assert_problem(attacker.get("/v1/jobs", headers=bearer(good)), 429, code="rate_limited", field="Authorization")
+    assert TestClient(app, client=("203.0.113.10", 1)).get("/v1/jobs", headers=bearer(good)).status_code == 200
 
 
 # -- the rate-limit check in one round trip ---------------------------------------------------------
@@ -176,7 +176,7 @@ async def open_streams(base: str, token: str, job_id: str, n: int, stop: anyio.E
     async with httpx.AsyncClient(base_url=base, headers=bearer(token), timeout=60, limits=limits) as http:
 
         async def hold() -> None:
-            async with http.stream("GET", f"/jobs/{job_id}/events", headers={"Accept": "text/event-stream"}) as r:
+            async with http.stream("GET", f"/v1/jobs/{job_id}/events", headers={"Accept": "text/event-stream"}) as r:
                 statuses[r.status_code] += 1
                 answered.release()
                 await stop.wait()
