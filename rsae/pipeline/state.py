@@ -137,7 +137,8 @@ class UpgradeState:
             h = sample_pre_acts(self.teacher, x)
             with torch.no_grad():
                 target = self.teacher.gate(h).detach()
-            where = f"the calibration tokens of {self.cfg.model} at {self.cfg.hook}"
+            site = self.cfg.hook or f"blocks.{self.cfg.layer}.hook_resid_post"  # resolved by new_state
+            where = f"the calibration tokens of {self.cfg.model} at {site}"
             check_activations(self.teacher, h, target, where=where)
             rule = self.family.jump_rule(self.teacher, h, self.cfg.remez)
             self._cal = CalibrationData(x, h, target, target != 0, rule)

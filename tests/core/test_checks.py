@@ -119,7 +119,8 @@ def test_teacher_dead_on_the_real_activations_fails_where_they_are_first_seen(tm
     state = _state(teacher, torch.randn(1024, D_IN, generator=torch.Generator().manual_seed(1)), tmp_path)
     with pytest.raises(DeadTeacherError) as e:
         state.calibration_data()  # what extract calls at its end
-    assert "no latent of the teacher fires on 512 of the calibration tokens of smollm2-135m layer 1" in e.value.message
+    where = "the calibration tokens of smollm2-135m at blocks.1.hook_resid_post"
+    assert f"no latent of the teacher fires on 512 of {where}" in e.value.message
     # Finite on probe activations of RMS <= 10, overflows float32 on activations of RMS 1e9.
     big = _edit(_sae(), lambda s: s.W_enc.mul_(1e30))
     assert teacher_problems(big) == []
