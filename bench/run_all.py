@@ -82,7 +82,7 @@ def table(figs: list[dict]) -> str:
         cols += [k for k in f if k not in skip and k not in cols]
     lines = ["| figure | value | unit | " + " | ".join(cols) + " |", "|---|---:|---|" + "---|" * len(cols)]
     for f in figs:
-        cells = [f["name"], _fmt(f.get("value")), f.get("unit", "")] + [_fmt(f.get(c)) for c in cols]
+        cells = [str(f.get("name", "")), _fmt(f.get("value")), f.get("unit", "")] + [_fmt(f.get(c)) for c in cols]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -92,7 +92,7 @@ def targets(results: dict[str, dict]) -> list[str]:
 
     def figs(mod: str, name: str) -> list[dict]:
         r = results.get(mod, {})
-        return [f for f in r.get("figures", []) if f["name"] == name and f.get("value") is not None]
+        return [f for f in r.get("figures", []) if f.get("name") == name and f.get("value") is not None]
 
     out = []
     sp = figs("finetune_step", "speedup_vs_saelens")
