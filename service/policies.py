@@ -28,7 +28,7 @@ from typing import Any
 
 from celery import Celery
 from pydantic import ValidationError
-from sqlalchemy import func, select
+from sqlalchemy import Select, and_, func, or_, select
 from sqlalchemy.orm import Session, joinedload
 
 from rsae.data import resolve_conventions
@@ -304,6 +304,26 @@ def decode_cursor(cursor: str) -> tuple[datetime, str]:
         raise ProblemError(
             422, "invalid_cursor", "'after' is not a cursor returned by this API", field="after"
         ) from None
+
+
+def keyset_page(session: Session, q: Select, model: Any, limit: int, after: str | None) -> tuple[list[Any], str | None]:
+    """One page of ``q`` (a ``select(model)`` with its filters) newest first: at most ``limit`` rows after the
+    cursor ``after`` (:func:`decode_cursor`), ordered by ``(created_at, id)`` descending, and the
+    ``next_cursor`` (None on the last page). ``model`` has ``created_at`` and ``id`` columns (jobs, SAEs,
+    datasets).
+
+    Raises:
+        ProblemError: 422 ``invalid_cursor`` naming ``after``.
+    """
+    q = q.order_by(model.created_at.desc(), model.id.desc())
+    if after is not None:
+        created, row_id = decode_cursor(after)
+        q = q.where(or_(model.created_at < created, and_(model.created_at == created, model.id < row_id)))
+    rows = list(session.scalars(q.limit(limit + 1)))
+    if len(rows) <= limit:
+        return rows, None
+    rows = rows[:limit]
+    return rows, encode_cursor(rows[-1].created_at, rows[-1].id)
 
 
 _METADATA_PARAM = re.compile(r"metadata\[(.*)\]", re.DOTALL)

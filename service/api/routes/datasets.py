@@ -11,7 +11,7 @@ import uuid
 
 from fastapi import APIRouter, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
-from sqlalchemy import and_, or_, select
+from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from rsae_client.models import API_PREFIX
@@ -30,7 +30,7 @@ from service.datasets import (
 )
 from service.jsonbody import StrictJSONRoute
 from service.models import Dataset
-from service.policies import decode_cursor, encode_cursor
+from service.policies import keyset_page
 from service.problems import problem_responses
 from service.schemas import DatasetList, DatasetOut
 from service.uploads import receive_multipart
@@ -145,18 +145,9 @@ def list_datasets(
     after: str | None = Query(None, description="next_cursor of the previous page."),
 ) -> DatasetList:
     """Your uploaded corpora, newest first, ``limit`` per page; follow ``next_cursor`` (null on the last page)."""
-    q = select(Dataset).where(Dataset.owner_id == user.id).order_by(Dataset.created_at.desc(), Dataset.id.desc())
-    if after is not None:
-        created, dataset_id = decode_cursor(after)
-        q = q.where(or_(Dataset.created_at < created, and_(Dataset.created_at == created, Dataset.id < dataset_id)))
-    rows = list(session.scalars(q.limit(limit + 1)))
-    more = len(rows) > limit
-    rows = rows[:limit]
-    return DatasetList(
-        data=[DatasetOut.from_row(r) for r in rows],
-        has_more=more,
-        next_cursor=encode_cursor(rows[-1].created_at, rows[-1].id) if more else None,
-    )
+    q = select(Dataset).where(Dataset.owner_id == user.id)
+    rows, cursor = keyset_page(session, q, Dataset, limit, after)
+    return DatasetList(data=[DatasetOut.from_row(r) for r in rows], has_more=cursor is not None, next_cursor=cursor)
 
 
 @router.get("/{dataset_id}", responses=problem_responses(404))

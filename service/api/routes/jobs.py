@@ -11,7 +11,7 @@ import logging
 
 from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.responses import FileResponse
-from sqlalchemy import and_, or_, select
+from sqlalchemy import select
 from sqlalchemy.orm import Session, selectinload
 
 from service import idempotency
@@ -25,10 +25,9 @@ from service.models import Job, JobEvent, User
 from service.policies import (
     admit,
     check_job_request,
-    decode_cursor,
-    encode_cursor,
     job_checkpoints,
     job_or_404,
+    keyset_page,
     metadata_filters,
     publish_job,
 )
@@ -200,27 +199,13 @@ async def list_jobs(
 def _job_page(
     session: Session, user: User, limit: int, after: str | None, status: str | None, filters: dict[str, str]
 ) -> JobList:
-    q = (
-        select(Job)
-        .options(selectinload(Job.artifacts))
-        .where(Job.owner_id == user.id)
-        .order_by(Job.created_at.desc(), Job.id.desc())
-    )
+    q = select(Job).options(selectinload(Job.artifacts)).where(Job.owner_id == user.id)
     if status is not None:
         q = q.where(Job.status == status)
     for key, value in filters.items():
         q = q.where(Job.job_metadata[key].as_string() == value)
-    if after is not None:
-        created, job_id = decode_cursor(after)
-        q = q.where(or_(Job.created_at < created, and_(Job.created_at == created, Job.id < job_id)))
-    rows = list(session.scalars(q.limit(limit + 1)))
-    more = len(rows) > limit
-    rows = rows[:limit]
-    return JobList(
-        data=[job_out(j) for j in rows],
-        has_more=more,
-        next_cursor=encode_cursor(rows[-1].created_at, rows[-1].id) if more else None,
-    )
+    rows, cursor = keyset_page(session, q, Job, limit, after)
+    return JobList(data=[job_out(j) for j in rows], has_more=cursor is not None, next_cursor=cursor)
 
 
 @router.get("/{job_id}", responses=_NOT_FOUND)

@@ -12,7 +12,7 @@ import uuid
 
 from fastapi import APIRouter, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
-from sqlalchemy import and_, or_, select
+from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from service import storage
@@ -21,7 +21,7 @@ from service.auth import UserDep
 from service.config import Settings
 from service.jsonbody import StrictJSONRoute
 from service.models import Sae
-from service.policies import decode_cursor, encode_cursor
+from service.policies import keyset_page
 from service.problems import problem_responses
 from service.schemas import API_PREFIX, SaeList, SaeModel, sae_out
 from service.teachers import (
@@ -179,18 +179,8 @@ def list_saes(
 ) -> SaeList:
     """Your uploaded teacher SAEs, newest first, ``limit`` per page; follow ``next_cursor`` (null on the last
     page)."""
-    q = select(Sae).where(Sae.owner_id == user.id).order_by(Sae.created_at.desc(), Sae.id.desc())
-    if after is not None:
-        created, sae_id = decode_cursor(after)
-        q = q.where(or_(Sae.created_at < created, and_(Sae.created_at == created, Sae.id < sae_id)))
-    rows = list(session.scalars(q.limit(limit + 1)))
-    more = len(rows) > limit
-    rows = rows[:limit]
-    return SaeList(
-        data=[sae_out(r) for r in rows],
-        has_more=more,
-        next_cursor=encode_cursor(rows[-1].created_at, rows[-1].id) if more else None,
-    )
+    rows, cursor = keyset_page(session, select(Sae).where(Sae.owner_id == user.id), Sae, limit, after)
+    return SaeList(data=[sae_out(r) for r in rows], has_more=cursor is not None, next_cursor=cursor)
 
 
 @router.get("/{sae_id}", responses=problem_responses(404))
