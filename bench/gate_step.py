@@ -21,7 +21,6 @@ import argparse
 import copy
 import ctypes
 import os
-import platform
 import statistics
 import threading
 import time
@@ -31,19 +30,12 @@ import torch
 from rsae import kernels
 from rsae.remez import remez_fit
 
+try:  # `python -m bench.gate_step` or `python bench/gate_step.py` (bench/ first on the path)
+    from bench.common import cpu_model
+except ImportError:
+    from common import cpu_model  # type: ignore[no-redef]
+
 IMPLS = ("eager", "fused", "compiled")
-
-
-def cpu_model() -> str:
-    """CPU model name from /proc/cpuinfo (platform.processor() as fallback)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def rss_bytes() -> int:

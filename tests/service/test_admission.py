@@ -43,18 +43,6 @@ from worker.lease import reap_once
 UNLIMITED = {"rate_limit_submissions_per_token": "", "rate_limit_submissions_per_address": ""}
 
 
-@pytest.fixture(params=["postgres", "sqlite"])
-def backend(
-    request: pytest.FixtureRequest, settings: Settings, clean_db: None, broker: redis.Redis, tmp_path: Path
-) -> Settings:
-    """The test settings on Postgres (the emptied test database) or on a fresh migrated SQLite file."""
-    if request.param == "postgres":
-        return settings
-    url = f"sqlite:///{tmp_path / 'rsae.db'}"
-    upgrade(url)
-    return settings.model_copy(update={"database_url": url})
-
-
 def post_in_parallel(base: str, token: str, body: dict[str, Any], n: int, headers: dict | None = None) -> list:
     """``n`` POST /jobs released at the same instant (a barrier) from ``n`` threads and connections."""
     limits = httpx.Limits(max_connections=n, max_keepalive_connections=n)

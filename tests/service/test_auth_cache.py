@@ -39,18 +39,6 @@ class FakeClock:
         return self.now
 
 
-@pytest.fixture(params=["postgres", "sqlite"])
-def backend(
-    request: pytest.FixtureRequest, settings: Settings, clean_db: None, broker: redis.Redis, tmp_path: Path
-) -> Settings:
-    """The test settings on Postgres (the emptied test database) or on a fresh migrated SQLite file."""
-    if request.param == "postgres":
-        return settings
-    url = f"sqlite:///{tmp_path / 'rsae.db'}"
-    upgrade(url)
-    return settings.model_copy(update={"database_url": url})
-
-
 def a_job(database_url: str, token_user: str) -> str:
     """A queued job of ``token_user`` written straight to the database; returns its id."""
     with get_sessionmaker(database_url).begin() as s:

@@ -135,6 +135,18 @@ def settings(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, database_url: str)
     get_settings.cache_clear()
 
 
+@pytest.fixture(params=["postgres", "sqlite"])
+def backend(
+    request: pytest.FixtureRequest, settings: Settings, clean_db: None, broker: redis.Redis, tmp_path: Path
+) -> Settings:
+    """The test settings on Postgres (the emptied test database) or on a fresh migrated SQLite file."""
+    if request.param == "postgres":
+        return settings
+    url = f"sqlite:///{tmp_path / 'rsae.db'}"
+    upgrade(url)
+    return settings.model_copy(update={"database_url": url})
+
+
 def make_token(database_url: str, user: str = "alice") -> str:
     """A new API token of ``user`` (created if missing), straight in the database as the CLI does."""
     from service.auth import issue_token
