@@ -248,3 +248,15 @@ def sae_step_roofline(batch: int, d_in: int, d_sae: int, *, device: str = "cpu",
 def figure(bench: str, name: str, value: float | int | None, unit: str, **params: Any) -> dict[str, Any]:
     """One figure of a benchmark's ``run()`` list: ``{"bench", "name", "value", "unit", **params}``."""
     return {"bench": bench, "name": name, "value": value, "unit": unit, **params}
+
+
+def quick_cli(run: Callable[[bool], list[dict]], doc: str | None, argv: list[str] | None = None) -> None:
+    """The command line of a benchmark whose only option is ``--quick``: run it and print one JSON line per
+    figure (``doc``: the module docstring, whose first paragraph is the description)."""
+    import argparse
+    import json
+
+    ap = argparse.ArgumentParser(description=(doc or "").split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="tiny sizes (seconds)")
+    for f in run(ap.parse_args(argv).quick):
+        print(json.dumps(f))

@@ -11,13 +11,12 @@ with the most self time.
 
 from __future__ import annotations
 
-import argparse
-import json
-
 try:
     from bench import upgrade
+    from bench.common import quick_cli
 except ModuleNotFoundError:  # run as a script
     import upgrade  # type: ignore[no-redef]
+    from common import quick_cli  # type: ignore[no-redef]
 
 
 def run(quick: bool = False) -> list[dict]:
@@ -26,11 +25,8 @@ def run(quick: bool = False) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Command line: print one JSON line per figure."""
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true", help="tiny sizes (seconds)")
-    for f in run(ap.parse_args(argv).quick):
-        print(json.dumps(f))
+    """Command line: print one JSON line per figure (:func:`bench.common.quick_cli`)."""
+    quick_cli(run, __doc__, argv)
 
 
 if __name__ == "__main__":

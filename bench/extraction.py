@@ -10,18 +10,16 @@ shards to disk) at 100k and at 1M tokens.
 
 from __future__ import annotations
 
-import argparse
 import itertools
-import json
 import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable
 
 try:
-    from bench.common import bench_device, device_sync, figure, interleaved, peak_during
+    from bench.common import bench_device, device_sync, figure, interleaved, peak_during, quick_cli
 except ModuleNotFoundError:  # run as a script
-    from common import bench_device, device_sync, figure, interleaved, peak_during  # type: ignore[no-redef]
+    from common import bench_device, device_sync, figure, interleaved, peak_during, quick_cli  # type: ignore[no-redef]
 
 import torch
 
@@ -148,11 +146,8 @@ def run(quick: bool = False) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Command line: print one JSON line per figure."""
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true", help="tiny sizes (seconds)")
-    for f in run(ap.parse_args(argv).quick):
-        print(json.dumps(f))
+    """Command line: print one JSON line per figure (:func:`bench.common.quick_cli`)."""
+    quick_cli(run, __doc__, argv)
 
 
 if __name__ == "__main__":

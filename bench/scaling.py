@@ -12,13 +12,12 @@ traffic costs as much as the GEMMs; ``peak_rss_per_h`` = the step's peak RSS / o
 
 from __future__ import annotations
 
-import argparse
-import json
-
 try:
     from bench import finetune_step
+    from bench.common import quick_cli
 except ModuleNotFoundError:  # run as a script
     import finetune_step  # type: ignore[no-redef]
+    from common import quick_cli  # type: ignore[no-redef]
 
 BENCH = "scaling"
 FULL = {"d_in": 576, "d_sae": (2048, 4096, 8192, 16384, 32768), "batch": (1024, 4096), "l0": 48, "rounds": 3}
@@ -49,11 +48,8 @@ def run(quick: bool = False) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Command line: print one JSON line per figure."""
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true", help="tiny sizes (seconds)")
-    for f in run(ap.parse_args(argv).quick):
-        print(json.dumps(f))
+    """Command line: print one JSON line per figure (:func:`bench.common.quick_cli`)."""
+    quick_cli(run, __doc__, argv)
 
 
 if __name__ == "__main__":
