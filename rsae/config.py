@@ -192,6 +192,13 @@ class RemezConfig(_Strict):
         "(lambda = 0 unless the request sets one). False: the floor alone selects, and L0 can drift above k. "
         "Why this default: docs/method.md#defaults.",
     )
+    tail: Literal["linear", "none"] = Field(
+        "linear",
+        description="The gate outside the fitted interval [-1, 1] of t: 'linear' evaluates the rational at t "
+        "clamped to [-1, 1] and continues with slope 1 above it (the teacher's gate is linear above its jump), "
+        "so pre-activations far above a latent's threshold are not extrapolated; 'none' uses the rational "
+        "everywhere (upgrades made before this setting). Why this default: docs/method.md#defaults.",
+    )
     grid_points: int = Field(4001, ge=101, le=100_001, description="Points of the dense grid on [-1, 1].")
     margin: float | None = Field(
         None,

@@ -11,6 +11,12 @@ Element-wise, for pre-activations ``h`` [..., d_sae] and per-latent scales ``s``
     P(t) = a_0 + a_1 t + ... + a_p t^p,   B(t) = b_1 t + ... + b_q t^q,
     raw = C_out * s * r(t),   z = raw where r(t) > floor else exactly 0.
 
+With ``tail=True`` (the "linear tail", new upgrades' default; ``docs/method.md``, "Outside the fitted
+interval") r is evaluated at t clamped to [-1, 1], the interval the Remez fit controls, and continues
+linearly with slope 1 above it: ``r_tail(t) = r(clamp(t, -1, 1)) + max(t - 1, 0)``; the teacher's gate is
+exactly linear above its jump, so the continuation is exact for the target, and below -1 the gate stays at
+r(-1) ~ 0 instead of extrapolating the rational.
+
 ``floor`` is in units of r (not of z) and carries no gradient; d|B|/dB = sign(B) (0 at B = 0), as
 ``torch.abs``. Implementations (``impl`` argument, else ``$RSAE_GATE_IMPL``, else ``"auto"``):
 
@@ -79,14 +85,17 @@ def horner(coeffs: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def rational_unit(a: torch.Tensor, b: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """r(t) = P(t) / (1 + |B(t)|) element-wise in eager torch ops. a: [p + 1], b: [q], t: any shape."""
-    P = horner(a, t)
-    return P / (1.0 + horner(torch.cat([b.new_zeros(1), b]), t).abs()) if b.numel() else P
+def rational_unit(a: torch.Tensor, b: torch.Tensor, t: torch.Tensor, tail: bool = False) -> torch.Tensor:
+    """r(t) = P(t) / (1 + |B(t)|) element-wise in eager torch ops. a: [p + 1], b: [q], t: any shape.
+    ``tail``: r(clamp(t, -1, 1)) + max(t - 1, 0) (the linear tail, module docstring)."""
+    tc = t.clamp(-1.0, 1.0) if tail else t
+    P = horner(a, tc)
+    r = P / (1.0 + horner(torch.cat([b.new_zeros(1), b]), tc).abs()) if b.numel() else P
+    return r + (t - 1.0).clamp(min=0.0) if tail else r
 
 
-def _eager_r(h, a, b, c_in, s):
-    return rational_unit(a, b, h / (c_in if s is None else c_in * s))
+def _eager_r(h, a, b, c_in, s, tail=False):
+    return rational_unit(a, b, h / (c_in if s is None else c_in * s), tail)
 
 
 def rational_raw_eager(
@@ -96,12 +105,13 @@ def rational_raw_eager(
     c_in: torch.Tensor,
     c_out: torch.Tensor,
     s: torch.Tensor | None = None,
+    tail: bool = False,
 ) -> torch.Tensor:
     """Reference ``raw = C_out * s * P(t) / (1 + |B(t)|)``, ``t = h / (C_in * s)``, in eager torch ops.
 
     Shapes as :func:`rational_raw`. Plain autograd: saves O(p + q) tensors of h's size for backward.
     """
-    return (c_out if s is None else c_out * s) * _eager_r(h, a, b, c_in, s)
+    return (c_out if s is None else c_out * s) * _eager_r(h, a, b, c_in, s, tail)
 
 
 def rational_gate_eager(
@@ -112,12 +122,13 @@ def rational_gate_eager(
     c_out: torch.Tensor,
     s: torch.Tensor | None = None,
     floor: float | torch.Tensor = 0.0,
+    tail: bool = False,
 ) -> torch.Tensor:
     """Reference gate: :func:`rational_raw_eager` where r > floor, else exactly 0 (``torch.where``).
 
     Shapes as :func:`rational_gate`.
     """
-    r = _eager_r(h, a, b, c_in, s)
+    r = _eager_r(h, a, b, c_in, s, tail)
     raw = (c_out if s is None else c_out * s) * r
     return torch.where(r > floor, raw, torch.zeros((), dtype=raw.dtype, device=raw.device))
 
@@ -137,30 +148,39 @@ def _ks(n: int, like: torch.Tensor) -> torch.Tensor:
     return torch.arange(1, n + 1, dtype=like.dtype, device=like.device)
 
 
-def _fwd_math(h, a, b, u, v, floor, p: int, q: int, use_floor: bool):
+def _r_math(t, a, b, p: int, q: int, tail: bool):
+    """r(t) (with the linear tail when ``tail``) by the ops the compiled kernels trace."""
+    tc = t.clamp(-1.0, 1.0) if tail else t
+    P = _poly(a, tc, p)
+    r = P / (1.0 + (_poly(b, tc, q - 1) * tc).abs()) if q else P
+    return r + (t - 1.0).clamp(min=0.0) if tail else r
+
+
+def _fwd_math(h, a, b, u, v, floor, p: int, q: int, use_floor: bool, tail: bool = False):
     """z (or raw) for h [m, d]; u = C_in * s and v = C_out * s broadcast against h."""
-    t = h / u
-    P = _poly(a, t, p)
-    r = P / (1.0 + (_poly(b, t, q - 1) * t).abs()) if q else P
+    r = _r_math(h / u, a, b, p, q, tail)
     raw = r * v
     return torch.where(r > floor, raw, 0.0) if use_floor else raw
 
 
-def _unit_math(h, a, b, u, p: int, q: int):
+def _unit_math(h, a, b, u, p: int, q: int, tail: bool = False):
     """r(t) for h [m, d], u = C_in * s broadcast against h; by the ops of :func:`_fwd_math`. (Compiled, a float
     output and an eager ``r > floor`` after it cost 64 ms at 4096 x 4608 where a fused bool output, which inductor
     does not vectorise here, cost 208 ms.)"""
-    t = h / u
-    P = _poly(a, t, p)
-    return P / (1.0 + (_poly(b, t, q - 1) * t).abs()) if q else P
+    return _r_math(h / u, a, b, p, q, tail)
 
 
-def _bwd_math(h, gz, a, b, c_in, c_out, s, floor, p: int, q: int, use_floor: bool, need_param: bool, need_s: bool):
+def _bwd_math(
+    h, gz, a, b, c_in, c_out, s, floor, p: int, q: int, use_floor: bool, need_param: bool, need_s: bool,
+    tail: bool = False,
+):  # fmt: skip
     """(dL/dh [m, d], [dL/da [p+1], dL/db [q], dL/dC_in, dL/dC_out] or None, dL/ds [d] or None), given
-    gz = dL/dz [m, d]. dr/dt = (P' - r sign(B) B') / Q; dr/da_k = t^k / Q; dr/db_k = -r sign(B) t^k / Q."""
+    gz = dL/dz [m, d]. dr/dt = (P' - r sign(B) B') / Q; dr/da_k = t^k / Q; dr/db_k = -r sign(B) t^k / Q.
+    With ``tail`` these are taken at t clamped to [-1, 1], and dr/dt is 1 above 1 and 0 below -1."""
     u = c_in if s is None else c_in * s
     v = c_out if s is None else c_out * s
-    t = h / u
+    t0 = h / u
+    t = t0.clamp(-1.0, 1.0) if tail else t0
     P = _poly(a, t, p)
     dP = _poly(a[1:] * _ks(p, a), t, p - 1) if p else torch.zeros_like(t)
     if q:
@@ -173,6 +193,9 @@ def _bwd_math(h, gz, a, b, c_in, c_out, s, floor, p: int, q: int, use_floor: boo
         dr = (dP - rs * dB) / Q
     else:
         r, dr = P, dP
+    if tail:
+        r = r + (t0 - 1.0).clamp(min=0.0)
+        dr = torch.where(t0 > 1.0, 1.0, torch.where(t0 < -1.0, 0.0, dr))
     g = torch.where(r > floor, gz, 0.0) if use_floor else gz
     G = g * v  # dL/dr
     gh = G * dr / u
@@ -194,7 +217,7 @@ def _bwd_math(h, gz, a, b, c_in, c_out, s, floor, p: int, q: int, use_floor: boo
         g_cout = (G * r).sum() / c_out
         params = [torch.stack(ga), torch.stack(gb) if gb else h.new_zeros(0), g_cin, g_cout]
     if need_s:
-        gs = (g * (r - t * dr)).sum(0) * c_out
+        gs = (g * (r - t0 * dr)).sum(0) * c_out
     return gh, params, gs
 
 
@@ -222,26 +245,36 @@ def _chunks(h: torch.Tensor):
     return (slice(i, i + step) for i in range(0, h.shape[0], step))
 
 
-def _fwd_fused(h, a, b, c_in, c_out, s, floor: float, use_floor: bool):
+def _r_fused(al: list[float], bl: list[float], t: torch.Tensor, tail: bool) -> torch.Tensor:
+    """New tensor r(t) (with the linear tail when ``tail``) for one chunk ``t`` (not modified)."""
+    p, q = len(al) - 1, len(bl)
+    tc = t.clamp(-1.0, 1.0) if tail else t
+    r = _horner_(al, tc, p)
+    if q:
+        r.div_(_b_poly_(bl, tc).abs_().add_(1.0))
+    if tail:
+        r.add_((t - 1.0).clamp_(min=0.0))
+    return r
+
+
+def _fwd_fused(h, a, b, c_in, c_out, s, floor: float, use_floor: bool, tail: bool = False):
     """z (or raw) [m, d] by row chunks; temporaries: ~3 chunk-sized tensors."""
-    p, q = a.shape[0] - 1, b.shape[0]
     al, bl = a.tolist(), b.tolist()
     u = c_in if s is None else c_in * s
     v = c_out if s is None else c_out * s
     out = torch.empty_like(h)
     for sl in _chunks(h):
         oc = out[sl]
-        t = h[sl] / u
-        r = _horner_(al, t, p)
-        if q:
-            r.div_(_b_poly_(bl, t).abs_().add_(1.0))
+        r = _r_fused(al, bl, h[sl] / u, tail)
         torch.mul(r, v, out=oc)
         if use_floor:  # NaN r -> 0, as torch.where(r > floor, ...)
             oc.masked_fill_(r.gt(floor).logical_not_(), 0.0)
     return out
 
 
-def _bwd_fused(h, gz, a, b, c_in, c_out, s, floor: float, use_floor: bool, need_param: bool, need_s: bool):
+def _bwd_fused(
+    h, gz, a, b, c_in, c_out, s, floor: float, use_floor: bool, need_param: bool, need_s: bool, tail: bool = False
+):
     """Same contract as :func:`_bwd_math` by row chunks; parameter gradients summed over chunks."""
     p, q = a.shape[0] - 1, b.shape[0]
     al, bl = a.tolist(), b.tolist()
@@ -253,7 +286,8 @@ def _bwd_fused(h, gz, a, b, c_in, c_out, s, floor: float, use_floor: bool, need_
     sums, gs = [], None
     for sl in _chunks(h):
         hc, ghc = h[sl], gh[sl]
-        t = hc / u
+        t0 = hc / u
+        t = t0.clamp(-1.0, 1.0) if tail else t0
         r = _horner_(al, t, p)  # P, then r
         dr = _horner_(dal, t, p - 1) if p else torch.zeros_like(t)  # P', then dr/dt
         if q:
@@ -264,12 +298,15 @@ def _bwd_fused(h, gz, a, b, c_in, c_out, s, floor: float, use_floor: bool, need_
             r.div_(Q)
             rs.mul_(r)  # r sign(B)
             dr.sub_(dB.mul_(rs)).div_(Q)  # (P' - r sign(B) B') / Q
+        if tail:  # r and dr/dt of the linear tail; the coefficient terms below stay at the clamped t
+            r = r.add((t0 - 1.0).clamp_(min=0.0))
+            dr.masked_fill_(t0 > 1.0, 1.0).masked_fill_(t0 < -1.0, 0.0)
         G = gz[sl] * v  # dL/dr
         if use_floor:
             G.masked_fill_(r.gt(floor).logical_not_(), 0.0)
         torch.mul(G, dr, out=ghc).div_(u)
         if need_s:  # sum_rows G (r - t dr), / s at the end
-            x = torch.mul(t, dr)
+            x = torch.mul(t0, dr)
             torch.sub(r, x, out=x).mul_(G)
             gs = x.sum(0) if gs is None else gs.add_(x.sum(0))
         if need_param:
@@ -314,23 +351,24 @@ def _get_compiled(kind: str, p: int, q: int, *flags: bool) -> Callable:
             fn = _compiled.get(key)
             if fn is None:
                 if kind == "fwd":
-                    (use_floor,) = flags
+                    use_floor, tail = flags
 
                     def fwd(h, a, b, u, v, floor):
-                        return _fwd_math(h, a, b, u, v, floor, p, q, use_floor)
+                        return _fwd_math(h, a, b, u, v, floor, p, q, use_floor, tail)
 
                     fn = torch.compile(_own_code(fwd), dynamic=False, fullgraph=True, options=_options())
                 elif kind == "support":
+                    (tail,) = flags
 
                     def support(h, a, b, u):
-                        return _unit_math(h, a, b, u, p, q)
+                        return _unit_math(h, a, b, u, p, q, tail)
 
                     fn = torch.compile(_own_code(support), dynamic=False, fullgraph=True, options=_options())
                 else:
-                    use_floor, need_param, need_s = flags
+                    use_floor, need_param, need_s, tail = flags
 
                     def bwd(h, gz, a, b, c_in, c_out, s, floor):
-                        return _bwd_math(h, gz, a, b, c_in, c_out, s, floor, p, q, use_floor, need_param, need_s)
+                        return _bwd_math(h, gz, a, b, c_in, c_out, s, floor, p, q, use_floor, need_param, need_s, tail)
 
                     fn = torch.compile(_own_code(bwd), dynamic=False, fullgraph=True, options=_options())
                 _compiled[key] = _Timed(fn, key)
@@ -372,52 +410,48 @@ def _floor_tensor(floor, like: torch.Tensor) -> torch.Tensor:
     return torch.as_tensor(floor, dtype=like.dtype, device=like.device).detach().reshape(())
 
 
-def _fwd(backend: str, h, a, b, c_in, c_out, s, floor, use_floor):
+def _fwd(backend: str, h, a, b, c_in, c_out, s, floor, use_floor, tail=False):
     if backend == "compiled" and _compile_failed is None:
         u = c_in if s is None else c_in * s
         v = c_out if s is None else c_out * s
         try:
-            return _get_compiled("fwd", a.shape[0] - 1, b.shape[0], use_floor)(h, a, b, u, v, _floor_tensor(floor, h))
+            fn = _get_compiled("fwd", a.shape[0] - 1, b.shape[0], use_floor, tail)
+            return fn(h, a, b, u, v, _floor_tensor(floor, h))
         except Exception as e:  # noqa: BLE001 - a compiler failure: run eagerly, and for good if that works
-            out = _fwd_fused(h, a, b, c_in, c_out, s, float(floor), use_floor)  # re-raises the caller's errors
+            out = _fwd_fused(h, a, b, c_in, c_out, s, float(floor), use_floor, tail)  # re-raises the caller's errors
             _disable_compiled(e)
             return out
-    return _fwd_fused(h, a, b, c_in, c_out, s, float(floor), use_floor)
+    return _fwd_fused(h, a, b, c_in, c_out, s, float(floor), use_floor, tail)
 
 
-def _support_fused(h, a, b, c_in, s, floor: float) -> torch.Tensor:
+def _support_fused(h, a, b, c_in, s, floor: float, tail: bool = False) -> torch.Tensor:
     """r(t) > floor [m, d] (bool) by row chunks (temporaries: ~3 chunk-sized tensors)."""
-    p, q = a.shape[0] - 1, b.shape[0]
     al, bl = a.tolist(), b.tolist()
     u = c_in if s is None else c_in * s
     out = torch.empty(h.shape, dtype=torch.bool, device=h.device)
     for sl in _chunks(h):
-        t = h[sl] / u
-        r = _horner_(al, t, p)
-        if q:
-            r.div_(_b_poly_(bl, t).abs_().add_(1.0))
-        torch.gt(r, floor, out=out[sl])
+        torch.gt(_r_fused(al, bl, h[sl] / u, tail), floor, out=out[sl])
     return out
 
 
-def _bwd(backend: str, h, gz, a, b, c_in, c_out, s, floor, use_floor, need_param, need_s):
+def _bwd(backend: str, h, gz, a, b, c_in, c_out, s, floor, use_floor, need_param, need_s, tail=False):
     args = (h, gz, a, b, c_in, c_out, s)
     if backend == "compiled" and _compile_failed is None:
         try:
-            return _get_compiled("bwd", a.shape[0] - 1, b.shape[0], use_floor, need_param, need_s)(
+            return _get_compiled("bwd", a.shape[0] - 1, b.shape[0], use_floor, need_param, need_s, tail)(
                 *args, _floor_tensor(floor, h)
             )
         except Exception as e:  # noqa: BLE001
-            out = _bwd_fused(*args, float(floor), use_floor, need_param, need_s)
+            out = _bwd_fused(*args, float(floor), use_floor, need_param, need_s, tail)
             _disable_compiled(e)
             return out
-    return _bwd_fused(*args, float(floor), use_floor, need_param, need_s)
+    return _bwd_fused(*args, float(floor), use_floor, need_param, need_s, tail)
 
 
 class RationalGateFunction(torch.autograd.Function):
     """Autograd node of the rational gate that saves only ``h`` (plus the small parameters).
 
-    ``apply(h, a, b, c_in, c_out, s, floor, use_floor, backend)`` with h [m, d_sae] contiguous, a [p + 1],
+    ``apply(h, a, b, c_in, c_out, s, floor, use_floor, backend, tail)`` with h [m, d_sae] contiguous, a [p + 1],
     b [q], c_in / c_out 0-dim, s [d_sae], [1] or None, floor a float or 0-dim tensor (r units, no gradient),
     ``use_floor`` False for the raw rational, ``backend`` "fused" or "compiled". Returns z [m, d_sae].
     Backward recomputes t, P, P', B, B' from ``h`` and returns dL/dh plus the parameter gradients
@@ -426,10 +460,10 @@ class RationalGateFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, h, a, b, c_in, c_out, s, floor, use_floor, backend):  # noqa: D102
-        ctx.use_floor, ctx.backend, ctx.floor = use_floor, backend, float(floor)  # value at forward time
+    def forward(ctx, h, a, b, c_in, c_out, s, floor, use_floor, backend, tail=False):  # noqa: D102
+        ctx.use_floor, ctx.backend, ctx.floor, ctx.tail = use_floor, backend, float(floor), tail  # forward-time
         ctx.save_for_backward(h, a, b, c_in, c_out, s)
-        return _fwd(backend, h, a, b, c_in, c_out, s, floor, use_floor)
+        return _fwd(backend, h, a, b, c_in, c_out, s, floor, use_floor, tail)
 
     @staticmethod
     @once_differentiable
@@ -439,14 +473,15 @@ class RationalGateFunction(torch.autograd.Function):
         need_param = any(need[1:5])
         need_s = s is not None and need[5]
         gh, params, gs = _bwd(
-            ctx.backend, h, gz.contiguous(), a, b, c_in, c_out, s, ctx.floor, ctx.use_floor, need_param, need_s
-        )
+            ctx.backend, h, gz.contiguous(), a, b, c_in, c_out, s, ctx.floor, ctx.use_floor, need_param, need_s,
+            ctx.tail,
+        )  # fmt: skip
         ga = gb = g_cin = g_cout = None
         if need_param:
             ga, gb, g_cin, g_cout = params
         if gs is not None and gs.shape != s.shape:  # one scale shared by all latents
             gs = gs.sum().reshape(s.shape)
-        return (gh if need[0] else None, ga, gb, g_cin, g_cout, gs, None, None, None)
+        return (gh if need[0] else None, ga, gb, g_cin, g_cout, gs, None, None, None, None)
 
 
 # -- public API ---------------------------------------------------------------------------------------------
@@ -484,15 +519,15 @@ def _check(h, a, b, c_in, c_out, s) -> None:
         raise ValueError(f"s must be [d_sae] = [{h.shape[-1]}] or [1], got {tuple(s.shape)}")
 
 
-def _apply(h, a, b, c_in, c_out, s, floor, use_floor, impl):
+def _apply(h, a, b, c_in, c_out, s, floor, use_floor, impl, tail=False):
     c_in, c_out = (torch.as_tensor(c, dtype=h.dtype, device=h.device) for c in (c_in, c_out))
     _check(h, a, b, c_in, c_out, s)
     backend = resolve_impl(impl, h.numel())
     if backend == "eager":
         return (
-            rational_gate_eager(h, a, b, c_in, c_out, s, floor)
+            rational_gate_eager(h, a, b, c_in, c_out, s, floor, tail)
             if use_floor
-            else rational_raw_eager(h, a, b, c_in, c_out, s)
+            else rational_raw_eager(h, a, b, c_in, c_out, s, tail)
         )
     dt = h.dtype
     a, b, c_in, c_out = a.to(dt), b.to(dt), c_in.reshape(()), c_out.reshape(())
@@ -501,7 +536,7 @@ def _apply(h, a, b, c_in, c_out, s, floor, use_floor, impl):
         floor = floor.detach()
     shape = h.shape
     h2 = h.reshape(-1, shape[-1]).contiguous()
-    z = RationalGateFunction.apply(h2, a, b, c_in, c_out, s, floor, use_floor, backend)
+    z = RationalGateFunction.apply(h2, a, b, c_in, c_out, s, floor, use_floor, backend, tail)
     return z.reshape(shape)
 
 
@@ -514,6 +549,7 @@ def rational_gate(
     s: torch.Tensor | None = None,
     floor: float | torch.Tensor = 0.0,
     impl: str | None = None,
+    tail: bool = False,
 ) -> torch.Tensor:
     """Rational gate with exact zeros: ``z = C_out * s * r(t)`` where ``r(t) > floor``, else 0.
 
@@ -526,6 +562,8 @@ def rational_gate(
         s: per-latent positive scales [d_sae] (or [1], shared), or None (all ones).
         floor: exact-zero threshold in r units (python float or 0-dim tensor; no gradient).
         impl: "auto" | "compiled" | "fused" | "eager"; default ``$RSAE_GATE_IMPL`` or "auto".
+        tail: the linear tail beyond the fitted interval (module docstring): r at t clamped to [-1, 1],
+            plus max(t - 1, 0).
 
     Returns:
         z [..., d_sae], h's dtype; differentiable w.r.t. h, a, b, c_in, c_out, s (zero gradient where
@@ -537,7 +575,7 @@ def rational_gate(
     Sources: Molina, Schramowski & Kersting 2020 (Padé Activation Units, "safe PAU");
     Boullé, Nakatsukasa & Townsend 2020 ("Rational neural networks").
     """
-    return _apply(h, a, b, c_in, c_out, s, floor, True, impl)
+    return _apply(h, a, b, c_in, c_out, s, floor, True, impl, tail)
 
 
 def rational_raw(
@@ -548,12 +586,13 @@ def rational_raw(
     c_out: torch.Tensor,
     s: torch.Tensor | None = None,
     impl: str | None = None,
+    tail: bool = False,
 ) -> torch.Tensor:
     """The rational without the floor: ``raw = C_out * s * P(t) / (1 + |B(t)|)``, ``t = h / (C_in * s)``.
 
     Shapes, units, errors and sources as :func:`rational_gate`; returns raw [..., d_sae].
     """
-    return _apply(h, a, b, c_in, c_out, s, 0.0, False, impl)
+    return _apply(h, a, b, c_in, c_out, s, 0.0, False, impl, tail)
 
 
 @torch.no_grad()
@@ -565,6 +604,7 @@ def rational_support(
     s: torch.Tensor | None = None,
     floor: float | torch.Tensor = 0.0,
     impl: str | None = None,
+    tail: bool = False,
 ) -> torch.Tensor:
     """The support of :func:`rational_gate`: ``r(t) > floor`` with ``t = h / (C_in * s)``, bool [..., d_sae].
 
@@ -589,13 +629,13 @@ def rational_support(
     if resolve_impl(impl, h2.numel()) == "compiled":
         u = c_in if s is None else c_in * s
         try:
-            fn = _get_compiled("support", a.shape[0] - 1, b.shape[0])
+            fn = _get_compiled("support", a.shape[0] - 1, b.shape[0], tail)
             return torch.gt(fn(h2, a, b, u), _floor_tensor(floor, h2)).reshape(shape)
         except Exception as e:  # noqa: BLE001 - a compiler failure: run the fused path, and for good
-            out = _support_fused(h2, a, b, c_in, s, float(floor))
+            out = _support_fused(h2, a, b, c_in, s, float(floor), tail)
             _disable_compiled(e)
             return out.reshape(shape)
-    return _support_fused(h2, a, b, c_in, s, float(floor)).reshape(shape)
+    return _support_fused(h2, a, b, c_in, s, float(floor), tail).reshape(shape)
 
 
 def compile_status() -> dict[str, Any]:

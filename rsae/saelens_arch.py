@@ -34,6 +34,7 @@ from sae_lens.saes.sae import SAE, SAEConfig
 from torch import nn
 
 from .saes import RationalGate, RationalSAE
+from .saes.rational import gate_tail
 
 ARCHITECTURE = "rational"
 
@@ -96,7 +97,11 @@ class RationalSAELens(SAE[RationalSAELensConfig]):
             if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= 32:
                 raise ValueError(f"cfg rational.{name} must be an integer in [0, 32], got {v!r}")
         self.gate_fn = RationalGate(
-            p, q, d_sae=self.cfg.d_sae, train_scale=bool(self.cfg.rational.get("train_scale", False))
+            p,
+            q,
+            d_sae=self.cfg.d_sae,
+            train_scale=bool(self.cfg.rational.get("train_scale", False)),
+            tail=gate_tail(self.cfg.rational),
         )
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:

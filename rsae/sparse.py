@@ -100,7 +100,7 @@ class _RationalGate:
     n_params = 5
 
     def __init__(self, gate: RationalGate) -> None:
-        self.p, self.q, self.floor = gate.p, gate.q, float(gate.floor)
+        self.p, self.q, self.floor, self.tail = gate.p, gate.q, float(gate.floor), gate.tail
 
     def bind(self, params: tuple[torch.Tensor, ...]) -> None:
         """Take the parameter values of this step (detached): a, b, log C_in, log C_out, log s."""
@@ -109,7 +109,7 @@ class _RationalGate:
 
     def support(self, h: torch.Tensor) -> torch.Tensor:
         """Bool mask r(t) > floor [n, d] (:func:`rsae.kernels.rational_support`)."""
-        return kernels.rational_support(h, self.a, self.b, self.c_in, self.s, self.floor)
+        return kernels.rational_support(h, self.a, self.b, self.c_in, self.s, self.floor, tail=self.tail)
 
     def _s_at(self, cols: torch.Tensor) -> torch.Tensor:
         return self.s.index_select(0, cols) if self.s.numel() > 1 else self.s
@@ -117,11 +117,12 @@ class _RationalGate:
     def values(self, hv: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
         """phi(h) at support entries (no floor: they are in it), ``hv`` [nnz] of latents ``cols`` [nnz]."""
         s = self._s_at(cols)
-        return kernels._fwd_math(hv, self.a, self.b, self.c_in * s, self.c_out * s, self.floor, self.p, self.q, False)
+        u, v = self.c_in * s, self.c_out * s
+        return kernels._fwd_math(hv, self.a, self.b, u, v, self.floor, self.p, self.q, False, self.tail)
 
     def dense(self, h: torch.Tensor) -> torch.Tensor:
         """z [n, d] by the fused / compiled gate kernel (:func:`rsae.kernels.rational_gate`)."""
-        return kernels.rational_gate(h, self.a, self.b, self.c_in, self.c_out, self.s, self.floor)
+        return kernels.rational_gate(h, self.a, self.b, self.c_in, self.c_out, self.s, self.floor, tail=self.tail)
 
     def _param_grads(self, params, gs_per_latent, needs) -> list[torch.Tensor | None]:
         """[da, db, dlog C_in, dlog C_out, dlog s] from the kernel's (da, db, dC_in, dC_out) and dL/ds [d]."""
@@ -139,7 +140,7 @@ class _RationalGate:
         need_param, need_s = any(needs[:4]), needs[4]
         gh, params, gs = kernels._bwd_math(
             hv[None], gz[None], self.a, self.b, self.c_in, self.c_out, self._s_at(cols), self.floor,
-            self.p, self.q, False, need_param, need_s,
+            self.p, self.q, False, need_param, need_s, self.tail,
         )  # fmt: skip
         if gs is not None:
             gs = torch.zeros(self.s.shape[0], dtype=gs.dtype, device=gs.device).index_add_(0, cols, gs)
@@ -151,8 +152,9 @@ class _RationalGate:
         backend = kernels.resolve_impl(None, h.numel())
         backend = "fused" if backend == "eager" else backend
         gh, params, gs = kernels._bwd(
-            backend, h, gz, self.a, self.b, self.c_in, self.c_out, self.s, self.floor, True, need_param, need_s
-        )
+            backend, h, gz, self.a, self.b, self.c_in, self.c_out, self.s, self.floor, True, need_param, need_s,
+            self.tail,
+        )  # fmt: skip
         return gh, self._param_grads(params, gs, needs)
 
 

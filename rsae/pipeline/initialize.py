@@ -130,6 +130,7 @@ def initialize(state: UpgradeState, ctx: RunContext) -> None:
         "margin": fp["margin"],
         "fit_max_error": fit.max_error,
         "thresholds": info,
+        "tail": cfg.remez.tail,
     }
     if anchor is not None:
         rational_cfg.update(anchor=anchor, jump_placement=placement)

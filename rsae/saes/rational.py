@@ -39,6 +39,22 @@ from ..kernels import rational_gate, rational_raw, rational_unit
 from .base import SAE, register_architecture
 from .topk import separating_threshold_from_top, top_values
 
+TAILS = ("linear", "none")
+"""Values of cfg ``rational.tail``: "linear" (r at t clamped to [-1, 1], slope 1 above it) or "none" (the
+rational everywhere; what an upgrade without the key had)."""
+
+
+def gate_tail(rational_cfg: dict[str, Any]) -> bool:
+    """True when a ``rational`` cfg block asks for the linear tail.
+
+    Raises:
+        TeacherError: ``tail`` is neither "linear" nor "none".
+    """
+    tail = rational_cfg.get("tail", "none")
+    if tail not in TAILS:
+        raise TeacherError(f"cfg.json rational.tail must be one of {TAILS}", field="cfg.json.rational.tail")
+    return tail == "linear"
+
 
 class RationalGate(nn.Module):
     """Element-wise gate ``phi_j(h) = C_out s_j P(t) / (1 + |B(t)|)``, ``t = h / (C_in s_j)``, with exact zeros
@@ -53,6 +69,8 @@ class RationalGate(nn.Module):
         d_sae: number of latents, for the per-latent scales ``s`` (stored as ``log_scale``).
         scale: initial per-latent scales [d_sae] (> 0); default ones.
         train_scale: whether ``log_scale`` is trained (jump families) or a fixed buffer (ReLU).
+        tail: the linear tail (:mod:`rsae.kernels`): r is evaluated at t clamped to [-1, 1] and continues with
+            slope 1 above it (cfg ``rational.tail: "linear"``; upgrades made before it have no tail).
 
     Raises:
         ValueError: coefficient shapes do not match the degrees, or a scale is not positive.
@@ -71,9 +89,10 @@ class RationalGate(nn.Module):
         d_sae: int | None = None,
         scale=None,
         train_scale: bool = False,
+        tail: bool = False,
     ) -> None:
         super().__init__()
-        self.p, self.q = int(p), int(q)
+        self.p, self.q, self.tail = int(p), int(q), bool(tail)
         self.a = nn.Parameter(torch.as_tensor(a if a is not None else [0.0] * (p + 1), dtype=torch.float32).clone())
         self.b = nn.Parameter(torch.as_tensor(b if b is not None else [0.0] * q, dtype=torch.float32).clone())
         if self.a.shape != (p + 1,) or self.b.shape != (q,):
@@ -111,18 +130,18 @@ class RationalGate(nn.Module):
 
     def raw(self, h: torch.Tensor) -> torch.Tensor:
         """phi(h) without the floor, [..., d_sae] -> [..., d_sae]."""
-        return rational_raw(h, self.a, self.b, self.c_in, self.c_out, self.scale)
+        return rational_raw(h, self.a, self.b, self.c_in, self.c_out, self.scale, tail=self.tail)
 
     def unit(self, h: torch.Tensor) -> torch.Tensor:
         """r(t) at t = h / (C_in s), [..., d_sae] -> [..., d_sae] (the quantity the floor applies to)."""
-        return rational_unit(self.a, self.b, h / (self.c_in * self.scale))
+        return rational_unit(self.a, self.b, h / (self.c_in * self.scale), self.tail)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         """z = phi(h) where r(t) > floor else exactly 0; [..., d_sae] -> [..., d_sae]."""
-        return rational_gate(h, self.a, self.b, self.c_in, self.c_out, self.scale, self.floor)
+        return rational_gate(h, self.a, self.b, self.c_in, self.c_out, self.scale, self.floor, tail=self.tail)
 
     def extra_repr(self) -> str:
-        return f"p={self.p}, q={self.q}, train_scale={self.train_scale}"
+        return f"p={self.p}, q={self.q}, train_scale={self.train_scale}, tail={self.tail}"
 
 
 class RationalSAE(SAE):
@@ -149,7 +168,14 @@ class RationalSAE(SAE):
     ) -> None:
         super().__init__(d_in, d_sae, apply_b_dec_to_input=apply_b_dec_to_input, metadata=metadata)
         self.rational_cfg: dict[str, Any] = {"p": p, "q": q, "train_scale": False, **(rational or {})}
-        self.gate_fn = RationalGate(p, q, d_sae=self.d_sae, train_scale=bool(self.rational_cfg["train_scale"]))
+        self.gate_fn = RationalGate(
+            p, q, d_sae=self.d_sae, train_scale=bool(self.rational_cfg["train_scale"]), tail=self.has_tail
+        )
+
+    @property
+    def has_tail(self) -> bool:
+        """Whether the gate has the linear tail (cfg ``rational.tail == "linear"``; absent in older upgrades)."""
+        return gate_tail(self.rational_cfg)
 
     @property
     def topk_k(self) -> int | None:
@@ -234,6 +260,7 @@ class RationalSAE(SAE):
             d_sae=teacher.d_sae,
             scale=None if scale is None else scale.detach().cpu(),
             train_scale=train_scale,
+            tail=sae.has_tail,
         )
         return sae
 

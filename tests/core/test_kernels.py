@@ -213,3 +213,63 @@ def test_shared_scale_and_auto_policy(monkeypatch):
     monkeypatch.setattr(K, "_compile_failed", None)
     assert K.resolve_impl(None, 4096) == "fused"
     assert K.resolve_impl(None, K.AUTO_COMPILE_MIN_ELEMS) == "compiled"
+
+
+# -- the linear tail (rational.tail = "linear") -------------------------------------------------------------
+def _run_tail(impl, h, a, b, lci, lco, s, floor):
+    z = (
+        K.rational_gate(h, a, b, lci.exp(), lco.exp(), s, floor, impl=impl, tail=True)
+        if floor is not None
+        else K.rational_raw(h, a, b, lci.exp(), lco.exp(), s, impl=impl, tail=True)
+    )
+    gz = torch.randn(z.shape, generator=torch.Generator().manual_seed(1), dtype=z.dtype)
+    ins = [h, a, b, lci, lco] + ([s] if s is not None else [])
+    return [z, *torch.autograd.grad((z * gz).sum(), ins)]
+
+
+@pytest.mark.parametrize("p,q", DEGREES)
+@pytest.mark.parametrize("floor", [None, 0.05])
+def test_tail_fused_matches_eager(p, q, floor):
+    """With t far outside [-1, 1] (h ~ 6 sigma of C_in s), fused and eager agree on values and gradients."""
+    torch.manual_seed(0)
+    h = (torch.randn(300, 40) * 6).requires_grad_()
+    params = _params(p, q, 40, scales=True)
+    for i, (x, y) in enumerate(zip(_run_tail("fused", h, *params, floor), _run_tail("eager", h, *params, floor))):
+        torch.testing.assert_close(
+            x, y, rtol=1e-4, atol=1e-5 * max(1.0, y.abs().max().item()), msg=lambda m, i=i: f"output {i}: {m}"
+        )
+
+
+def test_tail_is_the_rational_inside_and_linear_outside():
+    """r_tail = r on [-1, 1], r(1) + (t - 1) above, r(-1) below; and the default (no tail) is unchanged."""
+    fit = remez_fit("relu", p=5, q=4)
+    a, b = torch.tensor(fit.a, dtype=torch.float64), torch.tensor(fit.b, dtype=torch.float64)
+    t = torch.linspace(-30, 30, 6001, dtype=torch.float64).reshape(1, -1)
+    one = torch.tensor(1.0, dtype=torch.float64)
+    r_tail = K.rational_raw(t, a, b, one, one, None, impl="fused", tail=True)
+    r = K.rational_raw(t, a, b, one, one, None, impl="fused")
+    inside = t.abs() <= 1
+    torch.testing.assert_close(r_tail[inside], r[inside])
+    r1 = K.rational_unit(a, b, one)
+    torch.testing.assert_close(r_tail[t > 1], r1 + t[t > 1] - 1)
+    torch.testing.assert_close(r_tail[t < -1], K.rational_unit(a, b, -one).expand(int((t < -1).sum())))
+    # the relu target t H(t) is then reproduced to the fit's error on the whole line, where the plain
+    # rational drifts away outside [-1, 1]
+    target = t.clamp(min=0)
+    assert (r_tail - target).abs().max() <= fit.max_error * 1.01
+    assert (r - target).abs().max() > 10 * fit.max_error
+
+
+@pytest.mark.parametrize("p,q", DEGREES)
+def test_tail_gradcheck_float64(p, q):
+    g = torch.Generator().manual_seed(0)
+    h = (torch.randn(6, 5, generator=g, dtype=torch.float64) * 4).requires_grad_()
+    a, b, _, _, s = _params(p, q, 5, scales=True, dtype=torch.float64)
+    ci = torch.tensor(1.3, dtype=torch.float64, requires_grad=True)
+    co = torch.tensor(0.7, dtype=torch.float64, requires_grad=True)
+    t = (h / (ci * s)).detach()
+    assert (t > 1).any() and (t < -1).any() and (t.abs() < 1).any()
+    assert ((t.abs() - 1).abs() > 1e-3).all()  # no entry at the kink, where the tail is not differentiable
+    inputs = (h, a, b, ci, co, s)
+    assert torch.autograd.gradcheck(lambda *x: K.rational_raw(*x, impl="fused", tail=True), inputs)
+    assert torch.autograd.gradcheck(lambda *x: K.rational_raw(*x, impl="eager", tail=True), inputs)

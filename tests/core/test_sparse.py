@@ -31,11 +31,16 @@ def _relu(dtype, seed=0, apply_b_dec=True) -> ReLUSAE:
     return sae.to(dtype)
 
 
-def _rsae(dtype, *, trained_scale: bool, seed=0, apply_b_dec=True) -> RationalSAE:
+def _rsae(dtype, *, trained_scale: bool, seed=0, apply_b_dec=True, tail=False) -> RationalSAE:
     teacher = _relu(torch.float32, seed, apply_b_dec)
     fit = remez_fit("relu", p=5, q=4)
     scale = torch.rand(D_SAE, generator=torch.Generator().manual_seed(seed + 7)) + 0.5 if trained_scale else None
-    sae = RationalSAE.from_teacher(teacher, a=fit.a, b=fit.b, c_in=0.6, c_out=0.8, floor=0.05, scale=scale)
+    c_in = 0.1 if tail else 0.6  # with the tail: many t beyond [-1, 1]
+    rational = {"tail": "linear"} if tail else None
+    sae = RationalSAE.from_teacher(
+        teacher, a=fit.a, b=fit.b, c_in=c_in, c_out=0.8, floor=0.05, scale=scale, rational=rational
+    )
+    assert sae.gate_fn.tail is tail
     return sae.to(dtype)
 
 
@@ -72,6 +77,7 @@ MODELS = {
     "rsae-trained-scales": lambda dt: _rsae(dt, trained_scale=True),
     "rsae-fixed-scales": lambda dt: _rsae(dt, trained_scale=False),
     "rsae-no-b_dec-in-input": lambda dt: _rsae(dt, trained_scale=True, apply_b_dec=False),
+    "rsae-linear-tail": lambda dt: _rsae(dt, trained_scale=True, tail=True),
     "relu": lambda dt: _relu(dt),
 }
 

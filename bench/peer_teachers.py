@@ -1,0 +1,198 @@
+"""Train teachers with SAELens's own trainer (issue 13's peer-trained teachers), saved by SAELens.
+
+    .venv/bin/python bench/peer_teachers.py [--families relu jumprelu topk] [--tokens 2000000] [--out var/peer]
+
+The activations are this project's (SmolLM2-135M, ``blocks.3.hook_resid_post``, the BBC News *train* split of
+the same seeded document split the upgrade uses, 128-token contexts with position 0 dropped), extracted once to
+``<out>/acts-layer<L>-seed<S>`` and shuffled into 4,096-row batches, several passes when ``--tokens`` exceeds
+the split. Everything else is SAELens 6: the training SAE classes (``StandardTrainingSAE`` with its
+decoder-norm-weighted L1 and ``apply_b_dec_to_input``, ``JumpReLUTrainingSAE`` with its step L0 loss and
+straight-through threshold estimator and its default initial threshold 0.01, ``TopKTrainingSAE`` with AuxK),
+their initialisation, ``SAETrainer`` (Adam, lr warm-up and decay, coefficient warm-up, dead-latent tracking),
+and ``save_inference_model`` plus ``sparsity.safetensors``. The runner (``LanguageModelSAETrainingRunner``) is
+not used because it loads the LM itself through the hub; its ``_set_sae_metadata`` fields are written here.
+
+Output: ``<out>/teacher-<family>[-seed<S>]/`` (``cfg.json``, ``sae_weights.safetensors``,
+``sparsity.safetensors``, ``training.json`` with the settings, wall time and final training stats).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+MODEL = "smollm2-135m"
+DATASET = "bbc-news"
+LAYER = 3
+CTX = 128
+EVAL_FRACTION = 0.2
+BATCH = 4096
+# Per family: SAELens training-SAE kwargs and the trainer's learning rate. Coefficients chosen so that the
+# teachers land at L0 of a few tens of 2,304 latents, as the project's own teachers (docs/peer-teachers.md).
+FAMILY_CFG: dict[str, dict[str, Any]] = {
+    "relu": {"sae": {"l1_coefficient": 5.0, "l1_warm_up_steps": 25}, "lr": 3e-4},
+    "jumprelu": {"sae": {"l0_coefficient": 20.0, "l0_warm_up_steps": 25}, "lr": 3e-4},
+    "topk": {"sae": {"k": 32}, "lr": 3e-4},
+}
+
+
+def extract(out: Path, n_tokens: int, seed: int) -> Path:
+    """Extract ``n_tokens`` train-split activations once (reused when the folder holds a finished manifest)."""
+    from rsae.activations import extract_activations
+    from rsae.models import load_model
+
+    folder = out / f"acts-layer{LAYER}-seed{seed}-{n_tokens}"
+    if (folder / "manifest.json").is_file():
+        return folder
+    lm, tok = load_model(MODEL)
+    tmp = folder.with_suffix(".partial")
+    extract_activations(
+        lm,
+        tok,
+        layer=LAYER,
+        dataset=DATASET,
+        split="train",
+        n_tokens=n_tokens,
+        out_dir=tmp,
+        ctx_len=CTX,
+        eval_fraction=EVAL_FRACTION,
+        seed=seed,
+        shard_tokens=65_536,
+    )
+    tmp.rename(folder)
+    return folder
+
+
+def batches(folder: Path, seed: int) -> Iterator[torch.Tensor]:
+    """Shuffled [4096, d_in] float32 batches forever (pass after pass over the extraction)."""
+    from rsae.activations import ActivationStore
+
+    return ActivationStore(folder).iter_batches(BATCH, seed=seed)
+
+
+def training_sae(family: str, d_in: int, d_sae: int, b_dec: torch.Tensor) -> Any:
+    """SAELens training SAE of ``family`` (float32, CPU), b_dec set to the activations' mean as SAELens's
+    runner does for ``b_dec_init_method="mean"``."""
+    from sae_lens.saes.jumprelu_sae import JumpReLUTrainingSAE, JumpReLUTrainingSAEConfig
+    from sae_lens.saes.standard_sae import StandardTrainingSAE, StandardTrainingSAEConfig
+    from sae_lens.saes.topk_sae import TopKTrainingSAE, TopKTrainingSAEConfig
+
+    common = {"d_in": d_in, "d_sae": d_sae, "dtype": "float32", "device": "cpu"}
+    kw = {**common, **FAMILY_CFG[family]["sae"]}
+    cls, cfg_cls = {
+        "relu": (StandardTrainingSAE, StandardTrainingSAEConfig),
+        "jumprelu": (JumpReLUTrainingSAE, JumpReLUTrainingSAEConfig),
+        "topk": (TopKTrainingSAE, TopKTrainingSAEConfig),
+    }[family]
+    sae = cls(cfg_cls(**kw))
+    with torch.no_grad():
+        sae.b_dec.copy_(b_dec)
+    return sae
+
+
+def metadata(sae: Any, n_tokens: int) -> None:
+    """The fields SAELens's runner sets in ``_set_sae_metadata``, for our extraction's conventions."""
+    m = sae.cfg.metadata
+    m.model_name = MODEL
+    m.model_class_name = "AutoModelForCausalLM"
+    m.hook_name = f"blocks.{LAYER}.hook_resid_post"
+    m.dataset_path = DATASET
+    m.context_size = CTX
+    m.seqpos_slice = (1, None)
+    m.prepend_bos = False
+    m.exclude_special_tokens = False
+    m.sequence_separator_token = None
+    m.disable_concat_sequences = False
+
+
+def train(family: str, folder: Path, out: Path, tokens: int, d_sae: int, seed: int) -> dict[str, Any]:
+    """Train one teacher with ``SAETrainer`` for ``tokens`` rows; save it; return its training record."""
+    from sae_lens.config import SAETrainerConfig
+    from sae_lens.training.sae_trainer import SAETrainer
+    from safetensors.torch import save_file
+
+    from rsae.activations import ActivationStore
+
+    torch.manual_seed(seed)
+    store = ActivationStore(folder)
+    sae = training_sae(family, store.d_in, d_sae, store.load(65_536).mean(0))
+    metadata(sae, tokens)
+    steps = tokens // BATCH
+    cfg = SAETrainerConfig(
+        total_training_samples=steps * BATCH,
+        train_batch_size_samples=BATCH,
+        lr=FAMILY_CFG[family]["lr"],
+        lr_end=FAMILY_CFG[family]["lr"] / 10,
+        lr_warm_up_steps=steps // 20,
+        lr_decay_steps=steps // 5,
+        device="cpu",
+        dead_feature_window=steps // 4,
+        feature_sampling_window=steps // 4,
+    )
+    t0 = time.time()
+    trainer = SAETrainer(cfg=cfg, sae=sae, data_provider=batches(folder, seed))
+    sae = trainer.fit()
+    wall = time.time() - t0
+    dest = out / (f"teacher-{family}" if seed == 0 else f"teacher-{family}-seed{seed}")
+    dest.mkdir(parents=True, exist_ok=True)
+    sae.save_inference_model(str(dest))
+    save_file({"sparsity": trainer.log_feature_sparsity}, str(dest / "sparsity.safetensors"))
+    record = {
+        "family": family,
+        "trainer": "sae_lens.training.sae_trainer.SAETrainer",
+        "sae_lens_version": _sae_lens_version(),
+        "training_sae": type(sae).__name__,
+        "sae_kwargs": FAMILY_CFG[family]["sae"],
+        "lr": cfg.lr,
+        "batch_size": BATCH,
+        "steps": steps,
+        "tokens_seen": steps * BATCH,
+        "distinct_tokens": store.rows,
+        "epochs": round(steps * BATCH / store.rows, 2),
+        "d_in": store.d_in,
+        "d_sae": d_sae,
+        "seed": seed,
+        "wall_seconds": round(wall, 1),
+        "tokens_per_second": round(steps * BATCH / wall, 1),
+        "final_l0": sae.cfg.metadata.l0,
+        "dead_latents": sae.cfg.metadata.num_dead_features,
+    }
+    (dest / "training.json").write_text(json.dumps(record, indent=2) + "\n")
+    return record
+
+
+def _sae_lens_version() -> str:
+    from importlib.metadata import version
+
+    return version("sae-lens")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Command line: see the module docstring."""
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--families", nargs="+", default=["relu", "jumprelu", "topk"], choices=sorted(FAMILY_CFG))
+    ap.add_argument("--tokens", type=int, default=2_000_000, help="tokens seen in training (>= 2M for issue 13)")
+    ap.add_argument("--distinct-tokens", type=int, default=800_000, help="train-split tokens extracted")
+    ap.add_argument("--d-sae", type=int, default=2304)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", type=Path, default=ROOT / "var" / "peer")
+    a = ap.parse_args(argv)
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    folder = extract(a.out, a.distinct_tokens, a.seed)
+    for fam in a.families:
+        rec = train(fam, folder, a.out, a.tokens, a.d_sae, a.seed)
+        print(json.dumps(rec), flush=True)
+
+
+if __name__ == "__main__":
+    main()
