@@ -258,6 +258,13 @@ class FinetuneConfig(_Strict):
         "own training lambda if its cfg records one, else the value making the L1 term 10% of the MSE term on the "
         "teacher at the start.",
     )
+    rsae_penalty: Literal["l1", "l0"] = Field(
+        "l1",
+        description="Sparsity penalty of the RSAE's fine-tuning: 'l1' = lambda * decoder-norm-weighted L1; 'l0' "
+        "= mu * L0 with the straight-through estimator on the latents' effective thresholds C_in s_j t* (the "
+        "JumpReLU control's own penalty, JumpReLU upgrades only; mu starts where the control's does). Why this "
+        "default: docs/method.md#defaults.",
+    )
     eval_every: int = Field(100, ge=1, description="Steps between held-out evaluations (training curve).")
     l0_target_ratio: float | None = Field(
         0.95,

@@ -15,9 +15,12 @@ from typing import Callable
 import torch
 
 from ..config import UpgradeConfig
+from ..errors import TeacherError
 from ..evaluate import reconstruction_metrics
 from ..report import ControlSection, CurvePoint, FinetuneSection
 from ..saes import SAE, Family, decoder_norm_l1
+from ..saes.family import Objective
+from ..saes.rational import rational_l0_loss
 from ..train import train_sae
 from .progress import RunContext
 from .state import UpgradeState
@@ -122,6 +125,31 @@ def _train_control(
     )
 
 
+def rsae_objective(state: UpgradeState, lam: float, lam_source: str) -> Objective:
+    """The RSAE's fine-tuning objective (``finetune.rsae_penalty``): 'l1' = :func:`rsae.saes.family.sae_loss`
+    at ``lam``; 'l0' = :func:`rsae.saes.rational.rational_l0_loss` with the teacher's straight-through bandwidth,
+    its coefficient starting where the control's does (:meth:`rsae.saes.Family.control_objective`).
+
+    Raises:
+        TeacherError: 'l0' for an upgrade without trained per-latent thresholds (a ReLU or TopK teacher).
+    """
+    if state.cfg.finetune.rsae_penalty == "l1":
+        return Objective(None, lam, f"MSE + lambda * sum_j |z_j| ||W_dec[j]|| (lambda: {lam_source})")
+    bandwidth = getattr(state.teacher, "bandwidth", None)
+    if not state.rsae.gate_fn.train_scale or state.rsae.topk_k is not None or bandwidth is None:
+        raise TeacherError(
+            "finetune.rsae_penalty 'l0' needs a JumpReLU teacher (per-latent thresholds)",
+            field="finetune.rsae_penalty",
+        )
+    start = state.family.control_objective(state.teacher, lam, lam_source).coefficient
+    return Objective(
+        rational_l0_loss(float(bandwidth)),
+        start,
+        f"MSE + mu * L0 (straight-through estimator on the thresholds C_in s_j t*, bandwidth {bandwidth:g}; the "
+        "JumpReLU control's penalty), mu starting at the control's coefficient",
+    )
+
+
 def finetune(state: UpgradeState, ctx: RunContext) -> None:
     """Fine-tune ``state.rsae`` in place (and the control when requested); fill ``state.finetune`` and, with
     the control, ``state.control`` and ``state.control_section``."""
@@ -136,6 +164,7 @@ def finetune(state: UpgradeState, ctx: RunContext) -> None:
     state.release_calibration_data()
     threshold_lr = ft.gate_lr if ft.threshold_lr is None else ft.threshold_lr
     rsae = state.rsae
+    objective = rsae_objective(state, lam, lam_source)
     curve: list[dict[str, float]] = []
     n_runs = 2 if ft.control else 1
     hist = train_sae(
@@ -144,7 +173,8 @@ def finetune(state: UpgradeState, ctx: RunContext) -> None:
         steps=ft.steps,
         batch_size=ft.batch_size,
         lr=ft.lr,
-        l1_coefficient=lam,
+        l1_coefficient=objective.coefficient,
+        loss_fn=objective.loss_fn,
         seed=cfg.seed + 1,
         device=state.device,
         param_groups=rsae.param_groups(ft.lr, ft.gate_lr, threshold_lr),
@@ -160,8 +190,8 @@ def finetune(state: UpgradeState, ctx: RunContext) -> None:
         batch_size=ft.batch_size,
         lr=ft.lr,
         gate_lr=ft.gate_lr,
-        l1_coefficient=lam,
-        l1_source=lam_source,
+        l1_coefficient=objective.coefficient,
+        l1_source=lam_source if objective.loss_fn is None else objective.description,
         l0_target=l0_target,
         teacher_l0_train=teacher_l0,
         final_lambda=hist[-1]["lambda"] if hist else lam,

@@ -301,6 +301,30 @@ class RationalSAE(SAE):
         """Set the exact-zero floor (units of r): z = 0 where r(t) <= ``value``."""
         self.gate_fn.floor.fill_(float(value))
 
+    @torch.no_grad()
+    def support_edge(self, grid_points: int = 4001) -> float:
+        """t* (unit-interval units): the lower edge of the gate's positive support, the smallest grid point t of
+        [-1, 1] above which r(t) > floor holds up to t = 1 (linearly interpolated between the last grid point
+        at or below the floor and the next one). Latent j's effective threshold is then C_in s_j t* (units of
+        h). Returns 1.0 when r(1) <= floor (no support on the interval)."""
+        g = self.gate_fn
+        t = torch.linspace(-1.0, 1.0, grid_points, dtype=torch.float64)
+        r = rational_unit(g.a.detach().double(), g.b.detach().double(), t) - float(g.floor)
+        below = torch.nonzero(r <= 0).flatten()
+        if below.numel() == 0:
+            return -1.0
+        i = int(below[-1])
+        if i == grid_points - 1:
+            return 1.0
+        r0, r1 = float(r[i]), float(r[i + 1])  # r0 <= 0 < r1
+        return float(t[i] + (t[i + 1] - t[i]) * (-r0) / (r1 - r0))
+
+    def effective_threshold(self) -> torch.Tensor:
+        """Per-latent thresholds of the gate's support, theta_j = C_in s_j t* [d_sae] (units of h; see
+        :meth:`support_edge`). Differentiable w.r.t. the per-latent scales s only (C_in and t* are held), so
+        an L0 penalty through it moves the latents' thresholds as a JumpReLU's L0 penalty moves its theta."""
+        return self.gate_fn.c_in.detach() * self.support_edge() * self.gate_fn.scale
+
     def gate_summary(self) -> dict[str, Any]:
         """The fitted gate for the report: coefficients a, b, C_in, C_out, floor, whether scales train and
         their median."""
@@ -373,6 +397,35 @@ class RationalSAE(SAE):
                 raise TeacherError("tensor 'latent_scale' must be > 0", field="sae_weights.safetensors.latent_scale")
             sae.gate_fn.log_scale.copy_(tensors["latent_scale"].log())
         return sae
+
+
+def rational_l0_loss(bandwidth: float):
+    """The objective MSE + lam * L0 for a :class:`RationalSAE` with per-latent scales (a JumpReLU upgrade):
+    the JumpReLU family's own penalty (Rajamanoharan et al. 2024, eq. 9-12), L0 = sum_j H(h_j - theta_j) with
+    theta_j = :meth:`RationalSAE.effective_threshold` and the straight-through rectangle-kernel estimator of
+    bandwidth ``bandwidth`` (units of h) for theta (so for s_j); no gradient to h through the step. The MSE
+    term trains every parameter through the rational gate as :func:`rsae.saes.family.sae_loss` does.
+
+    Returns ``loss_fn(sae, x [n, d_in], lam) -> (loss, parts)`` with parts mse, l0 (exact non-zeros of z), l1
+    (decoder-norm weighted, reported only) as floats.
+    """
+    from .base import decoder_norm_l1
+    from .jumprelu import _StepFn
+
+    def loss_fn(sae: SAE, x: torch.Tensor, lam: float) -> tuple[torch.Tensor, dict[str, float]]:
+        h = sae.pre_acts(x)
+        z = sae.gate(h)
+        mse = (x - sae.decode(z)).pow(2).sum(-1).mean()
+        l0 = _StepFn.apply(h.detach(), sae.effective_threshold(), bandwidth).sum(-1).mean()
+        loss = mse + lam * l0
+        return loss, {
+            "loss": loss.item(),
+            "mse": mse.item(),
+            "l0": (z != 0).sum(-1).float().mean().item(),
+            "l1": decoder_norm_l1(z.detach(), sae.W_dec.detach()).item(),
+        }
+
+    return loss_fn
 
 
 register_architecture(RationalSAE.architecture, RationalSAE)

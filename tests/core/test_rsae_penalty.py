@@ -1,0 +1,92 @@
+"""The RSAE's L0 penalty for JumpReLU upgrades (``finetune.rsae_penalty = "l0"``) and the linear tail on a
+JumpReLU upgrade: the effective thresholds C_in s_j t*, the straight-through gradient that reaches only the
+per-latent scales, and the tail reproducing entries far above a tiny threshold."""
+
+import pytest
+import torch
+
+from rsae.remez import remez_fit
+from rsae.saes import JumpReLUSAE, RationalSAE, jumprelu_l0_loss
+from rsae.saes.rational import rational_l0_loss
+
+
+def _upgrade(theta, *, c=0.25, margin=0.025, tail=False, seed=0):
+    """A JumpReLU teacher 8 -> len(theta) with thresholds ``theta`` and its RSAE at init (anchor a = c + margin,
+    s_j = theta_j / a, floor halfway up the jump)."""
+    fit = remez_fit("jumprelu", c=c, p=9, q=8, margin=margin)
+    g = torch.Generator().manual_seed(seed)
+    teacher = JumpReLUSAE(8, len(theta), bandwidth=0.05)
+    teacher.init_weights(g)
+    theta = torch.tensor(theta)
+    with torch.no_grad():
+        teacher.b_enc.normal_(generator=g)
+        teacher.log_threshold.copy_(theta.log())
+    a = c + margin
+    rsae = RationalSAE.from_teacher(
+        teacher,
+        a=fit.a,
+        b=fit.b,
+        c_in=1.0,
+        c_out=1.0,
+        scale=theta / a,
+        floor=a / 2,
+        rational={"anchor": a, "jump": c, "tail": "linear" if tail else "none"},
+    )
+    return teacher, rsae, fit
+
+
+def test_support_edge_is_where_the_gate_starts_passing():
+    teacher, rsae, _ = _upgrade((0.5, 2.0, 8.0))
+    t_star = rsae.support_edge()
+    assert 0.0 < t_star < 0.275  # below the anchor, inside the band where r rises through the floor
+    theta_eff = rsae.effective_threshold().detach()
+    h = torch.stack([theta_eff * 0.999, theta_eff * 1.001])
+    z = rsae.gate(h)
+    assert torch.all(z[0] == 0) and torch.all(z[1] != 0)
+
+
+def test_l0_penalty_moves_only_the_scales_like_the_jumprelu_control():
+    """The L0 term's gradient reaches the per-latent scales (as the JumpReLU control's reaches its theta), not
+    W_enc, b_enc, W_dec or the shared gate scalars: with lam = 0 and lam = 5 those gradients agree."""
+    teacher, rsae, _ = _upgrade((0.5, 1.0, 2.0, 0.3))
+    x = torch.randn(256, 8, generator=torch.Generator().manual_seed(3)) * 2
+    loss_fn = rational_l0_loss(bandwidth=0.5)
+
+    def grads(lam):
+        rsae.zero_grad(set_to_none=True)
+        loss, parts = loss_fn(rsae, x, lam)
+        loss.backward()
+        return {n: p.grad.clone() for n, p in rsae.named_parameters() if p.grad is not None}, parts
+
+    g0, parts = grads(0.0)
+    g5, _ = grads(5.0)
+    for n in g0:
+        if n != "gate_fn.log_scale":
+            torch.testing.assert_close(g5[n], g0[n], msg=n)
+    assert not torch.allclose(g5["gate_fn.log_scale"], g0["gate_fn.log_scale"])
+    # the penalty raises thresholds: its gradient on log s is positive-going (descent lowers L0)
+    assert (g5["gate_fn.log_scale"] - g0["gate_fn.log_scale"]).sum() < 0
+    # parts: L0 as the exact non-zeros of z; it equals the count with the effective thresholds
+    h = rsae.pre_acts(x)
+    assert parts["l0"] == pytest.approx((h > rsae.effective_threshold()).sum(-1).float().mean().item(), abs=0.05)
+    # and the teacher's own penalty counts the same thing at its thresholds
+    _, tp = jumprelu_l0_loss(teacher, x, 1.0)
+    assert tp["l0"] == pytest.approx(parts["l0"], abs=0.5)
+
+
+def test_linear_tail_reproduces_entries_far_above_tiny_thresholds():
+    """A latent with a tiny threshold (0.01) fires at h up to 100 theta: without the tail those values are the
+    rational extrapolated far outside [-1, 1]; with it they are h up to the fit's error (in units of s_j)."""
+    theta = (0.01, 0.02, 1.0)
+    teacher, plain, fit = _upgrade(theta, tail=False)
+    _, tailed, _ = _upgrade(theta, tail=True)
+    h = torch.linspace(0.0, 1.0, 5001)[:, None].expand(-1, 3) * torch.tensor([1.0, 2.0, 4.0])
+    want = teacher.gate(h)
+    s = torch.tensor(theta) / (0.25 + 0.025)
+    fitted = (h > torch.tensor(theta)) | (h < 0.8 * torch.tensor(theta))  # off the unfitted band below theta
+    err_tail = ((tailed.gate_raw(h) - want).abs() / s)[fitted].max()
+    err_plain = ((plain.gate_raw(h) - want).abs() / s)[fitted].max()
+    on = (want != 0) & (h > 1.2 * torch.tensor(theta))
+    assert ((tailed.gate(h) != 0) == (want != 0))[on].all()
+    assert err_tail <= fit.max_error * 1.01 + 1e-6
+    assert err_plain > 100 * err_tail
