@@ -331,3 +331,20 @@ def _cli(*args: str, stdin: str = "") -> tuple[int, str, str]:
     finally:
         sys.stdin = old_stdin
     return code, out.getvalue(), err.getvalue()
+
+
+def test_hub_teacher_sizes_unknown(client: TestClient, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A hub teacher's d_sae is known only to the worker: the stages that need it are 'unknown' with null seconds
+    and total, the extraction (model and layer known) is still estimated; no artifacts figure for the quota."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    body = {"model": "smollm2-135m", "layer": 3, "teacher": {"hub": {"repo_id": "org/saes", "subfolder": "l3"}}}
+    est = client.post("/v1/jobs/estimate", json=body)
+    assert est.status_code == 200, est.text
+    est = est.json()
+    by_stage = {s["stage"]: s for s in est["stages"]}
+    assert by_stage["extract"]["seconds"] > 0 and by_stage["calibrate"]["seconds"] > 0
+    for stage in ("init", "finetune", "evaluate"):
+        assert by_stage[stage]["seconds"] is None and by_stage[stage]["basis"]["source"] == "unknown"
+    assert est["total_seconds"] is None and est["memory"]["host_bytes"] is None
+    assert est["disk"] == {"activations_bytes": (131072 + 8192) * 576 * 4, "artifacts_bytes": None}
+    assert est["allowed_to_proceed"] is True
