@@ -17,8 +17,9 @@ The teacher folder may hold any supported format (detected from its files: SAELe
 sae_weights.safetensors, sparsify cfg.json + sae.safetensors, Gemma Scope params.npz, dictionary_learning
 ae.pt + config.json). ``submit`` first shows the server's estimate of the job (``POST /v1/jobs/estimate``: expected
 time per stage, tokens, disk, memory) on stderr, refuses a job the server's limits would refuse, and asks before
-submitting one expected to take longer than ``--confirm-over`` seconds (default 1800; ``--yes`` does not ask; with
-no answer, e.g. stdin closed, nothing is submitted). It prints the job as JSON (with ``--wait``: a summary, or with
+submitting one expected to take longer than ``--confirm-over`` seconds when stdin is a terminal (default 1800;
+``--yes`` does not ask; anything but ``y``/``yes`` submits nothing; a script, whose stdin is not a terminal, is not
+asked and submits as before). It prints the job as JSON (with ``--wait``: a summary, or with
 ``--json`` the final job as JSON).
 
 Exit codes: 0 success (for ``wait``: the job succeeded), 1 the job failed or was cancelled, 2 bad input or
@@ -179,14 +180,14 @@ def _confirm(question: str) -> bool:
     print(question, end="", file=sys.stderr, flush=True)
     try:
         return input().strip().lower() in ("y", "yes")
-    except EOFError:
+    except (EOFError, OSError):  # stdin closed or unreadable: no answer is no
         return False
 
 
 def _estimate_gate(c: RSAEClient, body: dict[str, Any], args: argparse.Namespace) -> int | None:
     """Ask the server for the job's estimate (``POST /v1/jobs/estimate``) and show it; the exit code if the job
     must not be submitted (``--estimate-only``: 0 when allowed, else 1; limits exceeded: 2; the question over
-    ``--confirm-over`` seconds answered no: 1), or None to submit."""
+    ``--confirm-over`` seconds, asked when stdin is a terminal, answered anything but yes: 1), or None to submit."""
     est = c.estimate(body)
     if args.estimate_only:
         if args.json:
@@ -200,6 +201,9 @@ def _estimate_gate(c: RSAEClient, body: dict[str, Any], args: argparse.Namespace
         return 2
     total = est.total_seconds
     if not args.yes and total is not None and total > args.confirm_over:
+        if not sys.stdin.isatty():  # a script: nobody to ask; submit as before this question existed
+            print(f"expected {_seconds(total)}: submitting without asking (stdin is not a terminal)", file=sys.stderr)
+            return None
         question = f"expected {_seconds(total)}, over {_seconds(args.confirm_over)}: submit? [y/N] "
         if not _confirm(question):
             print("not submitted (--yes submits without asking)", file=sys.stderr)

@@ -315,13 +315,20 @@ async def _async_estimate(url: str, token: str, body: dict[str, Any]) -> Any:
         return await c.estimate(body)
 
 
+class _Terminal(io.StringIO):
+    """A standard input that says it is a terminal (the CLI asks its question only on one)."""
+
+    def isatty(self) -> bool:
+        return True
+
+
 def _cli(*args: str, stdin: str = "") -> tuple[int, str, str]:
-    """``rsae ...`` in process: (exit code, stdout, stderr), with ``stdin`` as the standard input."""
+    """``rsae ...`` in process: (exit code, stdout, stderr), with ``stdin`` typed at a terminal."""
     from rsae.cli import main
 
     out, err = io.StringIO(), io.StringIO()
     old_stdin = sys.stdin
-    sys.stdin = io.StringIO(stdin)
+    sys.stdin = _Terminal(stdin)
     try:
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             try:
