@@ -43,19 +43,22 @@ WORK_UNITS: dict[str, str] = {
 
 FLOAT_BYTES = 4
 """Bytes of a float32 (activations, weights and optimiser state are float32 throughout)."""
-RUNTIME_BYTES = 700 * 1024**2
-"""Host memory of the worker process before any job (Python, torch, transformers imported): measured
-resident set on the project's CPU machine (docs/api.md, "Estimates"), rounded up."""
+RUNTIME_BYTES = 1200 * 1024**2
+"""Host memory of the worker process beyond the host model's weights and the stages' largest tensors (Python,
+torch, transformers, the tokenizer, the data pipeline, the allocator's slack): set so that the estimate of the run
+behind :data:`DEFAULT_RATES` equals its measured peak resident set, 2,458 MiB (docs/api.md, "Estimates")."""
 DEFAULT_RATES: dict[str, float] = {
-    "extract": 1.0e9,
-    "init": 1.0e9,
-    "calibrate": 1.0e7,
-    "finetune": 1.0e10,
-    "evaluate": 1.0e9,
-    "package": 1.0,
+    "extract": 3.12e9,
+    "init": 2.73e8,
+    "calibrate": 3.98e5,
+    "finetune": 7.83e8,
+    "evaluate": 3.05e9,
+    "package": 0.066,
 }
 """Work units per second of each stage (:data:`WORK_UNITS`) when a server has recorded none on its device:
-measured on :data:`DEFAULT_RATES_DEVICE` by a default-size upgrade (docs/api.md, "Estimates")."""
+measured on :data:`DEFAULT_RATES_DEVICE` (the project's 2-core CPU machine, shared: load average about 14) by one
+upgrade of a random-init ReLU teacher (d_sae 2,304, so dense) at layer 3, 16,384 train and 4,096 eval tokens, 100
+fine-tuning steps of 1,024 rows; pessimistic for an idle machine (docs/api.md, "Estimates")."""
 DEFAULT_RATES_DEVICE = "cpu"
 """The device the default rates were measured on."""
 DEFAULT_RATES_MEASURED_AT = datetime(2026, 12, 5, tzinfo=timezone.utc)
