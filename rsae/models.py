@@ -38,11 +38,16 @@ BUNDLED_CONFIGS: dict[str, dict] = {
         "num_hidden_layers": 30,
         "hidden_size": 576,
         "num_attention_heads": 9,
+        "num_key_value_heads": 3,
         "head_dim": 64,
+        "intermediate_size": 1536,
+        "vocab_size": 49152,
+        "tie_word_embeddings": True,
     },
 }
 """The ``config.json`` keys of each bundled model that the API needs before the model is converted or loaded
-(layout, number of blocks, widths; checked against the loaded model by a test)."""
+(layout, number of blocks, widths; the vocabulary and MLP widths for ``POST /v1/jobs/estimate``'s parameter count;
+checked against the converted model's ``config.json`` by ``tests/core/test_cost.py``)."""
 BUNDLED_SHAPES = {k: (c["num_hidden_layers"], c["hidden_size"]) for k, c in BUNDLED_CONFIGS.items()}
 """(number of blocks, d_model) of each bundled model, known without loading it (checked by a test)."""
 BUNDLED_HUB_IDS = {"smollm2-135m": "HuggingFaceTB/SmolLM2-135M-Instruct"}

@@ -28,6 +28,7 @@ from .models import (
     CheckpointList,
     EventList,
     Job,
+    JobEstimate,
     JobList,
     Sae,
     SaeList,
@@ -246,6 +247,12 @@ def create_job(body: Mapping[str, Any], idempotency_key: str | None) -> Call[Job
     return Call(
         "POST", f"{V}/jobs", Job.model_validate, json=_jsonable(body), headers=headers, repeatable=bool(idempotency_key)
     )
+
+
+def estimate_job(body: Mapping[str, Any]) -> Call[JobEstimate]:
+    """``POST /v1/jobs/estimate``: what the job would cost and whether it may be submitted now (creates nothing,
+    so repeatable)."""
+    return Call("POST", f"{V}/jobs/estimate", JobEstimate.model_validate, json=_jsonable(body))
 
 
 def list_jobs(

@@ -25,7 +25,7 @@ from httpx_sse import SSEError, aconnect_sse
 from . import _core
 from ._core import NO_RETRY, ApiError, Call, RetryPolicy, new_idempotency_key
 from .client import TERMINAL, _check_file, _http_client
-from .models import API_PREFIX, Artifact, Checkpoint, Event, Job, Page, Sae
+from .models import API_PREFIX, Artifact, Checkpoint, Event, Job, JobEstimate, Page, Sae
 
 T = TypeVar("T")
 
@@ -128,6 +128,15 @@ class AsyncRSAEClient:
         )
 
     submit = create_job
+
+    async def estimate(self, body: Mapping[str, Any] | None = None, **fields: Any) -> JobEstimate:
+        """What the job would cost and whether it may be submitted now (see
+        :meth:`rsae_client.RSAEClient.estimate`; nothing is created).
+
+        Raises:
+            ApiError: 422 for a malformed body (naming the field).
+        """
+        return await self._send(_core.estimate_job(_core.job_body(body, fields)))
 
     async def list_jobs(
         self,

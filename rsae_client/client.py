@@ -36,6 +36,7 @@ from .models import (
     Checkpoint,
     Event,
     Job,
+    JobEstimate,
     Page,
     Sae,
 )
@@ -302,6 +303,16 @@ class RSAEClient:
         return self._send(_core.create_job(_core.job_body(body, fields), idempotency_key or new_idempotency_key()))
 
     submit = create_job
+
+    def estimate(self, body: Mapping[str, Any] | None = None, **fields: Any) -> JobEstimate:
+        """What the job in ``body`` and/or keyword fields (as :meth:`create_job` takes them) would cost on the
+        server's workers (tokens, disk, memory, seconds per stage with their basis) and whether ``create_job``
+        would accept it now (``allowed_to_proceed``, ``limits_exceeded``). Nothing is created.
+
+        Raises:
+            ApiError: 422 for a body ``create_job`` would refuse as malformed (same problem, naming the field).
+        """
+        return self._send(_core.estimate_job(_core.job_body(body, fields)))
 
     def list_jobs(
         self,

@@ -373,3 +373,119 @@ class CheckpointList(Page[Checkpoint]):
     """A job's checkpoints, oldest first (all of them: ``has_more`` is always false)."""
 
     model_config = _page_example(Checkpoint.model_config["json_schema_extra"]["examples"][0])  # type: ignore[index]
+
+
+# -- estimates ---------------------------------------------------------------------------------------------------
+ESTIMATE_EXAMPLE: dict[str, Any] = {
+    "device": "cpu",
+    "tokens": {"train": 131072, "eval": 8192, "finetune_rows": 614400, "calibrate": 4096, "ce": 8192},
+    "disk": {"activations_bytes": 322961408, "artifacts_bytes": 11665408},
+    "memory": {"host_bytes": 1826258944, "accelerator_bytes": None},
+    "stages": [
+        {
+            "stage": "finetune",
+            "seconds": 121.4,
+            "work": 1.63e12,
+            "unit": "MACs (steps x batch rows x d_in x d_sae x SAEs trained)",
+            "basis": {
+                "source": "measured",
+                "device": "cpu",
+                "rate": 1.34e10,
+                "jobs": 3,
+                "measured_at": "2026-12-05T10:04:41Z",
+                "detail": "3 succeeded jobs on cpu (smollm2-135m), the latest finished 2026-12-05 10:04:41 UTC",
+            },
+        }
+    ],
+    "total_seconds": 280.5,
+    "allowed_to_proceed": True,
+    "limits_exceeded": [],
+    "warnings": [],
+}
+"""An example estimate (OpenAPI examples; ``stages`` shortened to one)."""
+
+
+class EstimateBasis(ApiModel):
+    """Where a stage's expected seconds come from: a rate measured by this server's workers, or a default."""
+
+    source: Literal["measured", "default", "unknown"] = Field(
+        description="'measured': the rate of jobs this server's workers ran on this device; 'default': the "
+        "service's documented rate, measured on its reference CPU (no job recorded here yet); 'unknown': a size "
+        "this stage depends on is not known before the worker runs (e.g. a hub teacher's d_sae)."
+    )
+    device: str | None = Field(None, description="The device the rate was measured on ('cpu', 'cuda:<GPU name>').")
+    rate: float | None = Field(None, description="Work units per second.")
+    jobs: int = Field(0, description="How many recorded jobs the measured rate aggregates (0 for a default).")
+    measured_at: datetime | None = Field(None, description="When the latest of those jobs (or the default) ran.")
+    detail: str = Field(description="The basis in words.")
+
+
+class StageEstimate(ApiModel):
+    """Expected wall time of one pipeline stage."""
+
+    stage: str
+    seconds: float | None = Field(description="Expected seconds (work / rate); null when the work is unknown.")
+    work: float | None = Field(description="The stage's work in 'unit'.")
+    unit: str = Field(description="What one unit of work is (rsae.cost.WORK_UNITS).")
+    basis: EstimateBasis
+
+
+class EstimateTokens(ApiModel):
+    """Token and row counts of the job."""
+
+    train: int = Field(description="Training activation rows extracted (settings.data.train_tokens).")
+    eval: int = Field(description="Held-out activation rows extracted (settings.data.eval_tokens).")
+    finetune_rows: int = Field(description="Rows one fine-tuned SAE sees: finetune.steps x finetune.batch_size.")
+    calibrate: int = Field(description="Training rows the calibration reads (calibrate.tokens).")
+    ce: int = Field(description="Held-out tokens spliced through the full model for delta CE.")
+
+
+class EstimateDisk(ApiModel):
+    """Disk the job writes, bytes (null: unknown before the worker runs)."""
+
+    activations_bytes: int | None = Field(
+        description="Float32 activation shards in the job's scratch: (train + eval) x d_model x 4; the figure "
+        "RSAE_MAX_JOB_DISK_BYTES bounds."
+    )
+    artifacts_bytes: int | None = Field(
+        description="The artifacts counted against your storage quota (8 x d_in x d_sae + 1 MiB for an uploaded "
+        "teacher; null for hub and server-side teachers)."
+    )
+
+
+class EstimateMemory(ApiModel):
+    """Peak memory of the worker during the job, bytes (an estimate from the sizes, not a measurement)."""
+
+    host_bytes: int | None = Field(description="Peak resident memory of the worker process.")
+    accelerator_bytes: int | None = Field(description="Peak accelerator memory; null on a CPU worker or unknown.")
+
+
+class LimitProblem(ApiModel):
+    """A server limit the job would break: the problem ``POST /v1/jobs`` answers (same status, code, detail,
+    field), or, for a warning, a run-time limit the job is expected to pass (status null)."""
+
+    status: int | None = Field(description="HTTP status POST /v1/jobs answers (null: a run-time limit).")
+    code: str
+    detail: str
+    field: str | None = None
+    extra: dict[str, Any] = Field(default_factory=dict, description="The problem's other members (e.g. used_bytes).")
+
+
+class JobEstimate(ApiModel):
+    """What a job would cost on this server's workers, and whether it may be submitted now
+    (``POST /v1/jobs/estimate``; nothing is created, queued or counted)."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [ESTIMATE_EXAMPLE]})
+
+    device: str = Field(description="The worker device the times are for: the latest one recorded, else 'cpu'.")
+    tokens: EstimateTokens
+    disk: EstimateDisk
+    memory: EstimateMemory
+    stages: list[StageEstimate] = Field(description="extract, init, calibrate, finetune, evaluate, package.")
+    total_seconds: float | None = Field(description="Sum of the stages; null when any stage is unknown.")
+    allowed_to_proceed: bool = Field(description="Whether POST /v1/jobs would accept this body now.")
+    limits_exceeded: list[LimitProblem] = Field(description="Every limit that makes POST /v1/jobs refuse it.")
+    warnings: list[LimitProblem] = Field(
+        default_factory=list,
+        description="Run-time limits the estimate says the job would pass (e.g. RSAE_JOB_DEADLINE_SECONDS).",
+    )

@@ -309,6 +309,25 @@ def check_hub_sizes(req: JobCreate, settings: Settings) -> HubPlan:
 
 
 # -- entry points ----------------------------------------------------------------------------------
+LIMIT_CODES: frozenset[str] = frozenset(
+    {"model_not_allowed", "token_budget_exceeded", "disk_budget_exceeded", "download_too_large"}
+)
+"""Codes of this module's refusals that are the server's limits (rather than a malformed request): what
+``POST /v1/jobs/estimate`` lists under ``limits_exceeded`` instead of answering 422."""
+
+
+def _bound_checks(session: Session, settings: Settings, req: JobCreate) -> list[tuple[str, Callable[[], object]]]:
+    """The checks of :func:`check_request_bounds`, cheapest first: ``(name, call)``; each call raises
+    ProblemError."""
+    d_model, source = job_width(session, req)
+    return [
+        ("model", lambda: check_model_allowed(req, settings)),
+        ("tokens", lambda: check_token_budgets(req, settings)),
+        ("disk", lambda: check_disk_budget(req, settings, d_model, source)),
+        ("hub", lambda: check_hub_sizes(req, settings)),
+    ]
+
+
 def check_request_bounds(session: Session, settings: Settings, req: JobCreate) -> None:
     """The API's admission checks of this module, cheapest first: allowed model, token budgets, disk
     budget (when d_model is known without network), then the hub sizes (one metadata request per repository,
@@ -317,11 +336,30 @@ def check_request_bounds(session: Session, settings: Settings, req: JobCreate) -
     Raises:
         ProblemError: 422 naming the field, as the checks above.
     """
-    check_model_allowed(req, settings)
-    check_token_budgets(req, settings)
-    d_model, source = job_width(session, req)
-    check_disk_budget(req, settings, d_model, source)
-    check_hub_sizes(req, settings)
+    for _name, check in _bound_checks(session, settings, req):
+        check()
+
+
+def request_bound_problems(session: Session, settings: Settings, req: JobCreate) -> list[ProblemError]:
+    """Every limit of :func:`check_request_bounds` that ``req`` breaks (codes in :data:`LIMIT_CODES`), in the
+    same order and with the same problems ``POST /v1/jobs`` answers with the first of them; nothing is raised
+    for them (``POST /v1/jobs/estimate``). The hub is not asked about a model this server does not allow.
+
+    Raises:
+        ProblemError: a refusal that is not a limit (e.g. 422 ``invalid_model`` when the hub says the model does
+            not exist), exactly as :func:`check_request_bounds` raises it.
+    """
+    out: list[ProblemError] = []
+    for name, check in _bound_checks(session, settings, req):
+        if name == "hub" and any(p.code == "model_not_allowed" for p in out):
+            continue
+        try:
+            check()
+        except ProblemError as e:
+            if e.code not in LIMIT_CODES:
+                raise
+            out.append(e)
+    return out
 
 
 def worker_preflight(req: JobCreate, settings: Settings) -> HubPlan:

@@ -3,6 +3,7 @@
 Examples (``RSAE_URL`` and ``RSAE_TOKEN`` from the environment, or ``--url`` / ``--token``)::
 
     rsae jobs submit --teacher teacher/ --layer 3 --wait          # upload (any of the 4 formats), submit, follow
+    rsae jobs submit --sae-id 6f1c... --layer 3 --estimate-only   # time, disk, memory, limits; submits nothing
     rsae jobs submit --sae-id 6f1c... --layer 3 --settings '{"finetune": {"steps": 200}}' --metadata run=a
     rsae jobs submit --hub-release <SAELens release> --hub-sae-id <id> --layer 3
     rsae jobs submit --hub-repo org/name --hub-subfolder layer_3 --layer 3
@@ -14,8 +15,12 @@ Examples (``RSAE_URL`` and ``RSAE_TOKEN`` from the environment, or ``--url`` / `
 
 The teacher folder may hold any supported format (detected from its files: SAELens cfg.json +
 sae_weights.safetensors, sparsify cfg.json + sae.safetensors, Gemma Scope params.npz, dictionary_learning
-ae.pt + config.json). ``submit`` prints the job as JSON (with ``--wait``: a summary, or with ``--json`` the
-final job as JSON).
+ae.pt + config.json). ``submit`` first shows the server's estimate of the job (``POST /v1/jobs/estimate``: expected
+time per stage, tokens, disk, memory) on stderr, refuses a job the server's limits would refuse, and asks before
+submitting one expected to take longer than ``--confirm-over`` seconds when stdin is a terminal (default 1800;
+``--yes`` does not ask; anything but ``y``/``yes`` submits nothing; a script, whose stdin is not a terminal, is not
+asked and submits as before). It prints the job as JSON (with ``--wait``: a summary, or with
+``--json`` the final job as JSON).
 
 Exit codes: 0 success (for ``wait``: the job succeeded), 1 the job failed or was cancelled, 2 bad input or
 an API error (the problem's code, detail and field are printed).
@@ -30,8 +35,11 @@ import os
 import sys
 from typing import Any
 
-from rsae_client import ApiError, HubRef, Job, RSAEClient
+from rsae_client import ApiError, HubRef, Job, JobEstimate, RSAEClient
 from rsae_client.models import JOB_STATUSES
+
+DEFAULT_CONFIRM_SECONDS = 1800.0
+"""``rsae jobs submit`` asks before submitting a job whose estimate is longer than this (``--confirm-over``)."""
 
 
 def _client(args: argparse.Namespace) -> RSAEClient:
@@ -130,9 +138,83 @@ def _summary(job: Job, file: Any = None) -> None:
         print("  " + ", ".join(f"{k} {v:.4g}" for k, v in m.items() if isinstance(v, (int, float))), file=file)
 
 
+def _seconds(x: float | None) -> str:
+    if x is None:
+        return "unknown"
+    m, sec = divmod(round(x), 60)
+    h, m = divmod(m, 60)
+    return f"{h} h {m} min" if h else (f"{m} min {sec} s" if m else f"{x:.1f} s")
+
+
+def _bytes(n: int | None) -> str:
+    if n is None:
+        return "unknown"
+    return f"{n / 1024**3:.2f} GiB" if n >= 1024**3 else f"{n / 1024**2:.1f} MiB"
+
+
+def print_estimate(est: JobEstimate, file: Any = None) -> None:
+    """A human summary of an estimate: total, tokens, disk, memory, each stage with its basis, limits, warnings."""
+    file = file or sys.stderr
+    verdict = "allowed to proceed" if est.allowed_to_proceed else "NOT allowed: see the limits below"
+    print(f"estimate on {est.device}: {_seconds(est.total_seconds)} in all ({verdict})", file=file)
+    t = est.tokens
+    print(
+        f"  tokens: train {t.train:,}, eval {t.eval:,}, fine-tuning rows {t.finetune_rows:,} per SAE, CE {t.ce:,}",
+        file=file,
+    )
+    print(
+        f"  disk: activations {_bytes(est.disk.activations_bytes)}, artifacts {_bytes(est.disk.artifacts_bytes)}; "
+        f"peak memory: host {_bytes(est.memory.host_bytes)}, accelerator "
+        f"{_bytes(est.memory.accelerator_bytes) if est.memory.accelerator_bytes is not None else '-'}",
+        file=file,
+    )
+    for st in est.stages:
+        print(f"  {st.stage:<10} {_seconds(st.seconds):>14}  {st.basis.detail}", file=file)
+    for p in est.limits_exceeded:
+        print(f"  limit: {p.status} {p.code}" + (f" [field {p.field}]" if p.field else "") + f": {p.detail}", file=file)
+    for p in est.warnings:
+        print(f"  warning: {p.code}: {p.detail}", file=file)
+
+
+def _confirm(question: str) -> bool:
+    print(question, end="", file=sys.stderr, flush=True)
+    try:
+        return input().strip().lower() in ("y", "yes")
+    except (EOFError, OSError):  # stdin closed or unreadable: no answer is no
+        return False
+
+
+def _estimate_gate(c: RSAEClient, body: dict[str, Any], args: argparse.Namespace) -> int | None:
+    """Ask the server for the job's estimate (``POST /v1/jobs/estimate``) and show it; the exit code if the job
+    must not be submitted (``--estimate-only``: 0 when allowed, else 1; limits exceeded: 2; the question over
+    ``--confirm-over`` seconds, asked when stdin is a terminal, answered anything but yes: 1), or None to submit."""
+    est = c.estimate(body)
+    if args.estimate_only:
+        if args.json:
+            _print(est)
+        else:
+            print_estimate(est, file=sys.stdout)
+        return 0 if est.allowed_to_proceed else 1
+    print_estimate(est)
+    if not est.allowed_to_proceed:
+        print("error: the server would refuse this job (limits above); not submitted", file=sys.stderr)
+        return 2
+    total = est.total_seconds
+    if not args.yes and total is not None and total > args.confirm_over:
+        if not sys.stdin.isatty():  # a script: nobody to ask; submit as before this question existed
+            print(f"expected {_seconds(total)}: submitting without asking (stdin is not a terminal)", file=sys.stderr)
+            return None
+        question = f"expected {_seconds(total)}, over {_seconds(args.confirm_over)}: submit? [y/N] "
+        if not _confirm(question):
+            print("not submitted (--yes submits without asking)", file=sys.stderr)
+            return 1
+    return None
+
+
 def cmd_submit(args: argparse.Namespace) -> int:
-    """Upload the teacher (any supported format; unless --sae-id or --hub-*) and create a job; prints the job as
-    JSON (or follows it with --wait)."""
+    """Upload the teacher (any supported format; unless --sae-id or --hub-*), show the job's estimate, ask before
+    submitting one expected to take longer than --confirm-over seconds (unless --yes), and create the job; prints
+    the job as JSON (or follows it with --wait). --estimate-only prints the estimate and submits nothing."""
     if args.webhook_url and not args.webhook_secret:
         print("error: --webhook-url needs --webhook-secret (or $RSAE_WEBHOOK_SECRET)", file=sys.stderr)
         return 2
@@ -163,6 +245,12 @@ def cmd_submit(args: argparse.Namespace) -> int:
             body["metadata"] = metadata
         if args.webhook_url:
             body["webhook"] = {"url": args.webhook_url, "secret": args.webhook_secret}
+        go = _estimate_gate(c, body, args)
+        if go is not None:
+            if args.teacher is not None and not args.sae_id:  # uploaded only for this job: not left behind
+                c.delete_sae(teacher["sae_id"])
+                print(f"deleted the teacher uploaded for it ({teacher['sae_id']})", file=sys.stderr)
+            return go
         job = c.create_job(body, idempotency_key=args.idempotency_key)
         if not args.wait:
             _print(job)
@@ -264,7 +352,11 @@ def add_jobs_parser(sub: Any) -> None:
     s.add_argument(
         "--metadata", action="append", default=None, metavar="KEY=VALUE", help="a label of the job (repeatable)"
     )
-    s.add_argument("--json", action="store_true", help="with --wait: print the final job as JSON")
+    s.add_argument(
+        "--json",
+        action="store_true",
+        help="with --wait: print the final job as JSON; with --estimate-only: the estimate",
+    )
     s.add_argument("--model", default="smollm2-135m")
     s.add_argument("--layer", type=int, default=None, help="block index L (default: the teacher's cfg hook_name)")
     s.add_argument("--hook", default=None, help="hook site, e.g. blocks.5.hook_mlp_out (default: the teacher's)")
@@ -276,6 +368,21 @@ def add_jobs_parser(sub: Any) -> None:
         default=os.environ.get("RSAE_WEBHOOK_SECRET"),
         help="Standard Webhooks signing secret of the notice: 'whsec_<base64>' or any string of 16+ characters, "
         "whose UTF-8 bytes are the key (default $RSAE_WEBHOOK_SECRET)",
+    )
+    s.add_argument(
+        "--estimate-only",
+        action="store_true",
+        help="print the job's estimate (with --json: as JSON) and submit nothing; exit 0 if the server would accept "
+        "the job, 1 if not (a teacher uploaded for it is deleted again)",
+    )
+    s.add_argument("--yes", "-y", action="store_true", help="submit without asking, whatever the estimate's time")
+    s.add_argument(
+        "--confirm-over",
+        type=float,
+        default=float(os.environ.get("RSAE_CONFIRM_SECONDS", DEFAULT_CONFIRM_SECONDS)),
+        metavar="SECONDS",
+        help="ask before submitting a job expected to take longer than this (default $RSAE_CONFIRM_SECONDS or "
+        f"{DEFAULT_CONFIRM_SECONDS:.0f})",
     )
     s.add_argument("--wait", action="store_true", help="follow the job until it ends")
     s.add_argument("--quiet", action="store_true", help="no progress bar")

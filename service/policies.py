@@ -2,8 +2,8 @@
 
 - ownership: :func:`job_or_404` (another user's job is a 404 exactly like an unknown id);
 - admission: :func:`admit` (the submission's write lock, then :func:`check_quota`: 429),
-  :func:`check_job_request` (server-side paths, webhook host, teacher, the core's configuration rules,
-  hook site, layer and width, job bounds; 422 naming the field);
+  :func:`check_job_request` (:func:`validate_job_request`: server-side paths, webhook host, teacher, the core's
+  configuration rules, hook site, layer and width; then the job bounds; 422 naming the field);
 - publishing: :func:`publish_job` (enqueue after commit; a broker failure marks the job failed, 503);
 - pagination: :func:`encode_cursor` / :func:`decode_cursor` (opaque keyset cursors of ``GET /v1/jobs`` and
   ``GET /v1/saes``); list filters: :func:`metadata_filters` (``?metadata[key]=value``);
@@ -34,7 +34,7 @@ from sqlalchemy.orm import Session, joinedload
 from rsae.data import resolve_conventions
 from rsae.errors import DataError
 from rsae.formats import teacher_hook_name
-from rsae.hooknames import choose_site, layout_for_config, site_width
+from rsae.hooknames import HookSite, choose_site, layout_for_config, site_width
 from rsae.models import model_config, model_shape
 
 from . import bounds
@@ -150,6 +150,33 @@ def check_webhook(req: JobCreate, settings: Settings) -> None:
         raise ProblemError(422, "webhook_not_allowed", f"webhook.url: {why}", field="webhook.url") from None
 
 
+def job_site(req: JobCreate, teacher_path: str = "") -> tuple[HookSite | None, dict | None]:
+    """The hook site a job reads, chosen as the pipeline will (:func:`rsae.hooknames.choose_site`: ``layer``,
+    ``hook``, the teacher's cfg ``hook_name`` read from ``teacher_path``, ``settings.data.allow_hook_override``),
+    and the model's ``config.json`` when known without loading it (:func:`rsae.models.model_config`).
+
+    Returns:
+        ``(site, config)``; site None when only the worker can tell (a hub teacher and neither ``layer`` nor
+        ``hook``), config None when the model is not at hand.
+
+    Raises:
+        rsae.errors.ModelError: malformed model spec (422, field ``model``).
+        rsae.errors.HookError: 422 ``invalid_hook`` naming ``hook`` or ``layer``.
+    """
+    config = model_config(req.model) if req.model.strip() else None  # empty: the core's validation names it
+    teacher_hook = teacher_hook_name(teacher_path) if teacher_path else None
+    if not teacher_path and req.layer is None and req.hook is None:
+        return None, config  # a hub teacher names its site in a cfg only the worker fetches
+    choice = choose_site(
+        req.layer,
+        req.hook,
+        teacher_hook,
+        layout_for_config(config),
+        allow_override=req.settings.data.allow_hook_override,
+    )
+    return choice.site, config
+
+
 def check_model_fit(session: Session, req: JobCreate, teacher_path: str = "") -> None:
     """Reject, at submission, a hook site that contradicts the teacher's cfg, a layer the model does not have,
     or a teacher of another width than the activations at the site.
@@ -166,17 +193,9 @@ def check_model_fit(session: Session, req: JobCreate, teacher_path: str = "") ->
             teacher's cfg, an unreadable name, no site at all).
         ProblemError: 422 naming ``layer`` (or ``hook``, when the layer came from it) or ``teacher.sae_id``.
     """
-    config = model_config(req.model) if req.model.strip() else None  # empty: the core's validation names it
-    teacher_hook = teacher_hook_name(teacher_path) if teacher_path else None
-    if not teacher_path and req.layer is None and req.hook is None:
-        return  # a hub teacher names its site in a cfg only the worker fetches
-    site = choose_site(
-        req.layer,
-        req.hook,
-        teacher_hook,
-        layout_for_config(config),
-        allow_override=req.settings.data.allow_hook_override,
-    ).site
+    site, config = job_site(req, teacher_path)
+    if site is None:
+        return
     shape = model_shape(req.model) if config is not None else None
     if shape is None:
         return
@@ -220,14 +239,30 @@ def check_conventions(session: Session, req: JobCreate) -> None:
 
 
 def check_job_request(session: Session, settings: Settings, req: JobCreate, user: User) -> None:
-    """Everything a job request must pass before its row is written, in this order: server-side paths
+    """Everything a job request must pass before its row is written: :func:`validate_job_request`, then the job
+    bounds (:func:`service.bounds.check_request_bounds`: allowed model, token and disk budgets, hub download
+    size; the last asks the hub's metadata).
+
+    Raises:
+        ProblemError: 422 naming the field (see the checks above; configuration errors name ``settings.*``).
+        rsae.errors.RSAEError: a bad teacher or model (422 naming the field).
+    """
+    validate_job_request(session, settings, req, user)
+    bounds.check_request_bounds(session, settings, req)
+
+
+def validate_job_request(session: Session, settings: Settings, req: JobCreate, user: User) -> str:
+    """What makes a job request well-formed, apart from the server's budgets, in this order: server-side paths
     (:func:`check_local_paths`), webhook host (:func:`check_webhook`), the teacher
     (:func:`service.jobs.resolve_teacher`, owned by ``user``; hub references checked without network), an
     uploaded corpus (``upload:<id>``, owned by ``user``: :func:`service.datasets.resolve_upload`), the
     core's own configuration rules (:func:`service.jobs.build_upgrade_config`), the context conventions, the hook
-    site against the teacher's cfg, layer and width (:func:`check_model_fit`), and the job bounds
-    (:func:`service.bounds.check_request_bounds`: allowed model, token and disk budgets, hub download size;
-    the last asks the hub's metadata).
+    site against the teacher's cfg, layer and width (:func:`check_model_fit`). ``POST /v1/jobs`` and
+    ``POST /v1/jobs/estimate`` both run it, so both answer the same 422s.
+
+    Returns:
+        The teacher folder (:func:`service.jobs.resolve_teacher`; ``""`` for a hub teacher, which only the
+        worker fetches).
 
     Raises:
         ProblemError: 422 naming the field (see the checks above; configuration errors name ``settings.*``).
@@ -243,7 +278,7 @@ def check_job_request(session: Session, settings: Settings, req: JobCreate, user
     except ValidationError as e:
         raise validation_error(upgrade_config_errors(e)) from None
     check_model_fit(session, req, teacher)
-    bounds.check_request_bounds(session, settings, req)
+    return teacher
 
 
 # -- publishing ------------------------------------------------------------------------------------

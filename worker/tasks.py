@@ -25,12 +25,14 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from rsae.config import STAGES
+from rsae.device import device_label
 from rsae.errors import Cancelled, RSAEError
 from rsae.pipeline import run_upgrade
 from service.bounds import check_disk_budget, fetch_model, job_width, worker_preflight
 from service.config import Settings, get_settings
 from service.datasets import resolve_upload, use_upload
 from service.db import DbTimeouts, get_sessionmaker
+from service.estimate import THROUGHPUT_KEY, throughput_record
 from service.jobs import add_event, artifact_refs, build_upgrade_config, resolve_teacher, transition
 from service.models import Job, utcnow
 from service.problems import ProblemError, validation_errors
@@ -274,10 +276,16 @@ class JobReporter:
 
 
 def _headline_metrics(report: dict[str, Any]) -> dict[str, Any]:
-    """The job's ``metrics``: the report's flat ``headline`` plus its per-SAE ``metrics`` under ``by_sae``."""
+    """The job's ``metrics``: the report's flat ``headline``, its per-SAE ``metrics`` under ``by_sae``, and the
+    throughput record of the run under ``throughput`` (device, sizes, seconds per stage:
+    :func:`service.estimate.throughput_record`; what ``POST /v1/jobs/estimate`` learns its rates from)."""
     metrics = dict(report.get("headline") or {})
     if report.get("metrics") is not None:
         metrics["by_sae"] = report["metrics"]
+    device = str((report.get("host_model") or {}).get("device") or "cpu")
+    record = throughput_record(report, device_label(device))
+    if record is not None:
+        metrics[THROUGHPUT_KEY] = record
     return json_safe(metrics)
 
 

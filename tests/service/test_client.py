@@ -237,6 +237,7 @@ def test_v1_paths_old_paths_redirect_and_operation_ids(client: TestClient, sae_i
         "get_sae",
         "delete_sae",
         "create_job",
+        "estimate_job",
         "list_jobs",
         "get_job",
         "delete_job",

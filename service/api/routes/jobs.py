@@ -18,6 +18,7 @@ from service import idempotency
 from service.api.deps import CeleryDep, LimitDep, SessionDep, SettingsDep, SubmitterDep
 from service.auth import UserDep
 from service.db import run_in_session
+from service.estimate import estimate_job as estimate_for
 from service.events import EventStreamResponse, job_event_stream
 from service.jobs import add_event, transition
 from service.jsonbody import StrictJSONRoute
@@ -30,6 +31,7 @@ from service.policies import (
     keyset_page,
     metadata_filters,
     publish_job,
+    validate_job_request,
 )
 from service.problems import ProblemError, problem_responses
 from service.schemas import (
@@ -38,6 +40,7 @@ from service.schemas import (
     CheckpointList,
     EventList,
     JobCreate,
+    JobEstimate,
     JobList,
     JobModel,
     JobStatus,
@@ -161,6 +164,35 @@ def create_job(
     return Response(
         out, status_code=202, headers={"Location": f"{API_PREFIX}/jobs/{job.id}"}, media_type="application/json"
     )
+
+
+@router.post(
+    "/estimate",
+    responses=problem_responses(
+        422, s422="the body is not a valid job (the same problems as POST /v1/jobs, naming the field; problem+json)"
+    ),
+)
+def estimate_job(body: JobCreate, session: SessionDep, settings: SettingsDep, user: UserDep) -> JobEstimate:
+    """What the job in ``body`` (the ``POST /v1/jobs`` body) would cost on this server's workers, and whether
+    ``POST /v1/jobs`` would accept it now. Nothing is created, queued or counted (no job row, no quota or rate-limit
+    use; an ``Idempotency-Key`` header is ignored).
+
+    The body is validated exactly as ``POST /v1/jobs`` validates it (the same 422s naming the field:
+    :func:`service.policies.validate_job_request`). The server's limits do not answer 422 here: every limit the
+    job would break (job bounds 422, unfinished jobs 429, storage quota 413) is listed in ``limits_exceeded`` with
+    the status, code, detail and field ``POST /v1/jobs`` answers, and ``allowed_to_proceed`` is false.
+
+    The answer: tokens (extracted train and eval rows, fine-tuning rows), disk (activation scratch, artifacts),
+    peak host and accelerator memory, and each stage's expected seconds with its basis: the rate this server's
+    workers measured on the device (``basis.source`` ``measured``, with the device, the number of jobs and when),
+    or the documented default (``default``), or ``unknown`` where a size is known only to the worker
+    (:mod:`service.estimate`).
+    """
+    try:
+        teacher = validate_job_request(session, settings, body, user)
+        return estimate_for(session, settings, body, user, teacher)
+    finally:
+        session.rollback()  # nothing an estimate touched is kept
 
 
 _METADATA_QUERY = {
