@@ -30,7 +30,7 @@ import torch
 from .data import ContextConventions, resolve_conventions, special_tokens
 from .errors import DataError, ModelError
 from .hooks import HookCapture, site_for
-from .models import BUNDLED_HUB_IDS
+from .models import bundled_name
 from .saes import CFG_NAME, SAE
 
 REPORT_NAME = "report.json"
@@ -63,15 +63,6 @@ class Context:
     index: int
     ids: list[int]
     kept: list[bool]
-
-
-def bundled_name(model_name: str | None) -> str | None:
-    """The bundled model spec of a recorded ``model_name`` that names a bundled model or the hub id it copies
-    (``HuggingFaceTB/SmolLM2-135M-Instruct`` -> ``smollm2-135m``); otherwise ``model_name`` itself."""
-    for name, hub_id in BUNDLED_HUB_IDS.items():
-        if model_name in (name, hub_id):
-            return name
-    return model_name
 
 
 def _read_json(path: Path) -> dict[str, Any]:
