@@ -30,6 +30,7 @@ from typing import Any, Literal
 import anyio.to_thread
 import redis.asyncio as aioredis
 from celery import Celery
+from kombu.exceptions import OperationalError as KombuOperationalError
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy.orm import Session
 
@@ -280,7 +281,7 @@ class EncodeClient:
         try:
             await anyio.to_thread.run_sync(self._publish, payload, reply)
             first = await self._redis().blpop([reply], timeout=s.encode_start_timeout_seconds)
-        except (OSError, ConnectionError, aioredis.RedisError) as e:
+        except (OSError, ConnectionError, aioredis.RedisError, KombuOperationalError) as e:
             raise _unavailable(f"the broker is unreachable ({type(e).__name__})", 5) from None
         if first is None:
             raise _unavailable(
