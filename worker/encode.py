@@ -56,6 +56,7 @@ class EncodeCache:
                 hit = load_model(spec, self.device)
                 self.models[spec] = hit
                 self.loads["models"] += 1
+                log.info("encode cache: loaded host model %s on %s", spec, self.device)
             return hit
 
     def sae(self, folder, sha256: str):
@@ -74,6 +75,7 @@ class EncodeCache:
                     while len(self.saes) > self.max_saes:
                         self.saes.popitem()
                 self.loads["saes"] += 1
+                log.info("encode cache: loaded SAE %s (sha256 %s, %d bytes)", folder.name, sha256[:12], size)
             return hit[0]
 
 

@@ -125,6 +125,10 @@ def test_encode_returns_the_latents_of_the_artifacts_loaded_locally(
     assert alone.json()["conventions"]["seqpos_slice"] == [1, None]
     assert_problem(http.post(f"/v1/saes/{sae['id']}/encode", json={"text": "x"}), 422, field="model")
 
+    # -- the long-lived worker loaded the host model once and each SAE once for all these requests
+    log = next(c for c in stack.children if c.name == "encode-worker").tail(2000)
+    assert log.count("encode cache: loaded host model") == 1 and log.count("encode cache: loaded SAE") == 2, log
+
     _bad_inputs(http, job["id"], sae["id"])
 
     # -- owner isolation: another user's job and SAE answer 404, as unknown ids do
