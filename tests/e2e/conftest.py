@@ -32,7 +32,7 @@ def e2e_settings(
 
 @pytest.fixture
 def stack(e2e_settings: Settings, tmp_path: Path) -> Iterator[Stack]:
-    """uvicorn + Celery worker subprocesses (logs in ``tmp_path/logs``, tails shown on failure)."""
+    """uvicorn + Celery worker + encode worker subprocesses (logs in ``tmp_path/logs``, tails shown on failure)."""
     with Stack(e2e_settings, port=0, log_dir=tmp_path / "logs", ready_timeout=120) as s:
         yield s
 
