@@ -38,6 +38,7 @@ MODULES: list[tuple[str, str]] = [
     ("evaluation", "4. Evaluation: time per SAE column, what dominates"),
     ("api_load", "5. API latency under load"),
     ("scaling", "6. Scaling of the step with d_sae and batch"),
+    ("encode_latency", "7. Encode latency (POST /v1/jobs/{id}/encode, 128-token text)"),
 ]
 """(module under bench/, section title), in the order they run."""
 

@@ -56,6 +56,15 @@ Neuronpedia). The bundled file is a 4-bit GGUF quantisation of it (``Q4_1``, deq
 its activations are close to, not equal to, those of the hub's weights; :func:`public_model` says so."""
 
 
+def bundled_name(model_name: str | None) -> str | None:
+    """The bundled model spec of a recorded ``model_name`` that names a bundled model or the hub id it copies
+    (``HuggingFaceTB/SmolLM2-135M-Instruct`` -> ``smollm2-135m``); otherwise ``model_name`` itself."""
+    for name, hub_id in BUNDLED_HUB_IDS.items():
+        if model_name in (name, hub_id):
+            return name
+    return model_name
+
+
 def cache_dir() -> Path:
     """Root of the project's on-disk cache (``$RSAE_CACHE_DIR``, default ``~/.cache/rsae``)."""
     return Path(os.environ.get("RSAE_CACHE_DIR") or Path.home() / ".cache" / "rsae")

@@ -25,6 +25,9 @@ from .models import (
     TERMINAL_STATUSES,
     Artifact,
     Checkpoint,
+    EncodedRow,
+    EncodedToken,
+    EncodeResult,
     Event,
     HubRef,
     Job,
@@ -33,6 +36,7 @@ from .models import (
     Page,
     Sae,
     TeacherRef,
+    TopLatents,
 )
 
 __version__ = "0.1.0"
@@ -47,6 +51,9 @@ __all__ = [
     "Artifact",
     "AsyncRSAEClient",
     "Checkpoint",
+    "EncodeResult",
+    "EncodedRow",
+    "EncodedToken",
     "Event",
     "HubRef",
     "Job",
@@ -57,6 +64,7 @@ __all__ = [
     "RetryPolicy",
     "Sae",
     "TeacherRef",
+    "TopLatents",
     "download_artifacts",
     "get_job",
     "retry_after_seconds",

@@ -26,6 +26,7 @@ from .models import (
     API_PREFIX,
     ArtifactList,
     CheckpointList,
+    EncodeResult,
     EventList,
     Job,
     JobEstimate,
@@ -296,6 +297,21 @@ def list_artifacts(job_id: str) -> Call[ArtifactList]:
 def list_checkpoints(job_id: str) -> Call[CheckpointList]:
     """``GET /v1/jobs/{id}/checkpoints``."""
     return Call("GET", f"{V}/jobs/{job_id}/checkpoints", CheckpointList.model_validate)
+
+
+def encode(
+    kind: str,
+    ident: str,
+    text: str | list[str] | None,
+    activations: list[list[float]] | None,
+    top_k: int | None,
+    which: str | None,
+) -> Call[EncodeResult]:
+    """``POST /v1/jobs/{id}/encode`` (``kind`` "jobs") or ``POST /v1/saes/{id}/encode`` (``kind`` "saes"): exactly
+    one of ``text`` and ``activations``; None fields are left to the server's defaults. Repeatable (it changes
+    nothing on the server)."""
+    body = _clean({"text": text, "activations": activations, "top_k": top_k, "which": which})
+    return Call("POST", f"{V}/{kind}/{ident}/encode", EncodeResult.model_validate, json=body)
 
 
 def job_body(

@@ -25,7 +25,7 @@ from httpx_sse import SSEError, aconnect_sse
 from . import _core
 from ._core import NO_RETRY, ApiError, Call, RetryPolicy, new_idempotency_key
 from .client import TERMINAL, _check_file, _http_client
-from .models import API_PREFIX, Artifact, Checkpoint, Event, Job, JobEstimate, Page, Sae
+from .models import API_PREFIX, Artifact, Checkpoint, EncodeResult, Event, Job, JobEstimate, Page, Sae
 
 T = TypeVar("T")
 
@@ -186,6 +186,29 @@ class AsyncRSAEClient:
     async def list_checkpoints(self, job_id: str) -> list[Checkpoint]:
         """The checkpoints the worker saved for the job, with the metrics at each."""
         return (await self._send(_core.list_checkpoints(job_id))).data
+
+    async def encode(
+        self,
+        job_id: str,
+        text: str | list[str] | None = None,
+        *,
+        activations: list[list[float]] | None = None,
+        top_k: int | None = None,
+        which: str | None = None,
+    ) -> EncodeResult:
+        """Top-k latents per token of a succeeded job's SAEs (see :meth:`rsae_client.RSAEClient.encode`)."""
+        return await self._send(_core.encode("jobs", job_id, text, activations, top_k, which))
+
+    async def encode_sae(
+        self,
+        sae_id: str,
+        text: str | list[str] | None = None,
+        *,
+        activations: list[list[float]] | None = None,
+        top_k: int | None = None,
+    ) -> EncodeResult:
+        """Top-k latents per token of an uploaded teacher SAE alone (see :meth:`rsae_client.RSAEClient.encode_sae`)."""
+        return await self._send(_core.encode("saes", sae_id, text, activations, top_k, None))
 
     async def stream(self, job_id: str, after: int = 0, timeout: float | None = None) -> AsyncIterator[Event]:
         """Live events of the job until it is terminal; reconnects with ``Last-Event-ID``.

@@ -34,6 +34,7 @@ from .models import (
     Artifact,
     ArtifactList,
     Checkpoint,
+    EncodeResult,
     Event,
     Job,
     JobEstimate,
@@ -370,6 +371,31 @@ class RSAEClient:
     def list_checkpoints(self, job_id: str) -> list[Checkpoint]:
         """The checkpoints the worker saved for the job, oldest first, with the metrics at each."""
         return self._send(_core.list_checkpoints(job_id)).data
+
+    def encode(
+        self,
+        job_id: str,
+        text: str | list[str] | None = None,
+        *,
+        activations: list[list[float]] | None = None,
+        top_k: int | None = None,
+        which: str | None = None,
+    ) -> EncodeResult:
+        """Top-k latents per token of a succeeded job's SAEs (``which``: "teacher", "rsae" or "both", the
+        default) for ``text`` (run through the host model with the job's conventions) or raw ``activations``
+        [rows of d_in numbers]. 503 ``encode_unavailable`` (no encode worker) is retried as any 503."""
+        return self._send(_core.encode("jobs", job_id, text, activations, top_k, which))
+
+    def encode_sae(
+        self,
+        sae_id: str,
+        text: str | list[str] | None = None,
+        *,
+        activations: list[list[float]] | None = None,
+        top_k: int | None = None,
+    ) -> EncodeResult:
+        """:meth:`encode` with an uploaded teacher SAE alone (its cfg's model, hook and conventions)."""
+        return self._send(_core.encode("saes", sae_id, text, activations, top_k, None))
 
     def stream(self, job_id: str, after: int = 0, timeout: float | None = None) -> Iterator[Event]:
         """Live events of the job until it is terminal (see :func:`stream_events`)."""

@@ -489,3 +489,94 @@ class JobEstimate(ApiModel):
         default_factory=list,
         description="Run-time limits the estimate says the job would pass (e.g. RSAE_JOB_DEADLINE_SECONDS).",
     )
+
+
+# -- encoding (POST /v1/jobs/{id}/encode, POST /v1/saes/{id}/encode) --------------------------------------------
+class TopLatents(ApiModel):
+    """One SAE's top latents of one token: indices into ``[0, d_sae)`` and their values, largest first, exact
+    zeros left out (so fewer than ``top_k`` when fewer latents fire)."""
+
+    indices: list[int]
+    values: list[float]
+
+
+class EncodedToken(ApiModel):
+    """One token of an encoded text."""
+
+    context: int = Field(description="Which of the text's contexts (of at most context_size tokens) it is in.")
+    position: int = Field(description="Its position in that context (0: the BOS token when prepend_bos).")
+    token_id: int
+    token: str = Field(description="The token decoded alone.")
+    kept: bool = Field(
+        description="Whether the conventions keep this position (seqpos_slice, exclude_special_tokens); the SAEs "
+        "encode only kept positions, as they were trained."
+    )
+    latents: dict[str, TopLatents] | None = Field(description="Per SAE ('teacher', 'rsae'); null when not kept.")
+
+
+class EncodedRow(ApiModel):
+    """One encoded activation row."""
+
+    latents: dict[str, TopLatents]
+
+
+class EncodeResult(ApiModel):
+    """Answer of an encode route: per token (or activation row) the top-k latents of each SAE, side by side."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "model": "smollm2-135m",
+                    "hook_name": "blocks.3.hook_resid_post",
+                    "top_k": 2,
+                    "saes": ["rsae", "teacher"],
+                    "conventions": {
+                        "context_size": 128,
+                        "prepend_bos": False,
+                        "seqpos_slice": [1, None],
+                        "exclude_special_tokens": False,
+                        "sequence_separator_token": None,
+                        "disable_concat_sequences": False,
+                        "sources": {},
+                    },
+                    "texts": [
+                        [
+                            {
+                                "context": 0,
+                                "position": 0,
+                                "token_id": 504,
+                                "token": "The",
+                                "kept": False,
+                                "latents": None,
+                            },
+                            {
+                                "context": 0,
+                                "position": 1,
+                                "token_id": 3304,
+                                "token": " bank",
+                                "kept": True,
+                                "latents": {
+                                    "rsae": {"indices": [811, 12], "values": [4.02, 1.37]},
+                                    "teacher": {"indices": [811, 90], "values": [3.88, 1.1]},
+                                },
+                            },
+                        ]
+                    ],
+                    "rows": None,
+                }
+            ]
+        }
+    )
+
+    model: str = Field(description="The host model the text was run through.")
+    hook_name: str = Field(description="The hook the SAEs read.")
+    top_k: int
+    saes: list[str] = Field(description="The SAEs encoded with: 'teacher' and/or 'rsae'.")
+    conventions: dict[str, Any] | None = Field(
+        description="The context conventions the text was fed with (SAELens metadata names); null for activations."
+    )
+    texts: list[list[EncodedToken]] | None = Field(
+        description="Per input text, its tokens in order; null for activations."
+    )
+    rows: list[EncodedRow] | None = Field(description="Per activation row; null for text.")

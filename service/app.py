@@ -15,6 +15,7 @@ from .api.routes import datasets, health, jobs, saes
 from .auth import TokenCache
 from .config import Settings, get_settings
 from .db import DbTimeouts, make_engine
+from .encode import EncodeClient
 from .events import StreamSlots
 from .limits import BodyLimitMiddleware
 from .problems import install_problem_handlers
@@ -39,7 +40,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     """Build the API for ``settings`` (default: read from the environment).
 
     The app owns one SQL engine (disposed at shutdown), one Celery app used only to publish task messages,
-    one rate limiter (:class:`service.ratelimit.RateLimits`, Redis at the broker URL) and one cache of valid
+    one rate limiter (:class:`service.ratelimit.RateLimits`, Redis at the broker URL), one client of the encode
+    worker (:class:`service.encode.EncodeClient`) and one cache of valid
     tokens (:class:`service.auth.TokenCache`, ``RSAE_AUTH_CACHE_SECONDS``). It never creates
     the schema: run ``rsae-service migrate`` (``serve`` does it first).
     """
@@ -56,6 +58,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         """Release the SQL pool and the broker connections at shutdown."""
         yield
+        await app.state.encoder.aclose()
         engine.dispose()
         app.state.celery.close()
 
@@ -74,6 +77,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.streams = StreamSlots(settings.max_streams_per_user)
     app.state.celery = create_celery(settings)
     app.state.rate_limits = RateLimits(settings)
+    app.state.encoder = EncodeClient(settings, app.state.celery)
     app.state.token_cache = TokenCache(settings.auth_cache_seconds, settings.auth_cache_size)
     install_problem_handlers(app)
     app.add_middleware(

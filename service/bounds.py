@@ -153,13 +153,18 @@ def check_model_allowed(req: JobCreate, settings: Settings) -> None:
     Raises:
         ProblemError: 422 ``model_not_allowed`` naming ``model``.
     """
-    if model_spec_kind(req.model) == "path":
+    check_model_name(req.model, settings)
+
+
+def check_model_name(model: str, settings: Settings) -> None:
+    """:func:`check_model_allowed` for a model spec alone (also the encode route's ``model``)."""
+    if model_spec_kind(model) == "path":
         return
-    if not any(fnmatch.fnmatchcase(req.model, pattern) for pattern in settings.allowed_models):
+    if not any(fnmatch.fnmatchcase(model, pattern) for pattern in settings.allowed_models):
         raise ProblemError(
             422,
             "model_not_allowed",
-            f"model {req.model[:200]!r} is not allowed on this server (RSAE_ALLOWED_MODELS: "
+            f"model {model[:200]!r} is not allowed on this server (RSAE_ALLOWED_MODELS: "
             f"{', '.join(settings.allowed_models) or 'none'})",
             field="model",
         )

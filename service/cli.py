@@ -5,6 +5,7 @@ Examples:
     rsae-service migrate                      # alembic upgrade head on RSAE_DATABASE_URL
     rsae-service serve --host 0.0.0.0         # migrate, then uvicorn (needs RSAE_BROKER_URL)
     rsae-service worker                       # Celery worker on queue 'gpu', concurrency 1, prefork
+    rsae-service encode-worker                # long-lived encode worker on queue 'encode' (models kept loaded)
     rsae-service up                           # one machine: own Redis (if RSAE_BROKER_URL unset), SQLite
                                               # (if RSAE_DATABASE_URL unset), worker and API; Ctrl-C stops
     rsae-service up --local-paths             # ... and jobs may read paths under RSAE_LOCAL_PATH_ROOTS
@@ -69,11 +70,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    """Run a Celery worker on the job queue (concurrency 1, prefork); extra arguments pass through."""
+    """Run a Celery worker on the job queue (concurrency 1, prefork), or with ``encode-worker`` the encode worker
+    on the encode queue; extra arguments pass through."""
     from .queue import run_worker
 
     extra = args.celery_args[1:] if args.celery_args[:1] == ["--"] else args.celery_args
-    run_worker(get_settings(), extra)
+    run_worker(get_settings(), extra, encode=args.command == "encode-worker")
     return 0
 
 
@@ -172,6 +174,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     w.add_argument("celery_args", nargs=argparse.REMAINDER, help="passed to celery worker")
     w.set_defaults(func=cmd_worker)
+
+    e = sub.add_parser(
+        "encode-worker",
+        help="run the long-lived encode worker (queue 'encode'; keeps models and SAEs loaded)",
+        description="Serves POST /v1/jobs/{id}/encode and POST /v1/saes/{id}/encode. Extra arguments after the "
+        "subcommand go to 'celery worker'.",
+    )
+    e.add_argument("celery_args", nargs=argparse.REMAINDER, help="passed to celery worker")
+    e.set_defaults(func=cmd_worker)
 
     u = sub.add_parser("up", help="one machine: own Redis if needed, migrate, worker + API")
     u.add_argument("--host", default="127.0.0.1")

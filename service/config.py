@@ -229,6 +229,58 @@ class Settings(BaseSettings):
     page_size_default: int = Field(20, ge=1, description="GET /jobs page size when 'limit' is absent.")
     page_size_max: int = Field(100, ge=1, description="Largest accepted 'limit' of a list request.")
     queue_name: str = Field("gpu", min_length=1, description="Celery queue the upgrade tasks go to.")
+    # -- encoding for tools (POST /v1/jobs/{id}/encode, POST /v1/saes/{id}/encode; worker/encode.py) -------------
+    encode_queue_name: str = Field(
+        "encode",
+        min_length=1,
+        description="Celery queue the encode requests go to (served by 'rsae-service encode-worker').",
+    )
+    encode_start_timeout_seconds: float = Field(
+        10.0,
+        gt=0,
+        le=300,
+        description="How long an encode request waits for an encode worker to take it; then 503 encode_unavailable "
+        "with Retry-After (no encode worker is consuming the queue, or all are busy), and the queued message expires "
+        "unrun.",
+    )
+    encode_timeout_seconds: float = Field(
+        30.0,
+        gt=0,
+        le=600,
+        description="How long an encode request waits for its result once a worker took it; then 504 encode_timeout. "
+        "Also the soft time limit of the encode task in the worker.",
+    )
+    encode_max_tokens: int = Field(
+        1024,
+        ge=1,
+        le=65536,
+        description="Most tokens one encode request may feed the host model (all texts, BOS tokens included); "
+        "beyond it 413 naming 'text'.",
+    )
+    encode_max_texts: int = Field(
+        32, ge=1, le=10_000, description="Most texts in one encode request (413 naming 'text')."
+    )
+    encode_max_rows: int = Field(
+        256, ge=1, le=65536, description="Most activation rows in one encode request (413 naming 'activations')."
+    )
+    encode_max_top_k: int = Field(64, ge=1, le=4096, description="Largest accepted top_k of an encode request (422).")
+    encode_cache_models: int = Field(
+        2, ge=1, le=64, description="Host models an encode worker keeps loaded (least recently used dropped first)."
+    )
+    encode_cache_saes: int = Field(
+        16, ge=1, le=10_000, description="SAEs an encode worker keeps loaded (least recently used dropped first)."
+    )
+    encode_cache_sae_bytes: int = Field(
+        4 * 1024**3,
+        ge=1024**2,
+        description="Bytes of SAE tensors an encode worker keeps loaded, all SAEs together (least recently used "
+        "dropped first; one SAE larger than this is loaded for its request only).",
+    )
+    rate_limit_encode_per_user: str = Field(
+        "120/minute",
+        description="Encode requests (POST .../encode) allowed per user ('limits' notation); beyond it 429 with "
+        "Retry-After. Empty: no limit.",
+    )
     allow_local_paths: bool = Field(
         False,
         description="Accept server-side paths in job requests (teacher.path, a local model folder, "
@@ -339,7 +391,10 @@ class Settings(BaseSettings):
     log_level: str = Field("INFO", description="Logging level of the CLI processes.")
 
     @field_validator(
-        "rate_limit_auth_failures", "rate_limit_submissions_per_token", "rate_limit_submissions_per_address"
+        "rate_limit_auth_failures",
+        "rate_limit_submissions_per_token",
+        "rate_limit_submissions_per_address",
+        "rate_limit_encode_per_user",
     )
     @classmethod
     def _rate_limit_notation(cls, value: str) -> str:

@@ -1,5 +1,5 @@
 """The embedded single-machine stack: an own ``redis-server`` when no broker is configured, the migrated
-database, one Celery worker subprocess and one uvicorn subprocess.
+database, one Celery worker subprocess, one encode worker subprocess (queue ``encode``) and one uvicorn subprocess.
 
 Used by ``rsae-service up`` and ``demo`` and by the end-to-end tests. Children run in their own process
 groups, so Ctrl-C reaches only this process, which then stops them in order (API, worker, Redis).
@@ -202,7 +202,7 @@ def check_local_paths_exposure(host: str, settings: Settings) -> None:
 
 
 class Stack:
-    """Broker, migrated database, worker and API, as one context manager.
+    """Broker, migrated database, worker, encode worker and API, as one context manager.
 
     Args:
         settings: the deployment; without ``broker_url`` an own redis-server is started.
@@ -278,6 +278,7 @@ class Stack:
         env = self._env(broker)
         cli = [sys.executable, "-m", "service.cli"]
         self.children.append(Child("worker", [*cli, "worker"], env, self.log_dir))
+        self.children.append(Child("encode-worker", [*cli, "encode-worker"], env, self.log_dir))
         self.children.append(
             Child(
                 "api", [*cli, "serve", "--no-migrate", "--host", self.host, "--port", str(self.port)], env, self.log_dir
@@ -306,6 +307,6 @@ class Stack:
         return "\n".join(f"----- {c.name} ({c.log_path}) -----\n{c.tail(lines)}" for c in self.children if c.log_path)
 
     def stop(self) -> None:
-        """Stop the children in reverse start order (API, worker, Redis)."""
+        """Stop the children in reverse start order (API, encode worker, worker, Redis)."""
         while self.children:
             self.children.pop().stop()

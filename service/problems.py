@@ -80,6 +80,7 @@ _STATUS_DESCRIPTIONS = {
     429: "too many requests: failed authentications or submissions over the rate limit (code rate_limited), "
     "or too many unfinished jobs (problem+json; Retry-After)",
     503: "a dependency is unavailable (problem+json; Retry-After)",
+    504: "a worker did not answer in time (problem+json)",
 }
 
 

@@ -25,9 +25,14 @@ log = logging.getLogger(__name__)
 TASK_UPGRADE = "rsae.upgrade"
 """Name of the upgrade task (implemented by ``worker.tasks.upgrade``)."""
 
+TASK_ENCODE = "rsae.encode"
+"""Name of the encode task (implemented by ``worker.encode.encode``), on queue ``settings.encode_queue_name``."""
+
 WORKER_APP = "worker.celery_app"
 """Module of the worker's Celery app, as ``celery -A`` takes it. Named, never imported, by the service:
 ``rsae-service worker`` hands it to Celery's command line (:func:`run_worker`)."""
+ENCODE_WORKER_APP = "worker.encode_app"
+"""Module of the encode worker's Celery app (``rsae-service encode-worker``)."""
 
 
 def create_celery(settings: Settings | None = None, *, include: Sequence[str] = ()) -> Celery:
@@ -48,7 +53,10 @@ def create_celery(settings: Settings | None = None, *, include: Sequence[str] = 
         task_serializer="json",
         accept_content=["json"],
         task_default_queue=settings.queue_name,
-        task_routes={TASK_UPGRADE: {"queue": settings.queue_name}},
+        task_routes={
+            TASK_UPGRADE: {"queue": settings.queue_name},
+            TASK_ENCODE: {"queue": settings.encode_queue_name},
+        },
         # One job at a time per worker process; do not reserve jobs another worker could start.
         worker_prefetch_multiplier=1,
         # Acknowledgement design (docs/reliability.md). The SQL lease, not the broker, decides who runs a
@@ -137,9 +145,11 @@ def broker_ping(app: Celery, timeout: float = 2.0) -> None:
         conn.ensure_connection(max_retries=1, timeout=timeout)
 
 
-def run_worker(settings: Settings, extra_args: Sequence[str] = ()) -> None:
+def run_worker(settings: Settings, extra_args: Sequence[str] = (), *, encode: bool = False) -> None:
     """Run a Celery worker of :data:`WORKER_APP` on ``settings.queue_name`` (concurrency 1, prefork) in this
-    process, as ``celery -A worker.celery_app worker -Q <queue> -c 1 -P prefork --loglevel <level> ...``.
+    process, as ``celery -A worker.celery_app worker -Q <queue> -c 1 -P prefork --loglevel <level> ...``; with
+    ``encode``, the long-lived encode worker instead: :data:`ENCODE_WORKER_APP` on ``settings.encode_queue_name``
+    (its pool process keeps host models and SAEs loaded between requests: ``worker.encode``).
 
     Celery imports the worker's app module by name, so the service never imports :mod:`worker`. That app is
     built from the process settings (:func:`service.config.get_settings`), which ``settings`` must be.
@@ -147,6 +157,7 @@ def run_worker(settings: Settings, extra_args: Sequence[str] = ()) -> None:
     Args:
         settings: the deployment (its broker URL is checked here, so a missing one is a ``ConfigError``).
         extra_args: further ``celery worker`` arguments.
+        encode: run the encode worker.
     """
     from celery.bin.celery import celery as celery_cli
     from click.exceptions import Exit
@@ -154,16 +165,17 @@ def run_worker(settings: Settings, extra_args: Sequence[str] = ()) -> None:
     settings.require_broker()
     argv = [
         "-A",
-        WORKER_APP,
+        ENCODE_WORKER_APP if encode else WORKER_APP,
         "worker",
         "-Q",
-        settings.queue_name,
+        settings.encode_queue_name if encode else settings.queue_name,
         "-c",
         "1",
         "-P",
         "prefork",
         "--loglevel",
         settings.log_level,
+        *(["-n", "encode@%h"] if encode else []),
         *extra_args,
     ]
     try:

@@ -1,6 +1,6 @@
-"""Rate limits on failed authentications and on submissions, by the ``limits`` library.
+"""Rate limits on failed authentications, on submissions and on encode requests, by the ``limits`` library.
 
-Two kinds of limits, both configured in ``limits``' string notation (``"30/minute"``, ``"5/second;100/hour"``;
+Three kinds of limits, all configured in ``limits``' string notation (``"30/minute"``, ``"5/second;100/hour"``;
 an empty string turns one off) and counted with its moving-window strategy
 (:class:`limits.strategies.MovingWindowRateLimiter`, exact: at most N hits in any window of the period):
 
@@ -10,6 +10,8 @@ an empty string turns one off) and counted with its moving-window strategy
   another address is not affected.
 - **submissions** (``POST /jobs``, ``POST /saes``), per API token (``rate_limit_submissions_per_token``) and per
   client address (``rate_limit_submissions_per_address``), counted before the request body is read.
+- **encode requests** (``POST /jobs/{id}/encode``, ``POST /saes/{id}/encode``), per user
+  (``rate_limit_encode_per_user``), counted once the token is authenticated.
 
 Refusals are 429 problem+json (code ``rate_limited``) with ``Retry-After``: whole seconds until the oldest
 counted hit leaves the window. Counters live in Redis at the broker URL when the service has one (shared by
@@ -117,6 +119,7 @@ class RateLimits:
         self.auth_failures = _rates(settings.rate_limit_auth_failures)
         self.per_token = _rates(settings.rate_limit_submissions_per_token)
         self.per_address = _rates(settings.rate_limit_submissions_per_address)
+        self.per_user_encode = _rates(settings.rate_limit_encode_per_user)
         self._warned_at = -math.inf
 
     # -- authentication failures ------------------------------------------------------------------
@@ -163,6 +166,18 @@ class RateLimits:
                         f"too many submissions (POST /jobs, POST /saes) {whose}; retry after the time in Retry-After",
                         wait,
                     )
+
+    # -- encoding ------------------------------------------------------------------------------------
+    def encode(self, user_id: str) -> None:
+        """Count one encode request (``POST .../encode``) of user ``user_id``; refuse it beyond
+        ``rate_limit_encode_per_user``.
+
+        Raises:
+            RateLimited: 429 with Retry-After until the oldest counted request leaves the window.
+        """
+        wait = self._hit(self.per_user_encode, "encode", [("user", user_id)])
+        if wait is not None:
+            raise RateLimited("too many encode requests of yours; retry after the time in Retry-After", wait)
 
     # -- counting ----------------------------------------------------------------------------------
     def _full(self, rates: Sequence[RateLimitItem], scope: str, keys: Sequence[tuple[str, str]]) -> float | None:

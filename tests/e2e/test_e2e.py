@@ -11,12 +11,10 @@ import hashlib
 import json
 import os
 import shlex
-import socket
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,11 +25,9 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from service.client import download_artifacts, get_job, submit_job, upload_sae, wait_for_job
-from service.config import Settings
 from service.embedded import Stack, wait_until
 from service.models import Job, User, utcnow
 from service.queue import create_celery, enqueue_upgrade
-from support.servers import bearer
 
 pytestmark = pytest.mark.e2e
 
@@ -42,29 +38,6 @@ SMALL_SETTINGS = {
     "finetune": {"steps": 60, "batch_size": 512, "eval_every": 30},
     "eval": {"ce_sequences": 4},
 }
-
-
-@pytest.fixture
-def e2e_settings(
-    database_url: str, clean_db: None, e2e_broker_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> Settings:
-    """The stack's settings: test Postgres, Redis db 14, a temp data dir; webhooks to 127.0.0.1 allowed, on
-    one free port (``webhook_allowed_ports[0]``, for a :class:`support.webhooks.Receiver`), through the
-    environment the stack's processes inherit."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    monkeypatch.setenv("RSAE_WEBHOOK_ALLOWED_HOSTS", '["127.0.0.1"]')
-    monkeypatch.setenv("RSAE_WEBHOOK_ALLOWED_PORTS", f"[{port}]")
-    monkeypatch.setenv("RSAE_WEBHOOK_ALLOWED_NETWORKS", '["127.0.0.1/32"]')
-    return Settings(database_url=database_url, broker_url=e2e_broker_url, data_dir=tmp_path / "data")
-
-
-@pytest.fixture
-def stack(e2e_settings: Settings, tmp_path: Path) -> Iterator[Stack]:
-    """uvicorn + Celery worker subprocesses (logs in ``tmp_path/logs``, tails shown on failure)."""
-    with Stack(e2e_settings, port=0, log_dir=tmp_path / "logs", ready_timeout=120) as s:
-        yield s
 
 
 @pytest.fixture(scope="module")
@@ -83,13 +56,6 @@ def teacher_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
             seed=0,
         )
     )
-
-
-@pytest.fixture
-def http(stack: Stack, api_token: str) -> Iterator[httpx.Client]:
-    """An HTTP client for the stack's API, authenticated as ``alice``."""
-    with httpx.Client(base_url=stack.base_url, timeout=60, headers=bearer(api_token)) as c:
-        yield c
 
 
 def test_worker_records_failure_and_ignores_duplicate_messages(stack: Stack, http: httpx.Client, db: Session) -> None:

@@ -14,6 +14,7 @@ from fastapi.responses import FileResponse
 from sqlalchemy import select
 from sqlalchemy.orm import Session, selectinload
 
+from service import encode as encoding
 from service import idempotency
 from service.api.deps import CeleryDep, LimitDep, SessionDep, SettingsDep, SubmitterDep
 from service.auth import UserDep
@@ -38,6 +39,7 @@ from service.schemas import (
     API_PREFIX,
     ArtifactList,
     CheckpointList,
+    EncodeResult,
     EventList,
     JobCreate,
     JobEstimate,
@@ -377,6 +379,34 @@ def list_checkpoints(job_id: str, session: SessionDep, user: UserDep) -> Checkpo
     attempt, when, and the metrics recorded at that step (see :func:`service.policies.job_checkpoints`)."""
     job = job_or_404(session, job_id, user)
     return CheckpointList(data=job_checkpoints(session, job), has_more=False, next_cursor=None)
+
+
+ENCODE_RESPONSES = problem_responses(
+    409,
+    410,
+    503,
+    504,
+    s409="the job has not succeeded (code job_not_finished), or its teacher is no longer on the server (code "
+    "teacher_unavailable, field which) (problem+json)",
+    s410="the job's artifacts were deleted by the retention rule (problem+json)",
+    s503="no encode worker took the request in time (code encode_unavailable; problem+json; Retry-After)",
+    s504="the encode worker did not answer in time (code encode_timeout; problem+json)",
+)
+"""The problem answers of the encode routes beyond the router's own."""
+
+
+@router.post("/{job_id}/encode", responses={**_NOT_FOUND, **ENCODE_RESPONSES})
+async def encode_job(job_id: str, body: encoding.EncodeRequest, request: Request, user: UserDep) -> EncodeResult:
+    """Top-k latents per token of a succeeded job's teacher and upgraded SAE, side by side.
+
+    ``text`` (a string or a list) is tokenized and run through the job's host model to its hook with the job's
+    context conventions (``report.json`` ``data.conventions``; positions the conventions drop carry no latents);
+    ``activations`` (rows of ``d_in`` numbers) are encoded as they are. Served by the long-lived encode worker
+    (``rsae-service encode-worker``, queue ``encode``), which keeps models and SAEs loaded. Bounds:
+    ``RSAE_ENCODE_MAX_TOKENS`` / ``_MAX_TEXTS`` / ``_MAX_ROWS`` (413 naming the field), ``_MAX_TOP_K`` (422),
+    ``RSAE_RATE_LIMIT_ENCODE_PER_USER`` (429). Only the owner may encode (404 otherwise).
+    """
+    return await encoding.encode(request, user, body, encoding.job_payload, job_id)
 
 
 @router.get(

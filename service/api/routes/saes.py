@@ -15,6 +15,7 @@ from fastapi.concurrency import run_in_threadpool
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
+from service import encode as encoding
 from service import storage
 from service.api.deps import LimitDep, SessionDep, SettingsDep, SubmitterDep
 from service.auth import UserDep
@@ -23,7 +24,7 @@ from service.jsonbody import StrictJSONRoute
 from service.models import Sae
 from service.policies import keyset_page
 from service.problems import problem_responses
-from service.schemas import API_PREFIX, SaeList, SaeModel, sae_out
+from service.schemas import API_PREFIX, EncodeResult, SaeList, SaeModel, sae_out
 from service.teachers import (
     MAX_NAME_CHARS,
     UPLOAD_FILES,
@@ -212,3 +213,21 @@ def delete_sae(sae_id: str, session: SessionDep, settings: SettingsDep, user: Us
     """
     storage.delete_sae(session, settings, sae_or_404(session, sae_id, user.id))
     return Response(status_code=204)
+
+
+@router.post(
+    "/{sae_id}/encode",
+    responses=problem_responses(
+        404,
+        503,
+        504,
+        s503="no encode worker took the request in time (code encode_unavailable; problem+json; Retry-After)",
+        s504="the encode worker did not answer in time (code encode_timeout; problem+json)",
+    ),
+)
+async def encode_sae(sae_id: str, body: encoding.SaeEncodeRequest, request: Request, user: UserDep) -> EncodeResult:
+    """Top-k latents per token of an uploaded teacher SAE alone (as ``POST /v1/jobs/{id}/encode`` with
+    ``which: "teacher"``): text runs through the host model and hook its ``cfg.json`` records (or ``model`` /
+    ``hook``), with the conventions it records (SAELens metadata; none: 128 tokens, no BOS, position 0 dropped).
+    """
+    return await encoding.encode(request, user, body, encoding.sae_payload, sae_id)
