@@ -265,6 +265,20 @@ class FinetuneConfig(_Strict):
         "JumpReLU control's own penalty, JumpReLU upgrades only; mu starts where the control's does). Why this "
         "default: docs/method.md#defaults.",
     )
+    objective: Literal["mse", "mse+kl"] = Field(
+        "mse",
+        description="'mse': reconstruction (+ sparsity) only; 'mse+kl': adds beta * KL(clean || spliced), the KL "
+        "between the host model's next-token distributions with the site left alone and replaced by the SAE's "
+        "reconstruction (end-to-end / KL fine-tuning of SAEs), for the RSAE and the control alike. Each step "
+        "runs the host model on finetune.kl_sequences training sequences (two forwards, one backward).",
+    )
+    kl_coefficient: float | None = Field(
+        None,
+        ge=0,
+        description="beta of the KL term. None: the teacher's MSE divided by its KL at the start (both terms "
+        "start equal).",
+    )
+    kl_sequences: int = Field(4, ge=1, le=256, description="Training sequences per step of the KL term.")
     eval_every: int = Field(100, ge=1, description="Steps between held-out evaluations (training curve).")
     l0_target_ratio: float | None = Field(
         0.95,

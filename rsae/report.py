@@ -223,12 +223,19 @@ class FinetuneSection(_Section):
     curve: list[CurvePoint]
     final_train: dict[str, float] | None = Field(description="Loss parts of the last training step.")
     gate: GateSummary
+    objective: str = Field("mse", description="finetune.objective: 'mse' or 'mse+kl' (RSAE and control alike).")
+    kl_coefficient: float | None = Field(
+        None, description="beta of the KL term (nats/token -> squared activation units) with 'mse+kl'; else null."
+    )
+    kl_sequences: int | None = Field(None, description="Training sequences per step of the KL term; else null.")
 
 
 class ControlSection(_Section):
     """The compute-matched control: the teacher fine-tuned with its own gate."""
 
     what: str
+    steps: int | None = Field(None, description="Adam steps (the RSAE's finetune.steps; null in older reports).")
+    batch_size: int | None = Field(None, description="Rows per step (the RSAE's finetune.batch_size).")
     objective: str
     initial_coefficient: float
     final_coefficient: float

@@ -17,6 +17,8 @@ import torch
 from ..config import UpgradeConfig
 from ..errors import TeacherError
 from ..evaluate import reconstruction_metrics
+from ..hooks import site_for
+from ..kl import KLTerm, with_kl
 from ..report import ControlSection, CurvePoint, FinetuneSection
 from ..saes import SAE, Family, decoder_norm_l1
 from ..saes.family import Objective
@@ -87,24 +89,84 @@ def _on_step(
     return on_step
 
 
+class KLSetup:
+    """The KL term of ``finetune.objective = "mse+kl"`` (:mod:`rsae.kl`): its coefficient ``beta`` and a factory
+    of :class:`rsae.kl.KLTerm` that draw the same training sequences for the RSAE and the control."""
+
+    def __init__(self, state: UpgradeState, cal_x: torch.Tensor) -> None:
+        ft = state.cfg.finetune
+        model, _ = state.host_model()
+        self.site = site_for(model, state.cfg.layer, state.cfg.hook)
+        self.model, self.sequences, self.seed = model, ft.kl_sequences, state.cfg.seed + 2
+        self.input_ids, _ = state.train.sequences()
+        if ft.kl_coefficient is not None:
+            self.beta = float(ft.kl_coefficient)
+            return
+        term = self.term()
+        try:
+            with torch.no_grad():
+                teacher = copy.deepcopy(state.teacher).to(state.device)
+                kl0 = term(teacher).item()
+                x = cal_x.to(state.device)
+                mse0 = (x - teacher(x)).pow(2).sum(-1).mean().item()
+        finally:
+            term.close()
+        self.beta = mse0 / max(kl0, 1e-6)
+
+    def term(self) -> KLTerm:
+        """A fresh term (same seed: the same sequence draws step by step); close it after training."""
+        return KLTerm(self.model, self.site, self.input_ids, sequences=self.sequences, seed=self.seed)
+
+
 def _train_control(
-    state: UpgradeState, ctx: RunContext, lam: float, lam_source: str, l0_target: float | None, threshold_lr: float
+    state: UpgradeState,
+    ctx: RunContext,
+    lam: float,
+    lam_source: str,
+    l0_target: float | None,
+    threshold_lr: float,
+    kl: KLSetup | None,
 ) -> None:
-    """Fine-tune a copy of the teacher with its family's control objective; fill ``state.control`` and
-    ``state.control_section``."""
+    """Fine-tune a copy of the teacher with its family's control objective (plus the KL term when ``kl``);
+    fill ``state.control`` and ``state.control_section``."""
     ft, family = state.cfg.finetune, state.family
     control = copy.deepcopy(state.teacher).to(state.device)
     groups = control.param_groups_with(ft.lr, (family.threshold_parameters(control), threshold_lr))
     objective = family.control_objective(state.teacher, lam, lam_source)
+    term = kl.term() if kl is not None else None
+    loss_fn = objective.loss_fn if term is None else with_kl(objective.loss_fn, term, kl.beta)
     curve: list[dict[str, float]] = []
-    hist = train_sae(
+    try:
+        hist = _run_control(state, ctx, control, objective.coefficient, loss_fn, groups, l0_target, curve)
+    finally:
+        if term is not None:
+            term.close()
+    state.control = control.eval()
+    description = objective.description if term is None else f"{objective.description} + beta * KL(clean || spliced)"
+    state.control_section = ControlSection(
+        steps=ft.steps,
+        batch_size=ft.batch_size,
+        what="the teacher fine-tuned with its own gate: same training tokens, batches, steps, optimiser, "
+        "learning rates, L0 target (controller) and objective terms as the RSAE",
+        objective=description,
+        initial_coefficient=objective.coefficient,
+        final_coefficient=hist[-1]["lambda"] if hist else objective.coefficient,
+        curve=[CurvePoint.model_validate(p) for p in curve],
+        final_train=hist[-1] if hist else None,
+    )
+
+
+def _run_control(state, ctx, control, coefficient, loss_fn, groups, l0_target, curve) -> list[dict[str, float]]:
+    """``train_sae`` of the control with the stage's settings (history per step)."""
+    ft = state.cfg.finetune
+    return train_sae(
         control,
         state.train,
         steps=ft.steps,
         batch_size=ft.batch_size,
         lr=ft.lr,
-        l1_coefficient=objective.coefficient,
-        loss_fn=objective.loss_fn,
+        l1_coefficient=coefficient,
+        loss_fn=loss_fn,
         seed=state.cfg.seed + 1,
         device=state.device,
         param_groups=groups,
@@ -112,16 +174,6 @@ def _train_control(
         on_step=_on_step(state, ctx, control, curve, 1, 2),
         checkpoint=ctx.train_checkpoint("finetune-control", curve),
         path=ft.step_path,
-    )
-    state.control = control.eval()
-    state.control_section = ControlSection(
-        what="the teacher fine-tuned with its own gate: same training tokens, batches, steps, optimiser, "
-        "learning rates and L0 target (controller) as the RSAE",
-        objective=objective.description,
-        initial_coefficient=objective.coefficient,
-        final_coefficient=hist[-1]["lambda"] if hist else objective.coefficient,
-        curve=[CurvePoint.model_validate(p) for p in curve],
-        final_train=hist[-1] if hist else None,
     )
 
 
@@ -161,30 +213,22 @@ def finetune(state: UpgradeState, ctx: RunContext) -> None:
     lam, lam_source, l0_target = finetune_sparsity(
         cfg, state.family, state.teacher, cal.x, teacher_l0, cal.rule.rank_capped
     )
+    kl = KLSetup(state, cal.x[:4096]) if ft.objective == "mse+kl" else None
     state.release_calibration_data()
     threshold_lr = ft.gate_lr if ft.threshold_lr is None else ft.threshold_lr
     rsae = state.rsae
     objective = rsae_objective(state, lam, lam_source)
+    term = kl.term() if kl is not None else None
+    loss_fn = objective.loss_fn if term is None else with_kl(objective.loss_fn, term, kl.beta)
     curve: list[dict[str, float]] = []
     n_runs = 2 if ft.control else 1
-    hist = train_sae(
-        rsae,
-        state.train,
-        steps=ft.steps,
-        batch_size=ft.batch_size,
-        lr=ft.lr,
-        l1_coefficient=objective.coefficient,
-        loss_fn=objective.loss_fn,
-        seed=cfg.seed + 1,
-        device=state.device,
-        param_groups=rsae.param_groups(ft.lr, ft.gate_lr, threshold_lr),
-        l0_target=l0_target,
-        on_step=_on_step(state, ctx, rsae, curve, 0, n_runs),
-        checkpoint=ctx.train_checkpoint("finetune-rsae", curve),
-        path=ft.step_path,
-    )
+    try:
+        hist = _run_rsae(state, ctx, rsae, objective.coefficient, loss_fn, threshold_lr, l0_target, curve, n_runs)
+    finally:
+        if term is not None:
+            term.close()
     if ft.control:
-        _train_control(state, ctx, lam, lam_source, l0_target, threshold_lr)
+        _train_control(state, ctx, lam, lam_source, l0_target, threshold_lr, kl)
     state.finetune = FinetuneSection(
         steps=ft.steps,
         batch_size=ft.batch_size,
@@ -194,8 +238,32 @@ def finetune(state: UpgradeState, ctx: RunContext) -> None:
         l1_source=lam_source if objective.loss_fn is None else objective.description,
         l0_target=l0_target,
         teacher_l0_train=teacher_l0,
-        final_lambda=hist[-1]["lambda"] if hist else lam,
+        final_lambda=hist[-1]["lambda"] if hist else objective.coefficient,
         curve=[CurvePoint.model_validate(p) for p in curve],
         final_train=hist[-1] if hist else None,
         gate=rsae.gate_summary(),
+        objective=ft.objective,
+        kl_coefficient=kl.beta if kl is not None else None,
+        kl_sequences=ft.kl_sequences if kl is not None else None,
+    )
+
+
+def _run_rsae(state, ctx, rsae, coefficient, loss_fn, threshold_lr, l0_target, curve, n_runs) -> list[dict[str, float]]:
+    """``train_sae`` of the RSAE with the stage's settings (history per step)."""
+    cfg, ft = state.cfg, state.cfg.finetune
+    return train_sae(
+        rsae,
+        state.train,
+        steps=ft.steps,
+        batch_size=ft.batch_size,
+        lr=ft.lr,
+        l1_coefficient=coefficient,
+        loss_fn=loss_fn,
+        seed=cfg.seed + 1,
+        device=state.device,
+        param_groups=rsae.param_groups(ft.lr, ft.gate_lr, threshold_lr),
+        l0_target=l0_target,
+        on_step=_on_step(state, ctx, rsae, curve, 0, n_runs),
+        checkpoint=ctx.train_checkpoint("finetune-rsae", curve),
+        path=ft.step_path,
     )

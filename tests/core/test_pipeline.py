@@ -185,3 +185,25 @@ def test_a_family_defined_in_a_test_is_upgraded_through_the_pipeline(tmp_path: P
     assert rsae.rational_cfg["teacher_family"] == "toy_shared_jump"
     x = torch.randn(4, 576) * 10
     assert torch.isfinite(rsae(x)).all()
+
+
+def test_kl_objective_and_l0_penalty_give_the_control_the_same_budget(tmp_path: Path, work: Path):
+    """finetune.objective 'mse+kl' on a JumpReLU upgrade with the RSAE's L0 penalty: the RSAE and the control
+    both train with the KL term (same beta, same sequences, steps and batch size, asserted from the report),
+    and the RSAE's penalty is the control's L0 one."""
+    from rsae.saes import JumpReLUSAE
+
+    teacher = _teacher(tmp_path / "t", cls=JumpReLUSAE)
+    cfg = _cfg(
+        teacher,
+        finetune={"steps": 4, "eval_every": 2, "objective": "mse+kl", "kl_sequences": 1, "rsae_penalty": "l0"},
+    )
+    run_upgrade(cfg, tmp_path / "out", work_dir=work)
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    ft, control = report["finetune"], report["control"]
+    assert ft["objective"] == "mse+kl" and ft["kl_coefficient"] > 0 and ft["kl_sequences"] == 1
+    assert ft["final_train"]["kl"] >= 0 and control["final_train"]["kl"] >= 0
+    assert (control["steps"], control["batch_size"]) == (ft["steps"], ft["batch_size"]) == (4, 256)
+    assert "KL" in control["objective"] and "L0" in control["objective"]
+    assert "L0" in ft["l1_source"]  # the RSAE's penalty is the control's own
+    assert ft["l0_target"] is not None and control["curve"][-1]["step"] == ft["curve"][-1]["step"] == 4
