@@ -134,6 +134,8 @@ class _SiteHook:
         return args, {**kwargs, "hidden_states": new}
 
     def __enter__(self):
+        if self._handle is not None:  # already registered (HookSplice registers on construction)
+            return self
         if self.site.io == "input":
             self._handle = self.module.register_forward_pre_hook(self._input_hook, with_kwargs=True)
         else:
@@ -223,7 +225,8 @@ class LowerBlocks:
     clean forward and keeps a copy of the last skipped block's output [b, T, d_model] (as the block returns it);
     inside ``with`` each skipped block's ``forward`` returns a copy of that record without computing, while the
     model's forward, the blocks above and every hook run as usual. Valid for forwards on the same ``input_ids``
-    as the last :meth:`record`.
+    as the last :meth:`record`. Hooks registered on the replayed blocks themselves fire again on the replayed
+    output: during :meth:`record` only the splice at the site may be registered there, with ``fn`` None.
 
     Args:
         model: a transformers causal LM; site: a resolved :class:`HookSite` (:func:`site_for`).

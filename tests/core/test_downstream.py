@@ -10,7 +10,7 @@ import torch
 
 from rsae.errors import HookError
 from rsae.evaluate import EVAL_BATCH_SIZES, downstream_metrics, eval_batch_size
-from rsae.hooks import LowerBlocks, site_for, site_width
+from rsae.hooks import HookSplice, LowerBlocks, site_for, site_width
 from rsae.models import decoder_layers
 from rsae.saes import ReLUSAE
 from support.tinymodels import CONFIGS, ids, tiny
@@ -73,6 +73,24 @@ def test_cached_lower_blocks_give_the_full_forward_metrics(arch, hook):
     assert len(calls) == (n_ref if hook == "blocks.0.hook_resid_pre" else 3)
     assert got["zero"]["kl"] > 0 and got["a"]["kl"] > 0 and got["clean"]["tokens"] == 5 * 10
     assert not any("forward" in b.__dict__ for b in decoder_layers(model))  # restored
+
+
+@pytest.mark.parametrize("arch", list(CONFIGS))
+@torch.no_grad()
+def test_replayed_spliced_forward_is_the_full_spliced_forward_bit_for_bit(arch):
+    """With the same splice, the logits of a forward whose lower blocks are replayed equal those of a full
+    forward exactly (rotary tables, masks, sliding windows and embeddings come from the model's own forward)."""
+    model, x = tiny(arch), ids(5, n=3)
+    for hook in ("blocks.1.hook_resid_post", "blocks.1.attn.hook_z", "blocks.2.hook_mlp_out"):
+        site = site_for(model, hook=hook)
+        lower = LowerBlocks(model, site)
+        with HookSplice(model, site) as splice:
+            clean = lower.record(model, x).logits
+            splice.fn = lambda a: 0.5 * a + 0.1
+            full = model(input_ids=x, use_cache=False).logits
+            with lower:
+                replayed = model(input_ids=x, use_cache=False).logits
+        assert torch.equal(replayed, full) and not torch.equal(full, clean), hook
 
 
 @torch.no_grad()
