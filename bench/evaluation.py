@@ -6,8 +6,9 @@
    column (teacher, rsae_init, rsae, control), its share of the job; the cumulative time of its parts (spliced
    CE/KL forwards, reconstruction metrics, probing, the gate plot, all host-model forwards with their count) and
    the five functions with the most self time.
-2. :func:`rsae.evaluate.downstream_metrics` on SmolLM2-135M, BBC News held-out sequences of 128 tokens, 4 SAE
-   columns (random ReLU SAEs 576 -> 2,304: the time does not depend on the weights), batches of 8, at
+2. :func:`rsae.evaluate.downstream_metrics` on SmolLM2-135M, 8 BBC News held-out sequences of 128 tokens (one
+   batch of 8, as the default job's batches), 4 SAE columns (random ReLU SAEs 576 -> 2,304: the time does not
+   depend on the weights), at
    ``blocks.3.hook_resid_post`` (the default job's site) and ``blocks.15.hook_resid_post`` (mid-depth), twice
    each, interleaved: ``recompute`` (every splice a full forward, as before) and ``cached`` (one clean forward
    per batch; the zero and SAE splices replay the blocks below the site, :class:`rsae.hooks.LowerBlocks`).
@@ -29,7 +30,7 @@ except ModuleNotFoundError:  # run as a script
 
 BENCH = "evaluation"
 COLUMNS = 4
-FULL = {"sequences": 16, "ctx_len": 128, "d_sae": 2304, "layers": (3, 15), "rounds": 2}
+FULL = {"sequences": 8, "ctx_len": 128, "d_sae": 2304, "layers": (3, 15), "rounds": 2}
 QUICK = {"sequences": 2, "ctx_len": 16, "d_sae": 128, "layers": (3,), "rounds": 1}
 
 
