@@ -35,7 +35,7 @@ MODULES: list[tuple[str, str]] = [
     ("sparse_step", "1b. Dense vs sparse-aware RSAE step"),
     ("extraction", "2. Extraction: truncated vs full forward vs SAELens's ActivationsStore"),
     ("upgrade", "3. Whole upgrade vs SAELens training the teacher"),
-    ("evaluation", "4. Evaluation: time per SAE column, what dominates"),
+    ("evaluation", "4. Evaluation: time per SAE column, what dominates, cached vs recomputed lower blocks"),
     ("api_load", "5. API latency under load"),
     ("scaling", "6. Scaling of the step with d_sae and batch"),
     ("encode_latency", "7. Encode latency (POST /v1/jobs/{id}/encode, 128-token text)"),

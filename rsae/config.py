@@ -311,7 +311,13 @@ class EvalConfig(_Strict):
         le=100_000,
         description="Held-out sequences spliced through the full model for CE/KL (0 disables the downstream metrics).",
     )
-    batch_size: int = Field(8, ge=1, le=1024, description="Sequences per forward pass.")
+    batch_size: int | None = Field(
+        None,
+        ge=1,
+        le=1024,
+        description="Held-out sequences per forward pass of the CE/KL evaluation. None: chosen for the device "
+        "when the upgrade starts (8 on CPU, 32 on CUDA; rsae.evaluate.EVAL_BATCH_SIZES) and recorded in the report.",
+    )
     probe_ks: list[int] = Field(
         [1, 2, 5, 10, 20],
         min_length=0,

@@ -24,13 +24,14 @@ Definitions (``docs/method.md``; SAEBench / SAELens names):
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Callable, Iterable
 
 import torch
 import torch.nn.functional as F
 
 from .hooknames import HookSite
-from .hooks import HookSplice, site_for
+from .hooks import HookSplice, LowerBlocks, site_for
 from .saes import SAE
 
 
@@ -72,6 +73,39 @@ def reconstruction_metrics(sae: SAE, batches: Iterable[torch.Tensor]) -> dict[st
     }
 
 
+EVAL_BATCH_SIZES: dict[str, int] = {"cpu": 8, "cuda": 32}
+"""Default held-out sequences per forward of the downstream metrics by device type (``eval.batch_size`` None):
+8 on CPU (GEMMs of 8 x 128 = 1,024 rows already run at full speed there, and memory stays small), 32 on CUDA (a
+135M model at 1,024 rows leaves a GPU mostly idle; the float32 logits of 32 x 128 tokens over a 49,152 vocab are
+0.8 GB, five such tensors live at once). Other devices: 8."""
+
+
+def eval_batch_size(device: str | torch.device) -> int:
+    """The default number of sequences per forward on ``device`` (:data:`EVAL_BATCH_SIZES`)."""
+    return EVAL_BATCH_SIZES.get(torch.device(device).type, 8)
+
+
+class _CE:
+    """Running sums of the downstream metrics: per column the summed CE, the per-sequence mean CE, the KL to clean."""
+
+    def __init__(self, names: list[str]) -> None:
+        self.sums = {k: 0.0 for k in names}
+        self.per_seq: dict[str, list[torch.Tensor]] = {k: [] for k in names}
+        self.kls = {k: 0.0 for k in names[1:]}
+
+    def add(self, name: str, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Add one column's CE on a batch; returns its log-probs [b, T-2, vocab] (positions 1..T-2)."""
+        logp = F.log_softmax(logits[:, 1:-1, :].float(), dim=-1)
+        ce = -logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+        self.sums[name] += ce.sum().item()
+        self.per_seq[name].append(ce.double().mean(-1).cpu())
+        return logp
+
+    def add_kl(self, name: str, clean_p: torch.Tensor, clean_logp: torch.Tensor, logp: torch.Tensor) -> None:
+        """Add sum over tokens of KL(p_clean || p_column) for one batch."""
+        self.kls[name] += (clean_p * (clean_logp - logp)).sum(-1).sum().item()
+
+
 @torch.no_grad()
 def downstream_metrics(
     model,
@@ -80,16 +114,24 @@ def downstream_metrics(
     input_ids: torch.Tensor,
     *,
     hook: str | HookSite | None = None,
-    batch_size: int = 8,
+    batch_size: int | None = None,
     device: str = "cpu",
     on_progress: Callable[[float], None] | None = None,
+    reuse_lower_blocks: bool = True,
 ) -> dict[str, dict[str, float]]:
     """CE clean / zero and, per SAE, CE spliced, delta CE, loss recovered and KL.
+
+    Per batch of sequences one full clean forward gives CE clean and the clean log-probs (kept for every KL);
+    then the zero splice and each SAE's splice run from the clean forward's output of the blocks below the site
+    (:class:`rsae.hooks.LowerBlocks`: only the blocks from the site up, the final norm and the LM head compute),
+    which gives the same logits as a full spliced forward (``tests/core/test_downstream.py``).
 
     Args:
         model, layer, hook: the full host causal LM and the SAEs' site, where x_hat or zeros replace the
             activations (:func:`rsae.hooks.site_for`; ``hook`` None: ``blocks.{layer}.hook_resid_post``).
         saes, input_ids: name -> SAE, each evaluated in one pass over the held-out sequences [s, T].
+        batch_size: sequences per forward (None: :func:`eval_batch_size` of ``device``).
+        reuse_lower_blocks: False runs every splice as a full forward (the reference path; same results).
 
     Returns:
         ``{"clean": {"ce": ..., "tokens": n}, "zero": {"ce": ..., "kl": ...}, name: {"ce_spliced", "delta_ce",
@@ -98,43 +140,47 @@ def downstream_metrics(
         correlated): std over sequences of the per-sequence mean of CE spliced - CE clean, / sqrt(#sequences).
         ``paired["a-b"]`` is delta CE of a minus delta CE of b on the same tokens, with the same clustered SE
         of the per-sequence differences, for every ordered pair of ``saes`` (a before b in ``saes``).
+
+    Raises:
+        ModelError / HookError: a layer or hook the model does not have (:func:`rsae.hooks.site_for`).
     """
-    splice = HookSplice(model, site_for(model, layer, hook))
-    names = ["clean", "zero", *saes]
-    sums = {k: 0.0 for k in names}
-    per_seq: dict[str, list[torch.Tensor]] = {k: [] for k in names}  # mean CE of each sequence
-    kls = {k: 0.0 for k in ["zero", *saes]}
+    site = site_for(model, layer, hook)
+    batch_size = batch_size or eval_batch_size(device)
+    splice = HookSplice(model, site)
+    lower = LowerBlocks(model, site) if reuse_lower_blocks else None
+    fns: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {"zero": torch.zeros_like, **saes}
+    acc = _CE(["clean", *fns])
     count = 0
     n_batches = (input_ids.shape[0] + batch_size - 1) // batch_size
     try:
         for bi, i in enumerate(range(0, input_ids.shape[0], batch_size)):
             ids = input_ids[i : i + batch_size].to(device)
             targets = ids[:, 2:]
-            clean_logp = None
-            for k in names:
-                if k == "clean":
-                    splice.fn = None
-                elif k == "zero":
-                    splice.fn = torch.zeros_like
-                else:
-                    splice.fn = saes[k]
-                logits = model(input_ids=ids, use_cache=False).logits[:, 1:-1, :].float()
-                logp = F.log_softmax(logits, dim=-1)
-                ce = -logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-                sums[k] += ce.sum().item()
-                per_seq[k].append(ce.double().mean(-1).cpu())
-                if k == "clean":
-                    clean_logp = logp
-                else:
-                    kls[k] += (clean_logp.exp() * (clean_logp - logp)).sum(-1).sum().item()
+            splice.fn = None
+            out = lower.record(model, ids) if lower else model(input_ids=ids, use_cache=False)
+            clean_logp = acc.add("clean", out.logits, targets)
+            del out
+            clean_p = clean_logp.exp()
+            with lower if lower else contextlib.nullcontext():
+                for k, fn in fns.items():
+                    splice.fn = fn
+                    logp = acc.add(k, model(input_ids=ids, use_cache=False).logits, targets)
+                    acc.add_kl(k, clean_p, clean_logp, logp)
+                    del logp
             count += targets.numel()
             if on_progress:
                 on_progress((bi + 1) / n_batches)
     finally:
         splice.remove()
+    return _downstream_summary(acc, list(saes), count)
+
+
+def _downstream_summary(acc: _CE, names_sae: list[str], count: int) -> dict[str, dict[str, float]]:
+    """The dictionary :func:`downstream_metrics` returns, from its running sums over ``count`` tokens."""
+    sums, kls = acc.sums, acc.kls
     ce_clean, ce_zero = sums["clean"] / count, sums["zero"] / count
     out: dict[str, dict[str, float]] = {"clean": {"ce": ce_clean}, "zero": {"ce": ce_zero, "kl": kls["zero"] / count}}
-    for k in saes:
+    for k in names_sae:
         ce_s = sums[k] / count
         out[k] = {
             "ce_spliced": ce_s,
@@ -143,10 +189,9 @@ def downstream_metrics(
             "kl": kls[k] / count,
         }
     out["clean"]["tokens"] = count
-    seq = {k: torch.cat(v) for k, v in per_seq.items()}
-    for k in saes:
+    seq = {k: torch.cat(v) for k, v in acc.per_seq.items()}
+    for k in names_sae:
         out[k]["delta_ce_se"] = _clustered_se(seq[k] - seq["clean"])
-    names_sae = list(saes)
     out["paired"] = {
         f"{a}-{b}": {"diff": (seq[a] - seq[b]).mean().item(), "se": _clustered_se(seq[a] - seq[b])}
         for i, a in enumerate(names_sae)

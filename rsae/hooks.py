@@ -11,6 +11,12 @@ Qwen-2/3, GPT-NeoX and Mistral layouts, and SmolLM2). Later blocks, the final no
 measured where the SAE sits). Activations are [batch, positions, width]; ``attn.hook_z`` is the
 attention output projection's input [b, T, n_heads * d_head] (heads flattened, head-major, as SAELens's
 ``reshape_activations: "hook_z"``).
+
+:class:`LowerBlocks` makes the spliced forwards of an evaluation start at the site: one clean forward records
+the output of the last block below the site, and while entered every block below the site returns that record
+instead of computing. The model's own forward still runs around them (embeddings, rotary position embeddings,
+causal / sliding-window masks, the blocks from the site up, the final norm, the LM head), so the blocks above
+see exactly what a full forward gives them on every layout (docs/performance.md, "Evaluation").
 """
 
 from __future__ import annotations
@@ -128,6 +134,8 @@ class _SiteHook:
         return args, {**kwargs, "hidden_states": new}
 
     def __enter__(self):
+        if self._handle is not None:  # already registered (HookSplice registers on construction)
+            return self
         if self.site.io == "input":
             self._handle = self.module.register_forward_pre_hook(self._input_hook, with_kwargs=True)
         else:
@@ -197,6 +205,79 @@ class HookSplice(_SiteHook):
         part = x[:, self.start :, :]
         new[:, self.start :, :] = self.fn(part.reshape(-1, part.shape[-1])).reshape(part.shape).to(x.dtype)
         return new
+
+
+def _copy(value: Any) -> Any:
+    """A detached copy of a block's output (a tensor, or a tuple whose tensors are copied)."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().clone()
+    if isinstance(value, tuple):
+        return tuple(_copy(v) for v in value)
+    return value
+
+
+class LowerBlocks:
+    """The blocks below a site, computed once per batch by a clean forward and replayed in spliced forwards.
+
+    The skipped blocks are 0..L-1 for a site inside block L or at its input (``hook_resid_pre``,
+    ``hook_attn_out``, ``hook_mlp_out``, ``attn.hook_z``, module paths), and 0..L for ``hook_resid_post`` (the
+    block's own output: its :class:`HookSplice` still fires on the replayed output). :meth:`record` runs a full
+    clean forward and keeps a copy of the last skipped block's output [b, T, d_model] (as the block returns it);
+    inside ``with`` each skipped block's ``forward`` returns a copy of that record without computing, while the
+    model's forward, the blocks above and every hook run as usual. Valid for forwards on the same ``input_ids``
+    as the last :meth:`record`. Hooks registered on the replayed blocks themselves fire again on the replayed
+    output: during :meth:`record` only the splice at the site may be registered there, with ``fn`` None.
+
+    Args:
+        model: a transformers causal LM; site: a resolved :class:`HookSite` (:func:`site_for`).
+
+    Raises:
+        HookError: entered before a record (field ``hook``).
+    """
+
+    def __init__(self, model, site: HookSite) -> None:
+        blocks = decoder_layers(model)
+        own_output = site.io == "output" and model.get_submodule(site.module) is blocks[site.layer]
+        self.blocks = [blocks[i] for i in range(site.layer + int(own_output))]
+        self.site = site
+        self.value: Any = None
+        self._saved: list[tuple[torch.nn.Module, Any]] = []
+
+    @torch.no_grad()
+    def record(self, model, input_ids: torch.Tensor):
+        """The model's output on ``input_ids`` [b, T] (a full forward), recording the lower blocks' output."""
+        self.value = None
+        if not self.blocks:
+            return model(input_ids=input_ids, use_cache=False)
+
+        def keep(module, args, output):
+            self.value = _copy(output)
+
+        handle = self.blocks[-1].register_forward_hook(keep)
+        try:
+            return model(input_ids=input_ids, use_cache=False)
+        finally:
+            handle.remove()
+
+    def _replay(self, *args, **kwargs) -> Any:
+        return _copy(self.value)
+
+    def __enter__(self) -> "LowerBlocks":
+        if self.blocks and self.value is None:
+            raise HookError(f"hook {self.site.name!r}: no clean forward recorded before the replay", field="hook")
+        for block in self.blocks:
+            self._saved.append((block, block.__dict__.get("forward")))
+            block.forward = self._replay
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        for block, own in self._saved:
+            if own is None:
+                del block.forward
+            else:
+                block.forward = own
+        self._saved = []
+        return False
 
 
 @torch.no_grad()

@@ -16,9 +16,11 @@ from pydantic import BaseModel, ConfigDict, Field
 from .config import UpgradeConfig
 from .remez import RationalFit
 
-REPORT_SCHEMA_VERSION = "rsae-report/6"
-"""6: ``data.conventions`` (the context conventions, each with its source) and ``data.source`` (hub data set
-options). 5: ``SAEMetrics.kl_zero`` (the zero-ablation KL, SAEBench's ``kl_div_with_ablation``).
+REPORT_SCHEMA_VERSION = "rsae-report/7"
+"""7: ``config.eval.batch_size`` is nullable in the request (None: chosen for the device); a report records the
+number of sequences per forward that was used. 6: ``data.conventions`` (the context conventions, each with its
+source) and ``data.source`` (hub data set options). 5: ``SAEMetrics.kl_zero`` (the zero-ablation KL, SAEBench's
+``kl_div_with_ablation``).
 4: typed sections (this module's models), ``config`` validated as :class:`rsae.config.UpgradeConfig`.
 3: ``SAEMetrics.delta_ce_se`` and ``Report.comparisons`` (paired delta CE differences with standard errors)."""
 

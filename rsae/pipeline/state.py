@@ -21,6 +21,7 @@ from ..activations import ActivationStore
 from ..checks import check_activations, check_teacher
 from ..config import UpgradeConfig
 from ..errors import TeacherError
+from ..evaluate import eval_batch_size
 from ..remez import RationalFit
 from ..report import (
     CalibrationSection,
@@ -273,8 +274,8 @@ def load_teacher(cfg: UpgradeConfig) -> tuple[SAE, Family]:
 
 
 def new_state(cfg: UpgradeConfig, out_dir: Path, work_dir: Path, device: str) -> UpgradeState:
-    """The initial state: the request, folders (created), device, and the teacher (on ``device``) with its
-    family.
+    """The initial state: the request (its hook site resolved, ``eval.batch_size`` chosen for ``device`` when
+    None), folders (created), device, and the teacher (on ``device``) with its family.
 
     Raises:
         TeacherError: see :func:`load_teacher`.
@@ -287,6 +288,9 @@ def new_state(cfg: UpgradeConfig, out_dir: Path, work_dir: Path, device: str) ->
     )
     state.cfg, notes = resolve_hook_site(state)
     state.notes.extend(notes)
+    if state.cfg.eval.batch_size is None:  # chosen for the device, recorded in the report's config
+        eval_cfg = state.cfg.eval.model_copy(update={"batch_size": eval_batch_size(device)})
+        state.cfg = state.cfg.model_copy(update={"eval": eval_cfg})
     return state
 
 

@@ -61,6 +61,7 @@ def test_run_all_quick_writes_positive_figures(tmp_path):
         ("upgrade", "upgrade_over_saelens"),
         ("upgrade", "stage_s"),
         ("evaluation", "evaluate_s_per_column"),
+        ("evaluation", "downstream_cached_over_recompute"),
         ("scaling", "overhead_over_gemm"),
     ]:
         assert want in names, want

@@ -7,28 +7,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-import transformers as tf
 
 from rsae.errors import ModelError
 from rsae.hooknames import LAYOUTS, choose_site, layout_for_config, parse_hook, resolve, site_width
 from rsae.hooks import HookCapture, HookSplice, layout_of, site_for
 from rsae.hooks import site_width as model_site_width
-
-_SMALL = dict(num_hidden_layers=3, hidden_size=64, intermediate_size=128, num_attention_heads=4, vocab_size=101)
-CONFIGS = {
-    "gpt2": lambda: tf.GPT2Config(
-        n_layer=3, n_embd=64, n_head=4, vocab_size=101, n_positions=64, bos_token_id=0, eos_token_id=0
-    ),
-    "llama": lambda: tf.LlamaConfig(**_SMALL, num_key_value_heads=2),
-    "gemma2": lambda: tf.Gemma2Config(**_SMALL, num_key_value_heads=2, head_dim=24, sliding_window=4),
-    "gemma3": lambda: tf.Gemma3TextConfig(**_SMALL, num_key_value_heads=2, head_dim=24, sliding_window=4),
-    "qwen2": lambda: tf.Qwen2Config(**_SMALL, num_key_value_heads=2),
-    "qwen3": lambda: tf.Qwen3Config(**_SMALL, num_key_value_heads=2, head_dim=24),
-    "gpt_neox": lambda: tf.GPTNeoXConfig(**_SMALL),
-    "mistral": lambda: tf.MistralConfig(**_SMALL, num_key_value_heads=2, sliding_window=4),
-}
-"""Each layout the service claims, as a 3-block model of width 64 (Gemma/Qwen-3: head_dim 24, so z is 96 wide;
-Gemma-3 and Mistral with a 4-token sliding window, shorter than the 12-token inputs)."""
+from support.tinymodels import CONFIGS, ids, tiny
 
 # Written out by hand, independently of rsae.hooknames.LAYOUTS: (module of block 1, "in"/"out") per site.
 _BLOCKS = {"gpt2": "transformer.h", "gpt_neox": "gpt_neox.layers"}
@@ -57,22 +41,6 @@ def expected_module(arch: str, hook: str) -> tuple[str, str]:
         return block, "out"
     key = {"hook_attn_out": "attn_out", "hook_mlp_out": "mlp_out", "attn.hook_z": "z"}[site]
     return f"{block}.{_SUB.get(arch, _DEFAULT_SUB)[key]}", "in" if key == "z" else "out"
-
-
-_MODELS: dict[str, torch.nn.Module] = {}
-
-
-def tiny(arch: str):
-    """The tiny random model of ``arch`` (built once per session, eval mode, float32, seed 0)."""
-    if arch not in _MODELS:
-        torch.manual_seed(0)
-        _MODELS[arch] = tf.AutoModelForCausalLM.from_config(CONFIGS[arch]()).eval()
-    return _MODELS[arch]
-
-
-def ids(seed: int = 1) -> torch.Tensor:
-    """Two 12-token sequences of random ids."""
-    return torch.randint(0, 101, (2, 12), generator=torch.Generator().manual_seed(seed))
 
 
 @torch.no_grad()
