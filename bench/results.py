@@ -38,6 +38,19 @@ ROWS = [
 ]
 
 
+def _peer_summary(teacher: Path) -> str:
+    """One line from a SAELens-trained teacher's ``training.json``."""
+    f = teacher / "training.json"
+    if not f.is_file():
+        return "settings not recorded"
+    t = json.loads(f.read_text())
+    return (
+        f"{t['training_sae']}, {t['tokens_seen']:,} tokens seen ({t['steps']} steps of {t['batch_size']:,}; "
+        f"{t['epochs']} passes over {t['distinct_tokens']:,} train-split tokens), lr {t['lr']:g}, "
+        f"{json.dumps(t['sae_kwargs'])}; final training L0 {t['final_l0']:.1f}, {t['dead_latents']} dead latents"
+    )
+
+
 def _fmt(v: Any, fmt: str) -> str:
     return "-" if v is None else fmt.format(v)
 
@@ -94,21 +107,51 @@ def verdict(report: dict[str, Any]) -> list[str]:
     return out
 
 
-def run_family(family: str, out: Path, seed: int) -> tuple[dict[str, Any], float]:
-    """Train (or reuse) the teacher of ``family`` and upgrade it; returns the report and the seconds taken."""
+def _saelens_teacher(family: str, peer: Path) -> Path:
+    """The SAELens-trained teacher of ``family`` in ``peer`` (``bench/peer_teachers.py``'s output), trained
+    there with its defaults when missing."""
+    teacher = peer / f"teacher-{family}"
+    if not (teacher / "cfg.json").is_file():
+        import peer_teachers
+
+        print(f"[{family}] training the teacher with SAELens's SAETrainer ...", flush=True)
+        folder = peer_teachers.extract(peer, peer_teachers.DEFAULT_DISTINCT, 0)
+        peer_teachers.train(family, folder, peer, peer_teachers.DEFAULT_TOKENS, 2304, 0)
+    return teacher
+
+
+def run_family(
+    family: str, out: Path, seed: int, teachers: str = "own", peer: Path | None = None, settings: dict | None = None
+) -> tuple[dict[str, Any], float]:
+    """Train (or reuse) the teacher of ``family`` and upgrade it; returns the report and the seconds taken.
+
+    ``teachers``: "own" (``rsae train-teacher``, one teacher per seed, the seed also sets the split) or "saelens"
+    (one SAELens-trained teacher per family from ``peer``, trained on the seed-0 split's train documents; every
+    seed keeps that split, ``data.split_seed = 0``, so no seed evaluates on the teacher's training documents, and
+    the seed sets shuffling and initialisation). ``settings``: further UpgradeConfig fields (the same for every
+    family and seed)."""
     from rsae.config import UpgradeConfig
     from rsae.pipeline import run_upgrade
     from rsae.teacher import train_teacher_from_text
 
     t0 = time.time()
     suffix = "" if seed == 0 else f"-seed{seed}"
-    teacher = out / f"teacher-{family}{suffix}"
-    if not (teacher / "cfg.json").is_file():
-        print(f"[{family}] training teacher ...", flush=True)
-        train_teacher_from_text(layer=LAYER, out=teacher, family=family, seed=seed, **TEACHER)
+    extra = json.loads(json.dumps(settings or {}))
+    if teachers == "saelens":
+        teacher = _saelens_teacher(family, peer or out / "peer")
+        extra.setdefault("data", {})["split_seed"] = 0
+        tag = "saelens-"
+    else:
+        teacher = out / f"teacher-{family}{suffix}"
+        tag = ""
+        if not (teacher / "cfg.json").is_file():
+            print(f"[{family}] training teacher ...", flush=True)
+            train_teacher_from_text(layer=LAYER, out=teacher, family=family, seed=seed, **TEACHER)
     print(f"[{family}] upgrading ...", flush=True)
-    cfg = UpgradeConfig(layer=LAYER, teacher=str(teacher), seed=seed)
-    report = run_upgrade(cfg, out / f"upgrade-{family}{suffix}", work_dir=out / f"work-{family}{suffix}")
+    cfg = UpgradeConfig(layer=LAYER, teacher=str(teacher), seed=seed, **extra)
+    report = run_upgrade(
+        cfg, out / f"upgrade-{tag}{family}{suffix}", work_dir=out / f"work-{tag}{family}{'-split0' if tag else suffix}"
+    )
     return report, time.time() - t0
 
 
@@ -256,6 +299,15 @@ def main(argv: list[str] | None = None) -> int:
         "is composed from; committed, so a run of one family keeps the others' tables",
     )
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--teachers",
+        choices=["own", "saelens"],
+        default="own",
+        help="'own': teachers trained by rsae train-teacher (one per seed); 'saelens': one teacher per family "
+        "trained by SAELens's SAETrainer (bench/peer_teachers.py, in --peer), every seed on its split",
+    )
+    ap.add_argument("--peer", type=Path, default=ROOT / "var" / "peer", help="SAELens-trained teachers")
+    ap.add_argument("--settings", type=json.loads, default=None, help="JSON of UpgradeConfig fields for every run")
     ap.add_argument("--doc", type=Path, default=ROOT / "docs" / "results.md")
     ap.add_argument(
         "--compose-only", action="store_true", help="rebuild the doc from the saved records, running nothing"
@@ -275,8 +327,16 @@ def main(argv: list[str] | None = None) -> int:
             f"Instruct (bundled GGUF, fp32), layer {LAYER} residual stream (`blocks.{LAYER}.hook_resid_post`), "
             "BBC News "
             "(documents split train/eval by a seeded hash, 20% held out), contexts of 128 tokens with position 0 "
-            "dropped; seeds: {seeds} (a seed sets the teacher's training, the train/held-out split, shuffling and "
-            f"init; each seed has its own teacher); {platform.processor() or platform.machine()}, torch "
+            "dropped; seeds: {seeds} ("
+            + (
+                "a seed sets the teacher's training, the train/held-out split, shuffling and init; each seed has its "
+                "own teacher"
+                if args.teachers == "own"
+                else "one SAELens-trained teacher per family, trained on the seed-0 split's train documents; every "
+                "seed keeps that split (`data.split_seed = 0`), and the seed sets the fine-tuning's shuffling and "
+                "initialisation"
+            )
+            + f"); {platform.processor() or platform.machine()}, torch "
             f"{torch.__version__}, {torch.get_num_threads()} threads. Each family's section is written when its run "
             "ends (`--families` re-runs some, keeping the others' sections from `docs/results-data/`).",
             "",
@@ -291,10 +351,16 @@ def main(argv: list[str] | None = None) -> int:
             "balanced accuracy of one-vs-rest k-sparse "
             "logistic probes on the five BBC categories (mean-pooled latents per sequence).",
             "",
-            "Read the teacher columns with care: our teachers are small (600 steps on 32,768 tokens; no pretrained SAE "
-            "can be downloaded here) and the upgrade fine-tunes on 131,072 rows, so much of any gain over the teacher "
-            "is extra training; the `control` column measures that part, and the RSAE-vs-control columns are the "
-            "rational gate's own contribution.",
+            (
+                "Read the teacher columns with care: our teachers are small (600 steps on 32,768 tokens; no pretrained "
+                "SAE can be downloaded here) and the upgrade fine-tunes on 131,072 rows, so much of any gain over the "
+                "teacher is extra training; the `control` column measures that part, and the RSAE-vs-control columns "
+                "are the rational gate's own contribution."
+                if args.teachers == "own"
+                else "Teachers: trained by SAELens's own `SAETrainer` and training-SAE classes (`bench/peer_teachers.py`"
+                "; at least 2M tokens seen in 4,096-token batches), saved by SAELens; the section of each family gives "
+                "its settings. The RSAE-vs-control columns are the rational gate's own contribution."
+            ),
             "",
         ]
     )
@@ -310,7 +376,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"wrote {args.doc}")
         return 0
     for family in args.families:
-        report, secs = run_family(family, args.out, args.seed)
+        report, secs = run_family(family, args.out, args.seed, args.teachers, args.peer, args.settings)
         (args.records / f"summary-{family}-seed{args.seed}.json").write_text(
             json.dumps({**report["metrics"], "comparisons": report.get("comparisons")}, indent=2)
         )
@@ -322,8 +388,15 @@ def main(argv: list[str] | None = None) -> int:
                 "",
                 f"Teacher: {tinfo['architecture']} {tinfo['d_in']} -> {tinfo['d_sae']}"
                 + (f", k = {tinfo['k']}" if tinfo.get("k") else "")
-                + f", trained by `rsae train-teacher` on {TEACHER['train_tokens']:,} train-split tokens "
-                f"({TEACHER['steps']} steps of {TEACHER['batch_size']}). Upgrade: "
+                + (
+                    f", trained by `rsae train-teacher` on {TEACHER['train_tokens']:,} train-split tokens "
+                    f"({TEACHER['steps']} steps of {TEACHER['batch_size']})"
+                    if args.teachers == "own"
+                    else ", trained by SAELens's SAETrainer (`bench/peer_teachers.py`; "
+                    + _peer_summary(args.peer / f"teacher-{family}")
+                    + ")"
+                )
+                + ". Upgrade: "
                 f"{cfg['data']['train_tokens']:,} training tokens, {cfg['data']['eval_tokens']:,} held-out tokens, "
                 f"{cfg['finetune']['steps']} fine-tuning steps of "
                 f"{cfg['finetune']['batch_size']}; Remez (p, q) = ({report['remez']['p']}, {report['remez']['q']}), "

@@ -118,6 +118,13 @@ class DataConfig(_Strict):
     eval_fraction: float = Field(
         0.2, gt=0.0, lt=1.0, description="Fraction of documents assigned to the held-out split."
     )
+    split_seed: int | None = Field(
+        None,
+        ge=0,
+        le=2**31 - 1,
+        description="Seed of the train / held-out document split. None: the job's seed. Fix it to compare seeds "
+        "of one teacher on the same held-out documents (e.g. a teacher trained on one split's train documents).",
+    )
     batch_size: int = Field(8, ge=1, le=1024, description="Sequences per forward pass during extraction.")
     shard_tokens: int = Field(
         16_384, ge=256, le=10_000_000, description="Activation rows per safetensors shard on disk."

@@ -11,6 +11,7 @@ import logging
 from pathlib import Path
 
 from ..activations import MANIFEST, ActivationStore, extract_activations
+from ..config import UpgradeConfig
 from ..data import ContextConventions, SourceOptions, resolve_conventions
 from ..errors import TeacherError
 from ..hooks import site_for, site_width
@@ -55,7 +56,7 @@ def activations(
         "dataset": cfg.data.dataset,
         "split": split,
         "eval_fraction": cfg.data.eval_fraction,
-        "seed": cfg.seed,
+        "seed": split_seed(cfg),
         "model": cfg.model,
     }
     mf = folder / MANIFEST
@@ -78,7 +79,7 @@ def activations(
         conventions=conv,
         options=SourceOptions(**cfg.data.source_options()),
         eval_fraction=cfg.data.eval_fraction,
-        seed=cfg.seed,
+        seed=split_seed(cfg),
         batch_size=cfg.data.batch_size,
         shard_tokens=cfg.data.shard_tokens,
         device=state.device,
@@ -86,6 +87,11 @@ def activations(
         on_progress=ctx.progress.within(lo, hi),
     )
     return ActivationStore(folder)
+
+
+def split_seed(cfg: UpgradeConfig) -> int:
+    """The seed of the train / held-out document split: ``data.split_seed``, else the job's ``seed``."""
+    return cfg.seed if cfg.data.split_seed is None else cfg.data.split_seed
 
 
 def extract(state: UpgradeState, ctx: RunContext) -> None:

@@ -23,6 +23,7 @@ from ..saes import WEIGHTS_NAME, sha256_file
 from ..versions import package_versions
 from .checkpoints import write_json_atomic
 from .evaluate import comparison_table
+from .extract import split_seed
 from .outputs import MODEL_CARD_FILE, SPARSITY_FILE, cfg_metadata, write_hub_outputs
 from .progress import RunContext
 from .state import UpgradeState
@@ -137,7 +138,7 @@ def build_report(state: UpgradeState, refs: ArtifactRefs | None = None) -> Repor
             dataset=cfg.data.dataset,
             split="eval",
             eval_fraction=cfg.data.eval_fraction,
-            seed=cfg.seed,
+            seed=split_seed(cfg),
             ctx_len=state.evals.ctx_len,
             eval_tokens=cfg.data.eval_tokens,
         ),
