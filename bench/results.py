@@ -357,9 +357,10 @@ def main(argv: list[str] | None = None) -> int:
                 "teacher is extra training; the `control` column measures that part, and the RSAE-vs-control columns "
                 "are the rational gate's own contribution."
                 if args.teachers == "own"
-                else "Teachers: trained by SAELens's own `SAETrainer` and training-SAE classes (`bench/peer_teachers.py`"
-                "; at least 2M tokens seen in 4,096-token batches), saved by SAELens; the section of each family gives "
-                "its settings. The RSAE-vs-control columns are the rational gate's own contribution."
+                else "Teachers: trained by SAELens's own `SAETrainer` and training-SAE classes "
+                "(`bench/peer_teachers.py`; at least 2M tokens seen in 4,096-token batches), saved by SAELens; the "
+                "section of each family gives its settings. The RSAE-vs-control columns are the rational gate's own "
+                "contribution."
             ),
             "",
         ]
