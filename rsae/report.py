@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from .config import UpgradeConfig
 from .remez import RationalFit
 
-REPORT_SCHEMA_VERSION = "rsae-report/6"
+REPORT_SCHEMA_VERSION = "rsae-report/7"
 """6: ``data.conventions`` (the context conventions, each with its source) and ``data.source`` (hub data set
 options). 5: ``SAEMetrics.kl_zero`` (the zero-ablation KL, SAEBench's ``kl_div_with_ablation``).
 4: typed sections (this module's models), ``config`` validated as :class:`rsae.config.UpgradeConfig`.
@@ -70,6 +70,11 @@ class HostModel(_Section):
     d_model: int
     n_layers: int
     device: str
+    dtype: str = Field(
+        "float32",
+        description="dtype of the host model's weights and forward (settings.model_dtype resolved; activations "
+        "reach the SAEs in float32 whatever it is).",
+    )
 
 
 class TeacherInfo(_Section):
@@ -130,6 +135,18 @@ class DataSourceOptions(_Section):
     text_column: str | None = None
 
 
+class ActivationStorage(_Section):
+    """Where the training activations lived (``settings.data.activation_storage``, :mod:`rsae.stream`)."""
+
+    mode: Literal["disk", "stream"] = Field(
+        description="'disk': all training rows extracted to shards, then read back; 'stream': extracted during "
+        "fine-tuning through a mixing buffer."
+    )
+    requested: Literal["auto", "disk", "stream"] = Field(description="settings.data.activation_storage.")
+    disk_rows: int = Field(description="Training rows on disk (all of them in disk mode; the head in stream mode).")
+    buffer_rows: int | None = Field(None, description="Rows of the mixing buffer (stream mode).")
+
+
 class DataSection(_Section):
     """The training and held-out activation splits, the context conventions and the data source options."""
 
@@ -137,6 +154,7 @@ class DataSection(_Section):
     eval: DataSplit
     conventions: DataConventions | None = None
     source: DataSourceOptions | None = None
+    storage: ActivationStorage | None = None
 
 
 class FitParams(_Section):

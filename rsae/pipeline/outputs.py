@@ -182,7 +182,7 @@ def _core_config(state: UpgradeState, cfg: UpgradeConfig, model_name: str, rows:
     downstream = cfg.eval.ce_sequences > 0
     return CoreEvalConfig(
         model_name=model_name,
-        llm_dtype=str(getattr(cfg, "model_dtype", None) or "float32"),
+        llm_dtype=state.host.dtype if state.host is not None else "float32",
         batch_size_prompts=cfg.eval.batch_size,
         n_eval_reconstruction_batches=math.ceil(cfg.eval.ce_sequences / cfg.eval.batch_size) if downstream else 0,
         n_eval_sparsity_variance_batches=math.ceil(rows / CORE_BATCH_ROWS),
