@@ -177,20 +177,6 @@ def prefetched(make: Callable[[], Iterator[Any]], size: int = PREFETCH_BATCHES) 
         thread.join()
 
 
-def _conventions(d: dict[str, Any]) -> ContextConventions:
-    """:class:`rsae.data.ContextConventions` from its manifest form (``to_dict``)."""
-    ex = d["exclude_special_tokens"]
-    return ContextConventions(
-        context_size=d["context_size"],
-        prepend_bos=d["prepend_bos"],
-        seqpos_slice=tuple(d["seqpos_slice"]),
-        exclude_special_tokens=tuple(ex) if isinstance(ex, list) else ex,
-        sequence_separator_token=d["sequence_separator_token"],
-        disable_concat_sequences=d["disable_concat_sequences"],
-        sources=dict(d.get("sources") or {}),
-    )
-
-
 class StreamedActivations(ActivationStore):
     """A streamed training split: its on-disk head (an :class:`rsae.activations.ActivationStore` folder whose
     manifest has a ``storage`` entry, :func:`stream_manifest`) whose :meth:`iter_batches` extracts the whole
@@ -228,7 +214,7 @@ class StreamedActivations(ActivationStore):
         """
         m = self.manifest
         model, tok = self._host_model()
-        conv = _conventions(m["conventions"])
+        conv = ContextConventions.from_dict(m["conventions"])
         positions, excluded = _kept(conv, tok)
         per_seq, n, bs = len(positions), self.rows, int(self.storage["seqs_per_forward"])
         opts = SourceOptions(**(m.get("source") or {}))
