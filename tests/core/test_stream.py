@@ -188,3 +188,45 @@ def test_a_small_streamed_upgrade_ends_with_finite_metrics(tmp_path: Path):
         m = report["metrics"][name]
         assert all(torch.isfinite(torch.tensor(float(m[k]))) for k in ("mse", "fvu", "l0", "delta_ce")), (name, m)
     assert len(report["finetune"]["curve"]) == 2 and report["host_model"]["dtype"] == "float32"
+
+
+@pytest.mark.slow
+def test_a_streamed_finetune_resumed_mid_way_equals_an_uninterrupted_one(tmp_path: Path):
+    """Cancelled after a fine-tuning checkpoint at step 5, rerun: the stream is reopened from the work dir and
+    advanced to step 5 (the same seeded batches), so the result equals an uninterrupted run's exactly."""
+    from rsae.errors import Cancelled
+
+    teacher = ReLUSAE(576, 128)
+    teacher.init_weights(torch.Generator().manual_seed(1))
+    cfg = UpgradeConfig(
+        layer=1,
+        teacher=str(teacher.save(tmp_path / "t")),
+        data={"train_tokens": 2048, "eval_tokens": 512, "ctx_len": CTX, "activation_storage": "stream"}
+        | {"stream_disk_tokens": 512, "stream_buffer_tokens": 1024},
+        calibrate={"steps": 5, "tokens": 512},
+        finetune={"steps": 12, "batch_size": 128, "eval_every": 6, "control": False},
+        eval={"ce_sequences": 0, "probe_ks": []},
+    )
+    full = run_upgrade(cfg, tmp_path / "full", work_dir=tmp_path / "w-full")
+    events: list[tuple[str, dict]] = []
+    with pytest.raises(Cancelled):
+        run_upgrade(
+            cfg,
+            tmp_path / "a",
+            work_dir=tmp_path / "w",
+            checkpoint_every=5,
+            should_cancel=lambda: any(i["name"] == "finetune-rsae" for _, i in events),
+            on_checkpoint=lambda kind, info: events.append((kind, info)),
+        )
+    events.clear()
+    again = run_upgrade(
+        cfg,
+        tmp_path / "b",
+        work_dir=tmp_path / "w",
+        checkpoint_every=5,
+        on_checkpoint=lambda kind, info: events.append((kind, info)),
+    )
+    resumed = [i for k, i in events if k == "resumed" and i["name"] == "finetune-rsae"]
+    assert resumed and resumed[0]["step"] == 5
+    assert again["data"]["storage"]["mode"] == "stream"
+    assert again["metrics"] == full["metrics"]
