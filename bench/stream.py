@@ -1,6 +1,6 @@
 """Benchmark 7, streamed fine-tuning: peak RSS of ``rsae.train.train_sae`` consuming a
 ``rsae.stream.StreamedActivations`` (the host model extracting in a background thread through the mixing buffer,
-nothing on disk but a 1,024-row head) for one pass over 100k and over 1M training tokens. Layer 1 of the bundled
+nothing on disk but a 1,024-row head) for one pass over 100k and over 1M training tokens. Layer 0 of the bundled
 SmolLM2-135M (float32 on CPU), 128-token contexts of BBC News (2% of documents held out so that 1M training tokens
 exist), a ReLU SAE 576 -> 576 trained by the dense step at batch 4,096, the default mixing buffer (65,536 rows).
 Figures (after one warm-up pass of a buffer's worth of rows): peak RSS above the RSS before the call (host model
@@ -24,8 +24,8 @@ import torch
 
 BENCH = "stream"
 MODEL = "smollm2-135m"
-FULL = {"tokens": (100_000, 1_000_000), "ctx": 128, "batch": 4096, "buffer": 65_536, "d_sae": 576, "layer": 1}
-QUICK = {"tokens": (2_000, 8_000), "ctx": 16, "batch": 256, "buffer": 1024, "d_sae": 64, "layer": 1}
+FULL = {"tokens": (100_000, 1_000_000), "ctx": 128, "batch": 4096, "buffer": 65_536, "d_sae": 576, "layer": 0}
+QUICK = {"tokens": (2_000, 8_000), "ctx": 16, "batch": 256, "buffer": 1024, "d_sae": 64, "layer": 0}
 HEAD_ROWS = 1024
 
 
