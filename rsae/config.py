@@ -137,7 +137,8 @@ class DataConfig(_Strict):
         ge=1024,
         le=16_777_216,
         description="Streaming: rows of the mixing buffer (at least 2 x finetune.batch_size is used). Memory of a "
-        "streamed fine-tune is about 3 x this x d_in x 4 bytes, whatever train_tokens.",
+        "streamed fine-tune is about 5 x this x d_in x 4 bytes beside the host model, whatever train_tokens "
+        "(docs/benchmarks.md, section 7).",
     )
     stream_disk_tokens: int = Field(
         65_536,

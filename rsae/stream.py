@@ -18,8 +18,9 @@ pass re-extracts (the source restarts); so does the control, which gets the RSAE
 
 Memory, whatever ``rows``: the mixing buffer (``buffer_rows``; at most ``buffer_rows`` + one forward batch of rows
 while refilling, and the copy that shuffles them), the served half still being consumed, the prefetch queue
-(views into it) and one forward pass: about 3 x ``buffer_rows`` x d_in x 4 bytes plus the host model
-(measured: docs/benchmarks.md, "Streamed fine-tuning").
+(views into it) and one forward pass, with the allocator's slack: about 5 x ``buffer_rows`` x d_in x 4 bytes beside
+the host model, training included (measured 0.75 GB at 100k tokens and 0.81 GB at 1M for the default 65,536 rows
+at d_in 576: docs/benchmarks.md, section 7).
 
 What stays on disk (:func:`train_disk_rows`): the held-out split, and the first ``stream_disk_tokens`` training
 rows (at least ``calibrate.tokens``), an ordinary activation folder whose manifest also records the stream
