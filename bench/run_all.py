@@ -39,6 +39,7 @@ MODULES: list[tuple[str, str]] = [
     ("api_load", "5. API latency under load"),
     ("scaling", "6. Scaling of the step with d_sae and batch"),
     ("encode_latency", "7. Encode latency (POST /v1/jobs/{id}/encode, 128-token text)"),
+    ("stream", "8. Streamed fine-tuning: peak RSS vs training tokens"),
 ]
 """(module under bench/, section title), in the order they run."""
 
@@ -111,6 +112,11 @@ def targets(results: dict[str, dict]) -> list[str]:
     if rss:
         v = rss[0]["value"]
         out.append(f"- Extraction peak RSS at 1M within 10% of 100k: {rss[0]['tokens']} tokens: {v:.2f}x: "
+                   f"{'met' if v <= 1.1 else 'NOT met'}")  # fmt: skip
+    srss = figs("stream", "stream_peak_rss_ratio")
+    if srss:
+        v = srss[0]["value"]
+        out.append(f"- Streamed fine-tune peak RSS at 1M within 10% of 100k: {srss[0]['tokens']} tokens: {v:.2f}x: "
                    f"{'met' if v <= 1.1 else 'NOT met'}")  # fmt: skip
     up = figs("upgrade", "upgrade_over_saelens")
     if up:

@@ -129,6 +129,32 @@ class DataConfig(_Strict):
     shard_tokens: int = Field(
         16_384, ge=256, le=10_000_000, description="Activation rows per safetensors shard on disk."
     )
+    activation_storage: Literal["auto", "disk", "stream"] = Field(
+        "auto",
+        description="Where the training activations live. 'disk': all train_tokens rows are extracted to "
+        "safetensors shards, then read back in shuffled batches (bit for bit the behaviour before streaming). "
+        "'stream': the host model extracts in a background thread while fine-tuning consumes, through a mixing "
+        "buffer of stream_buffer_tokens rows (SAELens's ActivationsStore convention: fill, shuffle, hand out half, "
+        "refill), so memory and disk do not grow with train_tokens; only the first stream_disk_tokens training "
+        "rows and the held-out rows go to disk. 'auto': 'stream' when train_tokens x d_in x 4 bytes exceeds "
+        "rsae.stream.AUTO_STREAM_BYTES (4 GiB), else 'disk'. Trade-offs: docs/method.md#streamed-activations.",
+    )
+    stream_buffer_tokens: int = Field(
+        65_536,
+        ge=1024,
+        le=16_777_216,
+        description="Streaming: rows of the mixing buffer (at least 2 x finetune.batch_size is used). Memory of a "
+        "streamed fine-tune is about 5 x this x d_in x 4 bytes beside the host model, whatever train_tokens "
+        "(docs/benchmarks.md, section 7).",
+    )
+    stream_disk_tokens: int = Field(
+        65_536,
+        ge=256,
+        le=10_000_000,
+        description="Streaming: the first training rows also written to disk (at least calibrate.tokens, at most "
+        "train_tokens), read by calibration, the teacher's training L0 (the L0 target), the probes' training "
+        "sequences and the gate plot.",
+    )
     allow_hook_override: bool = Field(
         False,
         description="Read activations at the request's 'layer' / 'hook' even where the teacher's cfg names "
@@ -389,6 +415,12 @@ class UpgradeConfig(_Strict):
     calibrate: CalibrateConfig = Field(default_factory=CalibrateConfig)
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    model_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto",
+        description="dtype of the host model's weights and forward. 'auto': bfloat16 on CUDA, float32 elsewhere. "
+        "Activations are handed to the SAEs in float32 whatever this is; the report records the dtype used "
+        "(host.dtype). Measured effect: docs/method.md#host-model-dtype.",
+    )
     seed: int = Field(0, ge=0, le=2**31 - 1, description="Seed for data split, shuffling and init.")
     device: str | None = Field(
         None, description="torch device; None picks CUDA when available, else CPU (or RSAE_DEVICE)."

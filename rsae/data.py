@@ -372,6 +372,21 @@ class ContextConventions:
             d["exclude_special_tokens"] = list(self.exclude_special_tokens)
         return d
 
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ContextConventions:
+        """The conventions of their :meth:`to_dict` form (a manifest's or the report's ``conventions``); a missing
+        ``sources`` is empty. Raises KeyError when a key is missing."""
+        ex = d["exclude_special_tokens"]
+        return cls(
+            context_size=int(d["context_size"]),
+            prepend_bos=bool(d["prepend_bos"]),
+            seqpos_slice=tuple(d["seqpos_slice"]),
+            exclude_special_tokens=tuple(ex) if isinstance(ex, list) else bool(ex),
+            sequence_separator_token=d["sequence_separator_token"],
+            disable_concat_sequences=bool(d["disable_concat_sequences"]),
+            sources=dict(d.get("sources") or {}),
+        )
+
 
 def legacy_conventions(ctx_len: int = 128) -> ContextConventions:
     """:data:`LEGACY_DEFAULTS` with ``context_size = ctx_len`` (a teacher without conventions)."""

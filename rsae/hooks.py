@@ -188,8 +188,10 @@ class HookCapture(_SiteHook):
 class HookSplice(_SiteHook):
     """Replaces positions ``start:`` of the activations at a site by ``fn(x)`` while ``fn`` is set.
 
-    ``fn`` maps rows [n, width] to [n, width] (an SAE's forward); None leaves the forward untouched.
-    Registered on construction; call :meth:`remove` (or use it as a context manager).
+    ``fn`` maps rows [n, width] float32 to [n, width] (an SAE's forward); None leaves the forward untouched. The
+    rows are handed to ``fn`` in float32 whatever the model's dtype (a bfloat16 host model, ``settings.model_dtype``)
+    and its output is cast back to the model's dtype. Registered on construction; call :meth:`remove` (or use it
+    as a context manager).
     """
 
     def __init__(self, model, site: HookSite, *, start: int = 1) -> None:
@@ -203,7 +205,7 @@ class HookSplice(_SiteHook):
             return None
         new = x.clone()
         part = x[:, self.start :, :]
-        new[:, self.start :, :] = self.fn(part.reshape(-1, part.shape[-1])).reshape(part.shape).to(x.dtype)
+        new[:, self.start :, :] = self.fn(part.reshape(-1, part.shape[-1]).float()).reshape(part.shape).to(x.dtype)
         return new
 
 

@@ -246,22 +246,44 @@ def public_model(spec: str) -> tuple[str, dict[str, str] | None]:
     }
 
 
-def load_model(spec: str, device: str = "cpu"):
-    """Load a causal LM and its tokenizer in float32, eval mode, on ``device``.
+MODEL_DTYPES = ("float32", "bfloat16", "float16")
+"""The host-model dtypes :func:`load_model` accepts (``settings.model_dtype`` less ``auto``)."""
+
+
+def resolve_dtype(requested: str | None, device: str) -> str:
+    """The host model's dtype name for ``settings.model_dtype`` = ``requested`` on ``device``: ``auto`` (or None)
+    is ``bfloat16`` on a CUDA device and ``float32`` elsewhere; any other value is returned as it is.
+
+    Raises:
+        ModelError: not one of ``auto`` and :data:`MODEL_DTYPES` (field ``model_dtype``).
+    """
+    if requested in (None, "auto"):
+        return "bfloat16" if str(device).startswith("cuda") else "float32"
+    if requested not in MODEL_DTYPES:
+        raise ModelError(
+            f"model_dtype {requested!r} is not one of auto, {', '.join(MODEL_DTYPES)}", field="model_dtype"
+        )
+    return requested
+
+
+def load_model(spec: str, device: str = "cpu", dtype: str = "float32"):
+    """Load a causal LM and its tokenizer in ``dtype`` (:data:`MODEL_DTYPES`; float32 by default), eval mode, on
+    ``device``. The bundled GGUF model is converted to float32 once (:func:`resolve_model`) and cast on load.
 
     Returns:
         ``(model, tokenizer)``; ``model.config.num_hidden_layers`` blocks, hidden size ``d_in``.
 
     Raises:
-        ModelError: resolution or loading failed (including hub access while offline).
+        ModelError: resolution or loading failed (including hub access while offline); an unknown ``dtype``.
     """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    torch_dtype = getattr(torch, resolve_dtype(dtype, device))
     resolved = resolve_model(spec)
     try:
         tok = AutoTokenizer.from_pretrained(resolved.path_or_id)
-        model = AutoModelForCausalLM.from_pretrained(resolved.path_or_id, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(resolved.path_or_id, dtype=torch_dtype)
     except (OSError, ValueError) as e:
         raise ModelError(f"cannot load model {spec!r}: {e}", field="model") from None
     model.eval().to(device)

@@ -16,10 +16,13 @@ from pydantic import BaseModel, ConfigDict, Field
 from .config import UpgradeConfig
 from .remez import RationalFit
 
-REPORT_SCHEMA_VERSION = "rsae-report/7"
-"""7: ``config.eval.batch_size`` is nullable in the request (None: chosen for the device); a report records the
-number of sequences per forward that was used. 6: ``data.conventions`` (the context conventions, each with its
-source) and ``data.source`` (hub data set options). 5: ``SAEMetrics.kl_zero`` (the zero-ablation KL, SAEBench's
+REPORT_SCHEMA_VERSION = "rsae-report/8"
+"""8: ``data.storage`` (disk or streamed training activations), ``host_model.dtype``; ``finetune.objective``,
+``kl_coefficient``, ``kl_sequences``; ``control.steps`` and ``control.batch_size``; ``config.remez.tail``,
+``config.finetune.rsae_penalty`` / ``objective`` / ``kl_*``, ``config.data.split_seed``. 7:
+``config.eval.batch_size`` is nullable in the request (None: chosen for the device); a report records the number
+of sequences per forward that was used. 6: ``data.conventions`` (the context conventions, each with its source)
+and ``data.source`` (hub data set options). 5: ``SAEMetrics.kl_zero`` (the zero-ablation KL, SAEBench's
 ``kl_div_with_ablation``).
 4: typed sections (this module's models), ``config`` validated as :class:`rsae.config.UpgradeConfig`.
 3: ``SAEMetrics.delta_ce_se`` and ``Report.comparisons`` (paired delta CE differences with standard errors)."""
@@ -72,6 +75,11 @@ class HostModel(_Section):
     d_model: int
     n_layers: int
     device: str
+    dtype: str = Field(
+        "float32",
+        description="dtype of the host model's weights and forward (settings.model_dtype resolved; activations "
+        "reach the SAEs in float32 whatever it is).",
+    )
 
 
 class TeacherInfo(_Section):
@@ -132,6 +140,18 @@ class DataSourceOptions(_Section):
     text_column: str | None = None
 
 
+class ActivationStorage(_Section):
+    """Where the training activations lived (``settings.data.activation_storage``, :mod:`rsae.stream`)."""
+
+    mode: Literal["disk", "stream"] = Field(
+        description="'disk': all training rows extracted to shards, then read back; 'stream': extracted during "
+        "fine-tuning through a mixing buffer."
+    )
+    requested: Literal["auto", "disk", "stream"] = Field(description="settings.data.activation_storage.")
+    disk_rows: int = Field(description="Training rows on disk (all of them in disk mode; the head in stream mode).")
+    buffer_rows: int | None = Field(None, description="Rows of the mixing buffer (stream mode).")
+
+
 class DataSection(_Section):
     """The training and held-out activation splits, the context conventions and the data source options."""
 
@@ -139,6 +159,7 @@ class DataSection(_Section):
     eval: DataSplit
     conventions: DataConventions | None = None
     source: DataSourceOptions | None = None
+    storage: ActivationStorage | None = None
 
 
 class FitParams(_Section):

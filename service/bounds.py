@@ -10,13 +10,14 @@ process's working directory), and its ``Path.resolve()``d form (symlinks followe
 one of ``local_path_roots`` (themselves resolved). The worker runs with the resolved paths.
 
 Bounds. ``allowed_models`` (bundled names and hub ids, fnmatch globs); ``max_train_tokens`` /
-``max_eval_tokens``; ``max_job_disk_bytes`` against ``(train_tokens + eval_tokens) x d_model x 4`` bytes, the
-float32 activation shards the extract stage writes (d_model from the model's ``config.json`` or the teacher's
-``d_in``, which must equal it); ``max_hub_download_bytes`` against the sizes the hub's metadata gives for the
-model's files and the teacher's folder (:func:`rsae.hub.repo_files`; nothing is downloaded to check). When the
-hub cannot be asked at submission (offline mode, unreachable, timeout) the job is accepted and the worker asks
-again before downloading; if it still cannot, it downloads nothing itself and the model loads from the local
-cache or fails with ``invalid_model``.
+``max_eval_tokens``; ``max_job_disk_bytes`` against ``(training rows on disk + eval_tokens) x d_model x 4`` bytes,
+the float32 activation shards the extract stage writes (all ``train_tokens`` rows, or with streamed training
+activations only ``stream_disk_tokens`` of them: :func:`rsae.stream.train_disk_rows`; d_model from the model's
+``config.json`` or the teacher's ``d_in``, which must equal it); ``max_hub_download_bytes`` against the sizes the
+hub's metadata gives for the model's files and the teacher's folder (:func:`rsae.hub.repo_files`; nothing is
+downloaded to check). When the hub cannot be asked at submission (offline mode, unreachable, timeout) the job is
+accepted and the worker asks again before downloading; if it still cannot, it downloads nothing itself and the
+model loads from the local cache or fails with ``invalid_model``.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from rsae.data import dataset_spec_kind
 from rsae.errors import DataError
 from rsae.hub import HubFile, check_hub_ref, folder_files, model_files, repo_files
 from rsae.models import model_shape, model_spec_kind
+from rsae.stream import train_disk_rows
 
 from .config import Settings
 from .models import Sae, is_uuid
@@ -191,8 +193,11 @@ def check_token_budgets(req: JobCreate, settings: Settings) -> None:
 
 
 def scratch_bytes(req: JobCreate, d_model: int) -> int:
-    """Bytes of activation shards a job writes: (train_tokens + eval_tokens) rows x d_model x 4 (float32)."""
-    return (req.settings.data.train_tokens + req.settings.data.eval_tokens) * d_model * 4
+    """Bytes of activation shards a job writes: (training rows on disk + eval_tokens) x d_model x 4 (float32); the
+    training rows on disk are all ``train_tokens``, or the head of a streamed split
+    (:func:`rsae.stream.train_disk_rows`, ``settings.data.activation_storage`` resolved with ``d_model``)."""
+    s = req.settings
+    return (train_disk_rows(s.data, s.calibrate.tokens, d_model) + s.data.eval_tokens) * d_model * 4
 
 
 def check_disk_budget(req: JobCreate, settings: Settings, d_model: int | None, source: str = "") -> None:
@@ -212,7 +217,8 @@ def check_disk_budget(req: JobCreate, settings: Settings, d_model: int | None, s
             "disk_budget_exceeded",
             f"the job would write {_gib(need)} of activations ((train_tokens {data.train_tokens:,} + eval_tokens "
             f"{data.eval_tokens:,}) x d_model {d_model}{source} x 4 bytes); this server allows "
-            f"{_gib(settings.max_job_disk_bytes)} per job (RSAE_MAX_JOB_DISK_BYTES): lower settings.data.train_tokens",
+            f"{_gib(settings.max_job_disk_bytes)} per job (RSAE_MAX_JOB_DISK_BYTES): lower settings.data.train_tokens, "
+            "or stream them (settings.data.activation_storage: stream)",
             field="settings.data.train_tokens",
         )
 

@@ -1,7 +1,9 @@
 """Stage 1, extract: run the host model on the text and store the hook's activations (train and held-out).
 
 An activation folder whose manifest matches the request is reused, so a restarted job does not extract
-twice (:func:`rsae.activations.extract_activations` writes the shards and the manifest).
+twice (:func:`rsae.activations.extract_activations` writes the shards and the manifest). With streamed training
+activations (``settings.data.activation_storage``, :mod:`rsae.stream`) only the first ``stream_disk_tokens``
+training rows go to disk, and ``state.train`` streams the rest during fine-tuning.
 """
 
 from __future__ import annotations
@@ -15,7 +17,9 @@ from ..config import UpgradeConfig
 from ..data import ContextConventions, SourceOptions, resolve_conventions
 from ..errors import TeacherError
 from ..hooks import site_for, site_width
+from ..models import resolve_dtype
 from ..report import HostModel
+from ..stream import open_train, storage_mode, stream_manifest, train_disk_rows
 from .progress import RunContext
 from .state import UpgradeState
 
@@ -41,11 +45,15 @@ def activations(
     lo: float,
     hi: float,
     conv: ContextConventions | None = None,
+    storage: dict | None = None,
 ) -> ActivationStore:
     """The ``split`` activations (``n`` rows) in ``folder``: reused when its manifest matches the request
-    (conventions and data source included), else extracted; progress runs from ``lo`` to ``hi`` of the stage."""
+    (conventions, data source, host-model dtype and ``storage`` included), else extracted; progress runs from
+    ``lo`` to ``hi`` of the stage. ``storage``: the manifest's stream entry (:func:`rsae.stream.stream_manifest`)
+    when these rows are the on-disk head of a streamed split; None for a split wholly on disk."""
     cfg = state.cfg
     conv = conv or conventions(state)
+    dtype = resolve_dtype(cfg.model_dtype, state.device)
     want = {
         "layer": cfg.layer,
         "hook": cfg.hook,
@@ -58,6 +66,8 @@ def activations(
         "eval_fraction": cfg.data.eval_fraction,
         "seed": split_seed(cfg),
         "model": cfg.model,
+        "model_dtype": dtype,
+        "storage": storage,
     }
     mf = folder / MANIFEST
     if mf.is_file():
@@ -83,7 +93,8 @@ def activations(
         batch_size=cfg.data.batch_size,
         shard_tokens=cfg.data.shard_tokens,
         device=state.device,
-        meta={"model": cfg.model, "source": cfg.data.source_options()},
+        meta={"model": cfg.model, "model_dtype": dtype, "source": cfg.data.source_options()}
+        | ({} if storage is None else {"storage": storage}),
         on_progress=ctx.progress.within(lo, hi),
     )
     return ActivationStore(folder)
@@ -97,6 +108,8 @@ def split_seed(cfg: UpgradeConfig) -> int:
 def extract(state: UpgradeState, ctx: RunContext) -> None:
     """Check the host model against the teacher, then fill ``state.host``, ``state.train``, ``state.evals``,
     and check the teacher on the first real activations (:meth:`UpgradeState.calibration_data`, kept for init).
+    ``state.train`` is a :class:`rsae.stream.StreamedActivations` when the training activations are streamed
+    (:func:`rsae.stream.storage_mode`), else an :class:`rsae.activations.ActivationStore`.
 
     Raises:
         ModelError: unknown model, or a hook site it does not have (layer out of range, a missing module).
@@ -121,9 +134,17 @@ def extract(state: UpgradeState, ctx: RunContext) -> None:
         d_model=d_model,
         n_layers=model.config.num_hidden_layers,
         device=state.device,
+        dtype=resolve_dtype(cfg.model_dtype, state.device),
     )
     conv = conventions(state)
-    work = state.work_dir
-    state.train = activations(state, ctx, "train", cfg.data.train_tokens, work / "acts-train", 0.0, 0.8, conv)
+    work, data = state.work_dir, cfg.data
+    storage = None
+    if storage_mode(data.activation_storage, data.train_tokens, width) == "stream":
+        storage = stream_manifest(
+            data.train_tokens, data.stream_buffer_tokens, data.batch_size, data.activation_storage
+        )
+    n_disk = train_disk_rows(data, cfg.calibrate.tokens, width)
+    head = activations(state, ctx, "train", n_disk, work / "acts-train", 0.0, 0.8, conv, storage)
+    state.train = open_train(head.folder, state.host_model, state.device)
     state.evals = activations(state, ctx, "eval", cfg.data.eval_tokens, work / "acts-eval", 0.8, 1.0, conv)
     state.calibration_data()  # the data-dependent teacher checks, here rather than at the end of the job

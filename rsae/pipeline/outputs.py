@@ -104,14 +104,16 @@ def installed_version(dist: str) -> str | None:
 def data_conventions(state: UpgradeState, dataset: str) -> dict[str, Any]:
     """SAELens's data keys for the rows the RSAE was fitted on (the training split's manifest): ``context_size``
     (tokens per sequence), ``prepend_bos``, ``seqpos_slice`` (``[1, null]`` when position 0 was dropped) and
-    ``dataset_path`` (``dataset``, the public name); plus those of :data:`RECORDED_KEYS` the manifest records."""
+    ``dataset_path`` (``dataset``, the public name); plus those of :data:`RECORDED_KEYS` the manifest records.
+    The first three come from the manifest's ``conventions`` (what extraction used), else its top-level keys."""
     m = state.train.manifest
-    seqpos = m.get("seqpos_slice")
+    conv = {**m, **(m.get("conventions") or {})}
+    seqpos = conv.get("seqpos_slice")
     if seqpos is None:
         seqpos = [1, None] if m.get("position_0_dropped", False) else [None]
     out = {
         "context_size": int(m["ctx_len"]),
-        "prepend_bos": bool(m.get("prepend_bos", False)),
+        "prepend_bos": bool(conv.get("prepend_bos", False)),
         "seqpos_slice": list(seqpos),
         "dataset_path": dataset,
     }
@@ -182,7 +184,7 @@ def _core_config(state: UpgradeState, cfg: UpgradeConfig, model_name: str, rows:
     downstream = cfg.eval.ce_sequences > 0
     return CoreEvalConfig(
         model_name=model_name,
-        llm_dtype=str(getattr(cfg, "model_dtype", None) or "float32"),
+        llm_dtype=state.host.dtype if state.host is not None else "float32",
         batch_size_prompts=cfg.eval.batch_size,
         n_eval_reconstruction_batches=math.ceil(cfg.eval.ce_sequences / cfg.eval.batch_size) if downstream else 0,
         n_eval_sparsity_variance_batches=math.ceil(rows / CORE_BATCH_ROWS),

@@ -24,6 +24,7 @@ from ..errors import TeacherError
 from ..evaluate import eval_batch_size
 from ..remez import RationalFit
 from ..report import (
+    ActivationStorage,
     CalibrationSection,
     ControlSection,
     DataSection,
@@ -35,6 +36,7 @@ from ..report import (
     SAEMetrics,
 )
 from ..saes import SAE, SAE_REGISTRY, Family, JumpRule, RationalSAE, family_names, get_family, load_sae
+from ..stream import StreamedActivations, open_train
 from ..train import sample_pre_acts
 
 log = logging.getLogger(__name__)
@@ -119,11 +121,13 @@ class UpgradeState:
 
     # -- lazily loaded resources -------------------------------------------------------------------
     def host_model(self) -> tuple[Any, Any]:
-        """The host model and tokenizer (loaded on first use; :func:`rsae.models.load_model`)."""
+        """The host model and tokenizer (loaded on first use in ``settings.model_dtype`` resolved for the device;
+        :func:`rsae.models.load_model`, :func:`rsae.models.resolve_dtype`)."""
         if self._model is None:
-            from ..models import load_model
+            from ..models import load_model, resolve_dtype
 
-            self._model, self._tokenizer = load_model(self.cfg.model, device=self.device)
+            dtype = resolve_dtype(self.cfg.model_dtype, self.device)
+            self._model, self._tokenizer = load_model(self.cfg.model, device=self.device, dtype=dtype)
         return self._model, self._tokenizer
 
     def calibration_data(self) -> CalibrationData:
@@ -151,14 +155,23 @@ class UpgradeState:
 
     @property
     def data_section(self) -> DataSection:
-        """The report's ``data`` section from the two activation manifests."""
+        """The report's ``data`` section from the two activation manifests (and how the training rows were
+        stored: :class:`rsae.report.ActivationStorage`)."""
         keys = ("rows", "ctx_len", "dataset", "split", "stats")
-        m = self.train.manifest
+        m, train = self.train.manifest, self.train
+        streamed = isinstance(train, StreamedActivations)
+        storage = ActivationStorage(
+            mode="stream" if streamed else "disk",
+            requested=self.cfg.data.activation_storage,
+            disk_rows=train.disk_rows if streamed else train.rows,
+            buffer_rows=int(train.storage["buffer_rows"]) if streamed else None,
+        )
         return DataSection(
             train={k: m[k] for k in keys},
             eval={k: self.evals.manifest[k] for k in keys},
             conventions=m.get("conventions"),
             source=m.get("source"),
+            storage=storage,
         )
 
     # -- persistence -------------------------------------------------------------------------------
@@ -226,7 +239,7 @@ class UpgradeState:
             if snap.get(name) is not None:
                 setattr(self, name, sae_from_snapshot(snap[name]).to(self.device))
         if "extract" in self.done:
-            self.train = ActivationStore(self.work_dir / "acts-train")
+            self.train = open_train(self.work_dir / "acts-train", self.host_model, self.device)
             self.evals = ActivationStore(self.work_dir / "acts-eval")
 
 

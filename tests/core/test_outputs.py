@@ -115,6 +115,12 @@ def test_cfg_metadata_describes_the_upgrade_data_and_keeps_the_teachers_conventi
     # a manifest that records the conventions (a teacher's BOS, a kept position 0) is written as it says
     m2 = outputs.cfg_metadata(_state(256, prepend_bos=True, seqpos_slice=[0, None]), cfg, {}, {})
     assert (m2["context_size"], m2["prepend_bos"], m2["seqpos_slice"]) == (256, True, [0, None])
+    # as extraction writes them: under the manifest's "conventions"
+    from rsae.data import ContextConventions
+
+    bos = ContextConventions(256, True, (None,), False, "bos", False).to_dict()
+    m3 = outputs.cfg_metadata(_state(256, position_0_dropped=False, conventions=bos), cfg, {}, {})
+    assert (m3["context_size"], m3["prepend_bos"], m3["seqpos_slice"]) == (256, True, [None])
     monkeypatch.setattr(outputs, "installed_version", lambda dist: None)
     assert "sae_lens_version" not in outputs.cfg_metadata(_state(), cfg, {}, {})
 

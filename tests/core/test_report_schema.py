@@ -20,11 +20,12 @@ def test_checked_in_schema_equals_the_generated_one():
 
 def test_schema_version_and_typed_sections():
     schema = report_json_schema()
-    assert REPORT_SCHEMA_VERSION == "rsae-report/7"
+    assert REPORT_SCHEMA_VERSION == "rsae-report/8"
     for section in (
         "HostModel",
         "TeacherInfo",
         "DataSection",
+        "ActivationStorage",
         "RemezSection",
         "CalibrationSection",
         "FinetuneSection",

@@ -271,7 +271,11 @@ INVALID_JOBS: dict[str, tuple[Callable[[str], dict[str, Any]], str, str]] = {
         "token_budget_exceeded",
     ),
     "activation scratch over the disk budget": (
-        lambda s: {"json": job_body(s, data={"train_tokens": 4_194_304, "eval_tokens": 1_048_576})},
+        lambda s: {
+            "json": job_body(
+                s, data={"train_tokens": 4_194_304, "eval_tokens": 1_048_576, "activation_storage": "disk"}
+            )
+        },
         "settings.data.train_tokens",
         "disk_budget_exceeded",
     ),

@@ -183,6 +183,23 @@ def test_model_allow_list_and_hub_sizes_at_submission(
         assert hub.downloads == []
 
 
+def test_disk_budget_counts_the_rows_a_job_writes(client: TestClient, sae_id: str) -> None:
+    """Training rows on disk: all of them in disk mode; only the head when they are streamed (explicitly, or by
+    ``auto`` because they would take more than 4 GiB), which is what lets a large job through the disk budget."""
+    data = {"train_tokens": 4_194_304, "eval_tokens": 1_048_576}  # 12 GB of float32 rows at d_model 576
+    p = assert_problem(
+        client.post("/v1/jobs", json=job_body(sae_id, data={**data, "activation_storage": "disk"})),
+        422,
+        field="settings.data.train_tokens",
+        code="disk_budget_exceeded",
+    )
+    assert "activation_storage: stream" in p["detail"]
+    for storage in ("stream", "auto"):
+        r = client.post("/v1/jobs", json=job_body(sae_id, data={**data, "activation_storage": storage}))
+        assert r.status_code == 202, r.text
+        assert r.json()["request"]["settings"]["data"]["activation_storage"] == storage
+
+
 def test_hub_unreachable_at_submission_then_the_worker_checks(
     settings: Settings,
     clean_db: None,
