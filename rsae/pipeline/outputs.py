@@ -105,7 +105,7 @@ def data_conventions(state: UpgradeState, dataset: str) -> dict[str, Any]:
     """SAELens's data keys for the rows the RSAE was fitted on (the training split's manifest): ``context_size``
     (tokens per sequence), ``prepend_bos``, ``seqpos_slice`` (``[1, null]`` when position 0 was dropped) and
     ``dataset_path`` (``dataset``, the public name); plus those of :data:`RECORDED_KEYS` the manifest records.
-    The first three come from the manifest's ``conventions`` (what extraction used), else its top-level keys."""
+    All come from the manifest's ``conventions`` (what extraction used), else its top-level keys."""
     m = state.train.manifest
     conv = {**m, **(m.get("conventions") or {})}
     seqpos = conv.get("seqpos_slice")
@@ -117,7 +117,7 @@ def data_conventions(state: UpgradeState, dataset: str) -> dict[str, Any]:
         "seqpos_slice": list(seqpos),
         "dataset_path": dataset,
     }
-    out.update({k: m[k] for k in RECORDED_KEYS if k in m})
+    out.update({k: conv[k] for k in RECORDED_KEYS if k in conv})
     return out
 
 

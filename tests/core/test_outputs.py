@@ -121,6 +121,12 @@ def test_cfg_metadata_describes_the_upgrade_data_and_keeps_the_teachers_conventi
     bos = ContextConventions(256, True, (None,), False, "bos", False).to_dict()
     m3 = outputs.cfg_metadata(_state(256, position_0_dropped=False, conventions=bos), cfg, {}, {})
     assert (m3["context_size"], m3["prepend_bos"], m3["seqpos_slice"]) == (256, True, [None])
+    # and the other SAELens data conventions with them (what extraction used, not the teacher's)
+    assert (m3["exclude_special_tokens"], m3["sequence_separator_token"], m3["disable_concat_sequences"]) == (
+        bos["exclude_special_tokens"],
+        bos["sequence_separator_token"],
+        bos["disable_concat_sequences"],
+    )
     monkeypatch.setattr(outputs, "installed_version", lambda dist: None)
     assert "sae_lens_version" not in outputs.cfg_metadata(_state(), cfg, {}, {})
 
