@@ -20,7 +20,7 @@ def test_checked_in_schema_equals_the_generated_one():
 
 def test_schema_version_and_typed_sections():
     schema = report_json_schema()
-    assert REPORT_SCHEMA_VERSION == "rsae-report/6"
+    assert REPORT_SCHEMA_VERSION == "rsae-report/7"
     for section in (
         "HostModel",
         "TeacherInfo",
@@ -33,6 +33,7 @@ def test_schema_version_and_typed_sections():
         "Plots",
         "SAEMetrics",
         "Comparison",
+        "LatentIdentitySection",
         "EvalSplit",
         "UpgradeConfig",
     ):
