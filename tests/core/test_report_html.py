@@ -13,10 +13,8 @@ import base64
 import copy
 import json
 import re
-import shutil
 import subprocess
 import sys
-import tempfile
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -24,23 +22,11 @@ import numpy as np
 import pytest
 
 from rsae.report_html import render_report_html, write_report_html
+from support.browser import run_chromium
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "tests" / "data" / "report_example.json"
-INSTALL_SCRIPT = ROOT / "scripts" / "install_debian.sh"
 WINDOW = (1280, 2400)
-CHROMIUM_FLAGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--hide-scrollbars",
-    "--virtual-time-budget=10000",
-]
 PLOTS = ["gate", "curves", "bars", "identity-scatter", "identity-cosine", "identity-density"]
 EXPECTED_ROWS = [
     "mse",
@@ -110,34 +96,6 @@ def _parse(page: str) -> _Collect:
 
 def _example() -> dict:
     return json.loads(EXAMPLE.read_text())
-
-
-def _chromium() -> str:
-    """Path of the chromium binary; installs it with scripts/install_debian.sh or FAILS the test."""
-    exe = shutil.which("chromium")
-    if exe:
-        return exe
-    proc = subprocess.run(["bash", str(INSTALL_SCRIPT)], capture_output=True, text=True, timeout=900)
-    exe = shutil.which("chromium")
-    if not exe:
-        pytest.fail(
-            "headless Chromium is required for the HTML report tests but `chromium` is not on PATH "
-            f"and {INSTALL_SCRIPT.relative_to(ROOT)} could not install it (exit {proc.returncode}): "
-            f"{proc.stderr.strip()[-800:]}",
-            pytrace=False,
-        )
-    return exe
-
-
-def _run_chromium(args: list[str], tmp: Path, timeout: float = 90) -> subprocess.CompletedProcess:
-    profile = Path(tempfile.mkdtemp(prefix="chromium-profile-", dir=tmp))
-    cmd = [_chromium(), *CHROMIUM_FLAGS, f"--user-data-dir={profile}", *args]
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-    finally:
-        shutil.rmtree(profile, ignore_errors=True)
-    assert proc.returncode == 0, f"chromium failed ({proc.returncode}): {proc.stderr[-1500:]}"
-    return proc
 
 
 @pytest.fixture(scope="module")
@@ -342,7 +300,7 @@ def test_bad_input_raises(tmp_path: Path) -> None:
 
 def test_chromium_decodes_plots_and_renders(example_page: Path, tmp_path: Path) -> None:
     url = example_page.resolve().as_uri()
-    dom = _run_chromium(["--dump-dom", url], tmp_path).stdout
+    dom = run_chromium(["--dump-dom", url], tmp_path).stdout
     assert 'data-plots-ok="true"' in dom, dom[:500]
     assert f'data-plots-count="{len(PLOTS)}"' in dom
     for plot in PLOTS:
@@ -352,7 +310,7 @@ def test_chromium_decodes_plots_and_renders(example_page: Path, tmp_path: Path) 
     assert 'data-metric="loss_recovered"' in dom
 
     shot = tmp_path / "report.png"
-    _run_chromium([f"--screenshot={shot}", f"--window-size={WINDOW[0]},{WINDOW[1]}", url], tmp_path)
+    run_chromium([f"--screenshot={shot}", f"--window-size={WINDOW[0]},{WINDOW[1]}", url], tmp_path)
     assert shot.is_file() and shot.stat().st_size > 10_000
     import matplotlib.image as mpimg
 
