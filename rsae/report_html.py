@@ -493,14 +493,17 @@ def _identity_scatter(ident: Mapping[str, Any]) -> str:
         ax.scatter(t[died], np.full(died.sum(), floor), s=22, marker="v", color="#c0392b", label="died (RSAE never)")
     if born.any():
         ax.scatter(np.full(born.sum(), floor), r[born], s=22, marker="<", color="#8e44ad", label="born (teacher never)")
-    grid = np.array([floor, 1.0])
+    pos = np.concatenate([t[t > 0], r[r > 0]])
+    lo = floor if (died.any() or born.any() or not pos.size) else pos.min() / 1.5
+    hi = min(1.0, pos.max() * 1.5) if pos.size else 1.0
+    grid = np.array([lo, hi])
     ax.plot(grid, grid, color=_COLORS["teacher"], linestyle="--", linewidth=1.2, label="equal rate")
     for f in (2.0, 0.5):
         ax.plot(grid, grid * f, color="#999999", linestyle=":", linewidth=1.0, label="×2 / ÷2" if f == 2 else None)
     ax.set_xscale("log")
     ax.set_yscale("log")
-    ax.set_xlim(floor * 0.8, 1.2)
-    ax.set_ylim(floor * 0.8, 1.2)
+    ax.set_xlim(lo * 0.8, hi * 1.2)
+    ax.set_ylim(lo * 0.8, hi * 1.2)
     ax.set_xlabel("teacher firing rate (fraction of held-out tokens)")
     ax.set_ylabel("RSAE firing rate")
     sub = f"{len(t)} sampled latents" if sc.get("sampled") else f"all {len(t)} latents"
@@ -560,10 +563,14 @@ def _identity_density(ident: Mapping[str, Any]) -> str:
         "rsae": dict(linewidth=1.8),
         "control": dict(linewidth=1.5),
     }
+    used = [i for _, counts, _ in data.values() for i, c in enumerate(counts) if c > 0]
     for k, (edges, counts, _) in data.items():
         d = _num(dead.get(k))
         label = _label(k) + (f" ({int(d)} dead)" if d is not None else "")
         ax.stairs(counts, edges, color=_COLORS[k], label=label, **styles[k])
+    if used:  # the occupied range, one bin either side
+        edges = next(iter(data.values()))[0]
+        ax.set_xlim(edges[max(min(used) - 1, 0)], edges[min(max(used) + 2, len(edges) - 1)])
     ax.set_title("Feature density: log10 firing rate of each latent on held-out tokens", loc="left", fontsize=11)
     ax.set_xlabel("log10(firing rate)  (dead latents, rate 0, counted in the legend)")
     ax.set_ylabel("latents")
