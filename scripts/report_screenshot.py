@@ -5,7 +5,9 @@
 Given a folder, the page is rendered afresh from its ``report.json`` (:func:`rsae.report_html.write_report_html`)
 into a temporary file; given an ``.html`` file, that file is shot as it is. The page's height comes from a first
 ``--dump-dom`` run (``data-page-height``, set by the page's script on load), then one screenshot of the window
-``--width`` x that height, so nothing is cut off. Needs ``chromium`` on the PATH (``scripts/install_debian.sh``).
+``--width`` x that height, so nothing is cut off; the PNG is then reduced to a 256-colour palette (Pillow, a
+matplotlib dependency; ``--full-colour`` keeps it as Chromium wrote it: about 2.5 times larger). Needs
+``chromium`` on the PATH (``scripts/install_debian.sh``).
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ def main() -> None:
     p.add_argument("source", type=Path, help="an artifact folder (with report.json) or a report.html")
     p.add_argument("out", type=Path, help="the PNG to write")
     p.add_argument("--width", type=int, default=1280, help="window width in CSS pixels")
+    p.add_argument("--full-colour", action="store_true", help="keep Chromium's RGB PNG (no palette)")
     a = p.parse_args()
     with tempfile.TemporaryDirectory(prefix="report-shot-") as t:
         tmp = Path(t)
@@ -65,7 +68,12 @@ def main() -> None:
         height = int(m.group(1))
         a.out.parent.mkdir(parents=True, exist_ok=True)
         _chromium([f"--screenshot={a.out.resolve()}", f"--window-size={a.width},{height}", url], tmp)
-    print(f"{a.out}: {a.width} x {height}")
+    if not a.full_colour:
+        from PIL import Image
+
+        img = Image.open(a.out).convert("RGB")
+        img.quantize(colors=256, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE).save(a.out, optimize=True)
+    print(f"{a.out}: {a.width} x {height}, {a.out.stat().st_size} bytes")
 
 
 if __name__ == "__main__":
