@@ -16,14 +16,15 @@ from pydantic import BaseModel, ConfigDict, Field
 from .config import UpgradeConfig
 from .remez import RationalFit
 
-REPORT_SCHEMA_VERSION = "rsae-report/8"
-"""8: ``data.storage`` (disk or streamed training activations), ``host_model.dtype``; ``finetune.objective``,
-``kl_coefficient``, ``kl_sequences``; ``control.steps`` and ``control.batch_size``; ``config.remez.tail``,
-``config.finetune.rsae_penalty`` / ``objective`` / ``kl_*``, ``config.data.split_seed``. 7:
-``config.eval.batch_size`` is nullable in the request (None: chosen for the device); a report records the number
-of sequences per forward that was used. 6: ``data.conventions`` (the context conventions, each with its source)
-and ``data.source`` (hub data set options). 5: ``SAEMetrics.kl_zero`` (the zero-ablation KL, SAEBench's
-``kl_div_with_ablation``).
+REPORT_SCHEMA_VERSION = "rsae-report/9"
+"""9: ``latent_identity`` (per-latent decoder cosine, activation correlation and firing rates of the RSAE and the
+control against the teacher; :mod:`rsae.identity`). 8: ``data.storage`` (disk or streamed training activations),
+``host_model.dtype``; ``finetune.objective``, ``kl_coefficient``, ``kl_sequences``; ``control.steps`` and
+``control.batch_size``; ``config.remez.tail``, ``config.finetune.rsae_penalty`` / ``objective`` / ``kl_*``,
+``config.data.split_seed``. 7: ``config.eval.batch_size`` is nullable in the request (None: chosen for the
+device); a report records the number of sequences per forward that was used. 6: ``data.conventions`` (the
+context conventions, each with its source) and ``data.source`` (hub data set options). 5:
+``SAEMetrics.kl_zero`` (the zero-ablation KL, SAEBench's ``kl_div_with_ablation``).
 4: typed sections (this module's models), ``config`` validated as :class:`rsae.config.UpgradeConfig`.
 3: ``SAEMetrics.delta_ce_se`` and ``Report.comparisons`` (paired delta CE differences with standard errors)."""
 
@@ -305,6 +306,87 @@ class Plots(_Section):
     gate: GatePlot
 
 
+class Distribution(_Section):
+    """Summary of one per-latent quantity over the ``n`` latents where it is defined (all None when ``n`` is 0):
+    mean and quantiles (``q05`` = 5th percentile, linear interpolation as ``torch.quantile``), in the
+    quantity's own units."""
+
+    n: int
+    mean: float | None = None
+    min: float | None = None
+    q05: float | None = None
+    q25: float | None = None
+    median: float | None = None
+    q75: float | None = None
+    q95: float | None = None
+    max: float | None = None
+
+
+class LatentChange(_Section):
+    """One SAE (the fine-tuned RSAE or the control) against the teacher, latent j against latent j, on the
+    held-out tokens (:func:`rsae.identity.latent_identity`)."""
+
+    decoder_cos: Distribution = Field(description="cos(W_dec_teacher[j], W_dec[j]) over latents with non-zero rows.")
+    activation_corr: Distribution = Field(
+        description="Pearson correlation over tokens of the teacher's and this SAE's activation of latent j, over "
+        "the latents where both vary (fired on some but not all tokens)."
+    )
+    corr_undefined: int = Field(description="Latents where either SAE's activation is constant (e.g. never fired).")
+    firing_rate_ratio: Distribution = Field(
+        description="Firing rate of this SAE / the teacher's, over the latents the teacher fired on (0: died)."
+    )
+    share_decoder_cos_at_least_0_9: float | None = Field(
+        description="Share of the latents with a defined decoder cosine whose cosine is >= 0.9."
+    )
+    share_corr_at_least_0_9: float | None = Field(
+        description="Share of the latents with a defined correlation whose correlation is >= 0.9."
+    )
+    share_rate_within_2x: float | None = Field(
+        description="Share of the latents the teacher fired on whose firing rate ratio is in [0.5, 2]."
+    )
+    died: int = Field(description="Latents that fired for the teacher but never for this SAE on these tokens.")
+    born: int = Field(description="Latents that never fired for the teacher but fired for this SAE.")
+    died_latents: list[int] = Field(
+        description="Indices of died latents, the teacher's most frequent first (at most ``listed_max``)."
+    )
+    born_latents: list[int] = Field(
+        description="Indices of born latents, this SAE's most frequent first (at most ``listed_max``)."
+    )
+
+
+class LatentScatter(_Section):
+    """Firing counts on the held-out tokens of a set of latents (all, or a seeded sample): the HTML scatter."""
+
+    latents: list[int]
+    teacher: list[int]
+    rsae: list[int]
+    sampled: bool = Field(description="True when ``latents`` is a seeded random subset of the d_sae latents.")
+
+
+class LatentIdentitySection(_Section):
+    """Whether the teacher's latents keep their identity after the upgrade (so explanations written for the
+    teacher's latents, e.g. Neuronpedia or autointerp, still hold): per latent, decoder direction, activation
+    correlation and firing rate, against the teacher, on the held-out tokens. The per-latent arrays are in
+    ``artifact`` (:func:`rsae.identity.save_identity`); this section has their summaries and histograms."""
+
+    n_tokens: int
+    d_sae: int
+    artifact: str
+    listed_max: int
+    firing_rate: dict[str, Distribution] = Field(
+        description="Per SAE (teacher, rsae, control): fraction of held-out tokens on which a latent is exactly "
+        "non-zero, over all latents."
+    )
+    dead: dict[str, int] = Field(description="Per SAE: latents that never fired on these tokens.")
+    vs_teacher: dict[str, LatentChange] = Field(description="'rsae' and (with a control run) 'control'.")
+    decoder_cos_hist: dict[str, Histogram]
+    activation_corr_hist: dict[str, Histogram]
+    density_hist: dict[str, Histogram] = Field(
+        description="Per SAE: histogram of log10(firing rate) of the latents that fired (dead ones in ``dead``)."
+    )
+    scatter: LatentScatter
+
+
 class Comparison(_Section):
     """SAE a against SAE b on the same held-out tokens."""
 
@@ -330,7 +412,8 @@ class Report(_Section):
     """Content of ``report.json``. ``metrics`` keys: ``teacher``, ``rsae_init`` (after calibration),
     ``rsae`` (after fine-tuning) and ``control`` (the teacher fine-tuned with its own gate on the same data,
     steps and objective). ``headline`` flattens the numbers a job listing shows. ``plots`` holds the data
-    of the HTML report's figures (gate curves, pre-activation histogram)."""
+    of the HTML report's figures (gate curves, pre-activation histogram); ``latent_identity`` compares the
+    RSAE's and the control's latents with the teacher's, one by one."""
 
     schema_version: str = Field(REPORT_SCHEMA_VERSION)
     created_at: str
@@ -344,6 +427,7 @@ class Report(_Section):
     control: ControlSection | None = None
     probing: ProbingSection | None = None
     plots: Plots | None = None
+    latent_identity: LatentIdentitySection | None = None
     metrics: dict[str, SAEMetrics]
     comparisons: dict[str, Comparison] | None = Field(
         None,

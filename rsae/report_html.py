@@ -10,11 +10,26 @@ evaluation disabled, no control run, ...); the page then shows a ``not available
 (``<p class="na" data-na="<what>">``) in its place. Malformed optional plot data (e.g. arrays of unequal
 length) is treated the same way, with the reason in the marker, rather than failing the whole page.
 
+The "best" cell of a ranked metrics row respects the standard errors: on the delta CE, CE spliced and loss
+recovered rows it is highlighted only when it beats every other column by at least ``RESOLVED_SE`` (2) standard
+errors of the delta CE difference (the paired s.e. of ``report["comparisons"]``, else the two SAEs' own s.e.
+combined), and is shown as ``class="lead"`` (italic, the reason in its title) when not; rows without an s.e.
+rank by value. A column whose L0 is above the teacher's is flagged (``data-l0-flag="higher"`` on its header,
+a visible ▲ badge, ``class="l0-high"`` on its L0 cell): its errors were bought with more active latents.
+
+The latent identity section (``report["latent_identity"]``, :mod:`rsae.identity`) has a summary table
+(``<table id="identity">``), a log-log scatter of the teacher's and the RSAE's firing rates per latent, the
+histograms of the decoder cosines and activation correlations, and the feature-density histograms (log10 firing
+rate) of the teacher, the RSAE and the control.
+
 Hooks for tests and headless browsers: ``<table id="metrics">`` (one ``<tr data-metric=...>`` per metric,
 one ``<th data-sae=...>`` per SAE column, best cells ``class="best"``), each plot is
-``<img class="plot" alt=... data-plot=...>``, and on ``window.load`` an inline script sets
+``<img class="plot" alt=... data-plot=...>`` (``gate``, ``curves``, ``bars``, ``identity-scatter``,
+``identity-cosine``, ``identity-density``), and on ``window.load`` an inline script sets
 ``document.body.dataset.plotsOk`` to ``"true"`` iff every ``img.plot`` decoded (complete and
-``naturalWidth > 0``), so ``chromium --headless --dump-dom`` shows ``data-plots-ok="true"``.
+``naturalWidth > 0``), so ``chromium --headless --dump-dom`` shows ``data-plots-ok="true"``, plus
+``data-plots-count`` and ``data-page-height`` (the document's scroll height in CSS pixels, for a full-page
+screenshot).
 """
 
 from __future__ import annotations
@@ -438,6 +453,203 @@ def _bars_plot(metrics: Mapping[str, Any], names: list[str]) -> str:
 
 
 # --------------------------------------------------------------------------------------------------------
+# latent identity (report["latent_identity"], rsae.identity)
+# --------------------------------------------------------------------------------------------------------
+
+_IDENTITY_NAMES = ("teacher", "rsae", "control")
+
+
+def _hist_data(h: Any, what: str) -> tuple[list[float], list[float], bool]:
+    """(edges, counts, log) of a Histogram dict. Raises ValueError when malformed."""
+    h = _mapping(h)
+    if h is None:
+        raise ValueError(f"{what} is missing")
+    edges, counts = _floats(h.get("edges"), f"{what}.edges"), _floats(h.get("counts"), f"{what}.counts")
+    if len(edges) != len(counts) + 1 or not counts:
+        raise ValueError(f"{what}: {len(edges)} edges for {len(counts)} counts")
+    return edges, counts, bool(h.get("log"))
+
+
+def _identity_scatter(ident: Mapping[str, Any]) -> str:
+    """Log-log scatter of the firing rates (teacher vs RSAE) of the latents in ``scatter``; latents that died
+    sit on the bottom edge, those born on the left edge."""
+    sc = _mapping(ident.get("scatter")) or {}
+    n = _num(ident.get("n_tokens"))
+    try:
+        t, r = _floats(sc.get("teacher"), "scatter.teacher"), _floats(sc.get("rsae"), "scatter.rsae")
+        if len(t) != len(r) or not t or not n:
+            raise ValueError(f"{len(t)} teacher and {len(r)} RSAE counts over {n} tokens")
+    except ValueError as err:
+        return _na("firing-rate scatter", str(err))
+    import numpy as np
+
+    t, r = np.asarray(t) / n, np.asarray(r) / n
+    floor = 0.5 / n
+    both, died, born = (t > 0) & (r > 0), (t > 0) & (r == 0), (t == 0) & (r > 0)
+    fig = _new_figure(6.4, 5.6)
+    ax = fig.subplots(1, 1)
+    ax.scatter(t[both], r[both], s=7, alpha=0.45, color=_COLORS["rsae"], linewidths=0, label="latent")
+    if died.any():
+        ax.scatter(t[died], np.full(died.sum(), floor), s=22, marker="v", color="#c0392b", label="died (RSAE never)")
+    if born.any():
+        ax.scatter(np.full(born.sum(), floor), r[born], s=22, marker="<", color="#8e44ad", label="born (teacher never)")
+    pos = np.concatenate([t[t > 0], r[r > 0]])
+    lo = floor if (died.any() or born.any() or not pos.size) else pos.min() / 1.5
+    hi = min(1.0, pos.max() * 1.5) if pos.size else 1.0
+    grid = np.array([lo, hi])
+    ax.plot(grid, grid, color=_COLORS["teacher"], linestyle="--", linewidth=1.2, label="equal rate")
+    for f in (2.0, 0.5):
+        ax.plot(grid, grid * f, color="#999999", linestyle=":", linewidth=1.0, label="×2 / ÷2" if f == 2 else None)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlim(lo * 0.8, hi * 1.2)
+    ax.set_ylim(lo * 0.8, hi * 1.2)
+    ax.set_xlabel("teacher firing rate (fraction of held-out tokens)")
+    ax.set_ylabel("RSAE firing rate")
+    sub = f"{len(t)} sampled latents" if sc.get("sampled") else f"all {len(t)} latents"
+    ax.set_title(f"Firing rate per latent, teacher vs RSAE ({sub})", loc="left", fontsize=11)
+    ax.legend(loc="upper left", frameon=False, fontsize=9)
+    _style_axes(ax)
+    alt = "Scatter plot, log-log: each latent's firing rate in the teacher against the fine-tuned RSAE"
+    return _img(_png_data_uri(fig), alt, "identity-scatter")
+
+
+def _identity_similarity(ident: Mapping[str, Any]) -> str:
+    """Two panels: histograms of the decoder cosines and of the activation correlations, RSAE and control."""
+    panels = []
+    for key, title in (
+        ("decoder_cos_hist", "Decoder cosine cos(W_dec teacher[j], W_dec[j])"),
+        ("activation_corr_hist", "Activation correlation with the teacher's latent j"),
+    ):
+        hists = _mapping(ident.get(key)) or {}
+        try:
+            data = {k: _hist_data(hists[k], f"{key}.{k}") for k in _IDENTITY_NAMES if k in hists}
+            if "rsae" not in data:
+                raise ValueError(f"{key}.rsae is missing")
+        except ValueError as err:
+            return _na("decoder cosine histogram", str(err))
+        panels.append((title, data))
+    fig = _new_figure(10, 3.6)
+    for ax, (title, data) in zip(fig.subplots(1, 2), panels):
+        log = False
+        for k, (edges, counts, lg) in data.items():
+            ax.stairs(counts, edges, color=_COLORS[k], linewidth=1.8, label=_label(k))
+            log = log or (lg and any(c > 0 for c in counts))
+        if log:
+            ax.set_yscale("log")
+        ax.set_title(title, loc="left", fontsize=11)
+        ax.set_xlabel("cosine" if "cosine" in title else "Pearson r over held-out tokens")
+        ax.set_ylabel("latents" + (" (log)" if log else ""))
+        ax.legend(loc="upper left", frameon=False, fontsize=9)
+        _style_axes(ax)
+    alt = "Histograms of the per-latent decoder cosine and activation correlation with the teacher, RSAE and control"
+    return _img(_png_data_uri(fig), alt, "identity-cosine")
+
+
+def _identity_density(ident: Mapping[str, Any]) -> str:
+    """Feature-density histograms: log10 firing rate of the latents that fired, teacher / RSAE / control."""
+    hists = _mapping(ident.get("density_hist")) or {}
+    dead = _mapping(ident.get("dead")) or {}
+    try:
+        data = {k: _hist_data(hists[k], f"density_hist.{k}") for k in _IDENTITY_NAMES if k in hists}
+        if not data:
+            raise ValueError("no histogram")
+    except ValueError as err:
+        return _na("feature density histogram", str(err))
+    fig = _new_figure(10, 3.4)
+    ax = fig.subplots(1, 1)
+    styles = {
+        "teacher": dict(linestyle="--", linewidth=2.0),
+        "rsae": dict(linewidth=1.8),
+        "control": dict(linewidth=1.5),
+    }
+    used = [i for _, counts, _ in data.values() for i, c in enumerate(counts) if c > 0]
+    for k, (edges, counts, _) in data.items():
+        d = _num(dead.get(k))
+        label = _label(k) + (f" ({int(d)} dead)" if d is not None else "")
+        ax.stairs(counts, edges, color=_COLORS[k], label=label, **styles[k])
+    if used:  # the occupied range, one bin either side
+        edges = next(iter(data.values()))[0]
+        ax.set_xlim(edges[max(min(used) - 1, 0)], edges[min(max(used) + 2, len(edges) - 1)])
+    ax.set_title("Feature density: log10 firing rate of each latent on held-out tokens", loc="left", fontsize=11)
+    ax.set_xlabel("log10(firing rate)  (dead latents, rate 0, counted in the legend)")
+    ax.set_ylabel("latents")
+    fig.legend(loc="outside upper center", ncols=len(data), frameon=False, fontsize=9)
+    _style_axes(ax)
+    alt = "Feature-density histograms (log10 firing rate per latent) of the teacher, the RSAE and the control"
+    return _img(_png_data_uri(fig), alt, "identity-density")
+
+
+def _dist_cell(d: Any, fmt: str = "{:.3f}") -> str:
+    """'median [q05, q95]' of a Distribution dict, or an em dash."""
+    d = _mapping(d) or {}
+    med, lo, hi = _num(d.get("median")), _num(d.get("q05")), _num(d.get("q95"))
+    if med is None:
+        return "—"
+    return fmt.format(med) + (f" [{fmt.format(lo)}, {fmt.format(hi)}]" if lo is not None and hi is not None else "")
+
+
+def _share_cell(x: Any) -> str:
+    v = _num(x)
+    return "—" if v is None else f"{v:.1%}"
+
+
+def _latents_cell(count: Any, listed: Any, limit: int = 20) -> str:
+    c = _num(count)
+    if c is None:
+        return "—"
+    ids = [int(i) for i in listed if _num(i) is not None] if isinstance(listed, Sequence) else []
+    more = " …" if c > min(len(ids), limit) else ""
+    return f"{int(c)}" + (f": {', '.join(str(i) for i in ids[:limit])}{more}" if ids else "")
+
+
+def _identity_table(ident: Mapping[str, Any]) -> str:
+    """One row per statistic, one column per SAE compared with the teacher (``vs_teacher``)."""
+    vs = _mapping(ident.get("vs_teacher")) or {}
+    names = [k for k in ("rsae", "control") if _mapping(vs.get(k)) is not None]
+    if not names:
+        return _na("latent identity table", "no SAE compared with the teacher")
+    rows = (
+        ("decoder_cos", "Decoder cosine, median [5%, 95%]", lambda c: _dist_cell(c.get("decoder_cos"))),
+        ("cos_share", "Decoder cosine ≥ 0.9", lambda c: _share_cell(c.get("share_decoder_cos_at_least_0_9"))),
+        ("corr", "Activation correlation, median [5%, 95%]", lambda c: _dist_cell(c.get("activation_corr"))),
+        ("corr_share", "Activation correlation ≥ 0.9", lambda c: _share_cell(c.get("share_corr_at_least_0_9"))),
+        ("ratio", "Firing-rate ratio to teacher, median [5%, 95%]", lambda c: _dist_cell(c.get("firing_rate_ratio"))),
+        ("ratio_share", "Firing rate within ×2 of teacher", lambda c: _share_cell(c.get("share_rate_within_2x"))),
+        ("died", "Died (teacher's most frequent first)", lambda c: _latents_cell(c.get("died"), c.get("died_latents"))),
+        ("born", "Born (most frequent first)", lambda c: _latents_cell(c.get("born"), c.get("born_latents"))),
+    )
+    head = "".join(f'<th data-sae="{_e(n)}" scope="col">{_e(_label(n))}</th>' for n in names)
+    body = "".join(
+        f'<tr data-identity="{rid}"><th scope="row">{_e(label)}</th>'
+        + "".join(f'<td data-sae="{_e(n)}">{_e(get(_mapping(vs[n]) or {}))}</td>' for n in names)
+        + "</tr>"
+        for rid, label, get in rows
+    )
+    cap = (
+        f"Latent j against the teacher's latent j on {_fmt(ident.get('n_tokens'))} held-out tokens "
+        f"({_fmt(ident.get('d_sae'))} latents). Correlation: Pearson r of the activations over tokens, on the latents "
+        "where both vary; ratio: over the latents the teacher fired on. Per-latent arrays: "
+        f"{_fmt(ident.get('artifact'))}."
+    )
+    return (
+        f'<table id="identity" class="metrics"><caption>{_e(cap)}</caption>'
+        f'<thead><tr><th scope="col">Statistic</th>{head}</tr></thead><tbody>{body}</tbody></table>'
+    )
+
+
+def _identity_html(report: Mapping[str, Any]) -> str:
+    """The latent identity section: summary table, firing-rate scatter, cosine / correlation histograms,
+    feature-density histograms; a 'not available' marker for an older report."""
+    ident = _mapping(report.get("latent_identity"))
+    if ident is None:
+        return _na("latent identity", "not in this report (schema before rsae-report/7)")
+    return "\n".join(
+        [_identity_table(ident), _identity_scatter(ident), _identity_similarity(ident), _identity_density(ident)]
+    )
+
+
+# --------------------------------------------------------------------------------------------------------
 # HTML sections
 # --------------------------------------------------------------------------------------------------------
 
@@ -474,10 +686,85 @@ def _rows(metrics: Mapping[str, Any], names: list[str]) -> list[_Row]:
     return rows
 
 
-def _metrics_table(metrics: Mapping[str, Any], names: list[str]) -> str:
+SE_ROWS = ("delta_ce", "ce_spliced", "loss_recovered")
+"""Rows ranked with the delta CE standard errors: CE spliced and loss recovered differ between two SAEs by the delta
+CE difference (times -1 / (CE zero - CE clean) for loss recovered), so the same difference and s.e. judge them."""
+
+
+def _ce_difference(metrics: Mapping[str, Any], comparisons: Mapping[str, Any], a: str, b: str):
+    """(delta CE of a minus b, its s.e., where from): the paired row of ``comparisons`` ("a-b" or "b-a"), else the
+    difference of the two SAEs' delta CE with the unpaired s.e. sqrt(se_a^2 + se_b^2) (larger than the paired
+    one when the two share the clean run's noise: conservative). s.e. None when there is none."""
+    for key, sign in ((f"{a}-{b}", 1.0), (f"{b}-{a}", -1.0)):
+        row = _mapping(comparisons.get(key))
+        if row is not None and _num(row.get("delta_ce_diff")) is not None:
+            return sign * _num(row["delta_ce_diff"]), _num(row.get("delta_ce_diff_se")), "paired"
+    ma, mb = _mapping(metrics.get(a)) or {}, _mapping(metrics.get(b)) or {}
+    da, db = _num(ma.get("delta_ce")), _num(mb.get("delta_ce"))
+    if da is None or db is None:
+        return None, None, None
+    sa, sb = _num(ma.get("delta_ce_se")), _num(mb.get("delta_ce_se"))
+    se = math.hypot(sa, sb) if sa is not None and sb is not None else None
+    return da - db, se, "unpaired"
+
+
+def _best(
+    rid: str, better: str | None, nums: list[float | None], names: list[str], metrics, comparisons
+) -> tuple[set[int], dict[int, str]]:
+    """The best cell of a ranked row (``better``: "lower" / "higher"), and a 'lead' cell with the reason when
+    the best value does not beat every other column beyond ``RESOLVED_SE`` standard errors (rows of
+    :data:`SE_ROWS`, where a delta CE s.e. exists; other rows: by value). Ties: no best."""
+    present = [i for i, x in enumerate(nums) if x is not None]
+    if not better or len(present) < 2:
+        return set(), {}
+    target = min(nums[i] for i in present) if better == "lower" else max(nums[i] for i in present)
+    top = [i for i in present if nums[i] == target]
+    if len(top) > 1:
+        return set(), {}
+    i = top[0]
+    if rid not in SE_ROWS:
+        return {i}, {}
+    close = []
+    for j in present:
+        if j == i:
+            continue
+        diff, se, how = _ce_difference(metrics, comparisons, names[i], names[j])
+        if diff is None or se is None or se <= 0:
+            continue  # no s.e. to judge by: the value decides
+        if diff >= 0 or abs(diff) < RESOLVED_SE * se:
+            close.append(f"{_label(names[j])} ({how} Δ CE difference {diff:+.4f} ± {se:.4f})")
+    if close:
+        return set(), {i: f"best value, but within {RESOLVED_SE:g} s.e. of: " + "; ".join(close)}
+    return {i}, {}
+
+
+def _l0_flags(metrics: Mapping[str, Any], names: list[str]) -> dict[str, str]:
+    """SAE name -> flag text for the SAEs whose L0 is above the teacher's (their errors are at lower sparsity)."""
+    t = _num((_mapping(metrics.get("teacher")) or {}).get("l0"))
+    if t is None:
+        return {}
+    out = {}
+    for n in names:
+        v = _num((_mapping(metrics.get(n)) or {}).get("l0"))
+        if n != "teacher" and v is not None and v > t:
+            out[n] = f"▲ L0 {v / t - 1:+.1%} vs teacher" if t > 0 else "▲ L0 above teacher"
+    return out
+
+
+def _metrics_table(metrics: Mapping[str, Any], names: list[str], comparisons: Mapping[str, Any] | None = None) -> str:
+    """The metrics table: one column per SAE (a column with L0 above the teacher's is flagged ▲), best cells
+    per ranked row (:func:`_best`, judged with the delta CE standard errors of ``comparisons`` where they exist).
+
+    Over 80 lines on purpose: the table's template, header, rows and caption in page order."""
+    comparisons = _mapping(comparisons) or {}
+    flags = _l0_flags(metrics, names)
     head = "".join(
-        f'<th data-sae="{_e(n)}" scope="col"><span class="swatch" style="background:{_color(n, names)}">'
-        f"</span>{_e(_label(n))}<br><code>{_e(n)}</code></th>"
+        f'<th data-sae="{_e(n)}" scope="col"'
+        + (f' data-l0-flag="higher" title="{_e(_L0_FLAG_HELP)}"' if n in flags else "")
+        + f'><span class="swatch" style="background:{_color(n, names)}">'
+        f"</span>{_e(_label(n))}<br><code>{_e(n)}</code>"
+        + (f'<br><span class="flag">{_e(flags[n])}</span>' if n in flags else "")
+        + "</th>"
         for n in names
     )
     body = []
@@ -486,28 +773,34 @@ def _metrics_table(metrics: Mapping[str, Any], names: list[str]) -> str:
         for n in names:
             m = _mapping(metrics.get(n))
             vals.append(get(m) if m is not None else None)
-        nums = [_num(v) for v in vals]
-        best: set[int] = set()
-        present = [x for x in nums if x is not None]
-        if better and len(present) >= 2:
-            target = min(present) if better == "lower" else max(present)
-            best = {i for i, x in enumerate(nums) if x is not None and x == target}
+        best, lead = _best(rid, better, [_num(v) for v in vals], names, metrics, comparisons)
         tag = {"lower": "lower is better", "higher": "higher is better"}.get(better or "", "not ranked")
-        cells = "".join(
-            f'<td data-sae="{_e(n)}"{_BEST_ATTR if i in best else ""}>{_e(_fmt(v))}</td>'
-            for i, (n, v) in enumerate(zip(names, vals))
-        )
+        cells = []
+        for i, (n, v) in enumerate(zip(names, vals)):
+            cls = ["best"] if i in best else ["lead"] if i in lead else []
+            if rid == "l0" and n in flags:
+                cls.append("l0-high")
+            attr = f' class="{" ".join(cls)}"' if cls else ""
+            title = f' title="{_e(lead[i])}"' if i in lead else ""
+            cells.append(f'<td data-sae="{_e(n)}"{attr}{title}>{_e(_fmt(v))}</td>')
         body.append(
             f'<tr data-metric="{_e(rid)}" data-better="{_e(better or "none")}">'
             f'<th scope="row" title="{_e(help_text)}">{_e(label)}'
-            f'<span class="better">{_e(tag)}</span></th>{cells}</tr>'
+            f'<span class="better">{_e(tag)}</span></th>{"".join(cells)}</tr>'
         )
     toks = []
     for key, what in (("n_tokens", "reconstruction metrics"), ("ce_tokens", "CE metrics")):
         vs = {(_mapping(metrics.get(n)) or {}).get(key) for n in names} - {None}
         if vs:
             toks.append(f"{what} on {', '.join(_fmt(v) for v in sorted(vs, key=str))} held-out tokens")
-    cap = "Held-out metrics. Best value per ranked row in bold green."
+    cap = (
+        "Held-out metrics. Best value per ranked row in bold green; on the Δ CE, CE spliced and loss recovered "
+        f"rows only when it beats every other column by at least {RESOLVED_SE:g} standard errors of the Δ CE "
+        "difference (paired, from the comparisons below; else the two columns' s.e. combined), otherwise in "
+        "italics (hover for why)."
+    )
+    if flags:
+        cap += " ▲: L0 above the teacher's (more active latents per token: not a like-for-like comparison)."
     if toks:
         joined = "; ".join(toks)
         cap += " " + joined[0].upper() + joined[1:] + "."
@@ -516,6 +809,9 @@ def _metrics_table(metrics: Mapping[str, Any], names: list[str]) -> str:
         f'<thead><tr><th scope="col">Metric</th>{head}</tr></thead>'
         f"<tbody>{''.join(body)}</tbody></table>"
     )
+
+
+_L0_FLAG_HELP = "L0 above the teacher's: lower errors may come from more active latents per token"
 
 
 def _kv_table(
@@ -627,6 +923,10 @@ table.metrics tbody th { text-align:left; font-weight:600; white-space:nowrap; }
 table.metrics td { text-align:right; }
 table.metrics tr:hover td, table.metrics tr:hover th { background:#fafbfd; }
 td.best { background:var(--best) !important; color:var(--bestfg); font-weight:700; }
+td.lead { font-style:italic; color:var(--bestfg); }
+td.l0-high { background:#fdecea !important; color:#9b2c1f; font-weight:700; }
+.flag { display:inline-block; margin-top:3px; padding:1px 6px; border-radius:3px; background:#fdecea; color:#9b2c1f;
+        font-size:11.5px; font-weight:600; }
 .better { display:block; font-weight:normal; font-size:11px; color:var(--muted); }
 .swatch { display:inline-block; width:10px; height:10px; border-radius:2px; margin-right:6px; }
 img.plot { display:block; max-width:100%; height:auto; margin:8px 0; }
@@ -652,6 +952,7 @@ window.addEventListener("load", function () {
   var ok = imgs.every(function (im) { return im.complete && im.naturalWidth > 0; });
   document.body.dataset.plotsCount = String(imgs.length);
   document.body.dataset.plotsOk = ok ? "true" : "false";
+  document.body.dataset.pageHeight = String(document.documentElement.scrollHeight);
 });
 """
 
@@ -676,7 +977,9 @@ def render_report_html(report: Mapping[str, Any]) -> str:
             ``calibration``, ``finetune`` (incl. ``curve``), ``control`` (incl. ``curve``),
             ``probing`` (``ks``, ``dense_baseline``), ``plots.gate`` (``h``, ``teacher``, ``rsae_init``,
             ``rsae``, ``latent``, ``theta``, ``note``) and ``plots.preact_hist`` (``edges``, ``counts``,
-            ``log``, ``of``; ``plots.gate.hist`` is used when ``plots.preact_hist`` is absent).
+            ``log``, ``of``; ``plots.gate.hist`` is used when ``plots.preact_hist`` is absent),
+            ``comparisons`` (the paired delta CE differences that decide the best cells) and
+            ``latent_identity`` (:class:`rsae.report.LatentIdentitySection`).
             Unknown keys are ignored.
 
     Returns:
@@ -751,7 +1054,7 @@ def render_report_html(report: Mapping[str, Any]) -> str:
         f'<p class="sub">{" · ".join(sub)}</p>',
         _summary(metrics),
         '<h2 id="sec-metrics">Metrics</h2>',
-        _metrics_table(metrics, names),
+        _metrics_table(metrics, names, _mapping(report.get("comparisons"))),
         '<h2 id="sec-comparisons">Paired comparisons</h2>',
         _comparisons_table(report.get("comparisons")),
         '<h2 id="sec-gate">Gate fit</h2>',
@@ -760,6 +1063,8 @@ def render_report_html(report: Mapping[str, Any]) -> str:
         _curves_plot(report),
         '<h2 id="sec-bars">Downstream cost per SAE</h2>',
         _bars_plot(metrics, names),
+        '<h2 id="sec-identity">Latent identity</h2>',
+        _identity_html(report),
         '<h2 id="sec-notes">Notes</h2>',
         notes_html,
         '<h2 id="sec-provenance">Provenance</h2>',

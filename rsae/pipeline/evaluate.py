@@ -2,7 +2,8 @@
 
 Reconstruction metrics on every held-out row; downstream CE / KL by splicing each SAE into the host model on
 ``eval.ce_sequences`` held-out sequences, with paired differences (:func:`rsae.evaluate.downstream_metrics`);
-k-sparse probing on labelled data sets; the data of the report's gate figure.
+k-sparse probing on labelled data sets; the data of the report's gate figure; the latent identity of the RSAE
+and the control against the teacher (:func:`rsae.identity.evaluate_identity`).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from typing import Any
 import torch
 
 from ..evaluate import downstream_metrics, reconstruction_metrics
+from ..identity import evaluate_identity
 from ..report import Comparison, GatePlot, Plots, ProbingSection, SAEMetrics
 from ..saes import SAE, JumpRule, RationalSAE
 from ..stats import quantile
@@ -186,7 +188,8 @@ def _downstream(
 
 
 def evaluate(state: UpgradeState, ctx: RunContext) -> None:
-    """Fill ``state.metrics`` (per SAE), ``state.paired``, ``state.probing`` and ``state.plots``."""
+    """Fill ``state.metrics`` (per SAE), ``state.paired``, ``state.probing``, ``state.plots`` and
+    ``state.identity`` (its per-latent arrays written to ``state.work_dir``)."""
     saes: dict[str, SAE] = {"teacher": state.teacher, "rsae_init": state.rsae_init, "rsae": state.rsae}
     if state.control is not None:
         state.control.eval()
@@ -209,3 +212,5 @@ def evaluate(state: UpgradeState, ctx: RunContext) -> None:
         h = sample_pre_acts(state.teacher, x)
         rule = state.family.jump_rule(state.teacher, h, state.cfg.remez)
         state.plots = Plots(gate=gate_plot(state.teacher, state.rsae_init, state.rsae, h, rule))
+    others = {"rsae": state.rsae, "control": state.control}
+    state.identity = evaluate_identity(state.teacher, others, state.evals, state.work_dir)

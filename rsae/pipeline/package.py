@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -17,6 +19,7 @@ import torch
 from ..config import ArtifactRefs, UpgradeConfig
 from ..errors import NumericalError
 from ..formats import provenance as teacher_provenance
+from ..identity import IDENTITY_FILE
 from ..report import EvalSplit, RemezSection, Report, TeacherInfo, headline
 from ..saebench import CORE_EVAL_FILE
 from ..saes import WEIGHTS_NAME, sha256_file
@@ -35,13 +38,15 @@ ARTIFACT_FILES: dict[str, tuple[str, str]] = {
     "sae_weights.safetensors": ("weights", "application/octet-stream"),
     "cfg.json": ("config", "application/json"),
     SPARSITY_FILE: ("sparsity", "application/octet-stream"),
+    IDENTITY_FILE: ("identity", "application/octet-stream"),
     "report.json": ("report", "application/json"),
     "report.html": ("report", "text/html"),
     CORE_EVAL_FILE: ("eval", "application/json"),
     MODEL_CARD_FILE: ("model_card", "text/markdown"),
 }
 """Files of an upgraded SAE's artifact folder: the SAELens layout (weights, cfg, log10 feature densities), the
-evaluation report, the SAEBench ``core`` result and the hub model card (docs/formats.md, "RSAEs out")."""
+evaluation report, the per-latent identity arrays (:mod:`rsae.identity`), the SAEBench ``core`` result and the hub
+model card (docs/formats.md, "RSAEs out")."""
 
 
 def _without_path(source: Any) -> Any:
@@ -103,6 +108,18 @@ def _write_html(data: dict[str, Any], out_dir: Path) -> None:
         data["notes"].append(f"report.html could not be rendered: {type(e).__name__}: {e}")
 
 
+def _copy_identity(state: UpgradeState) -> None:
+    """Copy the evaluate stage's per-latent identity arrays from the work dir to the artifacts (temp + rename);
+    a state restored from a checkpoint written before the identity existed has none: noted, not fatal."""
+    src = state.work_dir / IDENTITY_FILE
+    if not src.is_file():
+        state.notes.append("latent identity not available: the evaluate stage ran without it (resumed job)")
+        return
+    tmp = state.out_dir / f".{IDENTITY_FILE}.tmp"
+    shutil.copyfile(src, tmp)
+    os.replace(tmp, state.out_dir / IDENTITY_FILE)
+
+
 def build_report(state: UpgradeState, refs: ArtifactRefs | None = None) -> Report:
     """The :class:`rsae.report.Report` of a state that went through evaluate; the config, host model and
     data sections name the inputs as ``refs`` says (:func:`public_config`)."""
@@ -129,6 +146,7 @@ def build_report(state: UpgradeState, refs: ArtifactRefs | None = None) -> Repor
         control=state.control_section,
         probing=state.probing,
         plots=state.plots,
+        latent_identity=state.identity,
         metrics=state.metrics,
         comparisons=comparison_table(state.metrics, state.paired or {}),
         headline=headline(state.metrics),
@@ -175,6 +193,7 @@ def package(state: UpgradeState, ctx: RunContext) -> None:
             field="settings.finetune.lr",
         )
     rsae.cpu().save(state.out_dir)
+    _copy_identity(state)
     state.notes += _notes(state)
     data = build_report(state, refs).model_dump(mode="json", by_alias=True)
     _write_html(data, state.out_dir)

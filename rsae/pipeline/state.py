@@ -31,6 +31,7 @@ from ..report import (
     FinetuneSection,
     FitParams,
     HostModel,
+    LatentIdentitySection,
     Plots,
     ProbingSection,
     SAEMetrics,
@@ -84,8 +85,9 @@ class UpgradeState:
         rsae_init, calibration, teacher_metrics, init_metrics: calibrate's output (a frozen copy of the
             calibrated RSAE, the calibration section, held-out metrics of the teacher and of ``rsae_init``).
         control, finetune, control_section: finetune's output.
-        metrics, paired, probing, plots: evaluate's output (``paired``: delta CE differences, "a-b" ->
-            ``{"diff", "se"}``).
+        metrics, paired, probing, plots, identity: evaluate's output (``paired``: delta CE differences, "a-b"
+            -> ``{"diff", "se"}``; ``identity``: the latent identity section, its per-latent arrays in
+            ``work_dir / rsae.identity.IDENTITY_FILE``).
         report: package's output (the report as written to ``report.json``).
     """
 
@@ -114,6 +116,7 @@ class UpgradeState:
     paired: dict[str, dict[str, float | None]] | None = None
     probing: ProbingSection | None = None
     plots: Plots | None = None
+    identity: LatentIdentitySection | None = None
     report: dict[str, Any] | None = None
     _model: Any = field(default=None, repr=False)
     _tokenizer: Any = field(default=None, repr=False)
@@ -185,6 +188,7 @@ class UpgradeState:
         "control_section": ControlSection,
         "probing": ProbingSection,
         "plots": Plots,
+        "identity": LatentIdentitySection,
     }
 
     def snapshot(self) -> dict[str, Any]:

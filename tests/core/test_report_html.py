@@ -1,10 +1,10 @@
 """The self-contained HTML report (:mod:`rsae.report_html`), checked statically and in headless Chromium.
 
-``tests/data/report_example.json`` is a hand-made synthetic report (all numbers made up, no corpus text).
-Chromium (Debian package ``chromium``) is required: if it is missing, the tests try
-``scripts/install_debian.sh`` once and FAIL (not skip) when it still is not available. The example's
-screenshot is copied to ``docs/img/report_example.png`` for people to look at when
-``RSAE_UPDATE_DOCS_IMG=1``.
+``tests/data/report_example.json`` is a hand-made synthetic report (all numbers made up, no corpus text); its
+``latent_identity`` section was computed by :mod:`rsae.identity` on made-up ReLU SAEs (d_sae 2,304) over Gaussian
+inputs. Chromium (Debian package ``chromium``) is required: if it is missing, the tests try
+``scripts/install_debian.sh`` once and FAIL (not skip) when it still is not available. (The screenshot in
+``docs/img/report_example.png`` is of a real job's report: ``scripts/report_screenshot.py``.)
 """
 
 from __future__ import annotations
@@ -12,12 +12,9 @@ from __future__ import annotations
 import base64
 import copy
 import json
-import os
 import re
-import shutil
 import subprocess
 import sys
-import tempfile
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -25,24 +22,12 @@ import numpy as np
 import pytest
 
 from rsae.report_html import render_report_html, write_report_html
+from support.browser import run_chromium
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "tests" / "data" / "report_example.json"
-INSTALL_SCRIPT = ROOT / "scripts" / "install_debian.sh"
-DOCS_SHOT = ROOT / "docs" / "img" / "report_example.png"
 WINDOW = (1280, 2400)
-CHROMIUM_FLAGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--hide-scrollbars",
-    "--virtual-time-budget=10000",
-]
+PLOTS = ["gate", "curves", "bars", "identity-scatter", "identity-cosine", "identity-density"]
 EXPECTED_ROWS = [
     "mse",
     "fvu",
@@ -73,6 +58,8 @@ class _Collect(HTMLParser):
         self.columns: list[str] = []
         self.rows: list[str] = []
         self.best: dict[str, list[str]] = {}
+        self.lead: dict[str, list[str]] = {}
+        self.l0_flags: list[str] = []
         self.imgs: list[dict[str, str]] = []
         self.resource_urls: list[str] = []
 
@@ -87,10 +74,14 @@ class _Collect(HTMLParser):
             self.imgs.append(a)
         elif self.in_metrics and tag == "th" and "data-sae" in a:
             self.columns.append(a["data-sae"])
+            if a.get("data-l0-flag") == "higher":
+                self.l0_flags.append(a["data-sae"])
         elif self.in_metrics and tag == "tr" and "data-metric" in a:
             self.rows.append(a["data-metric"])
         elif self.in_metrics and tag == "td" and "best" in a.get("class", "").split():
             self.best.setdefault(self.rows[-1], []).append(a["data-sae"])
+        elif self.in_metrics and tag == "td" and "lead" in a.get("class", "").split():
+            self.lead.setdefault(self.rows[-1], []).append(a["data-sae"])
 
     def handle_endtag(self, tag):
         if tag == "table":
@@ -105,34 +96,6 @@ def _parse(page: str) -> _Collect:
 
 def _example() -> dict:
     return json.loads(EXAMPLE.read_text())
-
-
-def _chromium() -> str:
-    """Path of the chromium binary; installs it with scripts/install_debian.sh or FAILS the test."""
-    exe = shutil.which("chromium")
-    if exe:
-        return exe
-    proc = subprocess.run(["bash", str(INSTALL_SCRIPT)], capture_output=True, text=True, timeout=900)
-    exe = shutil.which("chromium")
-    if not exe:
-        pytest.fail(
-            "headless Chromium is required for the HTML report tests but `chromium` is not on PATH "
-            f"and {INSTALL_SCRIPT.relative_to(ROOT)} could not install it (exit {proc.returncode}): "
-            f"{proc.stderr.strip()[-800:]}",
-            pytrace=False,
-        )
-    return exe
-
-
-def _run_chromium(args: list[str], tmp: Path, timeout: float = 90) -> subprocess.CompletedProcess:
-    profile = Path(tempfile.mkdtemp(prefix="chromium-profile-", dir=tmp))
-    cmd = [_chromium(), *CHROMIUM_FLAGS, f"--user-data-dir={profile}", *args]
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-    finally:
-        shutil.rmtree(profile, ignore_errors=True)
-    assert proc.returncode == 0, f"chromium failed ({proc.returncode}): {proc.stderr[-1500:]}"
-    return proc
 
 
 @pytest.fixture(scope="module")
@@ -166,8 +129,10 @@ def test_example_is_self_contained_with_full_table(example_page: Path) -> None:
     for row in ("l0", "alive_fraction", "ce_clean", "ce_zero", "delta_ce_se"):
         assert row not in c.best
 
-    # three plots, all valid PNG data URIs with alt text
-    assert [i["data-plot"] for i in c.imgs] == ["gate", "curves", "bars"]
+    assert c.lead == {} and c.l0_flags == []  # every L0 at or below the teacher's
+
+    # six plots, all valid PNG data URIs with alt text
+    assert [i["data-plot"] for i in c.imgs] == PLOTS
     for img in c.imgs:
         assert img["alt"]
         assert img["src"].startswith("data:image/png;base64,")
@@ -201,13 +166,57 @@ def test_paired_comparisons_table_says_which_differences_are_resolved(example_pa
     assert 'id="comparisons"' not in render_report_html(report)
 
 
+def test_best_cell_respects_the_standard_errors_and_l0_above_the_teacher_is_flagged() -> None:
+    """Δ CE, CE spliced and loss recovered: the lowest Δ CE is 'best' only when it beats every other column by
+    2 s.e. (paired s.e. from ``comparisons``; for a pair not there, the two SAEs' s.e. combined); otherwise it
+    is a 'lead' cell saying why. A column with L0 above the teacher's gets a visible flag."""
+    report = _example()
+    report["comparisons"]["rsae-control"]["delta_ce_diff_se"] = 0.03  # -0.048 is 1.6 s.e.: not resolved
+    report["metrics"]["control"]["l0"] = 45.0
+    c = _parse(page := render_report_html(report))
+    for row in ("delta_ce", "ce_spliced", "loss_recovered"):
+        assert row not in c.best and c.lead[row] == ["rsae"], row
+    for row in ("mse", "fvu", "kl", "probe_accuracy_1"):  # no s.e.: ranked by value
+        assert c.best[row] == ["rsae"], row
+    lead = re.search(r'<td data-sae="rsae" class="lead" title="([^"]*)"', page).group(1)
+    assert "within 2 s.e." in lead and "Control (teacher fine-tuned) (paired" in lead and "Teacher" not in lead
+    assert c.l0_flags == ["control"] and "▲ L0 +9.0% vs teacher" in page
+    assert re.search(r'<td data-sae="control" class="l0-high">45</td>', page)
+
+    # without the paired rows, rsae vs control falls back to sqrt(0.017^2 + 0.019^2) = 0.0255: 1.9 s.e.
+    del report["comparisons"]
+    c = _parse(page := render_report_html(report))
+    assert c.lead["delta_ce"] == ["rsae"] and "(unpaired" in page
+    report["metrics"]["control"]["delta_ce"] = 0.40  # now 4.6 s.e. behind: resolved against every column
+    report["metrics"]["control"]["l0"] = 41.3  # equal to the teacher's: no flag
+    c = _parse(render_report_html(report))
+    assert c.best["delta_ce"] == ["rsae"] and "delta_ce" not in c.lead and c.l0_flags == []
+
+
+def test_latent_identity_table_and_malformed_parts() -> None:
+    report = _example()
+    page = render_report_html(report)
+    rows = dict(re.findall(r'<tr data-identity="([^"]+)">(.*?)</tr>', page))
+    ident = report["latent_identity"]["vs_teacher"]
+    assert set(rows) == {"decoder_cos", "cos_share", "corr", "corr_share", "ratio", "ratio_share", "died", "born"}
+    assert f"{ident['rsae']['died']}: {ident['rsae']['died_latents'][0]}, " in rows["died"]
+    assert f"{ident['rsae']['decoder_cos']['median']:.3f} [" in rows["decoder_cos"]
+    assert "8128 held-out tokens (2304 latents)" in page and "latent_identity.safetensors" in page
+    broken = copy.deepcopy(report)
+    broken["latent_identity"]["scatter"]["rsae"].pop()
+    del broken["latent_identity"]["decoder_cos_hist"]["rsae"]
+    c = _parse(page := render_report_html(broken))
+    assert 'data-na="firing-rate scatter"' in page and 'data-na="decoder cosine histogram"' in page
+    assert [i["data-plot"] for i in c.imgs] == ["gate", "curves", "bars", "identity-density"]
+
+
 def test_render_does_not_touch_pyplot() -> None:
     code = (
         "import json, sys; from rsae.report_html import render_report_html; "
         f"render_report_html(json.load(open({str(EXAMPLE)!r}))); "
         "print('matplotlib.pyplot' in sys.modules)"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=ROOT)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "False"
 
@@ -241,6 +250,7 @@ def test_missing_optional_parts_say_not_available(tmp_path: Path) -> None:
         "timings",
         "job configuration",
         "paired comparisons",
+        "latent identity",
     ):
         assert f'data-na="{what}"' in page, what
     assert page.count("not available") >= 12
@@ -255,7 +265,7 @@ def test_missing_optional_parts_say_not_available(tmp_path: Path) -> None:
     assert 'data-na="gate curves"' in page2 and "values for" in page2
     assert 'data-na="RSAE (fine-tuning) curve"' not in page2
     assert 'data-na="control (teacher fine-tuned) curve"' in page2
-    assert [i["data-plot"] for i in c2.imgs] == ["gate", "curves", "bars"]
+    assert [i["data-plot"] for i in c2.imgs] == PLOTS
 
 
 def test_jump_gate_with_nested_histogram() -> None:
@@ -267,7 +277,7 @@ def test_jump_gate_with_nested_histogram() -> None:
     )
     page = render_report_html(r)
     c = _parse(page)
-    assert [i["data-plot"] for i in c.imgs] == ["gate", "curves", "bars"]
+    assert [i["data-plot"] for i in c.imgs] == PLOTS
     assert "histogram of real pre-activations" in c.imgs[0]["alt"]
     assert "(latent 123)" in c.imgs[0]["alt"] and "latent 123 (median threshold)" in page
     assert "not available" not in page
@@ -290,14 +300,17 @@ def test_bad_input_raises(tmp_path: Path) -> None:
 
 def test_chromium_decodes_plots_and_renders(example_page: Path, tmp_path: Path) -> None:
     url = example_page.resolve().as_uri()
-    dom = _run_chromium(["--dump-dom", url], tmp_path).stdout
+    dom = run_chromium(["--dump-dom", url], tmp_path).stdout
     assert 'data-plots-ok="true"' in dom, dom[:500]
-    assert 'data-plots-count="3"' in dom
+    assert f'data-plots-count="{len(PLOTS)}"' in dom
+    for plot in PLOTS:
+        assert f'data-plot="{plot}"' in dom, plot
+    assert '<table id="identity"' in dom and int(re.search(r'data-page-height="(\d+)"', dom).group(1)) > 3000
     assert '<table id="metrics"' in dom
     assert 'data-metric="loss_recovered"' in dom
 
     shot = tmp_path / "report.png"
-    _run_chromium([f"--screenshot={shot}", f"--window-size={WINDOW[0]},{WINDOW[1]}", url], tmp_path)
+    run_chromium([f"--screenshot={shot}", f"--window-size={WINDOW[0]},{WINDOW[1]}", url], tmp_path)
     assert shot.is_file() and shot.stat().st_size > 10_000
     import matplotlib.image as mpimg
 
@@ -314,6 +327,3 @@ def test_chromium_decodes_plots_and_renders(example_page: Path, tmp_path: Path) 
         & (abs(rgb[..., 2] - 0xBF / 255) < 0.08)
     )
     assert blue.sum() > 500
-    if os.environ.get("RSAE_UPDATE_DOCS_IMG") == "1":  # refresh the picture in docs/ on request only
-        DOCS_SHOT.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(shot, DOCS_SHOT)

@@ -20,7 +20,7 @@ def test_checked_in_schema_equals_the_generated_one():
 
 def test_schema_version_and_typed_sections():
     schema = report_json_schema()
-    assert REPORT_SCHEMA_VERSION == "rsae-report/8"
+    assert REPORT_SCHEMA_VERSION == "rsae-report/9"
     for section in (
         "HostModel",
         "TeacherInfo",
@@ -34,6 +34,7 @@ def test_schema_version_and_typed_sections():
         "Plots",
         "SAEMetrics",
         "Comparison",
+        "LatentIdentitySection",
         "EvalSplit",
         "UpgradeConfig",
     ):
