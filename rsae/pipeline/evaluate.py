@@ -153,10 +153,15 @@ def probe(state: UpgradeState, saes: dict[str, SAE]) -> ProbingSection | None:
     return ProbingSection(**out)
 
 
-def _downstream(
+def add_downstream(
     state: UpgradeState, ctx: RunContext, saes: dict[str, SAE], metrics: dict[str, dict[str, Any]]
 ) -> dict[str, dict[str, float | None]]:
-    """Add CE / KL fields to ``metrics`` (per SAE); return the paired differences ("a-b" -> diff, se)."""
+    """Add CE / KL fields to ``metrics`` (name -> dict of an SAE's metrics; :func:`rsae.evaluate.downstream_metrics`
+    on ``eval.ce_sequences`` held-out sequences of ``state.evals``, at the state's hook site); return the paired
+    differences ("a-b" -> ``{"diff", "se"}``, nats/token). Nothing is added when ``eval.ce_sequences`` is 0.
+
+    Raises:
+        ModelError / HookError: a site the host model does not have."""
     cfg = state.cfg
     if cfg.eval.ce_sequences <= 0:
         return {}
@@ -201,7 +206,7 @@ def evaluate(state: UpgradeState, ctx: RunContext) -> None:
     for k in saes:
         if k not in metrics:
             metrics[k] = reconstruction_metrics(saes[k], state.evals.iter_ordered(2048))
-    state.paired = _downstream(state, ctx, saes, metrics)
+    state.paired = add_downstream(state, ctx, saes, metrics)
     state.probing = probe(state, saes)
     for k in saes:
         if state.probing is not None:

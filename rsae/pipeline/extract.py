@@ -105,6 +105,34 @@ def split_seed(cfg: UpgradeConfig) -> int:
     return cfg.seed if cfg.data.split_seed is None else cfg.data.split_seed
 
 
+def host_section(state: UpgradeState) -> HostModel:
+    """The report's host model section (:class:`rsae.report.HostModel`) after checking that the teacher reads
+    activations as wide as the host model's at the state's (resolved) hook site.
+
+    Raises:
+        ModelError: unknown model, or a hook site it does not have (layer out of range, a missing module).
+        TeacherError: teacher d_in != the width of the activations at the hook site (field ``teacher``).
+    """
+    cfg, teacher = state.cfg, state.teacher
+    model, _ = state.host_model()
+    site = site_for(model, cfg.layer, cfg.hook)
+    width = site_width(model, site)
+    if teacher.d_in != width:
+        raise TeacherError(
+            f"teacher d_in={teacher.d_in} but the activations of model {cfg.model!r} at {site.name} are {width} wide",
+            field="teacher",
+        )
+    return HostModel(
+        name=cfg.model,
+        layer=site.layer,
+        hook=site.name,
+        d_model=model.config.hidden_size,
+        n_layers=model.config.num_hidden_layers,
+        device=state.device,
+        dtype=resolve_dtype(cfg.model_dtype, state.device),
+    )
+
+
 def extract(state: UpgradeState, ctx: RunContext) -> None:
     """Check the host model against the teacher, then fill ``state.host``, ``state.train``, ``state.evals``,
     and check the teacher on the first real activations (:meth:`UpgradeState.calibration_data`, kept for init).
@@ -117,25 +145,9 @@ def extract(state: UpgradeState, ctx: RunContext) -> None:
         DataError: unreadable or too small data set. DeadTeacherError, NonFiniteTeacherError: no latent
         fires on the calibration tokens, or the teacher is not finite on them (:func:`rsae.checks.check_activations`).
     """
-    cfg, teacher = state.cfg, state.teacher
-    model, _ = state.host_model()
-    site = site_for(model, cfg.layer, cfg.hook)
-    width = site_width(model, site)
-    if teacher.d_in != width:
-        raise TeacherError(
-            f"teacher d_in={teacher.d_in} but the activations of model {cfg.model!r} at {site.name} are {width} wide",
-            field="teacher",
-        )
-    d_model = model.config.hidden_size
-    state.host = HostModel(
-        name=cfg.model,
-        layer=site.layer,
-        hook=site.name,
-        d_model=d_model,
-        n_layers=model.config.num_hidden_layers,
-        device=state.device,
-        dtype=resolve_dtype(cfg.model_dtype, state.device),
-    )
+    cfg = state.cfg
+    state.host = host_section(state)
+    width = state.teacher.d_in
     conv = conventions(state)
     work, data = state.work_dir, cfg.data
     storage = None

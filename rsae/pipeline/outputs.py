@@ -28,7 +28,14 @@ from ..config import UpgradeConfig
 from ..evaluate import core_statistics
 from ..model_card import model_card
 from ..models import public_model
-from ..saebench import CORE_EVAL_FILE, CoreEvalConfig, core_eval_output, metric_categories, weight_statistics
+from ..saebench import (
+    CORE_EVAL_FILE,
+    CoreEvalConfig,
+    CoreEvalOutput,
+    core_eval_output,
+    metric_categories,
+    weight_statistics,
+)
 from ..saes import SAE
 from ..versions import package_versions
 from .checkpoints import write_json_atomic
@@ -161,7 +168,7 @@ def cfg_metadata(
     return out
 
 
-def _rows_per_sequence(manifest: dict[str, Any]) -> int | None:
+def rows_per_sequence(manifest: dict[str, Any]) -> int | None:
     """Activation rows each sequence contributes: from a full shard of the manifest, else ``ctx_len`` less the
     dropped position 0 (a split of one truncated shard)."""
     for s in manifest.get("shards", []):
@@ -179,8 +186,9 @@ def write_sparsity(path: Path, density: torch.Tensor) -> None:
     os.replace(tmp, path)
 
 
-def _core_config(state: UpgradeState, cfg: UpgradeConfig, model_name: str, rows: int) -> CoreEvalConfig:
-    """SAEBench's eval config for our held-out evaluation."""
+def core_config(state: UpgradeState, cfg: UpgradeConfig, model_name: str, rows: int) -> CoreEvalConfig:
+    """SAEBench's ``core`` eval config (sae_bench 0.6.0 ``CoreEvalConfig``) describing our held-out evaluation of
+    ``state`` (``state.evals``, ``cfg.eval``) of host model ``model_name`` over ``rows`` activation rows."""
     downstream = cfg.eval.ce_sequences > 0
     return CoreEvalConfig(
         model_name=model_name,
@@ -213,6 +221,54 @@ CONVENTIONS = [
 """How our numbers differ from what SAEBench would compute (``eval_result_unstructured.conventions``)."""
 
 
+def core_result(
+    state: UpgradeState,
+    cfg: UpgradeConfig,
+    saes: dict[str, SAE],
+    metrics: dict[str, dict[str, Any]],
+    sae_cfg: dict[str, Any],
+) -> tuple[CoreEvalOutput, dict[str, Any]]:
+    """SAEBench's ``core`` result (:func:`rsae.saebench.core_eval_output`) of the first SAE of ``saes``, with the
+    other SAEs' metric categories in ``eval_result_unstructured.other_saes``.
+
+    One pass over the held-out rows of ``state.evals`` per SAE (:func:`rsae.evaluate.core_statistics`, batches of
+    :data:`CORE_BATCH_ROWS`).
+
+    Args:
+        state: a state with ``evals`` (and ``host``). cfg: the request as the outputs show it. saes: name -> SAE,
+            the SAE reported first. metrics: name -> its :class:`rsae.report.SAEMetrics` fields (names missing
+            here are left out of ``other_saes``). sae_cfg: the first SAE's ``cfg.json`` content (its
+            ``metadata.model_name`` names the model, else ``cfg.model``).
+
+    Returns:
+        The result and the first SAE's statistics (``feature_density`` [d_sae] float64 among them).
+    """
+    rps = rows_per_sequence(state.evals.manifest)
+    stats, weights = {}, {}
+    for name, sae in saes.items():
+        sae.eval()
+        stats[name] = core_statistics(sae, state.evals.iter_ordered(CORE_BATCH_ROWS), rps)
+        weights[name] = weight_statistics(sae)
+    main = next(iter(saes))
+    model_name = (sae_cfg.get("metadata") or {}).get("model_name") or cfg.model
+    others = {
+        k: metric_categories(metrics[k], stats[k], weights[k]).model_dump(mode="json")
+        for k in saes
+        if k != main and k in metrics
+    }
+    result = core_eval_output(
+        metrics=metrics[main],
+        stats=stats[main],
+        weights=weights[main],
+        eval_config=core_config(state, cfg, model_name, stats[main]["n_tokens"]),
+        sae_cfg_dict=sae_cfg,
+        sae_lens_version=(sae_cfg.get("metadata") or {}).get("sae_lens_version"),
+        computed_by=f"rsae-service {installed_version('rsae-service') or 'unknown'}",
+        unstructured={"sae": main, "conventions": CONVENTIONS, "other_saes": others},
+    )
+    return result, stats[main]
+
+
 def write_hub_outputs(state: UpgradeState, cfg: UpgradeConfig, report: dict[str, Any], sae_cfg: dict[str, Any]) -> None:
     """Write ``sparsity.safetensors``, ``core_eval_results.json`` and ``README.md`` to ``state.out_dir``.
 
@@ -225,33 +281,12 @@ def write_hub_outputs(state: UpgradeState, cfg: UpgradeConfig, report: dict[str,
         report: the ``report.json`` content (model card). sae_cfg: the RSAE's ``cfg.json`` content.
     """
     out = state.out_dir
-    rps = _rows_per_sequence(state.evals.manifest)
     saes: dict[str, SAE] = {"rsae": state.rsae, "teacher": state.teacher}
     if state.control is not None:
         saes["control"] = state.control
-    stats, weights = {}, {}
-    for name, sae in saes.items():
-        sae.eval()
-        stats[name] = core_statistics(sae, state.evals.iter_ordered(CORE_BATCH_ROWS), rps)
-        weights[name] = weight_statistics(sae)
-    write_sparsity(out / SPARSITY_FILE, stats["rsae"]["feature_density"])
     metrics = {k: m.model_dump() for k, m in state.metrics.items()}
-    model_name = sae_cfg["metadata"]["model_name"]
-    others = {
-        k: metric_categories(metrics[k], stats[k], weights[k]).model_dump(mode="json")
-        for k in saes
-        if k != "rsae" and k in metrics
-    }
-    result = core_eval_output(
-        metrics=metrics["rsae"],
-        stats=stats["rsae"],
-        weights=weights["rsae"],
-        eval_config=_core_config(state, cfg, model_name, stats["rsae"]["n_tokens"]),
-        sae_cfg_dict=sae_cfg,
-        sae_lens_version=sae_cfg["metadata"].get("sae_lens_version"),
-        computed_by=f"rsae-service {installed_version('rsae-service') or 'unknown'}",
-        unstructured={"sae": "rsae", "conventions": CONVENTIONS, "other_saes": others},
-    )
+    result, stats = core_result(state, cfg, saes, metrics, sae_cfg)
+    write_sparsity(out / SPARSITY_FILE, stats["feature_density"])
     write_json_atomic(out / CORE_EVAL_FILE, result.model_dump(mode="json"))
     files = sorted({p.name for p in out.iterdir() if p.is_file() and not p.name.startswith(".")} | {"report.json"})
     card = model_card(report, sae_cfg, [f for f in files if f != MODEL_CARD_FILE])

@@ -77,8 +77,9 @@ class UpgradeState:
 
     Attributes:
         cfg: the request. out_dir: artifact folder. work_dir: scratch folder (activations, checkpoints).
-        device: torch device. family: the teacher's :class:`rsae.saes.Family`. teacher: the teacher SAE
-            (on ``device``, eval mode).
+        device: torch device. family: the teacher's :class:`rsae.saes.Family` (None only in a standalone
+            evaluation of an SAE of no teacher family, :func:`state_for`). teacher: the teacher SAE (on ``device``,
+            eval mode; in a standalone evaluation, the SAE evaluated).
         done: stages finished so far, in order. notes: report notes. timings: seconds per finished stage.
         host, train, evals: extract's output (host model description, activation stores).
         init: initialize's output; rsae: the RSAE (initialized, then calibrated, then fine-tuned).
@@ -95,7 +96,7 @@ class UpgradeState:
     out_dir: Path
     work_dir: Path
     device: str
-    family: Family
+    family: Family | None
     teacher: SAE
     done: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
@@ -297,11 +298,25 @@ def new_state(cfg: UpgradeConfig, out_dir: Path, work_dir: Path, device: str) ->
     Raises:
         TeacherError: see :func:`load_teacher`.
     """
+    teacher, family = load_teacher(cfg)
+    return state_for(cfg, teacher, family, out_dir, work_dir, device)
+
+
+def state_for(
+    cfg: UpgradeConfig, sae: SAE, family: Family | None, out_dir: Path, work_dir: Path, device: str
+) -> UpgradeState:
+    """A state for ``sae`` as its teacher without :func:`load_teacher`'s checks: folders created, ``sae`` moved to
+    ``device``, the hook site resolved (:func:`resolve_hook_site`) and ``eval.batch_size`` chosen for ``device``
+    when None. :func:`new_state` uses it after loading the teacher; ``rsae eval`` (:mod:`rsae.eval_only`) with any
+    SAE, a rational one too (``family`` None: stages that need a family must not run).
+
+    Raises:
+        ModelError: see :func:`resolve_hook_site`.
+    """
     out_dir.mkdir(parents=True, exist_ok=True)
     work_dir.mkdir(parents=True, exist_ok=True)
-    teacher, family = load_teacher(cfg)
     state = UpgradeState(
-        cfg=cfg, out_dir=out_dir, work_dir=work_dir, device=device, family=family, teacher=teacher.to(device)
+        cfg=cfg, out_dir=out_dir, work_dir=work_dir, device=device, family=family, teacher=sae.to(device)
     )
     state.cfg, notes = resolve_hook_site(state)
     state.notes.extend(notes)
