@@ -21,10 +21,12 @@ from .client import (
 from .formats import TEACHER_FORMATS, teacher_files
 from .models import (
     API_PREFIX,
+    DATASET_FORMATS,
     JOB_STATUSES,
     TERMINAL_STATUSES,
     Artifact,
     Checkpoint,
+    Dataset,
     EncodedRow,
     EncodedToken,
     EncodeResult,
@@ -44,6 +46,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "API_PREFIX",
+    "DATASET_FORMATS",
     "JOB_STATUSES",
     "TEACHER_FORMATS",
     "TERMINAL_STATUSES",
@@ -51,6 +54,7 @@ __all__ = [
     "Artifact",
     "AsyncRSAEClient",
     "Checkpoint",
+    "Dataset",
     "EncodeResult",
     "EncodedRow",
     "EncodedToken",

@@ -24,8 +24,11 @@ from pydantic import BaseModel
 from .formats import teacher_files
 from .models import (
     API_PREFIX,
+    DATASET_FORMATS,
     ArtifactList,
     CheckpointList,
+    Dataset,
+    DatasetList,
     EncodeResult,
     EventList,
     Job,
@@ -240,6 +243,49 @@ def get_sae(sae_id: str) -> Call[Sae]:
 def delete_sae(sae_id: str) -> Call[None]:
     """``DELETE /v1/saes/{id}`` (204)."""
     return Call("DELETE", f"{V}/saes/{sae_id}", lambda _: None)
+
+
+def dataset_format(path: str | Path, format: str | None = None) -> str:
+    """The ``POST /v1/datasets`` file field of the corpus file ``path``: ``format`` if given, else from its suffix
+    (``.txt``, ``.jsonl``, ``.parquet``; ``.json`` lines count as jsonl).
+
+    Raises:
+        ValueError: an unknown ``format``, or a suffix that names none (the message lists the formats).
+        FileNotFoundError: ``path`` is not a file.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"corpus file {p} does not exist")
+    fmt = format or {".json": "jsonl", ".ndjson": "jsonl"}.get(p.suffix.lower(), p.suffix.lower().lstrip("."))
+    if fmt not in DATASET_FORMATS:
+        known = ", ".join(DATASET_FORMATS)
+        raise ValueError(f"{p}: corpus format {fmt!r} is not one of {known}; pass format=")
+    return fmt
+
+
+def upload_dataset(
+    path: str | Path, name: str | None = None, format: str | None = None, text_column: str | None = None
+) -> Call[Dataset]:
+    """``POST /v1/datasets`` with the corpus file ``path`` in the field of its format (:func:`dataset_format`, whose
+    errors it raises); never re-sent after a lost connection (it would store the corpus twice)."""
+    fmt = dataset_format(path, format)
+    data = _clean({"name": name, "text_column": text_column})
+    return Call("POST", f"{V}/datasets", Dataset.model_validate, data=data, files={fmt: Path(path)}, repeatable=False)
+
+
+def list_datasets(limit: int | None = None, after: str | None = None) -> Call[DatasetList]:
+    """``GET /v1/datasets``: one page of your uploaded corpora, newest first."""
+    return Call("GET", f"{V}/datasets", DatasetList.model_validate, params=_clean({"limit": limit, "after": after}))
+
+
+def get_dataset(dataset_id: str) -> Call[Dataset]:
+    """``GET /v1/datasets/{id}``."""
+    return Call("GET", f"{V}/datasets/{dataset_id}", Dataset.model_validate)
+
+
+def delete_dataset(dataset_id: str) -> Call[None]:
+    """``DELETE /v1/datasets/{id}`` (204; 409 ``dataset_in_use`` while an unfinished job reads it)."""
+    return Call("DELETE", f"{V}/datasets/{dataset_id}", lambda _: None)
 
 
 def create_job(body: Mapping[str, Any], idempotency_key: str | None) -> Call[Job]:

@@ -25,7 +25,7 @@ from httpx_sse import SSEError, aconnect_sse
 from . import _core
 from ._core import NO_RETRY, ApiError, Call, RetryPolicy, new_idempotency_key
 from .client import TERMINAL, _check_file, _http_client
-from .models import API_PREFIX, Artifact, Checkpoint, EncodeResult, Event, Job, JobEstimate, Page, Sae
+from .models import API_PREFIX, Artifact, Checkpoint, Dataset, EncodeResult, Event, Job, JobEstimate, Page, Sae
 
 T = TypeVar("T")
 
@@ -117,6 +117,34 @@ class AsyncRSAEClient:
     async def delete_sae(self, sae_id: str) -> None:
         """Delete an uploaded SAE."""
         await self._send(_core.delete_sae(sae_id))
+
+    # -- datasets
+    async def upload_dataset(
+        self,
+        path: str | Path,
+        name: str | None = None,
+        *,
+        format: str | None = None,
+        text_column: str | None = None,
+    ) -> Dataset:
+        """Upload a text corpus file (see :meth:`rsae_client.RSAEClient.upload_dataset`)."""
+        return await self._send(_core.upload_dataset(path, name, format, text_column))
+
+    async def list_datasets(self, *, limit: int | None = None, after: str | None = None) -> Page[Dataset]:
+        """One page of your uploaded corpora, newest first."""
+        return await self._send(_core.list_datasets(limit, after))
+
+    def iter_datasets(self, *, limit: int | None = None) -> AsyncIterator[Dataset]:
+        """All your uploaded corpora, newest first."""
+        return iterate(lambda after: self.list_datasets(limit=limit, after=after))
+
+    async def get_dataset(self, dataset_id: str) -> Dataset:
+        """One uploaded corpus."""
+        return await self._send(_core.get_dataset(dataset_id))
+
+    async def delete_dataset(self, dataset_id: str) -> None:
+        """Delete an uploaded corpus."""
+        await self._send(_core.delete_dataset(dataset_id))
 
     # -- jobs
     async def create_job(

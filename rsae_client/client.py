@@ -34,6 +34,7 @@ from .models import (
     Artifact,
     ArtifactList,
     Checkpoint,
+    Dataset,
     EncodeResult,
     Event,
     Job,
@@ -288,6 +289,41 @@ class RSAEClient:
     def delete_sae(self, sae_id: str) -> None:
         """Delete an uploaded SAE (409 ``sae_in_use`` while an unfinished job uses it)."""
         self._send(_core.delete_sae(sae_id))
+
+    # -- datasets
+    def upload_dataset(
+        self,
+        path: str | Path,
+        name: str | None = None,
+        *,
+        format: str | None = None,
+        text_column: str | None = None,
+    ) -> Dataset:
+        """Upload a text corpus file (``txt``: documents separated by blank lines; ``jsonl`` / ``parquet``: one
+        document per row, text in ``text_column`` or token ids in ``input_ids`` / ``tokens``); ``format`` from
+        the file's suffix unless given. Use it in a job as ``settings.data.dataset = dataset.use_as``.
+
+        Raises:
+            ValueError: no known format. FileNotFoundError: no such file. ApiError: 413 past the upload size or
+            the storage quota, 422 for a corpus the server cannot read (naming the field).
+        """
+        return self._send(_core.upload_dataset(path, name, format, text_column))
+
+    def list_datasets(self, *, limit: int | None = None, after: str | None = None) -> Page[Dataset]:
+        """One page of your uploaded corpora, newest first."""
+        return self._send(_core.list_datasets(limit, after))
+
+    def iter_datasets(self, *, limit: int | None = None) -> Iterator[Dataset]:
+        """All your uploaded corpora, newest first (fetching ``limit`` per page)."""
+        return iterate(lambda after: self.list_datasets(limit=limit, after=after))
+
+    def get_dataset(self, dataset_id: str) -> Dataset:
+        """One uploaded corpus (another user's id is a 404 ApiError)."""
+        return self._send(_core.get_dataset(dataset_id))
+
+    def delete_dataset(self, dataset_id: str) -> None:
+        """Delete an uploaded corpus and its file (409 ``dataset_in_use`` while an unfinished job reads it)."""
+        self._send(_core.delete_dataset(dataset_id))
 
     # -- jobs
     def create_job(

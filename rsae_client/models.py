@@ -375,6 +375,51 @@ class CheckpointList(Page[Checkpoint]):
     model_config = _page_example(Checkpoint.model_config["json_schema_extra"]["examples"][0])  # type: ignore[index]
 
 
+DATASET_FORMATS: tuple[str, ...] = ("txt", "jsonl", "parquet")
+"""The file fields of ``POST /v1/datasets`` (one per upload), which are also the corpus formats."""
+
+
+class Dataset(ApiModel):
+    """An uploaded text corpus (``POST /v1/datasets``); a job reads it with ``settings.data.dataset =
+    "upload:<id>"`` (the ``use_as`` value)."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "id": "0b7f4c1e-2d3a-4e5f-8a9b-0c1d2e3f4a5b",
+                    "name": "kernel-docs",
+                    "format": "jsonl",
+                    "text_column": "text",
+                    "documents": 1532,
+                    "size_bytes": 4194304,
+                    "sha256": "5f1d0c2b7a4e3d6c9b8a7f6e5d4c3b2a19f8e7d6c5b4a3928170f6e5d4c3b2a1",
+                    "created_at": "2026-12-05T10:00:00Z",
+                    "use_as": "upload:0b7f4c1e-2d3a-4e5f-8a9b-0c1d2e3f4a5b",
+                }
+            ]
+        }
+    )
+
+    id: str
+    name: str | None
+    format: Literal["txt", "jsonl", "parquet"] = Field(description="The form field it was uploaded in.")
+    text_column: str | None = Field(
+        description="Column read from a table ('input_ids' / 'tokens': pre-tokenized); None for txt."
+    )
+    documents: int = Field(description="Non-empty documents (rows) found when the upload was checked.")
+    size_bytes: int = Field(description="Bytes stored (counted in your storage quota).")
+    sha256: str = Field(description="SHA-256 of the uploaded file.")
+    created_at: datetime
+    use_as: str = Field(description="The settings.data.dataset value that reads this corpus in a job.")
+
+
+class DatasetList(Page[Dataset]):
+    """A page of your uploaded corpora, newest first."""
+
+    model_config = _page_example(Dataset.model_config["json_schema_extra"]["examples"][0])  # type: ignore[index]
+
+
 # -- estimates ---------------------------------------------------------------------------------------------------
 ESTIMATE_EXAMPLE: dict[str, Any] = {
     "device": "cpu",

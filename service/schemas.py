@@ -10,8 +10,7 @@ defaults, bounds and descriptions), so the API and the core cannot drift apart e
 from __future__ import annotations
 
 import copy
-from datetime import datetime
-from typing import Annotated, Literal
+from typing import Annotated
 from urllib.parse import quote
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, create_model, field_validator
@@ -40,6 +39,7 @@ from rsae_client.models import (
     TeacherRef,
 )
 from rsae_client.models import Artifact as ArtifactModel
+from rsae_client.models import Dataset as DatasetModel
 from rsae_client.models import Event as EventModel
 from rsae_client.models import Job as JobModel
 from rsae_client.models import Sae as SaeModel
@@ -249,39 +249,9 @@ def event_out(row: JobEvent) -> EventModel:
     return EventModel.model_validate(row, from_attributes=True)
 
 
-class DatasetOut(BaseModel):
+class DatasetOut(DatasetModel):
     """An uploaded text corpus (``POST /datasets``); a job reads it with ``settings.data.dataset =
-    "upload:<id>"`` (the ``use_as`` value)."""
-
-    model_config = ConfigDict(
-        json_schema_extra={
-            "examples": [
-                {
-                    "id": "0b7f4c1e-2d3a-4e5f-8a9b-0c1d2e3f4a5b",
-                    "name": "kernel-docs",
-                    "format": "jsonl",
-                    "text_column": "text",
-                    "documents": 1532,
-                    "size_bytes": 4194304,
-                    "sha256": "5f1d0c2b7a4e3d6c9b8a7f6e5d4c3b2a19f8e7d6c5b4a3928170f6e5d4c3b2a1",
-                    "created_at": "2026-12-05T10:00:00Z",
-                    "use_as": "upload:0b7f4c1e-2d3a-4e5f-8a9b-0c1d2e3f4a5b",
-                }
-            ]
-        }
-    )
-
-    id: str
-    name: str | None
-    format: Literal["txt", "jsonl", "parquet"] = Field(description="The form field it was uploaded in.")
-    text_column: str | None = Field(
-        description="Column read from a table ('input_ids' / 'tokens': pre-tokenized); None for txt."
-    )
-    documents: int = Field(description="Non-empty documents (rows) found when the upload was checked.")
-    size_bytes: int = Field(description="Bytes stored (counted in your storage quota).")
-    sha256: str = Field(description="SHA-256 of the uploaded file.")
-    created_at: datetime
-    use_as: str = Field(description="The settings.data.dataset value that reads this corpus in a job.")
+    "upload:<id>"`` (the ``use_as`` value). The client's :class:`rsae_client.models.Dataset`, built from a row."""
 
     @classmethod
     def from_row(cls, row: Dataset) -> "DatasetOut":

@@ -427,3 +427,100 @@ def test_async_client_and_the_cli_against_uvicorn(
         assert code == 2 and "exactly one teacher" in err
         code, out, err = cli("jobs", "submit", *auth, "--sae-id", "x", "--layer", "3", "--metadata", "novalue")
         assert code == 2 and "KEY=VALUE" in err
+
+
+# -- datasets ----------------------------------------------------------------------------------------------------
+def _corpora(folder: Path) -> dict[str, Path]:
+    """One corpus file per format (txt, jsonl, parquet), 3 documents each."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    texts = [f"document {i}: the bank said exports grew while the team won its game on monday" for i in range(3)]
+    files = {"txt": folder / "c.txt", "jsonl": folder / "c.jsonl", "parquet": folder / "c.parquet"}
+    files["txt"].write_text("\n\n".join(texts))
+    files["jsonl"].write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    pq.write_table(pa.table({"body": texts}), files["parquet"])
+    return files
+
+
+def test_dataset_methods_upload_list_get_delete(
+    client: TestClient, other_client: TestClient, sae_id: str, tmp_path: Path
+) -> None:
+    """The sync client's dataset methods against the API on Postgres: the format from the suffix (or given), the
+    server's checks as ApiErrors naming the field, pages and the iterator, ownership, and the 409 while a job
+    reads the corpus."""
+    import hashlib
+
+    c, other = RSAEClient(http=client, retry=FAST), RSAEClient(http=other_client, retry=FAST)
+    files = _corpora(tmp_path)
+    made = []
+    for fmt, path in files.items():
+        column = "body" if fmt == "parquet" else None
+        d = c.upload_dataset(path, name=f"c-{fmt}", text_column=column)
+        assert (d.format, d.documents, d.name, d.size_bytes) == (fmt, 3, f"c-{fmt}", path.stat().st_size)
+        assert d.sha256 == hashlib.sha256(path.read_bytes()).hexdigest() and d.use_as == f"upload:{d.id}"
+        assert d.text_column == {"txt": None, "jsonl": "text", "parquet": "body"}[fmt]
+        made.append(d)
+    renamed = tmp_path / "corpus.data"  # no known suffix: the format is given
+    renamed.write_bytes(files["jsonl"].read_bytes())
+    made.append(c.upload_dataset(renamed, format="jsonl"))
+    assert made[-1].format == "jsonl" and made[-1].name is None
+
+    with pytest.raises(ValueError, match="pass format="):
+        c.upload_dataset(renamed)
+    with pytest.raises(FileNotFoundError):
+        c.upload_dataset(tmp_path / "missing.txt")
+    with pytest.raises(ApiError) as bad:
+        c.upload_dataset(files["jsonl"], text_column="content")
+    assert (bad.value.status, bad.value.field) == (422, "text_column")
+
+    newest_first = [d.id for d in made[::-1]]
+    page = c.list_datasets(limit=3)
+    assert [d.id for d in page.data] == newest_first[:3] and page.has_more and page.next_cursor
+    assert [d.id for d in c.list_datasets(limit=3, after=page.next_cursor).data] == newest_first[3:]
+    assert [d.id for d in c.iter_datasets(limit=1)] == newest_first
+    assert c.get_dataset(made[0].id) == made[0]
+    assert list(other.iter_datasets()) == []
+    with pytest.raises(ApiError) as theirs:
+        other.get_dataset(made[0].id)
+    assert (theirs.value.status, theirs.value.code) == (404, "dataset_not_found")
+
+    job = c.create_job(job_body(sae_id, data={"dataset": made[1].use_as}))  # queued: it reads the corpus
+    with pytest.raises(ApiError) as in_use:
+        c.delete_dataset(made[1].id)
+    assert (in_use.value.status, in_use.value.code) == (409, "dataset_in_use")
+    assert in_use.value.problem["job_ids"] == [job.id]
+    assert c.delete_dataset(made[0].id) is None
+    with pytest.raises(ApiError) as gone:
+        c.get_dataset(made[0].id)
+    assert gone.value.status == 404
+    assert [d.id for d in c.iter_datasets()] == newest_first[:3]
+
+
+def test_async_dataset_methods_against_uvicorn(
+    settings: Settings, api_token: str, broker: redis.Redis, tmp_path: Path
+) -> None:
+    """The async twin's dataset methods over a real socket."""
+    files = _corpora(tmp_path)
+
+    async def flow(url: str) -> dict:
+        async with AsyncRSAEClient(url, api_token, retry=FAST) as c:
+            up = [await c.upload_dataset(p, name=fmt) for fmt, p in files.items() if fmt != "parquet"]
+            listed = [d.id async for d in c.iter_datasets(limit=1)]
+            page = await c.list_datasets(limit=1)
+            got = await c.get_dataset(up[0].id)
+            await c.delete_dataset(up[0].id)
+            try:
+                await c.get_dataset(up[0].id)
+                status = 200
+            except ApiError as e:
+                status = e.status
+            after = [d.id async for d in c.iter_datasets()]
+            return {"up": up, "listed": listed, "page": page, "got": got, "status": status, "after": after}
+
+    with served(settings) as url:
+        r = asyncio.run(flow(url))
+    ids = [d.id for d in r["up"]]
+    assert [d.format for d in r["up"]] == ["txt", "jsonl"] and r["got"] == r["up"][0]
+    assert r["listed"] == ids[::-1] and r["page"].has_more and [d.id for d in r["page"].data] == ids[1:]
+    assert r["status"] == 404 and r["after"] == ids[1:]
