@@ -47,6 +47,7 @@ import torch
 
 from .errors import TeacherError
 from .saes import CFG_NAME, MAX_DIM, SAE, WEIGHTS_NAME, get_family, sha256_file
+from .saes.normalization import NormFold, fold_normalization, resolve_normalization
 from .versions import package_versions
 
 FORMATS: tuple[str, ...] = ("saelens", "gemma_scope", "sparsify", "dictionary_learning")
@@ -357,25 +358,26 @@ def _saelens_apply_b_dec(cfg: dict[str, Any], conv: list[str]) -> bool:
     return apply_b_dec
 
 
-def _saelens_normalisation(cfg: dict[str, Any], conv: list[str]) -> None:
-    """Check ``normalize_activations`` (bool before 6.0): only none / the folded ``expected_average_only_in``,
-    else TeacherError(``cfg.json.normalize_activations``); note a ``hook_z`` input reshape."""
-    norm = cfg.get("normalize_activations", "none")
-    if isinstance(norm, bool):  # pre-6.0
-        norm = "expected_average_only_in" if norm else "none"
-    if norm == "expected_average_only_in":
-        conv.append(
-            "normalize_activations='expected_average_only_in': not applied at inference (SAELens 6 "
-            "folds the scaling factor into the weights when training ends and applies nothing here)"
-        )
-    elif norm not in (None, "none"):
-        raise TeacherError(
-            f"normalize_activations={norm!r} normalises each token at run time; only 'none' "
-            "(or the folded 'expected_average_only_in') is supported",
-            field="cfg.json.normalize_activations",
-        )
+def _saelens_normalisation(
+    cfg: dict[str, Any], folder: Path, conv: list[str], norm_scaling_factor: float | None
+) -> NormFold | None:
+    """What to fold for ``normalize_activations`` (:func:`rsae.saes.normalization.resolve_normalization`; bool
+    before 6.0), noted in ``conv``; TeacherError(``cfg.json.normalize_activations``) where it cannot be folded;
+    a ``hook_z`` input reshape and a single head (``hook_head_index``: TeacherError) are checked too."""
+    fold = resolve_normalization(cfg, folder, norm_scaling_factor=norm_scaling_factor)
+    if fold is not None:
+        conv.append(fold.note())
     if cfg.get("reshape_activations") == "hook_z":
         conv.append("reshape_activations='hook_z': inputs are the heads flattened to [..., n_heads * d_head]")
+    meta = cfg.get("metadata") if isinstance(cfg.get("metadata"), dict) else {}
+    head = meta.get("hook_head_index", cfg.get("hook_head_index"))
+    if head is not None:
+        raise TeacherError(
+            f"hook_head_index={head!r}: the SAE reads one attention head's z; only all heads (hook_head_index "
+            "null, reshape_activations 'hook_z') can be upgraded",
+            field="cfg.json.hook_head_index",
+        )
+    return fold
 
 
 def _saelens_weights(folder: Path, cfg: dict[str, Any], conv: list[str]) -> dict[str, torch.Tensor]:
@@ -454,7 +456,7 @@ def _saelens_hook(cfg: dict[str, Any]) -> tuple[dict[str, Any], str | None, int 
     return meta, hook if isinstance(hook, str) else None, layer, model if isinstance(model, str) else None
 
 
-def load_saelens(path: str | Path) -> LoadedTeacher:
+def load_saelens(path: str | Path, *, norm_scaling_factor: float | None = None) -> LoadedTeacher:
     """Load a SAELens-layout folder (``cfg.json`` + ``sae_weights.safetensors``), SAELens 6 or pre-6 cfg.
 
     Reproduces ``sae_lens.SAE.load_from_disk(path)`` followed by ``encode`` / ``decode`` of
@@ -463,10 +465,15 @@ def load_saelens(path: str | Path) -> LoadedTeacher:
     encoder, which gives the same reconstruction). h = (x - b_dec * apply_b_dec_to_input) @ W_enc + b_enc,
     x [..., d_in] -> z [..., d_sae] -> x_hat = z @ W_dec + b_dec.
 
+    ``normalize_activations`` other than ``"none"`` is folded into W_enc / b_dec / W_dec as SAELens's own folds
+    do (:mod:`rsae.saes.normalization`; the factor from ``norm_scaling_factor`` (a SAELens release's), the cfg
+    or the checkpoint's files), recorded in the conventions and in ``metadata.activation_normalization``.
+
     Raises:
         TeacherError: missing/corrupt files; unsupported architecture (gated, transcoders, ...), a
-            per-token normalisation (``layer_norm``, ``constant_norm_rescale``), a non-unit fine-tuning
-            scaling factor; wrong shapes, non-finite values, bad k.
+            normalisation that cannot be folded (``layer_norm``, ``constant_norm_rescale``, a factor nowhere
+            to be found: ``cfg.json.normalize_activations``), one attention head (``cfg.json.hook_head_index``),
+            a non-unit fine-tuning scaling factor; wrong shapes, non-finite values, bad k.
     """
     folder = Path(path)
     cfg = _read_json(folder / CFG_NAME, "cfg.json")
@@ -475,9 +482,14 @@ def load_saelens(path: str | Path) -> LoadedTeacher:
     conv: list[str] = []
     arch, family, k_raw = _saelens_architecture(cfg, conv)
     apply_b_dec = _saelens_apply_b_dec(cfg, conv)
-    _saelens_normalisation(cfg, conv)
+    fold = _saelens_normalisation(cfg, folder, conv, norm_scaling_factor)
     raw = _saelens_weights(folder, cfg, conv)
     t = _saelens_core(raw, d_in, d_sae)
+    if fold is not None:  # before the decoder-norm fold of TopK: the order SAELens applies them in
+        t = fold_normalization(t, fold, apply_b_dec_to_input=apply_b_dec)
+        meta_extra = {"activation_normalization": fold.record()}
+    else:
+        meta_extra = {}
     k = threshold = None
     if family == "topk":
         k, t = _saelens_topk(cfg, k_raw, d_sae, t, conv)
@@ -507,7 +519,7 @@ def load_saelens(path: str | Path) -> LoadedTeacher:
         apply_b_dec=apply_b_dec,
         k=k,
         threshold=threshold,
-        metadata=_metadata(meta, det),
+        metadata={**_metadata(meta, det), **meta_extra},
     )
     return LoadedTeacher(sae, det)
 
@@ -1042,13 +1054,21 @@ def teacher_hook_name(path: str | Path) -> str | None:
     return _saelens_hook(cfg)[1]
 
 
-def load_teacher(path: str | Path, *, format: str | None = None, hookpoint: str | None = None) -> LoadedTeacher:
+def load_teacher(
+    path: str | Path,
+    *,
+    format: str | None = None,
+    hookpoint: str | None = None,
+    norm_scaling_factor: float | None = None,
+) -> LoadedTeacher:
     """Detect the format of a teacher folder and load it (see the module docstring for the four formats).
 
     Args:
         path: folder (or a file in it).
         format: force one of :data:`FORMATS` instead of detecting it.
         hookpoint: sub-folder of a sparsify run folder (one coder per hookpoint).
+        norm_scaling_factor: a SAELens release's ``norm_scaling_factor`` (``pretrained_saes.yaml``), folded
+            into a SAELens teacher whose cfg says ``expected_average_only_in`` (:func:`load_saelens`).
 
     Returns:
         :class:`LoadedTeacher`: ``sae`` (ReLUSAE / JumpReLUSAE / TopKSAE; encode: x [..., d_in] ->
@@ -1064,11 +1084,18 @@ def load_teacher(path: str | Path, *, format: str | None = None, hookpoint: str 
         if format not in _LOADERS:
             raise TeacherError(f"unknown teacher format {format!r}; known: {list(FORMATS)}", field="format")
         fmt = format
+    if fmt == "saelens" and norm_scaling_factor is not None:
+        return load_saelens(folder, norm_scaling_factor=norm_scaling_factor)
     return _LOADERS[fmt](folder)
 
 
 def import_teacher(
-    path: str | Path, out: str | Path, *, format: str | None = None, hookpoint: str | None = None
+    path: str | Path,
+    out: str | Path,
+    *,
+    format: str | None = None,
+    hookpoint: str | None = None,
+    norm_scaling_factor: float | None = None,
 ) -> DetectedFormat:
     """Load a teacher in any supported format and save it in the project's SAELens layout at ``out``
     (``cfg.json`` + ``sae_weights.safetensors``, read by :func:`rsae.saes.load_sae` and the pipeline).
@@ -1081,7 +1108,7 @@ def import_teacher(
     Raises:
         TeacherError: as :func:`load_teacher`.
     """
-    t = load_teacher(path, format=format, hookpoint=hookpoint)
+    t = load_teacher(path, format=format, hookpoint=hookpoint, norm_scaling_factor=norm_scaling_factor)
     t.sae.save(out)
     return t.detected
 

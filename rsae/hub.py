@@ -46,6 +46,9 @@ class HubTeacher:
     release: str | None = None
     sae_id: str | None = None
     conversion_func: str | None = None
+    norm_scaling_factor: float | None = None
+    """The release's ``norm_scaling_factor`` for this SAE (``pretrained_saes.yaml``): the weights expect inputs
+    scaled by it, and ``SAE.from_pretrained`` folds it (:func:`rsae.formats.import_teacher` does too)."""
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict (path as str)."""
@@ -57,6 +60,7 @@ class HubTeacher:
             "release": self.release,
             "sae_id": self.sae_id,
             "conversion_func": self.conversion_func,
+            "norm_scaling_factor": self.norm_scaling_factor,
         }
 
 
@@ -78,7 +82,8 @@ def _check_subfolder(sub: str | None, field: str) -> str | None:
 @functools.lru_cache(maxsize=1)
 def saelens_directory() -> dict[str, dict[str, Any]]:
     """SAELens's pretrained SAE directory: release -> ``{"repo_id", "model", "conversion_func", "saes": {id:
-    path}}``, parsed from ``sae_lens/pretrained_saes.yaml`` of the installed ``sae-lens`` (without importing it).
+    path}, "norm_scaling_factor": {id: float}}``, parsed from ``sae_lens/pretrained_saes.yaml`` of the installed
+    ``sae-lens`` (without importing it).
 
     Raises:
         TeacherError: ``sae-lens`` is not installed (field ``teacher.release``).
@@ -96,11 +101,13 @@ def saelens_directory() -> dict[str, dict[str, Any]]:
     out: dict[str, dict[str, Any]] = {}
     for release, v in data.items():
         saes = {str(s["id"]): str(s["path"]) for s in v.get("saes", [])}
+        norms = {str(s["id"]): float(s["norm_scaling_factor"]) for s in v.get("saes", []) if "norm_scaling_factor" in s}
         out[release] = {
             "repo_id": v["repo_id"],
             "model": v.get("model"),
             "conversion_func": v.get("conversion_func"),
             "saes": saes,
+            "norm_scaling_factor": norms,
         }
     return out
 
@@ -209,7 +216,8 @@ def resolve_hub_teacher(
             f"{repo_id} has no folder {subfolder!r} (revision {revision or 'main'})",
             field="teacher.subfolder" if release is None else "teacher.sae_id",
         )
-    return HubTeacher(path, repo_id, subfolder, revision, release, sae_id, conversion)
+    norm = saelens_directory()[release]["norm_scaling_factor"].get(str(sae_id)) if release is not None else None
+    return HubTeacher(path, repo_id, subfolder, revision, release, sae_id, conversion, norm)
 
 
 # -- repository metadata and cancellable downloads ---------------------------------------------------

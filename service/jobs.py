@@ -116,9 +116,9 @@ def resolve_teacher(
                 check_hub_ref(**hub)
                 return ""
             if not (dest / CFG_NAME).is_file():  # imported by an earlier attempt: reuse
-                fetched = resolve_hub_teacher(**hub, files=hub_files, should_cancel=should_cancel).path
-                check_declared_size(fetched, settings.teacher_expanded_limit)  # before any tensor is read
-                import_teacher(fetched, dest)
+                fetched = resolve_hub_teacher(**hub, files=hub_files, should_cancel=should_cancel)
+                check_declared_size(fetched.path, settings.teacher_expanded_limit)  # before any tensor is read
+                import_teacher(fetched.path, dest, norm_scaling_factor=fetched.norm_scaling_factor)
             return str(dest)
         except TeacherError as e:
             # rsae.hub names fields teacher / teacher.<key>; here they sit under teacher.hub

@@ -291,6 +291,20 @@ def load_teacher(cfg: UpgradeConfig) -> tuple[SAE, Family]:
     return teacher, family
 
 
+def normalization_notes(teacher: SAE) -> list[str]:
+    """The report note of an input normalisation folded into the teacher when it was read
+    (``metadata.activation_normalization``, :mod:`rsae.saes.normalization`), else none."""
+    rec = teacher.metadata.get("activation_normalization")
+    if not isinstance(rec, dict) or not rec.get("folded"):
+        return []
+    factor = f" (factor {rec['scaling_factor']:.6g})" if isinstance(rec.get("scaling_factor"), (int, float)) else ""
+    return [
+        f"The teacher's cfg said normalize_activations={rec.get('teacher_normalize_activations')!r}; that input "
+        f"normalisation{factor}, from {rec.get('source')}, was folded into its W_enc, b_dec, W_dec as SAELens folds "
+        "it, so teacher, RSAE and control read raw activations and every metric is in raw activation units."
+    ]
+
+
 def new_state(cfg: UpgradeConfig, out_dir: Path, work_dir: Path, device: str) -> UpgradeState:
     """The initial state: the request (its hook site resolved, ``eval.batch_size`` chosen for ``device`` when
     None), folders (created), device, and the teacher (on ``device``) with its family.
@@ -319,7 +333,7 @@ def state_for(
         cfg=cfg, out_dir=out_dir, work_dir=work_dir, device=device, family=family, teacher=sae.to(device)
     )
     state.cfg, notes = resolve_hook_site(state)
-    state.notes.extend(notes)
+    state.notes.extend(notes + normalization_notes(teacher))
     if state.cfg.eval.batch_size is None:  # chosen for the device, recorded in the report's config
         eval_cfg = state.cfg.eval.model_copy(update={"batch_size": eval_batch_size(device)})
         state.cfg = state.cfg.model_copy(update={"eval": eval_cfg})

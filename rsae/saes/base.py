@@ -32,6 +32,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..errors import TeacherError
+from .normalization import fold_normalization, resolve_normalization
 
 CFG_NAME = "cfg.json"
 WEIGHTS_NAME = "sae_weights.safetensors"
@@ -109,7 +110,11 @@ class SAE(nn.Module):
 
     # -- serialisation -----------------------------------------------------------------------------
     def cfg_dict(self) -> dict[str, Any]:
-        """The ``cfg.json`` content (SAELens 6 keys plus ``metadata``)."""
+        """The ``cfg.json`` content (SAELens 6 keys plus ``metadata``). ``normalize_activations`` is always
+        ``"none"`` (a teacher's normalisation is folded when it is read); ``reshape_activations`` is ``"hook_z"``
+        when ``metadata.hook_name`` is an attention ``hook_z`` (SAELens then flattens [..., n_heads, d_head]
+        inputs to [..., d_in] and unflattens the reconstruction), else ``"none"``."""
+        hook = self.metadata.get("hook_name")
         return {
             "architecture": self.architecture,
             "d_in": self.d_in,
@@ -118,6 +123,7 @@ class SAE(nn.Module):
             "device": "cpu",
             "apply_b_dec_to_input": self.apply_b_dec_to_input,
             "normalize_activations": "none",
+            "reshape_activations": "hook_z" if isinstance(hook, str) and hook.endswith("hook_z") else "none",
             "metadata": self.metadata,
         }
 
@@ -211,11 +217,6 @@ def _read_cfg(path: Path) -> dict[str, Any]:
         )
     if not isinstance(cfg.get("apply_b_dec_to_input", True), bool):
         raise TeacherError("cfg.json 'apply_b_dec_to_input' must be a boolean", field="cfg.json.apply_b_dec_to_input")
-    norm = cfg.get("normalize_activations", "none")
-    if norm not in (None, "none"):
-        raise TeacherError(
-            f"normalize_activations={norm!r} is not supported yet (only 'none')", field="cfg.json.normalize_activations"
-        )
     if cfg.get("metadata") is not None and not isinstance(cfg["metadata"], dict):
         raise TeacherError("cfg.json 'metadata' must be an object", field="cfg.json.metadata")
     return cfg
@@ -277,14 +278,24 @@ def load_sae(path: str | Path) -> SAE:
     Returns:
         An :class:`SAE` subclass instance on CPU, float32, in eval mode.
 
+    A cfg whose ``normalize_activations`` can be folded (SAELens's ``expected_average_only_in`` with a known
+    factor, ``constant_scalar_rescale``, ``covariance_whitening`` with its statistics) is folded into the weights
+    (:mod:`rsae.saes.normalization`) and recorded in ``metadata.activation_normalization``; the SAE then reads
+    raw activations and saves ``normalize_activations: "none"``.
+
     Raises:
-        TeacherError: missing/corrupt files, unknown architecture, wrong shapes or dtypes, NaN/Inf.
+        TeacherError: missing/corrupt files, unknown architecture, wrong shapes or dtypes, NaN/Inf; a
+            normalisation that cannot be folded (``cfg.json.normalize_activations``).
     """
     path = Path(path)
     if not path.is_dir():
         raise TeacherError(f"SAE folder {path} does not exist", field="teacher")
     cfg = _read_cfg(path)
+    fold = resolve_normalization(cfg, path)  # refused (per-token, factor unknown) before any tensor is read
     tensors = validate_tensors(cfg, _read_tensors(path))
+    if fold is not None:
+        tensors = fold_normalization(tensors, fold, apply_b_dec_to_input=cfg.get("apply_b_dec_to_input", True))
+        cfg = {**cfg, "metadata": {**(cfg.get("metadata") or {}), "activation_normalization": fold.record()}}
     cls = SAE_REGISTRY[cfg.get("architecture", "standard")]
     sae = cls.from_parts(cfg, tensors)
     sae.eval()

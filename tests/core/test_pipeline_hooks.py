@@ -85,6 +85,32 @@ def test_upgrade_at_each_hook_site(case: str, tmp_path: Path):
     ds = downstream_metrics(model, None, {"rsae": rsae}, ids, hook=teacher_hook)
     assert ds["rsae"]["ce_spliced"] == pytest.approx(report["metrics"]["rsae"]["ce_spliced"], rel=1e-5)
     assert ds["zero"]["ce"] == pytest.approx(report["metrics"]["rsae"]["ce_zero"], rel=1e-5)
+    # what SAELens needs to run the RSAE at the site: hook_z inputs are [batch, pos, n_heads, d_head]
+    assert cfg_json["reshape_activations"] == ("hook_z" if case == "attn.hook_z" else "none")
+    if case == "attn.hook_z":
+        _saelens_runs_it_on_heads(tmp_path / "out", rsae, store.load(64), model.config.num_attention_heads)
+
+
+@torch.no_grad()
+def _saelens_runs_it_on_heads(folder: Path, ours, x: torch.Tensor, n_heads: int) -> None:
+    """``sae_lens.SAE.load_from_disk`` of an ``attn.hook_z`` artifact encodes [1, n, n_heads, d_head] (TransformerLens's
+    hook_z) as rsae encodes the flattened [n, n_heads * d_head], and reconstructs in the heads' shape."""
+    from sae_lens import SAE as SL
+
+    from rsae import saelens_arch  # noqa: F401  (registers "rational")
+
+    sl = SL.load_from_disk(folder)
+    assert sl.cfg.reshape_activations == "hook_z" and sl.cfg.metadata.hook_name.endswith("attn.hook_z")
+    assert sl.cfg.metadata.get("hook_head_index") is None
+    heads = x.reshape(1, x.shape[0], n_heads, -1)
+    z = ours.encode(x)
+    assert 0 < (z != 0).float().mean() < 1
+    z_sl = sl.encode(heads)
+    assert z_sl.shape == (1, x.shape[0], ours.d_sae) and torch.equal(z_sl[0] != 0, z != 0)
+    torch.testing.assert_close(z_sl[0], z, rtol=1e-5, atol=1e-5)
+    out = sl(heads)
+    assert out.shape == heads.shape
+    torch.testing.assert_close(out.reshape(x.shape), ours(x), rtol=1e-5, atol=1e-4)
 
 
 def test_a_request_contradicting_the_teacher_fails_before_any_work(tmp_path: Path):

@@ -119,6 +119,16 @@ BAD_UPLOADS: dict[str, tuple[Callable[[Path], Files], str]] = {
         "weights.threshold",
     ),
     "per-token normalisation": (_cfg_with(normalize_activations="layer_norm"), "cfg.normalize_activations"),
+    "per-token norm rescale": (_cfg_with(normalize_activations="constant_norm_rescale"), "cfg.normalize_activations"),
+    "unfolded normalisation, factor unknown": (
+        _cfg_with(normalize_activations="expected_average_only_in"),
+        "cfg.normalize_activations",
+    ),
+    "normalisation factor not positive": (
+        _cfg_with(normalize_activations="expected_average_only_in", norm_scaling_factor=0),
+        "cfg.normalize_activations",
+    ),
+    "one attention head": (_cfg_with(hook_head_index=3), "cfg.hook_head_index"),
     "apply_b_dec_to_input not a bool": (_cfg_with(apply_b_dec_to_input="yes"), "cfg.apply_b_dec_to_input"),
     # weights file problems
     "weights empty": (_raw_weights(lambda w: b""), "weights"),
