@@ -333,7 +333,7 @@ def state_for(
         cfg=cfg, out_dir=out_dir, work_dir=work_dir, device=device, family=family, teacher=sae.to(device)
     )
     state.cfg, notes = resolve_hook_site(state)
-    state.notes.extend(notes + normalization_notes(teacher))
+    state.notes.extend(notes + normalization_notes(sae))
     if state.cfg.eval.batch_size is None:  # chosen for the device, recorded in the report's config
         eval_cfg = state.cfg.eval.model_copy(update={"batch_size": eval_batch_size(device)})
         state.cfg = state.cfg.model_copy(update={"eval": eval_cfg})
