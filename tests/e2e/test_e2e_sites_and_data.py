@@ -19,15 +19,14 @@ from typing import Any
 
 import httpx
 import pytest
-import test_e2e
 import torch
+from test_e2e import JOB_TIMEOUT
 
 from service.client import download_artifacts, submit_job, upload_sae, wait_for_job
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
-e2e_settings, stack, http = test_e2e.e2e_settings, test_e2e.stack, test_e2e.http
-"""The running stack's fixtures, shared with ``test_e2e.py``."""
+# The running stack's fixtures (e2e_settings, stack, http) come from tests/e2e/conftest.py.
 
 TINY = {
     "data": {"train_tokens": 2048, "eval_tokens": 512, "ctx_len": 32},
@@ -51,7 +50,7 @@ def _run(http: httpx.Client, teacher: Path, settings: dict[str, Any], out: Path)
     its artifacts to ``out``; returns (report.json, cfg.json, the folder)."""
     sae = upload_sae(http, teacher, name=teacher.name)
     job = submit_job(http, {"model": "smollm2-135m", "teacher": {"sae_id": sae["id"]}, "settings": settings})
-    done = wait_for_job(http, job["id"], timeout=test_e2e.JOB_TIMEOUT, interval=0.5)
+    done = wait_for_job(http, job["id"], timeout=JOB_TIMEOUT, interval=0.5)
     assert done["status"] == "succeeded", done["error"]
     paths = download_artifacts(http, done, out)
     return json.loads(paths["report.json"].read_text()), json.loads(paths["cfg.json"].read_text()), out
