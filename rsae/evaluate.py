@@ -30,6 +30,7 @@ from typing import Any, Callable, Iterable
 import torch
 import torch.nn.functional as F
 
+from .config import EVAL_BATCH_SIZES
 from .hooknames import HookSite
 from .hooks import HookSplice, LowerBlocks, site_for
 from .saes import SAE
@@ -71,13 +72,6 @@ def reconstruction_metrics(sae: SAE, batches: Iterable[torch.Tensor]) -> dict[st
         "alive_fraction": alive.float().mean().item(),
         "n_tokens": n,
     }
-
-
-EVAL_BATCH_SIZES: dict[str, int] = {"cpu": 8, "cuda": 32}
-"""Default held-out sequences per forward of the downstream metrics by device type (``eval.batch_size`` None):
-8 on CPU (GEMMs of 8 x 128 = 1,024 rows already run at full speed there, and memory stays small), 32 on CUDA (a
-135M model at 1,024 rows leaves a GPU mostly idle; the float32 logits of 32 x 128 tokens over a 49,152 vocab are
-0.8 GB, five such tensors live at once). Other devices: 8."""
 
 
 def eval_batch_size(device: str | torch.device) -> int:

@@ -95,9 +95,13 @@ class _Acts:
         return self.x[:n]
 
 
-def _state(teacher: SAE, x: torch.Tensor, tmp_path: Path) -> UpgradeState:
+def _state(teacher: SAE, x: torch.Tensor, tmp_path: Path, tail: str = "linear") -> UpgradeState:
     cfg = UpgradeConfig(
-        model="smollm2-135m", layer=1, teacher=str(teacher.save(tmp_path / "t")), calibrate={"tokens": 512}
+        model="smollm2-135m",
+        layer=1,
+        teacher=str(teacher.save(tmp_path / "t")),
+        calibrate={"tokens": 512},
+        remez={"tail": tail},
     )
     state = UpgradeState(cfg, tmp_path / "out", tmp_path / "work", "cpu", get_family(teacher.family), teacher)
     state.train = _Acts(x)  # type: ignore[assignment]
@@ -130,12 +134,22 @@ def test_teacher_dead_on_the_real_activations_fails_where_they_are_first_seen(tm
 
 
 def test_thresholds_too_small_for_the_data_fail_at_init_not_at_packaging(tmp_path: Path) -> None:
+    """Without the linear tail (``remez.tail = "none"``, the gate of older upgrades) thresholds of 1e-7 put
+    h / theta beyond float32 in the extrapolated rational: the job fails at init with the cause. With the tail
+    (the default) the same teacher initialises, finite: those latents pass h above their threshold."""
     teacher = _edit(_sae(JumpReLUSAE), lambda s: s.log_threshold[:5].fill_(float(np.log(1e-7))))
     assert teacher_problems(teacher) == []  # above MIN_THRESHOLD: only the data can tell
-    state = _state(teacher, 3 * torch.randn(1024, D_IN, generator=torch.Generator().manual_seed(2)), tmp_path)
+    x = 3 * torch.randn(1024, D_IN, generator=torch.Generator().manual_seed(2))
+    state = _state(teacher, x, tmp_path, tail="none")
     with pytest.raises(InvalidThresholdsError) as e:
         initialize(state, RunContext(Progress(None, None), None))
     assert "5 latents" in e.value.message and "learning rates does not help" in e.value.message
+    state = _state(teacher, x, tmp_path / "tail")
+    initialize(state, RunContext(Progress(None, None), None))
+    h = teacher.pre_acts(x[:256])
+    z = state.rsae.gate(h).detach()
+    assert torch.isfinite(z).all()
+    torch.testing.assert_close(z[:, :5], teacher.gate(h)[:, :5].detach(), rtol=0.02, atol=0.02)
 
 
 def _npz_bomb(shape: tuple[int, ...]) -> bytes:
