@@ -229,17 +229,32 @@ def resolve_under(settings: Settings, root: str | None, path: str) -> Path:
     return full
 
 
-async def encode(request: Any, user: User, body: EncodeRequest, build: Any, ident: str) -> dict[str, Any]:
-    """The route body of both encode routes: the per-user rate limit, the bounds, the payload (``build``:
+def _owned_or_404(session: Session, settings: Settings, ident: str, user: User, kind: str) -> None:
+    """404 (``job_not_found`` / ``sae_not_found``) unless ``user`` owns the job or SAE ``ident``."""
+    if kind == "job":
+        job_or_404(session, ident, user)
+    else:
+        sae_or_404(session, ident, user.id)
+
+
+async def encode(request: Any, user: User, body: EncodeRequest | None, build: Any, ident: str) -> dict[str, Any]:
+    """The route body of both encode routes: ownership when the body is missing (so another user's id answers
+    404 like an unknown one, before any 422), the per-user rate limit, the bounds, the payload (``build``:
     :func:`job_payload` or :func:`sae_payload`, in a worker thread with the request's session), the round trip.
 
     Raises:
-        ProblemError: 429 (rate), 413 / 422 (bounds), as ``build`` and :meth:`EncodeClient.call`.
+        ProblemError: 404 (not the caller's), 422 (no body), 429 (rate), 413 / 422 (bounds), as ``build`` and
+            :meth:`EncodeClient.call`.
     """
     from .db import run_in_session
 
     app = request.app
     settings: Settings = app.state.settings
+    if body is None:
+        kind = "job" if build is job_payload else "sae"
+        session = app.state.sessionmaker()
+        await run_in_session(session, _owned_or_404, session, settings, ident, user, kind)
+        raise ProblemError(422, "validation_error", "body: Field required", field="body")
     await anyio.to_thread.run_sync(app.state.rate_limits.encode, user.id)
     check_bounds(body, settings)
     session = app.state.sessionmaker()

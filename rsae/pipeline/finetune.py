@@ -187,18 +187,17 @@ def rsae_objective(state: UpgradeState, lam: float, lam_source: str) -> Objectiv
     """
     if state.cfg.finetune.rsae_penalty == "l1":
         return Objective(None, lam, f"MSE + lambda * sum_j |z_j| ||W_dec[j]|| (lambda: {lam_source})")
-    bandwidth = getattr(state.teacher, "bandwidth", None)
-    if not state.rsae.gate_fn.train_scale or state.rsae.topk_k is not None or bandwidth is None:
+    if not state.rsae.gate_fn.train_scale or state.rsae.topk_k is not None:
         raise TeacherError(
             "finetune.rsae_penalty 'l0' needs a JumpReLU teacher (per-latent thresholds)",
             field="finetune.rsae_penalty",
         )
     start = state.family.control_objective(state.teacher, lam, lam_source).coefficient
     return Objective(
-        rational_l0_loss(float(bandwidth)),
+        rational_l0_loss(),
         start,
-        f"MSE + mu * L0 (straight-through estimator on the thresholds C_in s_j t*, bandwidth {bandwidth:g}; the "
-        "JumpReLU control's penalty), mu starting at the control's coefficient",
+        "MSE + mu * L0 (L0 of the gate's support r(t) > floor, straight-through kernel of width floor to a, b, "
+        "C_in and s; the JumpReLU control's kind of penalty), mu starting at the control's coefficient",
     )
 
 

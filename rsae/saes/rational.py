@@ -399,24 +399,43 @@ class RationalSAE(SAE):
         return sae
 
 
-def rational_l0_loss(bandwidth: float):
-    """The objective MSE + lam * L0 for a :class:`RationalSAE` with per-latent scales (a JumpReLU upgrade):
-    the JumpReLU family's own penalty (Rajamanoharan et al. 2024, eq. 9-12), L0 = sum_j H(h_j - theta_j) with
-    theta_j = :meth:`RationalSAE.effective_threshold` and the straight-through rectangle-kernel estimator of
-    bandwidth ``bandwidth`` (units of h) for theta (so for s_j); no gradient to h through the step. The MSE
-    term trains every parameter through the rational gate as :func:`rsae.saes.family.sae_loss` does.
+class _SupportStepFn(torch.autograd.Function):
+    """H(u) with the straight-through rectangle-kernel estimator d/du = (1 / eps) K(u / eps), K(v) = 1[|v| < 1/2]
+    (Rajamanoharan et al. 2024, eq. 12, applied to u = r(t) - floor, the gate's own support test)."""
+
+    @staticmethod
+    def forward(ctx, u, eps: float):  # noqa: D102
+        ctx.save_for_backward(u)
+        ctx.eps = eps
+        return (u > 0).to(u.dtype)
+
+    @staticmethod
+    def backward(ctx, g):  # noqa: D102
+        (u,) = ctx.saved_tensors
+        return g * (u.abs() < ctx.eps / 2).to(g.dtype) / ctx.eps, None
+
+
+def rational_l0_loss():
+    """The objective MSE + lam * L0 for a :class:`RationalSAE` (a JumpReLU upgrade), the JumpReLU family's own
+    kind of penalty (Rajamanoharan et al. 2024, eq. 9-12) put on the rational gate's own support:
+    L0 = sum_j H(r(t_j) - floor), t_j = h_j / (C_in s_j), with the straight-through rectangle kernel of width
+    eps = floor (units of r) for its gradient. The pre-activations are detached in this term, so its gradient
+    reaches the gate's parameters that decide the support (a, b, C_in and the per-latent scales s), not W_enc,
+    b_enc, W_dec, b_dec or C_out. A penalty on one threshold per latent (C_in s_j t*) was tried first and let the
+    rational open its support elsewhere (docs/method.md). The MSE term trains every parameter through the gate as
+    :func:`rsae.saes.family.sae_loss` does.
 
     Returns ``loss_fn(sae, x [n, d_in], lam) -> (loss, parts)`` with parts mse, l0 (exact non-zeros of z), l1
     (decoder-norm weighted, reported only) as floats.
     """
     from .base import decoder_norm_l1
-    from .jumprelu import _StepFn
 
     def loss_fn(sae: SAE, x: torch.Tensor, lam: float) -> tuple[torch.Tensor, dict[str, float]]:
         h = sae.pre_acts(x)
         z = sae.gate(h)
         mse = (x - sae.decode(z)).pow(2).sum(-1).mean()
-        l0 = _StepFn.apply(h.detach(), sae.effective_threshold(), bandwidth).sum(-1).mean()
+        floor = max(sae.floor, 1e-6)
+        l0 = _SupportStepFn.apply(sae.gate_unit(h.detach()) - floor, floor).sum(-1).mean()
         loss = mse + lam * l0
         return loss, {
             "loss": loss.item(),

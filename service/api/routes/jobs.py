@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import base64
 import logging
+from typing import Annotated
 
-from fastapi import APIRouter, Header, Query, Request, Response
+from fastapi import APIRouter, Body, Header, Query, Request, Response
 from fastapi.responses import FileResponse
 from sqlalchemy import select
 from sqlalchemy.orm import Session, selectinload
@@ -396,7 +397,9 @@ ENCODE_RESPONSES = problem_responses(
 
 
 @router.post("/{job_id}/encode", responses={**_NOT_FOUND, **ENCODE_RESPONSES})
-async def encode_job(job_id: str, body: encoding.EncodeRequest, request: Request, user: UserDep) -> EncodeResult:
+async def encode_job(
+    job_id: str, request: Request, user: UserDep, body: Annotated[encoding.EncodeRequest | None, Body()] = None
+) -> EncodeResult:
     """Top-k latents per token of a succeeded job's teacher and upgraded SAE, side by side.
 
     ``text`` (a string or a list) is tokenized and run through the job's host model to its hook with the job's

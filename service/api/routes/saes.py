@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import shutil
 import uuid
+from typing import Annotated
 
-from fastapi import APIRouter, Query, Request, Response
+from fastapi import APIRouter, Body, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
@@ -225,7 +226,9 @@ def delete_sae(sae_id: str, session: SessionDep, settings: SettingsDep, user: Us
         s504="the encode worker did not answer in time (code encode_timeout; problem+json)",
     ),
 )
-async def encode_sae(sae_id: str, body: encoding.SaeEncodeRequest, request: Request, user: UserDep) -> EncodeResult:
+async def encode_sae(
+    sae_id: str, request: Request, user: UserDep, body: Annotated[encoding.SaeEncodeRequest | None, Body()] = None
+) -> EncodeResult:
     """Top-k latents per token of an uploaded teacher SAE alone (as ``POST /v1/jobs/{id}/encode`` with
     ``which: "teacher"``): text runs through the host model and hook its ``cfg.json`` records (or ``model`` /
     ``hook``), with the conventions it records (SAELens metadata; none: 128 tokens, no BOS, position 0 dropped).
