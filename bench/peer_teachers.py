@@ -114,7 +114,7 @@ def training_sae(family: str, d_in: int, d_sae: int, b_dec: torch.Tensor) -> Any
     return sae
 
 
-def metadata(sae: Any, n_tokens: int) -> None:
+def metadata(sae: Any) -> None:
     """The fields SAELens's runner sets in ``_set_sae_metadata``, for our extraction's conventions."""
     m = sae.cfg.metadata
     m.model_name = MODEL
@@ -140,7 +140,7 @@ def train(family: str, folder: Path, out: Path, tokens: int, d_sae: int, seed: i
     torch.manual_seed(seed)
     store = ActivationStore(folder)
     sae = training_sae(family, store.d_in, d_sae, store.load(65_536).mean(0))
-    metadata(sae, tokens)
+    metadata(sae)
     steps = -(-tokens // BATCH)  # at least ``tokens`` seen
     cfg = SAETrainerConfig(
         total_training_samples=steps * BATCH,
@@ -201,7 +201,6 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=ROOT / "var" / "peer")
     a = ap.parse_args(argv)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     folder = extract(a.out, a.distinct_tokens, a.seed)
     for fam in a.families:
         rec = train(fam, folder, a.out, a.tokens, a.d_sae, a.seed)

@@ -229,7 +229,7 @@ def resolve_under(settings: Settings, root: str | None, path: str) -> Path:
     return full
 
 
-def _owned_or_404(session: Session, settings: Settings, ident: str, user: User, kind: str) -> None:
+def _owned_or_404(session: Session, ident: str, user: User, kind: str) -> None:
     """404 (``job_not_found`` / ``sae_not_found``) unless ``user`` owns the job or SAE ``ident``."""
     if kind == "job":
         job_or_404(session, ident, user)
@@ -253,7 +253,7 @@ async def encode(request: Any, user: User, body: EncodeRequest | None, build: An
     if body is None:
         kind = "job" if build is job_payload else "sae"
         session = app.state.sessionmaker()
-        await run_in_session(session, _owned_or_404, session, settings, ident, user, kind)
+        await run_in_session(session, _owned_or_404, session, ident, user, kind)
         raise ProblemError(422, "validation_error", "body: Field required", field="body")
     await anyio.to_thread.run_sync(app.state.rate_limits.encode, user.id)
     check_bounds(body, settings)

@@ -137,7 +137,7 @@ def _train_control(
     loss_fn = objective.loss_fn if term is None else with_kl(objective.loss_fn, term, kl.beta)
     curve: list[dict[str, float]] = []
     try:
-        hist = _run_control(state, ctx, control, objective.coefficient, loss_fn, groups, l0_target, curve)
+        hist = _train(state, ctx, control, objective.coefficient, loss_fn, groups, l0_target, curve, 1, 2)
     finally:
         if term is not None:
             term.close()
@@ -153,27 +153,6 @@ def _train_control(
         final_coefficient=hist[-1]["lambda"] if hist else objective.coefficient,
         curve=[CurvePoint.model_validate(p) for p in curve],
         final_train=hist[-1] if hist else None,
-    )
-
-
-def _run_control(state, ctx, control, coefficient, loss_fn, groups, l0_target, curve) -> list[dict[str, float]]:
-    """``train_sae`` of the control with the stage's settings (history per step)."""
-    ft = state.cfg.finetune
-    return train_sae(
-        control,
-        state.train,
-        steps=ft.steps,
-        batch_size=ft.batch_size,
-        lr=ft.lr,
-        l1_coefficient=coefficient,
-        loss_fn=loss_fn,
-        seed=state.cfg.seed + 1,
-        device=state.device,
-        param_groups=groups,
-        l0_target=l0_target,
-        on_step=_on_step(state, ctx, control, curve, 1, 2),
-        checkpoint=ctx.train_checkpoint("finetune-control", curve),
-        path=ft.step_path,
     )
 
 
@@ -222,7 +201,8 @@ def finetune(state: UpgradeState, ctx: RunContext) -> None:
     curve: list[dict[str, float]] = []
     n_runs = 2 if ft.control else 1
     try:
-        hist = _run_rsae(state, ctx, rsae, objective.coefficient, loss_fn, threshold_lr, l0_target, curve, n_runs)
+        groups = rsae.param_groups(ft.lr, ft.gate_lr, threshold_lr)
+        hist = _train(state, ctx, rsae, objective.coefficient, loss_fn, groups, l0_target, curve, 0, n_runs)
     finally:
         if term is not None:
             term.close()
@@ -247,22 +227,23 @@ def finetune(state: UpgradeState, ctx: RunContext) -> None:
     )
 
 
-def _run_rsae(state, ctx, rsae, coefficient, loss_fn, threshold_lr, l0_target, curve, n_runs) -> list[dict[str, float]]:
-    """``train_sae`` of the RSAE with the stage's settings (history per step)."""
-    cfg, ft = state.cfg, state.cfg.finetune
+def _train(state, ctx, sae, coefficient, loss_fn, groups, l0_target, curve, run: int, n_runs: int):
+    """``train_sae`` of ``sae`` (run 0: the RSAE, checkpoint "finetune-rsae"; run 1: the control) with the stage's
+    settings: the same tokens, batch order (seed), steps, optimiser and L0 target for both. Returns the history."""
+    ft = state.cfg.finetune
     return train_sae(
-        rsae,
+        sae,
         state.train,
         steps=ft.steps,
         batch_size=ft.batch_size,
         lr=ft.lr,
         l1_coefficient=coefficient,
         loss_fn=loss_fn,
-        seed=cfg.seed + 1,
+        seed=state.cfg.seed + 1,
         device=state.device,
-        param_groups=rsae.param_groups(ft.lr, ft.gate_lr, threshold_lr),
+        param_groups=groups,
         l0_target=l0_target,
-        on_step=_on_step(state, ctx, rsae, curve, 0, n_runs),
-        checkpoint=ctx.train_checkpoint("finetune-rsae", curve),
+        on_step=_on_step(state, ctx, sae, curve, run, n_runs),
+        checkpoint=ctx.train_checkpoint("finetune-rsae" if run == 0 else "finetune-control", curve),
         path=ft.step_path,
     )

@@ -238,53 +238,22 @@ def test_basis_switches_to_recorded_throughput(
         async_after = asyncio.run(_async_estimate(url, api_token, body))
         with pytest.raises(ApiError) as bad:
             c.estimate(job_body(sae.id, finetune={"steps": -1}))
+        submit = ("jobs", "submit", "--url", url, "--token", api_token, "--sae-id", sae.id, "--layer", "3")
+        submit += ("--settings", json.dumps(SMALL))
         cli_json = _cli(
-            "jobs",
-            "submit",
-            "--url",
-            url,
-            "--token",
-            api_token,
-            "--sae-id",
-            sae.id,
-            "--layer",
-            "3",
-            "--settings",
-            json.dumps(SMALL),
+            *submit,
             "--estimate-only",
             "--json",
         )
         cli_text = _cli(
-            "jobs",
-            "submit",
-            "--url",
-            url,
-            "--token",
-            api_token,
-            "--sae-id",
-            sae.id,
-            "--layer",
-            "3",
-            "--settings",
-            json.dumps(SMALL),
+            *submit,
             "--confirm-over",
             "0",
             stdin="n\n",
         )
         n_jobs = jobs_count(db)
         cli_yes = _cli(
-            "jobs",
-            "submit",
-            "--url",
-            url,
-            "--token",
-            api_token,
-            "--sae-id",
-            sae.id,
-            "--layer",
-            "3",
-            "--settings",
-            json.dumps(SMALL),
+            *submit,
             "--confirm-over",
             "0",
             stdin="y\n",
