@@ -301,9 +301,17 @@ class FinetuneConfig(_Strict):
     rsae_penalty: Literal["l1", "l0"] = Field(
         "l1",
         description="Sparsity penalty of the RSAE's fine-tuning: 'l1' = lambda * decoder-norm-weighted L1; 'l0' "
-        "= mu * L0 with the straight-through estimator on the latents' effective thresholds C_in s_j t* (the "
-        "JumpReLU control's own penalty, JumpReLU upgrades only; mu starts where the control's does). Why this "
-        "default: docs/method.md#defaults.",
+        "= mu * L0 of the gate's support r(t) > floor with a straight-through estimator to the gate's parameters "
+        "(the JumpReLU control's own kind of penalty, JumpReLU upgrades only; mu starts where the control's does). "
+        "Why this default: docs/method.md#defaults.",
+    )
+    rsae_input_grad: Literal["exact", "linear"] = Field(
+        "exact",
+        description="With rsae_penalty 'l0': the gradient of the RSAE's output with respect to its "
+        "pre-activations. 'exact' = the rational's own slope (steep in the band where r rises to its jump); "
+        "'linear' = C_out / C_in on the support, the slope of the teacher's gate above its jump (as a JumpReLU "
+        "passes gradient 1 to its input and the jump's gradient only to its thresholds), while the gate's "
+        "parameters keep their exact gradients. Why: docs/method.md#defaults.",
     )
     objective: Literal["mse", "mse+kl"] = Field(
         "mse",
@@ -327,6 +335,21 @@ class FinetuneConfig(_Strict):
         description="Adapt lambda during training to hold the training L0 at this "
         "fraction of the teacher's L0 (so the upgraded SAE does not buy lower MSE with a higher L0). None: "
         "fixed lambda.",
+    )
+    l0_gain: float = Field(
+        2.0,
+        gt=0.0,
+        le=100.0,
+        description="Gain of the L0 controller: every 10 steps lambda *= exp(gain * (mean L0 / target - 1)), "
+        "clipped to [1 / l0_max_step, l0_max_step]; the same for the RSAE and the control. Why this default: "
+        "docs/method.md#defaults.",
+    )
+    l0_max_step: float = Field(
+        1.25,
+        gt=1.0,
+        le=10.0,
+        description="Largest factor by which the L0 controller changes lambda in one update (every 10 steps), "
+        "and 1 / it the smallest; lower is gentler (less overshoot of the L0 target, slower to reach it).",
     )
     step_path: Literal["auto", "dense", "sparse"] = Field(
         "auto",

@@ -42,6 +42,7 @@ def train_sae(
     l0_target: float | None = None,
     l0_adapt_every: int = 10,
     l0_gain: float = 2.0,
+    l0_max_step: float = 1.25,
     grad_clip: float | None = 1e4,
     on_step: Callable[[int, dict[str, float]], None] | None = None,
     checkpoint: TrainCheckpoint | None = None,
@@ -60,8 +61,9 @@ def train_sae(
         loss_fn: the objective (default :func:`sae_loss`, MSE + lambda * decoder-norm-weighted L1).
         l0_target: if given, lambda is adapted to hold the training L0 at or below this value: every
             ``l0_adapt_every`` steps, lambda *= exp(``l0_gain`` * (mean L0 / l0_target - 1)) clipped to
-            [0.8, 1.25] (a multiplicative integral controller on the sparsity constraint, in the spirit of the
-            Lagrangian sparsity control of Rajamanoharan et al. 2024 / Gao et al. 2024's fixed-L0 training).
+            [1 / ``l0_max_step``, ``l0_max_step``] (default [0.8, 1.25]; a multiplicative integral controller on
+            the sparsity constraint, in the spirit of the Lagrangian sparsity control of Rajamanoharan et al. 2024
+            / Gao et al. 2024's fixed-L0 training).
             The final lambda is recorded in the last history entry as ``lambda`` (:class:`L0Controller`; why
             gain 2: ``docs/method.md#defaults``).
         grad_clip: clip the global gradient norm (None disables).
@@ -83,7 +85,7 @@ def train_sae(
     history: list[dict[str, float]] = []
     batches = store.iter_batches(batch_size, seed=seed, device=device)
     loss_fn = training_loss(sae, loss_fn, path)
-    ctrl = L0Controller(float(l1_coefficient), l0_target, l0_adapt_every, l0_gain)
+    ctrl = L0Controller(float(l1_coefficient), l0_target, l0_adapt_every, l0_gain, l0_max_step)
     params = [p for g in opt.param_groups for p in g["params"]]
     start = 0
     if checkpoint is not None and (state := checkpoint.load()) is not None:
@@ -109,7 +111,8 @@ def train_sae(
 @dataclass
 class L0Controller:
     """Holds a training L0 at or below ``target`` by scaling the sparsity coefficient ``lam``: after every
-    ``every`` steps, lam *= exp(``gain`` * (mean L0 / target - 1)) clipped to [0.8, 1.25] (a multiplicative
+    ``every`` steps, lam *= exp(``gain`` * (mean L0 / target - 1)) clipped to [1 / ``max_step``, ``max_step``]
+    (default [0.8, 1.25]; a multiplicative
     integral controller on the sparsity constraint, in the spirit of the Lagrangian sparsity control of
     Rajamanoharan et al. 2024 and Gao et al. 2024's fixed-L0 training). ``target`` None: lam stays fixed.
     ``window``: the L0s (latents per token) since the last update."""
@@ -118,6 +121,7 @@ class L0Controller:
     target: float | None
     every: int = 10
     gain: float = 2.0
+    max_step: float = 1.25
     window: list[float] = field(default_factory=list)
 
     def update(self, l0: float) -> None:
@@ -127,7 +131,7 @@ class L0Controller:
         self.window.append(l0)
         if len(self.window) == self.every:
             ratio = sum(self.window) / len(self.window) / max(self.target, 1e-9)
-            self.lam *= min(1.25, max(0.8, math.exp(self.gain * (ratio - 1.0))))
+            self.lam *= min(self.max_step, max(1.0 / self.max_step, math.exp(self.gain * (ratio - 1.0))))
             self.window.clear()
 
 

@@ -164,7 +164,12 @@ def rsae_objective(state: UpgradeState, lam: float, lam_source: str) -> Objectiv
     Raises:
         TeacherError: 'l0' for an upgrade without trained per-latent thresholds (a ReLU or TopK teacher).
     """
-    if state.cfg.finetune.rsae_penalty == "l1":
+    ft = state.cfg.finetune
+    if ft.rsae_penalty == "l1":
+        if ft.rsae_input_grad != "exact":
+            raise TeacherError(
+                "finetune.rsae_input_grad 'linear' needs finetune.rsae_penalty 'l0'", field="finetune.rsae_input_grad"
+            )
         return Objective(None, lam, f"MSE + lambda * sum_j |z_j| ||W_dec[j]|| (lambda: {lam_source})")
     if not state.rsae.gate_fn.train_scale or state.rsae.topk_k is not None:
         raise TeacherError(
@@ -172,11 +177,13 @@ def rsae_objective(state: UpgradeState, lam: float, lam_source: str) -> Objectiv
             field="finetune.rsae_penalty",
         )
     start = state.family.control_objective(state.teacher, lam, lam_source).coefficient
+    linear = ft.rsae_input_grad == "linear"
     return Objective(
-        rational_l0_loss(),
+        rational_l0_loss(linear_input_grad=linear),
         start,
         "MSE + mu * L0 (L0 of the gate's support r(t) > floor, straight-through kernel of width floor to a, b, "
-        "C_in and s; the JumpReLU control's kind of penalty), mu starting at the control's coefficient",
+        "C_in and s; the JumpReLU control's kind of penalty), mu starting at the control's coefficient"
+        + ("; dz/dh = C_out / C_in on the support (straight-through)" if linear else ""),
     )
 
 
@@ -243,6 +250,8 @@ def _train(state, ctx, sae, coefficient, loss_fn, groups, l0_target, curve, run:
         device=state.device,
         param_groups=groups,
         l0_target=l0_target,
+        l0_gain=ft.l0_gain,
+        l0_max_step=ft.l0_max_step,
         on_step=_on_step(state, ctx, sae, curve, run, n_runs),
         checkpoint=ctx.train_checkpoint("finetune-rsae" if run == 0 else "finetune-control", curve),
         path=ft.step_path,

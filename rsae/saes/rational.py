@@ -415,7 +415,7 @@ class _SupportStepFn(torch.autograd.Function):
         return g * (u.abs() < ctx.eps / 2).to(g.dtype) / ctx.eps, None
 
 
-def rational_l0_loss():
+def rational_l0_loss(linear_input_grad: bool = False):
     """The objective MSE + lam * L0 for a :class:`RationalSAE` (a JumpReLU upgrade), the JumpReLU family's own
     kind of penalty (Rajamanoharan et al. 2024, eq. 9-12) put on the rational gate's own support:
     L0 = sum_j H(r(t_j) - floor), t_j = h_j / (C_in s_j), with the straight-through rectangle kernel of width
@@ -425,6 +425,12 @@ def rational_l0_loss():
     rational open its support elsewhere (docs/method.md). The MSE term trains every parameter through the gate as
     :func:`rsae.saes.family.sae_loss` does.
 
+    ``linear_input_grad``: the MSE term's gradient with respect to the pre-activations h is taken as C_out / C_in
+    on the support (the slope of the teacher's gate t H(t - a) above its jump, exact on the linear tail) instead
+    of the rational's own slope, which is steep in the band where r rises to its jump; the values, and the
+    gradients to a, b, C_in, C_out and s, are unchanged. The JumpReLU analogue: its output passes gradient 1 to
+    h and the jump's only to the threshold (Rajamanoharan et al. 2024).
+
     Returns ``loss_fn(sae, x [n, d_in], lam) -> (loss, parts)`` with parts mse, l0 (exact non-zeros of z), l1
     (decoder-norm weighted, reported only) as floats.
     """
@@ -432,7 +438,13 @@ def rational_l0_loss():
 
     def loss_fn(sae: SAE, x: torch.Tensor, lam: float) -> tuple[torch.Tensor, dict[str, float]]:
         h = sae.pre_acts(x)
-        z = sae.gate(h)
+        if linear_input_grad:
+            hd = h.detach()
+            z = sae.gate(hd)
+            slope = (sae.gate_fn.c_out / sae.gate_fn.c_in).detach()
+            z = z + (z != 0).to(h.dtype) * slope * (h - hd)  # value unchanged; dz/dh = slope on the support
+        else:
+            z = sae.gate(h)
         mse = (x - sae.decode(z)).pow(2).sum(-1).mean()
         floor = max(sae.floor, 1e-6)
         l0 = _SupportStepFn.apply(sae.gate_unit(h.detach()) - floor, floor).sum(-1).mean()

@@ -99,3 +99,38 @@ def test_linear_tail_reproduces_entries_far_above_tiny_thresholds():
     assert ((tailed.gate(h) != 0) == (want != 0))[on].all()
     assert err_tail <= fit.max_error * 1.01 + 1e-6
     assert err_plain > 100 * err_tail
+
+
+def test_linear_input_grad_changes_only_the_pre_activation_gradient():
+    """``rational_l0_loss(linear_input_grad=True)``: the same loss and parts, the same gradients to the gate's
+    parameters (a, b, C_in, C_out, s) and to W_dec / b_dec, and a gradient to the pre-activations of exactly
+    C_out / C_in times dL/dz on the support (zero elsewhere), where the exact one follows the rational's slope."""
+    _, rsae, _ = _upgrade((0.5, 1.0, 2.0, 0.3), tail=True)
+    with torch.no_grad():
+        rsae.gate_fn.log_c_out.fill_(0.2)  # C_out / C_in != 1
+    x = torch.randn(2048, 8, generator=torch.Generator().manual_seed(5)) * 2
+    seen: dict[str, torch.Tensor] = {}
+
+    def run(linear: bool):
+        rsae.zero_grad(set_to_none=True)
+        h0 = rsae.pre_acts
+        rsae.pre_acts = lambda v: seen.setdefault(str(linear), h0(v).detach().requires_grad_(True))  # type: ignore[method-assign]
+        try:
+            loss, parts = rational_l0_loss(linear_input_grad=linear)(rsae, x, 2.0)
+            loss.backward()
+        finally:
+            del rsae.pre_acts
+        return loss.item(), parts, {n: p.grad.clone() for n, p in rsae.named_parameters() if p.grad is not None}
+
+    le, pe, ge = run(False)
+    ll, pl, gl = run(True)
+    assert ll == le and pl == pe
+    for n in ("gate_fn.a", "gate_fn.b", "gate_fn.log_c_in", "gate_fn.log_c_out", "gate_fn.log_scale", "W_dec", "b_dec"):
+        torch.testing.assert_close(gl[n], ge[n], msg=n)
+    h = seen["True"]
+    z = rsae.gate(h.detach()).detach().requires_grad_(True)
+    mse = (x - rsae.decode(z)).pow(2).sum(-1).mean()
+    (gz,) = torch.autograd.grad(mse, z)
+    slope = (rsae.gate_fn.c_out / rsae.gate_fn.c_in).item()
+    torch.testing.assert_close(h.grad, gz * slope * (z != 0))
+    assert not torch.allclose(seen["False"].grad, h.grad)  # the rational's own slope differs in the band
