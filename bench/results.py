@@ -186,7 +186,8 @@ def describe_data(report: dict[str, Any], command: str) -> dict[str, Any]:
     """What the page's header says about a data set other than BBC News: the ``settings.data.dataset`` spec, its
     documents, UTF-8 bytes and SmolLM2 tokens (tokenized without special tokens, as the chunker does) in total and
     per split (the report's ``eval_fraction`` and split seed), the context conventions of the report (each with its
-    source), and ``command``. Tokenizes the whole data set once (about a minute per 20 MB on 2 cores)."""
+    source), and ``command``. Tokenizes the whole data set once (2.5 min for the 21 MB of linux-doc reST on the
+    shared 2-core CPU)."""
     from rsae.config import UpgradeConfig
     from rsae.data import SourceOptions, iter_documents, split_of
     from rsae.models import load_model
@@ -253,6 +254,12 @@ def compose(out: Path) -> tuple[str, list[int]]:
         found.append((order, fam, int(seed), f.read_text()))
     found.sort()
     return "\n".join(t for *_, t in found), sorted({sd for _, _, sd, _ in found})
+
+
+def appendix(records: Path) -> str:
+    """Hand-written sections kept at the end of the page (``<records>/appendix-*.md``, in name order), e.g. the
+    summary of a run on another data set with its own page; "" when there are none."""
+    return "".join("\n" + f.read_text() for f in sorted(records.glob("appendix-*.md")))
 
 
 def _diff_se(row: dict[str, Any] | None) -> str:
@@ -474,7 +481,7 @@ def main(argv: list[str] | None = None) -> int:
         text = header.replace("{seeds}", ", ".join(map(str, seeds)))
         text = text.replace("{data}", data_sentence(described) if described else f"data set `{data_set}`")
         text = text.replace("{command}", f" {described['command']}" if described else "")
-        args.doc.write_text(text + "\n" + summary(args.records) + "\n" + body)
+        args.doc.write_text(text + "\n" + summary(args.records) + "\n" + body + appendix(args.records))
 
     if args.compose_only:
         write_doc()
