@@ -2,6 +2,9 @@
 
     .venv/bin/python bench/results.py [--families relu jumprelu topk] [--out var/results] [--seed 0]
     .venv/bin/python bench/results.py --compose-only      # rebuild docs/results.md from the saved records
+    .venv/bin/python bench/results.py --teachers saelens --peer var/peer-linuxdoc --families topk \
+        --settings '{"data": {"dataset": "var/linuxdoc/rst"}}' --records docs/results-data/linuxdoc \
+        --doc docs/results-linuxdoc.md                    # another data set: the page describes it (data.json)
 
 Seed 0's teachers live in ``<out>/teacher-<family>``, other seeds' in ``<out>/teacher-<family>-seed<seed>``.
 
@@ -9,6 +12,11 @@ For each family it trains a teacher on real SmolLM2-135M activations (layer 3, B
 from ``<out>/teacher-<family>`` when present), runs the whole upgrade with the default settings
 (:class:`rsae.config.UpgradeConfig`), and writes the tables, the settings and the verdicts to
 ``docs/results.md`` (and every report to ``<out>/upgrade-<family>/report.{json,html}``).
+
+With a data set other than ``bbc-news`` (``--settings '{"data": {"dataset": ...}}'``) the run also writes
+``<records>/data.json`` (:func:`describe_data`: the data set, its documents, bytes and SmolLM2 tokens per split,
+the context conventions and where each came from, the command) and the page's header describes that data set
+instead of BBC News.
 """
 
 from __future__ import annotations
@@ -16,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -44,8 +53,13 @@ def _peer_summary(teacher: Path) -> str:
     if not f.is_file():
         return "settings not recorded"
     t = json.loads(f.read_text())
+    data = (
+        f"on `{t['dataset']}` with the {t['conventions']!r} conventions {json.dumps(t['context'])}, "
+        if "dataset" in t
+        else ""
+    )
     return (
-        f"{t['training_sae']}, {t['tokens_seen']:,} tokens seen ({t['steps']} steps of {t['batch_size']:,}; "
+        f"{t['training_sae']}, {data}{t['tokens_seen']:,} tokens seen ({t['steps']} steps of {t['batch_size']:,}; "
         f"{t['epochs']} passes over {t['distinct_tokens']:,} train-split tokens), lr {t['lr']:g}, "
         f"{json.dumps(t['sae_kwargs'])}; final training L0 {t['final_l0']:.1f}, {t['dead_latents']} dead latents"
     )
@@ -107,11 +121,21 @@ def verdict(report: dict[str, Any]) -> list[str]:
     return out
 
 
-def _saelens_teacher(family: str, peer: Path) -> Path:
+def _saelens_teacher(family: str, peer: Path, dataset: str = "bbc-news") -> Path:
     """The SAELens-trained teacher of ``family`` in ``peer`` (``bench/peer_teachers.py``'s output), trained
-    there with its defaults when missing."""
+    there with its defaults when missing (BBC News only).
+
+    Raises:
+        SystemExit: the teacher is missing and ``dataset`` is not ``bbc-news`` (train it with
+            ``bench/peer_teachers.py --dataset ... --conventions ...`` first: the conventions are a choice).
+    """
     teacher = peer / f"teacher-{family}"
     if not (teacher / "cfg.json").is_file():
+        if dataset != "bbc-news":
+            raise SystemExit(
+                f"no SAELens teacher at {teacher}: run bench/peer_teachers.py --families {family} "
+                f"--dataset {dataset} --conventions saelens --out {peer} first"
+            )
         import peer_teachers
 
         print(f"[{family}] training the teacher with SAELens's SAETrainer ...", flush=True)
@@ -138,7 +162,7 @@ def run_family(
     suffix = "" if seed == 0 else f"-seed{seed}"
     extra = json.loads(json.dumps(settings or {}))
     if teachers == "saelens":
-        teacher = _saelens_teacher(family, peer or out / "peer")
+        teacher = _saelens_teacher(family, peer or out / "peer", (extra.get("data") or {}).get("dataset", "bbc-news"))
         extra.setdefault("data", {})["split_seed"] = 0
         tag = "saelens-"
     else:
@@ -158,6 +182,68 @@ def run_family(
 FAMILY_ORDER = ("relu", "jumprelu", "topk")
 
 
+def describe_data(report: dict[str, Any], command: str) -> dict[str, Any]:
+    """What the page's header says about a data set other than BBC News: the ``settings.data.dataset`` spec, its
+    documents, UTF-8 bytes and SmolLM2 tokens (tokenized without special tokens, as the chunker does) in total and
+    per split (the report's ``eval_fraction`` and split seed), the context conventions of the report (each with its
+    source), and ``command``. Tokenizes the whole data set once (2.5 min for the 21 MB of linux-doc reST on the
+    shared 2-core CPU)."""
+    from rsae.config import UpgradeConfig
+    from rsae.data import SourceOptions, iter_documents, split_of
+    from rsae.models import load_model
+    from rsae.pipeline.extract import split_seed
+
+    cfg = UpgradeConfig.model_validate(report["config"])
+    d = cfg.data
+    _, tok = load_model(cfg.model)
+    opts = SourceOptions(
+        hf_config=d.hf_config, hf_split=d.hf_split, hf_revision=d.hf_revision, text_column=d.text_column
+    )
+    counts = {s: {"documents": 0, "bytes": 0, "tokens": 0} for s in ("train", "eval")}
+    for doc in iter_documents(d.dataset, opts):
+        c = counts[split_of(doc.doc_id, d.eval_fraction, split_seed(cfg))]
+        c["documents"] += 1
+        c["bytes"] += len(doc.text.encode())
+        c["tokens"] += (
+            len(doc.tokens) if doc.tokens is not None else len(tok(doc.text, add_special_tokens=False).input_ids)
+        )
+    return {
+        "dataset": d.dataset,
+        "eval_fraction": d.eval_fraction,
+        "split_seed": split_seed(cfg),
+        "splits": counts,
+        "total": {k: counts["train"][k] + counts["eval"][k] for k in counts["train"]},
+        "conventions": (report.get("data") or {}).get("conventions"),
+        "command": command,
+    }
+
+
+def data_sentence(d: dict[str, Any]) -> str:
+    """The header's description of a :func:`describe_data` record."""
+    t, tr, ev = d["total"], d["splits"]["train"], d["splits"]["eval"]
+    c = d.get("conventions") or {}
+    src = c.get("sources") or {}
+    conv = ", ".join(
+        f"`{k}` {json.dumps(c[k])} ({src.get(k, '?')})"
+        for k in (
+            "context_size",
+            "prepend_bos",
+            "seqpos_slice",
+            "sequence_separator_token",
+            "exclude_special_tokens",
+            "disable_concat_sequences",
+        )
+        if k in c
+    )
+    return (
+        f"data set `{d['dataset']}`: {t['documents']:,} documents, {t['bytes'] / 1e6:.1f} MB, {t['tokens']:,} "
+        f"SmolLM2 tokens (documents split train/eval by a seeded hash of their id, seed {d['split_seed']}, "
+        f"{d['eval_fraction']:.0%} held out: train {tr['documents']:,} documents / {tr['tokens']:,} tokens, held out "
+        f"{ev['documents']:,} / {ev['tokens']:,}); context conventions (value, and whether the teacher's cfg.json, the "
+        f"request or the default set it): {conv}"
+    )
+
+
 def compose(out: Path) -> tuple[str, list[int]]:
     """All family sections written so far (``<out>/section-<family>-seed<seed>.md``), in family then seed
     order, and the seeds they cover; so one family can be re-run without dropping the others' tables."""
@@ -168,6 +254,12 @@ def compose(out: Path) -> tuple[str, list[int]]:
         found.append((order, fam, int(seed), f.read_text()))
     found.sort()
     return "\n".join(t for *_, t in found), sorted({sd for _, _, sd, _ in found})
+
+
+def appendix(records: Path) -> str:
+    """Hand-written sections kept at the end of the page (``<records>/appendix-*.md``, in name order), e.g. the
+    summary of a run on another data set with its own page; "" when there are none."""
+    return "".join("\n" + f.read_text() for f in sorted(records.glob("appendix-*.md")))
 
 
 def _diff_se(row: dict[str, Any] | None) -> str:
@@ -317,13 +409,18 @@ def main(argv: list[str] | None = None) -> int:
     args.records.mkdir(parents=True, exist_ok=True)
     import torch
 
+    data_file = args.records / "data.json"
+    recorded = json.loads(data_file.read_text())["dataset"] if data_file.is_file() else "bbc-news"
+    data_set = ((args.settings or {}).get("data") or {}).get("dataset", recorded)
     header = "\n".join(
         [
             "# Results: teacher vs RSAE vs compute-matched control on SmolLM2-135M",
             "",
             "Generated by `.venv/bin/python bench/results.py"
             + (
-                ""
+                "{command}"
+                if data_set != "bbc-news"
+                else ""
                 if args.teachers == "own"
                 else " --teachers saelens --records docs/results-data/saelens --doc docs/results-saelens.md"
             )
@@ -332,9 +429,13 @@ def main(argv: list[str] | None = None) -> int:
             "seed on an idle 2-core CPU, plus about 10 min per SAELens teacher when it is missing). Host model: "
             "SmolLM2-135M-"
             f"Instruct (bundled GGUF, fp32), layer {LAYER} residual stream (`blocks.{LAYER}.hook_resid_post`), "
-            "BBC News "
-            "(documents split train/eval by a seeded hash, 20% held out), contexts of 128 tokens with position 0 "
-            "dropped; seeds: {seeds} ("
+            + (
+                "{data}"
+                if data_set != "bbc-news"
+                else "BBC News (documents split train/eval by a seeded hash, 20% held out), contexts of 128 tokens "
+                "with position 0 dropped"
+            )
+            + "; seeds: {seeds} ("
             + (
                 "a seed sets the teacher's training, the train/held-out split, shuffling and init; each seed has its "
                 "own teacher"
@@ -356,7 +457,8 @@ def main(argv: list[str] | None = None) -> int:
             "the per-dimension mean; CE in nats/token, on the same held-out sequences for every column, with standard "
             "errors clustered by sequence (a paired difference within about 2 s.e. is not resolved); probes: mean "
             "balanced accuracy of one-vs-rest k-sparse "
-            "logistic probes on the five BBC categories (mean-pooled latents per sequence).",
+            "logistic probes on the five BBC categories (mean-pooled latents per sequence)"
+            + (" (none here: the data set has no BBC labels)." if data_set != "bbc-news" else "."),
             "",
             (
                 "Read the teacher columns with care: our teachers are small (600 steps on 32,768 tokens; no pretrained "
@@ -375,9 +477,11 @@ def main(argv: list[str] | None = None) -> int:
 
     def write_doc() -> None:
         body, seeds = compose(args.records)
-        args.doc.write_text(
-            header.replace("{seeds}", ", ".join(map(str, seeds))) + "\n" + summary(args.records) + "\n" + body
-        )
+        described = json.loads(data_file.read_text()) if data_file.is_file() else None
+        text = header.replace("{seeds}", ", ".join(map(str, seeds)))
+        text = text.replace("{data}", data_sentence(described) if described else f"data set `{data_set}`")
+        text = text.replace("{command}", f" {described['command']}" if described else "")
+        args.doc.write_text(text + "\n" + summary(args.records) + "\n" + body + appendix(args.records))
 
     if args.compose_only:
         write_doc()
@@ -385,6 +489,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     for family in args.families:
         report, secs = run_family(family, args.out, args.seed, args.teachers, args.peer, args.settings)
+        if data_set != "bbc-news" and not data_file.is_file():
+            argv_shown = shlex.join(sys.argv[1:] if argv is None else argv)
+            data_file.write_text(json.dumps(describe_data(report, argv_shown), indent=2) + "\n")
         (args.records / f"summary-{family}-seed{args.seed}.json").write_text(
             json.dumps({**report["metrics"], "comparisons": report.get("comparisons")}, indent=2)
         )

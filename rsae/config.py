@@ -53,7 +53,8 @@ class DataConfig(_Strict):
         "library; honours HF_HUB_OFFLINE and the local datasets cache; see hf_config, hf_split, hf_revision, "
         "text_column); 'upload:<id>' (a corpus you uploaded with POST /datasets); or a local path (servers: only "
         "under RSAE_LOCAL_PATH_ROOTS): a .txt file (documents separated by blank lines), a .jsonl or .parquet "
-        "file (one document per row), a datasets save_to_disk folder, or a folder of .txt files. Rows with an "
+        "file (one document per row), a datasets save_to_disk folder, or a folder of .txt, .rst or .md files (one "
+        "document per file, found recursively). Rows with an "
         "'input_ids' or 'tokens' column are pre-tokenized (used as they are, cut to ctx_len).",
     )
     hf_config: str | None = Field(

@@ -12,17 +12,19 @@ Data sources (``settings.data.dataset``; :func:`dataset_spec_kind` is the one ru
 - ``upload:<id>``: a corpus uploaded with ``POST /datasets``; the service replaces it by the stored file's path
   before the pipeline runs (the core alone cannot read it).
 - a local path: a ``.txt`` file (documents separated by blank lines), a ``.jsonl`` / ``.parquet`` file (one
-  document per row), a folder written by ``datasets.Dataset.save_to_disk``, or a folder of ``.txt`` files (one
-  document per file, the parent folder name is the label).
+  document per row), a folder written by ``datasets.Dataset.save_to_disk``, or a folder of text files
+  (:data:`FOLDER_TEXT_SUFFIXES`: ``.txt``, ``.rst``, ``.md``, found recursively; one document per file, in sorted
+  order of their paths; the relative path is the document id, the parent folder name the label), e.g. the kernel's
+  reST documentation.
 
 A row holds either text (``text_column``, default ``text``) or token ids (``input_ids`` or ``tokens``, as
 SAELens's pretokenize runner writes): a *pre-tokenized* data set, whose rows are used as they are (cut to
 ``context_size``; SAELens: "all necessary BOS/EOS/SEP tokens have been added during pretokenization").
 
 Split: each document goes to ``eval`` iff a seeded hash of its id falls below ``eval_fraction``, so the split is
-deterministic, independent of iteration order, and disjoint by document. Sources read whole (``bbc-news`` and
-``.txt``) are visited in a seeded shuffled order (so a token budget samples all BBC categories); streamed sources
-are read in their order, as SAELens's ``ActivationsStore`` reads them.
+deterministic, independent of iteration order, and disjoint by document. Sources read whole (``bbc-news``,
+``.txt`` files and folders of text files) are visited in a seeded shuffled order (so a token budget samples all
+BBC categories); streamed sources are read in their order, as SAELens's ``ActivationsStore`` reads them.
 
 Context conventions (:class:`ContextConventions`): SAELens's ``metadata`` keys ``context_size``,
 ``prepend_bos``, ``seqpos_slice``, ``exclude_special_tokens``, ``sequence_separator_token`` and
@@ -153,19 +155,34 @@ def _iter_bbc() -> Iterator[Document]:
                 yield Document(f"bbc/{cat}/{f.stem}", text, cat)
 
 
+FOLDER_TEXT_SUFFIXES = (".txt", ".rst", ".md")
+"""Files of a local folder read as documents (one per file): plain text, reStructuredText and Markdown, read as
+they are (markup kept, as a language model sees such files on the web)."""
+
+
+def folder_text_files(p: Path) -> list[Path]:
+    """The files of folder ``p`` that are documents: suffix in :data:`FOLDER_TEXT_SUFFIXES` (any case), found
+    recursively, sorted by path (so the order does not depend on the file system); files
+    that resolve outside ``p`` (a symlink out of the folder) are not part of it."""
+    top = p.resolve()
+    found = (
+        f
+        for f in p.rglob("*")
+        if f.suffix.lower() in FOLDER_TEXT_SUFFIXES and f.is_file() and f.resolve().is_relative_to(top)
+    )
+    return sorted(found)
+
+
 def _iter_txt(p: Path) -> Iterator[Document]:
     if p.is_file():
         blocks = [b.strip() for b in p.read_text(encoding="utf-8", errors="replace").split("\n\n")]
         for i, b in enumerate(x for x in blocks if x):
             yield Document(f"{p.name}#{i}", b)
         return
-    top = p.resolve()
-    for f in sorted(p.rglob("*.txt")):
-        if not f.resolve().is_relative_to(top):  # a symlink out of the folder: not part of it
-            continue
+    for f in folder_text_files(p):
         text = f.read_text(encoding="utf-8", errors="replace").strip()
         if text:
-            yield Document(str(f.relative_to(p)), text, f.parent.name if f.parent != p else None)
+            yield Document(f.relative_to(p).as_posix(), text, f.parent.name if f.parent != p else None)
 
 
 def _row_column(row: dict[str, Any], column: str | None, name: str) -> tuple[str, bool]:
@@ -269,7 +286,7 @@ TABLE_SUFFIXES = (".jsonl", ".json", ".parquet")
 
 def is_streamed(dataset: str) -> bool:
     """True for sources read in their own order (hub ids, tables, saved data sets); False for the sources read
-    whole and shuffled (``bbc-news``, ``.txt`` files and folders)."""
+    whole and shuffled (``bbc-news``, ``.txt`` files and folders of text files)."""
     kind = dataset_spec_kind(dataset)
     if kind == "hub":
         return True

@@ -257,3 +257,40 @@ def test_pretokenized_rows(tmp_path: Path, tokenizer) -> None:
     with pytest.raises(DataError) as e:
         list(iter_sequences(tokenizer, str(tmp_path / "bad.parquet"), "train", eval_fraction=0.01, seed=1, ctx_len=4))
     assert e.value.field == "data.dataset" and "vocabulary" in e.value.message
+
+
+def test_folder_of_rst_md_and_txt_files(tmp_path: Path, tokenizer) -> None:
+    """A documentation tree (like the kernel's ``Documentation/``): every ``.rst`` / ``.md`` / ``.txt`` file, any
+    case, found recursively, is one document (its text kept as written, markup included), in path order, with the
+    relative path as its id and the parent folder as its label; other files and empty ones are skipped. The split
+    is by document (seeded hash of the path), and the train and eval sequences of :func:`iter_sequences` come from
+    disjoint files, the same ones on every read."""
+    root = tmp_path / "Documentation"
+    texts = _texts(24)
+    layout = {f"sub{i % 3}/doc{i:02d}.rst": t for i, t in enumerate(texts[:20])}
+    layout |= {"index.rst": texts[20], "admin/README.md": texts[21], "admin/notes.txt": texts[22]}
+    layout |= {"admin/UPPER.RST": texts[23], "admin/conf.py": "the a news", "sub0/fig.svg": "<svg/>", "empty.rst": "\n"}
+    for rel, text in layout.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_text(text)
+    (root / "PCI").mkdir()
+    (root / "PCI" / "pci.rst").write_text("=====\nTitle\n=====\n\n.. note:: the *market*\n")
+
+    docs = list(iter_documents(str(root)))
+    ids = [d.doc_id for d in docs]
+    want = sorted(r for r in layout if r.lower().endswith((".rst", ".md", ".txt")) and r != "empty.rst")
+    assert ids == sorted([*want, "PCI/pci.rst"]) and len(ids) == 25
+    assert ids[0] == "PCI/pci.rst" and "admin/UPPER.RST" in ids and "admin/conf.py" not in ids
+    by_id = {d.doc_id: d for d in docs}
+    assert by_id["PCI/pci.rst"].text == "=====\nTitle\n=====\n\n.. note:: the *market*"
+    assert by_id["PCI/pci.rst"].label == "PCI" and by_id["index.rst"].label is None
+    assert by_id["sub1/doc04.rst"].text == texts[4]
+
+    def read(split: str) -> list[tuple[list[int], str]]:
+        seqs = iter_sequences(tokenizer, str(root), split, eval_fraction=0.3, seed=5, ctx_len=8)
+        return [(ids_, d.doc_id) for ids_, d in seqs]
+
+    train, held_out = read("train"), read("eval")
+    assert train and held_out and read("train") == train
+    assert {d for _, d in train}.isdisjoint(d for _, d in held_out)
+    assert {d for _, d in held_out} <= {i for i in ids if split_of(i, 0.3, 5) == "eval"}
