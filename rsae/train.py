@@ -59,13 +59,9 @@ def train_sae(
         warmup_steps: linear lr warm-up; ``lr_decay_frac``: final fraction of steps with linear decay to 0.
         l1_warmup_steps: lambda ramps linearly from 0 (helps a freshly initialised SAE avoid dead latents).
         loss_fn: the objective (default :func:`sae_loss`, MSE + lambda * decoder-norm-weighted L1).
-        l0_target: if given, lambda is adapted to hold the training L0 at or below this value: every
-            ``l0_adapt_every`` steps, lambda *= exp(``l0_gain`` * (mean L0 / l0_target - 1)) clipped to
-            [1 / ``l0_max_step``, ``l0_max_step``] (default [0.8, 1.25]; a multiplicative integral controller on
-            the sparsity constraint, in the spirit of the Lagrangian sparsity control of Rajamanoharan et al. 2024
-            / Gao et al. 2024's fixed-L0 training).
-            The final lambda is recorded in the last history entry as ``lambda`` (:class:`L0Controller`; why
-            gain 2: ``docs/method.md#defaults``).
+        l0_target, l0_adapt_every, l0_gain, l0_max_step: if a target is given, lambda is adapted to hold the
+            training L0 at or below it (:class:`L0Controller`; why gain 2: ``docs/method.md#defaults``); the final
+            lambda is recorded in the last history entry as ``lambda``.
         grad_clip: clip the global gradient norm (None disables).
         on_step: called with (step, parts) after every step (step counts from 1).
         checkpoint: if given, training resumes from ``checkpoint.load()`` (model, Adam, lambda controller,

@@ -1,6 +1,7 @@
 """Fine-tuning on real SmolLM2-135M activations (layer 3, BBC News): the L0 controller of ``train_sae``."""
 
 import copy
+import math
 
 import pytest
 import torch
@@ -67,3 +68,25 @@ def test_l0_controller_brings_l0_to_its_target_from_a_far_lambda(acts, teacher):
     assert free_lam == pytest.approx(lam0) and free_l0 > 1.3 * target
     assert held_lam > 3 * lam0
     assert abs(held_l0 / target - 1) < 0.10, (held_l0, target, held_lam)
+
+
+def test_l0_controller_steps_are_bounded_by_max_step():
+    """:class:`rsae.train.L0Controller`: one update per ``every`` steps, by exp(gain * (mean L0 / target - 1))
+    within [1 / max_step, max_step]; no target: lambda never moves."""
+    from rsae.train import L0Controller
+
+    c = L0Controller(1.0, target=40.0, every=2, gain=2.0, max_step=1.1)
+    c.update(80.0)
+    assert c.lam == 1.0  # window not full yet
+    c.update(80.0)
+    assert c.lam == pytest.approx(1.1)  # exp(2) clipped to the max step
+    for _ in range(2):
+        c.update(10.0)
+    assert c.lam == pytest.approx(1.1 / 1.1)
+    for _ in range(2):
+        c.update(41.0)
+    assert c.lam == pytest.approx(math.exp(2.0 * 0.025))  # inside the bounds: the controller's own factor
+    fixed = L0Controller(1.0, target=None)
+    for _ in range(20):
+        fixed.update(500.0)
+    assert fixed.lam == 1.0
