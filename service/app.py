@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gc
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -37,22 +36,6 @@ def operation_id(route: APIRoute) -> str:
     return route.name
 
 
-def freeze_startup_heap() -> int:
-    """Collect, then move every object alive now to the interpreter's permanent generation (:func:`gc.freeze`);
-    returns how many were frozen.
-
-    The API process imports torch (through ``rsae``) and holds about 280,000 objects after startup, nearly all of
-    them for its whole life. Every full collection scanned them all: 170-300 ms with the event loop stopped, a
-    few times a minute under load, which made the p99 of ``GET /v1/jobs/{id}`` at 200 requests/s about 300 ms
-    with a p50 of 9 ms (issue 14, ``bench/api_load.py``). Frozen objects are never scanned (nor freed: the
-    modules and app objects live as long as the process anyway); objects made later are collected as before.
-    The measure CPython's documentation of :func:`gc.freeze` describes for pre-fork servers.
-    """
-    gc.collect()
-    gc.freeze()
-    return gc.get_freeze_count()
-
-
 def create_app(settings: Settings | None = None) -> FastAPI:
     """Build the API for ``settings`` (default: read from the environment).
 
@@ -74,9 +57,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        """At startup, freeze what is alive (:func:`freeze_startup_heap`); at shutdown, stop the event hub and
-        release the SQL pool and the broker connections."""
-        freeze_startup_heap()
+        """Release the SQL pool and the broker connections at shutdown."""
         yield
         await app.state.event_hub.aclose()
         await app.state.encoder.aclose()
