@@ -572,7 +572,10 @@ def _has_locust() -> bool:
     if LOCUST_PYTHON == sys.executable:
         return importlib.util.find_spec("locust") is not None
     probe = [LOCUST_PYTHON, "-c", "import importlib.util, sys; sys.exit(importlib.util.find_spec('locust') is None)"]
-    return subprocess.run(probe, capture_output=True).returncode == 0
+    try:
+        return subprocess.run(probe, capture_output=True).returncode == 0
+    except OSError:  # no such interpreter
+        return False
 
 
 def machine() -> dict[str, Any]:

@@ -6,9 +6,9 @@
     .venv/bin/python bench/run_all.py --only finetune_step,scaling
     .venv/bin/python bench/run_all.py --only api_load --api-baseline f10c9af   # section 5, before/after interleaved
 
-With ``--only``, the sections of the other benchmarks are kept: the run's results are merged into those of the
-report that ``docs/benchmarks.md`` names (its raw-figures JSON), the merged report is written as a new JSON, and
-the document is generated again from it; each section names the command, date and load of the run it comes from.
+With ``--only`` and an existing document, only the sections of the benchmarks run are replaced (and the target
+lines they decide); the rest of ``docs/benchmarks.md`` is kept as it is. Each replaced section names the command,
+date, load and raw-figures JSON of the run it comes from.
 
 Each benchmark is a module ``bench/<name>.py`` with ``run(quick: bool) -> list[dict]`` (one dict per figure:
 ``bench``, ``name``, ``value``, ``unit`` and its parameters). :data:`MODULES` lists them in order; a module that does
@@ -22,7 +22,6 @@ import datetime as dt
 import importlib
 import json
 import math
-import re
 import shlex
 import sys
 import tempfile
@@ -199,10 +198,11 @@ def markdown(report: dict[str, Any]) -> str:
             continue
         body += [f"## {title}", "", f"`bench/{name}.py` -- {r['status']}, {r['seconds']:.0f} s", ""]
         run = r.get("run")
-        if run and run["command"] != report["command"]:
+        if run and (run["command"] != report["command"] or report.get("only")):
             body += [
                 f"Run on its own: `{run['command']}`, {run['date_utc']}, load average (1 min) at start "
-                f"{run['load_avg_1m']:.2f}, {'quick' if run['quick'] else 'full'} sizes.",
+                f"{run['load_avg_1m']:.2f}, {'quick' if run['quick'] else 'full'} sizes; raw figures "
+                f"`{report.get('json', '')}`.",
                 "",
             ]
         if r["status"] != "ok":
@@ -219,6 +219,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only", default=None, help="comma list of module names (default: all of MODULES)")
     ap.add_argument("--doc", type=Path, default=None, help="markdown out (default: docs/benchmarks.md; quick: temp)")
     ap.add_argument("--json-dir", type=Path, default=None, help="JSON folder (default: bench/results; quick: temp)")
+    ap.add_argument("--from-json", type=Path, default=None, help="no run: write the document from this raw-figures "
+                    "JSON of an earlier run (with --only: splice those sections)")  # fmt: skip
     ap.add_argument("--api-baseline", default=None, help="api_load: a git ref whose API also runs, interleaved")
     ap.add_argument("--api-plan", choices=("full", "targets"), default="full", help="api_load: the full plan, or "
                     "only the runs the targets read (saturation of both GETs, GET /jobs/{id} at 200/s)")  # fmt: skip
@@ -241,7 +243,11 @@ def main(argv: list[str] | None = None) -> int:
         "results": {},
         "json": _rel(out_json),
     }
+    report["only"] = bool(a.only)
     t0 = time.perf_counter()
+    if a.from_json is not None:
+        report = {**json.loads(a.from_json.read_text()), "json": _rel(a.from_json), "only": bool(a.only)}
+        names = []
     for name in names:
         print(f"[run_all] {name} ...", file=sys.stderr, flush=True)
         kwargs: dict[str, Any] = {}
@@ -258,37 +264,45 @@ def main(argv: list[str] | None = None) -> int:
         }
         report["results"][name] = r
         print(f"[run_all] {name}: {r['status']} in {r['seconds']:.1f} s", file=sys.stderr, flush=True)
-    report["seconds"] = time.perf_counter() - t0
-    if a.only and doc.exists():
-        report = merged(report, doc)
-    out_json.write_text(json.dumps(report, indent=1, default=str))
+    if a.from_json is None:
+        report["seconds"] = time.perf_counter() - t0
+        out_json.write_text(json.dumps(report, indent=1, default=str))
     doc.parent.mkdir(parents=True, exist_ok=True)
-    doc.write_text(markdown(report) + "\n")
-    print(json.dumps({"doc": str(doc), "json": str(out_json)}))
+    if a.only and doc.exists():
+        doc.write_text(spliced(doc.read_text(), report))
+    else:
+        doc.write_text(markdown(report) + "\n")
+    print(json.dumps({"doc": str(doc), "json": report["json"]}))
     return 1 if any(r["status"] == "failed" for r in report["results"].values()) else 0
 
 
-def merged(report: dict[str, Any], doc: Path) -> dict[str, Any]:
-    """``report`` (a run of some modules) merged into the report whose raw-figures JSON ``doc`` names: that
-    report's header (command, machine) and its other sections stay; the sections of ``report`` replace theirs.
-    Returns ``report`` itself when ``doc`` names no readable JSON."""
-    m = re.search(r"raw figures: `([^`]+)`", doc.read_text())
-    path = (ROOT / m.group(1)) if m else None
-    if path is None or not path.exists():
-        return report
-    old = json.loads(path.read_text())
-    for name, r in old["results"].items():
-        r.setdefault(
-            "run",
-            {
-                "command": old["command"],
-                "date_utc": old["machine"]["date_utc"],
-                "load_avg_1m": old["machine"]["load_avg_1m"],
-                "quick": old["quick"],
-            },
-        )
-    results = {**old["results"], **report["results"]}
-    return {**old, "results": results, "json": report["json"], "seconds": old["seconds"]}
+def spliced(text: str, report: dict[str, Any]) -> str:
+    """``text`` (the current document) with the sections of the benchmarks in ``report`` replaced by this run's,
+    and its target lines of those benchmarks (``- API ...`` for ``api_load``) replaced by the run's verdicts; a
+    section missing from ``text`` is appended. The other sections and lines stay as they are."""
+    one = markdown(report).split("\n")
+    new_targets = [ln for ln in one if ln.startswith("- API")]
+    lines = text.rstrip("\n").split("\n")
+    if "api_load" in report["results"]:
+        lines = [ln for ln in lines if not ln.startswith("- API")]
+        at = next((i for i, ln in enumerate(lines) if ln.startswith("## Targets")), None)
+        if at is not None:
+            end = next(i for i in range(at + 2, len(lines) + 1) if i == len(lines) or not lines[i].startswith("- "))
+            lines[end:end] = new_targets
+    for name, title in MODULES:
+        if name not in report["results"]:
+            continue
+        head = f"## {title}"
+        i0 = one.index(head)
+        i1 = next((i for i in range(i0 + 1, len(one)) if one[i].startswith("## ")), len(one))
+        section = one[i0:i1]
+        if head in lines:
+            j0 = lines.index(head)
+            j1 = next((j for j in range(j0 + 1, len(lines)) if lines[j].startswith("## ")), len(lines))
+            lines[j0:j1] = section
+        else:
+            lines += ["", *section]
+    return "\n".join(lines) + "\n"
 
 
 def _rel(p: Path) -> str:
