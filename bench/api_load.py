@@ -76,6 +76,9 @@ RAMP_SECONDS = 1.0
 REDIS_DB = 13
 PG_ADMIN_DSN = os.environ.get("RSAE_BENCH_POSTGRES", "host=127.0.0.1 port=5432 user=postgres dbname=postgres")
 REDIS_URL = os.environ.get("RSAE_BENCH_REDIS", "redis://127.0.0.1:6379").rstrip("/")
+LOCUST_PYTHON = os.environ.get("RSAE_BENCH_LOCUST_PYTHON") or sys.executable
+"""The interpreter that runs locust (``RSAE_BENCH_LOCUST_PYTHON``; default this one, with the ``bench`` extra):
+locust and gevent may live in a virtual environment of their own, apart from the service's."""
 
 
 # -- the servers -----------------------------------------------------------------------------------
@@ -392,7 +395,7 @@ def load(api: Api, sc: Scenario, rate: float | None, seconds: float, tmp: Path) 
         "BENCH_OUT": str(out),
     }
     run_s = seconds + RAMP_SECONDS
-    cmd = [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless", "--only-summary", "--skip-log"]
+    cmd = [LOCUST_PYTHON, "-m", "locust", "-f", str(LOCUSTFILE), "--headless", "--only-summary", "--skip-log"]
     cmd += ["-u", str(users), "-r", str(max(users, 1) / (RAMP_SECONDS * 0.8)), "-t", f"{math.ceil(run_s)}s"]
     cmd += ["--host", api.url, "--stop-timeout", "5", "--exit-code-on-error", "0"]
     started = time.time()
@@ -444,6 +447,12 @@ def full_plan(rates: Sequence[float] = RATES, seconds: float = 10.0) -> Plan:
     runs: list[tuple[str, float | None]] = [("healthz", None), ("get_job", None)]
     runs += [(name, float(rate)) for rate in rates for name in ("get_job", "post_job", "healthz")]
     return Plan(runs=runs, seconds=seconds)
+
+
+def targets_plan(seconds: float = 10.0) -> Plan:
+    """Only the runs the issue's targets read: saturation of both GETs and GET /jobs/{id} at 200/s, without and
+    with 100 streams (full-size runs, about a third of :func:`full_plan`)."""
+    return Plan(runs=[("healthz", None), ("get_job", None), ("get_job", 200.0)], seconds=seconds)
 
 
 def quick_plan() -> Plan:
@@ -535,7 +544,7 @@ def run(quick: bool = False, *, plan: Plan | None = None, baseline: str | None =
 
     A backend whose server (Postgres, Redis) is unreachable gives one row with ``skipped`` and the reason.
     """
-    if importlib.util.find_spec("locust") is None:  # the `bench` extra: pip install -e ".[bench]"
+    if not _has_locust():  # the `bench` extra: pip install -e ".[bench]"
         return [{"bench": "api_load", "skipped": "locust is not installed (pip install -e '.[bench]')"}]
     plan = plan or (quick_plan() if quick else full_plan())
     rows: list[dict] = []
@@ -558,17 +567,31 @@ def run(quick: bool = False, *, plan: Plan | None = None, baseline: str | None =
     return rows + summarize(rows)
 
 
+def _has_locust() -> bool:
+    """Whether :data:`LOCUST_PYTHON` can import locust."""
+    if LOCUST_PYTHON == sys.executable:
+        return importlib.util.find_spec("locust") is not None
+    probe = [LOCUST_PYTHON, "-c", "import importlib.util, sys; sys.exit(importlib.util.find_spec('locust') is None)"]
+    try:
+        return subprocess.run(probe, capture_output=True).returncode == 0
+    except OSError:  # no such interpreter
+        return False
+
+
 def machine() -> dict[str, Any]:
     """The machine and versions the figures were taken on."""
     from importlib.metadata import version  # (importing locust here would monkey-patch this process)
 
-    packages = ("fastapi", "uvicorn", "sqlalchemy", "psycopg", "redis", "limits", "locust")
+    packages = ("fastapi", "uvicorn", "sqlalchemy", "psycopg", "redis", "limits")
+    probe = [LOCUST_PYTHON, "-c", "from importlib.metadata import version; print(version('locust'))"]
+    locust = subprocess.run(probe, capture_output=True, text=True).stdout.strip() or None
     return {
         "platform": platform.platform(),
         "python": platform.python_version(),
         "cpus": os.cpu_count(),
         "load_avg": os.getloadavg(),
         **{p: version(p) for p in packages},
+        "locust": locust,
     }
 
 

@@ -4,6 +4,11 @@
     .venv/bin/python bench/run_all.py --quick         # tiny sizes, a temporary folder (printed), not the docs
     .venv/bin/python bench/run_all.py --quick --doc docs/benchmarks.md --json-dir bench/results
     .venv/bin/python bench/run_all.py --only finetune_step,scaling
+    .venv/bin/python bench/run_all.py --only api_load --api-baseline f10c9af   # section 5, before/after interleaved
+
+With ``--only`` and an existing document, only the sections of the benchmarks run are replaced (and the target
+lines they decide); the rest of ``docs/benchmarks.md`` is kept as it is. Each replaced section names the command,
+date, load and raw-figures JSON of the run it comes from.
 
 Each benchmark is a module ``bench/<name>.py`` with ``run(quick: bool) -> list[dict]`` (one dict per figure:
 ``bench``, ``name``, ``value``, ``unit`` and its parameters). :data:`MODULES` lists them in order; a module that does
@@ -44,8 +49,9 @@ MODULES: list[tuple[str, str]] = [
 """(module under bench/, section title), in the order they run."""
 
 
-def run_module(name: str, quick: bool) -> dict[str, Any]:
-    """Import ``bench.<name>`` and run it: ``{"status": "ok"|"skipped"|"failed", "seconds", "figures"|"reason"}``."""
+def run_module(name: str, quick: bool, **kwargs: Any) -> dict[str, Any]:
+    """Import ``bench.<name>`` and run it (``run(quick, **kwargs)``): ``{"status": "ok"|"skipped"|"failed",
+    "seconds", "figures"|"reason"}``."""
     try:
         mod = importlib.import_module(f"bench.{name}")
     except ModuleNotFoundError as e:
@@ -54,7 +60,7 @@ def run_module(name: str, quick: bool) -> dict[str, Any]:
         raise
     t0 = time.perf_counter()
     try:
-        figs = mod.run(quick)
+        figs = mod.run(quick, **kwargs)
     except Exception as e:  # noqa: BLE001 - one benchmark's failure is reported; the others run
         traceback.print_exc()
         return {"status": "failed", "reason": f"{type(e).__name__}: {e}", "seconds": time.perf_counter() - t0}
@@ -127,8 +133,31 @@ def targets(results: dict[str, dict]) -> list[str]:
     if ev:
         v = ev[0]["value"]
         out.append(f"- Evaluate <= 15% of the job: {v:.0%}: {'met' if v <= 0.15 else 'NOT met'}")
-    if "api_load" in results:
-        out.append("- API targets: see section 5.")
+    out += api_targets(results.get("api_load", {}).get("figures", []))
+    return out
+
+
+def api_targets(rows: list[dict]) -> list[str]:
+    """The API targets of issue 14 per backend and code (``current``, or the ``--api-baseline``): saturation
+    throughput of authenticated ``GET /v1/jobs/{id}`` >= 0.5x ``/healthz``'s (same process, no streams, and with
+    100 streams); ``GET /v1/jobs/{id}`` p99 <= 20 ms at 200 requests/s with 100 open streams, zero errors."""
+    out = []
+    for s in (r for r in rows if r.get("bench") == "api_load_summary"):
+        v = s["get_job_over_healthz"]
+        out.append(f"- API ({s['backend']}, {s['code']}, {s['streams']} streams): GET /v1/jobs/{{id}} throughput "
+                   f"{v:.2f}x /healthz's (target >= 0.5): {'met' if v >= 0.5 else 'NOT met'}")  # fmt: skip
+    for r in rows:
+        if r.get("bench") == "api_load" and r.get("endpoint") == "get_job" and r.get("rate_rps") == 200.0:
+            if r.get("streams") != 100 or r.get("p99_ms") is None:
+                continue
+            ok = r["p99_ms"] <= 20 and r["errors"] == 0 and r.get("streams_open") == 100
+            out.append(f"- API ({r['backend']}, {r['code']}): GET /v1/jobs/{{id}} at 200/s with "
+                       f"{r.get('streams_open')} open streams: p99 {r['p99_ms']:.1f} ms, {r['errors']} errors, "
+                       f"{r['throughput_rps']:.0f}/s served (target p99 <= 20 ms, 0 errors): "
+                       f"{'met' if ok else 'NOT met'}")  # fmt: skip
+    for r in rows:
+        if r.get("bench") == "api_load" and "skipped" in r:
+            out.append(f"- API ({r.get('backend', 'all')}): skipped: {r['skipped']}")
     return out
 
 
@@ -168,6 +197,14 @@ def markdown(report: dict[str, Any]) -> str:
         if r is None:
             continue
         body += [f"## {title}", "", f"`bench/{name}.py` -- {r['status']}, {r['seconds']:.0f} s", ""]
+        run = r.get("run")
+        if run and (run["command"] != report["command"] or report.get("only")):
+            body += [
+                f"Run on its own: `{run['command']}`, {run['date_utc']}, load average (1 min) at start "
+                f"{run['load_avg_1m']:.2f}, {'quick' if run['quick'] else 'full'} sizes; raw figures "
+                f"`{report.get('json', '')}`.",
+                "",
+            ]
         if r["status"] != "ok":
             body += [f"{r['status']}: {r.get('reason')}", ""]
             continue
@@ -182,6 +219,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only", default=None, help="comma list of module names (default: all of MODULES)")
     ap.add_argument("--doc", type=Path, default=None, help="markdown out (default: docs/benchmarks.md; quick: temp)")
     ap.add_argument("--json-dir", type=Path, default=None, help="JSON folder (default: bench/results; quick: temp)")
+    ap.add_argument("--from-json", type=Path, default=None, help="no run: write the document from this raw-figures "
+                    "JSON of an earlier run (with --only: splice those sections)")  # fmt: skip
+    ap.add_argument("--api-baseline", default=None, help="api_load: a git ref whose API also runs, interleaved")
+    ap.add_argument("--api-plan", choices=("full", "targets"), default="full", help="api_load: the full plan, or "
+                    "only the runs the targets read (saturation of both GETs, GET /jobs/{id} at 200/s)")  # fmt: skip
     a = ap.parse_args(argv)
     names = [n for n, _ in MODULES] if not a.only else [n.strip() for n in a.only.split(",")]
     unknown = set(names) - {n for n, _ in MODULES}
@@ -201,18 +243,66 @@ def main(argv: list[str] | None = None) -> int:
         "results": {},
         "json": _rel(out_json),
     }
+    report["only"] = bool(a.only)
     t0 = time.perf_counter()
+    if a.from_json is not None:
+        report = {**json.loads(a.from_json.read_text()), "json": _rel(a.from_json), "only": bool(a.only)}
+        names = []
     for name in names:
         print(f"[run_all] {name} ...", file=sys.stderr, flush=True)
-        r = run_module(name, a.quick)
+        kwargs: dict[str, Any] = {}
+        if name == "api_load" and not a.quick:
+            from bench.api_load import full_plan, targets_plan
+
+            kwargs = {"baseline": a.api_baseline, "plan": targets_plan() if a.api_plan == "targets" else full_plan()}
+        r = run_module(name, a.quick, **kwargs)
+        r["run"] = {
+            "command": report["command"],
+            "date_utc": report["machine"]["date_utc"],
+            "load_avg_1m": report["machine"]["load_avg_1m"],
+            "quick": a.quick,
+        }
         report["results"][name] = r
         print(f"[run_all] {name}: {r['status']} in {r['seconds']:.1f} s", file=sys.stderr, flush=True)
-    report["seconds"] = time.perf_counter() - t0
-    out_json.write_text(json.dumps(report, indent=1, default=str))
+    if a.from_json is None:
+        report["seconds"] = time.perf_counter() - t0
+        out_json.write_text(json.dumps(report, indent=1, default=str))
     doc.parent.mkdir(parents=True, exist_ok=True)
-    doc.write_text(markdown(report) + "\n")
-    print(json.dumps({"doc": str(doc), "json": str(out_json)}))
+    if a.only and doc.exists():
+        doc.write_text(spliced(doc.read_text(), report))
+    else:
+        doc.write_text(markdown(report) + "\n")
+    print(json.dumps({"doc": str(doc), "json": report["json"]}))
     return 1 if any(r["status"] == "failed" for r in report["results"].values()) else 0
+
+
+def spliced(text: str, report: dict[str, Any]) -> str:
+    """``text`` (the current document) with the sections of the benchmarks in ``report`` replaced by this run's,
+    and its target lines of those benchmarks (``- API ...`` for ``api_load``) replaced by the run's verdicts; a
+    section missing from ``text`` is appended. The other sections and lines stay as they are."""
+    one = markdown(report).split("\n")
+    new_targets = [ln for ln in one if ln.startswith("- API")]
+    lines = text.rstrip("\n").split("\n")
+    if "api_load" in report["results"]:
+        lines = [ln for ln in lines if not ln.startswith("- API")]
+        at = next((i for i, ln in enumerate(lines) if ln.startswith("## Targets")), None)
+        if at is not None:
+            end = next(i for i in range(at + 2, len(lines) + 1) if i == len(lines) or not lines[i].startswith("- "))
+            lines[end:end] = new_targets
+    for name, title in MODULES:
+        if name not in report["results"]:
+            continue
+        head = f"## {title}"
+        i0 = one.index(head)
+        i1 = next((i for i in range(i0 + 1, len(one)) if one[i].startswith("## ")), len(one))
+        section = one[i0:i1]
+        if head in lines:
+            j0 = lines.index(head)
+            j1 = next((j for j in range(j0 + 1, len(lines)) if lines[j].startswith("## ")), len(lines))
+            lines[j0:j1] = section
+        else:
+            lines += ["", *section]
+    return "\n".join(lines) + "\n"
 
 
 def _rel(p: Path) -> str:

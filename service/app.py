@@ -16,7 +16,7 @@ from .auth import TokenCache
 from .config import Settings, get_settings
 from .db import DbTimeouts, make_engine
 from .encode import EncodeClient
-from .events import StreamSlots
+from .events import EventHub, StreamSlots
 from .limits import BodyLimitMiddleware
 from .problems import install_problem_handlers
 from .queue import create_celery
@@ -41,7 +41,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     The app owns one SQL engine (disposed at shutdown), one Celery app used only to publish task messages,
     one rate limiter (:class:`service.ratelimit.RateLimits`, Redis at the broker URL), one client of the encode
-    worker (:class:`service.encode.EncodeClient`) and one cache of valid
+    worker (:class:`service.encode.EncodeClient`), one poller of the open event streams
+    (:class:`service.events.EventHub`) and one cache of valid
     tokens (:class:`service.auth.TokenCache`, ``RSAE_AUTH_CACHE_SECONDS``). It never creates
     the schema: run ``rsae-service migrate`` (``serve`` does it first).
     """
@@ -58,6 +59,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         """Release the SQL pool and the broker connections at shutdown."""
         yield
+        await app.state.event_hub.aclose()
         await app.state.encoder.aclose()
         engine.dispose()
         app.state.celery.close()
@@ -75,6 +77,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.sessionmaker = sessionmaker(engine, expire_on_commit=False)
     app.state.streams = StreamSlots(settings.max_streams_per_user)
+    app.state.event_hub = EventHub(app.state.sessionmaker)
     app.state.celery = create_celery(settings)
     app.state.rate_limits = RateLimits(settings)
     app.state.encoder = EncodeClient(settings, app.state.celery)

@@ -16,6 +16,7 @@ revoked tokens are never remembered (each failure is looked up and counted by th
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import re
@@ -238,9 +239,11 @@ async def current_user(request: Request, session: SessionDep) -> User:
     failures, the request is refused before the token is looked up (also when the token is valid and
     remembered by the app's :class:`TokenCache`, ``app.state.token_cache``, which spares the lookup).
 
-    ``async`` on purpose: a request whose token is remembered is authenticated on the event loop (the rate
-    limit check is one non-blocking Redis round trip, :meth:`~service.ratelimit.RateLimits.check_auth_async`),
-    without the worker-thread hop FastAPI gives a sync dependency; only a lookup in the database (a token not
+    ``async`` on purpose: a request whose token is remembered is authenticated on the event loop, without the
+    worker-thread hop FastAPI gives a sync dependency, and, when the same address presented the same valid token
+    within ``auth_cache_seconds`` (:class:`service.ratelimit.AuthCheckMemo`), without the rate limit's Redis
+    round trip either (otherwise one non-blocking round trip,
+    :meth:`~service.ratelimit.RateLimits.check_auth_async`). Only a lookup in the database (a token not
     remembered) and the counting of a failure run in a worker thread. The lookup ends its transaction before
     returning (:func:`service.db.run_in_session`): a connection held while the request waits for its next
     worker thread can deadlock a full thread pool against a full connection pool (100 event streams opened at
@@ -254,16 +257,23 @@ async def current_user(request: Request, session: SessionDep) -> User:
     limits = request.app.state.rate_limits
     cache: TokenCache | None = getattr(request.app.state, "token_cache", None)
     address, token = client_address(request), token_key(authorization)
+    digest: str | None = None
+    with contextlib.suppress(AuthError):  # a bad header is refused below, after the limit's check
+        digest = hash_token(bearer_token(authorization))
+    user = cache.get(digest) if cache is not None and digest is not None else None
+    if user is not None and limits.auth_memo.passed(address, token):
+        return user
     await limits.check_auth_async(address, token)
     try:
-        digest = hash_token(bearer_token(authorization))
-        user = cache.get(digest) if cache is not None else None
+        if digest is None:
+            bearer_token(authorization)  # raises its AuthError
         if user is None:  # look it up, and end the transaction in the same hop: no connection held meanwhile
             user = await run_in_session(session, authenticate, session, authorization, cache)
-        return user
     except AuthError:
         await run_in_threadpool(limits.auth_failed, address, token)
         raise
+    limits.auth_memo.remember(address, token)
+    return user
 
 
 UserDep = Annotated[User, Depends(current_user)]

@@ -132,7 +132,9 @@ class Settings(BaseSettings):
         le=300,
         description="How long one API process remembers a valid token (keyed by its SHA-256) instead of looking it "
         "up again: a revoked token (or its deleted user) keeps working for at most this long in a process that "
-        "has just seen it. 0: every request looks its token up in the database.",
+        "has just seen it. Also how long it skips the auth-failure limit's check for an address that has just "
+        "presented that valid token (failures counted by another process block it within this bound; by the "
+        "same process, at once). 0: every request looks its token up and checks the limit.",
     )
     auth_cache_size: int = Field(
         10_000,

@@ -7,7 +7,10 @@ an empty string turns one off) and counted with its moving-window strategy
 - **authentication failures** (``rate_limit_auth_failures``), per client address and per presented token:
   every 401 counts; once either counter is full, requests from that address or with that token answer 429
   *before* the token is looked up (no database work for a guesser) until the window frees. A valid token from
-  another address is not affected.
+  another address is not affected. A valid token that a process has just checked from an address is not
+  checked again there for ``auth_cache_seconds`` (:class:`AuthCheckMemo`, sparing a Redis round trip per
+  request): failures counted in the same process take effect at once, failures counted by another API process
+  within that bound (the bound of a revocation, :class:`service.auth.TokenCache`).
 - **submissions** (``POST /jobs``, ``POST /saes``), per API token (``rate_limit_submissions_per_token``) and per
   client address (``rate_limit_submissions_per_address``), counted before the request body is read.
 - **encode requests** (``POST /jobs/{id}/encode``, ``POST /saes/{id}/encode``), per user
@@ -30,13 +33,15 @@ import hashlib
 import ipaddress
 import logging
 import math
+import threading
 import time
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import anyio
 import anyio.to_thread
 import redis.asyncio as aioredis
+from cachetools import TTLCache
 from fastapi import Request
 from limits import RateLimitItem, parse_many
 from limits.storage import MemoryStorage, RedisStorage, Storage, storage_from_string
@@ -95,11 +100,66 @@ def token_key(authorization: str | None) -> str | None:
     return hashlib.sha256(credentials.encode("utf-8", "replace")).hexdigest()[:32] if credentials else None
 
 
+class AuthCheckMemo:
+    """(client address, token key) pairs whose authentication-failure check passed and whose token proved valid
+    in this process within the last ``seconds``: the next requests of the pair skip the check (one Redis round
+    trip, about a fifth of an authenticated GET's cost on the API process; issue 14).
+
+    A failure counted by this process (:meth:`failed`) voids at once every remembered pair with its address or
+    its token (for ``seconds``, longer than any pair remembered before it lives), so the limit of
+    ``test_a_remembered_token_from_a_blocked_address_is_still_429`` holds exactly; failures counted by another
+    process take effect here within ``seconds`` (the same bound as a revocation, ``auth_cache_seconds``).
+
+    Args:
+        seconds: life of a remembered pair (s); 0 turns the memo off (every request is checked).
+        size: most pairs (and most recently failed keys) remembered; when the failed keys overflow, every pair
+            is forgotten (never a pair whose failure was dropped).
+        timer: the clock (monotonic seconds; tests pass a fake one).
+    """
+
+    def __init__(self, seconds: float, size: int = 10_000, timer: Callable[[], float] = time.monotonic) -> None:
+        self.seconds = float(seconds)
+        on = self.seconds > 0
+        self._passed: TTLCache | None = TTLCache(size, self.seconds, timer=timer) if on else None
+        self._failed: TTLCache | None = TTLCache(size, self.seconds, timer=timer) if on else None
+        self._lock = threading.Lock()
+
+    def passed(self, address: str, token: str | None) -> bool:
+        """Whether the pair passed its check within ``seconds`` and no failure of its address or token followed."""
+        if self._passed is None or self._failed is None:
+            return False
+        with self._lock:
+            return (
+                (address, token) in self._passed
+                and ("addr", address) not in self._failed
+                and ("token", token) not in self._failed
+            )
+
+    def remember(self, address: str, token: str | None) -> None:
+        """The pair's check passed and its token is valid (unless a failure of either was counted since)."""
+        if self._passed is None or self._failed is None:
+            return
+        with self._lock:
+            if ("addr", address) not in self._failed and ("token", token) not in self._failed:
+                self._passed[(address, token)] = True
+
+    def failed(self, address: str, token: str | None) -> None:
+        """A failure of ``address`` / ``token`` was counted: check their next requests again."""
+        if self._passed is None or self._failed is None:
+            return
+        with self._lock:
+            if len(self._failed) + 2 > self._failed.maxsize:
+                self._passed.clear()  # the oldest failures are about to be dropped: forget every pair
+            self._failed[("addr", address)] = True
+            self._failed[("token", token)] = True
+
+
 class RateLimits:
     """The API's rate limiter (one per application, ``app.state.rate_limits``).
 
     Args:
-        settings: rates (``rate_limit_*``) and the storage: Redis at ``broker_url`` if set, else memory.
+        settings: rates (``rate_limit_*``) and the storage: Redis at ``broker_url`` if set, else memory;
+            ``auth_cache_seconds`` is the life of :attr:`auth_memo` (:class:`AuthCheckMemo`).
         storage_uri: overrides the storage (a ``limits`` storage URI such as ``memory://``).
     """
 
@@ -121,6 +181,7 @@ class RateLimits:
         self.per_address = _rates(settings.rate_limit_submissions_per_address)
         self.per_user_encode = _rates(settings.rate_limit_encode_per_user)
         self._warned_at = -math.inf
+        self.auth_memo = AuthCheckMemo(settings.auth_cache_seconds, settings.auth_cache_size)
 
     # -- authentication failures ------------------------------------------------------------------
     def check_auth(self, address: str, token: str | None) -> None:
@@ -142,7 +203,9 @@ class RateLimits:
         _refuse_auth(await self._full_async(self.auth_failures, "auth", _keys(address, token)))
 
     def auth_failed(self, address: str, token: str | None) -> None:
-        """Count one failed authentication against ``address`` and ``token``."""
+        """Count one failed authentication against ``address`` and ``token`` (and void their
+        :attr:`auth_memo` pairs)."""
+        self.auth_memo.failed(address, token)
         self._hit(self.auth_failures, "auth", _keys(address, token))
 
     # -- submissions -------------------------------------------------------------------------------

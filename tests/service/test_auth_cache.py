@@ -25,7 +25,7 @@ from service.config import Settings
 from service.db import get_sessionmaker
 from service.migrate import upgrade
 from service.models import ApiToken, Job, User
-from service.ratelimit import RateLimited, RateLimits
+from service.ratelimit import AuthCheckMemo, RateLimited, RateLimits, token_key
 from support.servers import assert_problem, bearer, make_token, served
 
 
@@ -67,6 +67,69 @@ def test_token_cache_expires_evicts_and_can_be_off() -> None:
     off = TokenCache(0.0)
     off.put("a" * 64, User(id="u1", name="alice"))
     assert off.get("a" * 64) is None
+
+
+def test_auth_check_memo_expires_is_voided_by_a_failure_and_can_be_off() -> None:
+    """A passed pair is remembered for ``seconds``; a failure of its address or of its token voids it (and a pair
+    remembered after that failure is not kept until the failure has aged out); overflowing failures forget all."""
+    clock = FakeClock()
+    memo = AuthCheckMemo(2.0, size=4, timer=clock)
+    memo.remember("192.0.2.1", "t1")
+    memo.remember("192.0.2.2", "t2")
+    assert memo.passed("192.0.2.1", "t1") and not memo.passed("192.0.2.1", "t2")
+    clock.now += 2.1
+    assert not memo.passed("192.0.2.1", "t1")  # 2 s after the check that passed
+    memo.remember("192.0.2.1", "t1")
+    memo.failed("192.0.2.1", "bad")  # same address, another token
+    assert not memo.passed("192.0.2.1", "t1")
+    memo.remember("192.0.2.1", "t1")  # a check that passed before the failure was counted: not kept
+    assert not memo.passed("192.0.2.1", "t1")
+    clock.now += 2.1
+    memo.remember("192.0.2.1", "t1")  # the failure aged out: checks from here on are fresh
+    assert memo.passed("192.0.2.1", "t1")
+    memo.failed("198.51.100.9", "t1")  # the token failed elsewhere: void for every address
+    assert not memo.passed("192.0.2.1", "t1")
+    memo.remember("192.0.2.3", "t3")
+    for i in range(3):  # 6 failed keys in a memo of 4: the oldest would be dropped, so every pair goes
+        memo.failed(f"203.0.113.{i}", f"x{i}")
+    assert not memo.passed("192.0.2.3", "t3")
+    off = AuthCheckMemo(0.0)
+    off.remember("192.0.2.1", "t1")
+    assert not off.passed("192.0.2.1", "t1")
+
+
+def _evalsha_calls(broker: redis.Redis) -> int:
+    return int(broker.info("commandstats").get("cmdstat_evalsha", {}).get("calls", 0))
+
+
+def test_a_remembered_pair_skips_redis_and_another_process_failures_block_it_within_the_bound(
+    backend: Settings, broker: redis.Redis
+) -> None:
+    """The second request of a valid token from one address sends no rate-limit check to Redis; 30 failures of
+    that address counted by another API process (another :class:`RateLimits`) block it once the memo's bound
+    has passed (``auth_cache_seconds``: 2 s here, on a fake clock), not before; another address is unaffected."""
+    url = backend.database_url
+    app = create_app(backend)
+    clock = FakeClock()
+    app.state.token_cache = TokenCache(2.0, timer=clock)
+    app.state.rate_limits.auth_memo = AuthCheckMemo(2.0, timer=clock)
+    good = make_token(url, "alice")
+    job_id = a_job(url, "alice")
+    address = "203.0.113.20"
+    client = TestClient(app, client=(address, 1), headers=bearer(good))
+    assert client.get(f"/v1/jobs/{job_id}").status_code == 200  # checked, looked up, remembered
+    before = _evalsha_calls(broker)
+    assert client.get(f"/v1/jobs/{job_id}").status_code == 200
+    assert _evalsha_calls(broker) == before  # no round trip to the limiter
+    other_process = RateLimits(backend)
+    for _ in range(30):
+        other_process.auth_failed(address, token_key("Bearer rsae_" + secrets.token_urlsafe(32)))
+    clock.now += 1.9
+    assert client.get(f"/v1/jobs/{job_id}").status_code == 200  # within the bound: not yet seen here
+    clock.now += 0.2
+    assert_problem(client.get(f"/v1/jobs/{job_id}"), 429, code="rate_limited", field="Authorization")
+    other = TestClient(app, client=("203.0.113.21", 1), headers=bearer(good))
+    assert other.get(f"/v1/jobs/{job_id}").status_code == 200
 
 
 # -- revocation through the API ---------------------------------------------------------------------
