@@ -306,6 +306,13 @@ class FinetuneConfig(_Strict):
         "(the JumpReLU control's own kind of penalty, JumpReLU upgrades only; mu starts where the control's does). "
         "Why this default: docs/method.md#defaults.",
     )
+    rsae_l0_grad: Literal["gate", "scales"] = Field(
+        "gate",
+        description="With rsae_penalty 'l0': which parameters the L0 term's straight-through gradient reaches. "
+        "'gate' = the shared a, b, C_in and the per-latent scales s (every way the support can open); 'scales' = "
+        "the per-latent scales only, as a JumpReLU's L0 term reaches only its per-latent thresholds (the shared "
+        "scalars then learn from the reconstruction term alone). Why: docs/method.md#defaults.",
+    )
     rsae_input_grad: Literal["exact", "linear"] = Field(
         "exact",
         description="With rsae_penalty 'l0': the gradient of the RSAE's output with respect to its "

@@ -415,7 +415,7 @@ class _SupportStepFn(torch.autograd.Function):
         return g * (u.abs() < ctx.eps / 2).to(g.dtype) / ctx.eps, None
 
 
-def rational_l0_loss(linear_input_grad: bool = False):
+def rational_l0_loss(linear_input_grad: bool = False, scales_only: bool = False):
     """The objective MSE + lam * L0 for a :class:`RationalSAE` (a JumpReLU upgrade), the JumpReLU family's own
     kind of penalty (Rajamanoharan et al. 2024, eq. 9-12) put on the rational gate's own support:
     L0 = sum_j H(r(t_j) - floor), t_j = h_j / (C_in s_j), with the straight-through rectangle kernel of width
@@ -430,6 +430,9 @@ def rational_l0_loss(linear_input_grad: bool = False):
     of the rational's own slope, which is steep in the band where r rises to its jump; the values, and the
     gradients to a, b, C_in, C_out and s, are unchanged. The JumpReLU analogue: its output passes gradient 1 to
     h and the jump's only to the threshold (Rajamanoharan et al. 2024).
+
+    ``scales_only``: the L0 term's gradient reaches the per-latent scales s only (a, b and C_in detached in it),
+    as a JumpReLU's reaches only its per-latent thresholds; the shared scalars then learn from the MSE alone.
 
     Returns ``loss_fn(sae, x [n, d_in], lam) -> (loss, parts)`` with parts mse, l0 (exact non-zeros of z), l1
     (decoder-norm weighted, reported only) as floats.
@@ -447,7 +450,12 @@ def rational_l0_loss(linear_input_grad: bool = False):
             z = sae.gate(h)
         mse = (x - sae.decode(z)).pow(2).sum(-1).mean()
         floor = max(sae.floor, 1e-6)
-        l0 = _SupportStepFn.apply(sae.gate_unit(h.detach()) - floor, floor).sum(-1).mean()
+        if scales_only:
+            g = sae.gate_fn
+            u = rational_unit(g.a.detach(), g.b.detach(), h.detach() / (g.c_in.detach() * g.scale), g.tail)
+        else:
+            u = sae.gate_unit(h.detach())
+        l0 = _SupportStepFn.apply(u - floor, floor).sum(-1).mean()
         loss = mse + lam * l0
         return loss, {
             "loss": loss.item(),

@@ -134,3 +134,26 @@ def test_linear_input_grad_changes_only_the_pre_activation_gradient():
     slope = (rsae.gate_fn.c_out / rsae.gate_fn.c_in).item()
     torch.testing.assert_close(h.grad, gz * slope * (z != 0))
     assert not torch.allclose(seen["False"].grad, h.grad)  # the rational's own slope differs in the band
+
+
+def test_scales_only_l0_gradient_reaches_the_per_latent_scales_alone():
+    """``rational_l0_loss(scales_only=True)``: the same loss; the L0 term's gradient (lam = 5 minus lam = 0)
+    reaches log_scale as the full penalty's does, and not a, b or C_in."""
+    _, rsae, _ = _upgrade((0.5, 1.0, 2.0, 0.3), tail=True)
+    x = torch.randn(4096, 8, generator=torch.Generator().manual_seed(3)) * 2
+
+    def grads(lam, scales_only):
+        rsae.zero_grad(set_to_none=True)
+        loss, _ = rational_l0_loss(scales_only=scales_only)(rsae, x, lam)
+        loss.backward()
+        return loss.item(), {n: p.grad.clone() for n, p in rsae.named_parameters() if p.grad is not None}
+
+    l_full, g_full = grads(5.0, False)
+    l_sc, g_sc = grads(5.0, True)
+    _, g0 = grads(0.0, True)
+    assert l_sc == l_full
+    torch.testing.assert_close(g_sc["gate_fn.log_scale"], g_full["gate_fn.log_scale"])
+    assert not torch.allclose(g_sc["gate_fn.log_scale"], g0["gate_fn.log_scale"])
+    for n in ("gate_fn.a", "gate_fn.b", "gate_fn.log_c_in"):
+        torch.testing.assert_close(g_sc[n], g0[n], msg=n)  # the L0 term adds nothing there
+        assert not torch.allclose(g_full[n], g0[n]), n  # where the full penalty's does
