@@ -306,12 +306,15 @@ class FinetuneConfig(_Strict):
         "(the JumpReLU control's own kind of penalty, JumpReLU upgrades only; mu starts where the control's does). "
         "Why this default: docs/method.md#defaults.",
     )
-    rsae_l0_grad: Literal["gate", "scales"] = Field(
+    rsae_l0_grad: Literal["gate", "scales", "thresholds"] = Field(
         "gate",
         description="With rsae_penalty 'l0': which parameters the L0 term's straight-through gradient reaches. "
         "'gate' = the shared a, b, C_in and the per-latent scales s (every way the support can open); 'scales' = "
         "the per-latent scales only, as a JumpReLU's L0 term reaches only its per-latent thresholds (the shared "
-        "scalars then learn from the reconstruction term alone). Why: docs/method.md#defaults.",
+        "scalars then learn from the reconstruction term alone); 'thresholds' = as 'scales', and the scales also "
+        "get no gradient through the kept values, only through the support's straight-through estimator in both "
+        "terms, as a JumpReLU's thresholds (z = v * H(r - floor), v the gate's value at fixed s). Why: "
+        "docs/method.md#defaults.",
     )
     rsae_input_grad: Literal["exact", "linear"] = Field(
         "exact",

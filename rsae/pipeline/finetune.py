@@ -179,12 +179,17 @@ def rsae_objective(state: UpgradeState, lam: float, lam_source: str) -> Objectiv
     start = state.family.control_objective(state.teacher, lam, lam_source).coefficient
     linear = ft.rsae_input_grad == "linear"
     return Objective(
-        rational_l0_loss(linear_input_grad=linear, scales_only=ft.rsae_l0_grad == "scales"),
+        rational_l0_loss(
+            linear_input_grad=linear,
+            scales_only=ft.rsae_l0_grad != "gate",
+            scales_as_thresholds=ft.rsae_l0_grad == "thresholds",
+        ),
         start,
         "MSE + mu * L0 (L0 of the gate's support r(t) > floor, straight-through kernel of width floor to a, b, "
         "C_in and s; the JumpReLU control's kind of penalty), mu starting at the control's coefficient"
         + ("; dz/dh = C_out / C_in on the support (straight-through)" if linear else "")
-        + ("; the L0 term's gradient reaches the per-latent scales only" if ft.rsae_l0_grad == "scales" else ""),
+        + ("; the L0 term's gradient reaches the per-latent scales only" if ft.rsae_l0_grad != "gate" else "")
+        + ("; the scales learn through the support's estimator only" if ft.rsae_l0_grad == "thresholds" else ""),
     )
 
 

@@ -415,7 +415,7 @@ class _SupportStepFn(torch.autograd.Function):
         return g * (u.abs() < ctx.eps / 2).to(g.dtype) / ctx.eps, None
 
 
-def rational_l0_loss(linear_input_grad: bool = False, scales_only: bool = False):
+def rational_l0_loss(linear_input_grad: bool = False, scales_only: bool = False, scales_as_thresholds: bool = False):
     """The objective MSE + lam * L0 for a :class:`RationalSAE` (a JumpReLU upgrade), the JumpReLU family's own
     kind of penalty (Rajamanoharan et al. 2024, eq. 9-12) put on the rational gate's own support:
     L0 = sum_j H(r(t_j) - floor), t_j = h_j / (C_in s_j), with the straight-through rectangle kernel of width
@@ -434,6 +434,11 @@ def rational_l0_loss(linear_input_grad: bool = False, scales_only: bool = False)
     ``scales_only``: the L0 term's gradient reaches the per-latent scales s only (a, b and C_in detached in it),
     as a JumpReLU's reaches only its per-latent thresholds; the shared scalars then learn from the MSE alone.
 
+    ``scales_as_thresholds`` (implies ``scales_only``): z = v * H(r(t) - floor) with v the gate's value at the
+    scales held fixed and H the straight-through step, so the scales get gradient only through the support's
+    estimator, from the MSE and the L0 term alike, as a JumpReLU's thresholds do (Rajamanoharan et al. 2024); a
+    small error of r in its linear part then no longer drives every scale at the full Adam rate.
+
     Returns ``loss_fn(sae, x [n, d_in], lam) -> (loss, parts)`` with parts mse, l0 (exact non-zeros of z), l1
     (decoder-norm weighted, reported only) as floats.
     """
@@ -441,6 +446,9 @@ def rational_l0_loss(linear_input_grad: bool = False, scales_only: bool = False)
 
     def loss_fn(sae: SAE, x: torch.Tensor, lam: float) -> tuple[torch.Tensor, dict[str, float]]:
         h = sae.pre_acts(x)
+        floor = max(sae.floor, 1e-6)
+        if scales_as_thresholds:
+            return _threshold_style_loss(sae, x, h, lam, floor, linear_input_grad)
         if linear_input_grad:
             hd = h.detach()
             z = sae.gate(hd)
@@ -449,7 +457,6 @@ def rational_l0_loss(linear_input_grad: bool = False, scales_only: bool = False)
         else:
             z = sae.gate(h)
         mse = (x - sae.decode(z)).pow(2).sum(-1).mean()
-        floor = max(sae.floor, 1e-6)
         if scales_only:
             g = sae.gate_fn
             u = rational_unit(g.a.detach(), g.b.detach(), h.detach() / (g.c_in.detach() * g.scale), g.tail)
@@ -465,6 +472,29 @@ def rational_l0_loss(linear_input_grad: bool = False, scales_only: bool = False)
         }
 
     return loss_fn
+
+
+def _threshold_style_loss(sae, x, h, lam: float, floor: float, linear_input_grad: bool):
+    """MSE + lam * L0 with the scales as thresholds (see :func:`rational_l0_loss`): x [n, d_in], h [n, d_sae]."""
+    from .base import decoder_norm_l1
+
+    g = sae.gate_fn
+    hv = h.detach() if linear_input_grad else h
+    v = rational_raw(hv, g.a, g.b, g.c_in, g.c_out, g.scale.detach(), tail=g.tail)
+    u = rational_unit(g.a.detach(), g.b.detach(), h.detach() / (g.c_in.detach() * g.scale), g.tail)
+    on = _SupportStepFn.apply(u - floor, floor)
+    z = v * on
+    if linear_input_grad:
+        z = z + (z != 0).to(h.dtype) * (g.c_out / g.c_in).detach() * (h - hv)
+    mse = (x - sae.decode(z)).pow(2).sum(-1).mean()
+    l0 = on.sum(-1).mean()
+    loss = mse + lam * l0
+    return loss, {
+        "loss": loss.item(),
+        "mse": mse.item(),
+        "l0": (z != 0).sum(-1).float().mean().item(),
+        "l1": decoder_norm_l1(z.detach(), sae.W_dec.detach()).item(),
+    }
 
 
 register_architecture(RationalSAE.architecture, RationalSAE)

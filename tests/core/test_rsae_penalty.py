@@ -157,3 +157,39 @@ def test_scales_only_l0_gradient_reaches_the_per_latent_scales_alone():
     for n in ("gate_fn.a", "gate_fn.b", "gate_fn.log_c_in"):
         torch.testing.assert_close(g_sc[n], g0[n], msg=n)  # the L0 term adds nothing there
         assert not torch.allclose(g_full[n], g0[n]), n  # where the full penalty's does
+
+
+def test_scales_as_thresholds_learn_only_through_the_support_estimator():
+    """``rational_l0_loss(scales_as_thresholds=True)``: the same loss and L0 as the gate's own forward; the same
+    gradients as ``scales_only`` to every parameter but the scales; a scale gets gradient only from entries
+    inside the straight-through kernel around the floor (exactly 0 for a latent with none there), where the
+    value path would give every kept entry's share."""
+    _, rsae, _ = _upgrade((0.5, 1.0, 2.0, 0.3), tail=True)
+    x = torch.randn(4096, 8, generator=torch.Generator().manual_seed(7)) * 2
+
+    def grads(lam, **kw):
+        rsae.zero_grad(set_to_none=True)
+        loss, parts = rational_l0_loss(**kw)(rsae, x, lam)
+        loss.backward()
+        return loss.item(), parts, {n: p.grad.clone() for n, p in rsae.named_parameters() if p.grad is not None}
+
+    l_sc, p_sc, g_sc = grads(0.0, scales_only=True)
+    l_th, p_th, g_th = grads(0.0, scales_as_thresholds=True)
+    assert l_th == pytest.approx(l_sc, rel=1e-5) and p_th["l0"] == p_sc["l0"]
+    for n, g in g_sc.items():
+        if n != "gate_fn.log_scale":
+            torch.testing.assert_close(g_th[n], g, msg=n)
+    assert not torch.allclose(g_th["gate_fn.log_scale"], g_sc["gate_fn.log_scale"])
+    # the expected scale gradient: sum_i dMSE/dz_ij * v_ij * K(u_ij - floor) / floor * du_ij/dlog s_j
+    g, floor = rsae.gate_fn, rsae.floor
+    with torch.no_grad():
+        h = rsae.pre_acts(x)
+        v = g.raw(h)
+    z = rsae.gate(h).detach().requires_grad_(True)
+    (gz,) = torch.autograd.grad((x - rsae.decode(z)).pow(2).sum(-1).mean(), z)
+    u = g.unit(h)
+    kernel = ((u.detach() - floor).abs() < floor / 2).to(u.dtype) / floor
+    (expected,) = torch.autograd.grad((gz * v * kernel * u).sum(), g.log_scale)
+    torch.testing.assert_close(g_th["gate_fn.log_scale"], expected)
+    _, _, g_l0 = grads(5.0, scales_as_thresholds=True)
+    assert not torch.allclose(g_l0["gate_fn.log_scale"], g_th["gate_fn.log_scale"])  # the L0 term reaches them
