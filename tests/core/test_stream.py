@@ -113,9 +113,9 @@ def model_tok():
 
 @pytest.mark.slow
 def test_a_streamed_pass_is_the_disk_extraction(model_tok, tmp_path: Path):
-    """One pass of the stream is the disk mode's rows bit for bit, in the same order before mixing; the mixed
-    batches are those rows; the capture hook is gone once the consumer stops; a split too small fails like disk
-    mode."""
+    """One pass of the stream is the disk mode's rows in the same order before mixing (equal to float rounding: a
+    forward over another number of sequences may take other GEMM kernels); the mixed batches are those rows; the
+    capture hook is gone once the consumer stops; a split too small fails like disk mode."""
     model, tok = model_tok
     n = 1500
     kw = {"layer": 1, "dataset": "bbc-news", "split": "train", "ctx_len": CTX}
@@ -131,14 +131,17 @@ def test_a_streamed_pass_is_the_disk_extraction(model_tok, tmp_path: Path):
     disk = ActivationStore(tmp_path / "disk").load()
     store = open_train(tmp_path / "head", lambda: model_tok)
     assert isinstance(store, StreamedActivations) and store.rows == n and store.disk_rows == head["rows"] == 300
-    assert store.load().shape == (300, 576) and torch.equal(store.load(), disk[:300])  # the head is on disk
-    assert torch.equal(torch.cat(list(store.iter_chunks(epochs=1))), disk)
+    assert store.load().shape == (300, 576)
+    torch.testing.assert_close(store.load(), disk[:300], rtol=1e-4, atol=1e-4)  # the head is on disk
+    torch.testing.assert_close(torch.cat(list(store.iter_chunks(epochs=1))), disk, rtol=1e-4, atol=1e-4)
 
-    on_disk = {r.numpy().tobytes() for r in disk}
     batches = list(store.iter_batches(128, seed=0, epochs=2))
     assert len(batches) == 2 * n // 128 and all(b.shape == (128, 576) and b.dtype == torch.float32 for b in batches)
-    assert all(r.numpy().tobytes() in on_disk for r in torch.cat(batches))
-    assert torch.equal(torch.cat(list(store.iter_batches(128, seed=0, epochs=2))), torch.cat(batches))
+    mixed = torch.cat(batches)
+    nearest = torch.cdist(mixed, disk, compute_mode="donot_use_mm_for_euclid_dist").min(1).values
+    # every mixed row is a row of the pass (to float rounding)
+    assert (nearest < 1e-2).all(), nearest.max()
+    torch.testing.assert_close(torch.cat(list(store.iter_batches(128, seed=0, epochs=2))), torch.cat(batches))
     module = dict(model.named_modules())[site_for(model, 1).module]
     assert not module._forward_hooks and not module._forward_pre_hooks
 
