@@ -79,7 +79,8 @@ def test_upgrade_at_each_hook_site(case: str, tmp_path: Path):
     assert store.manifest["hook"] == teacher_hook
     ids, _ = store.sequences(1)
     seen = _seen_by_full_forward(model, module, io, ids)
-    assert torch.equal(seen[:, 1:].reshape(-1, 576), store.load(15))
+    # to float rounding: the pipeline ran the sequence in a batch, here alone (other GEMM kernels on some CPUs)
+    torch.testing.assert_close(seen[:, 1:].reshape(-1, 576), store.load(15), rtol=1e-4, atol=1e-4)
     # delta CE was measured by splicing at this site (recomputed here on the same sequences)
     rsae = load_sae(tmp_path / "out")
     ds = downstream_metrics(model, None, {"rsae": rsae}, ids, hook=teacher_hook)
