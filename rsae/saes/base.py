@@ -311,6 +311,23 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+def mse_l0_objective(
+    sae: "SAE", x: torch.Tensor, z: torch.Tensor, l0: torch.Tensor, lam: float
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """``MSE + lam * l0`` for latents ``z`` [n, d_sae] of ``x`` [n, d_in], with ``l0`` the (straight-through) L0
+    term already reduced to a scalar (Rajamanoharan et al. 2024, eq. 9). Returns (loss, parts) with parts loss,
+    mse (sum over d_in, mean over rows), l0 (exact non-zeros of z per row) and l1 (decoder-norm weighted, reported
+    only) as floats."""
+    mse = (x - sae.decode(z)).pow(2).sum(-1).mean()
+    loss = mse + lam * l0
+    return loss, {
+        "loss": loss.item(),
+        "mse": mse.item(),
+        "l0": (z != 0).sum(-1).float().mean().item(),
+        "l1": decoder_norm_l1(z.detach(), sae.W_dec.detach()).item(),
+    }
+
+
 def decoder_norm_l1(z: torch.Tensor, W_dec: torch.Tensor) -> torch.Tensor:
     """Sparsity penalty ``mean_tokens sum_j |z_j| * ||W_dec[j]||_2`` (scalar).
 

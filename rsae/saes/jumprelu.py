@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ..errors import TeacherError
-from .base import SAE, WEIGHTS_NAME, decoder_norm_l1, is_finite_number
+from .base import SAE, WEIGHTS_NAME, is_finite_number, mse_l0_objective
 from .family import Family, Objective, register_family
 
 JUMPRELU_INIT_THRESHOLD = 1.0
@@ -143,17 +143,7 @@ def jumprelu_l0_loss(sae: SAE, x: torch.Tensor, lam: float) -> tuple[torch.Tenso
     """JumpReLU objective MSE + lam * L0 (Rajamanoharan et al. 2024, eq. 9) on x [n, d_in], with the
     straight-through kernel estimator for the thresholds; ``sae`` is a :class:`JumpReLUSAE`."""
     h = sae.pre_acts(x)
-    z = sae.gate(h)
-    x_hat = sae.decode(z)
-    mse = (x - x_hat).pow(2).sum(-1).mean()
-    l0 = sae.step(h).sum(-1).mean()
-    loss = mse + lam * l0
-    return loss, {
-        "loss": loss.item(),
-        "mse": mse.item(),
-        "l0": (z != 0).sum(-1).float().mean().item(),
-        "l1": decoder_norm_l1(z.detach(), sae.W_dec.detach()).item(),
-    }
+    return mse_l0_objective(sae, x, sae.gate(h), sae.step(h).sum(-1).mean(), lam)
 
 
 class JumpReLUFamily(Family):

@@ -442,59 +442,27 @@ def rational_l0_loss(linear_input_grad: bool = False, scales_only: bool = False,
     Returns ``loss_fn(sae, x [n, d_in], lam) -> (loss, parts)`` with parts mse, l0 (exact non-zeros of z), l1
     (decoder-norm weighted, reported only) as floats.
     """
-    from .base import decoder_norm_l1
+    from .base import mse_l0_objective
 
     def loss_fn(sae: SAE, x: torch.Tensor, lam: float) -> tuple[torch.Tensor, dict[str, float]]:
+        g = sae.gate_fn
         h = sae.pre_acts(x)
+        hv = h.detach() if linear_input_grad else h  # the pre-activations the values see
         floor = max(sae.floor, 1e-6)
-        if scales_as_thresholds:
-            return _threshold_style_loss(sae, x, h, lam, floor, linear_input_grad)
-        if linear_input_grad:
-            hd = h.detach()
-            z = sae.gate(hd)
-            slope = (sae.gate_fn.c_out / sae.gate_fn.c_in).detach()
-            z = z + (z != 0).to(h.dtype) * slope * (h - hd)  # value unchanged; dz/dh = slope on the support
-        else:
-            z = sae.gate(h)
-        mse = (x - sae.decode(z)).pow(2).sum(-1).mean()
-        if scales_only:
-            g = sae.gate_fn
+        if scales_only or scales_as_thresholds:
             u = rational_unit(g.a.detach(), g.b.detach(), h.detach() / (g.c_in.detach() * g.scale), g.tail)
         else:
             u = sae.gate_unit(h.detach())
-        l0 = _SupportStepFn.apply(u - floor, floor).sum(-1).mean()
-        loss = mse + lam * l0
-        return loss, {
-            "loss": loss.item(),
-            "mse": mse.item(),
-            "l0": (z != 0).sum(-1).float().mean().item(),
-            "l1": decoder_norm_l1(z.detach(), sae.W_dec.detach()).item(),
-        }
+        on = _SupportStepFn.apply(u - floor, floor)
+        if scales_as_thresholds:
+            z = rational_raw(hv, g.a, g.b, g.c_in, g.c_out, g.scale.detach(), tail=g.tail) * on
+        else:
+            z = sae.gate(hv)
+        if linear_input_grad:  # value unchanged; dz/dh = C_out / C_in on the support
+            z = z + (z != 0).to(h.dtype) * (g.c_out / g.c_in).detach() * (h - hv)
+        return mse_l0_objective(sae, x, z, on.sum(-1).mean(), lam)
 
     return loss_fn
-
-
-def _threshold_style_loss(sae, x, h, lam: float, floor: float, linear_input_grad: bool):
-    """MSE + lam * L0 with the scales as thresholds (see :func:`rational_l0_loss`): x [n, d_in], h [n, d_sae]."""
-    from .base import decoder_norm_l1
-
-    g = sae.gate_fn
-    hv = h.detach() if linear_input_grad else h
-    v = rational_raw(hv, g.a, g.b, g.c_in, g.c_out, g.scale.detach(), tail=g.tail)
-    u = rational_unit(g.a.detach(), g.b.detach(), h.detach() / (g.c_in.detach() * g.scale), g.tail)
-    on = _SupportStepFn.apply(u - floor, floor)
-    z = v * on
-    if linear_input_grad:
-        z = z + (z != 0).to(h.dtype) * (g.c_out / g.c_in).detach() * (h - hv)
-    mse = (x - sae.decode(z)).pow(2).sum(-1).mean()
-    l0 = on.sum(-1).mean()
-    loss = mse + lam * l0
-    return loss, {
-        "loss": loss.item(),
-        "mse": mse.item(),
-        "l0": (z != 0).sum(-1).float().mean().item(),
-        "l1": decoder_norm_l1(z.detach(), sae.W_dec.detach()).item(),
-    }
 
 
 register_architecture(RationalSAE.architecture, RationalSAE)
