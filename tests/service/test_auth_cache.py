@@ -17,16 +17,16 @@ import httpx
 import pytest
 import redis
 from fastapi.testclient import TestClient
-from sqlalchemy import delete, select
+from sqlalchemy import delete
 
 from service.app import create_app
 from service.auth import TokenCache, hash_token, revoke_tokens
 from service.config import Settings
 from service.db import get_sessionmaker
 from service.migrate import upgrade
-from service.models import ApiToken, Job, User
+from service.models import ApiToken, User
 from service.ratelimit import AuthCheckMemo, RateLimited, RateLimits, token_key
-from support.servers import assert_problem, bearer, make_token, served
+from support.servers import assert_problem, bearer, make_token, queued_job, served
 
 
 class FakeClock:
@@ -37,16 +37,6 @@ class FakeClock:
 
     def __call__(self) -> float:
         return self.now
-
-
-def a_job(database_url: str, token_user: str) -> str:
-    """A queued job of ``token_user`` written straight to the database; returns its id."""
-    with get_sessionmaker(database_url).begin() as s:
-        owner = s.scalar(select(User.id).where(User.name == token_user))
-        job = Job(status="queued", progress=0.0, attempt=0, request={"model": "smollm2-135m"}, owner_id=owner)
-        s.add(job)
-        s.flush()
-        return job.id
 
 
 # -- the cache on its own ---------------------------------------------------------------------------
@@ -114,7 +104,7 @@ def test_a_remembered_pair_skips_redis_and_another_process_failures_block_it_wit
     app.state.token_cache = TokenCache(2.0, timer=clock)
     app.state.rate_limits.auth_memo = AuthCheckMemo(2.0, timer=clock)
     good = make_token(url, "alice")
-    job_id = a_job(url, "alice")
+    job_id = queued_job(url, "alice")
     address = "203.0.113.20"
     client = TestClient(app, client=(address, 1), headers=bearer(good))
     assert client.get(f"/v1/jobs/{job_id}").status_code == 200  # checked, looked up, remembered
@@ -138,7 +128,7 @@ def test_a_revoked_token_is_refused_within_the_cache_bound(backend: Settings) ->
     whose row is gone behaves alike. With the cache off, revocation is immediate."""
     url = backend.database_url
     token = make_token(url, "alice")
-    job_id = a_job(url, "alice")
+    job_id = queued_job(url, "alice")
     app = create_app(backend.model_copy(update={"auth_cache_seconds": 2.0}))
     clock = FakeClock()
     app.state.token_cache = TokenCache(2.0, timer=clock)
@@ -257,7 +247,7 @@ def test_100_requests_at_once_with_a_new_token_on_sqlite_all_answer(
         update={"database_url": url, "max_streams_per_user": 200, "auth_cache_seconds": cache_seconds}
     )
     token = make_token(url, "alice")
-    job_id = a_job(url, "alice")
+    job_id = queued_job(url, "alice")
 
     async def main(base: str) -> Counter:
         return await open_streams(base, token, job_id, 100, anyio.Event())

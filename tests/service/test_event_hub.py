@@ -22,19 +22,8 @@ from service.config import Settings
 from service.db import get_sessionmaker
 from service.events import EventHub
 from service.jobs import add_event, transition
-from service.models import Job, User
-from support.servers import bearer, make_token, served
-
-
-def a_job(database_url: str, user: str = "alice") -> str:
-    """A queued job of ``user`` (created with a token if missing) written straight to the database."""
-    make_token(database_url, user)
-    with get_sessionmaker(database_url).begin() as s:
-        owner = s.scalar(select(User.id).where(User.name == user))
-        job = Job(status="queued", progress=0.0, attempt=0, request={"model": "smollm2-135m"}, owner_id=owner)
-        s.add(job)
-        s.flush()
-        return job.id
+from service.models import Job
+from support.servers import bearer, make_token, queued_job, served
 
 
 def progress(make: sessionmaker[Session], job_id: str, n: int) -> None:
@@ -76,7 +65,7 @@ def test_one_poll_serves_every_stream_with_statements_independent_of_their_numbe
     status only with its event."""
     url = backend.database_url
     make = get_sessionmaker(url)
-    jobs = [a_job(url), a_job(url)]
+    jobs = [queued_job(url), queued_job(url)]
     hub = EventHub(make, poll_seconds=0.0)
 
     async def main() -> tuple[tuple[int, int], tuple[int, int], list[list[int]], list[str | None]]:
@@ -116,7 +105,7 @@ def test_the_buffer_keeps_the_newest_events_and_a_deleted_job_ends(backend: Sett
     a job deleted while watched gets status None (its streams end)."""
     url = backend.database_url
     make = get_sessionmaker(url)
-    job = a_job(url)
+    job = queued_job(url)
     hub = EventHub(make, poll_seconds=0.0, buffer=5)
 
     async def main() -> tuple[int, int, list[int], bool, str | None]:
@@ -145,7 +134,7 @@ def test_many_streams_over_http_get_every_event_and_end(backend: Settings) -> No
     open reach each of them, in order, once; the terminal status event ends every stream."""
     url = backend.database_url
     token = make_token(url)
-    job = a_job(url)
+    job = queued_job(url)
     make = get_sessionmaker(url)
     progress(make, job, 2)
     with make() as s:

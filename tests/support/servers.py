@@ -155,6 +155,24 @@ def make_token(database_url: str, user: str = "alice") -> str:
         return issue_token(s, user, "tests").token
 
 
+def queued_job(database_url: str, user: str = "alice") -> str:
+    """A queued job of ``user`` (created with a token if missing) written straight to the database; its id."""
+    from sqlalchemy import select
+
+    from service.models import Job, User
+
+    with get_sessionmaker(database_url)() as s:
+        missing = s.scalar(select(User.id).where(User.name == user)) is None
+    if missing:
+        make_token(database_url, user)
+    with get_sessionmaker(database_url).begin() as s:
+        owner = s.scalar(select(User.id).where(User.name == user))
+        job = Job(status="queued", progress=0.0, attempt=0, request={"model": "smollm2-135m"}, owner_id=owner)
+        s.add(job)
+        s.flush()
+        return job.id
+
+
 def bearer(token: str) -> dict[str, str]:
     """The ``Authorization`` header for ``token``."""
     return {"Authorization": f"Bearer {token}"}
